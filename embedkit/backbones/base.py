@@ -1,0 +1,74 @@
+"""Backbone contract: a spec (known without loading anything) and a loaded model.
+
+A backbone maps a batch of fixed-length mono segments at ``spec.sample_rate`` to one embedding
+per segment. Torch-based backbones also expose ``torch_module()`` (waveform -> embedding) so the
+fine-tuning trainer can train them end to end.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything a user or an artefact needs to know about a backbone.
+
+    name: registry name (e.g. "musicnn-msd").
+    family: implementation family ("musicnn", "panns", "ast", "melstats", "tiny").
+    sample_rate: input rate in Hz; segments are resampled to it from the canonical decode.
+    embedding_dim: size D of the per-segment embedding.
+    segment_s: default segment length the model was designed for (extraction may override).
+    frontend: front-end parameters (n_fft, hop, n_mels, ...), informational and hashed.
+    weights: human description of the weights source (package data, file, hub id, none).
+    weights_sha256: SHA-256 of the canonical weights file when known (None: computed at load
+        or not applicable).
+    license: licence of the weights.
+    outputs: extra per-segment outputs besides the embedding (e.g. ("taggram",)).
+    """
+
+    name: str
+    family: str
+    sample_rate: int
+    embedding_dim: int
+    segment_s: float = 5.0
+    frontend: dict[str, Any] = field(default_factory=dict)
+    weights: str = "none"
+    weights_sha256: str | None = None
+    license: str = "n/a"
+    description: str = ""
+    outputs: tuple[str, ...] = ()
+    requires: str = ""  # pip command for optional dependencies, shown by `embedkit models`
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs"] = list(self.outputs)
+        return d
+
+
+class Backbone(ABC):
+    """A loaded backbone. Subclasses set ``spec`` and ``weights_id`` and implement ``embed``."""
+
+    spec: BackboneSpec
+    #: identifies the exact weights (SHA-256 prefix of the checkpoint, or "none"); part of store keys.
+    weights_id: str = "none"
+
+    @abstractmethod
+    def embed(self, segments: np.ndarray) -> np.ndarray:
+        """segments float32 [B, L] at spec.sample_rate -> embeddings float32 [B, D]."""
+
+    def outputs(self, segments: np.ndarray) -> dict[str, np.ndarray]:
+        """Embedding plus the extra outputs named in spec.outputs (e.g. a taggram)."""
+        return {"embedding": self.embed(segments)}
+
+    def output_labels(self, name: str) -> list[str]:
+        """Names of the columns of an extra output (e.g. tag or AudioSet class names)."""
+        raise KeyError(name)
+
+    def torch_module(self):
+        """A torch.nn.Module mapping waveform [B, L] -> embedding [B, D], or None if not torch."""
+        return None

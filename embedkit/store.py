@@ -1,0 +1,218 @@
+"""Parquet embedding store.
+
+Layout (one store per backbone + weights + preprocessing config)::
+
+    <cache>/<backbone>/<weights_id>-<preprocess_hash>/
+        store.json                 spec, weights id, preprocessing, versions
+        segments/part-<key>.parquet one row per segment (written atomically)
+        failures/part-<key>.parquet one row per file that could not be used, with the reason
+
+Each shard is written to a temporary name and renamed into place, so a killed run leaves either
+a complete shard or none; resuming skips every track already present in a shard. The shard
+files are a plain Parquet dataset: ``pd.read_parquet(dir/'segments')``,
+``pyarrow.dataset.dataset(...)`` and DuckDB's ``read_parquet('.../segments/*.parquet')`` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backbones.base import BackboneSpec
+from .config import PreprocessConfig, stable_hash
+from .errors import ConfigMismatchError, StoreError
+
+META_KEY = b"embedkit"
+SEGMENT_COLUMNS = ["track_id", "path", "label", "split", "group", "segment", "start_s", "end_s"]
+
+
+def store_key(weights_id: str, prep: PreprocessConfig) -> str:
+    return f"{weights_id}-{stable_hash(prep.to_dict())}"
+
+
+def versions() -> dict[str, str]:
+    out = {"embedkit": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "torch", "librosa", "soundfile", "soxr", "pyarrow", "sklearn", "lightgbm"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+@dataclass
+class Store:
+    """Handle on one store directory."""
+
+    root: Path
+
+    @property
+    def segments_dir(self) -> Path:
+        return self.root / "segments"
+
+    @property
+    def failures_dir(self) -> Path:
+        return self.root / "failures"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "store.json"
+
+    # -- metadata -------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        if not self.meta_path.exists():
+            raise StoreError(f"{self.root}: not an embedkit store (no store.json)")
+        return json.loads(self.meta_path.read_text())
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.meta()["backbone"]
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta()["preprocess"])
+
+    @classmethod
+    def create(cls, cache: str | os.PathLike, spec: BackboneSpec, weights_id: str, prep: PreprocessConfig) -> "Store":
+        root = Path(cache) / spec.name / store_key(weights_id, prep)
+        store = cls(root)
+        meta = {
+            "backbone": spec.to_dict(),
+            "weights_id": weights_id,
+            "preprocess": prep.to_dict(),
+            "versions": versions(),
+        }
+        if store.meta_path.exists():
+            old = store.meta()
+            if old["backbone"]["name"] != spec.name or old["weights_id"] != weights_id or old["preprocess"] != prep.to_dict():
+                raise ConfigMismatchError(f"{root}: store was built with another backbone/weights/preprocessing")
+        else:
+            store.segments_dir.mkdir(parents=True, exist_ok=True)
+            store.failures_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(store.meta_path, json.dumps(meta, indent=2, sort_keys=True))
+        store.segments_dir.mkdir(parents=True, exist_ok=True)
+        store.failures_dir.mkdir(parents=True, exist_ok=True)
+        return store
+
+    def schema_metadata(self) -> dict[bytes, bytes]:
+        return {META_KEY: json.dumps(self.meta(), sort_keys=True).encode()}
+
+    # -- shards ---------------------------------------------------------------------------
+    def shard_files(self, kind: str = "segments") -> list[Path]:
+        d = self.segments_dir if kind == "segments" else self.failures_dir
+        return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+    def clean_partial(self) -> int:
+        """Remove temporary files left by a killed run; returns how many."""
+        n = 0
+        for d in (self.segments_dir, self.failures_dir):
+            for tmp in d.glob("*.tmp*"):
+                tmp.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def done_track_ids(self) -> tuple[set[str], set[str]]:
+        """(extracted track ids, failed track ids) from the shards on disk."""
+        import pyarrow.parquet as pq
+
+        done: set[str] = set()
+        failed: set[str] = set()
+        for f in self.shard_files("segments"):
+            done.update(pq.read_table(f, columns=["track_id"]).column(0).to_pylist())
+        for f in self.shard_files("failures"):
+            failed.update(pq.read_table(f, columns=["track_id"]).column(0).to_pylist())
+        return done, failed
+
+    def write_shard(self, kind: str, table, key: str) -> Path:
+        import pyarrow.parquet as pq
+
+        d = self.segments_dir if kind == "segments" else self.failures_dir
+        final = d / f"part-{key}.parquet"
+        tmp = d / f"part-{key}.parquet.tmp{os.getpid()}"
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.schema_metadata()})
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        return final
+
+    def drop_failures(self) -> int:
+        files = self.shard_files("failures")
+        for f in files:
+            f.unlink()
+        return len(files)
+
+    # -- reading --------------------------------------------------------------------------
+    def read_table(self, columns: list[str] | None = None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = self.shard_files("segments")
+        if not files:
+            raise StoreError(f"{self.root}: store holds no extracted segments")
+        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        sort = [(c, "ascending") for c in ("track_id", "segment") if columns is None or c in columns]
+        return table.sort_by(sort) if sort else table
+
+    def read(self, output: str = "embedding"):
+        """(segment metadata DataFrame sorted by track/segment, float32 matrix [N, D])."""
+        table = self.read_table()
+        if output not in table.column_names:
+            raise StoreError(f"{self.root}: store has no {output!r} column (has {', '.join(table.column_names)})")
+        col = table.column(output).combine_chunks()
+        dim = col.type.list_size
+        X = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        meta = table.select([c for c in SEGMENT_COLUMNS if c in table.column_names]).to_pandas()
+        return meta, np.ascontiguousarray(X, dtype=np.float32)
+
+    def failures(self):
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        files = self.shard_files("failures")
+        if not files:
+            return pd.DataFrame(columns=["track_id", "path", "label", "reason"])
+        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig | None = None) -> Store:
+    """Locate the store of ``backbone`` under ``cache``: the one matching ``prep`` if given,
+    else the only one. Raises StoreError with what exists and how to fix it."""
+    base = Path(cache) / backbone
+    candidates = sorted(p for p in base.glob("*/store.json")) if base.exists() else []
+    if not candidates:
+        raise StoreError(f"no embedding store for backbone {backbone!r} under {cache}: run `embedkit extract DATA --backbone {backbone}` first")
+    stores = [Store(p.parent) for p in candidates]
+    if prep is not None:
+        match = [s for s in stores if s.meta()["preprocess"] == prep.to_dict()]
+        if match:
+            return max(match, key=lambda s: s.meta_path.stat().st_mtime)
+        raise StoreError(f"no store for {backbone!r} under {cache} matches the requested preprocessing")
+    if len(stores) > 1:
+        listing = ", ".join(str(s.root) for s in stores)
+        raise StoreError(f"several stores for {backbone!r} ({listing}); pass --store DIR to choose")
+    return stores[0]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
