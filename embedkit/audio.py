@@ -2,11 +2,19 @@
 
 Every stage (extraction, CNN features, tagging, streaming) goes through this module so that
 training and deployment see exactly the same samples.
+
+    >>> clips = load("a.mp3", [16000, 22050])   # doctest: +SKIP  (one decode, two rates)
+    >>> clips[16000].shape                     # doctest: +SKIP
+    (480000,)
 """
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,12 +25,40 @@ from .errors import AudioError, EmbedkitWarning
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".aifc", ".mp3", ".au", ".opus")
 
+#: peak below this (-120 dBFS, far under one 16-bit LSB) counts as digital silence.
+SILENCE_PEAK = 1e-6
+#: extra native audio decoded past offset + clip so the resampler's filter sees real samples
+#: at the end of the kept part (soxr HQ's support is a few ms; 0.25 s is ample).
+_DECODE_MARGIN_S = 0.25
 
-def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+# libsndfile reports chunk sizes that disagree with the file in its log ("data : 132300 (should
+# be 66128)"); that is the only place a truncated WAV/AIFF shows, since it then silently decodes
+# what is there. Sizes >= 2**31-1 are the "unknown length" sentinels of streamed WAVs, not damage.
+_CHUNK_SIZE_RE = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_STREAMING_SIZES = 0x7FFFFFFF
+#: shortfalls up to this are padded without a note: codec framing makes "30 s" clips 29.98 s
+#: (every FMA clip, part of GTZAN), and a warning per file would drown the real ones.
+PAD_NOTE_TOLERANCE_S = 0.1
+
+
+def _truncation(extra_info: str) -> str | None:
+    m = _CHUNK_SIZE_RE.search(extra_info or "")
+    if not m:
+        return None
+    declared, actual = int(m.group(1)), int(m.group(2))
+    if declared >= _STREAMING_SIZES or declared <= actual:
+        return None
+    frac = actual / declared
+    return f"truncated: the header announces {declared} bytes of audio but the file holds {actual} ({frac:.0%})"
+
+
+def decode(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode a file to float32 mono at its native rate.
 
-    Returns (y [n_samples] float32, sample_rate). Raises AudioError naming the file and the
-    problem for missing, empty, unreadable/truncated files and NaN/inf samples.
+    max_seconds: decode only the first ``max_seconds`` (None: the whole file); the samples are
+    the same as the start of a full decode, so long files cost only what is kept.
+    Returns (y [n_samples] float32, sample_rate Hz). Channels are averaged. Raises AudioError
+    naming the file and the problem for missing, empty, unreadable/truncated files and NaN/inf.
     """
     import soundfile as sf
 
@@ -34,46 +70,83 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if p.stat().st_size == 0:
         raise AudioError(p, "empty file (0 bytes)")
     try:
-        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(p)) as fh:
+            sr = int(fh.samplerate)
+            if fh.format in ("WAV", "WAVEX", "AIFF", "RF64"):
+                problem = _truncation(fh.extra_info)
+                if problem:
+                    raise AudioError(p, problem)
+            frames = -1 if max_seconds is None else int(np.ceil(max_seconds * sr))
+            data = fh.read(frames, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError variants
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        msg = msg.replace(f"Error opening {str(p)!r}: ", "")  # the path is already in front
         raise AudioError(p, f"cannot decode audio ({msg})") from None
     if data.shape[0] == 0:
-        raise AudioError(p, "no audio samples (zero-length)")
+        raise AudioError(p, "no audio samples (zero-length or unreadable stream)")
     if not np.isfinite(data).all():
         raise AudioError(p, "contains NaN or infinite samples")
-    # Down-mix by averaging channels (keeps the level of mono content in stereo files).
-    y = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return np.ascontiguousarray(y, dtype=np.float32), int(sr)
+    return np.ascontiguousarray(_downmix(data), dtype=np.float32), sr
+
+
+def _downmix(data: np.ndarray) -> np.ndarray:
+    """[n, channels] -> [n]: the channel average (keeps the level of mono content in stereo).
+    Summing columns is ~10x faster than data.mean(axis=1), a strided reduction that cost 23 ms
+    per 30 s stereo clip, more than the resampling; the result is the same."""
+    if data.shape[1] == 1:
+        return data[:, 0]
+    y = data[:, 0].copy()
+    for c in range(1, data.shape[1]):
+        y += data[:, c]
+    y /= np.float32(data.shape[1])
+    return y
 
 
 def resample(y: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """Band-limited resampling with soxr (high quality); no-op when rates match."""
+    """Band-limited resampling with soxr (HQ); no-op when rates match.
+
+    y float32 [n] at sr_in Hz -> float32 [~n * sr_out / sr_in] at sr_out Hz."""
     if sr_in == sr_out:
         return y
     import soxr
 
-    return soxr.resample(y, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(np.ascontiguousarray(y, dtype=np.float32), sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def fix_length(y: np.ndarray, sr: int, cfg: AudioConfig, path: str | os.PathLike = "<array>") -> np.ndarray:
-    """Bring a clip to cfg.clip_s seconds: trim from cfg.offset_s, or loop / zero-pad (with a warning)."""
-    if cfg.clip_s is None:
-        start = int(round(cfg.offset_s * sr))
-        return y[start:] if start < len(y) else y
-    target = int(round(cfg.clip_s * sr))
+def _note(msg: str, notes: list[str] | None) -> None:
+    # Batch jobs collect notes (thread-safe, summarised once); interactive use gets a warning.
+    if notes is not None:
+        notes.append(msg)
+    else:
+        warnings.warn(msg, EmbedkitWarning, stacklevel=3)
+
+
+def fix_length(
+    y: np.ndarray, sr: int, cfg: AudioConfig, path: str | os.PathLike = "<array>", notes: list[str] | None = None
+) -> np.ndarray:
+    """Bring a clip to cfg.clip_s seconds (round(clip_s * sr) samples).
+
+    Longer clips keep [offset, offset + clip_s), the offset clamped so the window stays inside
+    the file; shorter ones are looped or zero-padded (cfg.pad_mode) with a note (a warning, or
+    appended to ``notes`` when a list is given) unless the shortfall is under
+    PAD_NOTE_TOLERANCE_S. clip_s None keeps the native length after offset.
+    """
     start = int(round(cfg.offset_s * sr))
+    if cfg.clip_s is None:
+        if start >= len(y):
+            _note(f"{path}: offset {cfg.offset_s:g} s is past the end ({len(y) / sr:.2f} s); kept the whole clip", notes)
+            return y
+        return y[start:]
+    target = int(round(cfg.clip_s * sr))
     if len(y) - start >= target:
         return y[start : start + target]
-    if len(y) > target:  # offset pushed past the end: take the last clip_s seconds instead
+    if len(y) >= target:  # offset pushed past the end: take the last clip_s seconds instead
+        _note(f"{path}: offset {cfg.offset_s:g} s leaves less than {cfg.clip_s:g} s; kept the last {cfg.clip_s:g} s", notes)
         return y[len(y) - target :]
-    if len(y) == target:
-        return y
-    warnings.warn(
-        f"{path}: {len(y) / sr:.2f} s is shorter than {cfg.clip_s:g} s; {cfg.pad_mode}-padded",
-        EmbedkitWarning,
-        stacklevel=2,
-    )
+    if target - len(y) > PAD_NOTE_TOLERANCE_S * sr:
+        _note(f"{path}: {len(y) / sr:.2f} s is shorter than {cfg.clip_s:g} s; {cfg.pad_mode}-padded", notes)
     if cfg.pad_mode == "loop":
         reps = int(np.ceil(target / len(y)))
         return np.tile(y, reps)[:target]
@@ -88,23 +161,33 @@ def load(
     cfg: AudioConfig = AudioConfig(),
     min_duration_s: float = 0.0,
     reject_silence: bool = True,
+    notes: list[str] | None = None,
 ) -> dict[int, np.ndarray] | np.ndarray:
     """Decode once and return the clip at each requested rate.
 
-    With a single int rate returns the array; with a list returns {rate: array}. The length
-    policy is applied at each rate (round(clip_s * rate) samples).
+    With a single int rate returns float32 [round(clip_s * rate)]; with a list returns
+    {rate: array}. Only the part of the file the length policy keeps is decoded. Raises
+    AudioError for files shorter than ``min_duration_s`` or digitally silent. Padding/trimming
+    adjustments become warnings, or entries of ``notes`` when a list is passed.
     """
-    y, sr = decode(path)
+    single = isinstance(sample_rates, numbers.Integral)
+    rates = [int(sample_rates)] if single else [int(r) for r in sample_rates]
+    if not rates:
+        raise ValueError("at least one sample rate is needed")
+    max_s = None
+    if cfg.clip_s is not None:
+        max_s = max(cfg.offset_s + cfg.clip_s, min_duration_s) + _DECODE_MARGIN_S
+    y, sr = decode(path, max_seconds=max_s)
     duration = len(y) / sr
     if duration < min_duration_s:
         raise AudioError(path, f"too short: {duration:.2f} s < {min_duration_s:g} s (one segment)")
-    if reject_silence and float(np.max(np.abs(y))) == 0.0:
-        raise AudioError(path, "silent (every sample is zero)")
-    rates = [sample_rates] if isinstance(sample_rates, int) else list(sample_rates)
-    out = {}
+    out: dict[int, np.ndarray] = {}
     for rate in dict.fromkeys(rates):
-        out[rate] = fix_length(resample(y, sr, rate), rate, cfg, path)
-    return out[rates[0]] if isinstance(sample_rates, int) else out
+        # Notes are identical at every rate; record them once.
+        out[rate] = fix_length(resample(y, sr, rate), rate, cfg, path, notes if rate == rates[0] else [])
+    if reject_silence and float(np.max(np.abs(out[rates[0]]))) < SILENCE_PEAK:
+        raise AudioError(path, "silent (every kept sample is zero)")
+    return out[rates[0]] if single else out
 
 
 def probe(path: str | os.PathLike) -> dict:
@@ -116,3 +199,36 @@ def probe(path: str | os.PathLike) -> dict:
     except Exception as exc:
         raise AudioError(path, f"cannot read header ({exc})") from None
     return {"duration_s": info.duration, "sample_rate": info.samplerate, "channels": info.channels}
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_path: str | os.PathLike):
+    """Send what C libraries write straight to file descriptor 2 (libmpg123's "Xing stream size
+    off" and similar decoder chatter, once per MP3 in FMA) to ``log_path`` while Python-level
+    stderr (progress bars, messages) keeps reaching the terminal. No-op where fd 2 is not
+    available. The redirect is process-wide, so use it around a whole batch job, not per file.
+    """
+    try:
+        sys.__stderr__.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    old_stderr = sys.stderr
+    replaced = None
+    try:
+        if old_stderr is sys.__stderr__:  # a real terminal/pipe: keep Python output on it
+            replaced = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8", errors="backslashreplace")
+            sys.stderr = replaced
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if replaced is not None:
+            sys.stderr = old_stderr
+            replaced.close()

@@ -12,12 +12,13 @@ Three input forms give the same pandas DataFrame with columns
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from .audio import AUDIO_EXTENSIONS
-from .errors import DatasetError
+from .errors import DatasetError, EmbedkitWarning
 
 COLUMNS = ["track_id", "path", "label", "split", "group"]
 _SPLIT_NAMES = {"training": "train", "train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}
@@ -29,14 +30,18 @@ def _finish(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DatasetError(f"{source}: no audio files found")
     dup = df["path"][df["path"].duplicated()]
     if len(dup):
-        raise DatasetError(f"{source}: duplicate path {dup.iloc[0]} ({len(dup)} duplicates)")
+        labels = sorted(set(df.loc[df["path"] == dup.iloc[0], "label"]))
+        raise DatasetError(f"{source}: duplicate path {dup.iloc[0]} listed with different labels/splits/groups ({', '.join(labels)}); {len(dup)} duplicate(s) in all")
     dup = df["track_id"][df["track_id"].duplicated()]
     if len(dup):
         raise DatasetError(f"{source}: duplicate track id {dup.iloc[0]}")
     for col in ("split", "group"):
         if col not in df:
             df[col] = None
-    df = df[COLUMNS].astype({"track_id": str, "path": str, "label": str}).sort_values("track_id")
+    df = df[COLUMNS].astype({"track_id": str, "path": str, "label": str, "split": object, "group": object})
+    for col in ("split", "group"):  # one missing marker (None), not pandas' str-dtype NaN
+        df[col] = df[col].where(df[col].notna(), None)
+    df = df.sort_values("track_id")
     df.attrs["source"] = source
     return df.reset_index(drop=True)
 
@@ -49,7 +54,8 @@ def from_folder(root: str | os.PathLike) -> pd.DataFrame:
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(label_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
+            # Dot files are editor/OS debris (macOS "._x.wav" resource forks are not audio).
+            if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(label_dir).parts):
                 rel = f.relative_to(root)
                 rows.append({"track_id": rel.with_suffix("").as_posix(), "path": str(f), "label": label_dir.name})
     if not rows:
@@ -61,28 +67,46 @@ def from_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
     """CSV (or TSV) with columns path,label[,split][,group]."""
     csv_path = Path(csv_path).resolve()
     sep = "\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ","
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: manifest not found")
     try:
-        df = pd.read_csv(csv_path, sep=sep, dtype=str, keep_default_na=False)
+        df = pd.read_csv(csv_path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     except Exception as exc:
-        raise DatasetError(f"{csv_path}: cannot read manifest ({exc})") from None
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(f"{csv_path}: cannot read manifest ({msg})") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
-        raise DatasetError(f"{csv_path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-    empty = df.index[(df["path"].str.strip() == "") | (df["label"].str.strip() == "")]
+        raise DatasetError(f"{csv_path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(df.columns) or 'none'}); expected path,label[,split][,group]")
+    df = df.apply(lambda col: col.str.strip())
+    empty = df.index[(df["path"] == "") | (df["label"] == "")]
     if len(empty):
         raise DatasetError(f"{csv_path}: row {int(empty[0]) + 2} has an empty path or label")
     base = csv_path.parent
     paths = [str((base / p).resolve()) if not os.path.isabs(p) else str(Path(p).resolve()) for p in df["path"]]
-    out = pd.DataFrame({"path": paths, "label": df["label"].str.strip()})
+    out = pd.DataFrame({"path": paths, "label": df["label"]})
     out["track_id"] = [Path(p).with_suffix("").as_posix() for p in df["path"]]
     if "split" in df:
-        bad = sorted(set(df["split"]) - set(_SPLIT_NAMES) - {""})
+        splits = df["split"].str.lower()
+        bad = sorted(set(splits) - set(_SPLIT_NAMES) - {""})
         if bad:
             raise DatasetError(f"{csv_path}: unknown split value(s) {bad}; use train/val/test")
-        out["split"] = [(_SPLIT_NAMES[s] if s else None) for s in df["split"]]
+        out["split"] = [(_SPLIT_NAMES[s] if s else None) for s in splits]
     if "group" in df:
         out["group"] = [g if g else None for g in df["group"]]
-    return _finish(out, str(csv_path))
+    return _finish(_drop_repeated_rows(out, csv_path), str(csv_path))
+
+
+def _drop_repeated_rows(df: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """A path listed twice with the same label/split/group is a harmless repeat: keep one (with
+    a warning) so it is not weighted twice. Conflicting repeats are left for _finish to refuse."""
+    cols = [c for c in ("path", "label", "split", "group") if c in df]
+    repeated = df.duplicated(subset=cols)
+    if repeated.any():
+        first = df.loc[repeated, "path"].iloc[0]
+        warnings.warn(f"{source}: {int(repeated.sum())} repeated row(s) ignored (e.g. {first})", EmbedkitWarning, stacklevel=3)
+        df = df[~repeated]
+    return df
 
 
 def fma_audio_path(audio_dir: str | os.PathLike, track_id: int) -> Path:
@@ -115,22 +139,35 @@ def from_fma(tracks_csv: str | os.PathLike, audio_dir: str | os.PathLike, subset
     audio_dir = Path(audio_dir).resolve()
     if not audio_dir.is_dir():
         raise DatasetError(f"{audio_dir}: FMA audio directory not found")
-    rows = []
+    rows, absent = [], 0
     for tid, r in sel.iterrows():
         p = fma_audio_path(audio_dir, tid)
-        if p.exists():
-            rows.append(
-                {
-                    "track_id": f"{int(tid):06d}",
-                    "path": str(p),
-                    "label": str(r[("track", "genre_top")]),
-                    "split": _SPLIT_NAMES.get(str(r[("set", "split")]), None),
-                    "group": str(r[("artist", "id")]),
-                }
-            )
+        if not p.exists():
+            absent += 1
+            continue
+        rows.append(
+            {
+                "track_id": f"{int(tid):06d}",
+                "path": str(p),
+                "label": str(r[("track", "genre_top")]),
+                "split": _SPLIT_NAMES.get(str(r[("set", "split")]).strip().lower(), None),
+                "group": _id_str(r[("artist", "id")]),
+            }
+        )
     if not rows:
-        raise DatasetError(f"{tracks_csv}: no {subset}-subset track has its mp3 under {audio_dir}")
+        raise DatasetError(f"{tracks_csv}: no {subset}-subset track has its mp3 under {audio_dir} (expected e.g. {fma_audio_path(audio_dir, sel.index[0]) if len(sel) else audio_dir / 'ddd/dddddd.mp3'})")
+    if absent:
+        warnings.warn(f"{audio_dir}: {absent} of {len(sel)} {subset}-subset tracks have no mp3 there; skipped", EmbedkitWarning, stacklevel=2)
     return _finish(pd.DataFrame(rows), str(tracks_csv))
+
+
+def _id_str(v) -> str | None:
+    """Artist ids print as "12", not "12.0" (pandas reads an id column with gaps as float)."""
+    if pd.isna(v):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def load_dataset(data: str | os.PathLike, audio_dir: str | os.PathLike | None = None, subset: str = "small") -> pd.DataFrame:

@@ -1,10 +1,15 @@
 """Extraction engine: track table -> decode (parallel) -> batched backbone -> Parquet shards.
 
-Work is cut into shards of ``shard_size`` tracks. Each shard is decoded by a pool of workers
-while the backbone runs on the previous one in the main thread, and written atomically, so an
-interrupted run resumes at the first missing shard. The same ``extract_shard`` function runs a
-shard anywhere (a local pool or a distributed engine: pass any executor with ``submit``, e.g. a
-``dask.distributed.Client``); the local pipelined path produces identical rows.
+Work is cut into shards of ``shard_size`` tracks (sorted by track id). A pool of threads decodes
+two shards ahead while the backbone, in the main thread, embeds the tracks already decoded;
+each shard is written atomically, so an interrupted run resumes at the first missing shard. The same
+``extract_shard`` function runs a shard anywhere (pass any executor with ``submit``, e.g. a
+``dask.distributed.Client`` from ``embedkit.distributed.dask_client``); both paths cut the same
+shards and batches, so they produce identical rows.
+
+    >>> from embedkit.datasets import load_dataset              # doctest: +SKIP
+    >>> res = extract(load_dataset("gtzan_mini"), "melstats")    # doctest: +SKIP
+    >>> meta, X = res.store.read()                               # X float32 [600, 218]
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import warnings
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,81 +31,126 @@ from . import audio
 from .backbones import get_spec, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
-from .errors import AudioError, EmbedkitError
+from .errors import AudioError, EmbedkitError, StoreError
 from .segments import segment
 from .store import Store
+
+FAILURE_COLUMNS = ("track_id", "path", "label", "reason")
 
 
 @dataclass
 class ExtractResult:
     store: Store
     n_tracks: int  # tracks in the dataset
-    n_skipped: int  # already in the store (done or failed earlier)
+    n_skipped: int  # already in the store (done or failed earlier) = n_done_before + n_failed_before
     n_extracted: int  # extracted by this run
     n_segments: int  # segments written by this run
     failures: list[dict] = field(default_factory=list)  # this run's failures
     seconds: float = 0.0
+    n_done_before: int = 0  # dataset tracks whose embeddings were already in the store
+    n_failed_before: int = 0  # dataset tracks recorded as failed by an earlier run
+    notes: list[str] = field(default_factory=list)  # this run's length adjustments (padding...)
 
     @property
     def n_failed(self) -> int:
         return len(self.failures)
+
+    @property
+    def n_available(self) -> int:
+        """Dataset tracks that now have embeddings in the store."""
+        return self.n_done_before + self.n_extracted
 
 
 def _shard_key(track_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(track_ids).encode()).hexdigest()[:16]
 
 
-def decode_track(path: str, sample_rate: int, prep: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical decode of one file for one backbone: (segments [K, L], start seconds [K]).
-    Raises AudioError naming the file and the problem."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # padding is recorded by the caller, not printed per file
-        y = audio.load(path, sample_rate, prep.audio, min_duration_s=prep.segments.segment_s)
+def _decode(path: str, sample_rate: int, prep: PreprocessConfig, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    y = audio.load(path, sample_rate, prep.audio, min_duration_s=prep.segments.segment_s, notes=notes)
     frames, starts, _ = segment(y, sample_rate, prep.segments)
     if len(frames) == 0:
-        raise AudioError(path, f"shorter than one {prep.segments.segment_s:g} s segment")
+        raise AudioError(path, f"shorter than one {prep.segments.segment_s:g} s segment after the length policy")
     return frames, starts
 
 
+def decode_track(path: str, sample_rate: int, prep: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical decode of one file for one backbone: (segments float32 [K, L] at sample_rate,
+    start seconds [K]). Length adjustments are not reported. Raises AudioError naming the file."""
+    return _decode(path, sample_rate, prep, [])
+
+
 def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig):
+    """((frames, starts) | None, failure reason | None, notes); never raises for one bad file."""
+    notes: list[str] = []
     try:
-        return decode_track(path, sample_rate, prep), None
+        return _decode(path, sample_rate, prep, notes), None, notes
     except AudioError as exc:
-        return None, exc.problem
+        return None, exc.problem, notes
+    except MemoryError:
+        raise
     except Exception as exc:  # never let one odd file kill a batch job
-        return None, f"unexpected decode error: {type(exc).__name__}: {exc}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"unexpected decode error: {type(exc).__name__}: {first}", notes
 
 
-def _embed_all(backbone: Backbone, frames: np.ndarray, batch_size: int, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _embed_stream(backbone: Backbone, frame_iter, batch_size: int, outputs: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """Embed the segments of consecutive tracks in batches of ``batch_size``, starting as soon as
+    the first tracks are decoded instead of after the whole shard. The batches are the same
+    consecutive chunks as splitting the concatenation of all tracks, so the output does not
+    depend on how fast decoding went. Returns {output: [N, D]} or None when no segments."""
     chunks: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(frames), batch_size):
-        batch = frames[i : i + batch_size]
+
+    def run(batch: np.ndarray) -> None:
         out = backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
         for k in ("embedding", *outputs):
             chunks.setdefault(k, []).append(np.asarray(out[k], dtype=np.float32))
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for frames in frame_iter:
+        pending.append(frames)
+        n_pending += len(frames)
+        if n_pending >= batch_size:
+            buf = np.concatenate(pending)
+            full = (len(buf) // batch_size) * batch_size
+            for i in range(0, full, batch_size):
+                run(buf[i : i + batch_size])
+            pending, n_pending = [buf[full:]], len(buf) - full
+    if n_pending:
+        run(np.concatenate(pending))
+    return {k: np.concatenate(v) for k, v in chunks.items()} if chunks else None
 
 
-def _build_tables(rows: pd.DataFrame, decoded: list, backbone: Backbone, batch_size: int, prep: PreprocessConfig, outputs: tuple[str, ...]):
-    """Turn one shard's decoded audio into (segments table | None, failures table | None)."""
+def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: int, prep: PreprocessConfig, outputs: tuple[str, ...]):
+    """Turn one shard's decode results (an iterable, in row order, consumed lazily) into
+    (segments table | None, failures table | None, failure dicts, notes)."""
     import pyarrow as pa
 
-    ok_idx, frames, starts, fails = [], [], [], []
-    for i, (fr, err) in enumerate(decoded):
-        r = rows.iloc[i]
-        if err is not None:
-            fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": err})
-        else:
+    sr = backbone.spec.sample_rate
+    ok_idx, counts, starts, fails, notes = [], [], [], [], []
+    seg_len = 0
+
+    def frames_in_order():
+        nonlocal seg_len
+        for i, (fr, err, ns) in enumerate(decoded):
+            notes.extend(ns)
+            r = rows.iloc[i]
+            if err is not None:
+                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": err})
+                continue
             ok_idx.append(i)
-            frames.append(fr[0])
+            counts.append(len(fr[0]))
             starts.append(fr[1])
+            seg_len = fr[0].shape[1]
+            yield fr[0]
+
+    out = _embed_stream(backbone, frames_in_order(), batch_size, outputs)
     seg_table = None
-    if frames:
-        counts = [len(f) for f in frames]
-        allf = np.concatenate(frames)
-        out = _embed_all(backbone, allf, batch_size, outputs)
+    if out is not None:
         emb = out["embedding"]
-        bad = ~np.isfinite(emb).all(axis=1)
+        if emb.shape != (sum(counts), backbone.spec.embedding_dim):
+            raise EmbedkitError(f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({sum(counts)}, {backbone.spec.embedding_dim})")
+        bad = ~np.all([np.isfinite(v).all(axis=1) for v in out.values()], axis=0)
         if bad.any():  # a backbone producing NaN for a track: record it, keep the others
             seg_track = np.repeat(np.arange(len(counts)), counts)
             bad_tracks = set(seg_track[bad].tolist())
@@ -109,7 +158,7 @@ def _build_tables(rows: pd.DataFrame, decoded: list, backbone: Backbone, batch_s
             starts = [starts[j] for j in keep_tracks]
             for j in sorted(bad_tracks):
                 r = rows.iloc[ok_idx[j]]
-                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": "backbone produced NaN/inf"})
+                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": f"backbone {backbone.spec.name} produced NaN/inf"})
             mask = np.isin(seg_track, keep_tracks)
             out = {k: v[mask] for k, v in out.items()}
             ok_idx = [ok_idx[j] for j in keep_tracks]
@@ -118,21 +167,22 @@ def _build_tables(rows: pd.DataFrame, decoded: list, backbone: Backbone, batch_s
             sub = rows.iloc[ok_idx]
             seg_idx = np.concatenate([np.arange(c) for c in counts])
             start_s = np.concatenate(starts)
-            cols = {
-                "track_id": pa.array(np.repeat(sub.track_id.to_numpy(), counts).tolist(), pa.string()),
-                "path": pa.array(np.repeat(sub.path.to_numpy(), counts).tolist(), pa.string()),
-                "label": pa.array(np.repeat(sub.label.to_numpy(), counts).tolist(), pa.string()),
-                "split": pa.array(np.repeat(sub.split.to_numpy(), counts).tolist(), pa.string()),
-                "group": pa.array(np.repeat(sub.group.to_numpy(), counts).tolist(), pa.string()),
-                "segment": pa.array(seg_idx.astype(np.int32)),
-                "start_s": pa.array(start_s.astype(np.float64)),
-                "end_s": pa.array((start_s + prep.segments.segment_s).astype(np.float64)),
-            }
+
+            def rep(col: str):
+                # from_pandas: NaN (pandas' missing string) becomes null, like None
+                vals = np.repeat(sub[col].to_numpy(dtype=object), counts)
+                return pa.array(vals, pa.string(), from_pandas=True)
+
+            cols = {c: rep(c) for c in ("track_id", "path", "label", "split", "group")}
+            cols["segment"] = pa.array(seg_idx.astype(np.int32))
+            cols["start_s"] = pa.array(start_s.astype(np.float64))
+            # Same end as segments.segment(): round(segment_s * sr) samples after the start.
+            cols["end_s"] = pa.array((start_s + seg_len / sr).astype(np.float64))
             for k, v in out.items():
-                cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float32()), v.shape[1])
+                cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1), pa.float32()), v.shape[1])
             seg_table = pa.table(cols)
-    fail_table = pa.Table.from_pylist(fails, schema=pa.schema([(c, pa.string()) for c in ("track_id", "path", "label", "reason")])) if fails else None
-    return seg_table, fail_table, fails
+    fail_table = pa.Table.from_pylist(fails, schema=pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])) if fails else None
+    return seg_table, fail_table, fails, notes
 
 
 def _write(store: Store, key: str, seg_table, fail_table) -> int:
@@ -152,15 +202,51 @@ def _cached_backbone(name: str, checkpoint: str | None) -> Backbone:
 
 
 def extract_shard(store_root: str, rows: pd.DataFrame, backbone_name: str, checkpoint: str | None, prep_dict: dict, batch_size: int = 32, outputs: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
-    """Extract and write one shard; self-contained so it can run on any worker process/host.
+    """Extract and write one shard; self-contained so it can run on any worker process/host
+    that sees ``store_root`` (a shared filesystem for a multi-host cluster).
 
     Returns (segments written, failures)."""
+    n, fails, _notes = _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs)
+    return n, fails
+
+
+def _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs):
     prep = PreprocessConfig.from_dict(prep_dict)
     backbone = _cached_backbone(backbone_name, checkpoint)
     store = Store(Path(store_root))
-    decoded = [_decode_safe(p, backbone.spec.sample_rate, prep) for p in rows.path]
-    seg_table, fail_table, fails = _build_tables(rows, decoded, backbone, batch_size, prep, outputs)
-    return _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table), fails
+    decoded = (_decode_safe(p, backbone.spec.sample_rate, prep) for p in rows.path)
+    seg_table, fail_table, fails, notes = _build_tables(rows, decoded, backbone, batch_size, prep, outputs)
+    return _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table), fails, notes
+
+
+def _check_tracks(tracks: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in ("track_id", "path", "label") if c not in tracks.columns]
+    if missing:
+        raise EmbedkitError(f"track table lacks column(s) {', '.join(missing)}; build it with embedkit.datasets.load_dataset")
+    tracks = tracks.copy()
+    for col in ("split", "group"):
+        if col not in tracks.columns:
+            tracks[col] = None
+    tracks["track_id"] = tracks["track_id"].astype(str)
+    dup = tracks["track_id"][tracks["track_id"].duplicated()]
+    if len(dup):
+        raise EmbedkitError(f"track table lists track id {dup.iloc[0]} more than once")
+    return tracks
+
+
+def _check_outputs(store: Store, outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """Keep every shard of a store with the same columns: refuse outputs the existing shards
+    lack (their tracks would be silently incomplete) and keep producing the ones they have."""
+    have = store.output_columns()
+    if have is None:
+        return outputs
+    missing = [o for o in ("embedding", *outputs) if o not in have]
+    if missing:
+        raise StoreError(
+            f"{store.root}: existing shards were extracted without output(s) {', '.join(missing)}; "
+            "use another --cache (or delete this store) to extract them"
+        )
+    return tuple(c for c in have if c != "embedding")
 
 
 def extract(
@@ -179,75 +265,109 @@ def extract(
 ) -> ExtractResult:
     """Extract embeddings of every track not yet in the store.
 
-    tracks: table from ``datasets.load_dataset``. backbone: registry name or a loaded Backbone.
+    tracks: table from ``datasets.load_dataset`` (track_id, path, label[, split][, group]).
+    backbone: registry name or a loaded Backbone.
     workers: decode threads for the local pipeline (default: CPU count).
+    batch_size: segments per forward pass. shard_size: tracks per written shard (the unit of
+        resumption); batches never span shards, so the output does not depend on ``workers``.
     executor: run whole shards remotely instead (any object with ``submit`` returning futures,
-        e.g. a ``dask.distributed.Client``); needs ``backbone`` as a registry name.
-    progress: callback(tracks_done_this_run, tracks_pending).
+        e.g. a ``dask.distributed.Client``); workers load the backbone by registry name.
+    progress: callback(tracks_done_this_run, tracks_pending), called from this thread; an
+        exception it raises (e.g. KeyboardInterrupt) stops the run with every finished shard kept.
+    Raises StoreError when another run holds the store, EmbedkitError for bad arguments.
     """
     t0 = time.perf_counter()
+    if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 1):
+        raise EmbedkitError(f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})")
+    if prep.audio.clip_s is not None and prep.audio.clip_s < prep.segments.segment_s:
+        raise EmbedkitError(f"clip length {prep.audio.clip_s:g} s is shorter than one {prep.segments.segment_s:g} s segment")
+    tracks = _check_tracks(tracks)
     bb = backbone if isinstance(backbone, Backbone) else None
+    spec = bb.spec if bb is not None else get_spec(backbone)  # unknown names fail here, listing valid ones
     if bb is None and executor is None:
         bb = load_backbone(backbone, checkpoint=checkpoint)
-    spec = bb.spec if bb is not None else get_spec(backbone)
-    if bb is not None:
-        weights_id = bb.weights_id
-    else:
-        weights_id = _cached_backbone(backbone, checkpoint).weights_id  # weights hash for the store key
+    weights_id = bb.weights_id if bb is not None else _cached_backbone(backbone, checkpoint).weights_id
     unknown = [o for o in outputs if o not in spec.outputs]
     if unknown:
         raise EmbedkitError(f"backbone {spec.name} has no output(s) {unknown}; available: {list(spec.outputs) or 'none'}")
     store = Store.create(cache, spec, weights_id, prep)
-    store.clean_partial()
-    if retry_failed:
-        store.drop_failures()
-    done, failed = store.done_track_ids()
-    todo = tracks[~tracks.track_id.isin(done | failed)].sort_values("track_id").reset_index(drop=True)
-    result = ExtractResult(store, len(tracks), len(tracks) - len(todo), 0, 0)
-    shards = [todo.iloc[i : i + shard_size] for i in range(0, len(todo), shard_size)]
-    n_done = 0
-    if progress:
-        progress(0, len(todo))
-
-    def account(nseg: int, fails: list[dict], n_rows: int):
-        nonlocal n_done
-        result.n_segments += nseg
-        result.failures.extend(fails)
-        result.n_extracted += n_rows - len(fails)
-        n_done += n_rows
+    with store.lock():
+        store.clean_partial()
+        if retry_failed:
+            store.drop_failures()
+        done, failed = store.done_track_ids()  # first: sets unreadable shards aside
+        outputs = _check_outputs(store, tuple(outputs))
+        ids = tracks.track_id
+        todo = tracks[~ids.isin(done | failed)].sort_values("track_id").reset_index(drop=True)
+        result = ExtractResult(store, len(tracks), len(tracks) - len(todo), 0, 0)
+        result.n_done_before = int(ids.isin(done).sum())
+        result.n_failed_before = result.n_skipped - result.n_done_before
+        shards = [todo.iloc[i : i + shard_size] for i in range(0, len(todo), shard_size)]
+        n_done = 0
         if progress:
-            progress(n_done, len(todo))
+            progress(0, len(todo))
 
-    if executor is not None:
-        name = backbone if isinstance(backbone, str) else spec.name
-        futures = [
-            (executor.submit(extract_shard, str(store.root), rows, name, checkpoint, prep.to_dict(), batch_size, outputs), len(rows))
-            for rows in shards
-        ]
-        for fut, n in futures:
-            nseg, fails = fut.result()
-            account(nseg, fails, n)
-    elif shards:
-        n_workers = max(1, workers or os.cpu_count() or 1)
-        sr = spec.sample_rate
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="embedkit-decode") as pool:
-            # Keep two shards in flight: decoding of shard i+1 overlaps the model on shard i.
-            pending: deque = deque()
-            it = iter(shards)
+        def account(nseg: int, fails: list[dict], notes: list[str], n_rows: int):
+            nonlocal n_done
+            result.n_segments += nseg
+            result.failures.extend(fails)
+            result.notes.extend(notes)
+            result.n_extracted += n_rows - len(fails)
+            n_done += n_rows
+            if progress:
+                progress(n_done, len(todo))
 
-            def submit_next():
-                rows = next(it, None)
-                if rows is not None:
-                    pending.append((rows, [pool.submit(_decode_safe, p, sr, prep) for p in rows.path]))
-
-            for _ in range(2):
-                submit_next()
-            while pending:
-                rows, futs = pending.popleft()
-                submit_next()
-                decoded = [f.result() for f in futs]
-                seg_table, fail_table, fails = _build_tables(rows, decoded, bb, batch_size, prep, outputs)
-                nseg = _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table)
-                account(nseg, fails, len(rows))
+        if executor is not None and shards:
+            _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account)
+        elif shards:
+            _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, outputs, account) -> None:
+    # Dask hashes arguments into task keys; pure=False makes every shard a fresh task even if
+    # an identical one was submitted earlier in the same session.
+    extra = {"pure": False} if type(executor).__module__.split(".")[0] == "distributed" else {}
+    root = str(store.root.resolve())
+    futures = [
+        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, **extra), len(rows))
+        for rows in shards
+    ]
+    try:
+        for fut, n in futures:
+            nseg, fails, notes = fut.result()
+            account(nseg, fails, notes, n)
+    except BaseException:
+        for fut, _ in futures:
+            fut.cancel()
+        raise
+
+
+def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -> None:
+    n_workers = max(1, workers or os.cpu_count() or 1)
+    sr = bb.spec.sample_rate
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="embedkit-decode")
+    pending: deque = deque()
+    it = iter(shards)
+
+    def submit_next():
+        rows = next(it, None)
+        if rows is not None:
+            pending.append((rows, [pool.submit(_decode_safe, p, sr, prep) for p in rows.path]))
+
+    try:
+        # Two shards in flight: decoding of shard i+1 overlaps the model on shard i, and memory
+        # stays bounded by two shards of audio whatever the dataset size.
+        for _ in range(2):
+            submit_next()
+        while pending:
+            rows, futs = pending.popleft()
+            submit_next()
+            decoded = (f.result() for f in futs)  # the model starts on the first decoded tracks
+            seg_table, fail_table, fails, notes = _build_tables(rows, decoded, bb, batch_size, prep, outputs)
+            nseg = _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table)
+            account(nseg, fails, notes, len(rows))
+    finally:
+        # On Ctrl-C do not wait for a shard's worth of queued decodes.
+        pool.shutdown(wait=True, cancel_futures=True)

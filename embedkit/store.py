@@ -2,19 +2,23 @@
 
 Layout (one store per backbone + weights + preprocessing config)::
 
-    <cache>/<backbone>/<weights_id>-<preprocess_hash>/
+    <cache>/<backbone>/<weights_id>-<hash of preprocessing + backbone front end>/
         store.json                 spec, weights id, preprocessing, versions
+        store.lock                 held by the extract run writing the store (OS-released)
         segments/part-<key>.parquet one row per segment (written atomically)
         failures/part-<key>.parquet one row per file that could not be used, with the reason
+        decoder.log                native decoder messages of CLI runs (when there were any)
 
 Each shard is written to a temporary name and renamed into place, so a killed run leaves either
-a complete shard or none; resuming skips every track already present in a shard. The shard
+a complete shard or none; resuming skips every track already present in a shard (a shard that
+cannot be read is renamed ``*.corrupt`` and its tracks are redone). The shard
 files are a plain Parquet dataset: ``pd.read_parquet(dir/'segments')``,
 ``pyarrow.dataset.dataset(...)`` and DuckDB's ``read_parquet('.../segments/*.parquet')`` read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,17 +37,42 @@ META_KEY = b"embedkit"
 SEGMENT_COLUMNS = ["track_id", "path", "label", "split", "group", "segment", "start_s", "end_s"]
 
 
-def store_key(weights_id: str, prep: PreprocessConfig) -> str:
-    return f"{weights_id}-{stable_hash(prep.to_dict())}"
+def _canonical(obj):
+    # 30 and 30.0 are the same clip length; without this a library call with ints and the CLI
+    # (floats) would hash to two different stores.
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return float(obj)
+    return obj
+
+
+def store_key(weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None = None) -> str:
+    """Directory name of the store for these weights, this preprocessing and (when given) the
+    backbone's input contract: rate, size and front-end parameters change the embedding as
+    surely as the weights do (melstats has no weights at all)."""
+    payload = _canonical(prep.to_dict())
+    if spec is not None:
+        payload = {"preprocess": payload, "backbone": _canonical(_contract(spec))}
+    return f"{weights_id}-{stable_hash(payload)}"
+
+
+def _contract(spec: BackboneSpec) -> dict[str, Any]:
+    return {"sample_rate": spec.sample_rate, "embedding_dim": spec.embedding_dim, "frontend": spec.frontend}
 
 
 def versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape an embedding. Read from package metadata
+    rather than by importing (importing scikit-learn and LightGBM cost ~1 s per extract call)."""
+    from importlib import metadata
+
     out = {"embedkit": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "torch", "librosa", "soundfile", "soxr", "pyarrow", "sklearn", "lightgbm"):
+    for dist in ("numpy", "torch", "librosa", "soundfile", "soxr", "pyarrow", "scikit-learn", "lightgbm"):
         try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "?")
-        except ImportError:
+            out["sklearn" if dist == "scikit-learn" else dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             pass
     return out
 
@@ -66,6 +95,28 @@ class Store:
     def meta_path(self) -> Path:
         return self.root / "store.json"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "store.lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive writer lock: a second extract run on the same store fails at once with a
+        clear message instead of interleaving shards with the first. The OS drops the lock when
+        its holder dies, so a killed run never leaves a stale lock."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise StoreError(f"{self.root}: another embedkit run is writing this store; wait for it to finish") from None
+        try:
+            yield self
+        finally:
+            lock.release()
+
     # -- metadata -------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         if not self.meta_path.exists():
@@ -82,7 +133,7 @@ class Store:
 
     @classmethod
     def create(cls, cache: str | os.PathLike, spec: BackboneSpec, weights_id: str, prep: PreprocessConfig) -> "Store":
-        root = Path(cache) / spec.name / store_key(weights_id, prep)
+        root = Path(cache) / spec.name / store_key(weights_id, prep, spec)
         store = cls(root)
         meta = {
             "backbone": spec.to_dict(),
@@ -92,7 +143,8 @@ class Store:
         }
         if store.meta_path.exists():
             old = store.meta()
-            if old["backbone"]["name"] != spec.name or old["weights_id"] != weights_id or old["preprocess"] != prep.to_dict():
+            same_contract = {k: old["backbone"].get(k) for k in ("sample_rate", "embedding_dim", "frontend")} == _canonical_json(_contract(spec))
+            if old["backbone"]["name"] != spec.name or old["weights_id"] != weights_id or old["preprocess"] != prep.to_dict() or not same_contract:
                 raise ConfigMismatchError(f"{root}: store was built with another backbone/weights/preprocessing")
         else:
             store.segments_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +163,8 @@ class Store:
         return sorted(d.glob("part-*.parquet")) if d.exists() else []
 
     def clean_partial(self) -> int:
-        """Remove temporary files left by a killed run; returns how many."""
+        """Remove temporary files left by a killed run; returns how many. Call it only while
+        holding ``lock()``: another writer's temporaries look the same."""
         n = 0
         for d in (self.segments_dir, self.failures_dir):
             for tmp in d.glob("*.tmp*"):
@@ -119,29 +172,58 @@ class Store:
                 n += 1
         return n
 
-    def done_track_ids(self) -> tuple[set[str], set[str]]:
-        """(extracted track ids, failed track ids) from the shards on disk."""
+    def _read_ids(self, f: Path) -> list[str]:
         import pyarrow.parquet as pq
 
+        try:
+            return pq.read_table(f, columns=["track_id"]).column(0).to_pylist()
+        except Exception as exc:
+            # Shards are renamed into place complete, so this is damage from outside (disk
+            # error, hand editing). Move it aside so its tracks are extracted again.
+            bad = f.with_name(f.name + ".corrupt")
+            os.replace(f, bad)
+            import warnings
+
+            from .errors import EmbedkitWarning
+
+            warnings.warn(f"{f}: unreadable shard ({type(exc).__name__}) moved to {bad.name}; its tracks will be redone", EmbedkitWarning, stacklevel=3)
+            return []
+
+    def done_track_ids(self) -> tuple[set[str], set[str]]:
+        """(extracted track ids, failed track ids) from the shards on disk."""
         done: set[str] = set()
         failed: set[str] = set()
         for f in self.shard_files("segments"):
-            done.update(pq.read_table(f, columns=["track_id"]).column(0).to_pylist())
+            done.update(self._read_ids(f))
         for f in self.shard_files("failures"):
-            failed.update(pq.read_table(f, columns=["track_id"]).column(0).to_pylist())
+            failed.update(self._read_ids(f))
         return done, failed
+
+    def output_columns(self) -> list[str] | None:
+        """Embedding-like columns (fixed-size lists) the existing shards hold, None if empty."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = self.shard_files("segments")
+        if not files:
+            return None
+        schema = pq.read_schema(files[0])
+        return [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
 
     def write_shard(self, kind: str, table, key: str) -> Path:
         import pyarrow.parquet as pq
 
         d = self.segments_dir if kind == "segments" else self.failures_dir
         final = d / f"part-{key}.parquet"
-        tmp = d / f"part-{key}.parquet.tmp{os.getpid()}"
+        tmp = _tmp_name(final)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.schema_metadata()})
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         return final
 
     def drop_failures(self) -> int:
@@ -158,7 +240,11 @@ class Store:
         files = self.shard_files("segments")
         if not files:
             raise StoreError(f"{self.root}: store holds no extracted segments")
-        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        try:
+            table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            msg = str(exc).strip().splitlines()[0]
+            raise StoreError(f"{self.root}: cannot read the segment shards ({msg})") from None
         sort = [(c, "ascending") for c in ("track_id", "segment") if columns is None or c in columns]
         return table.sort_by(sort) if sort else table
 
@@ -169,7 +255,8 @@ class Store:
             raise StoreError(f"{self.root}: store has no {output!r} column (has {', '.join(table.column_names)})")
         col = table.column(output).combine_chunks()
         dim = col.type.list_size
-        X = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        # flatten() honours a sliced array's offset; .values would not.
+        X = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         meta = table.select([c for c in SEGMENT_COLUMNS if c in table.column_names]).to_pandas()
         return meta, np.ascontiguousarray(X, dtype=np.float32)
 
@@ -202,17 +289,32 @@ def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig |
     return stores[0]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _canonical_json(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _tmp_name(path: Path) -> Path:
+    # pid + thread id: two writers of one file (processes or threads) never share a temporary.
+    import threading
+
+    return path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text version of atomic_write_bytes."""
+    atomic_write_bytes(path, text.encode("utf-8"))

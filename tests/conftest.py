@@ -1,4 +1,7 @@
 import os
+
+# Before torch is imported anywhere: avoid OpenMP spin-waiting (see embedkit.cli.main).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import numpy as np

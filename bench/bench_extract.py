@@ -1,0 +1,268 @@
+"""Extraction throughput and memory, each against a baseline measured in the same run.
+
+    python bench/bench_extract.py                      # gtzan_mini (100 clips) + 40 MP3s, 2 cores
+    python bench/bench_extract.py --quick              # 16 clips + 8 MP3s, memory 100 vs 1000
+    python bench/bench_extract.py --backbone melstats --skip-memory
+
+Measured on ``--cores`` CPUs (process pinned, torch/BLAS threads set to match):
+(1) pipeline vs bare forward: ``extract()`` (threaded decode + resample overlapped with batched
+    inference + Parquet writes) against the backbone alone on audio decoded beforehand, batched
+    the same way. Target >= 0.9x: decoding, resampling and writing hidden behind compute.
+(2) pipeline vs plain loop: ``librosa.load(path, sr=model rate)`` of each file, trim/pad to 30 s,
+    the same windowing, one forward per clip. Target >= 1.0x (modest for compute-bound models).
+(3) both again on generated 44.1 kHz stereo MP3s (FMA's format: decoding costs more).
+(4) peak memory of extract() over N vs 10N generated clips (symlinks to a few short files, cheap
+    ``--memory-backbone``), each in a fresh subprocess: the rise of the resident-set high-water
+    mark over the resident size before the run. Target: no growth with the number of clips.
+
+Default backbone: musicnn-msd when it loads, else melstats. Results also go to
+bench/results/bench_extract.json. Under CPU contention from other processes the ratios are noisy
+(``--repeat`` keeps the best of several rounds); the load average is printed with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CpuTimer, Timer, load_average, pin_cores, reset_peak_rss, rss_mb, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GTZAN = ROOT.parent / "shared" / "data" / "gtzan_mini"
+
+
+def default_backbone() -> str:
+    try:
+        from embedkit.backbones import load_backbone
+
+        load_backbone("musicnn-msd")
+        return "musicnn-msd"
+    except Exception:
+        return "melstats"
+
+
+def make_mp3s(root: Path, n: int, seconds: float = 30.0, sr: int = 44100) -> Path:
+    """n generated stereo MP3s at 44.1 kHz in root/<class>/ (synth clips, two channel mixes)."""
+    import soundfile as sf
+
+    from embedkit.synth import CLASSES, make_clip
+
+    for i in range(n):
+        c = i % 4
+        p = root / CLASSES[c] / f"{i:05d}.mp3"
+        if p.exists():
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        y = make_clip(c, 1000 + i, sr, seconds)
+        stereo = np.stack([y, 0.8 * y + 0.2 * np.roll(y, 441)], axis=1)
+        sf.write(p, stereo, sr, format="MP3")
+    return root
+
+
+def throughput(name: str, tracks, bb, args, workdir: Path) -> dict:
+    """Bare forward, pipeline and plain loop over the same clips with the same backbone object."""
+    import librosa
+
+    from embedkit.config import PreprocessConfig
+    from embedkit.extract import decode_track, extract
+    from embedkit.segments import segment
+
+    prep = PreprocessConfig()
+    sr, bs = bb.spec.sample_rate, args.batch_size
+    paths = list(tracks.path)
+    n = len(paths)
+    bb.embed(decode_track(paths[0], sr, prep)[0][:2])  # warm-up (lazy init, first-call costs)
+    librosa.load(paths[0], sr=sr)  # warm-up of librosa's lazy imports, not counted
+
+    with Timer() as t_dec:
+        pre = [decode_track(p, sr, prep)[0] for p in paths]
+    frames = np.concatenate(pre)
+    del pre
+
+    best = {"bare": np.inf, "pipeline": np.inf, "plain": np.inf}
+    cpu = {}
+    for r in range(args.repeat):
+        with Timer() as t, CpuTimer() as c:
+            bare = np.concatenate([bb.embed(frames[i : i + bs]) for i in range(0, len(frames), bs)])
+        best["bare"], cpu["bare"] = min(best["bare"], t.s), c.s
+
+        cache = workdir / f"{name}-cache-{r}"
+        with Timer() as t, CpuTimer() as c:
+            res = extract(tracks, bb, cache=cache, prep=prep, workers=args.workers, batch_size=bs)
+        best["pipeline"], cpu["pipeline"] = min(best["pipeline"], t.s), c.s
+        assert res.n_extracted == n and res.n_failed == 0, res.failures[:3]
+
+        target = int(round(prep.audio.clip_s * sr))
+        with Timer() as t, CpuTimer() as c:
+            for p in paths:
+                y, _ = librosa.load(p, sr=sr)  # the plain way: decode + resample per file
+                y = y[:target] if len(y) >= target else np.pad(y, (0, target - len(y)))
+                clip_frames, _, _ = segment(y, sr, prep.segments)
+                bb.embed(clip_frames)  # one forward per clip
+        best["plain"], cpu["plain"] = min(best["plain"], t.s), c.s
+
+    # Same work: the pipeline's rows equal the bare forward up to batch-composition noise.
+    _, X = res.store.read()
+    err = float(np.abs(X - bare).max())
+    out = {
+        "clips": n,
+        "segments": int(len(frames)),
+        "decode_resample_s_per_clip_1thread": t_dec.s / n,
+        "bare_s": best["bare"],
+        "pipeline_s": best["pipeline"],
+        "plain_loop_s": best["plain"],
+        "bare_clips_per_s": n / best["bare"],
+        "pipeline_clips_per_s": n / best["pipeline"],
+        "plain_clips_per_s": n / best["plain"],
+        "pipeline_vs_bare": best["bare"] / best["pipeline"],
+        "pipeline_vs_plain": best["plain"] / best["pipeline"],
+        "pipeline_minus_bare_max_abs_diff": err,
+        "cpu_s": cpu,  # process CPU time (all threads) of the last round
+    }
+    print(
+        f"  decode+resample alone : {1000 * out['decode_resample_s_per_clip_1thread']:.1f} ms/clip (1 thread)\n"
+        f"  bare forward          : {out['bare_clips_per_s']:.2f} clips/s  ({best['bare']:.1f} s)\n"
+        f"  pipeline (extract)    : {out['pipeline_clips_per_s']:.2f} clips/s  ({best['pipeline']:.1f} s)"
+        f"  -> {out['pipeline_vs_bare']:.2f}x bare forward (target >= 0.9)\n"
+        f"  plain librosa loop    : {out['plain_clips_per_s']:.2f} clips/s  ({best['plain']:.1f} s)"
+        f"  -> pipeline is {out['pipeline_vs_plain']:.2f}x the plain loop (target >= 1.0)\n"
+        f"  CPU seconds (all threads): bare {cpu['bare']:.1f}, pipeline {cpu['pipeline']:.1f}, plain {cpu['plain']:.1f}\n"
+        f"  rows match the bare forward within {err:.1e}",
+        flush=True,
+    )
+    return out
+
+
+# -- memory -----------------------------------------------------------------------------------
+def memory_dataset(root: Path, n: int, sources: list[Path]) -> Path:
+    """root/<label>/<i>.wav as symlinks to a few real files: n distinct tracks, no disk cost."""
+    for i in range(n):
+        p = root / f"c{i % 4}" / f"{i:05d}.wav"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(sources[i % len(sources)], p)
+    return root
+
+
+def memory_child(data: str, backbone: str, cores: int, workers: int) -> None:
+    """Run in a fresh process: peak RSS of one extract() over ``data``; prints JSON."""
+    import gc
+
+    pin_cores(cores)
+    from embedkit.backbones import load_backbone
+    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+    from embedkit.datasets import load_dataset
+    from embedkit.extract import extract
+
+    bb = load_backbone(backbone)
+    tracks = load_dataset(data)
+    prep = PreprocessConfig(AudioConfig(clip_s=5.0), SegmentConfig(5.0, 5.0))
+    with tempfile.TemporaryDirectory() as cache:
+        extract(tracks.iloc[:8], bb, cache=cache, prep=prep)  # warm-up: imports, first calls
+    gc.collect()
+    base = rss_mb("VmRSS")
+    reset_peak_rss()
+    with tempfile.TemporaryDirectory() as cache, Timer() as t:
+        res = extract(tracks, bb, cache=cache, prep=prep, workers=workers)
+    peak = rss_mb("VmHWM")
+    print(json.dumps({"clips": len(tracks), "extracted": res.n_extracted, "base_mb": base, "peak_mb": peak, "rise_mb": peak - base, "seconds": t.s}))
+
+
+def memory(sizes: list[int], args, workdir: Path) -> dict:
+    import soundfile as sf
+
+    from embedkit.synth import make_clip
+
+    src = workdir / "mem-src"
+    src.mkdir(exist_ok=True)
+    sources = []
+    for c in range(4):
+        p = src / f"s{c}.wav"
+        sf.write(p, make_clip(c, c, 16000, 5.0), 16000)
+        sources.append(p)
+    out = {}
+    for n in sizes:
+        data = memory_dataset(workdir / f"mem-{n}", n, sources)
+        cmd = [sys.executable, __file__, "--memory-child", str(data), "--memory-backbone", args.memory_backbone, "--cores", str(args.cores), "--workers", str(args.workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[n] = r
+        print(f"  {n:5d} clips: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s", flush=True)
+    small, big = out[sizes[0]], out[sizes[-1]]
+    ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
+    print(f"  rise at {sizes[-1]} / rise at {sizes[0]} clips: {ratio:.2f} (no growth: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more clips)")
+    return {"runs": out, "rise_ratio": ratio}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default=None, help="default: musicnn-msd if it loads, else melstats")
+    ap.add_argument("--data", type=Path, default=GTZAN, help="folder dataset (default ../shared/data/gtzan_mini)")
+    ap.add_argument("--clips", type=int, default=None, help="clips of --data to use (default all; --quick 16)")
+    ap.add_argument("--mp3", type=int, default=None, help="generated 44.1 kHz stereo MP3s (default 40; --quick 8; 0 skips)")
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="decode threads (default --cores)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per measurement; the best is kept")
+    ap.add_argument("--memory-sizes", default=None, help="clip counts, default 200,2000 (--quick 100,1000)")
+    ap.add_argument("--memory-backbone", default="tiny-test")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks that it works")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.workers = args.workers or args.cores
+    if args.memory_child:
+        return memory_child(args.memory_child, args.memory_backbone, args.cores, args.workers)
+    warnings.simplefilter("ignore")
+
+    cpus = pin_cores(args.cores)
+    from embedkit.backbones import load_backbone
+    from embedkit.datasets import load_dataset
+
+    name = args.backbone or default_backbone()
+    bb = load_backbone(name)
+    n_clips = args.clips or (16 if args.quick else None)
+    n_mp3 = args.mp3 if args.mp3 is not None else (8 if args.quick else 40)
+    sizes = [int(s) for s in (args.memory_sizes or ("100,1000" if args.quick else "200,2000")).split(",")]
+    print(f"bench_extract: backbone {name}, {args.cores} cores {cpus}, {args.workers} decode threads, batch {args.batch_size}, load average {load_average():.1f}", flush=True)
+    results: dict = {"backbone": name, "cores": args.cores, "workers": args.workers, "batch_size": args.batch_size, "quick": args.quick, "load_avg_1m_at_start": load_average()}
+    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+        work = Path(tmp)
+        if args.data.exists():
+            tracks = load_dataset(args.data)
+            label = args.data.name
+        else:
+            from embedkit.synth import make_dataset
+
+            tracks = load_dataset(make_dataset(work / "synth", n_classes=4, per_class=10))
+            label = "generated 22.05 kHz WAV (../shared absent)"
+        if n_clips:
+            per_label = -(-n_clips // tracks.label.nunique())
+            tracks = tracks.groupby("label").head(per_label).head(n_clips).reset_index(drop=True)
+        print(f"{label}: {len(tracks)} clips", flush=True)
+        results["data"] = throughput("data", tracks, bb, args, work)
+        if n_mp3:
+            with Timer() as t:
+                mp3 = load_dataset(make_mp3s(work / "mp3", n_mp3))
+            print(f"generated 44.1 kHz stereo MP3s: {n_mp3} x 30 s (encoded in {t.s:.0f} s, not timed)", flush=True)
+            results["mp3"] = throughput("mp3", mp3, bb, args, work)
+        if not args.skip_memory:
+            print(f"peak memory ({args.memory_backbone}, 5 s clips):", flush=True)
+            results["memory"] = memory(sizes, args, work)
+    results["load_avg_1m_at_end"] = load_average()
+    print(f"load average at end {load_average():.1f}; results: {write_results('bench_extract' + ('_quick' if args.quick else ''), results)}")
+
+
+if __name__ == "__main__":
+    main()

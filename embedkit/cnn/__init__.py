@@ -1,0 +1,7 @@
+"""Baselines the embeddings are compared against: a log-mel CNN trained from scratch
+(``train.train_cnn``) and fine-tuning of a pretrained backbone (``finetune.finetune``).
+
+Modules: features (log-mel, caches, normalisation), augment (waveform / SpecAugment / mixup),
+data (crops, batches, prefetch), model (network + model file), train (the loop, resume,
+runs), finetune (new head, freeze / unfreeze). Importing this package imports no torch.
+"""

@@ -1,0 +1,415 @@
+"""Train and evaluate a head on a backbone's embedding store: ``embedkit fit``.
+
+    store (segments x D float32) -> folds by track (embedkit.evaluate.make_folds)
+    -> per fold: [search on the validation tracks] -> fit on the training tracks -> predict the
+       test segments -> track votes (Evaluation)
+    -> runs/<run-id>/{metrics.json, head.skops, predictions.csv}
+
+Invariants: the folds are made of track ids, so the segments of one track (and, when the
+dataset knows them, the tracks of one group/artist) are never on both sides; the scaler, PCA
+and the hyper-parameter search see only the training part of a fold (the search scores the
+fold's validation tracks, carved out of its training part). The run directory is built under a
+temporary name and renamed into place, so a failed fit leaves nothing behind.
+
+The bundle holds the model evaluated on the holdout / split protocol; after cross-validation it
+holds a model refitted on every track (with the hyper-parameters most folds chose), and the
+metrics are the CV estimate of that procedure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigMismatchError, DatasetError, EmbedkitError, StoreError
+from .heads import BUNDLE_FILE, HEADS, SEARCH_SPACE, HeadBundle, default_pca, head_config, load_bundle, make_head, n_params, save_bundle
+
+PROTOCOLS = ("auto", "holdout", "split", "cv")
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    bundle: HeadBundle
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def open_store(backbone: str | None = None, cache: str | os.PathLike = "cache", store=None):
+    """The store to use: ``store`` (a Store or its directory) when given - it must hold
+    ``backbone``'s embeddings - else the one store of ``backbone`` under ``cache``."""
+    from .store import Store, find_store
+
+    if store is None:
+        if not backbone:
+            raise EmbedkitError("name a backbone (--backbone) or a store (--store)")
+        return find_store(cache, backbone)
+    st = store if isinstance(store, Store) else Store(Path(store))
+    name = st.meta()["backbone"]["name"]  # StoreError when it is not a store
+    if backbone and name != backbone:
+        raise ConfigMismatchError(f"{st.root}: store holds {name} embeddings, not {backbone}")
+    return st
+
+
+def read_embeddings(st, output: str = "embedding", tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(segment table, X float32 [N, D]) of a store, restricted to ``tracks`` when given (matched
+    by file path; their label / split / group replace the store's). Refuses NaN/inf rows."""
+    seg, X = st.read(output)
+    if tracks is not None:
+        t = tracks.drop_duplicates("path").set_index("path")
+        keep = seg["path"].isin(t.index).to_numpy()
+        if not keep.any():
+            raise DatasetError(f"none of the {len(t)} tracks of {tracks.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first")
+        if not keep.all():
+            seg, X = seg[keep].reset_index(drop=True), X[keep]
+        for col in ("label", "split", "group"):
+            if col in t:
+                seg[col] = t.loc[seg["path"], col].to_numpy()
+        seg.attrs["missing_from_store"] = int(len(t) - seg["path"].nunique())
+    bad_rows = _nonfinite_rows(X)
+    if len(bad_rows):
+        bad_tracks = seg["track_id"].iloc[bad_rows].unique()
+        raise StoreError(f"{st.root}: {len(bad_rows)} segment(s) of {len(bad_tracks)} track(s) have NaN/inf embeddings (first: {bad_tracks[0]}); delete the store and extract again")
+    return seg, X
+
+
+def _nonfinite_rows(X: np.ndarray, block: int = 8192) -> np.ndarray:
+    # Row blocks: np.isfinite on the whole matrix would allocate N x D booleans.
+    out = [a + np.flatnonzero(~np.isfinite(X[a : a + block]).all(axis=1)) for a in range(0, len(X), block)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=int)
+
+
+def _track_table(seg: pd.DataFrame, source: str) -> pd.DataFrame:
+    cols = [c for c in ("track_id", "path", "label", "split", "group") if c in seg]
+    t = seg[cols].drop_duplicates("track_id").reset_index(drop=True)
+    for c in ("split", "group"):
+        if c not in t:
+            t[c] = None
+    t.attrs["source"] = source
+    first = Path(t["path"].iloc[0]) if len(t) else None
+    t.attrs["synthetic"] = bool(first is not None and len(first.parents) > 1 and (first.parents[1] / "SYNTHETIC").exists())
+    return t
+
+
+def choose_protocol(tracks: pd.DataFrame, protocol: str, cv: int | None) -> str:
+    """--cv K -> "cv"; "auto": the dataset's split column when it has train and test tracks,
+    else an 80/20 holdout (the same rule as the CNN trainer)."""
+    if cv:
+        return "cv"
+    if protocol not in PROTOCOLS:
+        raise EmbedkitError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if protocol == "cv":
+        raise EmbedkitError("protocol 'cv' needs the number of folds (cv=K)")
+    if protocol == "auto":
+        has = set(tracks["split"].dropna()) if "split" in tracks else set()
+        return "split" if {"train", "test"} <= has else "holdout"
+    return protocol
+
+
+def extraction_cost(st) -> dict[str, float] | None:
+    """Cumulative extraction wall time / tracks of a store, when recorded (store.json
+    "extraction" or the pipeline's extract_timing.json), as {"seconds", "tracks", "ms_per_track"}."""
+    rec = st.meta().get("extraction")
+    f = st.root / "extract_timing.json"
+    if not rec and f.exists():
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            rec = json.loads(f.read_text())
+    if not rec or not rec.get("tracks"):
+        return None
+    return {"seconds": float(rec["seconds"]), "tracks": int(rec["tracks"]), "ms_per_track": 1000.0 * float(rec["seconds"]) / int(rec["tracks"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int | None):
+    """Limit BLAS/OpenMP (numpy, LightGBM) and torch to ``threads`` for the duration."""
+    if not threads:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _proba_in(labels: list[str], model, P: np.ndarray) -> np.ndarray:
+    """Columns of P (model.classes_ order) rearranged to ``labels``; unseen labels get 0."""
+    classes = [str(c) for c in model.classes_]
+    out = np.zeros((len(P), len(labels)))
+    for j, c in enumerate(classes):
+        out[:, labels.index(c)] = P[:, j]
+    return out
+
+
+def _track_accuracy(seg_ids: np.ndarray, y: np.ndarray, P: np.ndarray, labels: list[str]) -> tuple[float, float]:
+    """(mean-probability track accuracy, segment log-loss) on one part, for the search."""
+    from .evaluate import aggregate
+
+    ids, mean, _ = aggregate(seg_ids, P)
+    truth = pd.Series(y, index=seg_ids).groupby(level=0).first().loc[ids].to_numpy()
+    acc = float((np.asarray(labels)[mean.argmax(axis=1)] == truth).mean())
+    idx = np.array([labels.index(v) for v in y])
+    logloss = float(-np.log(np.clip(P[np.arange(len(y)), idx], 1e-12, 1)).mean())
+    return acc, logloss
+
+
+class _Trainer:
+    """Fits one head configuration on row subsets of the store's matrix."""
+
+    def __init__(self, head: str, X: np.ndarray, y: np.ndarray, seg_ids: np.ndarray, groups: np.ndarray, labels: list[str], pca: int | None, seed: int, params: dict | None, threads: int | None):
+        self.head, self.X, self.y, self.seg_ids, self.groups = head, X, y, seg_ids, groups
+        self.labels, self.pca, self.seed, self.params, self.threads = labels, pca, seed, dict(params or {}), threads
+
+    def make(self, rows: np.ndarray, extra: dict | None = None):
+        params = {**self.params, **(extra or {})}
+        if self.threads:
+            params.setdefault("n_jobs", self.threads)
+        pca = self.pca
+        if pca:  # PCA cannot have more components than rows or dimensions; >= D is pointless
+            pca = min(pca, len(rows) - 1)
+            if pca >= self.X.shape[1] or pca < 1:
+                pca = None
+        return make_head(self.head, params, pca, self.seed)
+
+    def fit(self, rows: np.ndarray, extra: dict | None = None):
+        model = self.make(rows, extra)
+        with _thread_limit(self.threads):
+            model.fit(self.X[rows], self.y[rows], head__groups=self.groups[rows])
+        return model
+
+    def proba(self, model, rows: np.ndarray) -> np.ndarray:
+        with _thread_limit(self.threads):
+            return _proba_in(self.labels, model, model.predict_proba(self.X[rows]))
+
+    def search(self, fit_rows: np.ndarray, val_rows: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Best grid point by validation-track accuracy (ties: lower segment log-loss).
+        Hand-written rather than GridSearchCV: the score is per track, and sklearn's scorers do
+        not receive the track ids of the rows they score."""
+        scores = []
+        for cand in SEARCH_SPACE[self.head]:
+            m = self.fit(fit_rows, cand)
+            acc, ll = _track_accuracy(self.seg_ids[val_rows], self.y[val_rows], self.proba(m, val_rows), self.labels)
+            scores.append({"params": cand, "val_track_accuracy": acc, "val_log_loss": ll})
+        best = max(scores, key=lambda s: (s["val_track_accuracy"], -s["val_log_loss"]))
+        return dict(best["params"]), scores
+
+
+def fit_head(
+    backbone: str | None = None,
+    head: str = "lr",
+    *,
+    cache: str | os.PathLike = "cache",
+    store=None,
+    tracks: pd.DataFrame | None = None,
+    data: str | os.PathLike | None = None,
+    runs: str | os.PathLike = "runs",
+    run_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    protocol: str = "auto",
+    cv: int | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+    pca: int | None = None,
+    search: bool = False,
+    params: dict[str, Any] | None = None,
+    output: str = "embedding",
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Train ``head`` on a backbone's stored embeddings, evaluate per track, write a run.
+
+    backbone / store / cache: which embeddings (``open_store``).
+    tracks (a track table) or data (a dataset path): use only these tracks, with their labels.
+    protocol: "auto" (dataset split when present, else holdout), "holdout" (``test_size``),
+        "split"; ``cv=K`` for stratified K-fold. Groups (artists) are respected when known.
+    pca: components (None: the head's default, 0: none). search: pick hyper-parameters from
+        ``heads.SEARCH_SPACE`` on 20 % validation tracks of each training part.
+    params: head hyper-parameter overrides. threads: CPU threads (None: library defaults).
+    run_dir: exact run directory (default ``runs/<new run id>``). progress(done, total) per fit.
+    Returns FitResult(run_dir, metrics, bundle).
+    """
+    from .evaluate import Evaluation, dataset_summary, make_folds, new_run_id, protocol_dict, write_metrics
+
+    if head not in HEADS:
+        raise EmbedkitError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if cv is not None and cv < 2:
+        raise EmbedkitError("--cv needs K >= 2")
+    if pca is not None and pca < 0:
+        raise EmbedkitError("--pca must be >= 0 (0 disables PCA)")
+    if threads is not None and threads < 1:
+        raise EmbedkitError("threads must be >= 1")
+    st = open_store(backbone, cache, store)
+    smeta = st.meta()
+    spec = smeta["backbone"]
+    backbone = spec["name"]
+    if data is not None and tracks is None:
+        from .datasets import load_dataset
+
+        tracks = load_dataset(data)
+    seg, X = read_embeddings(st, output, tracks)
+    source = str(tracks.attrs.get("source", "")) if tracks is not None else os.path.commonpath(list(seg["path"].unique()))
+    table = _track_table(seg, source)
+    if tracks is not None and tracks.attrs.get("synthetic"):
+        table.attrs["synthetic"] = True
+    proto = choose_protocol(table, protocol, cv)
+    k = cv or 5
+    folds = make_folds(table, proto, k, test_size, seed, val_size=0.2 if search else 0.0)
+    labels = sorted(table["label"].astype(str).unique())
+    track_labels = dict(zip(table["track_id"], table["label"].astype(str)))
+    paths = dict(zip(table["track_id"], table["path"]))
+    seg_ids = seg["track_id"].to_numpy()
+    y = seg["label"].astype(str).to_numpy()
+    pinfo = protocol_dict(proto, k, seed, test_size, table)
+    # Early stopping inside the heads holds out whole groups: artists when known, else tracks.
+    groups = seg["group"].astype(str).to_numpy() if pinfo["grouped"] else seg_ids
+    rows_of = {t: np.asarray(r) for t, r in seg.groupby("track_id", sort=False).indices.items()}
+    rows = lambda ids: np.sort(np.concatenate([rows_of[t] for t in ids])) if len(ids) else np.zeros(0, dtype=int)  # noqa: E731
+    pca_n = default_pca(head, X.shape[1]) if pca is None else (pca or None)
+    trainer = _Trainer(head, X, y, seg_ids, groups, labels, pca_n, seed, params, threads)
+
+    name = name or f"{backbone}+{head}"
+    ev = Evaluation(labels)
+    n_fits = len(folds) + (1 if proto == "cv" else 0)
+    if progress:
+        progress(0, n_fits)
+    train_seconds, infer_ms, chosen, model = 0.0, [], [], None
+    for i, fold in enumerate(folds):
+        # fold.val (the dataset's val split, or the part carved out for --search) is training
+        # data: the search scores it, then the chosen configuration trains on train + val.
+        train_ids = sorted([*fold.train, *fold.val])
+        tr, te = rows(train_ids), rows(fold.test)
+        extra: dict[str, Any] = {"n_train_tracks": len(train_ids), "n_test_tracks": len(fold.test)}
+        t0 = time.perf_counter()
+        best: dict[str, Any] = {}
+        if search and fold.val:
+            best, scores = trainer.search(rows(fold.train), rows(fold.val))
+            extra.update(n_val_tracks=len(fold.val), search=scores)
+        model = trainer.fit(tr, best)
+        fit_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        P = trainer.proba(model, te)
+        ms = 1000.0 * (time.perf_counter() - t1) / len(fold.test)
+        train_seconds += fit_s
+        infer_ms.append(ms)
+        chosen.append(best)
+        extra.update(train_seconds=fit_s, inference_ms_per_track=ms, params=best)
+        ev.add_fold(fold.name, seg_ids[te], P, track_labels, paths, extra)
+        if progress:
+            progress(i + 1, n_fits)
+
+    final_seconds = 0.0
+    if proto == "cv":  # the deployable model: every track, the parameters most folds chose
+        final_params = Counter(json.dumps(c, sort_keys=True) for c in chosen).most_common(1)[0][0]
+        t0 = time.perf_counter()
+        model = trainer.fit(np.arange(len(y)), json.loads(final_params))
+        final_seconds = time.perf_counter() - t0
+        trained_ids = sorted(table["track_id"])
+        if progress:
+            progress(n_fits, n_fits)
+    else:
+        trained_ids = sorted([*folds[0].train, *folds[0].val])
+
+    m = ev.metrics()
+    config = {**head_config(model), "search": bool(search), "search_space": SEARCH_SPACE[head] if search else None, "output": output, "threads": threads}
+    scores = {k2: m[k2] for k2 in ("track_accuracy", "track_accuracy_vote", "track_accuracy_mean_prob", "segment_accuracy", "macro_f1") if k2 in m}
+    scores.update({k2: m[k2] for k2 in m if k2.endswith("_std")})
+    scores["protocol"] = pinfo
+    run_id = Path(run_dir).name if run_dir is not None else new_run_id("head", name)
+    bundle = HeadBundle(
+        model=model, labels=labels, head=head, spec=spec, preprocess=smeta["preprocess"], weights_id=smeta.get("weights_id", "none"), output=output,
+        config=config, scores=scores, run_id=run_id,
+        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
+    )  # fmt: skip
+    cost = extraction_cost(st)
+    n_segments = len(seg)
+    metrics: dict[str, Any] = {
+        "run_id": run_id,
+        "kind": "head",
+        "name": name,
+        "backbone": backbone,
+        "head": head,
+        "protocol": pinfo,
+        "dataset": {**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
+        **m,
+        "train_seconds": train_seconds,
+        "final_fit_seconds": final_seconds,
+        "inference_ms_per_track": float(np.mean(infer_ms)),
+        "extract_ms_per_track": cost["ms_per_track"] if cost else None,
+        "extraction": cost,
+        "model_bytes": None,
+        "n_params": n_params(model),
+        "bundle": BUNDLE_FILE,
+        "store": str(st.root),
+        "weights_id": bundle.weights_id,
+        "spec": spec,
+        "preprocess": smeta["preprocess"],
+        "config": config,
+    }
+    if head == "lgbm":
+        metrics["n_leaves"] = model.named_steps["head"].n_leaves_
+    out = _write_run(Path(run_dir) if run_dir is not None else Path(runs) / run_id, bundle, metrics, ev, write_metrics)
+    return FitResult(out, json.loads((out / "metrics.json").read_text()), bundle)
+
+
+def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, write_metrics) -> Path:
+    """Build the run directory under a temporary name, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        metrics["model_bytes"] = save_bundle(tmp / BUNDLE_FILE, bundle)
+        ev.predictions().to_csv(tmp / "predictions.csv", index=False)
+        write_metrics(tmp, metrics)
+        if final.exists():  # an unfinished run of the same id (the caller decided to redo it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bundle.path = str(final / BUNDLE_FILE)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction with a saved bundle
+
+
+def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = "cache", store=None, tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, HeadBundle]:
+    """Per-track predictions of a saved head on a store's embeddings (the bundle's backbone
+    store under ``cache`` unless ``store`` is given). Refuses a store made with another
+    backbone, weights or preprocessing. Returns (DataFrame track_id, path, label, pred,
+    pred_vote, confidence, p_<label>..., in_training), bundle)."""
+    b = load_bundle(bundle_path)
+    st = open_store(None if store is not None else b.spec["name"], cache, store)
+    smeta = st.meta()
+    b = load_bundle(bundle_path, expect_spec=smeta["backbone"], expect_preprocess=smeta["preprocess"], expect_weights_id=smeta.get("weights_id", "none"))
+    seg, X = read_embeddings(st, b.output, tracks)
+    df = b.predict_tracks(seg["track_id"].to_numpy(), X)
+    info = seg.drop_duplicates("track_id").set_index("track_id")
+    df.insert(1, "path", info.loc[df["track_id"], "path"].to_numpy())
+    df.insert(2, "label", info.loc[df["track_id"], "label"].to_numpy())
+    df["in_training"] = df["track_id"].isin(set(b.trained_on.get("track_ids", [])))
+    return df, b

@@ -1,0 +1,385 @@
+"""`embedkit run`: the main job, from a folder of clips to the comparison report.
+
+    extract (each backbone, resumable store)  ->  fit every head on each store
+    ->  train the scratch CNN  ->  (optionally) fine-tune a backbone  ->  report
+
+Every run this job makes lives in ``runs/<kind>-<name>-<config hash>/``: the hash covers the
+dataset (track ids, paths, labels, splits, groups), the protocol, the preprocessing and the
+trainer's settings, so a second invocation with the same inputs finds the finished runs (their
+``metrics.json`` exists) and only rebuilds the report, and any change makes new runs beside
+the old ones. Embeddings are cached by the extraction store, CNN inputs by the CNN's caches,
+and an interrupted CNN run resumes from its last epoch.
+
+``demo`` as the data argument uses ``../shared/data/gtzan_mini`` when present, else writes a
+small generated labelled set (``embedkit.synth``) that the report marks as synthetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .config import AudioConfig, PreprocessConfig, SegmentConfig, stable_hash
+from .errors import EmbedkitError
+
+DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
+QUICK_BACKBONES = ("tiny-test", "melstats")
+HEADS = ("lr", "lgbm", "mlp")
+#: file the pipeline keeps in each embedding store: cumulative extraction wall time / tracks
+TIMING_FILE = "extract_timing.json"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `embedkit run` does. Defaults are sized for a laptop CPU (2 cores: gtzan_mini,
+    100 clips, 5-fold CV, in well under 15 minutes).
+
+    cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
+        holdout of ``test_size``.
+    cnn_epochs / cnn_patience: the scratch CNN's epoch budget and early stopping.
+    cnn_augment: augmentations of the scratch CNN (see ``embedkit.cnn.augment``).
+    finetune: backbone to fine-tune end to end (None: no fine-tuning).
+    clip_s / segment_s: every clip is brought to clip_s and cut into segment_s windows.
+    """
+
+    backbones: tuple[str, ...] = DEFAULT_BACKBONES
+    heads: tuple[str, ...] = HEADS
+    cv: int = 5
+    test_size: float = 0.2
+    seed: int = 0
+    cnn: bool = True
+    cnn_epochs: int = 20
+    cnn_patience: int = 6
+    cnn_augment: str = "specaugment,mixup"
+    finetune: str | None = None
+    finetune_epochs: int = 10
+    clip_s: float = 30.0
+    segment_s: float = 5.0
+    quick: bool = False
+
+    @classmethod
+    def quick_plan(cls, **overrides) -> "RunPlan":
+        """Smoke-test settings: random-weight tiny backbone + melstats, 2 folds, 10 s clips,
+        a 2-epoch CNN without augmentation."""
+        base = cls(backbones=QUICK_BACKBONES, cv=2, cnn_epochs=2, cnn_patience=2, cnn_augment="none", finetune_epochs=2, clip_s=10.0, quick=True)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        from .backbones import get_spec
+
+        for b in self.backbones:
+            get_spec(b)  # unknown name -> BackboneError listing the valid ones
+        bad = [h for h in self.heads if h not in HEADS]
+        if bad:
+            raise EmbedkitError(f"unknown head {bad[0]!r}; choose from {', '.join(HEADS)}")
+        if not self.backbones and not self.cnn and not self.finetune:
+            raise EmbedkitError("nothing to run: no backbones, --no-cnn and no --finetune")
+        if self.cv == 1 or self.cv < 0:
+            raise EmbedkitError("--cv needs K >= 2 (or 0 for the dataset split / a holdout)")
+        if not 0 < self.test_size < 1:
+            raise EmbedkitError("--test-size must be between 0 and 1")
+        if self.clip_s < self.segment_s:
+            raise EmbedkitError(f"clip length {self.clip_s:g} s is shorter than one {self.segment_s:g} s segment")
+        if self.cnn_epochs < 1 or self.finetune_epochs < 1:
+            raise EmbedkitError("epochs must be >= 1")
+
+    @property
+    def prep(self) -> PreprocessConfig:
+        return PreprocessConfig(AudioConfig(clip_s=self.clip_s), SegmentConfig(self.segment_s, self.segment_s))
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        return {"cv": self.cv or None, "test_size": self.test_size, "seed": self.seed}
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    kind: str
+    name: str
+    reused: bool
+    seconds: float  # wall time this invocation spent on it (0 when reused)
+    metrics: dict[str, Any]
+
+
+@dataclass
+class PipelineResult:
+    data: str
+    synthetic: bool
+    runs: list[RunOutcome] = field(default_factory=list)
+    extraction: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def shared_candidates() -> list[Path]:
+    """Where ``../shared/data/gtzan_mini`` may be: $EMBEDKIT_SHARED, beside the working
+    directory, beside the source checkout."""
+    out = []
+    if os.environ.get("EMBEDKIT_SHARED"):
+        out.append(Path(os.environ["EMBEDKIT_SHARED"]) / "data" / "gtzan_mini")
+    out.append(Path.cwd().parent / "shared" / "data" / "gtzan_mini")
+    out.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "gtzan_mini")
+    return out
+
+
+def demo_data(cache: str | os.PathLike, n_classes: int = 6, per_class: int = 10, duration_s: float = 30.0) -> tuple[Path, bool]:
+    """(dataset folder, synthetic?): gtzan_mini when present, else a generated set in the cache."""
+    for p in shared_candidates():
+        if p.is_dir():
+            return p, False
+    from .synth import make_dataset
+
+    root = Path(cache) / "demo-synthetic" / f"{n_classes}x{per_class}x{duration_s:g}s"
+    return make_dataset(root, n_classes=n_classes, per_class=per_class, duration_s=duration_s), True
+
+
+def load_tracks(data: str | os.PathLike | None, cache: str | os.PathLike, audio_dir=None, subset: str = "small", demo_size: tuple[int, int, float] | None = None) -> tuple[pd.DataFrame, bool]:
+    """The track table of ``data`` ('demo' or None: see ``demo_data``), with
+    ``attrs['synthetic']`` set for generated sets (a folder made by embedkit.synth carries a
+    SYNTHETIC marker file)."""
+    from .datasets import load_dataset
+
+    synthetic = False
+    if data is None or str(data) == "demo":
+        data, synthetic = demo_data(cache, *(demo_size or ()))
+    tracks = load_dataset(data, audio_dir=audio_dir, subset=subset)
+    p = Path(data)
+    synthetic = synthetic or (p.is_dir() and (p / "SYNTHETIC").exists())
+    tracks.attrs["synthetic"] = bool(synthetic)
+    return tracks, bool(synthetic)
+
+
+def dataset_fingerprint(tracks: pd.DataFrame) -> str:
+    t = tracks.sort_values("track_id")
+    return stable_hash([[r.track_id, r.path, r.label, r.split, r.group] for r in t.itertuples()], 16)
+
+
+def run_id(kind: str, name: str, identity: dict[str, Any]) -> str:
+    """Deterministic run directory name: same identity -> same directory -> reused."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{kind}-{name}").strip("-")
+    return f"{slug}-{stable_hash(identity, 10)}"
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / "metrics.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None  # torn or unreadable: redo the run
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, float]:
+    """Accumulate extraction wall time per store so a cached re-run still knows the cost."""
+    from .store import atomic_write_text
+
+    f = store_root / TIMING_FILE
+    t = {"seconds": 0.0, "tracks": 0}
+    if f.exists():
+        try:
+            t.update(json.loads(f.read_text()))
+        except (json.JSONDecodeError, OSError):
+            pass
+    if n_tracks > 0:
+        t = {"seconds": float(t["seconds"]) + seconds, "tracks": int(t["tracks"]) + n_tracks}
+        atomic_write_text(f, json.dumps(t))
+    return t
+
+
+def extract_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Path, workers: int | None, log: Log) -> dict[str, Any]:
+    from .extract import extract
+
+    t0 = time.perf_counter()
+    res = extract(tracks, backbone, cache=cache, prep=plan.prep, workers=workers)
+    wall = time.perf_counter() - t0
+    timing = _record_timing(res.store.root, res.seconds, res.n_extracted)
+    ms = 1000 * timing["seconds"] / timing["tracks"] if timing["tracks"] else None
+    log(f"extract {backbone}: {res.n_extracted} tracks extracted, {res.n_skipped} cached, {res.n_failed} failed ({wall:.1f} s)")
+    for f in res.failures[:5]:
+        log(f"  skipped {f['path']}: {f['reason']}")
+    if res.n_extracted + res.n_skipped - len(res.failures) <= 0:
+        raise EmbedkitError(f"{backbone}: no track could be extracted")
+    return {
+        "store": res.store,
+        "n_extracted": res.n_extracted,
+        "n_cached": res.n_skipped,
+        "n_failed": res.n_failed,
+        "seconds": wall,
+        "extract_ms_per_track": ms,
+        "extract_seconds": ms * len(tracks) / 1000 if ms is not None else None,
+    }
+
+
+def _patch_metrics(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Add pipeline-known facts (extraction cost, synthetic flag) to a run's metrics.json."""
+    from .store import atomic_write_text
+
+    f = run_dir / "metrics.json"
+    m = json.loads(f.read_text())
+    changed = False
+    for k, v in extra.items():
+        if k == "dataset":
+            d = dict(m.get("dataset") or {})
+            for dk, dv in v.items():
+                if d.get(dk) != dv:
+                    d[dk], changed = dv, True
+            m["dataset"] = d
+        elif v is not None and m.get(k) != v:
+            m[k], changed = v, True
+    if changed:
+        atomic_write_text(f, json.dumps(m, indent=2))
+    return m
+
+
+def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, Any], plan: RunPlan, runs: Path, fp: str, log: Log, threads: int | None) -> RunOutcome:
+    identity = {"kind": "head", "backbone": backbone, "head": head, "dataset": fp, "protocol": plan.protocol, "prep": plan.prep.to_dict(), "weights": ext["store"].root.name}
+    name = f"{backbone}+{head}"
+    run_dir = runs / run_id("head", name, identity)
+    extra = {"extract_ms_per_track": ext["extract_ms_per_track"], "extract_seconds": ext["extract_seconds"], "dataset": {"synthetic": bool(tracks.attrs.get("synthetic"))}}
+    done = _finished(run_dir)
+    if done is not None:
+        log(f"fit {name}: reused {run_dir}")
+        return RunOutcome(run_dir, "head", name, True, 0.0, _patch_metrics(run_dir, extra))
+    t0 = time.perf_counter()
+    fit_head_run(tracks, ext["store"], backbone, head, plan, run_dir, name, threads)
+    m = _patch_metrics(run_dir, extra)
+    log(f"fit {name}: track accuracy {m['track_accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    return RunOutcome(run_dir, "head", name, False, time.perf_counter() - t0, m)
+
+
+def fit_head_run(tracks: pd.DataFrame, store, backbone: str, head: str, plan: RunPlan, run_dir: Path, name: str, threads: int | None) -> dict[str, Any]:
+    """One head on one store, evaluated with the plan's protocol; writes run_dir/metrics.json."""
+    from .fit import fit_head
+
+    res = fit_head(
+        backbone, head, store=store, tracks=tracks, run_dir=run_dir, name=name, protocol="auto", cv=plan.cv or None,
+        test_size=plan.test_size, seed=plan.seed, threads=threads,
+    )  # fmt: skip
+    return res.metrics
+
+
+def _train_configs(plan: RunPlan, epochs: int, patience: int, augment: str):
+    from .cnn.augment import AugmentConfig
+    from .cnn.train import TrainConfig
+
+    train = TrainConfig(epochs=epochs, patience=patience, segment_s=plan.segment_s, seed=plan.seed)
+    train.validate()
+    return train, AugmentConfig.parse(augment)
+
+
+def cnn_stage(tracks: pd.DataFrame, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress) -> RunOutcome:
+    from .cnn.train import train_cnn
+
+    train, aug = _train_configs(plan, plan.cnn_epochs, plan.cnn_patience, plan.cnn_augment)
+    audio = AudioConfig(clip_s=plan.clip_s)
+    identity = {"kind": "cnn", "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "augment": aug.to_dict(), "audio": asdict(audio)}
+    return _trained(
+        "cnn", "cnn-scratch", identity, runs, tracks, log,
+        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+    )  # fmt: skip
+
+
+def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress) -> RunOutcome:
+    from .cnn.finetune import FinetuneConfig, finetune
+
+    train, aug = _train_configs(plan, plan.finetune_epochs, max(2, plan.finetune_epochs // 3), "none")
+    ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, plan.finetune_epochs // 3)))
+    audio = AudioConfig(clip_s=plan.clip_s)
+    identity = {"kind": "finetune", "backbone": backbone, "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "finetune": asdict(ft), "audio": asdict(audio)}
+    return _trained(
+        "finetune", f"finetune-{backbone}", identity, runs, tracks, log,
+        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+    )  # fmt: skip
+
+
+def _trained(kind: str, name: str, identity: dict, runs: Path, tracks: pd.DataFrame, log: Log, train_fn) -> RunOutcome:
+    run_dir = runs / run_id(kind, name, identity)
+    extra = {"dataset": {"synthetic": bool(tracks.attrs.get("synthetic"))}}
+    done = _finished(run_dir)
+    if done is not None:
+        log(f"{kind} {name}: reused {run_dir}")
+        return RunOutcome(run_dir, kind, name, True, 0.0, _patch_metrics(run_dir, extra))
+    resume = (run_dir / "run.json").exists()  # interrupted earlier: continue from the checkpoints
+    log(f"{kind} {name}: {'resuming' if resume else 'training'} in {run_dir}")
+    t0 = time.perf_counter()
+    train_fn(run_dir, resume)
+    m = _patch_metrics(run_dir, extra)
+    log(f"{kind} {name}: track accuracy {m['track_accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    return RunOutcome(run_dir, kind, name, False, time.perf_counter() - t0, m)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_all(
+    data: str | os.PathLike | None = "demo",
+    plan: RunPlan = RunPlan(),
+    *,
+    cache: str | os.PathLike = "cache",
+    runs: str | os.PathLike = "runs",
+    report: str | os.PathLike | None = "reports/report.html",
+    audio_dir: str | os.PathLike | None = None,
+    subset: str = "small",
+    workers: int | None = None,
+    threads: int | None = None,
+    log: Log | None = None,
+    progress: Callable[[dict], None] | None = None,
+    demo_size: tuple[int, int, float] | None = None,
+) -> PipelineResult:
+    """Run the whole comparison on ``data`` and write the report; see the module doc.
+
+    log: receives one line per stage. progress: the CNN trainers' event callback.
+    demo_size: (classes, clips per class, seconds) of a generated demo set (tests use tiny ones).
+    Returns the outcome of every run (new or reused) and the report path (None if report=None).
+    """
+    plan.validate()
+    log = log or (lambda s: None)
+    cache, runs = Path(cache), Path(runs)
+    t0 = time.perf_counter()
+    tracks, synthetic = load_tracks(data, cache, audio_dir, subset, demo_size)
+    source = tracks.attrs.get("source", str(data))
+    log(f"data: {source}: {len(tracks)} tracks, {tracks['label'].nunique()} classes" + (" (SYNTHETIC)" if synthetic else ""))
+    # Fail on an impossible protocol before any expensive work.
+    from .evaluate import make_folds
+
+    protocol = "cv" if plan.cv else ("split" if tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any() else "holdout")
+    make_folds(tracks, protocol, plan.cv or 5, plan.test_size, plan.seed)
+    fp = dataset_fingerprint(tracks)
+    result = PipelineResult(str(source), synthetic)
+    for backbone in plan.backbones:
+        ext = extract_stage(tracks, backbone, plan, cache, workers, log)
+        result.extraction[backbone] = {k: v for k, v in ext.items() if k != "store"}
+        for head in plan.heads:
+            result.runs.append(head_stage(tracks, backbone, head, ext, plan, runs, fp, log, threads))
+    if plan.cnn:
+        result.runs.append(cnn_stage(tracks, plan, runs, cache, fp, log, threads, workers, progress))
+    if plan.finetune:
+        result.runs.append(finetune_stage(tracks, plan.finetune, plan, runs, cache, fp, log, threads, workers, progress))
+    if report is not None:
+        from .report import build_report
+
+        title = f"embedkit comparison: {Path(str(source)).name}" + (" (synthetic data)" if synthetic else "")
+        result.report, _ = build_report([r.run_dir for r in result.runs], report, title=title)
+        log(f"report: {result.report}")
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,108 @@
+"""The backbone contract, checked on EVERY registered backbone (new ones are picked up
+automatically from the registry): float32 output of the declared size, no NaN (noise and
+silence), deterministic, batched equals one-at-a-time, extra outputs match their label lists,
+and the windows of embedkit.segments cover a clip of awkward length without drift.
+
+Backbones whose real weights are not available here are built from random weights in the
+official formats (PANNs: checkpoint files; AST: a tiny save_pretrained directory). musicnn's
+weights come from the ``musicnn`` package: its backbones skip only when that package is absent.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from embedkit.backbones import get_spec, list_backbones, load_backbone
+from embedkit.config import SegmentConfig
+from embedkit.segments import segment
+
+NAMES = [s.name for s in list_backbones()]
+CLIP_S = 6.8  # awkward length: 3 windows of 3 s at hop 1.5 s, and a 0.8 s tail
+
+
+def _weights_for(spec, tmp_path_factory):
+    """checkpoint argument for families without packaged weights (None: packaged / none)."""
+    base = tmp_path_factory.getbasetemp()
+    if spec.family == "panns":
+        from embedkit.backbones import panns
+
+        arch = spec.name.removeprefix("panns-")
+        p = base / "panns-random" / f"{arch}_seed0.pth"  # same file test_panns uses
+        if not p.exists():
+            panns.write_random_checkpoint(p, arch, seed=0)
+        return str(p)
+    if spec.family == "ast":
+        pytest.importorskip("transformers")
+        from embedkit.backbones import ast
+
+        p = base / "ast-random" / "tiny_head_seed0"  # same dir test_ast uses
+        if not (p / "config.json").exists():
+            ast.write_random_model(p, seed=0, classifier=True)
+        return str(p)
+    if spec.family == "musicnn" and importlib.util.find_spec("musicnn") is None:
+        pytest.skip("musicnn weights package absent: pip install --no-deps musicnn==0.1.0")
+    return None
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            spec = get_spec(name)
+            cache[name] = load_backbone(name, checkpoint=_weights_for(spec, tmp_path_factory))
+        return cache[name]
+
+    return get
+
+
+def test_registry_is_populated():
+    for expected in ("panns-cnn14", "panns-cnn10", "ast", "ast-5s", "melstats", "tiny-test"):
+        assert expected in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract(name, loaded):
+    registered = get_spec(name)
+    bb = loaded(name)
+    spec = bb.spec
+    assert (spec.name, spec.family, spec.sample_rate) == (registered.name, registered.family, registered.sample_rate)
+    if registered.family != "ast":  # AST's width comes from the (tiny, test) directory's config
+        assert spec.embedding_dim == registered.embedding_dim
+    sr = spec.sample_rate
+    seg_s = min(registered.segment_s, 3.0)  # short windows keep the big CNNs cheap
+    hop_s = seg_s / 2
+
+    # windows cover the clip (HEAR-style: regular, no drift, uncovered tail shorter than a hop)
+    n = int(round(CLIP_S * sr))
+    y = (0.1 * np.random.default_rng(0).standard_normal(n)).astype(np.float32)
+    frames, start_s, end_s = segment(y, sr, SegmentConfig(seg_s, hop_s))
+    k = np.arange(len(frames))
+    assert len(frames) >= 2 and frames.shape[1] == int(round(seg_s * sr))
+    np.testing.assert_array_equal(np.round(start_s * sr).astype(int), np.round(k * hop_s * sr).astype(int))
+    assert start_s[0] == 0 and (start_s[1:] <= end_s[:-1]).all()
+    assert CLIP_S - end_s[-1] < hop_s
+    np.testing.assert_array_equal(frames[-1], y[int(round(start_s[-1] * sr)) :][: frames.shape[1]])
+
+    emb = bb.embed(frames)
+    assert emb.dtype == np.float32 and emb.shape == (len(frames), spec.embedding_dim)
+    assert np.isfinite(emb).all()
+    assert np.abs(emb).max() > 0  # not a constant-zero stub
+    np.testing.assert_array_equal(bb.embed(frames), emb)  # deterministic
+    scale = max(1.0, float(np.abs(emb).max()))
+    for i in range(len(frames)):  # batch composition does not change a row
+        np.testing.assert_allclose(bb.embed(frames[i : i + 1])[0], emb[i], rtol=1e-5, atol=1e-5 * scale)
+    assert not np.allclose(emb[0], emb[-1])  # different input, different embedding
+
+    silent = bb.embed(np.zeros((1, frames.shape[1]), np.float32))
+    assert silent.shape == (1, spec.embedding_dim) and np.isfinite(silent).all()
+
+    if spec.outputs:
+        out = bb.outputs(frames)
+        np.testing.assert_allclose(out["embedding"], emb, rtol=1e-6, atol=1e-6 * scale)
+        for name_ in spec.outputs:
+            labels = bb.output_labels(name_)
+            assert out[name_].dtype == np.float32 and out[name_].shape == (len(frames), len(labels))
+            assert np.isfinite(out[name_]).all()

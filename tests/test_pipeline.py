@@ -1,0 +1,116 @@
+"""`embedkit run`: the main job end to end on generated clips (quick mode), reuse of finished
+runs on a second invocation, the demo fallback and argument errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from test_report import check_html
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """3 classes x 4 clips of 6 s: enough for 2-fold CV with a validation part, seconds to run."""
+    from embedkit.synth import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("clips"), n_classes=3, per_class=4, duration_s=6.0)
+
+
+def _metrics(runs: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("*/metrics.json"))}
+
+
+def test_run_quick_end_to_end_and_reuse(tiny_data, tmp_path, monkeypatch):
+    from embedkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", str(tiny_data), "--quick", "--threads", "1", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    report = tmp_path / "reports" / "report.html"
+    assert report.exists() and res.output.strip().splitlines()[-1] == str(Path("reports") / "report.html")
+    runs = _metrics(tmp_path / "runs")
+    kinds = sorted((m["kind"], m.get("backbone"), m.get("head")) for m in runs.values())
+    assert [k for k in kinds if k[0] == "head"] == [("head", b, h) for b in ("melstats", "tiny-test") for h in ("lgbm", "lr", "mlp")]
+    assert sum(k[0] == "cnn" for k in kinds) == 1 and len(kinds) == 7
+    for m in runs.values():
+        assert m["protocol"]["type"] == "cv" and m["protocol"]["k"] == 2
+        assert m["dataset"]["synthetic"] is True and m["dataset"]["n_tracks"] == 12
+        assert 0.0 <= m["track_accuracy"] <= 1.0
+        if m["kind"] == "head":
+            assert m["extract_ms_per_track"] > 0  # the extraction cost reaches the report
+    html = report.read_text()
+    check_html(html)
+    assert 'id="synthetic-banner"' in html
+    assert html.count('<article class="run"') == 7
+    assert "learning curves" in html.lower() and "tiny-test+lr" in html
+
+    # Second invocation: every run is found finished and reused; only the report is rebuilt.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/metrics.json")}
+    res2 = CliRunner().invoke(app, ["run", str(tiny_data), "--quick", "--threads", "1"])
+    assert res2.exit_code == 0, res2.output
+    assert res2.output.count("reused") >= 7 and "new (" not in res2.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 7
+
+    # A different protocol is a different run: new directories beside the old ones.
+    from embedkit.pipeline import RunPlan, run_all
+
+    out = run_all(tiny_data, RunPlan.quick_plan(backbones=("melstats",), heads=("lr",), cnn=False, cv=3), report=None, threads=1)
+    assert [r.reused for r in out.runs] == [False] and out.report is None
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 8
+
+
+def test_run_ids_are_deterministic():
+    from embedkit.pipeline import run_id
+
+    a = run_id("head", "melstats+lr", {"dataset": "x", "protocol": {"cv": 5}})
+    assert a == run_id("head", "melstats+lr", {"protocol": {"cv": 5}, "dataset": "x"})
+    assert a != run_id("head", "melstats+lr", {"dataset": "x", "protocol": {"cv": 2}})
+    assert a.startswith("head-melstats+lr-")
+
+
+def test_demo_without_shared_generates_synthetic(tmp_path, monkeypatch):
+    from embedkit import pipeline
+
+    monkeypatch.setattr(pipeline, "shared_candidates", lambda: [tmp_path / "absent"])
+    tracks, synthetic = pipeline.load_tracks("demo", tmp_path / "cache", demo_size=(2, 3, 6.0))
+    assert synthetic and tracks.attrs["synthetic"] is True
+    assert len(tracks) == 6 and sorted(tracks["label"].unique()) == ["drone", "pulse"]
+    from embedkit.evaluate import dataset_summary
+
+    assert dataset_summary(tracks)["synthetic"] is True
+
+
+def test_demo_prefers_gtzan_mini(tmp_path, monkeypatch):
+    from embedkit import pipeline
+
+    fake = tmp_path / "shared" / "data" / "gtzan_mini"
+    fake.mkdir(parents=True)
+    monkeypatch.setattr(pipeline, "shared_candidates", lambda: [fake])
+    assert pipeline.demo_data(tmp_path / "cache") == (fake, False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give a DATA folder"),
+        (["DATA", "--backbones", "nope"], "unknown backbone 'nope'"),
+        (["DATA", "--heads", "svm"], "unknown head 'svm'"),
+        (["DATA", "--cv", "1"], "--cv needs K >= 2"),
+        (["DATA", "--clip", "3"], "shorter than one 5 s segment"),
+        (["missing-folder"], "missing-folder: no such file or directory"),
+    ],
+)
+def test_run_argument_errors(args, message, tiny_data, tmp_path, monkeypatch):
+    from embedkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = [str(tiny_data) if a == "DATA" else a for a in args]
+    res = CliRunner().invoke(app, ["run", *args])
+    assert res.exit_code == 1, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()
