@@ -211,7 +211,7 @@ def run_gtzan(args) -> None:
                 print(f"  extracted {name}: {res.n_extracted} tracks in {res.seconds:.1f} s")
             for head in args.heads:
                 t0 = time.perf_counter()
-                run = fit_head(name, head, cache=args.cache, runs=runs, cv=5, seed=args.seed, tracks=tracks)
+                run = fit_head(store=res.store, head=head, runs=runs, cv=5, seed=args.seed, tracks=tracks)
                 m = run.metrics
                 print(
                     f"  {name:12s} {head:5s} {m['track_accuracy_mean_prob']:.3f} ± {m['track_accuracy_mean_prob_std']:.3f}  "

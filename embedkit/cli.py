@@ -43,7 +43,8 @@ def handle_errors(fn):
         except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
             if os.environ.get("EMBEDKIT_DEBUG"):
                 raise
-            _fail(f"unexpected {type(exc).__name__}: {exc} (set EMBEDKIT_DEBUG=1 for the traceback)")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"internal error: {type(exc).__name__}: {first} (set EMBEDKIT_DEBUG=1 for the traceback)")
 
     return wrapper
 
@@ -137,21 +138,10 @@ def extract_cmd(
         _fail("--batch-size must be >= 1")
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
-    import os
-
-    from .errors import EmbedkitError
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
+        try:  # errors become one line in handle_errors
             res, log_note = _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask)
-        except (EmbedkitError, KeyboardInterrupt, typer.Exit):
-            raise
-        except Exception as exc:  # a bug, not bad input: still one line (the traceback on demand)
-            if os.environ.get("EMBEDKIT_DEBUG"):
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _fail(f"internal error: {type(exc).__name__}: {first} (set EMBEDKIT_DEBUG=1 for the traceback)")
         finally:
             _print_warnings(caught)
     _summarise_extract(res, log_note, strict)
@@ -412,7 +402,7 @@ def finetune_cmd(
     epochs: int = typer.Option(20, help="maximum epochs, frozen ones included"),
     frozen_epochs: int = typer.Option(3, help="epochs training only the new output layer"),
     unfreeze: str = typer.Option("all", help="after the frozen epochs: all | top:N (last N blocks)"),
-    head_lr: float = typer.Option(1e-3, help="new layer's rate while the backbone is frozen"),
+    head_lr: float = typer.Option(1e-2, help="new layer's rate while the backbone is frozen"),
     backbone_lr: float = typer.Option(5e-5, help="backbone rate once unfrozen"),
     finetune_head_lr: float = typer.Option(1e-4, help="new layer's rate once the backbone is unfrozen"),
     head_dropout: float = typer.Option(0.25),

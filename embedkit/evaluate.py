@@ -279,8 +279,8 @@ def _json_default(o):
     return str(o)
 
 
-def load_runs(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
-    """metrics.json of every run found in ``paths`` (run dirs, metrics files, or parents)."""
+def find_metrics_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """metrics.json files in ``paths``: metrics files, run dirs, or parents of run dirs."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_file() and p.name == "metrics.json":
@@ -289,8 +289,13 @@ def load_runs(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
             found.append(p / "metrics.json")
         elif p.is_dir():
             found.extend(sorted(p.glob("*/metrics.json")))
+    return found
+
+
+def load_runs(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    """metrics.json of every run found in ``paths`` (run dirs, metrics files, or parents)."""
     runs = []
-    for f in found:
+    for f in find_metrics_files(paths):
         m = json.loads(f.read_text())
         m.setdefault("run_dir", str(f.parent))
         runs.append(m)

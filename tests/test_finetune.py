@@ -76,7 +76,7 @@ def test_optimizer_rates_per_phase(synth_dataset):
     model = task.build_model()
     assert [task.phase(e) for e in range(4)] == ["frozen", "frozen", "finetune", "finetune"]
     frozen = task.make_optimizer(model, "frozen")
-    assert [g["lr"] for g in frozen.param_groups] == [1e-3] and len(frozen.param_groups[0]["params"]) == 2
+    assert [g["lr"] for g in frozen.param_groups] == [1e-2] and len(frozen.param_groups[0]["params"]) == 2
     ft = task.make_optimizer(model, "finetune")
     assert [g["lr"] for g in ft.param_groups] == [1e-4, 5e-5]
     # every fold starts from the pretrained weights, not from the previous fold's

@@ -13,6 +13,7 @@ are therefore a pure function of that triple, which is half of what makes resume
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..config import AudioConfig, stable_hash
 from ..segments import window_starts
 from .augment import AugmentConfig, augment_wave, draw_params, mixup, spec_augment
 
@@ -216,3 +218,48 @@ class Prefetch:
     def close(self):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Waveform augmentation material: on-the-fly waveforms or a pre-augmented pool
+
+
+def build_pool(cache: str | os.PathLike, paths: Sequence[str], sample_rate: int, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent: Callable[[np.ndarray], np.ndarray], represent_id: dict[str, Any], workers: int | None = None, progress=None):
+    """A small pool of pre-augmented variants per clip, ``represent(waveform)`` stacked
+    [pool_size, ...] (float16 log-mel for the scratch CNN, float32 waveform for fine-tuning),
+    cached like the clean clips and keyed by the waveform-augmentation settings and seed.
+    Returns (per clip a list of variant arrays or None, failures)."""
+    from .features import ClipCache, decode_for_training
+
+    def compute(path: str) -> np.ndarray:
+        y = decode_for_training(path, sample_rate, audio_cfg, min_s)
+        base = int(stable_hash(os.path.abspath(path), 8), 16)
+        return np.stack([represent(augment_wave(y, sample_rate, draw_params(aug, np.random.default_rng([seed, base, v])))) for v in range(aug.pool_size)])
+
+    ident = {"represent": represent_id, "sample_rate": sample_rate, "audio": asdict(audio_cfg), "min_s": min_s, "augment": aug.wave_identity(), "seed": seed}
+    arrays, failures = ClipCache(cache, "cnn-pool", ident, compute).build(paths, workers, progress)
+    return [None if a is None else [a[v] for v in range(len(a))] for a in arrays], failures
+
+
+def attach_augmentation(clips: Clips, tracks, folds, cache, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent, represent_id, workers=None, cache_progress=None) -> None:
+    """Give the sampler what waveform augmentation needs: the waveforms (online mode) or the
+    pre-augmented pool of every clip that is in some training part (pool mode)."""
+    from .features import raise_failures, wave_cache
+
+    paths = tracks["path"].tolist()
+    if not aug.waveform:
+        return
+    if aug.wave_mode == "online":
+        if clips.waves is None:
+            waves, failures = wave_cache(cache, clips.sr, audio_cfg, min_s).build(paths, workers, cache_progress("waveforms") if cache_progress else None)
+            raise_failures(failures, False)
+            clips.waves = waves
+        return
+    in_train = sorted({t for f in folds for t in f.train})
+    pos = {t: i for i, t in enumerate(tracks["track_id"])}
+    variants: list = [None] * len(tracks)
+    arrays, failures = build_pool(cache, [paths[pos[t]] for t in in_train], clips.sr, audio_cfg, min_s, aug, seed, represent, represent_id, workers, cache_progress("augmented pool") if cache_progress else None)
+    raise_failures(failures, False)
+    for t, a in zip(in_train, arrays):
+        variants[pos[t]] = a
+    clips.variants = variants

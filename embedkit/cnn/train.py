@@ -22,13 +22,11 @@ Run directory ``runs/<run-id>/``::
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,8 +36,9 @@ import pandas as pd
 from ..config import AudioConfig, stable_hash
 from ..errors import ConfigMismatchError, DatasetError, EmbedkitError
 from .augment import AugmentConfig
-from .data import Clips, CropConfig, Prefetch, eval_batches, n_batches, train_batches
+from .data import Clips, CropConfig, Prefetch, attach_augmentation, eval_batches, n_batches, train_batches
 from .features import FeatureConfig, Normalizer
+from .runs import choose_protocol, dataset_fingerprint, finish_run, open_run_dir, restores_torch_threads, set_threads
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -282,47 +281,7 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: identity, resume, folds, metrics (shared by train_cnn and finetune)
-
-
-def dataset_fingerprint(tracks: pd.DataFrame) -> str:
-    t = tracks.sort_values("track_id")
-    return stable_hash([[r.track_id, r.path, r.label, r.split, r.group] for r in t.itertuples()], 16)
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} -> {a!r}"]
-
-
-def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
-    """Create a new run directory, or reopen one to resume after checking its identity."""
-    from ..evaluate import new_run_id
-    from ..store import atomic_write_text
-
-    identity = json.loads(json.dumps(identity, default=str))  # tuples -> lists, as stored
-    if resume:
-        if run_dir is None:
-            raise EmbedkitError("--resume needs the run directory to continue")
-        run_dir = Path(run_dir)
-        meta = run_dir / "run.json"
-        if not meta.exists():
-            raise EmbedkitError(f"{run_dir}: not a resumable run (no run.json)")
-        old = json.loads(meta.read_text())["identity"]
-        diff = _diff(identity, old)
-        if diff:
-            raise ConfigMismatchError(f"{run_dir}: resume directory is from a different configuration ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
-        return run_dir
-    run_dir = Path(run_dir) if run_dir else Path(runs_dir) / new_run_id(kind, name)
-    if (run_dir / "run.json").exists():
-        raise EmbedkitError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "run.json", json.dumps({"kind": kind, "name": name, "identity": identity, "identity_hash": stable_hash(identity)}, indent=2))
-    return run_dir
+# Folds
 
 
 def check_folds(folds, tracks: pd.DataFrame, val_size: float) -> None:
@@ -390,52 +349,6 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
     return ev, curves, info, seconds
 
 
-def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
-    """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
-    from ..evaluate import write_metrics
-
-    shutil.copyfile(run_dir / "models" / f"{first_fold}.pt", run_dir / "model.pt.tmp")
-    os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
-    m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
-    write_metrics(run_dir, m)
-    return m
-
-
-def restores_torch_threads(fn):
-    """Decorator: the trainers set torch's thread count (all cores by default); put the
-    caller's setting back afterwards so library use has no lasting side effect."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import torch
-
-        before = torch.get_num_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return wrapper
-
-
-def set_threads(threads: int | None) -> int:
-    import torch
-
-    n = threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
-
-
-def choose_protocol(tracks: pd.DataFrame, cv: int | None, test_size: float) -> str:
-    """--cv K -> "cv"; a split column with train and test -> "split"; else an 80/20 holdout."""
-    if cv:
-        return "cv"
-    if "split" in tracks and tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any():
-        return "split"
-    return "holdout"
-
-
 # ---------------------------------------------------------------------------------------------
 # The scratch CNN
 
@@ -493,48 +406,6 @@ def run_name(base: str, aug: AugmentConfig) -> str:
     from .augment import ALL_AUGS
 
     return f"{base}+aug" if set(aug.enabled) == set(ALL_AUGS) else f"{base}+{'+'.join(aug.enabled)}"
-
-
-def build_pool(cache: str | os.PathLike, paths: Sequence[str], sample_rate: int, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent: Callable[[np.ndarray], np.ndarray], represent_id: dict[str, Any], workers: int | None = None, progress=None):
-    """A small pool of pre-augmented variants per clip, ``represent(waveform)`` stacked
-    [pool_size, ...] (float16 log-mel for the scratch CNN, float32 waveform for fine-tuning),
-    cached like the clean clips and keyed by the waveform-augmentation settings and seed.
-    Returns (per clip a list of variant arrays or None, failures)."""
-    from .augment import augment_wave, draw_params
-    from .features import ClipCache, decode_for_training
-
-    def compute(path: str) -> np.ndarray:
-        y = decode_for_training(path, sample_rate, audio_cfg, min_s)
-        base = int(stable_hash(os.path.abspath(path), 8), 16)
-        return np.stack([represent(augment_wave(y, sample_rate, draw_params(aug, np.random.default_rng([seed, base, v])))) for v in range(aug.pool_size)])
-
-    ident = {"represent": represent_id, "sample_rate": sample_rate, "audio": asdict(audio_cfg), "min_s": min_s, "augment": aug.wave_identity(), "seed": seed}
-    arrays, failures = ClipCache(cache, "cnn-pool", ident, compute).build(paths, workers, progress)
-    return [None if a is None else [a[v] for v in range(len(a))] for a in arrays], failures
-
-
-def attach_augmentation(clips: Clips, tracks: pd.DataFrame, folds, cache, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent, represent_id, workers=None, cache_progress=None) -> None:
-    """Give the sampler what waveform augmentation needs: the waveforms (online mode) or the
-    pre-augmented pool of every clip that is in some training part (pool mode)."""
-    from .features import raise_failures, wave_cache
-
-    paths = tracks["path"].tolist()
-    if not aug.waveform:
-        return
-    if aug.wave_mode == "online":
-        if clips.waves is None:
-            waves, failures = wave_cache(cache, clips.sr, audio_cfg, min_s).build(paths, workers, cache_progress("waveforms") if cache_progress else None)
-            raise_failures(failures, False)
-            clips.waves = waves
-        return
-    in_train = sorted({t for f in folds for t in f.train})
-    pos = {t: i for i, t in enumerate(tracks["track_id"])}
-    variants: list = [None] * len(tracks)
-    arrays, failures = build_pool(cache, [paths[pos[t]] for t in in_train], clips.sr, audio_cfg, min_s, aug, seed, represent, represent_id, workers, cache_progress("augmented pool") if cache_progress else None)
-    raise_failures(failures, False)
-    for t, a in zip(in_train, arrays):
-        variants[pos[t]] = a
-    clips.variants = variants
 
 
 @restores_torch_threads

@@ -36,18 +36,14 @@ class ReportError(EmbedkitError):
 
 def discover(paths: list[str | os.PathLike]) -> list[Path]:
     """metrics.json files under ``paths``, with the same rules as ``evaluate.load_runs``."""
-    found: list[Path] = []
+    from ..evaluate import find_metrics_files
+
     for p in map(Path, paths):
-        if p.is_file() and p.name == "metrics.json":
-            found.append(p)
-        elif (p / "metrics.json").exists():
-            found.append(p / "metrics.json")
-        elif p.is_dir():
-            found.extend(sorted(p.glob("*/metrics.json")))
-        elif not p.exists():
+        if not p.exists():
             raise ReportError(f"{p}: no such file or directory")
-        else:
+        if p.is_file() and p.name != "metrics.json":
             raise ReportError(f"{p}: not a run directory or metrics.json")
+    found = find_metrics_files(paths)
     seen, out = set(), []
     for f in found:
         key = f.resolve()

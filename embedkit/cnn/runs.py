@@ -1,0 +1,105 @@
+"""Run directories: identity, resume checks, completion, protocol choice, thread settings.
+
+Shared by ``train_cnn`` and ``finetune``. A run directory holds ``run.json`` (the run's identity:
+every config and a fingerprint of the dataset) from its start; ``--resume`` compares the
+requested identity with it and refuses any difference, naming the first differing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..config import stable_hash
+from ..errors import ConfigMismatchError, EmbedkitError
+
+
+def dataset_fingerprint(tracks: pd.DataFrame) -> str:
+    t = tracks.sort_values("track_id")
+    return stable_hash([[r.track_id, r.path, r.label, r.split, r.group] for r in t.itertuples()], 16)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} -> {a!r}"]
+
+
+def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
+    """Create a new run directory, or reopen one to resume after checking its identity."""
+    from ..evaluate import new_run_id
+    from ..store import atomic_write_text
+
+    identity = json.loads(json.dumps(identity, default=str))  # tuples -> lists, as stored
+    if resume:
+        if run_dir is None:
+            raise EmbedkitError("--resume needs the run directory to continue")
+        run_dir = Path(run_dir)
+        meta = run_dir / "run.json"
+        if not meta.exists():
+            raise EmbedkitError(f"{run_dir}: not a resumable run (no run.json)")
+        old = json.loads(meta.read_text())["identity"]
+        diff = _diff(identity, old)
+        if diff:
+            raise ConfigMismatchError(f"{run_dir}: resume directory is from a different configuration ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
+        return run_dir
+    run_dir = Path(run_dir) if run_dir else Path(runs_dir) / new_run_id(kind, name)
+    if (run_dir / "run.json").exists():
+        raise EmbedkitError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run.json", json.dumps({"kind": kind, "name": name, "identity": identity, "identity_hash": stable_hash(identity)}, indent=2))
+    return run_dir
+
+
+def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
+    """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
+    from ..evaluate import write_metrics
+
+    shutil.copyfile(run_dir / "models" / f"{first_fold}.pt", run_dir / "model.pt.tmp")
+    os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+    m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
+    write_metrics(run_dir, m)
+    return m
+
+
+def restores_torch_threads(fn):
+    """Decorator: the trainers set torch's thread count (all cores by default); put the
+    caller's setting back afterwards so library use has no lasting side effect."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def choose_protocol(tracks: pd.DataFrame, cv: int | None, test_size: float) -> str:
+    """--cv K -> "cv"; a split column with train and test -> "split"; else an 80/20 holdout."""
+    if cv:
+        return "cv"
+    if "split" in tracks and tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any():
+        return "split"
+    return "holdout"
