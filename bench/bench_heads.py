@@ -41,6 +41,8 @@ def make_data(n_tracks: int, dim: int, n_classes: int = 8, seed: int = 0, block:
     it never holds more than the matrix itself plus one block."""
     rng = np.random.default_rng(seed)
     r_cls, r_trk, r_seg = 12, 48, 96
+    if dim < r_cls + r_trk + r_seg:
+        raise ValueError(f"dim must be >= {r_cls + r_trk + r_seg}")
     basis = np.linalg.qr(rng.standard_normal((dim, r_cls + r_trk + r_seg)))[0].T.astype(np.float32)
     Bc, Bt, Bs = basis[:r_cls], basis[r_cls : r_cls + r_trk], basis[r_cls + r_trk :]
     means = 2.4 * rng.standard_normal((n_classes, r_cls)).astype(np.float32)
