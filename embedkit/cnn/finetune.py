@@ -34,7 +34,7 @@ from ..config import AudioConfig, stable_hash
 from ..errors import BackboneError, DatasetError, ModelLoadingError
 from .augment import AugmentConfig
 from .data import Clips
-from .runs import restores_torch_threads
+from .runs import inference_ms_per_track, restores_torch_threads
 from .train import Progress, Task, TrainConfig, TrainResult
 
 
@@ -347,12 +347,7 @@ def finetune(
     ev, curves, _, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
 
     model = load_finetuned(run_dir / "models" / f"{folds[0].name}.pt")
-    test_paths = list(tracks.set_index("track_id").loc[folds[0].test, "path"])[:3]
-    model.predict_proba_file(test_paths[0])  # warm-up: one-time allocations and plans are not per-track cost
-    t0 = time.perf_counter()
-    for p in test_paths:
-        model.predict_proba_file(p)
-    infer_ms = (time.perf_counter() - t0) / len(test_paths) * 1000
+    infer_ms = inference_ms_per_track(model, tracks, folds[0].test)
     n_segments = sum(len(window_starts(len(w), spec.sample_rate, train.segment_s, train.segment_s)) for w in waves)
     metrics = {
         "run_id": run_dir.name, "kind": "finetune", "name": name, "backbone": backbone, "head": "linear",

@@ -70,6 +70,20 @@ def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: s
     return m
 
 
+def inference_ms_per_track(model, tracks: pd.DataFrame, test_ids: list[str], n: int = 3) -> float:
+    """Wall time of ``model.predict_proba_file`` (decode -> segments -> forward -> vote) per
+    track, on up to ``n`` test tracks after one warm-up call (one-time allocations and plans
+    are not per-track cost)."""
+    import time
+
+    paths = list(tracks.set_index("track_id").loc[test_ids, "path"])[:n]
+    model.predict_proba_file(paths[0])
+    t0 = time.perf_counter()
+    for p in paths:
+        model.predict_proba_file(p)
+    return (time.perf_counter() - t0) / len(paths) * 1000
+
+
 def restores_torch_threads(fn):
     """Decorator: the trainers set torch's thread count (all cores by default); put the
     caller's setting back afterwards so library use has no lasting side effect."""

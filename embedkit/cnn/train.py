@@ -38,7 +38,7 @@ from ..errors import ConfigMismatchError, DatasetError, EmbedkitError
 from .augment import AugmentConfig
 from .data import Clips, CropConfig, Prefetch, attach_augmentation, eval_batches, n_batches, train_batches
 from .features import FeatureConfig, Normalizer
-from .runs import choose_protocol, dataset_fingerprint, finish_run, open_run_dir, restores_torch_threads, set_threads
+from .runs import choose_protocol, dataset_fingerprint, finish_run, inference_ms_per_track, open_run_dir, restores_torch_threads, set_threads
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -487,12 +487,7 @@ def train_cnn(
     from .model import load_model
 
     model = load_model(run_dir / "models" / f"{folds[0].name}.pt")
-    test_paths = [p for p in tracks.set_index("track_id").loc[folds[0].test, "path"]][:3]
-    model.predict_proba_file(test_paths[0])  # warm-up: one-time allocations and plans are not per-track cost
-    t0 = time.perf_counter()
-    for p in test_paths:
-        model.predict_proba_file(p)
-    infer_ms = (time.perf_counter() - t0) / len(test_paths) * 1000
+    infer_ms = inference_ms_per_track(model, tracks, folds[0].test)
     n_frames = features.n_frames(int(round(train.segment_s * features.sample_rate)))
     macs = count_macs(model.net, (1, features.n_mels, n_frames))
     n_segments = sum(len(segment_starts_for(c, features, train.segment_s)) for c in clean)
