@@ -301,11 +301,14 @@ def _training_progress(title: str):
     return prog, callback
 
 
-def _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p):
+def _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip=1, lr_schedule="constant", weight_decay=0.0):
     from .cnn.augment import AugmentConfig
     from .cnn.train import TrainConfig
 
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, val_size=val_size, crop=crop, crop_min_s=crop_min, crop_max_s=crop_max, segment_s=segment, normalize=normalize, seed=seed)
+    train = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, val_size=val_size, crop=crop, crop_min_s=crop_min, crop_max_s=crop_max, segment_s=segment, normalize=normalize, seed=seed,
+        crops_per_clip=crops_per_clip, lr_schedule=lr_schedule, weight_decay=weight_decay,
+    )  # fmt: skip
     train.validate()
     return train, AugmentConfig.parse(augment, wave_mode=wave_aug, pool_size=pool_size, mixup_alpha=mixup_alpha, p=aug_p)
 
@@ -336,11 +339,14 @@ def train_cnn_cmd(
     epochs: int = typer.Option(50, help="maximum epochs (early stopping on the validation loss)"),
     batch_size: int = typer.Option(16),
     lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    lr_schedule: str = typer.Option("constant", help="constant | cosine (decays to 0 over --epochs)"),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay"),
     patience: int = typer.Option(10, help="epochs without a better validation loss before stopping"),
     val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
-    crop: str = typer.Option("random", help="random: one 3-5 s crop per clip per epoch; fixed: the 6 x 5 s segments"),
+    crop: str = typer.Option("random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"),
     crop_min: float = typer.Option(3.0, help="shortest random crop, seconds"),
     crop_max: float = typer.Option(5.0, help="longest random crop, seconds"),
+    crops_per_clip: int = typer.Option(1, help="random crops of each clip per epoch"),
     segment: float = typer.Option(5.0, help="evaluation segment length, seconds"),
     normalize: str = typer.Option("standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"),
     augment: str = typer.Option("none", help=_AUG_HELP),
@@ -378,7 +384,7 @@ def train_cnn_cmd(
         _fail(f"--block-order must be conv-pool-bn-relu or conv-bn-relu-pool, got {block_order!r}")
     if clip < segment:
         _fail(f"--clip {clip:g} s is shorter than one {segment:g} s segment")
-    train, aug = _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p)
+    train, aug = _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip, lr_schedule, weight_decay)
     tracks = _load_tracks(data, audio_dir, subset)
     prog, cb = _training_progress("train-cnn")
     try:
@@ -409,9 +415,10 @@ def finetune_cmd(
     batch_size: int = typer.Option(16),
     patience: int = typer.Option(5, help="epochs without a better validation loss before stopping"),
     val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
-    crop: str = typer.Option("random", help="random: one 3-5 s crop per clip per epoch; fixed: the 6 x 5 s segments"),
+    crop: str = typer.Option("random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"),
     crop_min: float = typer.Option(3.0),
     crop_max: float = typer.Option(5.0),
+    crops_per_clip: int = typer.Option(1, help="random crops of each clip per epoch"),
     segment: float = typer.Option(5.0, help="evaluation segment length, seconds"),
     augment: str = typer.Option("none", help=_AUG_HELP.replace("specaugment,", "")),
     wave_aug: str = typer.Option("online", help="waveform augmentation: online | pool"),
@@ -436,7 +443,7 @@ def finetune_cmd(
 
     if clip < segment:
         _fail(f"--clip {clip:g} s is shorter than one {segment:g} s segment")
-    train, aug = _training_configs(epochs, batch_size, 1e-3, patience, val_size, crop, crop_min, crop_max, segment, "none", seed, augment, wave_aug, pool_size, mixup_alpha, aug_p)
+    train, aug = _training_configs(epochs, batch_size, 1e-3, patience, val_size, crop, crop_min, crop_max, segment, "none", seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip)
     ft = FinetuneConfig(backbone, frozen_epochs=frozen_epochs, unfreeze=unfreeze, head_lr=head_lr, backbone_lr=backbone_lr, finetune_head_lr=finetune_head_lr, head_dropout=head_dropout)
     ft.validate()
     tracks = _load_tracks(data, audio_dir, subset)

@@ -14,7 +14,9 @@ shards and batches, so they produce identical rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import time
 from collections import deque
@@ -33,7 +35,7 @@ from .backbones.base import Backbone
 from .config import PreprocessConfig
 from .errors import AudioError, EmbedkitError, StoreError
 from .segments import segment
-from .store import Store
+from .store import Store, atomic_write_text
 
 FAILURE_COLUMNS = ("track_id", "path", "label", "reason")
 
@@ -321,8 +323,26 @@ def extract(
             _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account)
         elif shards:
             _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
-    result.seconds = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - t0
+        record_timing(store.root, result.seconds, result.n_extracted)
     return result
+
+
+TIMING_FILE = "extract_timing.json"
+
+
+def record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, float]:
+    """Accumulate extraction wall time and tracks per store (``extract_timing.json``), so a
+    head fitted later, or a cached re-run, still knows what extraction cost per track."""
+    t = {"seconds": 0.0, "tracks": 0}
+    f = store_root / TIMING_FILE
+    if f.exists():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            t.update(json.loads(f.read_text()))
+    if n_tracks > 0:
+        t = {"seconds": float(t["seconds"]) + seconds, "tracks": int(t["tracks"]) + n_tracks}
+        atomic_write_text(f, json.dumps(t))
+    return t
 
 
 def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, outputs, account) -> None:

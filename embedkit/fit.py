@@ -121,9 +121,11 @@ def choose_protocol(tracks: pd.DataFrame, protocol: str, cv: int | None) -> str:
 
 def extraction_cost(st) -> dict[str, float] | None:
     """Cumulative extraction wall time / tracks of a store, when recorded (store.json
-    "extraction" or the pipeline's extract_timing.json), as {"seconds", "tracks", "ms_per_track"}."""
+    "extraction" or the extract_timing.json that ``extract`` accumulates), as {"seconds", "tracks", "ms_per_track"}."""
     rec = st.meta().get("extraction")
-    f = st.root / "extract_timing.json"
+    from .extract import TIMING_FILE
+
+    f = st.root / TIMING_FILE
     if not rec and f.exists():
         with contextlib.suppress(OSError, json.JSONDecodeError):
             rec = json.loads(f.read_text())

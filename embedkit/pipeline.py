@@ -32,7 +32,6 @@ DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
 QUICK_BACKBONES = ("tiny-test", "melstats")
 HEADS = ("lr", "lgbm", "mlp")
 #: file the pipeline keeps in each embedding store: cumulative extraction wall time / tracks
-TIMING_FILE = "extract_timing.json"
 
 Log = Callable[[str], None]
 
@@ -189,31 +188,16 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
 # Stages
 
 
-def _record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, float]:
-    """Accumulate extraction wall time per store so a cached re-run still knows the cost."""
-    from .store import atomic_write_text
-
-    f = store_root / TIMING_FILE
-    t = {"seconds": 0.0, "tracks": 0}
-    if f.exists():
-        try:
-            t.update(json.loads(f.read_text()))
-        except (json.JSONDecodeError, OSError):
-            pass
-    if n_tracks > 0:
-        t = {"seconds": float(t["seconds"]) + seconds, "tracks": int(t["tracks"]) + n_tracks}
-        atomic_write_text(f, json.dumps(t))
-    return t
-
-
 def extract_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Path, workers: int | None, log: Log) -> dict[str, Any]:
     from .extract import extract
 
     t0 = time.perf_counter()
     res = extract(tracks, backbone, cache=cache, prep=plan.prep, workers=workers)
     wall = time.perf_counter() - t0
-    timing = _record_timing(res.store.root, res.seconds, res.n_extracted)
-    ms = 1000 * timing["seconds"] / timing["tracks"] if timing["tracks"] else None
+    from .fit import extraction_cost
+
+    cost = extraction_cost(res.store)  # extract() accumulates it in the store
+    ms = cost["ms_per_track"] if cost else None
     log(f"extract {backbone}: {res.n_extracted} tracks extracted, {res.n_skipped} cached, {res.n_failed} failed ({wall:.1f} s)")
     for f in res.failures[:5]:
         log(f"  skipped {f['path']}: {f['reason']}")

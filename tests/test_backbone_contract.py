@@ -106,3 +106,36 @@ def test_contract(name, loaded):
             labels = bb.output_labels(name_)
             assert out[name_].dtype == np.float32 and out[name_].shape == (len(frames), len(labels))
             assert np.isfinite(out[name_]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_torch_backbone_fine_tunes(name, loaded):
+    """Fine-tuning works on any registered PyTorch backbone: the frozen phase trains only the
+    new layer; unfreezing the top block makes one step move exactly that block and the layer."""
+    import copy
+
+    import torch
+
+    from embedkit.cnn.finetune import FinetuneConfig, apply_phase, backbone_blocks, build_finetune_net, trainable_names, used_parameters
+
+    bb = loaded(name)
+    module = bb.torch_module()
+    if module is None:
+        pytest.skip(f"{name} is not a PyTorch backbone")
+    sr, seconds = bb.spec.sample_rate, min(bb.spec.segment_s, 1.0)
+    used = used_parameters(module, sr, seconds)
+    assert used, "no parameter reaches the embedding"
+    net = build_finetune_net(copy.deepcopy(module), bb.spec.embedding_dim, 3, 0.0)
+    apply_phase(net, FinetuneConfig(name), "frozen", used)
+    assert trainable_names(net) == {"head.1.weight", "head.1.bias"}
+    top, _, top_params = backbone_blocks(net.backbone, {f"{n}" for n in used})[-1]
+    apply_phase(net, FinetuneConfig(name, unfreeze="top:1"), "finetune", used)
+    moving = {n for n, p in net.backbone.named_parameters() if p.requires_grad}
+    assert moving and moving <= used and {id(p) for p in top_params} == {id(p) for _, p in net.backbone.named_parameters() if _ in moving}
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3)
+    y = 0.1 * torch.randn(4, int(round(seconds * sr)), generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(net(y), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"backbone.{n}" for n in moving} | {"head.1.weight", "head.1.bias"}

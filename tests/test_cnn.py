@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from embedkit.cnn import augment as A
-from embedkit.cnn.data import Clips, CropConfig, segment_starts, train_batches
+from embedkit.cnn.data import Clips, CropConfig, n_batches, segment_starts, train_batches
 from embedkit.cnn.features import ClipCache, FeatureConfig, Normalizer, logmel, logmel_cache, raise_failures
 from embedkit.cnn.model import CNNConfig, build_cnn, count_macs, load_model, save_model
 from embedkit.config import AudioConfig
@@ -198,6 +198,9 @@ def test_train_batches_crop_lengths_and_determinism():
     for (xa, ta), (xb, tb) in zip(a, b):
         assert 1 + 3 * SR // 512 <= xa.shape[-1] <= 1 + 5 * SR // 512
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    three = list(train_batches(clips, range(6), CropConfig(batch_size=4, crops_per_clip=3), A.AugmentConfig(), np.random.default_rng(3)))
+    assert [len(x) for x, _ in three] == [4, 4, 4, 4, 2] and n_batches(clips, range(6), CropConfig(batch_size=4, crops_per_clip=3)) == 5
+    assert sum(t.sum(0) for _, t in three).tolist() == [9, 9]  # every clip three times
     fixed = list(train_batches(clips, range(6), CropConfig(batch_size=4, crop="fixed"), A.AugmentConfig(), np.random.default_rng(0)))
     assert all(x.shape[-1] == 431 for x, _ in fixed) and sum(len(x) for x, _ in fixed) == 6  # one 5 s segment per 600-frame clip
 
@@ -242,9 +245,9 @@ def _train(tracks, tmp_path, **kw):
     from embedkit.cnn.train import TrainConfig, train_cnn
 
     opts = dict(
-        cv=None, train=TrainConfig(epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5), channels=(4, 8),
+        cv=None, train=TrainConfig(epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"), channels=(4, 8),
         audio_cfg=AudioConfig(clip_s=12.0), augment=A.AugmentConfig.parse("noise,gain,shift,specaugment,mixup", wave_mode="online", p=0.7),
-        runs_dir=tmp_path / "runs", cache=tmp_path.parent / "shared-cache", threads=1, workers=2,
+        runs_dir=tmp_path / "runs", cache=tmp_path.parent / "shared-cache", threads=2, workers=2,
     )  # fmt: skip
     opts.update(kw)
     return train_cnn(tracks, **opts)
@@ -272,8 +275,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_pa
     b = torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     curves_a, curves_b = full.metrics["learning_curves"]["holdout"], resumed.metrics["learning_curves"]["holdout"]
-    key = ("epoch", "train_loss", "val_loss", "train_acc", "val_acc")
+    key = ("epoch", "lr", "train_loss", "val_loss", "train_acc", "val_acc")
     assert [[r[k] for k in key] for r in curves_a] == [[r[k] for k in key] for r in curves_b] and len(curves_a) == 3
+    np.testing.assert_allclose([r["lr"] for r in curves_a], [1e-3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)])  # cosine, restored on resume
     # the stored normalisation comes from the fold's training clips only (not val / test)
     from embedkit.evaluate import make_folds
 

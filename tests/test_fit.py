@@ -108,6 +108,8 @@ def test_cli_fit_writes_a_complete_run(tiny_cache, synth_dataset, tmp_path):
     assert m["model_bytes"] == (run / "head.skops").stat().st_size
     assert m["n_params"] == 4 * 32 + 4 + 2 * 32
     assert m["train_seconds"] > 0 and m["inference_ms_per_track"] > 0
+    timing = json.loads((Path(m["store"]) / "extract_timing.json").read_text())  # written by extract()
+    assert timing["tracks"] == 20 and m["extract_ms_per_track"] == pytest.approx(1000 * timing["seconds"] / 20)
     assert m["config"]["head"]["C"] == 1.0 and m["config"]["pca"] is None
     assert np.array(m["confusion"]).sum() == 4  # 20 % of 20 tracks, stratified
     assert set(m["per_class"]["drone"]) == {"precision", "recall", "f1", "support"}

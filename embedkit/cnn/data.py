@@ -75,10 +75,11 @@ class Clips:
 @dataclass
 class CropConfig:
     batch_size: int = 16
-    crop: str = "random"  # "random": one crop per clip per epoch; "fixed": every fixed segment
+    crop: str = "random"  # "random": crops_per_clip crops per clip per epoch; "fixed": every fixed segment
     crop_min_s: float = 3.0
     crop_max_s: float = 5.0
     segment_s: float = 5.0
+    crops_per_clip: int = 1
 
 
 def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
@@ -94,7 +95,7 @@ def n_batches(clips: Clips, idx: Sequence[int], crop: CropConfig) -> int:
     if crop.crop == "fixed":
         n = sum(len(segment_starts(clips.clean[i].shape[-1], clips.hop, clips.sr, crop.segment_s)[0]) for i in idx)
     else:
-        n = len(idx)
+        n = len(idx) * crop.crops_per_clip
     return len(_chunks(np.arange(n), crop.batch_size))
 
 
@@ -106,7 +107,7 @@ def train_batches(clips: Clips, idx: Sequence[int], crop: CropConfig, aug: Augme
     if crop.crop == "fixed":
         items = [(int(i), int(s)) for i in idx for s in segment_starts(clips.clean[i].shape[-1], clips.hop, clips.sr, crop.segment_s)[0]]
     else:
-        items = [(int(i), -1) for i in idx]
+        items = [(int(i), -1) for i in idx] * crop.crops_per_clip  # each draws its own crop
     online = aug.waveform and aug.wave_mode == "online"
     pool = aug.waveform and aug.wave_mode == "pool" and clips.variants is not None
     eye = torch.eye(clips.n_classes)

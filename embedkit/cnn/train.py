@@ -23,6 +23,7 @@ Run directory ``runs/<run-id>/``::
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -50,12 +51,14 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": each group's rate x (1 + cos(pi * epoch / epochs)) / 2
     weight_decay: float = 0.0
     patience: int = 10  # epochs without a better validation loss before stopping
     val_size: float = 0.15  # fraction of each training part held out for early stopping
     crop: str = "random"  # "random" 3-5 s crop per clip per epoch, or "fixed" 6 x 5 s segments
     crop_min_s: float = 3.0
     crop_max_s: float = 5.0
+    crops_per_clip: int = 1  # random crops of each clip per epoch (more steps per validation)
     segment_s: float = 5.0  # evaluation segments (and the fixed training segments)
     normalize: str = "standard"
     seed: int = 0
@@ -69,6 +72,8 @@ class TrainConfig:
             (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
             (self.crop in ("random", "fixed"), f"--crop must be random or fixed, got {self.crop!r}"),
             (0 < self.crop_min_s <= self.crop_max_s, "crop lengths need 0 < min <= max"),
+            (self.crops_per_clip >= 1, "--crops-per-clip must be >= 1"),
+            (self.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}"),
             (self.segment_s > 0, "--segment must be positive"),
             (self.normalize in ("standard", "minmax", "none"), f"unknown normalisation {self.normalize!r}; use standard, minmax or none"),
         ]
@@ -81,8 +86,15 @@ class TrainConfig:
         """Shortest usable clip: it must hold the longest crop and one evaluation segment."""
         return max(self.segment_s, self.crop_max_s if self.crop == "random" else self.segment_s)
 
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of every parameter group's base rate in 0-based ``epoch``. A pure function
+        of the epoch, so a resumed run needs no scheduler state."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        return 1.0
+
     def crop_config(self) -> CropConfig:
-        return CropConfig(self.batch_size, self.crop, self.crop_min_s, self.crop_max_s, self.segment_s)
+        return CropConfig(self.batch_size, self.crop, self.crop_min_s, self.crop_max_s, self.segment_s, self.crops_per_clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +145,10 @@ def soft_cross_entropy(logits, targets):
 
 def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """One pass over ``batches`` of (x, soft targets). Returns mean loss, accuracy (against the
-    dominant target) and the seconds spent in forward/backward/step."""
+    dominant target) and the seconds spent in forward/backward/step (in all, and per step)."""
     import torch
 
-    total, correct, n, compute = 0.0, 0, 0, 0.0
+    total, correct, n, step_s = 0.0, 0, 0, []
     for step, (x, t) in enumerate(batches):
         t0 = time.perf_counter()
         logits = model(x)
@@ -144,7 +156,7 @@ def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        compute += time.perf_counter() - t0
+        step_s.append(time.perf_counter() - t0)
         total += float(loss.detach()) * len(x)
         correct += int((logits.argmax(1) == t.argmax(1)).sum())
         n += len(x)
@@ -152,7 +164,7 @@ def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | Non
             on_step(step + 1, total / n)
     if n == 0:
         raise DatasetError("no training batches (empty training part)")
-    return {"loss": total / n, "acc": correct / n, "compute_s": compute}
+    return {"loss": total / n, "acc": correct / n, "compute_s": sum(step_s), "step_s": step_s}
 
 
 def predict(model, clips: Clips, idx: Sequence[int], segment_s: float, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
@@ -245,6 +257,9 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
         if phase != opt_phase:  # a new phase (e.g. unfreezing) starts with a fresh optimizer
             opt, opt_phase = task.make_optimizer(model, phase), phase
         task.set_mode(model, phase)
+        for g in opt.param_groups:
+            g.setdefault("base_lr", g["lr"])  # kept in the optimizer's state_dict, so resume sees it
+            g["lr"] = g["base_lr"] * cfg.lr_factor(epoch)
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, fold_index, epoch])
         batches = Prefetch(train_batches(task.clips, train_idx, crop, task.aug, rng))
@@ -254,7 +269,7 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
                 progress({"event": "step", "fold": fold, "fold_index": fold_index, "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": steps, "loss": loss})
 
         tr = train_epoch(model, opt, batches, on_step)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"]}
+        rec: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "lr": opt.param_groups[0]["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"]}
         if len(val_idx):
             proba, owners, vloss = predict(model, task.clips, val_idx, cfg.segment_s)
             rec.update(val_loss=vloss, val_acc=track_accuracy(proba, owners, task.clips.labels), val_segment_acc=float((proba.argmax(1) == task.clips.labels[owners]).mean()))
