@@ -37,7 +37,7 @@ def handle_errors(fn):
         except EmbedkitError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail("interrupted; finished work is kept and the next run resumes", 130)
+            _fail("interrupted; finished work is kept (extraction and `embedkit run` resume by themselves; train-cnn / finetune with --resume RUN_DIR)", 130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
@@ -277,6 +277,10 @@ def _training_progress(title: str):
         nonlocal cache_task, task
         prog.start()  # on the first event, so an early error prints no empty bar (idempotent)
         kind = e["event"]
+        if kind == "run_dir":
+            verb = "resuming" if e["resumed"] else "run directory"
+            prog.console.print(f"{verb} {e['path']} (if interrupted, continue with --resume {e['path']})", highlight=False, soft_wrap=True)
+            return
         if kind == "cache":
             if cache_task is None:
                 cache_task = prog.add_task(f"caching {e['what']}", total=e["total"], info="")
@@ -380,10 +384,10 @@ def train_cnn_cmd(
         _fail(f"--channels must be comma-separated integers, got {channels!r}")
     if not chans or min(chans) < 1:
         _fail("--channels needs at least one positive filter count")
+    if not 0 <= dropout < 1:
+        _fail(f"--dropout must be in [0, 1), got {dropout:g}")
     if block_order not in ("conv-pool-bn-relu", "conv-bn-relu-pool"):
         _fail(f"--block-order must be conv-pool-bn-relu or conv-bn-relu-pool, got {block_order!r}")
-    if clip < segment:
-        _fail(f"--clip {clip:g} s is shorter than one {segment:g} s segment")
     train, aug = _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip, lr_schedule, weight_decay)
     tracks = _load_tracks(data, audio_dir, subset)
     prog, cb = _training_progress("train-cnn")
@@ -441,8 +445,6 @@ def finetune_cmd(
     from .cnn.finetune import FinetuneConfig, finetune
     from .config import AudioConfig
 
-    if clip < segment:
-        _fail(f"--clip {clip:g} s is shorter than one {segment:g} s segment")
     train, aug = _training_configs(epochs, batch_size, 1e-3, patience, val_size, crop, crop_min, crop_max, segment, "none", seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip)
     ft = FinetuneConfig(backbone, frozen_epochs=frozen_epochs, unfreeze=unfreeze, head_lr=head_lr, backbone_lr=backbone_lr, finetune_head_lr=finetune_head_lr, head_dropout=head_dropout)
     ft.validate()

@@ -329,7 +329,63 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
     model = load_model(f"{run['run_dir']}/model.pt")
     seg, mean = model.predict_proba_file(next(synth_dataset.glob("*/*.wav")))
     assert seg.shape == (2, 4) and abs(mean.sum() - 1) < 1e-5  # 12 s clip: two 5 s segments
+    assert f"--resume {run['run_dir']}" in " ".join(res.output.split())  # said before training starts
+    assert run["inference_note"] == "from the audio file: decode, log-mel, 2 x 5 s segments, forward, vote"
     bad = runner.invoke(app, ["train-cnn", str(synth_dataset), "--augment", "reverb", "--runs", str(tmp_path / "runs")])
     assert bad.exit_code == 1 and "unknown augmentation 'reverb'" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["train-cnn", str(synth_dataset), "--resume", str(tmp_path / "nowhere")])
     assert bad.exit_code == 1 and "not a resumable run" in bad.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--cv", "1"], "--cv must be >= 2"),
+        (["--mixup-alpha", "0", "--augment", "mixup"], "--mixup-alpha must be > 0"),
+        (["--lr-schedule", "step"], "--lr-schedule must be constant or cosine"),
+        (["--crops-per-clip", "0"], "--crops-per-clip must be >= 1"),
+        (["--clip", "4", "--segment", "3"], "--clip 4 s is shorter than the 5 s"),  # the 5 s crop does not fit
+    ],
+)
+def test_cli_bad_options_fail_fast_with_one_line(args, message, synth_dataset, tmp_path):
+    from embedkit.cli import app
+
+    res = CliRunner().invoke(app, ["train-cnn", str(synth_dataset), "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), *args])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output and "internal error" not in res.output, res.output
+    assert not (tmp_path / "cache" / "cnn-logmel").exists()  # refused before any decoding
+
+
+def test_pool_augmentation_missing_file_and_changed_bad_files_on_resume(synth_tracks, tmp_path):
+    """Pool-mode waveform augmentation (the default mode) trains; a manifest row whose file is
+    gone is skipped with --skip-bad and named otherwise; a resume whose set of bad files changed
+    is refused instead of mapping predictions onto the wrong tracks."""
+    tracks = synth_tracks.copy()
+    tracks.loc[0, "path"] = str(tmp_path / "gone.wav")
+    with pytest.raises(EmbedkitError, match=r"gone.wav: cannot read file"):
+        _train(tracks, tmp_path, augment=A.AugmentConfig.parse("noise,gain"), train=_one_epoch())
+    aug = A.AugmentConfig.parse("noise,gain", pool_size=2)
+    res = _train(tracks, tmp_path, augment=aug, train=_one_epoch(), skip_bad=True, run_dir=tmp_path / "pool")
+    assert [s["path"] for s in res.metrics["skipped"]] == [str(tmp_path / "gone.wav")] and res.metrics["dataset"]["n_tracks"] == len(tracks) - 1
+    (pool_dir,) = (tmp_path.parent / "shared-cache" / "cnn-pool").iterdir()
+    variants = [np.load(f) for f in pool_dir.glob("*.npy")]  # one per training clip (not val / test)
+    assert len(variants) >= 10 and all(v.shape[0] == 2 and v.shape[1] == 128 for v in variants)
+    assert not np.array_equal(variants[0][0], variants[0][1])  # two different augmented variants
+
+    def stop(e):
+        if e["event"] == "epoch":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tracks, tmp_path, train=_one_epoch(epochs=2), skip_bad=True, run_dir=tmp_path / "cut", progress=stop)
+    tracks.loc[1, "path"] = str(tmp_path / "also-gone.wav")
+    with pytest.raises(ConfigMismatchError, match="different configuration"):
+        _train(tracks, tmp_path, train=_one_epoch(epochs=2), skip_bad=True, run_dir=tmp_path / "cut", resume=True)
+
+
+def _one_epoch(epochs=1):
+    from embedkit.cnn.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=4, patience=5)

@@ -56,6 +56,8 @@ class AugmentConfig:
             raise DatasetError("augmentation probability must be in [0, 1]")
         if self.pool_size < 1:
             raise DatasetError("pool size must be >= 1")
+        if self.mixup_alpha <= 0:
+            raise DatasetError(f"--mixup-alpha must be > 0, got {self.mixup_alpha:g}")
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "AugmentConfig":

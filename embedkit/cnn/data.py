@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -118,7 +118,7 @@ def train_batches(clips: Clips, idx: Sequence[int], crop: CropConfig, aug: Augme
         xs, ys = [], []
         for j in chunk:
             i, start = items[j]
-            params = draw_params(aug, rng) if aug.waveform else None
+            params = draw_params(aug, rng) if online else None
             if online:
                 wave = clips.waves[i]
                 src = min(len(wave), int(math.ceil(length * params.source_factor())))

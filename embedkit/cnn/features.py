@@ -10,7 +10,7 @@ build resumes and never leaves a torn file)::
 
     <cache>/cnn-logmel/<config hash>/<clip key>.npy        float16 [n_mels, T]
     <cache>/cnn-wave/<config hash>/<clip key>.npy          float32 [N]      (online aug, finetune)
-    <cache>/cnn-pool/<config hash>/<clip key>.v<k>.npy     augmented variants (see augment.py)
+    <cache>/cnn-pool/<config hash>/<clip key>.npy          [pool_size, ...] pre-augmented variants (data.build_pool)
 
 The clip key hashes the path, size and modification time, so an edited file is re-read and
 caches are shared between datasets that contain the same files.
@@ -94,16 +94,10 @@ def clip_key(path: str | os.PathLike) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}-{id(arr)}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 class ClipCache:
     """One memory-mapped array per clip, computed once by ``compute(path) -> ndarray``.
 
-    ``kind`` names the folder (cnn-logmel, cnn-wave); ``identity`` (the config that determines
+    ``kind`` names the folder (cnn-logmel, cnn-wave, cnn-pool); ``identity`` (the config that determines
     the arrays) is hashed into the folder name so different configurations never mix.
     """
 
@@ -122,22 +116,29 @@ class ClipCache:
         """
         import json
 
-        from ..store import atomic_write_text
+        from ..store import atomic_write, atomic_write_text
 
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "cache.json"
         if not meta.exists():
             atomic_write_text(meta, json.dumps(self.identity, indent=2, default=str))
-        targets = [self.path_for(p) for p in paths]
-        todo = [i for i, t in enumerate(targets) if not t.exists()]
         failures: dict[int, str] = {}
+        targets: list[Path | None] = []
+        for i, p in enumerate(paths):
+            try:
+                targets.append(self.path_for(p))
+            except OSError as exc:  # missing or unreadable: a bad file like any other
+                failures[i] = f"cannot read file: {exc.strerror or exc}"
+                targets.append(None)
+        todo = [i for i, t in enumerate(targets) if t is not None and not t.exists()]
         done = len(paths) - len(todo)
         if progress:
             progress(done, len(paths))
 
         def work(i: int):
             try:
-                _save_atomic(targets[i], self.compute(paths[i]))
+                arr = self.compute(paths[i])
+                atomic_write(targets[i], lambda fh: np.save(fh, arr))
                 return i, None
             except AudioError as exc:
                 return i, exc.problem

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import AudioConfig, stable_hash
+from ..config import AudioConfig
 from ..errors import BackboneError, DatasetError, ModelLoadingError
 from .augment import AugmentConfig
 from .data import Clips
-from .runs import inference_ms_per_track, restores_torch_threads
+from .runs import inference_ms_per_track, plain, restores_torch_threads
 from .train import Progress, Task, TrainConfig, TrainResult
 
 
@@ -61,6 +61,8 @@ class FinetuneConfig:
                 raise DatasetError(f"--unfreeze must be 'all' or 'top:N' (N >= 1), got {self.unfreeze!r}")
         if min(self.head_lr, self.backbone_lr, self.finetune_head_lr) <= 0:
             raise DatasetError("learning rates must be positive")
+        if not 0 <= self.head_dropout < 1:
+            raise DatasetError(f"--head-dropout must be in [0, 1), got {self.head_dropout:g}")
 
 
 def build_finetune_net(backbone_module, embedding_dim: int, n_classes: int, dropout: float):
@@ -104,7 +106,7 @@ def backbone_blocks(module, used: set[str] | None = None) -> list[tuple[str, Any
     """(name, module, used parameters) of the blocks "top:N" counts from the end: the
     backbone's child modules that hold used parameters, in definition order, descending while
     there is exactly one such child (a wrapper around a Sequential, say)."""
-    prefix, root = "", module
+    prefix = ""
     while True:
         kids = []
         for n, m in module.named_children():
@@ -152,8 +154,6 @@ def trainable_names(model) -> set[str]:
 
 
 class FinetuneTask(Task):
-    kind = "finetune"
-
     def __init__(self, clips: Clips, module, spec, weights_id: str, ft: FinetuneConfig, cfg: TrainConfig, aug: AugmentConfig, audio_cfg: AudioConfig, labels: list[str]):
         self.clips, self.ft, self.cfg, self.aug, self.audio_cfg, self.labels = clips, ft, cfg, aug, audio_cfg, labels
         self.spec, self.weights_id = spec, weights_id
@@ -185,23 +185,17 @@ class FinetuneTask(Task):
             "kind": "finetune",
             "backbone": self.spec.name,
             "weights_id": self.weights_id,
-            "spec": _plain(self.spec.to_dict()),
+            "spec": plain(self.spec.to_dict()),
             "finetune": asdict(self.ft),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "labels": list(self.labels),
             "audio": asdict(self.audio_cfg),
             "segment_s": self.cfg.segment_s,
             "train_config": asdict(self.cfg),
-            "augment": _plain(self.aug.to_dict()),
+            "augment": plain(self.aug.to_dict()),
             "fold": fold,
             "versions": {k: str(v) for k, v in versions().items()},
         }
-
-
-def _plain(d):
-    import json
-
-    return json.loads(json.dumps(d, default=str))
 
 
 @dataclass
@@ -231,8 +225,10 @@ class FinetunedModel:
 
 
 def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
-    """Rebuild from the file: the registered backbone's architecture + the stored weights
-    (all of them, backbone included; the pretrained checkpoint itself is not needed)."""
+    """Rebuild from the file: the registered backbone's architecture + the stored weights (all
+    of them, backbone included). The architecture is built by loading the registered backbone,
+    so its pretrained weights must be loadable here too (for PANNs / AST: the checkpoint or
+    model directory), although every weight is then replaced by the file's."""
     from ..backbones import load_backbone
     from ..config import from_dict
     from .model import read_model_file
@@ -244,6 +240,7 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     module = bb.torch_module()
     if module is None:
         raise ModelLoadingError(f"{path}: backbone {d['backbone']!r} no longer provides a torch module")
+    # a copy: load_state_dict below must not write into tensors a backbone loader may share
     net = build_finetune_net(copy.deepcopy(module), int(d["spec"]["embedding_dim"]), len(d["labels"]), float(d["finetune"]["head_dropout"]))
     try:
         net.load_state_dict(d["state_dict"])
@@ -289,10 +286,10 @@ def finetune(
     "finetune"). SpecAugment is refused: the backbone's own front end makes its spectrogram."""
     from ..evaluate import dataset_summary, make_folds, protocol_dict
     from ..segments import window_starts
-    from .features import raise_failures, wave_cache
+    from .features import wave_cache
     from .model import n_params
     from .data import attach_augmentation
-    from .runs import choose_protocol, dataset_fingerprint, finish_run, open_run_dir, set_threads
+    from .runs import cache_progress, checkpoint_identity, choose_protocol, dataset_fingerprint, drop_failed, finish_run, inference_note, open_run_dir, set_threads
     from .train import check_folds, run_folds, run_name
 
     ft = ft or FinetuneConfig(backbone)
@@ -300,6 +297,7 @@ def finetune(
         ft = FinetuneConfig(backbone, **{k: v for k, v in asdict(ft).items() if k != "backbone"})
     ft.validate()
     train.validate()
+    train.check_clip_length(audio_cfg.clip_s)
     if augment.on("specaugment"):
         raise DatasetError("specaugment needs a spectrogram input; fine-tuning feeds waveforms to the backbone's own front end (use the waveform augmentations and mixup)")
     n_threads = set_threads(threads)
@@ -314,23 +312,15 @@ def finetune(
         "train": asdict(train), "finetune": asdict(ft), "backbone_weights": bb.weights_id, "audio": asdict(audio_cfg),
         "augment": augment.to_dict(), "skip_bad": skip_bad,
     }  # fmt: skip
-    run_dir = open_run_dir(runs_dir, run_dir, resume, "finetune", name, identity)
-    ident_hash = stable_hash(_plain(identity))
-
-    def cache_progress(what):
-        return (lambda d, n: progress({"event": "cache", "what": what, "done": d, "total": n})) if progress else None
-
+    run_dir = open_run_dir(runs_dir, run_dir, resume, "finetune", name, identity, progress)
+    progress_for = cache_progress(progress)
     t_cache = time.perf_counter()
     min_s = train.min_clip_s
-    waves, failures = wave_cache(cache, spec.sample_rate, audio_cfg, min_s).build(tracks["path"].tolist(), workers, cache_progress("waveforms"))
-    raise_failures(failures, skip_bad)
-    skipped = [{"path": p, "reason": r} for p, r in failures]
-    keep = np.array([a is not None for a in waves])
-    if not keep.all():
-        tracks = tracks[keep].reset_index(drop=True)
-        waves = [a for a in waves if a is not None]
+    waves, failures = wave_cache(cache, spec.sample_rate, audio_cfg, min_s).build(tracks["path"].tolist(), workers, progress_for("waveforms"))
+    tracks, waves, skipped = drop_failed(tracks, waves, failures, skip_bad)
+    ident_hash = checkpoint_identity(identity, tracks)
     folds = make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)
-    check_folds(folds, tracks, train.val_size)
+    check_folds(folds, train.val_size)
     label_idx = {l: i for i, l in enumerate(labels)}
     clips = Clips(
         clean=waves, labels=np.array([label_idx[l] for l in tracks["label"]]), n_classes=len(labels), hop=1, sr=spec.sample_rate,
@@ -339,12 +329,12 @@ def finetune(
     attach_augmentation(
         clips, tracks, folds, cache, audio_cfg, min_s, augment, train.seed,
         represent=lambda y: y.astype(np.float32), represent_id={"waveform": True, "sample_rate": spec.sample_rate},
-        workers=workers, cache_progress=cache_progress,
+        workers=workers, cache_progress=progress_for,
     )  # fmt: skip
     cache_seconds = time.perf_counter() - t_cache
 
     task = FinetuneTask(clips, module, spec, bb.weights_id, ft, train, augment, audio_cfg, labels)
-    ev, curves, _, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
+    ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
 
     model = load_finetuned(run_dir / "models" / f"{folds[0].name}.pt")
     infer_ms = inference_ms_per_track(model, tracks, folds[0].test)
@@ -354,9 +344,9 @@ def finetune(
         "protocol": {**protocol_dict(protocol, cv or 5, train.seed, test_size, tracks), "val_size": train.val_size},
         "dataset": dataset_summary(tracks, n_segments),
         "train_seconds": train_seconds, "cache_seconds": cache_seconds, "inference_ms_per_track": infer_ms,
-        "inference_note": "from the audio file: decode, resample, 6 x 5 s segments, forward, vote",
+        "inference_note": inference_note("decode, resample", audio_cfg.clip_s, train.segment_s),
         "n_params": n_params(model.net), "threads": n_threads,
-        "spec": _plain(spec.to_dict()), "weights_id": bb.weights_id,
+        "spec": plain(spec.to_dict()), "weights_id": bb.weights_id,
         "preprocess": {"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},
         "config": {"train": asdict(train), "finetune": asdict(ft), "augment": augment.to_dict()},
         "skipped": skipped,

@@ -136,11 +136,9 @@ def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> int:
     (no pickle code execution) reads it back."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    from ..store import atomic_write
+
+    path = atomic_write(path, lambda fh: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, fh))
     return path.stat().st_size
 
 

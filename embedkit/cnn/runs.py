@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,20 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} -> {a!r}"]
 
 
-def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
-    """Create a new run directory, or reopen one to resume after checking its identity."""
+def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any], progress=None) -> Path:
+    """Create a new run directory, or reopen one to resume after checking its identity; tell
+    ``progress`` where it is (so an interrupted run can be resumed)."""
+    run_dir = _open_run_dir(runs_dir, run_dir, resume, kind, name, identity)
+    if progress:
+        progress({"event": "run_dir", "path": str(run_dir), "resumed": resume})
+    return run_dir
+
+
+def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
     from ..evaluate import new_run_id
     from ..store import atomic_write_text
 
-    identity = json.loads(json.dumps(identity, default=str))  # tuples -> lists, as stored
+    identity = plain(identity)  # tuples -> lists, as stored
     if resume:
         if run_dir is None:
             raise EmbedkitError("--resume needs the run directory to continue")
@@ -62,9 +69,9 @@ def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None,
 def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
     """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
     from ..evaluate import write_metrics
+    from ..store import atomic_write_bytes
 
-    shutil.copyfile(run_dir / "models" / f"{first_fold}.pt", run_dir / "model.pt.tmp")
-    os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+    atomic_write_bytes(run_dir / "model.pt", (run_dir / "models" / f"{first_fold}.pt").read_bytes())
     m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
     write_metrics(run_dir, m)
     return m
@@ -105,6 +112,8 @@ def restores_torch_threads(fn):
 def set_threads(threads: int | None) -> int:
     import torch
 
+    if threads is not None and threads < 1:
+        raise EmbedkitError(f"--threads must be >= 1, got {threads}")
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
@@ -112,8 +121,46 @@ def set_threads(threads: int | None) -> int:
 
 def choose_protocol(tracks: pd.DataFrame, cv: int | None, test_size: float) -> str:
     """--cv K -> "cv"; a split column with train and test -> "split"; else an 80/20 holdout."""
+    if cv is not None and cv < 2:
+        raise EmbedkitError(f"--cv must be >= 2 folds, got {cv}")
     if cv:
         return "cv"
     if "split" in tracks and tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any():
         return "split"
     return "holdout"
+
+
+def plain(obj: Any) -> Any:
+    """JSON-plain copy (tuples -> lists, other objects -> str): what run.json stores and hashes."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def drop_failed(tracks: pd.DataFrame, arrays: list, failures: list[tuple[str, str]], skip_bad: bool) -> tuple[pd.DataFrame, list, list[dict[str, str]]]:
+    """Apply ``--skip-bad`` to a cache build: stop on the first bad clip unless ``skip_bad``,
+    else drop the failed clips. Returns (kept tracks, their arrays, skipped [{path, reason}])."""
+    from .features import raise_failures
+
+    raise_failures(failures, skip_bad)
+    keep = [a is not None for a in arrays]
+    if not all(keep):
+        tracks = tracks[keep].reset_index(drop=True)
+        arrays = [a for a in arrays if a is not None]
+    return tracks, arrays, [{"path": p, "reason": r} for p, r in failures]
+
+
+def checkpoint_identity(identity: dict[str, Any], tracks: pd.DataFrame) -> str:
+    """Hash every checkpoint of a run carries: its identity plus the tracks kept after
+    ``--skip-bad``. Fold positions refer to those tracks, so if the set of bad files changes
+    between an interruption and the resume, the checkpoints are refused rather than misread."""
+    return stable_hash(plain({**identity, "kept_tracks": tracks["track_id"].astype(str).tolist()}))
+
+
+def cache_progress(progress):
+    """Per cache stage, a (done, total) callback feeding the trainers' progress events."""
+    return lambda what: (lambda d, n: progress({"event": "cache", "what": what, "done": d, "total": n})) if progress else None
+
+
+def inference_note(steps: str, clip_s: float | None, segment_s: float) -> str:
+    """How ``inference_ms_per_track`` was measured, with the segment count it covered."""
+    n = f"{int(clip_s // segment_s)} x " if clip_s else "every "
+    return f"from the audio file: {steps}, {n}{segment_s:g} s segments, forward, vote"

@@ -22,7 +22,6 @@ Run directory ``runs/<run-id>/``::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -34,12 +33,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import AudioConfig, stable_hash
+from ..config import AudioConfig
 from ..errors import ConfigMismatchError, DatasetError, EmbedkitError
 from .augment import AugmentConfig
 from .data import Clips, CropConfig, Prefetch, attach_augmentation, eval_batches, n_batches, train_batches
 from .features import FeatureConfig, Normalizer
-from .runs import choose_protocol, dataset_fingerprint, finish_run, inference_ms_per_track, open_run_dir, restores_torch_threads, set_threads
+from .runs import (
+    cache_progress,
+    checkpoint_identity,
+    choose_protocol,
+    dataset_fingerprint,
+    drop_failed,
+    finish_run,
+    inference_ms_per_track,
+    inference_note,
+    open_run_dir,
+    plain,
+    restores_torch_threads,
+    set_threads,
+)
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -73,6 +85,7 @@ class TrainConfig:
             (self.crop in ("random", "fixed"), f"--crop must be random or fixed, got {self.crop!r}"),
             (0 < self.crop_min_s <= self.crop_max_s, "crop lengths need 0 < min <= max"),
             (self.crops_per_clip >= 1, "--crops-per-clip must be >= 1"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}"),
             (self.segment_s > 0, "--segment must be positive"),
             (self.normalize in ("standard", "minmax", "none"), f"unknown normalisation {self.normalize!r}; use standard, minmax or none"),
@@ -85,6 +98,11 @@ class TrainConfig:
     def min_clip_s(self) -> float:
         """Shortest usable clip: it must hold the longest crop and one evaluation segment."""
         return max(self.segment_s, self.crop_max_s if self.crop == "random" else self.segment_s)
+
+    def check_clip_length(self, clip_s: float | None) -> None:
+        """Every clip is brought to ``clip_s``; refuse lengths no crop or segment fits in."""
+        if clip_s is not None and clip_s < self.min_clip_s:
+            raise DatasetError(f"--clip {clip_s:g} s is shorter than the {self.min_clip_s:g} s a training crop / evaluation segment needs")
 
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of every parameter group's base rate in 0-based ``epoch``. A pure function
@@ -104,7 +122,6 @@ class TrainConfig:
 class Task:
     """What differs between the scratch CNN and fine-tuning. ``clips`` feeds the sampler."""
 
-    kind = "cnn"
     clips: Clips
     aug: AugmentConfig
 
@@ -146,8 +163,6 @@ def soft_cross_entropy(logits, targets):
 def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """One pass over ``batches`` of (x, soft targets). Returns mean loss, accuracy (against the
     dominant target) and the seconds spent in forward/backward/step (in all, and per step)."""
-    import torch
-
     total, correct, n, step_s = 0.0, 0, 0, []
     for step, (x, t) in enumerate(batches):
         t0 = time.perf_counter()
@@ -219,9 +234,22 @@ def _set_rng_states(s: dict[str, Any]) -> None:
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ..store import atomic_write
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def load_checkpoint(path: Path, identity: str) -> dict[str, Any]:
+    """A fold checkpoint (``<fold>.pt`` or ``<fold>.done.pt``) of this run's configuration."""
+    import torch
+
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EmbedkitError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it to redo the fold") from None
+    if not isinstance(c, dict) or c.get("identity") != identity:
+        raise ConfigMismatchError(f"{path}: checkpoint from a different configuration; resume with the original options and data, or start a new run")
+    return c
 
 
 def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, ckpt_dir: Path, identity: str, progress: Progress | None = None) -> FoldFit:
@@ -234,12 +262,7 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
     st = {"epoch": 0, "history": [], "best_loss": float("inf"), "best_epoch": -1, "bad": 0, "stopped": False}
     best_state, opt, opt_phase = None, None, None
     if ckpt_path.exists():
-        try:
-            c = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise EmbedkitError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}); delete it to restart the fold") from None
-        if c.get("identity") != identity:
-            raise ConfigMismatchError(f"{ckpt_path}: checkpoint from a different configuration; resume with the original options or start a new run")
+        c = load_checkpoint(ckpt_path, identity)
         model.load_state_dict(c["model"])
         st, best_state = c["state"], c["best_state"]
         if c["phase"] == task.phase(st["epoch"]):
@@ -249,7 +272,6 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
         _set_rng_states(c["rng"])
     crop = cfg.crop_config()
     steps = n_batches(task.clips, train_idx, crop)
-    t_fold = time.perf_counter()
     for epoch in range(st["epoch"], cfg.epochs):
         if st["stopped"]:
             break
@@ -292,14 +314,14 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
             progress({"event": "epoch", "fold": fold, "fold_index": fold_index, "epochs": cfg.epochs, **rec, "best_epoch": st["best_epoch"], "stopped": st["stopped"]})
     if best_state is not None:
         model.load_state_dict(best_state)
-    return FoldFit(model, st["history"], st["best_epoch"], time.perf_counter() - t_fold)
+    return FoldFit(model, st["history"], st["best_epoch"], sum(r["seconds"] for r in st["history"]))  # resumed epochs included
 
 
 # ---------------------------------------------------------------------------------------------
 # Folds
 
 
-def check_folds(folds, tracks: pd.DataFrame, val_size: float) -> None:
+def check_folds(folds, val_size: float) -> None:
     for f in folds:
         if len(f.train) < 2:
             raise DatasetError(f"{f.name}: {len(f.train)} training track(s); too few clips for this protocol")
@@ -309,7 +331,7 @@ def check_folds(folds, tracks: pd.DataFrame, val_size: float) -> None:
 
 def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir: Path, identity: str, labels: list[str], progress: Progress | None = None):
     """Train every fold (skipping finished ones), evaluate on its test part with the track
-    vote, write each fold's model. Returns (Evaluation, learning curves, per-fold info, seconds)."""
+    vote, write each fold's model. Returns (Evaluation, learning curves, training seconds)."""
     import torch
 
     from ..evaluate import Evaluation
@@ -321,15 +343,13 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "models").mkdir(exist_ok=True)
     ev = Evaluation(labels)
-    curves, info, seconds = {}, [], 0.0
+    curves, seconds = {}, 0.0
     if progress:  # every event says how many folds there are (for the progress bar's total)
         progress = (lambda report: lambda e: report({**e, "n_folds": len(folds)}))(progress)
     for fi, f in enumerate(folds):
         done_path = ckpt_dir / f"{f.name}.done.pt"
         if done_path.exists():
-            d = torch.load(done_path, map_location="cpu", weights_only=True)
-            if d.get("identity") != identity:
-                raise ConfigMismatchError(f"{done_path}: finished fold from a different configuration")
+            d = load_checkpoint(done_path, identity)
         else:
             train_idx = np.array([pos[t] for t in f.train])
             val_idx = np.array([pos[t] for t in f.val], dtype=np.int64)
@@ -358,10 +378,9 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
         rec = ev.add_fold(f.name, owner_ids, d["proba"].numpy(), track_labels, paths, extra={"best_epoch": d["best_epoch"], "epochs_run": len(d["history"]), "train_seconds": d["seconds"], "n_train_tracks": d["n_train"], "n_val_tracks": d["n_val"]})
         curves[f.name] = d["history"]
         seconds += d["seconds"]
-        info.append(rec)
         if progress:
             progress({"event": "fold_done", "fold": f.name, "fold_index": fi, "n_folds": len(folds), **rec})
-    return ev, curves, info, seconds
+    return ev, curves, seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +394,6 @@ class TrainResult:
 
 
 class CNNTask(Task):
-    kind = "cnn"
-
     def __init__(self, clips: Clips, model_cfg, cfg: TrainConfig, aug: AugmentConfig, feat: FeatureConfig, audio_cfg: AudioConfig, labels: list[str]):
         self.clips, self.model_cfg, self.cfg, self.aug, self.feat, self.audio_cfg, self.labels = clips, model_cfg, cfg, aug, feat, audio_cfg, labels
         self.normalizer: Normalizer | None = None
@@ -409,7 +426,7 @@ class CNNTask(Task):
             "normalizer": self.normalizer.to_dict(),
             "segment_s": self.cfg.segment_s,
             "train_config": asdict(self.cfg),
-            "augment": json.loads(json.dumps(self.aug.to_dict())),
+            "augment": plain(self.aug.to_dict()),
             "fold": fold,
             "versions": {k: str(v) for k, v in versions().items()},  # plain str: weights_only loading
         }
@@ -448,10 +465,11 @@ def train_cnn(
 ) -> TrainResult:
     """Train and evaluate the scratch CNN on a track table (see module doc for the run layout)."""
     from ..evaluate import dataset_summary, make_folds, protocol_dict
-    from .features import logmel, logmel_cache, logmel_module, raise_failures
+    from .features import logmel, logmel_cache, logmel_module
     from .model import CNNConfig, build_cnn, count_macs, n_params
 
     train.validate()
+    train.check_clip_length(audio_cfg.clip_s)
     n_threads = set_threads(threads)
     protocol = choose_protocol(tracks, cv, test_size)
     make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)  # fail fast on the protocol
@@ -464,25 +482,15 @@ def train_cnn(
         "train": asdict(train), "model": model_cfg.to_dict(), "features": asdict(features), "audio": asdict(audio_cfg),
         "augment": augment.to_dict(), "skip_bad": skip_bad,
     }  # fmt: skip
-    run_dir = open_run_dir(runs_dir, run_dir, resume, "cnn", name, identity)
-    ident_hash = stable_hash(json.loads(json.dumps(identity, default=str)))
-
-    def cache_progress(what):
-        return (lambda d, n: progress({"event": "cache", "what": what, "done": d, "total": n})) if progress else None
-
+    run_dir = open_run_dir(runs_dir, run_dir, resume, "cnn", name, identity, progress)
+    progress_for = cache_progress(progress)
     t_cache = time.perf_counter()
     min_s = train.min_clip_s
-    paths = tracks["path"].tolist()
-    clean, failures = logmel_cache(cache, features, audio_cfg, min_s).build(paths, workers, cache_progress("log-mel"))
-    raise_failures(failures, skip_bad)
-    skipped = [{"path": p, "reason": r} for p, r in failures]
-    keep = np.array([a is not None for a in clean])
-    if not keep.all():
-        tracks = tracks[keep].reset_index(drop=True)
-        clean = [a for a in clean if a is not None]
-        paths = tracks["path"].tolist()
+    clean, failures = logmel_cache(cache, features, audio_cfg, min_s).build(tracks["path"].tolist(), workers, progress_for("log-mel"))
+    tracks, clean, skipped = drop_failed(tracks, clean, failures, skip_bad)
+    ident_hash = checkpoint_identity(identity, tracks)
     folds = make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)
-    check_folds(folds, tracks, train.val_size)
+    check_folds(folds, train.val_size)
     label_idx = {l: i for i, l in enumerate(labels)}
     clips = Clips(clean=clean, labels=np.array([label_idx[l] for l in tracks["label"]]), n_classes=len(labels), hop=features.hop_length, sr=features.sample_rate, normalize=None)
     if augment.waveform and augment.wave_mode == "online":
@@ -491,12 +499,12 @@ def train_cnn(
     attach_augmentation(
         clips, tracks, folds, cache, audio_cfg, min_s, augment, train.seed,
         represent=lambda y: logmel(y, features).astype(np.float16), represent_id={"logmel": asdict(features), "sample_rate": features.sample_rate},
-        workers=workers, cache_progress=cache_progress,
+        workers=workers, cache_progress=progress_for,
     )  # fmt: skip
     cache_seconds = time.perf_counter() - t_cache
 
     task = CNNTask(clips, model_cfg, train, augment, features, audio_cfg, labels)
-    ev, curves, _, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
+    ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
 
     # Inference cost from the file: decode + log-mel + 6 segments + forward + vote.
     from .model import load_model
@@ -511,7 +519,7 @@ def train_cnn(
         "protocol": {**protocol_dict(protocol, cv or 5, train.seed, test_size, tracks), "val_size": train.val_size},
         "dataset": dataset_summary(tracks, n_segments),
         "train_seconds": train_seconds, "cache_seconds": cache_seconds, "inference_ms_per_track": infer_ms,
-        "inference_note": "from the audio file: decode, log-mel, 6 x 5 s segments, forward, vote",
+        "inference_note": inference_note("decode, log-mel", audio_cfg.clip_s, train.segment_s),
         "n_params": n_params(model.net), "macs_per_segment": macs, "threads": n_threads,
         "spec": {"features": asdict(features)},
         "preprocess": {"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},
