@@ -476,7 +476,7 @@ def run_cmd(
     cv: Optional[int] = typer.Option(None, "--cv", help="K-fold CV (default 5; quick 2); 0: the dataset split, else a holdout"),
     test_size: float = typer.Option(0.2, help="holdout test fraction (with --cv 0)"),
     cnn: bool = typer.Option(True, "--cnn/--no-cnn", help="train the scratch CNN"),
-    cnn_epochs: Optional[int] = typer.Option(None, help="CNN epoch budget (default 20; quick 2), early stopping on validation loss"),
+    cnn_epochs: Optional[int] = typer.Option(None, help="CNN epoch budget (default 40; quick 2), early stopping on validation loss"),
     finetune: bool = typer.Option(False, "--finetune", help="also fine-tune a pretrained backbone end to end (slow on CPU)"),
     finetune_backbone: Optional[str] = typer.Option(None, help="backbone to fine-tune (default: the first of --backbones that is not melstats)"),
     clip: Optional[float] = typer.Option(None, help="clip length in seconds (default 30; quick 10)"),
