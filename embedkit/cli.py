@@ -259,7 +259,7 @@ def report_cmd(
     typer.echo(str(path))
 
 
-def _training_progress(title: str):
+def _training_progress(title: str, announce_run_dir: bool = True):
     """Rich progress for train-cnn / finetune: fold, epoch, loss, validation accuracy, ETA.
 
     Returns (progress, callback(event)). The total assumes every fold runs all epochs; a fold
@@ -278,6 +278,8 @@ def _training_progress(title: str):
         prog.start()  # on the first event, so an early error prints no empty bar (idempotent)
         kind = e["event"]
         if kind == "run_dir":
+            if not announce_run_dir:  # `embedkit run` resumes by itself and logs the directory
+                return
             verb = "resuming" if e["resumed"] else "run directory"
             prog.console.print(f"{verb} {e['path']} (if interrupted, continue with --resume {e['path']})", highlight=False, soft_wrap=True)
             return
@@ -509,7 +511,7 @@ def run_cmd(
         if ft is None:
             _fail("--finetune needs a pretrained backbone: pass --finetune-backbone NAME")
         plan = replace(plan, finetune=ft)
-    prog, cb = _training_progress("training")
+    prog, cb = _training_progress("training", announce_run_dir=False)
 
     def log(line: str) -> None:
         prog.console.print(line, highlight=False)

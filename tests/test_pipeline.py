@@ -32,6 +32,7 @@ def test_run_quick_end_to_end_and_reuse(tiny_data, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     report = tmp_path / "reports" / "report.html"
     assert report.exists() and res.output.strip().splitlines()[-1] == str(Path("reports") / "report.html")
+    assert "--resume" not in res.output  # `run` resumes by itself; no train-cnn hint
     runs = _metrics(tmp_path / "runs")
     kinds = sorted((m["kind"], m.get("backbone"), m.get("head")) for m in runs.values())
     assert [k for k in kinds if k[0] == "head"] == [("head", b, h) for b in ("melstats", "tiny-test") for h in ("lgbm", "lr", "mlp")]
