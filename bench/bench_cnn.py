@@ -5,14 +5,16 @@
 
 What it measures, all in one process so the ratios compare like with like:
 1. fp32 matmul peak: best of several torch.mm of 4096 x 4096 float32 matrices.
-2. One training epoch of the default network (Adam, batch 16) over every clip's cached
+2. One training epoch of the default network (Adam, batch 16, freed memory kept for reuse as
+   the trainers do) over every clip's cached
    float16 log-mel (memory-mapped .npy, as the trainer caches them): wall time, time in the
    training step (forward + backward + Adam), the data thread's working time, and the time
    the step waited for data. Achieved FLOP/s = 6 x multiply-adds x crops / step time (2 FLOP
    per multiply-add, backward ~2x forward), as a fraction of the matmul peak. Targets: >= 40 %
    of peak, epoch < 5 min, data wait ~0.
-3. Block order and memory layout: a few steps of the textbook conv-BN-ReLU-pool order and of
-   NCHW against the default (conv-pool-BN-ReLU, channels-last).
+3. Block order, memory layout and allocator policy: a few steps of the textbook
+   conv-BN-ReLU-pool order, of NCHW, and of glibc's default malloc policy against the default
+   (conv-pool-BN-ReLU, channels-last, freed memory kept).
 4. Waveform augmentation cost per 5 s crop at 44.1 kHz (ours: Signalsmith via python-stretch;
    alternatives: audiomentations' wrappers, librosa's phase vocoder, pedalboard's Rubber
    Band), SpecAugment and mixup per batch, and a short epoch with on-the-fly waveform
@@ -221,9 +223,11 @@ def main(argv=None) -> dict:
     from embedkit.cnn.data import Clips
     from embedkit.cnn.features import FeatureConfig, Normalizer, logmel, logmel_module
     from embedkit.cnn.model import CNNConfig, build_cnn, count_macs
+    from embedkit.cnn.runs import keep_freed_memory
     from embedkit.synth import make_clip
 
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as the trainers do (see the step variants below)
     n_clips = args.clips or (160 if args.quick else 6400)
     reps = 2 if args.quick else 5
     work = args.work or Path(tempfile.mkdtemp(prefix="embedkit-bench-cnn-"))
@@ -255,6 +259,10 @@ def main(argv=None) -> dict:
     steps = 3 if args.quick else 8
     base = time_steps(cfg, steps)
     variants = {"default (conv-pool-bn-relu, channels-last)": base, "textbook order (conv-bn-relu-pool)": time_steps(CNNConfig(n_classes=8, block_order="conv-bn-relu-pool"), steps), "NCHW layout": time_steps(CNNConfig(n_classes=8, channels_last=False), steps)}
+    if kept:  # glibc's default: big blocks mmapped per allocation, unmapped on free
+        keep_freed_memory(False)
+        variants["glibc default memory policy"] = time_steps(cfg, steps)
+        keep_freed_memory()
     res["step_variants_s"] = variants
     print("\ntraining step, batch 16 x 5 s (best of {}):".format(steps))
     for k, v in variants.items():

@@ -6,6 +6,7 @@ file runs in well under a minute on 2 cores."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -389,3 +390,28 @@ def _one_epoch(epochs=1):
     from embedkit.cnn.train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=4, patience=5)
+
+
+def test_keep_freed_memory_keeps_big_blocks_and_restores_the_default():
+    """glibc returns a freed 256 MB block to the OS at once by default (so the next step
+    page-faults it back in); while the trainers run, freed memory stays in the process."""
+    from embedkit.cnn.runs import keep_freed_memory
+
+    def rss_mb() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    if not os.path.exists("/proc/self/statm") or not keep_freed_memory(False):
+        pytest.skip("needs glibc's mallopt and /proc")
+
+    def rss_drop_after_free() -> float:
+        a = np.ones(256 * 2**20 // 8)  # touched: resident
+        before = rss_mb()
+        del a
+        return before - rss_mb()
+
+    try:
+        assert rss_drop_after_free() > 200  # default: unmapped on free
+        assert keep_freed_memory()
+        assert rss_drop_after_free() < 50  # kept for the next allocation
+    finally:
+        keep_freed_memory(False)

@@ -34,7 +34,7 @@ from ..config import AudioConfig
 from ..errors import BackboneError, DatasetError, ModelLoadingError
 from .augment import AugmentConfig
 from .data import Clips
-from .runs import inference_ms_per_track, plain, restores_torch_threads
+from .runs import inference_ms_per_track, plain, training_process_settings
 from .train import Progress, Task, TrainConfig, TrainResult
 
 
@@ -261,7 +261,7 @@ def resolve_backbone(name: str):
     return bb, module
 
 
-@restores_torch_threads
+@training_process_settings
 def finetune(
     tracks: pd.DataFrame,
     backbone: str,

@@ -49,8 +49,8 @@ from .runs import (
     inference_note,
     open_run_dir,
     plain,
-    restores_torch_threads,
     set_threads,
+    training_process_settings,
 )
 
 Progress = Callable[[dict[str, Any]], None]
@@ -440,7 +440,7 @@ def run_name(base: str, aug: AugmentConfig) -> str:
     return f"{base}+aug" if set(aug.enabled) == set(ALL_AUGS) else f"{base}+{'+'.join(aug.enabled)}"
 
 
-@restores_torch_threads
+@training_process_settings
 def train_cnn(
     tracks: pd.DataFrame,
     *,
