@@ -119,7 +119,7 @@ def keep_freed_memory(keep: bool = True) -> bool:
     Training allocates and frees the same large activation / gradient tensors every step (the
     first block's are 113 MB at batch 16). glibc serves blocks over its mmap threshold with
     fresh mmaps and unmaps them on free, so every step page-faults ~100k pages back in; that
-    made the step ~25 % slower here. PyTorch's CPU tuning guide prescribes jemalloc/tcmalloc
+    made a training epoch ~1.4x longer on 2 cores (bench/bench_cnn.py). PyTorch's CPU tuning guide prescribes jemalloc/tcmalloc
     via LD_PRELOAD, which a pip-installed command cannot set for itself; glibc's own mallopt
     (no mmap for large blocks, no trimming) gets the same reuse. The process then keeps its
     peak heap until it exits, which a training run reaches anyway. ``keep=False`` restores
