@@ -386,8 +386,6 @@ def train_cnn_cmd(
         _fail(f"--channels must be comma-separated integers, got {channels!r}")
     if not chans or min(chans) < 1:
         _fail("--channels needs at least one positive filter count")
-    if not 0 <= dropout < 1:
-        _fail(f"--dropout must be in [0, 1), got {dropout:g}")
     if block_order not in ("conv-pool-bn-relu", "conv-bn-relu-pool"):
         _fail(f"--block-order must be conv-pool-bn-relu or conv-bn-relu-pool, got {block_order!r}")
     train, aug = _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip, lr_schedule, weight_decay)

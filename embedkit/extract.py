@@ -331,17 +331,21 @@ def extract(
 TIMING_FILE = "extract_timing.json"
 
 
+def read_timing(store_root: Path) -> dict | None:
+    """The store's accumulated {"seconds", "tracks"} of extraction, None if unrecorded or unreadable."""
+    f = Path(store_root) / TIMING_FILE
+    with contextlib.suppress(json.JSONDecodeError, OSError):
+        return json.loads(f.read_text())
+    return None
+
+
 def record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, float]:
     """Accumulate extraction wall time and tracks per store (``extract_timing.json``), so a
     head fitted later, or a cached re-run, still knows what extraction cost per track."""
-    t = {"seconds": 0.0, "tracks": 0}
-    f = store_root / TIMING_FILE
-    if f.exists():
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            t.update(json.loads(f.read_text()))
+    t = {"seconds": 0.0, "tracks": 0, **(read_timing(store_root) or {})}
     if n_tracks > 0:
         t = {"seconds": float(t["seconds"]) + seconds, "tracks": int(t["tracks"]) + n_tracks}
-        atomic_write_text(f, json.dumps(t))
+        atomic_write_text(Path(store_root) / TIMING_FILE, json.dumps(t))
     return t
 
 

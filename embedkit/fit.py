@@ -122,13 +122,9 @@ def choose_protocol(tracks: pd.DataFrame, protocol: str, cv: int | None) -> str:
 def extraction_cost(st) -> dict[str, float] | None:
     """Cumulative extraction wall time / tracks of a store, when recorded (store.json
     "extraction" or the extract_timing.json that ``extract`` accumulates), as {"seconds", "tracks", "ms_per_track"}."""
-    rec = st.meta().get("extraction")
-    from .extract import TIMING_FILE
+    from .extract import read_timing
 
-    f = st.root / TIMING_FILE
-    if not rec and f.exists():
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            rec = json.loads(f.read_text())
+    rec = st.meta().get("extraction") or read_timing(st.root)
     if not rec or not rec.get("tracks"):
         return None
     return {"seconds": float(rec["seconds"]), "tracks": int(rec["tracks"]), "ms_per_track": 1000.0 * float(rec["seconds"]) / int(rec["tracks"])}

@@ -31,7 +31,6 @@ from .errors import EmbedkitError
 DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
 QUICK_BACKBONES = ("tiny-test", "melstats")
 HEADS = ("lr", "lgbm", "mlp")
-#: file the pipeline keeps in each embedding store: cumulative extraction wall time / tracks
 
 Log = Callable[[str], None]
 
@@ -39,7 +38,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class RunPlan:
     """What `embedkit run` does. Defaults are sized for a laptop CPU (2 cores: gtzan_mini,
-    100 clips, 5-fold CV, in about half an hour, most of it the scratch CNN's 5 x 40 epochs).
+    100 clips, 5-fold CV, in about 20 minutes, most of it the scratch CNN's 5 x 40 epochs).
 
     cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
         holdout of ``test_size``.

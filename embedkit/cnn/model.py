@@ -60,6 +60,8 @@ def build_cnn(cfg: CNNConfig):
         raise ValueError(f"unknown block order {cfg.block_order!r}")
     if not cfg.channels:
         raise ValueError("need at least one conv block")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout:g}")
 
     def block(cin: int, cout: int) -> list:
         conv = nn.Conv2d(cin, cout, cfg.kernel, padding=cfg.kernel // 2, bias=False)  # BN has the bias

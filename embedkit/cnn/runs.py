@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,10 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
 def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
     """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
     from ..evaluate import write_metrics
-    from ..store import atomic_write_bytes
+    from ..store import atomic_write
 
-    atomic_write_bytes(run_dir / "model.pt", (run_dir / "models" / f"{first_fold}.pt").read_bytes())
+    with open(run_dir / "models" / f"{first_fold}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
+        atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))
     m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
     write_metrics(run_dir, m)
     return m

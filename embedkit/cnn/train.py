@@ -475,7 +475,10 @@ def train_cnn(
     make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)  # fail fast on the protocol
     labels = sorted(tracks["label"].unique())
     model_cfg = CNNConfig(n_classes=len(labels), n_mels=features.n_mels, channels=tuple(channels), dropout=dropout, block_order=block_order)
-    build_cnn(model_cfg)  # validates the architecture before any decoding
+    try:
+        build_cnn(model_cfg)  # validates the architecture before any decoding
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     name = name or run_name("cnn-scratch", augment)
     identity = {
         "kind": "cnn", "dataset": dataset_fingerprint(tracks), "protocol": protocol, "cv": cv, "test_size": test_size,
