@@ -367,7 +367,7 @@ def test_pool_augmentation_missing_file_and_changed_bad_files_on_resume(synth_tr
     tracks.loc[0, "path"] = str(tmp_path / "gone.wav")
     with pytest.raises(EmbedkitError, match=r"gone.wav: cannot read file"):
         _train(tracks, tmp_path, augment=A.AugmentConfig.parse("noise,gain"), train=_one_epoch())
-    aug = A.AugmentConfig.parse("noise,gain", pool_size=2)
+    aug = A.AugmentConfig.parse("noise,gain", pool_size=2, p=1.0)  # every variant augmented (p=0.5 leaves 1 in 4 clean)
     res = _train(tracks, tmp_path, augment=aug, train=_one_epoch(), skip_bad=True, run_dir=tmp_path / "pool")
     assert [s["path"] for s in res.metrics["skipped"]] == [str(tmp_path / "gone.wav")] and res.metrics["dataset"]["n_tracks"] == len(tracks) - 1
     (pool_dir,) = (tmp_path.parent / "shared-cache" / "cnn-pool").iterdir()
