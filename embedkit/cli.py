@@ -616,7 +616,7 @@ def predict_cmd(
     """Predict the tracks of an embedding store with a saved head (refuses embeddings from
     another backbone, weights or preprocessing)."""
     from .fit import predict_store
-    from .store import atomic_write_text
+    from .io import atomic_write_text
 
     tracks = _load_tracks(data, audio_dir, "small") if data is not None else None
     df, b = predict_store(bundle, cache=cache, store=store, tracks=tracks)

@@ -259,7 +259,7 @@ def dataset_summary(tracks: pd.DataFrame, n_segments: int | None = None, synthet
 
 def write_metrics(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write metrics.json atomically (a run directory is complete once this file exists)."""
-    from .store import atomic_write_text, versions
+    from .io import atomic_write_text, versions
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,8 @@ from .backbones.base import Backbone
 from .config import PreprocessConfig
 from .errors import AudioError, EmbedkitError, StoreError
 from .segments import segment
-from .store import Store, atomic_write_text
+from .io import atomic_write_text
+from .store import Store
 
 FAILURE_COLUMNS = ("track_id", "path", "label", "reason")
 

@@ -652,7 +652,7 @@ def save_bundle(path: str | os.PathLike, bundle: HeadBundle) -> int:
     """Write ``bundle`` atomically to ``path`` (a .skops file); returns its size in bytes."""
     import skops.io as sio
 
-    from .store import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **bundle.meta()}
     data = sio.dumps({"format": BUNDLE_FORMAT, "meta": json.dumps(meta, default=_jsonable), "model": bundle.model})

@@ -220,7 +220,7 @@ def extract_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Pat
 
 def _patch_metrics(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Add pipeline-known facts (extraction cost, synthetic flag) to a run's metrics.json."""
-    from .store import atomic_write_text
+    from .io import atomic_write_text
 
     f = run_dir / "metrics.json"
     m = json.loads(f.read_text())

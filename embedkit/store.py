@@ -21,17 +21,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .backbones.base import BackboneSpec
 from .config import PreprocessConfig, stable_hash
 from .errors import ConfigMismatchError, StoreError
+from .io import atomic_write_text, tmp_name, versions
 
 META_KEY = b"embedkit"
 SEGMENT_COLUMNS = ["track_id", "path", "label", "split", "group", "segment", "start_s", "end_s"]
@@ -61,20 +60,6 @@ def store_key(weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None
 
 def _contract(spec: BackboneSpec) -> dict[str, Any]:
     return {"sample_rate": spec.sample_rate, "embedding_dim": spec.embedding_dim, "frontend": spec.frontend}
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape an embedding. Read from package metadata
-    rather than by importing (importing scikit-learn and LightGBM cost ~1 s per extract call)."""
-    from importlib import metadata
-
-    out = {"embedkit": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "torch", "librosa", "soundfile", "soxr", "pyarrow", "scikit-learn", "lightgbm"):
-        try:
-            out["sklearn" if dist == "scikit-learn" else dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 @dataclass
@@ -215,7 +200,7 @@ class Store:
 
         d = self.segments_dir if kind == "segments" else self.failures_dir
         final = d / f"part-{key}.parquet"
-        tmp = _tmp_name(final)
+        tmp = tmp_name(final)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.schema_metadata()})
         try:
             pq.write_table(table, tmp, compression="zstd")
@@ -291,38 +276,3 @@ def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig |
 
 def _canonical_json(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _tmp_name(path: Path) -> Path:
-    # pid + thread id: two writers of one file (processes or threads) never share a temporary.
-    import threading
-
-    return path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Write ``path`` through ``write(fh)`` so readers see the old file or the new one, never a
-    part: a private temporary in the same folder, fsynced, then renamed over ``path``; the
-    temporary is removed if anything fails (a full disk, an interrupt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """``atomic_write`` of a bytes object."""
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """UTF-8 text version of atomic_write_bytes."""
-    atomic_write_bytes(path, text.encode("utf-8"))

@@ -116,7 +116,7 @@ class ClipCache:
         """
         import json
 
-        from ..store import atomic_write, atomic_write_text
+        from ..io import atomic_write, atomic_write_text
 
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "cache.json"

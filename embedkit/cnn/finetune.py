@@ -179,7 +179,7 @@ class FinetuneTask(Task):
         return torch.optim.Adam(groups, weight_decay=self.cfg.weight_decay)
 
     def model_payload(self, model, fold):
-        from ..store import versions
+        from ..io import versions
 
         return {
             "kind": "finetune",

@@ -138,7 +138,7 @@ def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> int:
     (no pickle code execution) reads it back."""
     import torch
 
-    from ..store import atomic_write
+    from ..io import atomic_write
 
     path = atomic_write(path, lambda fh: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, fh))
     return path.stat().st_size

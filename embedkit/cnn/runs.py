@@ -44,7 +44,7 @@ def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None,
 
 def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
     from ..evaluate import new_run_id
-    from ..store import atomic_write_text
+    from ..io import atomic_write_text
 
     identity = plain(identity)  # tuples -> lists, as stored
     if resume:
@@ -70,7 +70,7 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
 def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
     """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
     from ..evaluate import write_metrics
-    from ..store import atomic_write
+    from ..io import atomic_write
 
     with open(run_dir / "models" / f"{first_fold}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
         atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))

@@ -234,7 +234,7 @@ def _set_rng_states(s: dict[str, Any]) -> None:
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
-    from ..store import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
@@ -414,7 +414,7 @@ class CNNTask(Task):
         return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def model_payload(self, model, fold):
-        from ..store import versions
+        from ..io import versions
 
         return {
             "kind": "cnn",

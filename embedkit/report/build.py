@@ -728,7 +728,7 @@ def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.Pat
     """Render every run under ``paths`` (default ``runs/``) into ``out``; returns (path, context).
 
     Raises ReportError when no usable run is found."""
-    from ..store import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     paths = list(paths or ["runs"])
     runs, skipped = load(paths)
