@@ -44,6 +44,10 @@ class ConfigMismatchError(EmbedkitError):
     """An artefact was produced with another backbone / preprocessing than the one requested."""
 
 
+class DeviceError(EmbedkitError):
+    """The requested compute device (cuda, mps) is not available or ran out of memory."""
+
+
 class EmbedkitWarning(UserWarning):
     """Warnings about data that was used but altered (padded, trimmed, resampled...)."""
 

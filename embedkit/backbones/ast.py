@@ -201,9 +201,9 @@ class AST(Backbone):
         if y.shape[0] == 0:
             return np.zeros((0, self.spec.embedding_dim), np.float32), np.zeros((0, len(self.labels or [])), np.float32)
         with self._torch.inference_mode():
-            pooled, logits = self.module.forward_both(self._torch.from_numpy(y))
-            clip = self._torch.sigmoid(logits).numpy().astype(np.float32) if want_clip and logits is not None else None
-        return pooled.numpy().astype(np.float32, copy=False), clip
+            pooled, logits = self.module.forward_both(self._input(y))
+            clip = self._torch.sigmoid(logits).cpu().numpy().astype(np.float32) if want_clip and logits is not None else None
+        return pooled.cpu().numpy().astype(np.float32, copy=False), clip
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments, False)[0]

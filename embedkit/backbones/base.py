@@ -72,3 +72,30 @@ class Backbone(ABC):
     def torch_module(self):
         """A torch.nn.Module mapping waveform [B, L] -> embedding [B, D], or None if not torch."""
         return None
+
+    #: where ``embed`` runs (a torch.device for torch backbones after ``to``; "cpu" otherwise).
+    device: Any = "cpu"
+
+    def to(self, device) -> "Backbone":
+        """Run on ``device`` (a torch.device or name from ``embedkit.device.resolve``); returns self.
+        Backbones without a torch module (melstats) always run on the CPU."""
+        module = self.torch_module()
+        if module is not None:
+            import torch
+
+            self.device = torch.device(device)
+            module.to(self.device)
+        return self
+
+    def _input(self, y: np.ndarray):
+        """float32 numpy [B, L] -> a tensor on ``device`` (pinned, non-blocking copy on CUDA, so
+        the copy overlaps the host's next decode)."""
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        dev = torch.device(self.device)
+        if dev.type == "cpu":
+            return t
+        if dev.type == "cuda":
+            t = t.pin_memory()
+        return t.to(dev, non_blocking=True)

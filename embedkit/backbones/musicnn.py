@@ -408,7 +408,7 @@ def _torch_classes() -> dict:
                 offset += w.shape[0]
             const = torch.cat(consts)
             live = torch.cat(live_all)
-            dead = torch.ones(offset, dtype=torch.bool)
+            dead = torch.ones(offset, dtype=torch.bool, device=const.device)
             dead[live] = False
             w0 = self.mid_w[0]  # [64, 561, 7]
             # Constant channels enter the first mid-end conv as const * (sum of the taps that
@@ -497,10 +497,10 @@ class Musicnn(Backbone):
         self.module.eval()
         try:
             with torch.inference_mode():
-                out = self.module.forward_logmel(self.module.logmel(torch.from_numpy(np.ascontiguousarray(y))))
+                out = self.module.forward_logmel(self.module.logmel(self._input(y)))
         finally:
             self.module.train(was_training)
-        return {"embedding": out["penultimate"].numpy().copy(), "taggram": out["taggram"].numpy().copy()}
+        return {"embedding": out["penultimate"].cpu().numpy().copy(), "taggram": out["taggram"].cpu().numpy().copy()}
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)["embedding"]

@@ -357,8 +357,8 @@ class PANNs(Backbone):
         if y.shape[0] == 0:
             return np.zeros((0, d), np.float32), np.zeros((0, N_CLASSES), np.float32)
         with self._torch.inference_mode():
-            emb, clip = self.net.forward_both(self._torch.from_numpy(y))
-        return emb.numpy().astype(np.float32, copy=False), clip.numpy().astype(np.float32, copy=False)
+            emb, clip = self.net.forward_both(self._input(y))
+        return emb.cpu().numpy().astype(np.float32, copy=False), clip.cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)[0]

@@ -65,8 +65,8 @@ class Tiny(Backbone):
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            out = self.module(self._torch.from_numpy(np.ascontiguousarray(segments, dtype=np.float32)))
-        return out.numpy().astype(np.float32)
+            out = self.module(self._input(segments))
+        return out.cpu().numpy().astype(np.float32)
 
     def torch_module(self):
         return self.module

@@ -1,0 +1,138 @@
+"""The one device rule: which torch device a command runs its networks on.
+
+``--device auto`` (the default) picks CUDA when a CUDA device is usable, else Apple's MPS, else the
+CPU. Artefacts never depend on the device (state dicts are saved from CPU tensors and loaded with
+``map_location="cpu"``), so a store or run made on one device is usable on any other.
+
+Parity: TF32 matmuls/convolutions are switched off on CUDA unless ``allow_tf32`` is asked for, so
+fp32 results match the CPU's to float32 rounding rather than to TF32's 10-bit mantissa.
+
+    >>> dev = resolve("auto")            # doctest: +SKIP
+    >>> describe(dev)                    # doctest: +SKIP
+    {'device': 'cpu', 'name': 'x86_64 (2 threads)'}
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+
+from .errors import DeviceError
+
+CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+#: batch multiplier on an accelerator: a GPU is only busy with many windows per forward, while
+#: CPU batches are sized for cache locality. Stated policy: accelerator batch = 8 x CPU batch.
+ACCELERATOR_BATCH_FACTOR = 8
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _mps_available(torch) -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve(device: str | None = "auto", allow_tf32: bool = False):
+    """A device name -> ``torch.device``, or DeviceError (one line) when it cannot be used here.
+
+    device: "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (None means "auto").
+    allow_tf32: let CUDA use TF32 for fp32 matmuls/convolutions (faster, ~1e-3 relative error).
+    """
+    torch = _torch()
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda:0"
+        elif _mps_available(torch):
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    m = _CUDA_RE.match(name)
+    if m:
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise DeviceError(f"device {device!r}: CUDA is not available ({why}); use cpu or auto")
+        index = int(m.group(1) or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(f"device {device!r}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        return torch.device("cuda", index)
+    if name == "mps":
+        if sys.platform != "darwin":
+            raise DeviceError(f"device 'mps': Apple's MPS exists only on macOS (this is {sys.platform}); use cpu or auto")
+        if not _mps_available(torch):
+            raise DeviceError("device 'mps': MPS is not available in this torch build or on this Mac; use cpu")
+        return torch.device("mps")
+    raise DeviceError(f"unknown device {device!r}; use one of {', '.join(CHOICES)}")
+
+
+def describe(dev) -> dict[str, str]:
+    """{"device": "cuda:0", "name": "<GPU name>"} for artefact provenance and the report."""
+    torch = _torch()
+    dev = torch.device(dev)
+    if dev.type == "cuda":
+        return {"device": str(dev if dev.index is not None else torch.device("cuda", 0)), "name": torch.cuda.get_device_name(dev)}
+    if dev.type == "mps":
+        return {"device": "mps", "name": f"Apple MPS ({platform.machine()})"}
+    return {"device": "cpu", "name": f"{platform.machine() or 'cpu'} ({torch.get_num_threads()} threads)"}
+
+
+def is_accelerator(dev) -> bool:
+    return _torch().device(dev).type in ("cuda", "mps")
+
+
+def default_batch_size(dev, cpu_batch: int) -> int:
+    """The batch size to use on ``dev`` when the user gave none (see ACCELERATOR_BATCH_FACTOR)."""
+    return cpu_batch * ACCELERATOR_BATCH_FACTOR if is_accelerator(dev) else cpu_batch
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an accelerator out-of-memory error (CUDA or MPS)."""
+    torch = _torch()
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_batched(fn, batch, max_batch: int, log=None):
+    """Run ``fn`` over ``batch`` (anything sliceable with len) in chunks of at most ``max_batch``,
+    halving the chunk after an accelerator out-of-memory error (logged through ``log``) down to
+    one item; returns the list of per-chunk results in order. Raises DeviceError when even a
+    single item does not fit."""
+    n = len(batch)
+    size = max(1, min(max_batch, n)) if n else 1
+    out, i = [], 0
+    while i < n:
+        try:
+            out.append(fn(batch[i : i + size]))
+            i += size
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled; everything else re-raised
+            if not is_out_of_memory(exc):
+                raise
+            _empty_cache()
+            if size == 1:
+                raise DeviceError("out of accelerator memory with a batch of 1; use the cpu device") from None
+            size = max(1, size // 2)
+            if log is not None:
+                log(f"out of accelerator memory: batch size lowered to {size}")
+    return out
+
+
+def _empty_cache() -> None:
+    torch = _torch()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and _mps_available(torch) and hasattr(mps, "empty_cache"):
+        mps.empty_cache()
