@@ -23,7 +23,7 @@ from embedkit.cnn.finetune import (
 )
 from embedkit.cnn.train import TrainConfig
 from embedkit.config import AudioConfig
-from embedkit.errors import BackboneError, DatasetError
+from embedkit.errors import BackboneError, ConfigError
 
 
 def _tiny_net(n_classes=3):
@@ -71,8 +71,8 @@ def test_optimizer_rates_per_phase(synth_dataset):
     from embedkit.cnn.data import Clips
 
     _, bb = _tiny_net()
-    clips = Clips(clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False)
-    task = FinetuneTask(clips, bb.torch_module(), bb.spec, bb.weights_id, FinetuneConfig("tiny-test", frozen_epochs=2), TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"])
+    task = FinetuneTask(FinetuneConfig("tiny-test", frozen_epochs=2)).bind(TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"])
+    task.clips = Clips(clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False)
     model = task.build_model()
     assert [task.phase(e) for e in range(4)] == ["frozen", "frozen", "finetune", "finetune"]
     frozen = task.make_optimizer(model, "frozen")
@@ -128,9 +128,9 @@ def test_bad_input(synth_tracks, tmp_path):
         finetune(synth_tracks, "nope", runs_dir=tmp_path)
     with pytest.raises(BackboneError, match="melstats.*no PyTorch module"):
         finetune(synth_tracks, "melstats", runs_dir=tmp_path)
-    with pytest.raises(DatasetError, match="specaugment needs a spectrogram"):
+    with pytest.raises(ConfigError, match="specaugment needs a spectrogram"):
         _ft(synth_tracks, tmp_path, augment=AugmentConfig.parse("specaugment"))
-    with pytest.raises(DatasetError, match="--unfreeze must be"):
+    with pytest.raises(ConfigError, match="unfreeze must be"):
         _ft(synth_tracks, tmp_path, ft=FinetuneConfig("tiny-test", unfreeze="top:0"))
 
 

@@ -20,6 +20,7 @@ SPEC = BackboneSpec(
     weights="random (seed 0), for tests",
     license="MIT",
     description="tiny random CNN for tests and smoke runs; embeddings carry no musical meaning",
+    pretrained=False,
 )
 
 

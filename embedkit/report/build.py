@@ -18,16 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EmbedkitError
+from ..errors import ReportError
 from . import charts
 
 #: backbones that are not pretrained networks (hand-crafted statistics, random test weights).
 NOT_PRETRAINED = {"melstats", "tiny-test", "tiny"}
 DASH = "—"
-
-
-class ReportError(EmbedkitError):
-    """No usable runs, or the report cannot be written."""
 
 
 # ---------------------------------------------------------------------------------------------
