@@ -576,7 +576,7 @@ def run_cmd(
     for i, r in enumerate(sorted(res.runs, key=lambda r: -r.metrics.get("track_accuracy", 0)), 1):
         m = r.metrics
         infer = m.get("inference_ms_per_track")
-        if infer is not None and m.get("kind") == "head":  # end to end: extraction + head
+        if infer is not None and m.get("needs_extraction", m.get("kind") == "head"):  # end to end: extraction + head
             infer = infer + m["extract_ms_per_track"] if m.get("extract_ms_per_track") is not None else None
         acc = pct(m, "track_accuracy") + (f" ± {pct(m, 'track_accuracy_std')}" if m.get("track_accuracy_std") is not None else "")
         table.add_row(

@@ -336,7 +336,7 @@ def fit_head(
     n_segments = len(seg)
     record = RunRecord(
         run_id=run_id, kind="head", name=name, backbone=backbone, head=head,
-        pretrained=spec_pretrained(spec, backbone), trains_backbone=False, needs_extraction=True,
+        pretrained=spec_pretrained(spec, backbone), weights=str(spec.get("weights", "")), trains_backbone=False, needs_extraction=True,
         protocol=pinfo, dataset={**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
         spec=spec, preprocess=smeta["preprocess"], config=config,
         train_seconds=train_seconds, inference_ms_per_track=float(np.mean(infer_ms)), n_params=n_params(model), weights_id=bundle.weights_id,

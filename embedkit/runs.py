@@ -126,6 +126,8 @@ class RunRecord:
     kind: "head" | "cnn" | "finetune" | any new trainer. backbone / head: the representation and
         what is trained on it ("logmel" + "cnn" for the scratch CNN).
     pretrained: the model starts from pretrained weights (``BackboneSpec.pretrained``).
+    weights: where the representation's weights come from (``BackboneSpec.weights``: "none
+        (hand-crafted features)", "random ...", a file or hub id; "trained from scratch").
     trains_backbone: the representation itself is trained (scratch CNN, fine-tuning), rather
         than frozen features with a head on top.
     needs_extraction: inference also pays the backbone's embedding extraction (head runs; their
@@ -139,6 +141,7 @@ class RunRecord:
     backbone: str
     head: str
     pretrained: bool
+    weights: str
     trains_backbone: bool
     needs_extraction: bool
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -169,9 +172,22 @@ class RunRecord:
             d["trains_backbone"] = kind in ("cnn", "finetune")
         if not isinstance(d["needs_extraction"], bool):
             d["needs_extraction"] = kind == "head"
-        if not isinstance(d["pretrained"], bool):
-            d["pretrained"] = spec_pretrained(d["spec"], d["backbone"]) if kind != "cnn" else False
+        if not isinstance(d["pretrained"], bool) or not isinstance(d["weights"], str):
+            reg = registered_spec(d["backbone"], d["spec"])
+            if kind == "cnn":
+                d["pretrained"], d["weights"] = False, "trained from scratch"
+            else:
+                d["pretrained"] = spec_pretrained(d["spec"], d["backbone"])
+                d["weights"] = reg.weights if reg is not None else str(d["spec"].get("weights") or "")
         return cls(**d)
+
+
+def registered_spec(backbone: str, spec: dict[str, Any] | None = None):
+    """The registered BackboneSpec of this name (or of ``spec["name"]``), else None."""
+    from .backbones import list_backbones
+
+    registered = {s.name: s for s in list_backbones()}
+    return registered.get(backbone) or registered.get(str((spec or {}).get("name")))
 
 
 def spec_pretrained(spec: dict[str, Any], backbone: str = "") -> bool:
@@ -179,8 +195,5 @@ def spec_pretrained(spec: dict[str, Any], backbone: str = "") -> bool:
     it from the registered backbone of that name (an unknown backbone counts as pretrained)."""
     if isinstance(spec.get("pretrained"), bool):
         return spec["pretrained"]
-    from .backbones import list_backbones
-
-    registered = {s.name: s for s in list_backbones()}
-    s = registered.get(backbone) or registered.get(str(spec.get("name")))
+    s = registered_spec(backbone, spec)
     return s.pretrained if s is not None else True

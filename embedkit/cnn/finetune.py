@@ -225,7 +225,7 @@ class FinetuneTask(Task):
         from .model import n_params
 
         return {
-            "backbone": self.spec.name, "head": "linear", "pretrained": self.spec.pretrained, "n_params": n_params(model.net),
+            "backbone": self.spec.name, "head": "linear", "pretrained": self.spec.pretrained, "weights": self.spec.weights, "n_params": n_params(model.net),
             "n_segments": sum(len(window_starts(len(w), self.sample_rate, segment_s, segment_s)) for w in clean),
             "spec": plain(self.spec.to_dict()), "weights_id": self.weights_id, "config": {"finetune": asdict(self.ft)},
         }  # fmt: skip

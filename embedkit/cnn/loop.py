@@ -534,7 +534,7 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     n_segments = facts.pop("n_segments")
     record = RunRecord(
         run_id=run_dir.name, kind=task.kind, name=name, backbone=facts.pop("backbone"), head=facts.pop("head"),
-        pretrained=facts.pop("pretrained"), trains_backbone=True, needs_extraction=False,
+        pretrained=facts.pop("pretrained"), weights=facts.pop("weights"), trains_backbone=True, needs_extraction=False,
         protocol={**protocol_dict(protocol, k, train.seed, opts.test_size, tracks), "val_size": train.val_size},
         dataset=dataset_summary(tracks, n_segments), spec=facts.pop("spec"),
         preprocess={"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},

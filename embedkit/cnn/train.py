@@ -93,7 +93,7 @@ class CNNTask(Task):
 
         n_frames = self.feat.n_frames(int(round(segment_s * self.feat.sample_rate)))
         return {
-            "backbone": "logmel", "head": "cnn", "pretrained": False, "n_params": n_params(model.net),
+            "backbone": "logmel", "head": "cnn", "pretrained": False, "weights": "trained from scratch", "n_params": n_params(model.net),
             "macs_per_segment": count_macs(model.net, (1, self.feat.n_mels, n_frames)),
             "n_segments": sum(len(segment_starts(c.shape[-1], self.hop, self.sample_rate, segment_s)[0]) for c in clean),
             "spec": {"features": asdict(self.feat)}, "config": {"model": self.model_cfg.to_dict()},
