@@ -254,13 +254,6 @@ def _train(tracks, tmp_path, **kw):
     return train_cnn(tracks, **opts)
 
 
-@pytest.fixture(scope="module")
-def synth_tracks(synth_dataset):
-    from embedkit.datasets import load_dataset
-
-    return load_dataset(synth_dataset)
-
-
 def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_path):
     full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full")
 

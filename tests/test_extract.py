@@ -322,7 +322,7 @@ def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
 # -- real data ------------------------------------------------------------------------------
 @needs_shared
 def test_real_fma_clip_through_the_fma_layout(tmp_path):
-    from test_datasets import make_fma
+    from helpers import make_fma
 
     csv, audio_dir = make_fma(tmp_path, tracks=[(2, "small", "training", "Hip-Hop", 1, True)], real_mp3=FMA_SAMPLE)
     df = load_dataset(csv, audio_dir=audio_dir)

@@ -95,13 +95,6 @@ def _ft(tracks, tmp_path, **kw):
     return finetune(tracks, "tiny-test", **opts)
 
 
-@pytest.fixture(scope="module")
-def synth_tracks(synth_dataset):
-    from embedkit.datasets import load_dataset
-
-    return load_dataset(synth_dataset)
-
-
 def test_resume_across_the_unfreezing_boundary(synth_tracks, tmp_path):
     full = _ft(synth_tracks, tmp_path, run_dir=tmp_path / "full")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from test_report import check_html
+from helpers import check_html
 
 
 @pytest.fixture(scope="module")

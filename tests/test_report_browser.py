@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_report import make_runs
+from helpers import make_runs
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
