@@ -55,10 +55,10 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
 
 def generate_cache(root: Path, n_clips: int, clip_s: float, n_classes: int = 8) -> tuple[list[np.ndarray], np.ndarray, float]:
     """Generated clips -> float16 log-mel .npy files (the trainer's cache format), memmapped."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from embedkit.cnn.features import FeatureConfig, logmel
     from embedkit.synth import make_clip
-
-    from concurrent.futures import ThreadPoolExecutor
 
     feat = FeatureConfig()
     root.mkdir(parents=True, exist_ok=True)

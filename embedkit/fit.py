@@ -33,7 +33,6 @@ import pandas as pd
 
 from .errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, StoreError
 from .heads import BUNDLE_FILE, HEADS, SEARCH_SPACE, HeadBundle, default_pca, head_config, load_bundle, make_head, n_params, save_bundle
-
 from .runs import PROTOCOLS, choose_protocol  # noqa: F401  (PROTOCOLS: fit's public protocol names)
 
 

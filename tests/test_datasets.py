@@ -1,6 +1,5 @@
 """The three dataset forms (folder, CSV manifest, FMA tracks.csv) give the same track table."""
 
-import os
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import soundfile as sf
 
 from embedkit.datasets import COLUMNS, fma_audio_path, from_fma, load_dataset
 from embedkit.errors import DatasetError, EmbedkitWarning
+
 from helpers import make_fma, write_fma_tracks_csv
+
 
 def write_wav(path: Path, seconds=1.0, sr=8000, freq=440.0):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from conftest import FMA_SAMPLE, GTZAN, needs_shared
 from embedkit import extract as extract_mod
 from embedkit.backbones.base import Backbone, BackboneSpec
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -26,6 +25,8 @@ from embedkit.datasets import load_dataset
 from embedkit.errors import BackboneError, EmbedkitError, StoreError
 from embedkit.extract import extract
 from embedkit.store import Store, find_store
+
+from conftest import FMA_SAMPLE, GTZAN, needs_shared
 
 PREP10 = PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 5.0))  # 2 segments per clip
 

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import GTZAN, needs_shared
 from embedkit.backbones import get_spec
 from embedkit.cli import app
 from embedkit.config import PreprocessConfig, SegmentConfig
@@ -18,6 +17,8 @@ from embedkit.evaluate import aggregate
 from embedkit.fit import fit_head, predict_store
 from embedkit.heads import load_bundle
 from embedkit.store import Store
+
+from conftest import GTZAN, needs_shared
 
 runner = CliRunner()
 

@@ -11,10 +11,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DATA, GOLDEN, needs_shared
 
 from embedkit.backbones.tfcheckpoint import TFCheckpoint, crc32c, unmask_crc
 from embedkit.errors import ModelLoadingError
+
+from conftest import DATA, GOLDEN, needs_shared
 
 HAS_MUSICNN = importlib.util.find_spec("musicnn") is not None
 needs_musicnn = pytest.mark.skipif(not HAS_MUSICNN, reason="musicnn wheel not installed: pip install --no-deps musicnn==0.1.0")

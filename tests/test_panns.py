@@ -3,7 +3,6 @@ checkpoint resolution/verification, and the CLI end to end with random weights."
 
 import hashlib
 import importlib.util
-import os
 import sys
 import types
 import zipfile

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
