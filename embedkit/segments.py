@@ -1,4 +1,5 @@
-"""The one windowing function, shared by extraction, CNN training, batch tagging and streaming."""
+"""The one windowing function: extraction and CNN training/evaluation cut clips with it, and
+the deployment stage (batch tagging, streaming) is designed to use it too."""
 
 from __future__ import annotations
 

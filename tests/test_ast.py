@@ -61,6 +61,7 @@ def reference(d, x, head: bool):
         return model(**inputs).pooler_output.numpy(), None
 
 
+@pytest.mark.slow
 def test_parity_with_transformers(tiny_dir):
     x = audio()
     bb = load_backbone("ast", checkpoint=str(tiny_dir))

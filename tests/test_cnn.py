@@ -17,6 +17,7 @@ from embedkit.cnn import augment as A
 from embedkit.cnn.data import Clips, CropConfig, n_batches, segment_starts, train_batches
 from embedkit.cnn.features import ClipCache, FeatureConfig, Normalizer, logmel, logmel_cache, raise_failures
 from embedkit.cnn.model import CNNConfig, build_cnn, count_macs, load_model, save_model
+from embedkit.cnn.train import TrainConfig
 from embedkit.config import AudioConfig
 from embedkit.errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, ModelLoadingError
 
@@ -243,7 +244,7 @@ def test_model_file_rebuilds_from_the_file_alone(tmp_path):
 
 
 def _train(tracks, tmp_path, **kw):
-    from embedkit.cnn.train import TrainConfig, train_cnn
+    from embedkit.cnn.train import train_cnn
 
     opts = dict(
         cv=None, train=TrainConfig(epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"), channels=(4, 8),
@@ -254,6 +255,7 @@ def _train(tracks, tmp_path, **kw):
     return train_cnn(tracks, **opts)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_path):
     full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full")
 
@@ -289,6 +291,37 @@ def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_pa
         _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", resume=True, channels=(4, 16))
     with pytest.raises(EmbedkitError, match="already holds a run"):
         _train(synth_tracks, tmp_path, run_dir=tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_cv_run_deploys_a_model_trained_on_every_track_and_resumes_it(synth_tracks, tmp_path):
+    """After CV, model.pt is one network trained on every track for the median of the folds'
+    best epochs (the folds' models stay for evaluation); an interruption inside that final fit
+    resumes to the same weights."""
+    kw = dict(cv=2, train=TrainConfig(epochs=3, batch_size=4, patience=1), augment=A.AugmentConfig(), threads=1)
+    full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full", **kw)
+    m, d = full.metrics, full.metrics["deployed_model"]
+    best = [f["best_epoch"] for f in m["folds"]]
+    assert d["evaluated"] is False and d["source"] == "models/final.pt" and d["n_train_tracks"] == len(synth_tracks) == 20
+    assert d["epochs"] == max(1, int(np.ceil(np.median(best)))) and m["final_fit_seconds"] == d["train_seconds"] > 0
+    assert (full.run_dir / "model.pt").read_bytes() == (full.run_dir / "models" / "final.pt").read_bytes()
+    assert sorted(p.name for p in (full.run_dir / "models").iterdir()) == ["final.pt", "fold0.pt", "fold1.pt"]
+    final = torch.load(full.run_dir / "model.pt", weights_only=True)
+    assert final["fold"] == "final" and final["train_config"]["epochs"] == d["epochs"]
+    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(synth_tracks["path"].tolist())
+    np.testing.assert_allclose(final["normalizer"]["mean"], Normalizer("standard").fit(specs).mean, rtol=1e-9)  # every track
+    assert list(m["learning_curves"]) == ["fold0", "fold1"]  # the scores are the folds'
+
+    def stop_in_final(e):
+        if e["event"] == "epoch" and e["fold"] == "final":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", progress=stop_in_final, **kw)
+    assert (tmp_path / "cut" / "checkpoints" / "final.pt").exists() and not (tmp_path / "cut" / "model.pt").exists()
+    resumed = _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", resume=True, **kw)
+    a, b = final["state_dict"], torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_input_one_class_too_few_clips_short_clips(synth_tracks, synth_dataset, tmp_path):

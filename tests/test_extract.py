@@ -135,6 +135,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_corrupt_or_duplicate_rows_and_resumes(tmp_path, tracks, synth_dataset):
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(synth_dataset), str(cache)], stderr=subprocess.PIPE)
@@ -304,6 +305,7 @@ def test_argument_errors(tmp_path, tracks):
         extract(tracks, "tiny-test", cache=tmp_path, batch_size=0)
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
     pytest.importorskip("distributed")
     from embedkit.distributed import dask_client

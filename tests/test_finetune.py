@@ -141,6 +141,7 @@ def test_cli_finetune_end_to_end(synth_dataset, tmp_path):
     assert bad.exit_code == 1 and "unknown backbone 'nope'" in bad.output and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_musicnn_blocks_and_one_training_step():
     pytest.importorskip("musicnn", reason="musicnn wheel (weights) not installed")
     from embedkit.backbones import load_backbone

@@ -425,6 +425,7 @@ def test_store_errors_are_store_errors(tmp_path):
 # real data (small): 4 gtzan genres, 10 s of each clip, melstats, 5-fold CV
 
 
+@pytest.mark.slow
 @needs_shared
 def test_gtzan_subset_melstats_lr_is_well_above_chance(tmp_path):
     from embedkit.config import AudioConfig

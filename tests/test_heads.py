@@ -115,6 +115,7 @@ def test_holdout_indices_keep_groups_whole(rng):
     assert sorted(np.concatenate([tr, va])) == list(range(len(y)))
 
 
+@pytest.mark.slow
 def test_mlp_learns_what_a_linear_head_cannot(rng):
     X = rng.uniform(-1, 1, (3000, 2)).astype(np.float32)
     y = np.where(X[:, 0] * X[:, 1] > 0, "a", "b")  # XOR: no linear separation

@@ -169,6 +169,7 @@ def test_weights_id_is_sha256_of_the_data_file(models):
         assert bb.weights_id == sha[:12]
 
 
+@pytest.mark.slow
 @needs_shared
 @needs_golden
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: p.stem)
@@ -316,6 +317,7 @@ def test_pruned_plan_equals_full_network_and_guard_falls_back(models):
         assert 0 < n_live < sum(w.shape[0] for w in net.front_w)  # something was pruned
 
 
+@pytest.mark.slow
 @needs_musicnn
 def test_torch_module_fine_tuning_semantics(models):
     """torch_module(): waveform -> 200-d, taggram head exposed, BN keeps inference statistics in

@@ -63,6 +63,7 @@ def load_reference_models(monkeypatch, tmp_path):
     return mod
 
 
+@pytest.mark.slow
 def test_parity_with_panns_inference_cnn14(cnn14_ckpt, cnn14, clean_home, monkeypatch, tmp_path):
     ref_models = load_reference_models(monkeypatch, tmp_path)
     ref = ref_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
@@ -237,6 +238,7 @@ def test_packaged_labels_equal_shared_copy():
         assert panns.audioset_labels() == [r["display_name"] for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, monkeypatch):
     from embedkit import audio
     from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -260,6 +262,7 @@ def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, mon
 # --------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_extract_cnn14_end_to_end(cli, cnn14_ckpt, cnn14, synth_dataset, tmp_path, clean_home):
     from embedkit.store import Store
 

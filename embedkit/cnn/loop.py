@@ -8,7 +8,8 @@ fold (``run_folds`` -> ``fit_fold``), time inference from the audio file, and wr
 ``metrics.json`` last. A :class:`Task` says what differs: the cached representation, the
 network, its optimizer phases and its model file (``train.CNNTask``, ``finetune.FinetuneTask``).
 
-``fit_fold``: build the model, resume from the fold's checkpoint if there is one, then per
+After cross-validation, ``fit_final`` trains the deployable model on every labelled track
+(heads do the same in ``fit``). ``fit_fold``: build the model, resume from the fold's checkpoint if there is one, then per
 epoch: train on crops (prefetched in a thread), validate on fixed segments with the track
 vote, checkpoint atomically, stop early when the validation loss has not improved for
 ``patience`` epochs, and finally restore the best epoch's weights.
@@ -24,8 +25,12 @@ Run directory ``runs/<run-id>/``::
     checkpoints/<fold>.pt     last finished epoch of an unfinished fold (removed when the fold ends)
     checkpoints/<fold>.done.pt test predictions of a finished fold (a resumed run skips the fold)
     models/<fold>.pt          each fold's best network with its configs (``load_model`` rebuilds it)
-    model.pt                  the first fold's model (the only one for holdout / split)
-    metrics.json              written last: the run is complete once it exists
+    models/final.pt           after CV: one network trained on every labelled track for the
+                              median of the folds' best epochs (``fit_final``; resumable too)
+    model.pt                  the deployable model: models/final.pt after CV, the only fold's
+                              model for holdout / split (metrics.json "deployed_model" says which)
+    metrics.json              written last: the run is complete once it exists; its scores are
+                              the folds' (the evaluated models/<fold>.pt)
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -368,9 +373,10 @@ def check_folds(folds, val_size: float) -> None:
             raise DatasetError(f"{f.name}: no validation tracks for early stopping; use more clips or val_size 0")
 
 
-def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir: Path, identity: str, progress: Progress | None = None):
+def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir: Path, identity: str, progress: Progress | None = None, n_fits: int | None = None):
     """Train every fold (skipping finished ones), evaluate on its test part with the track
-    vote, write each fold's model. Returns (Evaluation, learning curves, training seconds)."""
+    vote, write each fold's model. ``n_fits``: fits the progress total counts (the folds, plus
+    a final model). Returns (Evaluation, learning curves, training seconds)."""
     import torch
 
     from ..evaluate import Evaluation
@@ -384,7 +390,7 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
     ev = Evaluation(task.labels)
     curves, seconds = {}, 0.0
     if progress:  # every event says how many folds there are (for the progress bar's total)
-        progress = (lambda report: lambda e: report({**e, "n_folds": len(folds)}))(progress)
+        progress = (lambda report, n: lambda e: report({**e, "n_folds": n}))(progress, n_fits or len(folds))
     for fi, f in enumerate(folds):
         done_path = ckpt_dir / f"{f.name}.done.pt"
         if done_path.exists():
@@ -417,13 +423,44 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
         curves[f.name] = d["history"]
         seconds += d["seconds"]
         if progress:
-            progress({"event": "fold_done", "fold": f.name, "fold_index": fi, "n_folds": len(folds), **rec})
+            progress({"event": "fold_done", "fold": f.name, "fold_index": fi, **rec})
     return ev, curves, seconds
 
 
+#: name of the model trained on every track after cross-validation
+FINAL = "final"
 
 
-def model_payload(task: Task, model, fold: str) -> dict[str, Any]:
+def deployable_epochs(best_epochs: Sequence[int]) -> int:
+    """Epoch budget of the model trained on every track after CV: the median of the folds'
+    best epochs (rounded up; at least 1). The folds' validation parts chose it; the final model
+    has no validation part to stop on."""
+    return max(1, int(math.ceil(float(np.median(best_epochs)))))
+
+
+def fit_final(task: Task, tracks: pd.DataFrame, cfg: TrainConfig, epochs: int, fold_index: int, run_dir: Path, identity: str, progress: Progress | None = None) -> dict[str, Any]:
+    """After cross-validation: one model on every labelled track for ``epochs`` epochs (no
+    validation part: the last epoch is kept), written as ``models/final.pt``. Resumable like a
+    fold (``checkpoints/final.pt`` per epoch, ``final.done.pt`` when finished). Returns
+    {epochs, seconds, n_train}."""
+    from .model import save_model
+
+    ckpt_dir = run_dir / "checkpoints"
+    done_path = ckpt_dir / f"{FINAL}.done.pt"
+    if done_path.exists():
+        return load_checkpoint(done_path, identity)
+    idx = np.arange(len(tracks))
+    final_cfg = replace(cfg, epochs=epochs)
+    task.prepare_fold(idx)
+    fit = fit_fold(task, fold_index, FINAL, idx, np.zeros(0, dtype=np.int64), final_cfg, ckpt_dir, identity, progress)
+    save_model(run_dir / "models" / f"{FINAL}.pt", model_payload(task, fit.model, FINAL, final_cfg))
+    d = {"identity": identity, "epochs": epochs, "seconds": fit.seconds, "n_train": len(idx)}
+    _atomic_torch_save(d, done_path)
+    (ckpt_dir / f"{FINAL}.pt").unlink(missing_ok=True)
+    return d
+
+
+def model_payload(task: Task, model, fold: str, cfg: TrainConfig | None = None) -> dict[str, Any]:
     """A fold's model file: the task's fields, the weights and every config that made them
     (nanoGPT's checkpoint-holds-config: ``load_model`` / ``load_finetuned`` rebuild from it)."""
     from ..io import plain, versions
@@ -435,7 +472,7 @@ def model_payload(task: Task, model, fold: str) -> dict[str, Any]:
         "labels": list(task.labels),
         "audio": asdict(task.audio_cfg),
         "segment_s": task.cfg.segment_s,
-        "train_config": asdict(task.cfg),
+        "train_config": asdict(cfg or task.cfg),
         "augment": plain(task.aug.to_dict()),
         "fold": fold,
         "versions": {k: str(v) for k, v in versions().items()},  # plain str: weights_only loading
@@ -525,7 +562,18 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     )  # fmt: skip
     cache_seconds = time.perf_counter() - t_cache
 
-    ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, progress)
+    final = protocol == "cv"  # the deployable model: every track, after the folds
+    ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, progress, len(folds) + final)
+    if final:
+        epochs = deployable_epochs([f["best_epoch"] for f in ev.folds])
+        fin = fit_final(task, tracks, train, epochs, len(folds), run_dir, ident_hash, progress and (lambda e: progress({**e, "n_folds": len(folds) + 1})))
+        deployed = {
+            "file": "model.pt", "source": f"models/{FINAL}.pt", "evaluated": False, "n_train_tracks": fin["n_train"], "epochs": fin["epochs"],
+            "epochs_rule": "median of the folds' best epochs", "train_seconds": fin["seconds"],
+            "note": "trained on every labelled track after CV; the metrics are the CV estimate of this procedure (models/<fold>.pt are the evaluated fold models)",
+        }  # fmt: skip
+    else:
+        deployed = {"file": "model.pt", "source": f"models/{folds[0].name}.pt", "evaluated": True, "n_train_tracks": len(folds[0].train) + len(folds[0].val), "note": f"the evaluated model of the {protocol}"}
 
     # Inference cost from the file: decode + front end + fixed segments + forward + vote.
     model = task.load(run_dir / "models" / f"{folds[0].name}.pt")
@@ -545,5 +593,6 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     metrics = {
         **record.to_dict(), "cache_seconds": cache_seconds, "threads": n_threads, **facts,
         "inference_note": inference_note(task.inference_steps, audio_cfg.clip_s, train.segment_s), "skipped": skipped,
+        "final_fit_seconds": deployed.get("train_seconds", 0.0), "deployed_model": deployed,
     }  # fmt: skip
-    return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, folds[0].name))
+    return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, FINAL if final else folds[0].name))

@@ -52,12 +52,13 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
     return run_dir
 
 
-def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
-    """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
+def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str) -> dict[str, Any]:
+    """Copy ``models/<deployed>.pt`` (the final model after CV, else the only fold's) to
+    model.pt and write metrics.json (the completion mark)."""
     from ..evaluate import write_metrics
     from ..io import atomic_write
 
-    with open(run_dir / "models" / f"{first_fold}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
+    with open(run_dir / "models" / f"{deployed}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
         atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))
     m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
     write_metrics(run_dir, m)
