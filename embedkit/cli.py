@@ -550,6 +550,8 @@ def run_cmd(
     over = {"backbones": _csv_option(backbones), "heads": _csv_option(heads), "cv": cv, "test_size": test_size, "cnn": cnn, "clip_s": clip, "seed": seed}
     plan = RunPlan.quick_plan(**over) if quick else replace(RunPlan(), **{k: v for k, v in over.items() if v is not None})
     if cnn_epochs is not None:
+        if cnn_epochs < 1:
+            _fail("--cnn-epochs must be >= 1")
         plan = replace(plan, cnn_train=replace(plan.cnn_train, epochs=cnn_epochs))
     if finetune:
         ft = finetune_backbone or next((b for b in plan.backbones if b != "melstats"), None)

@@ -285,12 +285,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def load_checkpoint(path: Path, identity: str) -> dict[str, Any]:
     """A fold checkpoint (``<fold>.pt`` or ``<fold>.done.pt``) of this run's configuration."""
-    import torch
+    from .model import read_torch_file
 
-    try:
-        c = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EmbedkitError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it to redo the fold") from None
+    c = read_torch_file(path, "unreadable checkpoint", EmbedkitError, "; delete it to redo the fold")
     if not isinstance(c, dict) or c.get("identity") != identity:
         raise ConfigMismatchError(f"{path}: checkpoint from a different configuration; resume with the original options and data, or start a new run")
     return c

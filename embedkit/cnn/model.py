@@ -144,16 +144,22 @@ def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> int:
     return path.stat().st_size
 
 
-def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_torch_file(path: str | os.PathLike, unreadable: str, error=ModelLoadingError, hint: str = ""):
+    """``torch.load`` (weights only: nothing in the file is executed) of a file embedkit wrote,
+    or one line: "<path>: <unreadable> (<exception type>)<hint>"."""
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"{path}: {unreadable} ({type(exc).__name__}){hint}") from None
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ModelLoadingError(f"{path}: model file not found")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadingError(f"{path}: not a readable embedkit model file ({type(exc).__name__})") from None
+    d = read_torch_file(path, "not a readable embedkit model file")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelLoadingError(f"{path}: not an embedkit CNN / fine-tune model file")
     return d

@@ -324,24 +324,21 @@ class RunView:
     def needs_extraction(self) -> bool:
         return self.record.needs_extraction
 
+    def _with_extraction(self, own: float | None, extraction: float | None) -> float | None:
+        """A run's own cost plus the extraction cost when the model needs embeddings (None
+        when either part is unknown)."""
+        if own is None or not self.needs_extraction:
+            return own
+        return own + extraction if extraction is not None else None
+
     @property
     def infer_ms_total(self) -> float | None:
         """End-to-end inference per track: extraction (when the model needs it) + model."""
-        inf = self.get("inference_ms_per_track")
-        if inf is None:
-            return None
-        if self.needs_extraction:
-            return inf + self.extract_ms if self.extract_ms is not None else None
-        return inf
+        return self._with_extraction(self.get("inference_ms_per_track"), self.extract_ms)
 
     @property
     def build_s_total(self) -> float | None:
-        tr = self.get("train_seconds")
-        if tr is None:
-            return None
-        if self.needs_extraction:
-            return tr + self.extract_s if self.extract_s is not None else None
-        return tr
+        return self._with_extraction(self.get("train_seconds"), self.extract_s)
 
 
 def protocol_text(p: dict) -> str:
