@@ -84,7 +84,7 @@ def run_epoch(clips, idx, aug, model_cfg, batch: int = 16, crop_s: float = 5.0, 
 
     from embedkit.cnn.data import CropConfig, Prefetch, train_batches
     from embedkit.cnn.model import build_cnn
-    from embedkit.cnn.train import train_epoch
+    from embedkit.cnn.loop import train_epoch
 
     torch.manual_seed(seed)
     net = build_cnn(model_cfg)
@@ -105,7 +105,7 @@ def time_steps(model_cfg, steps: int, n_frames: int = 431, batch: int = 16) -> f
     import torch
 
     from embedkit.cnn.model import build_cnn
-    from embedkit.cnn.train import soft_cross_entropy
+    from embedkit.cnn.loop import soft_cross_entropy
 
     net = build_cnn(model_cfg).train()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
