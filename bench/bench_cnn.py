@@ -83,8 +83,8 @@ def run_epoch(clips, idx, aug, model_cfg, batch: int = 16, crop_s: float = 5.0, 
     import torch
 
     from embedkit.cnn.data import CropConfig, Prefetch, train_batches
-    from embedkit.cnn.model import build_cnn
     from embedkit.cnn.loop import train_epoch
+    from embedkit.cnn.model import build_cnn
 
     torch.manual_seed(seed)
     net = build_cnn(model_cfg)
@@ -104,8 +104,8 @@ def time_steps(model_cfg, steps: int, n_frames: int = 431, batch: int = 16) -> f
     """Seconds per training step on a fixed random batch (no data pipeline)."""
     import torch
 
-    from embedkit.cnn.model import build_cnn
     from embedkit.cnn.loop import soft_cross_entropy
+    from embedkit.cnn.model import build_cnn
 
     net = build_cnn(model_cfg).train()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
