@@ -570,7 +570,7 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
             "note": "trained on every labelled track after CV; the metrics are the CV estimate of this procedure (models/<fold>.pt are the evaluated fold models)",
         }  # fmt: skip
     else:
-        deployed = {"file": "model.pt", "source": f"models/{folds[0].name}.pt", "evaluated": True, "n_train_tracks": len(folds[0].train) + len(folds[0].val), "note": f"the evaluated model of the {protocol}"}
+        deployed = {"file": "model.pt", "source": f"models/{folds[0].name}.pt", "evaluated": True, "n_train_tracks": len(folds[0].train), "n_val_tracks": len(folds[0].val), "note": f"the evaluated model of the {protocol}"}
 
     # Inference cost from the file: decode + front end + fixed segments + forward + vote.
     model = task.load(run_dir / "models" / f"{folds[0].name}.pt")
