@@ -103,10 +103,10 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
             frames = clip_windows(bb.spec.sample_rate, seg)
             if args.quick:  # 2 windows after a 1-window warm-up, scaled to the clip (linear cost)
                 bb.embed(frames[:1])
-                s = best_time(lambda: bb.embed(frames[:2]), 1, warmup=False) * len(frames) / 2
+                s = best_time(lambda bb=bb, frames=frames: bb.embed(frames[:2]), 1, warmup=False) * len(frames) / 2
                 note = (note + "; " if note else "") + "quick: 2 windows scaled"
             else:
-                s = best_time(lambda: bb.embed(frames), args.repeat)
+                s = best_time(lambda bb=bb, frames=frames: bb.embed(frames), args.repeat)
             rows.append({"backbone": spec.name, "segment_s": seg, "windows": len(frames), "s_per_clip": s, "note": note})
             print(f"{spec.name:<14}{len(frames):>8}{s:>10.3f}{CLIP_S / s:>12.1f}  {note}")
     if "ast" in loaded:
@@ -172,7 +172,7 @@ def floor(args, bb) -> dict:
     t_mm = best_time(lambda: a @ a, max(args.repeat, 2))
     mm_gflops = 2 * 2048**3 / t_mm / 1e9
     frames = clip_windows(32000, 10.0)
-    t = best_time(lambda: bb.embed(frames), args.repeat)
+    t = best_time(lambda bb=bb, frames=frames: bb.embed(frames), args.repeat)
     achieved = flops10 * len(frames) / t / 1e9
     print(f"\n(3) Cnn14 physical floor, {args.cores} cores")
     print(f"  counted: {flops10 / 2e9:.1f} G multiply-adds = {flops10 / 1e9:.1f} GFLOP per 10 s (PANNs paper: ~42 G)")

@@ -55,10 +55,10 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
 
 def generate_cache(root: Path, n_clips: int, clip_s: float, n_classes: int = 8) -> tuple[list[np.ndarray], np.ndarray, float]:
     """Generated clips -> float16 log-mel .npy files (the trainer's cache format), memmapped."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from embedkit.cnn.features import FeatureConfig, logmel
     from embedkit.synth import make_clip
-
-    from concurrent.futures import ThreadPoolExecutor
 
     feat = FeatureConfig()
     root.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,8 @@ def run_epoch(clips, idx, aug, model_cfg, batch: int = 16, crop_s: float = 5.0, 
     import torch
 
     from embedkit.cnn.data import CropConfig, Prefetch, train_batches
+    from embedkit.cnn.loop import train_epoch
     from embedkit.cnn.model import build_cnn
-    from embedkit.cnn.train import train_epoch
 
     torch.manual_seed(seed)
     net = build_cnn(model_cfg)
@@ -104,8 +104,8 @@ def time_steps(model_cfg, steps: int, n_frames: int = 431, batch: int = 16) -> f
     """Seconds per training step on a fixed random batch (no data pipeline)."""
     import torch
 
+    from embedkit.cnn.loop import soft_cross_entropy
     from embedkit.cnn.model import build_cnn
-    from embedkit.cnn.train import soft_cross_entropy
 
     net = build_cnn(model_cfg).train()
     opt = torch.optim.Adam(net.parameters(), 1e-3)

@@ -1,7 +1,8 @@
 """Audio ingestion: decode -> float32 mono -> resample (soxr) -> fixed clip length.
 
-Every stage (extraction, CNN features, tagging, streaming) goes through this module so that
-training and deployment see exactly the same samples.
+Every stage goes through this module (extraction and the CNN caches today; the deployment
+stage's tagging and streaming by design) so that training and deployment see exactly the same
+samples.
 
     >>> clips = load("a.mp3", [16000, 22050])   # doctest: +SKIP  (one decode, two rates)
     >>> clips[16000].shape                     # doctest: +SKIP

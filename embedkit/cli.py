@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -25,15 +26,29 @@ def _fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
+#: config fields whose command-line option is not ``--<field with dashes>``
+OPTION_NAMES = {"clip_s": "--clip", "segment_s": "--segment", "crop_min_s": "--crop-min", "crop_max_s": "--crop-max", "wave_mode": "--wave-aug", "p": "--aug-p"}
+
+
+def option_message(exc) -> str:
+    """A ConfigError's message with the config field it starts with shown as the CLI option."""
+    msg, name = str(exc), getattr(exc, "field", None)
+    if name and msg.startswith(name):
+        return OPTION_NAMES.get(name, "--" + name.replace("_", "-")) + msg[len(name) :]
+    return msg
+
+
 def handle_errors(fn):
     """Turn library errors into one clear line and a non-zero exit; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import EmbedkitError
+        from .errors import ConfigError, EmbedkitError
 
         try:
             return fn(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(option_message(exc))
         except EmbedkitError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -307,18 +322,6 @@ def _training_progress(title: str, announce_run_dir: bool = True):
     return prog, callback
 
 
-def _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip=1, lr_schedule="constant", weight_decay=0.0):
-    from .cnn.augment import AugmentConfig
-    from .cnn.train import TrainConfig
-
-    train = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, val_size=val_size, crop=crop, crop_min_s=crop_min, crop_max_s=crop_max, segment_s=segment, normalize=normalize, seed=seed,
-        crops_per_clip=crops_per_clip, lr_schedule=lr_schedule, weight_decay=weight_decay,
-    )  # fmt: skip
-    train.validate()
-    return train, AugmentConfig.parse(augment, wave_mode=wave_aug, pool_size=pool_size, mixup_alpha=mixup_alpha, p=aug_p)
-
-
 def _print_run(res) -> None:
     m = res.metrics
     std = f" +/- {m['track_accuracy_std']:.3f}" if "track_accuracy_std" in m else ""
@@ -336,15 +339,12 @@ def _print_run(res) -> None:
 _AUG_HELP = "augmentations: none, all, or a comma list of noise,gain,stretch,pitch,shift,specaugment,mixup"
 
 
-@app.command("train-cnn")
-@handle_errors
-def train_cnn_cmd(
+def _shared_training_options(
     data: Path = typer.Argument(..., help="folder <label>/<file>, CSV manifest, or FMA tracks.csv"),
     cv: Optional[int] = typer.Option(None, "--cv", help="stratified K-fold CV (default: the dataset split, else an 80/20 holdout)"),
     test_size: float = typer.Option(0.2, help="holdout test fraction"),
     epochs: int = typer.Option(50, help="maximum epochs (early stopping on the validation loss)"),
     batch_size: int = typer.Option(16),
-    lr: float = typer.Option(1e-3, help="Adam learning rate"),
     lr_schedule: str = typer.Option("constant", help="constant | cosine (decays to 0 over --epochs)"),
     weight_decay: float = typer.Option(0.0, help="Adam weight decay"),
     patience: int = typer.Option(10, help="epochs without a better validation loss before stopping"),
@@ -354,31 +354,125 @@ def train_cnn_cmd(
     crop_max: float = typer.Option(5.0, help="longest random crop, seconds"),
     crops_per_clip: int = typer.Option(1, help="random crops of each clip per epoch"),
     segment: float = typer.Option(5.0, help="evaluation segment length, seconds"),
-    normalize: str = typer.Option("standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"),
     augment: str = typer.Option("none", help=_AUG_HELP),
     wave_aug: str = typer.Option("pool", help="waveform augmentation: pool (pre-augmented variants) | online"),
     pool_size: int = typer.Option(4, help="pre-augmented variants per clip (pool mode)"),
     aug_p: float = typer.Option(0.5, help="probability of each waveform augmentation"),
     mixup_alpha: float = typer.Option(0.2, help="mixup Beta(alpha, alpha)"),
-    channels: str = typer.Option("32,64,128,128", help="filters per conv block"),
-    dropout: float = typer.Option(0.5),
-    block_order: str = typer.Option("conv-pool-bn-relu", help="conv-pool-bn-relu (faster on CPU) | conv-bn-relu-pool"),
     seed: int = typer.Option(0),
     clip: float = typer.Option(30.0, help="clip length every file is brought to, seconds"),
     runs: Path = typer.Option(Path("runs"), help="folder for run directories"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory (same options)"),
-    cache: Path = typer.Option(Path("cache"), help="feature cache root"),
+    cache: Path = typer.Option(Path("cache"), help="clip cache root"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     workers: Optional[int] = typer.Option(None, help="decode threads for caching"),
     skip_bad: bool = typer.Option(False, help="drop unusable clips (unreadable, too short) instead of stopping"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
     subset: str = typer.Option("small", help="FMA subset"),
-    name: Optional[str] = typer.Option(None, help="run name in metrics.json (default cnn-scratch[+aug])"),
+    name: Optional[str] = typer.Option(None, help="run name in metrics.json (default: cnn-scratch / finetune-<backbone>, + augmentations)"),
+):
+    """The options train-cnn and finetune share (one block: a new training option is one
+    parameter here and one field of TrainConfig / AugmentConfig / RunOptions)."""
+
+
+@dataclass
+class TrainingArgs:
+    """The shared options, parsed: what a training command passes to its library call."""
+
+    train: Any  # cnn.loop.TrainConfig
+    augment: Any  # cnn.augment.AugmentConfig
+    audio: Any  # config.AudioConfig
+    run: dict[str, Any]  # cnn.loop.RunOptions fields
+    load_tracks: Callable[[], Any] = field(repr=False, default=lambda: None)
+
+    @functools.cached_property
+    def tracks(self):
+        """The dataset's track table, read on first use (after the command checked its options)."""
+        return self.load_tracks()
+
+
+def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
+    from .cnn.augment import AugmentConfig
+    from .cnn.loop import TrainConfig
+    from .config import AudioConfig
+
+    train = TrainConfig(
+        epochs=o["epochs"], batch_size=o["batch_size"], lr_schedule=o["lr_schedule"], weight_decay=o["weight_decay"], patience=o["patience"],
+        val_size=o["val_size"], crop=o["crop"], crop_min_s=o["crop_min"], crop_max_s=o["crop_max"], crops_per_clip=o["crops_per_clip"],
+        segment_s=o["segment"], seed=o["seed"], **fixed,
+    )  # fmt: skip
+    train.validate()
+    aug = AugmentConfig.parse(o["augment"], wave_mode=o["wave_aug"], pool_size=o["pool_size"], mixup_alpha=o["mixup_alpha"], p=o["aug_p"])
+    run = {
+        "cv": o["cv"], "test_size": o["test_size"], "runs_dir": o["runs"], "run_dir": o["resume"], "resume": o["resume"] is not None,
+        "cache": o["cache"], "threads": o["threads"], "workers": o["workers"], "skip_bad": o["skip_bad"], "name": o["name"],
+    }  # fmt: skip
+    return TrainingArgs(train, aug, AudioConfig(clip_s=o["clip"]), run, lambda: _load_tracks(o["data"], o["audio_dir"], o["subset"]))
+
+
+def training_command(fixed: dict[str, Any] | None = None, **defaults):
+    """Give a command the shared training options beside its own: the command is called as
+    ``fn(args: TrainingArgs, **its own options)``. ``defaults``: this command's defaults of
+    shared options; ``fixed``: TrainConfig fields the command does not expose."""
+    import inspect
+    import typing
+    from copy import copy
+
+    shared_sig = inspect.signature(_shared_training_options)
+    shared_hints = typing.get_type_hints(_shared_training_options)
+
+    def deco(fn):
+        own_sig = inspect.signature(fn)
+        own_hints = typing.get_type_hints(fn)
+        own = [p for n, p in own_sig.parameters.items() if n != "args"]
+        shared = []
+        for n, p in shared_sig.parameters.items():
+            info = p.default
+            if n in defaults:
+                info = copy(info)
+                info.default = defaults[n]
+            shared.append(p.replace(default=info, annotation=shared_hints[n]))
+        params = [shared[0], *(p.replace(annotation=own_hints.get(p.name, p.annotation)) for p in own), *shared[1:]]
+        names = [p.name for p in shared]
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            o = {n: kw.pop(n) for n in names}
+            return fn(_training_args(o, fixed or {}), **kw)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer reads __signature__, not the inner function's
+        return wrapper
+
+    return deco
+
+
+def _train(title: str, call) -> None:
+    """Run a training library call under the training progress bar; print the run's summary."""
+    prog, cb = _training_progress(title)
+    try:
+        res = call(cb)
+    finally:
+        prog.stop()
+    _print_run(res)
+
+
+@app.command("train-cnn")
+@handle_errors
+@training_command()
+def train_cnn_cmd(
+    args: TrainingArgs,
+    lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    normalize: str = typer.Option("standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"),
+    channels: str = typer.Option("32,64,128,128", help="filters per conv block"),
+    dropout: float = typer.Option(0.5),
+    block_order: str = typer.Option("conv-pool-bn-relu", help="conv-pool-bn-relu (faster on CPU) | conv-bn-relu-pool"),
 ):
     """Train the log-mel CNN from scratch; writes runs/<run-id>/ (metrics.json, model.pt)."""
-    from .cnn.features import FeatureConfig
+    from dataclasses import replace
+
     from .cnn.train import train_cnn
-    from .config import AudioConfig
 
     try:
         chans = tuple(int(c) for c in channels.split(",") if c.strip())
@@ -386,79 +480,30 @@ def train_cnn_cmd(
         _fail(f"--channels must be comma-separated integers, got {channels!r}")
     if not chans or min(chans) < 1:
         _fail("--channels needs at least one positive filter count")
-    if block_order not in ("conv-pool-bn-relu", "conv-bn-relu-pool"):
-        _fail(f"--block-order must be conv-pool-bn-relu or conv-bn-relu-pool, got {block_order!r}")
-    train, aug = _training_configs(epochs, batch_size, lr, patience, val_size, crop, crop_min, crop_max, segment, normalize, seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip, lr_schedule, weight_decay)
-    tracks = _load_tracks(data, audio_dir, subset)
-    prog, cb = _training_progress("train-cnn")
-    try:
-        res = train_cnn(
-            tracks, cv=cv, test_size=test_size, train=train, channels=chans, dropout=dropout, block_order=block_order,
-            features=FeatureConfig(), audio_cfg=AudioConfig(clip_s=clip), augment=aug, runs_dir=runs, run_dir=resume,
-            resume=resume is not None, cache=cache, threads=threads, workers=workers, skip_bad=skip_bad, name=name, progress=cb,
-        )  # fmt: skip
-    finally:
-        prog.stop()
-    _print_run(res)
+    train = replace(args.train, lr=lr, normalize=normalize)
+    train.validate()
+    _train("train-cnn", lambda cb: train_cnn(args.tracks, train=train, channels=chans, dropout=dropout, block_order=block_order, audio_cfg=args.audio, augment=args.augment, progress=cb, **args.run))
 
 
 @app.command("finetune")
 @handle_errors
+@training_command(fixed={"normalize": "none"}, epochs=20, patience=5, wave_aug="online")
 def finetune_cmd(
-    data: Path = typer.Argument(..., help="folder <label>/<file>, CSV manifest, or FMA tracks.csv"),
+    args: TrainingArgs,
     backbone: str = typer.Option(..., "--backbone", "-b", help="a registered PyTorch backbone (see `embedkit models`)"),
-    cv: Optional[int] = typer.Option(None, "--cv", help="stratified K-fold CV (default: the dataset split, else an 80/20 holdout)"),
-    test_size: float = typer.Option(0.2, help="holdout test fraction"),
-    epochs: int = typer.Option(20, help="maximum epochs, frozen ones included"),
-    frozen_epochs: int = typer.Option(3, help="epochs training only the new output layer"),
+    frozen_epochs: int = typer.Option(3, help="epochs training only the new output layer (counted in --epochs)"),
     unfreeze: str = typer.Option("all", help="after the frozen epochs: all | top:N (last N blocks)"),
     head_lr: float = typer.Option(1e-2, help="new layer's rate while the backbone is frozen"),
     backbone_lr: float = typer.Option(5e-5, help="backbone rate once unfrozen"),
     finetune_head_lr: float = typer.Option(1e-4, help="new layer's rate once the backbone is unfrozen"),
     head_dropout: float = typer.Option(0.25),
-    batch_size: int = typer.Option(16),
-    patience: int = typer.Option(5, help="epochs without a better validation loss before stopping"),
-    val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
-    crop: str = typer.Option("random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"),
-    crop_min: float = typer.Option(3.0),
-    crop_max: float = typer.Option(5.0),
-    crops_per_clip: int = typer.Option(1, help="random crops of each clip per epoch"),
-    segment: float = typer.Option(5.0, help="evaluation segment length, seconds"),
-    augment: str = typer.Option("none", help=_AUG_HELP.replace("specaugment,", "")),
-    wave_aug: str = typer.Option("online", help="waveform augmentation: online | pool"),
-    pool_size: int = typer.Option(4),
-    aug_p: float = typer.Option(0.5),
-    mixup_alpha: float = typer.Option(0.2),
-    seed: int = typer.Option(0),
-    clip: float = typer.Option(30.0, help="clip length every file is brought to, seconds"),
-    runs: Path = typer.Option(Path("runs"), help="folder for run directories"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory (same options)"),
-    cache: Path = typer.Option(Path("cache"), help="waveform cache root"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
-    workers: Optional[int] = typer.Option(None, help="decode threads for caching"),
-    skip_bad: bool = typer.Option(False, help="drop unusable clips instead of stopping"),
-    audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
-    subset: str = typer.Option("small", help="FMA subset"),
-    name: Optional[str] = typer.Option(None, help="run name in metrics.json (default finetune-<backbone>)"),
 ):
     """Fine-tune a pretrained backbone with a new output layer (frozen, then unfrozen)."""
     from .cnn.finetune import FinetuneConfig, finetune
-    from .config import AudioConfig
 
-    train, aug = _training_configs(epochs, batch_size, 1e-3, patience, val_size, crop, crop_min, crop_max, segment, "none", seed, augment, wave_aug, pool_size, mixup_alpha, aug_p, crops_per_clip)
     ft = FinetuneConfig(backbone, frozen_epochs=frozen_epochs, unfreeze=unfreeze, head_lr=head_lr, backbone_lr=backbone_lr, finetune_head_lr=finetune_head_lr, head_dropout=head_dropout)
     ft.validate()
-    tracks = _load_tracks(data, audio_dir, subset)
-    prog, cb = _training_progress("finetune")
-    try:
-        res = finetune(
-            tracks, backbone, cv=cv, test_size=test_size, train=train, ft=ft, audio_cfg=AudioConfig(clip_s=clip), augment=aug,
-            runs_dir=runs, run_dir=resume, resume=resume is not None, cache=cache, threads=threads, workers=workers,
-            skip_bad=skip_bad, name=name, progress=cb,
-        )  # fmt: skip
-    finally:
-        prog.stop()
-    _print_run(res)
+    _train("finetune", lambda cb: finetune(args.tracks, backbone, train=args.train, ft=ft, audio_cfg=args.audio, augment=args.augment, progress=cb, **args.run))
 
 
 def _csv_option(value: Optional[str]) -> Optional[tuple]:
@@ -502,8 +547,12 @@ def run_cmd(
         _fail("give either DATA or --demo, not both")
     if data is None and not demo:
         _fail("give a DATA folder / manifest, or --demo")
-    over = {"backbones": _csv_option(backbones), "heads": _csv_option(heads), "cv": cv, "test_size": test_size, "cnn": cnn, "cnn_epochs": cnn_epochs, "clip_s": clip, "seed": seed}
+    over = {"backbones": _csv_option(backbones), "heads": _csv_option(heads), "cv": cv, "test_size": test_size, "cnn": cnn, "clip_s": clip, "seed": seed}
     plan = RunPlan.quick_plan(**over) if quick else replace(RunPlan(), **{k: v for k, v in over.items() if v is not None})
+    if cnn_epochs is not None:
+        if cnn_epochs < 1:
+            _fail("--cnn-epochs must be >= 1")
+        plan = replace(plan, cnn_train=replace(plan.cnn_train, epochs=cnn_epochs))
     if finetune:
         ft = finetune_backbone or next((b for b in plan.backbones if b != "melstats"), None)
         if ft is None:
@@ -529,7 +578,7 @@ def run_cmd(
     for i, r in enumerate(sorted(res.runs, key=lambda r: -r.metrics.get("track_accuracy", 0)), 1):
         m = r.metrics
         infer = m.get("inference_ms_per_track")
-        if infer is not None and m.get("kind") == "head":  # end to end: extraction + head
+        if infer is not None and m.get("needs_extraction", m.get("kind") == "head"):  # end to end: extraction + head
             infer = infer + m["extract_ms_per_track"] if m.get("extract_ms_per_track") is not None else None
         acc = pct(m, "track_accuracy") + (f" ± {pct(m, 'track_accuracy_std')}" if m.get("track_accuracy_std") is not None else "")
         table.add_row(
@@ -569,18 +618,8 @@ def fit_cmd(
         _fail("name the embeddings: --backbone NAME (or --store DIR)")
     if sum([cv is not None, holdout is not None, split]) > 1:
         _fail("choose one protocol: --cv K, --holdout FRACTION or --split")
-    if cv is not None and cv < 2:
-        _fail("--cv needs K >= 2")
     if holdout is not None and not 0 < holdout < 1:
         _fail("--holdout needs a fraction between 0 and 1")
-    if pca is not None and pca < 0:
-        _fail("--pca must be >= 0")
-    if threads is not None and threads < 1:
-        _fail("--threads must be >= 1")
-    from .heads import HEADS
-
-    if head not in HEADS:
-        _fail(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     from .fit import fit_head
 
     tracks = _load_tracks(data, audio_dir, "small") if data is not None else None

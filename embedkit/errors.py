@@ -20,6 +20,22 @@ class DatasetError(EmbedkitError):
     """A dataset description (folder, manifest, FMA tracks.csv) is unusable."""
 
 
+class ConfigError(EmbedkitError, ValueError):
+    """An option / config value is out of range or inconsistent.
+
+    ``field`` names the config field the message starts with (e.g. ``weight_decay``); the CLI
+    replaces it with its own option name (``--weight-decay``), so library messages name no
+    command-line flag."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+class SegmentError(ConfigError):
+    """Windowing parameters that cannot cut a signal (non-positive, under one sample)."""
+
+
 class BackboneError(EmbedkitError):
     """Unknown backbone name or a backbone that cannot be built."""
 
@@ -46,6 +62,10 @@ class ConfigMismatchError(EmbedkitError):
 
 class DeviceError(EmbedkitError):
     """The requested compute device (cuda, mps) is not available or ran out of memory."""
+
+
+class ReportError(EmbedkitError):
+    """No usable runs, or the report cannot be written."""
 
 
 class EmbedkitWarning(UserWarning):

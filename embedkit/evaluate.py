@@ -1,16 +1,18 @@
-"""Splits, track-level aggregation, metrics and run directories.
+"""Splits, track-level aggregation and metrics.json.
 
 Shared by every trainer (heads, scratch CNN, fine-tuning) so their runs are comparable:
 the same folds for the same seed, the same vote rules and the same ``metrics.json`` schema.
 
-metrics.json (schema 1) keys: run_id, kind ("head" | "cnn" | "finetune"), name, backbone, head,
-protocol {type, k, seed, grouped, test_size}, dataset {source, n_tracks, n_segments, class_counts,
-synthetic}, labels, track_accuracy (= mean-probability vote), track_accuracy_vote,
+metrics.json (schema 2) keys: the fields of ``runs.RunRecord`` (run_id, kind ("head" | "cnn" |
+"finetune"), name, backbone, head, pretrained, trains_backbone, needs_extraction, protocol {type,
+k, seed, grouped, test_size}, dataset {source, n_tracks, n_segments, class_counts, synthetic},
+spec, preprocess, config, train_seconds, inference_ms_per_track, n_params, model_bytes,
+weights_id), then labels, track_accuracy (= mean-probability vote), track_accuracy_vote,
 track_accuracy_mean_prob, segment_accuracy, *_std (CV), folds [...], per_class {label: {precision,
 recall, f1, support}}, confusion [[true x pred]] (mean-probability vote, pooled over folds),
-misclassified [{track_id, path, true, pred, confidence}], train_seconds, inference_ms_per_track,
-model_bytes, n_params (optional), learning_curves (optional), spec, preprocess, config,
-versions, created.
+misclassified [{track_id, path, true, pred, confidence}], learning_curves (optional),
+versions, created, and each trainer's own extras. Schema 1 (before the record) lacks the three
+approach fields; ``RunRecord.from_metrics`` derives them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import pandas as pd
 
 from .errors import DatasetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -41,6 +41,11 @@ class Fold:
     train: list[str]
     test: list[str]
     val: list[str] = field(default_factory=list)
+
+    def restricted(self, track_ids) -> "Fold":
+        """The fold without the tracks not in ``track_ids`` (e.g. files dropped as unusable)."""
+        keep = set(track_ids)
+        return Fold(self.name, [t for t in self.train if t in keep], [t for t in self.test if t in keep], [t for t in self.val if t in keep])
 
 
 def _track_table(tracks: pd.DataFrame) -> pd.DataFrame:
@@ -91,8 +96,9 @@ def make_folds(tracks: pd.DataFrame, protocol: str = "holdout", k: int = 5, test
         folds.append(Fold("split", tr, te, va))
         return _add_val(folds, t, val_size, seed) if not va and val_size > 0 else folds
     if protocol == "cv":
-        if k < 2:
-            raise DatasetError("--cv needs K >= 2")
+        from .runs import check_cv
+
+        check_cv(k)
         _check_classes(t["label"], k, f"{k}-fold cross-validation")
         splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if grouped else StratifiedKFold(k, shuffle=True, random_state=seed)
         parts = splitter.split(ids, y, t["group"].to_numpy() if grouped else None)
@@ -116,6 +122,17 @@ def make_folds(tracks: pd.DataFrame, protocol: str = "holdout", k: int = 5, test
         if only_test:
             raise DatasetError(f"label(s) {only_test} appear only in the test part of {f.name}")
     return _add_val(folds, t, val_size, seed) if val_size > 0 else folds
+
+
+def with_validation(folds: list[Fold], tracks: pd.DataFrame, val_size: float, seed: int) -> list[Fold]:
+    """``folds`` with a validation part of ``val_size`` carved out of each training part that
+    has none: the folds ``make_folds(..., val_size=val_size)`` returns, from folds made without."""
+    if val_size <= 0:
+        return list(folds)
+    t = _track_table(tracks)
+    carved = _add_val([f for f in folds if not f.val], t, val_size, seed)
+    by_name = {f.name: f for f in carved}
+    return [by_name.get(f.name, f) for f in folds]
 
 
 def _add_val(folds: list[Fold], t: pd.DataFrame, val_size: float, seed: int) -> list[Fold]:
@@ -240,12 +257,6 @@ class Evaluation:
 # Run directories
 
 
-def new_run_id(kind: str, name: str) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{name}").strip("-")
-    return f"{stamp}-{slug}-{secrets.token_hex(2)}"
-
-
 def dataset_summary(tracks: pd.DataFrame, n_segments: int | None = None, synthetic: bool = False) -> dict[str, Any]:
     t = _track_table(tracks)
     return {
@@ -259,24 +270,14 @@ def dataset_summary(tracks: pd.DataFrame, n_segments: int | None = None, synthet
 
 def write_metrics(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write metrics.json atomically (a run directory is complete once this file exists)."""
-    from .io import atomic_write_text, versions
+    from .io import atomic_write_text, jsonable, versions
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"schema": SCHEMA_VERSION, "created": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions(), **metrics}
     path = run_dir / "metrics.json"
-    atomic_write_text(path, json.dumps(metrics, indent=2, default=_json_default))
+    atomic_write_text(path, json.dumps(metrics, indent=2, default=jsonable))
     return path
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def find_metrics_files(paths: list[str | os.PathLike]) -> list[Path]:

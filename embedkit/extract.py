@@ -34,8 +34,8 @@ from .backbones import get_spec, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
 from .errors import AudioError, EmbedkitError, StoreError
-from .segments import segment
 from .io import atomic_write_text
+from .segments import segment
 from .store import Store
 
 FAILURE_COLUMNS = ("track_id", "path", "label", "reason")

@@ -31,10 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigMismatchError, DatasetError, EmbedkitError, StoreError
+from .errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, StoreError
 from .heads import BUNDLE_FILE, HEADS, SEARCH_SPACE, HeadBundle, default_pca, head_config, load_bundle, make_head, n_params, save_bundle
-
-PROTOCOLS = ("auto", "holdout", "split", "cv")
+from .runs import PROTOCOLS, choose_protocol  # noqa: F401  (PROTOCOLS: fit's public protocol names)
 
 
 @dataclass
@@ -102,21 +101,6 @@ def _track_table(seg: pd.DataFrame, source: str) -> pd.DataFrame:
     first = Path(t["path"].iloc[0]) if len(t) else None
     t.attrs["synthetic"] = bool(first is not None and len(first.parents) > 1 and (first.parents[1] / "SYNTHETIC").exists())
     return t
-
-
-def choose_protocol(tracks: pd.DataFrame, protocol: str, cv: int | None) -> str:
-    """--cv K -> "cv"; "auto": the dataset's split column when it has train and test tracks,
-    else an 80/20 holdout (the same rule as the CNN trainer)."""
-    if cv:
-        return "cv"
-    if protocol not in PROTOCOLS:
-        raise EmbedkitError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    if protocol == "cv":
-        raise EmbedkitError("protocol 'cv' needs the number of folds (cv=K)")
-    if protocol == "auto":
-        has = set(tracks["split"].dropna()) if "split" in tracks else set()
-        return "split" if {"train", "test"} <= has else "holdout"
-    return protocol
 
 
 def extraction_cost(st) -> dict[str, float] | None:
@@ -234,6 +218,7 @@ def fit_head(
     params: dict[str, Any] | None = None,
     output: str = "embedding",
     threads: int | None = None,
+    folds: list | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train ``head`` on a backbone's stored embeddings, evaluate per track, write a run.
@@ -245,19 +230,22 @@ def fit_head(
     pca: components (None: the head's default, 0: none). search: pick hyper-parameters from
         ``heads.SEARCH_SPACE`` on 20 % validation tracks of each training part.
     params: head hyper-parameter overrides. threads: CPU threads (None: library defaults).
+    folds: ready-made folds (the pipeline makes them once for every approach) instead of making
+        them from the protocol; tracks missing from the store are left out of them.
     run_dir: exact run directory (default ``runs/<new run id>``). progress(done, total) per fit.
     Returns FitResult(run_dir, metrics, bundle).
     """
-    from .evaluate import Evaluation, dataset_summary, make_folds, new_run_id, protocol_dict, write_metrics
+    from .evaluate import Evaluation, dataset_summary, make_folds, protocol_dict, with_validation, write_metrics
+    from .runs import RunRecord, check_cv, spec_pretrained
+    from .runs import run_id as new_run_id
 
     if head not in HEADS:
-        raise EmbedkitError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if cv is not None and cv < 2:
-        raise EmbedkitError("--cv needs K >= 2")
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}", field="head")
+    check_cv(cv)
     if pca is not None and pca < 0:
-        raise EmbedkitError("--pca must be >= 0 (0 disables PCA)")
+        raise ConfigError(f"pca must be >= 0 (0 disables PCA), got {pca}", field="pca")
     if threads is not None and threads < 1:
-        raise EmbedkitError("threads must be >= 1")
+        raise ConfigError(f"threads must be >= 1, got {threads}", field="threads")
     st = open_store(backbone, cache, store)
     smeta = st.meta()
     spec = smeta["backbone"]
@@ -271,9 +259,12 @@ def fit_head(
     table = _track_table(seg, source)
     if tracks is not None and tracks.attrs.get("synthetic"):
         table.attrs["synthetic"] = True
-    proto = choose_protocol(table, protocol, cv)
+    proto = choose_protocol(table, cv, protocol)
     k = cv or 5
-    folds = make_folds(table, proto, k, test_size, seed, val_size=0.2 if search else 0.0)
+    if folds is None:
+        folds = make_folds(table, proto, k, test_size, seed, val_size=0.2 if search else 0.0)
+    else:  # the pipeline's folds, without the tracks the store lacks
+        folds = with_validation([f.restricted(table["track_id"]) for f in folds], table, 0.2 if search else 0.0, seed)
     labels = sorted(table["label"].astype(str).unique())
     track_labels = dict(zip(table["track_id"], table["label"].astype(str)))
     paths = dict(zip(table["track_id"], table["path"]))
@@ -342,28 +333,21 @@ def fit_head(
     )  # fmt: skip
     cost = extraction_cost(st)
     n_segments = len(seg)
+    record = RunRecord(
+        run_id=run_id, kind="head", name=name, backbone=backbone, head=head,
+        pretrained=spec_pretrained(spec, backbone), weights=str(spec.get("weights", "")), trains_backbone=False, needs_extraction=True,
+        protocol=pinfo, dataset={**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
+        spec=spec, preprocess=smeta["preprocess"], config=config,
+        train_seconds=train_seconds, inference_ms_per_track=float(np.mean(infer_ms)), n_params=n_params(model), weights_id=bundle.weights_id,
+    )  # fmt: skip
     metrics: dict[str, Any] = {
-        "run_id": run_id,
-        "kind": "head",
-        "name": name,
-        "backbone": backbone,
-        "head": head,
-        "protocol": pinfo,
-        "dataset": {**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
+        **record.to_dict(),
         **m,
-        "train_seconds": train_seconds,
         "final_fit_seconds": final_seconds,
-        "inference_ms_per_track": float(np.mean(infer_ms)),
         "extract_ms_per_track": cost["ms_per_track"] if cost else None,
         "extraction": cost,
-        "model_bytes": None,
-        "n_params": n_params(model),
         "bundle": BUNDLE_FILE,
         "store": str(st.root),
-        "weights_id": bundle.weights_id,
-        "spec": spec,
-        "preprocess": smeta["preprocess"],
-        "config": config,
     }
     if head == "lgbm":
         metrics["n_leaves"] = model.named_steps["head"].n_leaves_

@@ -1,4 +1,5 @@
-"""File-system and provenance utilities shared by every stage: atomic writes, library versions.
+"""File-system and provenance utilities shared by every stage: atomic writes, library versions,
+JSON normalising.
 
 Every artefact embedkit writes (store shards, metrics.json, head bundles, model files, caches,
 reports) goes through ``atomic_write``, so a reader sees the old file or the new one, never a part.
@@ -6,11 +7,12 @@ reports) goes through ``atomic_write``, so a reader sees the old file or the new
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from . import __version__
 
@@ -60,3 +62,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text version of atomic_write_bytes."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(o: Any) -> Any:
+    """``json.dumps(default=...)`` hook: numpy scalars -> Python numbers, arrays -> lists, tuples
+    and sets -> lists, anything else -> its ``str``."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (tuple, set, frozenset)):
+        return list(o)
+    return str(o)
+
+
+def plain(obj: Any) -> Any:
+    """JSON-plain copy of ``obj`` (tuples -> lists, numpy -> Python, other objects -> str):
+    what run.json, metrics.json and bundles store, so a value read back compares equal to the
+    value that was written."""
+    return json.loads(json.dumps(obj, default=jsonable))

@@ -25,8 +25,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .config import AudioConfig, PreprocessConfig, SegmentConfig, stable_hash
-from .errors import EmbedkitError
+from .cnn.loop import TrainConfig
+from .config import AudioConfig, PreprocessConfig, SegmentConfig
+from .errors import ConfigError, EmbedkitError
+from .runs import check_cv, dataset_fingerprint, run_id  # noqa: F401  (run_id: the pipeline's run names)
 
 DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
 QUICK_BACKBONES = ("tiny-test", "melstats")
@@ -42,12 +44,12 @@ class RunPlan:
 
     cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
         holdout of ``test_size``.
-    cnn_epochs / cnn_patience: the scratch CNN's epoch budget and early stopping.
-    cnn_crops_per_clip / cnn_lr_schedule: random crops of each clip per epoch and the learning
-        rate schedule. The defaults (3 crops, cosine decay, SpecAugment) are the recipe that
-        measured best on gtzan_mini; see the README's results table.
+    cnn_train: the scratch CNN's training config (its seed and segment length are the plan's).
+        The defaults (40 epochs, 3 crops per clip, cosine decay, SpecAugment) are the recipe
+        that measured best on gtzan_mini; see the README's results table.
     cnn_augment: augmentations of the scratch CNN (see ``embedkit.cnn.augment``).
     finetune: backbone to fine-tune end to end (None: no fine-tuning).
+    finetune_train: its training config (frozen epochs: a third of the epochs, 1 to 3).
     clip_s / segment_s: every clip is brought to clip_s and cut into segment_s windows.
     """
 
@@ -57,13 +59,10 @@ class RunPlan:
     test_size: float = 0.2
     seed: int = 0
     cnn: bool = True
-    cnn_epochs: int = 40
-    cnn_patience: int = 10
-    cnn_crops_per_clip: int = 3
-    cnn_lr_schedule: str = "cosine"
+    cnn_train: TrainConfig = TrainConfig(epochs=40, patience=10, crops_per_clip=3, lr_schedule="cosine")
     cnn_augment: str = "specaugment"
     finetune: str | None = None
-    finetune_epochs: int = 10
+    finetune_train: TrainConfig = TrainConfig(epochs=10, patience=3)
     clip_s: float = 30.0
     segment_s: float = 5.0
     quick: bool = False
@@ -72,8 +71,13 @@ class RunPlan:
     def quick_plan(cls, **overrides) -> "RunPlan":
         """Smoke-test settings: random-weight tiny backbone + melstats, 2 folds, 10 s clips,
         a 2-epoch CNN without augmentation."""
-        base = cls(backbones=QUICK_BACKBONES, cv=2, cnn_epochs=2, cnn_patience=2, cnn_crops_per_clip=1, cnn_augment="none", finetune_epochs=2, clip_s=10.0, quick=True)
+        base = cls(backbones=QUICK_BACKBONES, cv=2, cnn_train=TrainConfig(epochs=2, patience=2, crops_per_clip=1, lr_schedule="cosine"), cnn_augment="none", finetune_train=TrainConfig(epochs=2, patience=2), clip_s=10.0, quick=True)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def train_config(self, which: str) -> TrainConfig:
+        """The ``cnn`` or ``finetune`` TrainConfig with the plan's seed and segment length."""
+        base = self.cnn_train if which == "cnn" else self.finetune_train
+        return replace(base, seed=self.seed, segment_s=self.segment_s)
 
     def validate(self) -> None:
         from .backbones import get_spec
@@ -82,17 +86,17 @@ class RunPlan:
             get_spec(b)  # unknown name -> BackboneError listing the valid ones
         bad = [h for h in self.heads if h not in HEADS]
         if bad:
-            raise EmbedkitError(f"unknown head {bad[0]!r}; choose from {', '.join(HEADS)}")
+            raise ConfigError(f"unknown head {bad[0]!r}; choose from {', '.join(HEADS)}", field="heads")
         if not self.backbones and not self.cnn and not self.finetune:
-            raise EmbedkitError("nothing to run: no backbones, --no-cnn and no --finetune")
-        if self.cv == 1 or self.cv < 0:
-            raise EmbedkitError("--cv needs K >= 2 (or 0 for the dataset split / a holdout)")
+            raise ConfigError("nothing to run: no backbones, no CNN and no fine-tuning")
+        if self.cv:  # 0: the dataset split / a holdout
+            check_cv(self.cv)
         if not 0 < self.test_size < 1:
-            raise EmbedkitError("--test-size must be between 0 and 1")
+            raise ConfigError("test_size must be between 0 and 1", field="test_size")
         if self.clip_s < self.segment_s:
-            raise EmbedkitError(f"clip length {self.clip_s:g} s is shorter than one {self.segment_s:g} s segment")
-        if self.cnn_epochs < 1 or self.finetune_epochs < 1:
-            raise EmbedkitError("epochs must be >= 1")
+            raise ConfigError(f"clip length {self.clip_s:g} s is shorter than one {self.segment_s:g} s segment", field="clip_s")
+        self.train_config("cnn").validate()
+        self.train_config("finetune").validate()
 
     @property
     def prep(self) -> PreprocessConfig:
@@ -165,19 +169,6 @@ def load_tracks(data: str | os.PathLike | None, cache: str | os.PathLike, audio_
     return tracks, bool(synthetic)
 
 
-def dataset_fingerprint(tracks: pd.DataFrame) -> str:
-    t = tracks.sort_values("track_id")
-    return stable_hash([[r.track_id, r.path, r.label, r.split, r.group] for r in t.itertuples()], 16)
-
-
-def run_id(kind: str, name: str, identity: dict[str, Any]) -> str:
-    """Deterministic run directory name: same identity -> same directory -> reused."""
-    import re
-
-    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{kind}-{name}").strip("-")
-    return f"{slug}-{stable_hash(identity, 10)}"
-
-
 def _finished(run_dir: Path) -> dict[str, Any] | None:
     f = run_dir / "metrics.json"
     if not f.exists():
@@ -239,7 +230,7 @@ def _patch_metrics(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, Any], plan: RunPlan, runs: Path, fp: str, log: Log, threads: int | None) -> RunOutcome:
+def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, Any], plan: RunPlan, runs: Path, fp: str, log: Log, threads: int | None, folds=None) -> RunOutcome:
     identity = {"kind": "head", "backbone": backbone, "head": head, "dataset": fp, "protocol": plan.protocol, "prep": plan.prep.to_dict(), "weights": ext["store"].root.name}
     name = f"{backbone}+{head}"
     run_dir = runs / run_id("head", name, identity)
@@ -249,58 +240,52 @@ def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, An
         log(f"fit {name}: reused {run_dir}")
         return RunOutcome(run_dir, "head", name, True, 0.0, _patch_metrics(run_dir, extra))
     t0 = time.perf_counter()
-    fit_head_run(tracks, ext["store"], backbone, head, plan, run_dir, name, threads)
+    fit_head_run(tracks, ext["store"], backbone, head, plan, run_dir, name, threads, folds)
     m = _patch_metrics(run_dir, extra)
     log(f"fit {name}: track accuracy {m['track_accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
     return RunOutcome(run_dir, "head", name, False, time.perf_counter() - t0, m)
 
 
-def fit_head_run(tracks: pd.DataFrame, store, backbone: str, head: str, plan: RunPlan, run_dir: Path, name: str, threads: int | None) -> dict[str, Any]:
-    """One head on one store, evaluated with the plan's protocol; writes run_dir/metrics.json."""
+def fit_head_run(tracks: pd.DataFrame, store, backbone: str, head: str, plan: RunPlan, run_dir: Path, name: str, threads: int | None, folds=None) -> dict[str, Any]:
+    """One head on one store, evaluated with the plan's protocol (on ``folds`` when given);
+    writes run_dir/metrics.json."""
     from .fit import fit_head
 
     res = fit_head(
         backbone, head, store=store, tracks=tracks, run_dir=run_dir, name=name, protocol="auto", cv=plan.cv or None,
-        test_size=plan.test_size, seed=plan.seed, threads=threads,
+        test_size=plan.test_size, seed=plan.seed, threads=threads, folds=folds,
     )  # fmt: skip
     return res.metrics
 
 
-def _train_configs(plan: RunPlan, epochs: int, patience: int, augment: str, **train_kw):
+def cnn_stage(tracks: pd.DataFrame, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress, folds=None) -> RunOutcome:
     from .cnn.augment import AugmentConfig
-    from .cnn.train import TrainConfig
-
-    train = TrainConfig(epochs=epochs, patience=patience, segment_s=plan.segment_s, seed=plan.seed, **train_kw)
-    train.validate()
-    return train, AugmentConfig.parse(augment)
-
-
-def cnn_stage(tracks: pd.DataFrame, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress) -> RunOutcome:
     from .cnn.train import train_cnn
 
-    train, aug = _train_configs(plan, plan.cnn_epochs, plan.cnn_patience, plan.cnn_augment, crops_per_clip=plan.cnn_crops_per_clip, lr_schedule=plan.cnn_lr_schedule)
+    train, aug = plan.train_config("cnn"), AugmentConfig.parse(plan.cnn_augment)
     audio = AudioConfig(clip_s=plan.clip_s)
     identity = {"kind": "cnn", "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "augment": aug.to_dict(), "audio": asdict(audio)}
     return _trained(
         "cnn", "cnn-scratch", identity, runs, tracks, log,
-        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
     )  # fmt: skip
 
 
-def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress) -> RunOutcome:
+def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress, folds=None) -> RunOutcome:
     from .backbones import get_spec
+    from .cnn.augment import AugmentConfig
     from .cnn.finetune import FinetuneConfig, finetune
 
-    train, aug = _train_configs(plan, plan.finetune_epochs, max(2, plan.finetune_epochs // 3), "none")
+    train, aug = plan.train_config("finetune"), AugmentConfig.parse("none")
     # musicnn's many-branch front end makes a fully unfrozen step ~10x dearer on CPU than
     # unfreezing its top blocks (measured 70 s vs 6 s per batch); top:6 reached 0.90 on gtzan_mini.
     unfreeze = "top:6" if get_spec(backbone).family == "musicnn" else "all"
-    ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, plan.finetune_epochs // 3)), unfreeze=unfreeze)
+    ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, train.epochs // 3)), unfreeze=unfreeze)
     audio = AudioConfig(clip_s=plan.clip_s)
     identity = {"kind": "finetune", "backbone": backbone, "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "finetune": asdict(ft), "audio": asdict(audio)}
     return _trained(
         "finetune", f"finetune-{backbone}", identity, runs, tracks, log,
-        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
     )  # fmt: skip
 
 
@@ -351,22 +336,23 @@ def run_all(
     tracks, synthetic = load_tracks(data, cache, audio_dir, subset, demo_size)
     source = tracks.attrs.get("source", str(data))
     log(f"data: {source}: {len(tracks)} tracks, {tracks['label'].nunique()} classes" + (" (SYNTHETIC)" if synthetic else ""))
-    # Fail on an impossible protocol before any expensive work.
+    # The folds, made once (an impossible protocol fails before any expensive work) and handed
+    # to every approach, so heads, the CNN and fine-tuning are evaluated on the same test parts.
     from .evaluate import make_folds
+    from .runs import choose_protocol
 
-    protocol = "cv" if plan.cv else ("split" if tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any() else "holdout")
-    make_folds(tracks, protocol, plan.cv or 5, plan.test_size, plan.seed)
+    folds = make_folds(tracks, choose_protocol(tracks, plan.cv or None), plan.cv or 5, plan.test_size, plan.seed)
     fp = dataset_fingerprint(tracks)
     result = PipelineResult(str(source), synthetic)
     for backbone in plan.backbones:
         ext = extract_stage(tracks, backbone, plan, cache, workers, log)
         result.extraction[backbone] = {k: v for k, v in ext.items() if k != "store"}
         for head in plan.heads:
-            result.runs.append(head_stage(tracks, backbone, head, ext, plan, runs, fp, log, threads))
+            result.runs.append(head_stage(tracks, backbone, head, ext, plan, runs, fp, log, threads, folds))
     if plan.cnn:
-        result.runs.append(cnn_stage(tracks, plan, runs, cache, fp, log, threads, workers, progress))
+        result.runs.append(cnn_stage(tracks, plan, runs, cache, fp, log, threads, workers, progress, folds))
     if plan.finetune:
-        result.runs.append(finetune_stage(tracks, plan.finetune, plan, runs, cache, fp, log, threads, workers, progress))
+        result.runs.append(finetune_stage(tracks, plan.finetune, plan, runs, cache, fp, log, threads, workers, progress, folds))
     if report is not None:
         from .report import build_report
 

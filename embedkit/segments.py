@@ -1,21 +1,23 @@
-"""The one windowing function, shared by extraction, CNN training, batch tagging and streaming."""
+"""The one windowing function: extraction and CNN training/evaluation cut clips with it, and
+the deployment stage (batch tagging, streaming) is designed to use it too."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .config import SegmentConfig
+from .errors import SegmentError
 
 
 def _check(sr: int, segment_s: float, hop_s: float) -> int:
     if sr <= 0:
-        raise ValueError(f"sample rate must be positive, got {sr}")
+        raise SegmentError(f"sample rate must be positive, got {sr}")
     if not (segment_s > 0 and hop_s > 0):
-        raise ValueError(f"segment_s and hop_s must be positive, got {segment_s}, {hop_s}")
+        raise SegmentError(f"segment_s and hop_s must be positive, got {segment_s}, {hop_s}")
     length = int(round(segment_s * sr))
     # Below one sample, rounding would give empty windows or repeated start positions.
     if length < 1 or hop_s * sr < 1:
-        raise ValueError(f"segment ({segment_s} s) and hop ({hop_s} s) must each span at least one sample at {sr} Hz")
+        raise SegmentError(f"segment ({segment_s} s) and hop ({hop_s} s) must each span at least one sample at {sr} Hz")
     return length
 
 

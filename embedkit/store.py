@@ -29,7 +29,7 @@ import numpy as np
 
 from .backbones.base import BackboneSpec
 from .config import PreprocessConfig, stable_hash
-from .errors import ConfigMismatchError, StoreError
+from .errors import StoreError
 from .io import atomic_write_text, tmp_name, versions
 
 META_KEY = b"embedkit"
@@ -127,10 +127,11 @@ class Store:
             "versions": versions(),
         }
         if store.meta_path.exists():
+            from .runs import check_match
+
             old = store.meta()
-            same_contract = {k: old["backbone"].get(k) for k in ("sample_rate", "embedding_dim", "frontend")} == _canonical_json(_contract(spec))
-            if old["backbone"]["name"] != spec.name or old["weights_id"] != weights_id or old["preprocess"] != prep.to_dict() or not same_contract:
-                raise ConfigMismatchError(f"{root}: store was built with another backbone/weights/preprocessing")
+            key = lambda m, b: {"name": b.get("name"), "weights_id": m["weights_id"], "preprocess": m["preprocess"], **{k: b.get(k) for k in _contract(spec)}}  # noqa: E731
+            check_match(root, "store was built with another backbone/weights/preprocessing", key(old, old["backbone"]), key(meta, meta["backbone"]))
         else:
             store.segments_dir.mkdir(parents=True, exist_ok=True)
             store.failures_dir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +274,3 @@ def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig |
         raise StoreError(f"several stores for {backbone!r} ({listing}); pass --store DIR to choose")
     return stores[0]
 
-
-def _canonical_json(obj):
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))

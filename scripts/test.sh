@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything (with test extras and the browser for the report test) and run the whole
-# test suite. Extra arguments go to pytest.
+# Install everything (with test extras and the browser for the report test), lint, and run the
+# whole test suite. Extra arguments go to pytest (e.g. -m "not slow" for the fast tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -9,4 +9,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || { echo "warning: could not install chromium; the browser test will be skipped" >&2; [ "${CI:-}" != true ] || exit 1; }
 fi
 EMBEDKIT_EXTRAS=",test" bash scripts/install.sh
+ruff check .
 python -m pytest -q "$@"

@@ -1,3 +1,7 @@
+"""Fixtures every test file may use: paths of the shared real data, the generated datasets,
+the random-weight checkpoints of the backbones without packaged weights, HOME isolation and a
+CLI runner. Generators of test material that are plain functions live in helpers.py."""
+
 import os
 
 # Before torch is imported anywhere: avoid OpenMP spin-waiting (see embedkit.cli.main).
@@ -12,8 +16,46 @@ SHARED = Path(os.environ.get("EMBEDKIT_SHARED", ROOT.parent / "shared"))
 GTZAN = SHARED / "data" / "gtzan_mini"
 FMA_SAMPLE = SHARED / "data" / "fma_sample" / "000002.mp3"
 GOLDEN = SHARED / "golden"
+DATA = Path(__file__).resolve().parent / "data"  # small golden files kept in the repository
 
 needs_shared = pytest.mark.skipif(not GTZAN.exists(), reason=f"real data not found at {GTZAN} (../shared absent)")
+
+#: environment variables that point embedkit at weights; a test run starts without them
+WEIGHT_VARS = ("EMBEDKIT_PANNS_CNN14", "EMBEDKIT_PANNS_CNN10", "EMBEDKIT_AST_MODEL")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Every test runs with HOME in a temporary folder, so none can read or write the user's
+    home (caches, weight downloads); tests that prove nothing is written use ``clean_home``."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("home")
+        mp.setenv("HOME", str(home))
+        for v in WEIGHT_VARS:
+            mp.delenv(v, raising=False)
+        yield home
+
+
+@pytest.fixture
+def clean_home(tmp_path, monkeypatch):
+    """An empty HOME of this test's own (and no weight env vars): the test can assert that
+    nothing was written to it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for v in WEIGHT_VARS:
+        monkeypatch.delenv(v, raising=False)
+    return home
+
+
+@pytest.fixture
+def cli():
+    """``cli(args)`` -> click Result of ``embedkit <args>`` run in-process."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    return lambda args: CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +64,42 @@ def synth_dataset(tmp_path_factory):
     from embedkit.synth import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synth"), n_classes=4, per_class=5, duration_s=12.0)
+
+
+@pytest.fixture(scope="session")
+def synth_tracks(synth_dataset):
+    """The track table of ``synth_dataset``."""
+    from embedkit.datasets import load_dataset
+
+    return load_dataset(synth_dataset)
+
+
+@pytest.fixture(scope="session")
+def panns_checkpoint(tmp_path_factory):
+    """``panns_checkpoint(arch)``: one seeded random checkpoint per architecture per session,
+    in the official layout with NumPy sampler state."""
+
+    def get(arch: str) -> Path:
+        from embedkit.backbones import panns
+
+        p = tmp_path_factory.getbasetemp() / "panns-random" / f"{arch}_seed0.pth"
+        if not p.exists():
+            panns.write_random_checkpoint(p, arch, seed=0)
+        return p
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ast_tiny_dir(tmp_path_factory):
+    """A tiny random AST with an AudioSet head, in save_pretrained layout (needs transformers)."""
+    pytest.importorskip("transformers")
+    from embedkit.backbones import ast
+
+    p = tmp_path_factory.getbasetemp() / "ast-random" / "tiny_head_seed0"
+    if not (p / "config.json").exists():
+        ast.write_random_model(p, seed=0, classifier=True)
+    return p
 
 
 @pytest.fixture

@@ -15,12 +15,9 @@ from embedkit.errors import BackboneError, ModelLoadingError  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """Tiny random AST with an AudioSet head (shared with test_backbone_contract)."""
-    p = tmp_path_factory.getbasetemp() / "ast-random" / "tiny_head_seed0"
-    if not (p / "config.json").exists():
-        ast.write_random_model(p, seed=0, classifier=True)
-    return p
+def tiny_dir(ast_tiny_dir):
+    """Tiny random AST with an AudioSet head (conftest's, shared with test_backbone_contract)."""
+    return ast_tiny_dir
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +26,14 @@ def tiny_plain_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def hf_isolated(tmp_path, monkeypatch):
+def hf_isolated(clean_home, tmp_path, monkeypatch):
     """Empty HOME and Hugging Face cache, no env overrides: the default hub id is not cached."""
     import huggingface_hub.constants as hc
 
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for v in ("EMBEDKIT_AST_MODEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(v, raising=False)
-    return home
+    return clean_home
 
 
 def audio(n=3, seconds=5.0, seed=0):
@@ -67,6 +61,7 @@ def reference(d, x, head: bool):
         return model(**inputs).pooler_output.numpy(), None
 
 
+@pytest.mark.slow
 def test_parity_with_transformers(tiny_dir):
     x = audio()
     bb = load_backbone("ast", checkpoint=str(tiny_dir))
@@ -202,19 +197,11 @@ def test_bad_directories(case, tiny_dir, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def _cli(args):
-    from typer.testing import CliRunner
-
-    from embedkit.cli import app
-
-    return CliRunner().invoke(app, args)
-
-
-def test_cli_extract_ast_end_to_end(tiny_dir, synth_dataset, tmp_path, hf_isolated):
+def test_cli_extract_ast_end_to_end(cli, tiny_dir, synth_dataset, tmp_path, hf_isolated):
     from embedkit.store import Store
 
     cache = tmp_path / "cache"
-    r = _cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(tiny_dir), "--cache", str(cache), "--clip", "5", "--segment", "5", "--output", "clipwise", "--workers", "1"])
+    r = cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(tiny_dir), "--cache", str(cache), "--clip", "5", "--segment", "5", "--output", "clipwise", "--workers", "1"])
     assert r.exit_code == 0, r.output
     (store_dir,) = [p for p in (cache / "ast").iterdir() if p.is_dir()]
     meta, X = Store(store_dir).read()
@@ -223,10 +210,10 @@ def test_cli_extract_ast_end_to_end(tiny_dir, synth_dataset, tmp_path, hf_isolat
     assert list(hf_isolated.iterdir()) == []
 
 
-def test_cli_offline_hub_id_is_one_line(synth_dataset, tmp_path, hf_isolated, monkeypatch):
+def test_cli_offline_hub_id_is_one_line(cli, synth_dataset, tmp_path, hf_isolated, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
-    r = _cli(["extract", str(synth_dataset), "--backbone", "ast", "--cache", str(tmp_path / "c")])
+    r = cli(["extract", str(synth_dataset), "--backbone", "ast", "--cache", str(tmp_path / "c")])
     assert time.perf_counter() - t < 10
     assert r.exit_code != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -234,14 +221,14 @@ def test_cli_offline_hub_id_is_one_line(synth_dataset, tmp_path, hf_isolated, mo
     assert list(hf_isolated.iterdir()) == []
 
 
-def test_cli_bad_directory_is_one_line(tiny_dir, synth_dataset, tmp_path, hf_isolated):
+def test_cli_bad_directory_is_one_line(cli, tiny_dir, synth_dataset, tmp_path, hf_isolated):
     import shutil
 
     d = tmp_path / "vit"
     shutil.copytree(tiny_dir, d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
-    r = _cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(d), "--cache", str(tmp_path / "c")])
+    r = cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(d), "--cache", str(tmp_path / "c")])
     assert r.exit_code != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "not an Audio Spectrogram Transformer" in lines[0], r.stderr

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import FMA_SAMPLE, needs_shared
 from embedkit import audio
 from embedkit.config import AudioConfig
 from embedkit.errors import AudioError, EmbedkitWarning
+
+from conftest import FMA_SAMPLE, needs_shared
 
 FORMATS = [  # (extension, soundfile format, subtype, lossless)
     ("wav", "WAV", "PCM_16", True),

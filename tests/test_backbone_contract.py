@@ -18,41 +18,31 @@ from embedkit.config import SegmentConfig
 from embedkit.segments import segment
 
 NAMES = [s.name for s in list_backbones()]
+#: the contract over every backbone; the largest network (Cnn14, 80 M parameters) in the slow tier
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "panns-cnn14" else n for n in NAMES]
 CLIP_S = 6.8  # awkward length: 3 windows of 3 s at hop 1.5 s, and a 0.8 s tail
 
 
-def _weights_for(spec, tmp_path_factory):
-    """checkpoint argument for families without packaged weights (None: packaged / none)."""
-    base = tmp_path_factory.getbasetemp()
+def _weights_for(spec, request):
+    """checkpoint argument for families without packaged weights (None: packaged / none):
+    conftest's random checkpoints, the same files test_panns and test_ast use."""
     if spec.family == "panns":
-        from embedkit.backbones import panns
-
-        arch = spec.name.removeprefix("panns-")
-        p = base / "panns-random" / f"{arch}_seed0.pth"  # same file test_panns uses
-        if not p.exists():
-            panns.write_random_checkpoint(p, arch, seed=0)
-        return str(p)
+        return str(request.getfixturevalue("panns_checkpoint")(spec.name.removeprefix("panns-")))
     if spec.family == "ast":
-        pytest.importorskip("transformers")
-        from embedkit.backbones import ast
-
-        p = base / "ast-random" / "tiny_head_seed0"  # same dir test_ast uses
-        if not (p / "config.json").exists():
-            ast.write_random_model(p, seed=0, classifier=True)
-        return str(p)
+        return str(request.getfixturevalue("ast_tiny_dir"))
     if spec.family == "musicnn" and importlib.util.find_spec("musicnn") is None:
         pytest.skip("musicnn weights package absent: pip install --no-deps musicnn==0.1.0")
     return None
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(request):
     cache = {}
 
     def get(name):
         if name not in cache:
             spec = get_spec(name)
-            cache[name] = load_backbone(name, checkpoint=_weights_for(spec, tmp_path_factory))
+            cache[name] = load_backbone(name, checkpoint=_weights_for(spec, request))
         return cache[name]
 
     return get
@@ -63,7 +53,7 @@ def test_registry_is_populated():
         assert expected in NAMES
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_contract(name, loaded):
     registered = get_spec(name)
     bb = loaded(name)
@@ -108,7 +98,7 @@ def test_contract(name, loaded):
             assert np.isfinite(out[name_]).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_every_torch_backbone_fine_tunes(name, loaded):
     """Fine-tuning works on any registered PyTorch backbone: the frozen phase trains only the
     new layer; unfreezing the top block makes one step move exactly that block and the layer."""

@@ -17,8 +17,9 @@ from embedkit.cnn import augment as A
 from embedkit.cnn.data import Clips, CropConfig, n_batches, segment_starts, train_batches
 from embedkit.cnn.features import ClipCache, FeatureConfig, Normalizer, logmel, logmel_cache, raise_failures
 from embedkit.cnn.model import CNNConfig, build_cnn, count_macs, load_model, save_model
+from embedkit.cnn.train import TrainConfig
 from embedkit.config import AudioConfig
-from embedkit.errors import ConfigMismatchError, DatasetError, EmbedkitError, ModelLoadingError
+from embedkit.errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, ModelLoadingError
 
 SR = 44100
 
@@ -73,7 +74,7 @@ def test_normalizer_fitted_on_training_clips_only(rng):
     mm = Normalizer("minmax")(torch.from_numpy(np.asarray(test[0], np.float32))[None])
     assert float(mm.min()) == 0.0 and abs(float(mm.max()) - 1.0) < 1e-6
     assert Normalizer.from_dict(json.loads(json.dumps(norm.to_dict()))).mean == norm.mean
-    with pytest.raises(DatasetError):
+    with pytest.raises(ConfigError):
         Normalizer("zscore")
 
 
@@ -160,7 +161,7 @@ def test_draw_params_respects_switches_ranges_and_probability(rng):
         assert 0.8 <= p.rate <= 1.2 and -2 <= p.semitones <= 2 and -6 <= p.gain_db <= 6 and 10 <= p.snr_db <= 20 and abs(p.shift) <= 0.5
     only_gain = A.draw_params(A.AugmentConfig.parse("gain", p=1.0), np.random.default_rng(1))
     assert only_gain.gain_db is not None and only_gain.rate is None and only_gain.snr_db is None
-    with pytest.raises(DatasetError, match="unknown augmentation 'reverb'"):
+    with pytest.raises(ConfigError, match="unknown augmentation 'reverb'"):
         A.AugmentConfig.parse("noise,reverb")
 
 
@@ -243,7 +244,7 @@ def test_model_file_rebuilds_from_the_file_alone(tmp_path):
 
 
 def _train(tracks, tmp_path, **kw):
-    from embedkit.cnn.train import TrainConfig, train_cnn
+    from embedkit.cnn.train import train_cnn
 
     opts = dict(
         cv=None, train=TrainConfig(epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"), channels=(4, 8),
@@ -254,13 +255,7 @@ def _train(tracks, tmp_path, **kw):
     return train_cnn(tracks, **opts)
 
 
-@pytest.fixture(scope="module")
-def synth_tracks(synth_dataset):
-    from embedkit.datasets import load_dataset
-
-    return load_dataset(synth_dataset)
-
-
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_path):
     full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full")
 
@@ -296,6 +291,37 @@ def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_pa
         _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", resume=True, channels=(4, 16))
     with pytest.raises(EmbedkitError, match="already holds a run"):
         _train(synth_tracks, tmp_path, run_dir=tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_cv_run_deploys_a_model_trained_on_every_track_and_resumes_it(synth_tracks, tmp_path):
+    """After CV, model.pt is one network trained on every track for the median of the folds'
+    best epochs (the folds' models stay for evaluation); an interruption inside that final fit
+    resumes to the same weights."""
+    kw = dict(cv=2, train=TrainConfig(epochs=3, batch_size=4, patience=1), augment=A.AugmentConfig(), threads=1)
+    full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full", **kw)
+    m, d = full.metrics, full.metrics["deployed_model"]
+    best = [f["best_epoch"] for f in m["folds"]]
+    assert d["evaluated"] is False and d["source"] == "models/final.pt" and d["n_train_tracks"] == len(synth_tracks) == 20
+    assert d["epochs"] == max(1, int(np.ceil(np.median(best)))) and m["final_fit_seconds"] == d["train_seconds"] > 0
+    assert (full.run_dir / "model.pt").read_bytes() == (full.run_dir / "models" / "final.pt").read_bytes()
+    assert sorted(p.name for p in (full.run_dir / "models").iterdir()) == ["final.pt", "fold0.pt", "fold1.pt"]
+    final = torch.load(full.run_dir / "model.pt", weights_only=True)
+    assert final["fold"] == "final" and final["train_config"]["epochs"] == d["epochs"]
+    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(synth_tracks["path"].tolist())
+    np.testing.assert_allclose(final["normalizer"]["mean"], Normalizer("standard").fit(specs).mean, rtol=1e-9)  # every track
+    assert list(m["learning_curves"]) == ["fold0", "fold1"]  # the scores are the folds'
+
+    def stop_in_final(e):
+        if e["event"] == "epoch" and e["fold"] == "final":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", progress=stop_in_final, **kw)
+    assert (tmp_path / "cut" / "checkpoints" / "final.pt").exists() and not (tmp_path / "cut" / "model.pt").exists()
+    resumed = _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", resume=True, **kw)
+    a, b = final["state_dict"], torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_input_one_class_too_few_clips_short_clips(synth_tracks, synth_dataset, tmp_path):
@@ -344,7 +370,7 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
-        (["--cv", "1"], "--cv must be >= 2"),
+        (["--cv", "1"], "--cv needs K >= 2"),
         (["--mixup-alpha", "0", "--augment", "mixup"], "--mixup-alpha must be > 0"),
         (["--lr-schedule", "step"], "--lr-schedule must be constant or cosine"),
         (["--crops-per-clip", "0"], "--crops-per-clip must be >= 1"),

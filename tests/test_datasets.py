@@ -1,6 +1,5 @@
 """The three dataset forms (folder, CSV manifest, FMA tracks.csv) give the same track table."""
 
-import os
 import warnings
 from pathlib import Path
 
@@ -12,63 +11,7 @@ import soundfile as sf
 from embedkit.datasets import COLUMNS, fma_audio_path, from_fma, load_dataset
 from embedkit.errors import DatasetError, EmbedkitWarning
 
-# FMA's tracks.csv: 52 columns under 4 top-level groups, written as three header rows
-# (",album,album,...", ",comments,date_created,...", "track_id,,,...").
-FMA_COLUMNS = {
-    "album": ["comments", "date_created", "date_released", "engineer", "favorites", "id", "information", "listens", "producer", "tags", "title", "tracks", "type"],
-    "artist": ["active_year_begin", "active_year_end", "associated_labels", "bio", "comments", "date_created", "favorites", "id", "latitude", "location", "longitude", "members", "name", "related_projects", "tags", "website", "wikipedia_page"],
-    "set": ["split", "subset"],
-    "track": ["bit_rate", "comments", "composer", "date_created", "date_recorded", "duration", "favorites", "genre_top", "genres", "genres_all", "information", "interest", "language_code", "license", "listens", "lyricist", "number", "publisher", "tags", "title"],
-}
-
-# (track id, subset, split, genre_top, artist id, mp3 present)
-FMA_TRACKS = [
-    (2, "small", "training", "Hip-Hop", 1, True),
-    (5, "small", "training", "Hip-Hop", 1, True),
-    (10, "small", "validation", "Pop", 6, True),
-    (140, "small", "test", "Folk", 54, True),
-    (1482, "small", "training", "Rock", 410, True),
-    (3, "medium", "training", "Hip-Hop", 1, True),  # not in fma_small
-    (20, "large", "training", None, 4, False),  # no top genre
-    (141, "small", "test", "Folk", 54, False),  # listed, but its mp3 is absent
-]
-
-
-def write_fma_tracks_csv(path: Path, tracks=FMA_TRACKS) -> Path:
-    cols = pd.MultiIndex.from_tuples([(a, b) for a, bs in FMA_COLUMNS.items() for b in bs])
-    df = pd.DataFrame(index=pd.Index([t[0] for t in tracks], name="track_id"), columns=cols, dtype=object)
-    for tid, subset, split, genre, artist, _ in tracks:
-        df.loc[tid, ("set", "subset")] = subset
-        df.loc[tid, ("set", "split")] = split
-        df.loc[tid, ("track", "genre_top")] = genre
-        df.loc[tid, ("artist", "id")] = artist
-        df.loc[tid, ("track", "title")] = f"Track {tid}"
-        df.loc[tid, ("track", "genres")] = "[21]"
-        df.loc[tid, ("track", "duration")] = 30
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path)
-    return path
-
-
-def make_fma(root: Path, tracks=FMA_TRACKS, seconds=6.0, sr=44100, real_mp3: Path | None = None) -> tuple[Path, Path]:
-    """A miniature FMA: fma_metadata/tracks.csv + fma_small/ddd/dddddd.mp3 (44.1 kHz stereo MP3,
-    or a link to ``real_mp3``). Returns (tracks.csv, audio dir)."""
-    csv = write_fma_tracks_csv(root / "fma_metadata" / "tracks.csv", tracks)
-    audio_dir = root / "fma_small"
-    rng = np.random.default_rng(0)
-    for tid, *_, present in tracks:
-        if not present:
-            continue
-        p = fma_audio_path(audio_dir, tid)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if real_mp3 is not None:
-            os.symlink(real_mp3, p)
-        else:
-            t = np.arange(int(seconds * sr)) / sr
-            f0 = 110 * (1 + tid % 7)
-            y = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(len(t))
-            sf.write(p, np.stack([y, 0.8 * y], axis=1).astype(np.float32), sr, format="MP3")
-    return csv, audio_dir
+from helpers import make_fma, write_fma_tracks_csv
 
 
 def write_wav(path: Path, seconds=1.0, sr=8000, freq=440.0):

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from conftest import FMA_SAMPLE, GTZAN, needs_shared
 from embedkit import extract as extract_mod
 from embedkit.backbones.base import Backbone, BackboneSpec
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -26,6 +25,8 @@ from embedkit.datasets import load_dataset
 from embedkit.errors import BackboneError, EmbedkitError, StoreError
 from embedkit.extract import extract
 from embedkit.store import Store, find_store
+
+from conftest import FMA_SAMPLE, GTZAN, needs_shared
 
 PREP10 = PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 5.0))  # 2 segments per clip
 
@@ -134,6 +135,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_corrupt_or_duplicate_rows_and_resumes(tmp_path, tracks, synth_dataset):
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(synth_dataset), str(cache)], stderr=subprocess.PIPE)
@@ -303,6 +305,7 @@ def test_argument_errors(tmp_path, tracks):
         extract(tracks, "tiny-test", cache=tmp_path, batch_size=0)
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
     pytest.importorskip("distributed")
     from embedkit.distributed import dask_client
@@ -322,7 +325,7 @@ def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
 # -- real data ------------------------------------------------------------------------------
 @needs_shared
 def test_real_fma_clip_through_the_fma_layout(tmp_path):
-    from test_datasets import make_fma
+    from helpers import make_fma
 
     csv, audio_dir = make_fma(tmp_path, tracks=[(2, "small", "training", "Hip-Hop", 1, True)], real_mp3=FMA_SAMPLE)
     df = load_dataset(csv, audio_dir=audio_dir)

@@ -23,7 +23,7 @@ from embedkit.cnn.finetune import (
 )
 from embedkit.cnn.train import TrainConfig
 from embedkit.config import AudioConfig
-from embedkit.errors import BackboneError, DatasetError
+from embedkit.errors import BackboneError, ConfigError
 
 
 def _tiny_net(n_classes=3):
@@ -71,8 +71,8 @@ def test_optimizer_rates_per_phase(synth_dataset):
     from embedkit.cnn.data import Clips
 
     _, bb = _tiny_net()
-    clips = Clips(clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False)
-    task = FinetuneTask(clips, bb.torch_module(), bb.spec, bb.weights_id, FinetuneConfig("tiny-test", frozen_epochs=2), TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"])
+    task = FinetuneTask(FinetuneConfig("tiny-test", frozen_epochs=2)).bind(TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"])
+    task.clips = Clips(clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False)
     model = task.build_model()
     assert [task.phase(e) for e in range(4)] == ["frozen", "frozen", "finetune", "finetune"]
     frozen = task.make_optimizer(model, "frozen")
@@ -93,13 +93,6 @@ def _ft(tracks, tmp_path, **kw):
     )  # fmt: skip
     opts.update(kw)
     return finetune(tracks, "tiny-test", **opts)
-
-
-@pytest.fixture(scope="module")
-def synth_tracks(synth_dataset):
-    from embedkit.datasets import load_dataset
-
-    return load_dataset(synth_dataset)
 
 
 def test_resume_across_the_unfreezing_boundary(synth_tracks, tmp_path):
@@ -128,9 +121,9 @@ def test_bad_input(synth_tracks, tmp_path):
         finetune(synth_tracks, "nope", runs_dir=tmp_path)
     with pytest.raises(BackboneError, match="melstats.*no PyTorch module"):
         finetune(synth_tracks, "melstats", runs_dir=tmp_path)
-    with pytest.raises(DatasetError, match="specaugment needs a spectrogram"):
+    with pytest.raises(ConfigError, match="specaugment needs a spectrogram"):
         _ft(synth_tracks, tmp_path, augment=AugmentConfig.parse("specaugment"))
-    with pytest.raises(DatasetError, match="--unfreeze must be"):
+    with pytest.raises(ConfigError, match="unfreeze must be"):
         _ft(synth_tracks, tmp_path, ft=FinetuneConfig("tiny-test", unfreeze="top:0"))
 
 
@@ -148,6 +141,7 @@ def test_cli_finetune_end_to_end(synth_dataset, tmp_path):
     assert bad.exit_code == 1 and "unknown backbone 'nope'" in bad.output and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_musicnn_blocks_and_one_training_step():
     pytest.importorskip("musicnn", reason="musicnn wheel (weights) not installed")
     from embedkit.backbones import load_backbone

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import GTZAN, needs_shared
 from embedkit.backbones import get_spec
 from embedkit.cli import app
 from embedkit.config import PreprocessConfig, SegmentConfig
@@ -18,6 +17,8 @@ from embedkit.evaluate import aggregate
 from embedkit.fit import fit_head, predict_store
 from embedkit.heads import load_bundle
 from embedkit.store import Store
+
+from conftest import GTZAN, needs_shared
 
 runner = CliRunner()
 
@@ -424,6 +425,7 @@ def test_store_errors_are_store_errors(tmp_path):
 # real data (small): 4 gtzan genres, 10 s of each clip, melstats, 5-fold CV
 
 
+@pytest.mark.slow
 @needs_shared
 def test_gtzan_subset_melstats_lr_is_well_above_chance(tmp_path):
     from embedkit.config import AudioConfig

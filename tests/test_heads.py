@@ -115,6 +115,7 @@ def test_holdout_indices_keep_groups_whole(rng):
     assert sorted(np.concatenate([tr, va])) == list(range(len(y)))
 
 
+@pytest.mark.slow
 def test_mlp_learns_what_a_linear_head_cannot(rng):
     X = rng.uniform(-1, 1, (3000, 2)).astype(np.float32)
     y = np.where(X[:, 0] * X[:, 1] > 0, "a", "b")  # XOR: no linear separation
@@ -222,3 +223,14 @@ def test_bundle_refuses_untrusted_or_foreign_files(tmp_path):
         load_bundle(tmp_path / "other.skops")
     with pytest.raises(ModelLoadingError, match="no head bundle"):
         load_bundle(tmp_path / "missing")
+
+
+def test_a_bundle_written_by_embedkit_0_1_0_still_loads_and_predicts_the_same():
+    """Bundles name their types by module; 0.1.0 had one heads.py (embedkit.heads.<Class>). The
+    heads/ package re-exports those names and trusts them, so such a file loads unchanged."""
+    from conftest import DATA
+
+    b = load_bundle(DATA / "head-0.1.0-lr.skops")
+    expected = np.load(DATA / "head-0.1.0-expected.npz")
+    assert type(b.model.named_steps["head"]) is Float32LogisticRegression and type(b.model.named_steps["scale"]) is BlockScaler
+    np.testing.assert_allclose(b.predict_proba(expected["X"]), expected["lr"], rtol=0, atol=1e-12)

@@ -3,7 +3,6 @@ checkpoint resolution/verification, and the CLI end to end with random weights."
 
 import hashlib
 import importlib.util
-import os
 import sys
 import types
 import zipfile
@@ -30,39 +29,19 @@ def official_extras() -> dict:
     }
 
 
-def random_checkpoint(tmp_path_factory, arch: str) -> Path:
-    """One seeded random checkpoint per architecture per session, in the official layout with
-    NumPy sampler state (shared with test_backbone_contract through the session's base temp)."""
-    p = tmp_path_factory.getbasetemp() / "panns-random" / f"{arch}_seed0.pth"
-    if not p.exists():
-        panns.write_random_checkpoint(p, arch, seed=0)
-    return p
+@pytest.fixture(scope="session")
+def cnn14_ckpt(panns_checkpoint):
+    return panns_checkpoint("cnn14")
 
 
 @pytest.fixture(scope="session")
-def cnn14_ckpt(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory, "cnn14")
-
-
-@pytest.fixture(scope="session")
-def cnn10_ckpt(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory, "cnn10")
+def cnn10_ckpt(panns_checkpoint):
+    return panns_checkpoint("cnn10")
 
 
 @pytest.fixture(scope="module")
 def cnn14(cnn14_ckpt):
     return load_backbone("panns-cnn14", checkpoint=str(cnn14_ckpt))
-
-
-@pytest.fixture
-def clean_home(tmp_path, monkeypatch):
-    """An empty HOME (and no PANNs env vars) so tests prove nothing is written to the user's home."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for v in ("EMBEDKIT_PANNS_CNN14", "EMBEDKIT_PANNS_CNN10"):
-        monkeypatch.delenv(v, raising=False)
-    return home
 
 
 def load_reference_models(monkeypatch, tmp_path):
@@ -84,6 +63,7 @@ def load_reference_models(monkeypatch, tmp_path):
     return mod
 
 
+@pytest.mark.slow
 def test_parity_with_panns_inference_cnn14(cnn14_ckpt, cnn14, clean_home, monkeypatch, tmp_path):
     ref_models = load_reference_models(monkeypatch, tmp_path)
     ref = ref_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
@@ -258,6 +238,7 @@ def test_packaged_labels_equal_shared_copy():
         assert panns.audioset_labels() == [r["display_name"] for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, monkeypatch):
     from embedkit import audio
     from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -281,19 +262,12 @@ def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, mon
 # --------------------------------------------------------------------------------------- CLI
 
 
-def _cli(args):
-    from typer.testing import CliRunner
-
-    from embedkit.cli import app
-
-    return CliRunner().invoke(app, args)
-
-
-def test_cli_extract_cnn14_end_to_end(cnn14_ckpt, cnn14, synth_dataset, tmp_path, clean_home):
+@pytest.mark.slow
+def test_cli_extract_cnn14_end_to_end(cli, cnn14_ckpt, cnn14, synth_dataset, tmp_path, clean_home):
     from embedkit.store import Store
 
     cache = tmp_path / "cache"
-    r = _cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--checkpoint", str(cnn14_ckpt), "--cache", str(cache), "--clip", "2", "--segment", "2", "--output", "clipwise", "--workers", "1"])
+    r = cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--checkpoint", str(cnn14_ckpt), "--cache", str(cache), "--clip", "2", "--segment", "2", "--output", "clipwise", "--workers", "1"])
     assert r.exit_code == 0, r.output
     (store_dir,) = [p for p in (cache / "panns-cnn14").iterdir() if p.is_dir()]
     meta, X = Store(store_dir).read()
@@ -313,11 +287,11 @@ def test_cli_extract_cnn14_end_to_end(cnn14_ckpt, cnn14, synth_dataset, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "wrong-arch", "no-default"])
-def test_cli_checkpoint_errors_are_one_line(case, cnn10_ckpt, synth_dataset, tmp_path, clean_home):
+def test_cli_checkpoint_errors_are_one_line(cli, case, cnn10_ckpt, synth_dataset, tmp_path, clean_home):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 1000)
     ckpt = {"missing": ["--checkpoint", str(tmp_path / "nope.pth")], "corrupt": ["--checkpoint", str(bad)], "wrong-arch": ["--checkpoint", str(cnn10_ckpt)], "no-default": []}[case]
-    r = _cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--cache", str(tmp_path / "c"), *ckpt])
+    r = cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--cache", str(tmp_path / "c"), *ckpt])
     assert r.exit_code != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

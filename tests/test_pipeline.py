@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from test_report import check_html
+from helpers import check_html
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def _metrics(runs: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("*/metrics.json"))}
 
 
+@pytest.mark.slow
 def test_run_quick_end_to_end_and_reuse(tiny_data, tmp_path, monkeypatch):
     from embedkit.cli import app
 

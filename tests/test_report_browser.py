@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_report import make_runs
+from helpers import make_runs
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -33,7 +33,7 @@ def _find_chromium() -> str | None:
 
 
 CHROMIUM = _find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")]
 
 
 def chromium(tmp: Path, url: str, *args: str) -> subprocess.CompletedProcess:

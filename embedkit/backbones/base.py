@@ -29,6 +29,8 @@ class BackboneSpec:
         or not applicable).
     license: licence of the weights.
     outputs: extra per-segment outputs besides the embedding (e.g. ("taggram",)).
+    pretrained: the weights were learned on a large corpus (False: hand-crafted features or
+        random test weights); run records and the report read it instead of knowing names.
     """
 
     name: str
@@ -43,6 +45,7 @@ class BackboneSpec:
     description: str = ""
     outputs: tuple[str, ...] = ()
     requires: str = ""  # pip command for optional dependencies, shown by `embedkit models`
+    pretrained: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

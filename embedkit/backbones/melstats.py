@@ -51,6 +51,7 @@ SPEC = BackboneSpec(
     weights="none (hand-crafted features)",
     license="n/a",
     description="mean/std of log-mel, MFCC, chroma, spectral contrast and scalar descriptors",
+    pretrained=False,
 )
 
 

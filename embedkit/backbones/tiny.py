@@ -1,5 +1,6 @@
-"""`tiny-test`: a seeded random-weight CNN (16 kHz, 32-d). Lets the whole CLI, fine-tuning and
-export run in tests in seconds; its weights are rebuilt bit-identically from the seed."""
+"""`tiny-test`: a seeded random-weight CNN (16 kHz, 32-d). Lets the whole CLI and fine-tuning
+(and, by design, the deployment stage's export) run in tests in seconds; its weights are rebuilt
+bit-identically from the seed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ SPEC = BackboneSpec(
     weights="random (seed 0), for tests",
     license="MIT",
     description="tiny random CNN for tests and smoke runs; embeddings carry no musical meaning",
+    pretrained=False,
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetError, require
+from ..errors import ConfigError, require
 
 WAVE_AUGS = ("noise", "gain", "stretch", "pitch", "shift")
 ALL_AUGS = WAVE_AUGS + ("specaugment", "mixup")
@@ -49,15 +49,15 @@ class AugmentConfig:
     def __post_init__(self):
         bad = [a for a in self.enabled if a not in ALL_AUGS]
         if bad:
-            raise DatasetError(f"unknown augmentation {bad[0]!r}; choose from {', '.join(ALL_AUGS)}, all or none")
+            raise ConfigError(f"unknown augmentation {bad[0]!r}; choose from {', '.join(ALL_AUGS)}, all or none", field="augment")
         if self.wave_mode not in ("pool", "online"):
-            raise DatasetError(f"wave augmentation mode must be pool or online, got {self.wave_mode!r}")
+            raise ConfigError(f"wave_mode must be pool or online, got {self.wave_mode!r}", field="wave_mode")
         if not 0 <= self.p <= 1:
-            raise DatasetError("augmentation probability must be in [0, 1]")
+            raise ConfigError(f"p (augmentation probability) must be in [0, 1], got {self.p:g}", field="p")
         if self.pool_size < 1:
-            raise DatasetError("pool size must be >= 1")
+            raise ConfigError(f"pool_size must be >= 1, got {self.pool_size}", field="pool_size")
         if self.mixup_alpha <= 0:
-            raise DatasetError(f"--mixup-alpha must be > 0, got {self.mixup_alpha:g}")
+            raise ConfigError(f"mixup_alpha must be > 0, got {self.mixup_alpha:g}", field="mixup_alpha")
 
     @classmethod
     def parse(cls, spec: str, **kw) -> "AugmentConfig":

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import AudioConfig, stable_hash
-from ..errors import AudioError, DatasetError
+from ..errors import AudioError, ConfigError, DatasetError
 
 CACHE_VERSION = 1
 
@@ -209,7 +209,7 @@ class Normalizer:
 
     def __post_init__(self):
         if self.mode not in ("standard", "minmax", "none"):
-            raise DatasetError(f"unknown normalisation {self.mode!r}; use standard, minmax or none")
+            raise ConfigError(f"normalize must be standard, minmax or none, got {self.mode!r}", field="normalize")
 
     def fit(self, specs: Sequence[np.ndarray]) -> "Normalizer":
         """specs: training clips [M, T] (any float dtype). float64 accumulators: sums over

@@ -16,14 +16,14 @@ gets a new output layer (dropout + linear, D -> n_labels). Two phases:
 Blocks are the backbone's top-level child modules that hold parameters, in definition order
 (descending through single-child wrappers), so "top:N" works for any module without a
 per-backbone table. Data, augmentation, early stopping, resume and the run artefacts are the
-scratch CNN's (train.py): crops come from a cached waveform at the backbone's rate.
+training engine's (loop.py), as for the scratch CNN: crops come from a cached waveform at the
+backbone's rate.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,11 +31,10 @@ import numpy as np
 import pandas as pd
 
 from ..config import AudioConfig
-from ..errors import BackboneError, DatasetError, ModelLoadingError
+from ..errors import BackboneError, ConfigError, ModelLoadingError
 from .augment import AugmentConfig
 from .data import Clips
-from .runs import inference_ms_per_track, plain, training_process_settings
-from .train import Progress, Task, TrainConfig, TrainResult
+from .loop import Progress, RunOptions, Task, TrainConfig, TrainResult, train_run
 
 
 @dataclass(frozen=True)
@@ -53,16 +52,18 @@ class FinetuneConfig:
     head_dropout: float = 0.25
 
     def validate(self) -> None:
+        """ConfigError naming the first bad field (the CLI shows it as its option)."""
         if self.frozen_epochs < 0:
-            raise DatasetError("--frozen-epochs must be >= 0")
+            raise ConfigError(f"frozen_epochs must be >= 0, got {self.frozen_epochs}", field="frozen_epochs")
         if self.unfreeze != "all":
             ok = self.unfreeze.startswith("top:") and self.unfreeze[4:].isdigit() and int(self.unfreeze[4:]) >= 1
             if not ok:
-                raise DatasetError(f"--unfreeze must be 'all' or 'top:N' (N >= 1), got {self.unfreeze!r}")
-        if min(self.head_lr, self.backbone_lr, self.finetune_head_lr) <= 0:
-            raise DatasetError("learning rates must be positive")
+                raise ConfigError(f"unfreeze must be 'all' or 'top:N' (N >= 1), got {self.unfreeze!r}", field="unfreeze")
+        for name in ("head_lr", "backbone_lr", "finetune_head_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name):g}", field=name)
         if not 0 <= self.head_dropout < 1:
-            raise DatasetError(f"--head-dropout must be in [0, 1), got {self.head_dropout:g}")
+            raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout:g}", field="head_dropout")
 
 
 def build_finetune_net(backbone_module, embedding_dim: int, n_classes: int, dropout: float):
@@ -154,11 +155,42 @@ def trainable_names(model) -> set[str]:
 
 
 class FinetuneTask(Task):
-    def __init__(self, clips: Clips, module, spec, weights_id: str, ft: FinetuneConfig, cfg: TrainConfig, aug: AugmentConfig, audio_cfg: AudioConfig, labels: list[str]):
-        self.clips, self.ft, self.cfg, self.aug, self.audio_cfg, self.labels = clips, ft, cfg, aug, audio_cfg, labels
-        self.spec, self.weights_id = spec, weights_id
+    kind = "finetune"
+    cache_what = "waveforms"
+    inference_steps = "decode, resample"
+
+    def __init__(self, ft: FinetuneConfig):
+        from ..backbones import get_spec
+
+        self.ft, self.spec = ft, get_spec(ft.backbone)  # unknown names raise BackboneError listing the valid ones
+        self.base_name = f"finetune-{ft.backbone}"
+        self.sample_rate = self.spec.sample_rate
+
+    def check(self, train, augment):
+        self.ft.validate()
+        if augment.on("specaugment"):
+            raise ConfigError("augment: specaugment needs a spectrogram input; fine-tuning feeds waveforms to the backbone's own front end (use the waveform augmentations and mixup)", field="augment")
+        bb, module = resolve_backbone(self.ft.backbone)
+        self.weights_id = bb.weights_id
         self._pristine = copy.deepcopy(module).cpu()  # every fold starts from the pretrained weights
-        self.used = used_parameters(self._pristine, spec.sample_rate, cfg.segment_s)
+        self.used = used_parameters(self._pristine, self.sample_rate, train.segment_s)
+
+    def identity(self):
+        return {"finetune": asdict(self.ft), "backbone_weights": self.weights_id}
+
+    def clean_cache(self, root, audio_cfg, min_s):
+        from .features import wave_cache
+
+        return wave_cache(root, self.sample_rate, audio_cfg, min_s)
+
+    def make_clips(self, clean, labels):
+        return Clips(clean=clean, labels=labels, n_classes=len(self.labels), hop=1, sr=self.sample_rate, normalize=lambda x: x, waves=clean, featurize=None, spectrogram=False)
+
+    def represent(self, y):
+        return y.astype(np.float32)
+
+    def represent_id(self):
+        return {"waveform": True, "sample_rate": self.sample_rate}
 
     def build_model(self):
         return build_finetune_net(copy.deepcopy(self._pristine), self.spec.embedding_dim, len(self.labels), self.ft.head_dropout)
@@ -178,24 +210,24 @@ class FinetuneTask(Task):
         groups = [{"params": list(model.head.parameters()), "lr": self.ft.finetune_head_lr}, {"params": body, "lr": self.ft.backbone_lr}]
         return torch.optim.Adam(groups, weight_decay=self.cfg.weight_decay)
 
-    def model_payload(self, model, fold):
-        from ..io import versions
+    def model_payload(self, model):
+        from ..io import plain
+
+        return {"backbone": self.spec.name, "weights_id": self.weights_id, "spec": plain(self.spec.to_dict()), "finetune": asdict(self.ft)}
+
+    def load(self, path):
+        return load_finetuned(path)
+
+    def describe(self, model, clean, segment_s):
+        from ..io import plain
+        from ..segments import window_starts
+        from .model import n_params
 
         return {
-            "kind": "finetune",
-            "backbone": self.spec.name,
-            "weights_id": self.weights_id,
-            "spec": plain(self.spec.to_dict()),
-            "finetune": asdict(self.ft),
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "labels": list(self.labels),
-            "audio": asdict(self.audio_cfg),
-            "segment_s": self.cfg.segment_s,
-            "train_config": asdict(self.cfg),
-            "augment": plain(self.aug.to_dict()),
-            "fold": fold,
-            "versions": {k: str(v) for k, v in versions().items()},
-        }
+            "backbone": self.spec.name, "head": "linear", "pretrained": self.spec.pretrained, "weights": self.spec.weights, "n_params": n_params(model.net),
+            "n_segments": sum(len(window_starts(len(w), self.sample_rate, segment_s, segment_s)) for w in clean),
+            "spec": plain(self.spec.to_dict()), "weights_id": self.weights_id, "config": {"finetune": asdict(self.ft)},
+        }  # fmt: skip
 
 
 @dataclass
@@ -261,94 +293,22 @@ def resolve_backbone(name: str):
     return bb, module
 
 
-@training_process_settings
 def finetune(
     tracks: pd.DataFrame,
     backbone: str,
     *,
-    cv: int | None = None,
-    test_size: float = 0.2,
     train: TrainConfig = TrainConfig(epochs=20, patience=5),
     ft: FinetuneConfig | None = None,
     audio_cfg: AudioConfig = AudioConfig(),
     augment: AugmentConfig = AugmentConfig(),
-    runs_dir: str | os.PathLike = "runs",
-    run_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    cache: str | os.PathLike = "cache",
-    threads: int | None = None,
-    workers: int | None = None,
-    skip_bad: bool = False,
-    name: str | None = None,
     progress: Progress | None = None,
+    **run: Any,
 ) -> TrainResult:
     """Fine-tune ``backbone`` on a track table; writes runs/<run-id>/ like train_cnn (kind
-    "finetune"). SpecAugment is refused: the backbone's own front end makes its spectrogram."""
-    from ..evaluate import dataset_summary, make_folds, protocol_dict
-    from ..segments import window_starts
-    from .features import wave_cache
-    from .model import n_params
-    from .data import attach_augmentation
-    from .runs import cache_progress, checkpoint_identity, choose_protocol, dataset_fingerprint, drop_failed, finish_run, inference_note, open_run_dir, set_threads
-    from .train import check_folds, run_folds, run_name
-
+    "finetune"). SpecAugment is refused: the backbone's own front end makes its spectrogram.
+    ``run``: the :class:`~embedkit.cnn.loop.RunOptions` (cv, test_size, folds, runs_dir,
+    run_dir, resume, cache, threads, workers, skip_bad, name)."""
     ft = ft or FinetuneConfig(backbone)
     if ft.backbone != backbone:
         ft = FinetuneConfig(backbone, **{k: v for k, v in asdict(ft).items() if k != "backbone"})
-    ft.validate()
-    train.validate()
-    train.check_clip_length(audio_cfg.clip_s)
-    if augment.on("specaugment"):
-        raise DatasetError("specaugment needs a spectrogram input; fine-tuning feeds waveforms to the backbone's own front end (use the waveform augmentations and mixup)")
-    n_threads = set_threads(threads)
-    bb, module = resolve_backbone(backbone)
-    spec = bb.spec
-    protocol = choose_protocol(tracks, cv, test_size)
-    make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)
-    labels = sorted(tracks["label"].unique())
-    name = name or run_name(f"finetune-{backbone}", augment)
-    identity = {
-        "kind": "finetune", "dataset": dataset_fingerprint(tracks), "protocol": protocol, "cv": cv, "test_size": test_size,
-        "train": asdict(train), "finetune": asdict(ft), "backbone_weights": bb.weights_id, "audio": asdict(audio_cfg),
-        "augment": augment.to_dict(), "skip_bad": skip_bad,
-    }  # fmt: skip
-    run_dir = open_run_dir(runs_dir, run_dir, resume, "finetune", name, identity, progress)
-    progress_for = cache_progress(progress)
-    t_cache = time.perf_counter()
-    min_s = train.min_clip_s
-    waves, failures = wave_cache(cache, spec.sample_rate, audio_cfg, min_s).build(tracks["path"].tolist(), workers, progress_for("waveforms"))
-    tracks, waves, skipped = drop_failed(tracks, waves, failures, skip_bad)
-    ident_hash = checkpoint_identity(identity, tracks)
-    folds = make_folds(tracks, protocol, cv or 5, test_size, train.seed, train.val_size)
-    check_folds(folds, train.val_size)
-    label_idx = {l: i for i, l in enumerate(labels)}
-    clips = Clips(
-        clean=waves, labels=np.array([label_idx[l] for l in tracks["label"]]), n_classes=len(labels), hop=1, sr=spec.sample_rate,
-        normalize=lambda x: x, waves=waves, featurize=None, spectrogram=False,
-    )  # fmt: skip
-    attach_augmentation(
-        clips, tracks, folds, cache, audio_cfg, min_s, augment, train.seed,
-        represent=lambda y: y.astype(np.float32), represent_id={"waveform": True, "sample_rate": spec.sample_rate},
-        workers=workers, cache_progress=progress_for,
-    )  # fmt: skip
-    cache_seconds = time.perf_counter() - t_cache
-
-    task = FinetuneTask(clips, module, spec, bb.weights_id, ft, train, augment, audio_cfg, labels)
-    ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, labels, progress)
-
-    model = load_finetuned(run_dir / "models" / f"{folds[0].name}.pt")
-    infer_ms = inference_ms_per_track(model, tracks, folds[0].test)
-    n_segments = sum(len(window_starts(len(w), spec.sample_rate, train.segment_s, train.segment_s)) for w in waves)
-    metrics = {
-        "run_id": run_dir.name, "kind": "finetune", "name": name, "backbone": backbone, "head": "linear",
-        "protocol": {**protocol_dict(protocol, cv or 5, train.seed, test_size, tracks), "val_size": train.val_size},
-        "dataset": dataset_summary(tracks, n_segments),
-        "train_seconds": train_seconds, "cache_seconds": cache_seconds, "inference_ms_per_track": infer_ms,
-        "inference_note": inference_note("decode, resample", audio_cfg.clip_s, train.segment_s),
-        "n_params": n_params(model.net), "threads": n_threads,
-        "spec": plain(spec.to_dict()), "weights_id": bb.weights_id,
-        "preprocess": {"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},
-        "config": {"train": asdict(train), "finetune": asdict(ft), "augment": augment.to_dict()},
-        "skipped": skipped,
-    }  # fmt: skip
-    return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, folds[0].name))
+    return train_run(FinetuneTask(ft), tracks, train, audio_cfg, augment, RunOptions(**run), progress)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadingError
+from ..errors import ConfigError, ModelLoadingError
 
 FORMAT = "embedkit-cnn"
 FORMAT_VERSION = 1
@@ -57,11 +57,11 @@ def build_cnn(cfg: CNNConfig):
     from torch import nn
 
     if cfg.block_order not in ("conv-pool-bn-relu", "conv-bn-relu-pool"):
-        raise ValueError(f"unknown block order {cfg.block_order!r}")
+        raise ConfigError(f"block_order must be conv-pool-bn-relu or conv-bn-relu-pool, got {cfg.block_order!r}", field="block_order")
     if not cfg.channels:
-        raise ValueError("need at least one conv block")
+        raise ConfigError("channels needs at least one positive filter count", field="channels")
     if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout:g}")
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout:g}", field="dropout")
 
     def block(cin: int, cout: int) -> list:
         conv = nn.Conv2d(cin, cout, cfg.kernel, padding=cfg.kernel // 2, bias=False)  # BN has the bias
@@ -144,16 +144,22 @@ def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> int:
     return path.stat().st_size
 
 
-def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_torch_file(path: str | os.PathLike, unreadable: str, error=ModelLoadingError, hint: str = ""):
+    """``torch.load`` (weights only: nothing in the file is executed) of a file embedkit wrote,
+    or one line: "<path>: <unreadable> (<exception type>)<hint>"."""
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"{path}: {unreadable} ({type(exc).__name__}){hint}") from None
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ModelLoadingError(f"{path}: model file not found")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadingError(f"{path}: not a readable embedkit model file ({type(exc).__name__})") from None
+    d = read_torch_file(path, "not a readable embedkit model file")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelLoadingError(f"{path}: not an embedkit CNN / fine-tune model file")
     return d

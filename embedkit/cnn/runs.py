@@ -1,7 +1,7 @@
-"""Run directories: identity, resume checks, completion, protocol choice, thread settings.
+"""Training run directories: identity, resume checks, completion; process settings.
 
-Shared by ``train_cnn`` and ``finetune``. A run directory holds ``run.json`` (the run's identity:
-every config and a fingerprint of the dataset) from its start; ``--resume`` compares the
+Used by the training engine (``loop.train_run``). A run directory holds ``run.json`` (the run's
+identity: every config and a fingerprint of the dataset) from its start; resuming compares the
 requested identity with it and refuses any difference, naming the first differing fields.
 """
 
@@ -16,21 +16,8 @@ from typing import Any
 import pandas as pd
 
 from ..config import stable_hash
-from ..errors import ConfigMismatchError, EmbedkitError
-
-
-def dataset_fingerprint(tracks: pd.DataFrame) -> str:
-    t = tracks.sort_values("track_id")
-    return stable_hash([[r.track_id, r.path, r.label, r.split, r.group] for r in t.itertuples()], 16)
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} -> {a!r}"]
+from ..errors import ConfigError, EmbedkitError
+from ..io import plain
 
 
 def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any], progress=None) -> Path:
@@ -43,36 +30,35 @@ def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None,
 
 
 def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identity: dict[str, Any]) -> Path:
-    from ..evaluate import new_run_id
     from ..io import atomic_write_text
+    from ..runs import check_match, run_id
 
     identity = plain(identity)  # tuples -> lists, as stored
     if resume:
         if run_dir is None:
-            raise EmbedkitError("--resume needs the run directory to continue")
+            raise ConfigError("resume needs the run directory to continue (run_dir)", field="resume")
         run_dir = Path(run_dir)
         meta = run_dir / "run.json"
         if not meta.exists():
             raise EmbedkitError(f"{run_dir}: not a resumable run (no run.json)")
         old = json.loads(meta.read_text())["identity"]
-        diff = _diff(identity, old)
-        if diff:
-            raise ConfigMismatchError(f"{run_dir}: resume directory is from a different configuration ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
+        check_match(run_dir, "resume directory is from a different configuration", old, identity, labels=("run", "requested"))
         return run_dir
-    run_dir = Path(run_dir) if run_dir else Path(runs_dir) / new_run_id(kind, name)
+    run_dir = Path(run_dir) if run_dir else Path(runs_dir) / run_id(kind, name)
     if (run_dir / "run.json").exists():
-        raise EmbedkitError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another directory")
+        raise EmbedkitError(f"{run_dir}: already holds a run; resume it or choose another directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "run.json", json.dumps({"kind": kind, "name": name, "identity": identity, "identity_hash": stable_hash(identity)}, indent=2))
     return run_dir
 
 
-def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
-    """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
+def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str) -> dict[str, Any]:
+    """Copy ``models/<deployed>.pt`` (the final model after CV, else the only fold's) to
+    model.pt and write metrics.json (the completion mark)."""
     from ..evaluate import write_metrics
     from ..io import atomic_write
 
-    with open(run_dir / "models" / f"{first_fold}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
+    with open(run_dir / "models" / f"{deployed}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
         atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))
     m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
     write_metrics(run_dir, m)
@@ -145,26 +131,10 @@ def set_threads(threads: int | None) -> int:
     import torch
 
     if threads is not None and threads < 1:
-        raise EmbedkitError(f"--threads must be >= 1, got {threads}")
+        raise ConfigError(f"threads must be >= 1, got {threads}", field="threads")
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
-
-
-def choose_protocol(tracks: pd.DataFrame, cv: int | None, test_size: float) -> str:
-    """--cv K -> "cv"; a split column with train and test -> "split"; else an 80/20 holdout."""
-    if cv is not None and cv < 2:
-        raise EmbedkitError(f"--cv must be >= 2 folds, got {cv}")
-    if cv:
-        return "cv"
-    if "split" in tracks and tracks["split"].isin(["train"]).any() and tracks["split"].isin(["test"]).any():
-        return "split"
-    return "holdout"
-
-
-def plain(obj: Any) -> Any:
-    """JSON-plain copy (tuples -> lists, other objects -> str): what run.json stores and hashes."""
-    return json.loads(json.dumps(obj, default=str))
 
 
 def drop_failed(tracks: pd.DataFrame, arrays: list, failures: list[tuple[str, str]], skip_bad: bool) -> tuple[pd.DataFrame, list, list[dict[str, str]]]:

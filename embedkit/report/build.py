@@ -10,6 +10,7 @@ or links outside itself: CSS is inlined and charts are inline SVG (see ``charts.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -18,16 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EmbedkitError
+from ..errors import ReportError
 from . import charts
 
-#: backbones that are not pretrained networks (hand-crafted statistics, random test weights).
-NOT_PRETRAINED = {"melstats", "tiny-test", "tiny"}
 DASH = "—"
-
-
-class ReportError(EmbedkitError):
-    """No usable runs, or the report cannot be written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +188,13 @@ class RunView:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- identity -------------------------------------------------------------------------
+    @functools.cached_property
+    def record(self):
+        """The typed run record (``runs.RunRecord``; derived for schema-1 files)."""
+        from ..runs import RunRecord
+
+        return RunRecord.from_metrics(self.m)
+
     @property
     def run_id(self) -> str:
         return str(self.m.get("run_id") or Path(self.m.get("run_dir", "run")).name)
@@ -215,9 +217,23 @@ class RunView:
 
     @property
     def pretrained_embedding(self) -> bool:
-        """A frozen pretrained network's embeddings + a head (not melstats / tiny test weights)."""
-        fam = str(_dict(self.m.get("spec")).get("family") or "")
-        return self.kind == "head" and bool(self.backbone) and self.backbone not in NOT_PRETRAINED and fam not in NOT_PRETRAINED
+        """A frozen pretrained network's embeddings + a head."""
+        return self.record.pretrained and not self.record.trains_backbone and bool(self.backbone)
+
+    @property
+    def from_scratch(self) -> bool:
+        """A network trained from random weights on this data (the scratch CNN)."""
+        return self.record.trains_backbone and not self.record.pretrained
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.record.trains_backbone and self.record.pretrained
+
+    @property
+    def hand_crafted(self) -> bool:
+        """Features with no weights at all (``BackboneSpec.weights`` "none ...") + a head."""
+        r = self.record
+        return not r.pretrained and not r.trains_backbone and r.weights.startswith("none")
 
     @property
     def anchor(self) -> str:
@@ -306,26 +322,23 @@ class RunView:
 
     @property
     def needs_extraction(self) -> bool:
-        return self.kind == "head"
+        return self.record.needs_extraction
+
+    def _with_extraction(self, own: float | None, extraction: float | None) -> float | None:
+        """A run's own cost plus the extraction cost when the model needs embeddings (None
+        when either part is unknown)."""
+        if own is None or not self.needs_extraction:
+            return own
+        return own + extraction if extraction is not None else None
 
     @property
     def infer_ms_total(self) -> float | None:
         """End-to-end inference per track: extraction (when the model needs it) + model."""
-        inf = self.get("inference_ms_per_track")
-        if inf is None:
-            return None
-        if self.needs_extraction:
-            return inf + self.extract_ms if self.extract_ms is not None else None
-        return inf
+        return self._with_extraction(self.get("inference_ms_per_track"), self.extract_ms)
 
     @property
     def build_s_total(self) -> float | None:
-        tr = self.get("train_seconds")
-        if tr is None:
-            return None
-        if self.needs_extraction:
-            return tr + self.extract_s if self.extract_s is not None else None
-        return tr
+        return self._with_extraction(self.get("train_seconds"), self.extract_s)
 
 
 def protocol_text(p: dict) -> str:
@@ -526,7 +539,7 @@ def comparison(views: list[RunView]) -> list[str]:
     out.append(s)
 
     pre = [v for v in views if v.pretrained_embedding]
-    cnn = [v for v in views if v.kind == "cnn"]
+    cnn = [v for v in views if v.from_scratch]
     if pre and cnn:
         p, c = pre[0], cnn[0]
         gap = abs(100 * (p.acc - c.acc))
@@ -539,16 +552,17 @@ def comparison(views: list[RunView]) -> list[str]:
         missing = "scratch CNN run" if pre else ("pretrained-embedding (frozen backbone + head) run" if cnn else "pretrained-embedding run and no scratch CNN run")
         out.append(f"No {missing} is in this report, so the gap between pretrained embeddings and a CNN trained from scratch is not measured here.")
 
-    for ft in [v for v in views if v.kind == "finetune"][:1]:
+    for ft in [v for v in views if v.fine_tuned][:1]:
         frozen = [v for v in pre if v.backbone == ft.backbone]
         if frozen:
             out.append(f"Fine-tuning {ft.backbone} end to end ({ft.label}) reaches {pct(ft.acc)}, {pts(ft.acc, frozen[0].acc)} against its frozen embeddings with the best head ({frozen[0].label}, {pct(frozen[0].acc)}).")
         else:
             out.append(f"Fine-tuning {ft.backbone or 'a backbone'} ({ft.label}) reaches {pct(ft.acc)}; no frozen-embedding run of the same backbone is here to compare with.")
 
-    base = [v for v in views if v.kind == "head" and v.backbone == "melstats"]
+    base = [v for v in views if v.hand_crafted]
     if base and pre:
-        out.append(f"The hand-crafted baseline (log-mel statistics, {base[0].label}) reaches {pct(base[0].acc)}; the best pretrained embedding adds {pts(pre[0].acc, base[0].acc)}.")
+        what = _dict(base[0].m.get("spec")).get("description")
+        out.append(f"The hand-crafted baseline ({base[0].label}{': ' + str(what) if what else ''}) reaches {pct(base[0].acc)}; the best pretrained embedding adds {pts(pre[0].acc, base[0].acc)}.")
 
     near = [v for v in views if v.acc >= best.acc - 0.02 - 1e-12]
     costed = [v for v in near if v.infer_ms_total is not None]
