@@ -292,6 +292,7 @@ def fit_head(
     labels = sorted(table["label"].astype(str).unique())
     track_labels = dict(zip(table["track_id"], table["label"].astype(str)))
     paths = dict(zip(table["track_id"], table["path"]))
+    fp_of = dict(zip(seg["track_id"], seg["fingerprint"]))
     seg_ids = seg["track_id"].to_numpy()
     y = seg["label"].astype(str).to_numpy()
     pinfo = protocol_dict(proto, k, seed, test_size, table)
@@ -353,7 +354,7 @@ def fit_head(
     bundle = HeadBundle(
         model=model, labels=labels, head=head, spec=spec, preprocess=smeta["preprocess"], weights_id=smeta.get("weights_id", "none"), output=output,
         config=config, scores=scores, run_id=run_id,
-        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
+        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "fingerprints": sorted(set(fp_of[t] for t in trained_ids)), "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
     )  # fmt: skip
     cost = extraction_cost(st)
     n_segments = len(seg)
@@ -424,5 +425,9 @@ def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = 
     info = seg.drop_duplicates("track_id").set_index("track_id")
     df.insert(1, "path", info.loc[df["track_id"], "path"].to_numpy())
     df.insert(2, "label", info.loc[df["track_id"], "label"].to_numpy())
-    df["in_training"] = df["track_id"].isin(set(b.trained_on.get("track_ids", [])))
+    # Training audio is known by content: a track of another dataset with the same name is not it.
+    if "fingerprints" in b.trained_on:
+        df["in_training"] = info.loc[df["track_id"], "fingerprint"].isin(set(b.trained_on["fingerprints"])).to_numpy()
+    else:  # a bundle written before fingerprints
+        df["in_training"] = df["track_id"].isin(set(b.trained_on.get("track_ids", [])))
     return df, b

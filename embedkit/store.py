@@ -250,7 +250,9 @@ class Store:
                             seen[p] = None
                         counts["kept" if seen[p] else "dropped"] += 1
                     fps.append(seen[p][1] if seen[p] else None)
-                table = table.append_column("fingerprint", pa.array(fps, pa.string()))
+                # where a current shard has it (after group / after reason), so the shards concatenate
+                at = table.column_names.index("group") + 1 if "group" in table.column_names else table.num_columns
+                table = table.add_column(at, "fingerprint", pa.array(fps, pa.string()))
                 table = table.filter(pc.is_valid(table.column("fingerprint")))
                 if table.num_rows:
                     self.write_shard(kind, table, f.stem.removeprefix("part-"))

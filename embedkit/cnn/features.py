@@ -140,7 +140,15 @@ class ClipCache:
         fresh = [r for r in ids if not isinstance(r, AudioError) and r[0] not in known]
         if fresh:
             save_known(self.known_file, [*known.items(), *fresh])
-        todo = [i for i, t in enumerate(targets) if t is not None and not t.exists()]
+        first: dict[Path, int] = {}  # the same audio under two names is computed once
+        for i, t in enumerate(targets):
+            if t is not None and not t.exists():
+                first.setdefault(t, i)
+        todo = list(first.values())
+        dup_failures: dict[Path, list[int]] = {}
+        for i, t in enumerate(targets):
+            if t in first and first[t] != i:
+                dup_failures.setdefault(t, []).append(i)
         done = len(paths) - len(todo)
         if progress:
             progress(done, len(paths))
@@ -157,7 +165,8 @@ class ClipCache:
             with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
                 for i, problem in pool.map(work, todo):
                     if problem is not None:
-                        failures[i] = problem
+                        for j in (i, *dup_failures.get(targets[i], [])):
+                            failures[j] = problem
                     done += 1
                     if progress:
                         progress(done, len(paths))
