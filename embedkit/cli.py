@@ -639,6 +639,8 @@ def predict_cmd(
         if df["in_training"].any():
             msg += f" ({int(df['in_training'].sum())} of them were used to train the head)"
     c.print(msg, highlight=False, soft_wrap=True)
+    if data is None:
+        c.print(f"dataset: {df.attrs.get('source')} (the last one extracted into the store; pass DATA to predict another)", highlight=False, soft_wrap=True)
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))
         c.print(f"wrote {out}", highlight=False)

@@ -51,7 +51,7 @@ FAILURE_COLUMNS = ("track_id", "path", "label", "reason", "fingerprint")
 class ExtractResult:
     store: Store
     n_tracks: int  # tracks in the dataset
-    n_skipped: int  # already in the store (done or failed earlier) = n_done_before + n_failed_before
+    n_skipped: int  # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
     n_extracted: int  # dataset tracks whose embeddings this run produced (tracks sharing one audio count each)
     n_segments: int  # segments written by this run
     failures: list[dict] = field(default_factory=list)  # this run's failures
@@ -98,7 +98,8 @@ def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig, stat: tupl
         out = _decode(path, sample_rate, prep, notes)
         if stat is not None:
             st = FileStat.of(path)
-            if (st.size, st.mtime_ns, st.inode) != tuple(stat):
+            # size and mtime only: a Dask worker on another host may see other inode numbers
+            if (st.size, st.mtime_ns) != tuple(stat[:2]):
                 return None, "file changed while it was being extracted; run extract again", notes
         return out, None, notes
     except AudioError as exc:
@@ -286,9 +287,12 @@ def extract(
     retry_failed: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExtractResult:
-    """Extract embeddings of every track not yet in the store.
+    """Extract embeddings of every track whose audio content is not yet in the store.
 
-    tracks: table from ``datasets.load_dataset`` (track_id, path, label[, split][, group]).
+    tracks: table from ``datasets.load_dataset`` (track_id, path, label[, split][, group]). Each
+        file is fingerprinted (``embedkit.identity``); contents already in the store (from any
+        dataset, under any name) are skipped, the same content twice is extracted once. The
+        table is recorded in the store as its last dataset (what ``fit`` uses without DATA).
     backbone: registry name or a loaded Backbone.
     workers: decode threads for the local pipeline (default: CPU count).
     batch_size: segments per forward pass. shard_size: tracks per written shard (the unit of

@@ -413,7 +413,8 @@ def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, wri
 
 def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = "cache", store=None, tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, HeadBundle]:
     """Per-track predictions of a saved head on a store's embeddings (the bundle's backbone
-    store under ``cache`` unless ``store`` is given). Refuses a store made with another
+    store under ``cache`` unless ``store`` is given) for ``tracks``, by default the dataset
+    extracted last into the store (``read_embeddings``). Refuses a store made with another
     backbone, weights or preprocessing. Returns (DataFrame track_id, path, label, pred,
     pred_vote, confidence, p_<label>..., in_training), bundle)."""
     b = load_bundle(bundle_path)
@@ -425,6 +426,7 @@ def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = 
     info = seg.drop_duplicates("track_id").set_index("track_id")
     df.insert(1, "path", info.loc[df["track_id"], "path"].to_numpy())
     df.insert(2, "label", info.loc[df["track_id"], "label"].to_numpy())
+    df.attrs["source"] = seg.attrs.get("source", "")
     # Training audio is known by content: a track of another dataset with the same name is not it.
     if "fingerprints" in b.trained_on:
         df["in_training"] = info.loc[df["track_id"], "fingerprint"].isin(set(b.trained_on["fingerprints"])).to_numpy()

@@ -184,6 +184,12 @@ class Store:
         try:
             return pq.read_table(f, columns=[column]).column(0).to_pylist()
         except Exception as exc:
+            try:
+                names = pq.read_schema(f).names
+            except Exception:
+                names = None
+            if names is not None and column not in names:  # readable, but not of this layout
+                raise StoreError(f"{f}: shard has no {column!r} column (copied from an embedkit 0.1.0 store?); move it out of {self.root}") from None
             # Shards are renamed into place complete, so this is damage from outside (disk
             # error, hand editing). Move it aside so its tracks are extracted again.
             bad = f.with_name(f.name + ".corrupt")
