@@ -170,6 +170,7 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
     extract(tracks.iloc[:8], bb, cache=workdir / "identity-warmup", prep=prep, workers=args.workers, batch_size=args.batch_size)
     best = {"with": np.inf, "without": np.inf}
     best_cpu = {"with": np.inf, "without": np.inf}  # CPU seconds: less sensitive to other processes' load
+    walls: dict[str, list[float]] = {"with": [], "without": []}
     last_cache = None
     for r in range(max(1, args.repeat)):
         for mode in (("with", "without") if r % 2 == 0 else ("without", "with")):
@@ -184,6 +185,7 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
             assert res.n_extracted == len(paths), res.failures[:3]
             best[mode] = min(best[mode], t.s)
             best_cpu[mode] = min(best_cpu[mode], c.s)
+            walls[mode].append(t.s)
             if mode == "with":
                 last_cache = cache
     identity._cache.clear()
@@ -196,6 +198,9 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
         "extract_with_hashing_s": best["with"],
         "extract_without_hashing_s": best["without"],
         "with_over_without": best["with"] / best["without"],
+        # each round's two runs are adjacent in time: their ratio cancels slow drifts in load
+        "paired_ratio_median": float(np.median(np.array(walls["with"]) / np.array(walls["without"]))),
+        "walls": walls,
         "cpu_with_s": best_cpu["with"],
         "cpu_without_s": best_cpu["without"],
         "cpu_with_over_without": best_cpu["with"] / best_cpu["without"],
@@ -205,6 +210,7 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
     print(
         f"  extract with hashing    : {best['with']:.2f} s\n"
         f"  extract without hashing : {best['without']:.2f} s  -> with/without {out['with_over_without']:.3f} (target <= 1.03)\n"
+        f"  paired rounds           : with/without median {out['paired_ratio_median']:.3f} over {len(walls['with'])} rounds\n"
         f"  CPU seconds, best round : with {best_cpu['with']:.1f}, without {best_cpu['without']:.1f} -> {out['cpu_with_over_without']:.3f}\n"
         f"  hashing alone           : {t_hash.s:.3f} s for {n_bytes / 1e6:.0f} MB ({args.workers} threads) = {100 * out['hash_only_over_without']:.2f} % of the extraction",
         flush=True,

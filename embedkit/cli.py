@@ -191,7 +191,8 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
             prog, bar = track_progress(f"extract {backbone}")
 
             def cb(done: int, total: int) -> None:
-                prog.start()  # idempotent
+                if total:  # no bar for a run with nothing to do
+                    prog.start()  # idempotent
                 bar(done, total)
 
             try:

@@ -243,7 +243,9 @@ class Store:
         for kind in ("segments", "failures"):
             for f in self.shard_files(kind):
                 table = pq.read_table(f)
-                if "fingerprint" in table.column_names:
+                if "fingerprint" in table.column_names:  # upgraded by an interrupted earlier upgrade
+                    if kind == "segments":
+                        tracks.append(table.select(["track_id", "path", "label", "split", "group", "fingerprint"]).to_pandas().drop_duplicates("track_id"))
                     continue
                 written_ns = f.stat().st_mtime_ns
                 fps = []
@@ -274,7 +276,8 @@ class Store:
             import pandas as pd
 
             t = pd.concat(tracks, ignore_index=True).drop_duplicates("track_id")
-            stats = [seen[p][0] for p in t["path"]]
+            # a file not looked at in this run gets a stat that never matches: hashed when next seen
+            stats = [seen[p][0] if seen.get(p) else FileStat(p, -1, -1, -1) for p in t["path"]]
             t["real_path"], t["size"], t["mtime_ns"], t["inode"] = [s.path for s in stats], [s.size for s in stats], [s.mtime_ns for s in stats], [s.inode for s in stats]
             self.record_dataset(t, f"{self.root} (upgraded 0.1.0 store)")
         return counts
@@ -301,8 +304,15 @@ class Store:
         for c in ("split", "group"):
             t[c] = t[c].astype(object).where(t[c].notna(), None)
         table = pa.Table.from_pandas(t, preserve_index=False).replace_schema_metadata({b"source": source.encode()})
-        atomic_write(self.datasets_dir / f"{key}.parquet", lambda fh: pq.write_table(table, fh))
+        f = self.datasets_dir / f"{key}.parquet"
         index = self._index()
+        if index.get("last") == key and f.exists():
+            try:  # a no-op re-run: nothing to write (and no fsync to wait for)
+                if pq.read_table(f).equals(table, check_metadata=True):
+                    return key
+            except Exception:
+                pass
+        atomic_write(f, lambda fh: pq.write_table(table, fh))
         index["datasets"][key] = {"source": source, "n_tracks": len(t)}
         index["last"] = key
         atomic_write_text(self.datasets_dir / "index.json", json.dumps(index, indent=2, sort_keys=True))
