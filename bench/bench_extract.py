@@ -11,6 +11,11 @@ Measured on ``--cores`` CPUs (process pinned, torch/BLAS threads set to match):
 (2) pipeline vs plain loop: ``librosa.load(path, sr=model rate)`` of each file, trim/pad to 30 s,
     the same windowing, one forward per clip. Target >= 1.0x (modest for compute-bound models).
 (3) both again on generated 44.1 kHz stereo MP3s (FMA's format: decoding costs more).
+(5) content fingerprinting (embedkit.identity): ``extract()`` with the real SHA-256 of every file
+    against ``extract()`` with hashing replaced by a stat-derived stand-in, same clips, same run,
+    rounds alternated; plus the hashing alone and the wall time of a no-op re-run of the CLI
+    (``embedkit extract DATA`` on the extracted store, a fresh process). Targets: <= 3 % cost,
+    no-op re-run < 2 s on gtzan_mini with musicnn-msd. ``--only-identity`` runs just this part.
 (4) peak memory of extract() over N vs 10N generated clips (symlinks to a few short files, cheap
     ``--memory-backbone``), each in a fresh subprocess: the rise of the resident-set high-water
     mark over the resident size before the run. Target: no growth with the number of clips.
@@ -142,6 +147,88 @@ def throughput(name: str, tracks, bb, args, workdir: Path) -> dict:
     return out
 
 
+# -- content fingerprinting ----------------------------------------------------------------
+def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
+    """extract() with vs without hashing the files, and the no-op CLI re-run (see (5))."""
+    import time
+
+    from embedkit import identity
+    from embedkit.config import PreprocessConfig
+    from embedkit.extract import extract
+    from embedkit.identity import FileStat, identify_many
+
+    prep = PreprocessConfig()
+    paths = list(tracks.path)
+    real_hash = identity.hash_file
+
+    def stand_in(path):  # distinct per file, reads no bytes
+        st = FileStat.of(path)
+        return f"{st.inode:016x}{st.mtime_ns:016x}"[:identity.DIGITS]
+
+    for p in paths:  # page cache warm for both variants; imports and first calls not timed
+        Path(p).read_bytes()
+    extract(tracks.iloc[:8], bb, cache=workdir / "identity-warmup", prep=prep, workers=args.workers, batch_size=args.batch_size)
+    best = {"with": np.inf, "without": np.inf}
+    best_cpu = {"with": np.inf, "without": np.inf}  # CPU seconds: less sensitive to other processes' load
+    walls: dict[str, list[float]] = {"with": [], "without": []}
+    last_cache = None
+    for r in range(max(1, args.repeat)):
+        for mode in (("with", "without") if r % 2 == 0 else ("without", "with")):
+            identity._cache.clear()
+            identity.hash_file = real_hash if mode == "with" else stand_in
+            cache = workdir / f"identity-{mode}-{r}"
+            try:
+                with Timer() as t, CpuTimer() as c:
+                    res = extract(tracks, bb, cache=cache, prep=prep, workers=args.workers, batch_size=args.batch_size)
+            finally:
+                identity.hash_file = real_hash
+            assert res.n_extracted == len(paths), res.failures[:3]
+            best[mode] = min(best[mode], t.s)
+            best_cpu[mode] = min(best_cpu[mode], c.s)
+            walls[mode].append(t.s)
+            if mode == "with":
+                last_cache = cache
+    identity._cache.clear()
+    with Timer() as t_hash:
+        identify_many(paths, None, args.workers)
+    n_bytes = sum(os.path.getsize(p) for p in paths)
+    out = {
+        "clips": len(paths),
+        "bytes": n_bytes,
+        "extract_with_hashing_s": best["with"],
+        "extract_without_hashing_s": best["without"],
+        "with_over_without": best["with"] / best["without"],
+        # each round's two runs are adjacent in time: their ratio cancels slow drifts in load
+        "paired_ratio_median": float(np.median(np.array(walls["with"]) / np.array(walls["without"]))),
+        "walls": walls,
+        "cpu_with_s": best_cpu["with"],
+        "cpu_without_s": best_cpu["without"],
+        "cpu_with_over_without": best_cpu["with"] / best_cpu["without"],
+        "hash_only_s": t_hash.s,
+        "hash_only_over_without": t_hash.s / best["without"],
+    }
+    print(
+        f"  extract with hashing    : {best['with']:.2f} s\n"
+        f"  extract without hashing : {best['without']:.2f} s  -> with/without {out['with_over_without']:.3f} (target <= 1.03)\n"
+        f"  paired rounds           : with/without median {out['paired_ratio_median']:.3f} over {len(walls['with'])} rounds\n"
+        f"  CPU seconds, best round : with {best_cpu['with']:.1f}, without {best_cpu['without']:.1f} -> {out['cpu_with_over_without']:.3f}\n"
+        f"  hashing alone           : {t_hash.s:.3f} s for {n_bytes / 1e6:.0f} MB ({args.workers} threads) = {100 * out['hash_only_over_without']:.2f} % of the extraction",
+        flush=True,
+    )
+    if data is not None:
+        cmd = [sys.executable, "-c", "from embedkit.cli import main; main()", "extract", str(data), "--backbone", bb.spec.name, "--cache", str(last_cache)]
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            walls.append(time.perf_counter() - t0)
+            if proc.returncode or f"0 tracks extracted (0 segments), {len(paths)} already done" not in proc.stderr:
+                raise SystemExit(f"no-op re-run did not find the store complete:\n{proc.stderr[-2000:]}")
+        out["noop_rerun_wall_s"] = walls
+        print(f"  no-op CLI re-run        : {', '.join(f'{w:.2f}' for w in walls)} s wall (fresh process each; target < 2 s)", flush=True)
+    return out
+
+
 # -- memory -----------------------------------------------------------------------------------
 def memory_dataset(root: Path, n: int, sources: list[Path]) -> Path:
     """root/<label>/<i>.wav as symlinks to a few real files: n distinct tracks, no disk cost."""
@@ -218,6 +305,7 @@ def main() -> None:
     ap.add_argument("--memory-sizes", default=None, help="clip counts, default 200,2000 (--quick 100,1000)")
     ap.add_argument("--memory-backbone", default="tiny-test")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--only-identity", action="store_true", help="only (5): fingerprinting cost and the no-op re-run")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that it works")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -251,7 +339,12 @@ def main() -> None:
             per_label = -(-n_clips // tracks.label.nunique())
             tracks = tracks.groupby("label").head(per_label).head(n_clips).reset_index(drop=True)
         print(f"{label}: {len(tracks)} clips", flush=True)
-        results["data"] = throughput("data", tracks, bb, args, work)
+        print("content fingerprinting:", flush=True)
+        results["identity"] = identity_cost(tracks, bb, args, work, args.data if args.data.exists() and not n_clips else None)
+        if args.only_identity:
+            n_mp3, args.skip_memory = 0, True
+        else:
+            results["data"] = throughput("data", tracks, bb, args, work)
         if n_mp3:
             with Timer() as t:
                 mp3 = load_dataset(make_mp3s(work / "mp3", n_mp3))
@@ -261,7 +354,8 @@ def main() -> None:
             print(f"peak memory ({args.memory_backbone}, 5 s clips):", flush=True)
             results["memory"] = memory(sizes, args, work)
     results["load_avg_1m_at_end"] = load_average()
-    print(f"load average at end {load_average():.1f}; results: {write_results('bench_extract' + ('_quick' if args.quick else ''), results)}")
+    name = "bench_extract" + ("_quick" if args.quick else "") + ("_identity" if args.only_identity else "")
+    print(f"load average at end {load_average():.1f}; results: {write_results(name, results)}")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,6 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
     import tempfile
 
     from .audio import native_stderr_to
-    from .backbones import load_backbone
     from .extract import extract
 
     tracks = _load_tracks(data, audio_dir, subset)
@@ -197,18 +196,27 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
                 from .distributed import dask_client
 
                 executor = stack.enter_context(dask_client(dask))
-            # Load and verify the weights before the progress bar starts, so a missing or corrupt
-            # checkpoint is one error line rather than an error under an empty bar.
-            model = backbone if executor is not None else load_backbone(backbone, checkpoint=checkpoint)
+            model = backbone
             # MP3 decoders print warnings straight to fd 2 ("Xing stream size off ..."), once
             # per file; keep them in a log next to the store instead of between progress lines.
             stack.enter_context(native_stderr_to(log_path))
-            prog, cb = track_progress(f"extract {backbone}")
-            with prog:
+            # extract() builds the model only when there is work (a no-op re-run loads nothing)
+            # and reports progress once it is loaded: the bar starts then, so a missing or
+            # corrupt checkpoint is one error line rather than an error under an empty bar.
+            prog, bar = track_progress(f"extract {backbone}")
+
+            def cb(done: int, total: int) -> None:
+                if total:  # no bar for a run with nothing to do
+                    prog.start()  # idempotent
+                bar(done, total)
+
+            try:
                 try:
                     res = extract(tracks, model, cache=cache, checkpoint=checkpoint, prep=prep, workers=workers, batch_size=batch_size, outputs=tuple(outputs), executor=executor, retry_failed=retry_failed, progress=cb)
                 except OSError as exc:  # disk full, permissions on --cache, ...
                     _fail(f"{getattr(exc, 'filename', None) or cache}: {exc.strerror or exc}")
+            finally:
+                prog.stop()
         if os.path.getsize(log_path):
             dest = res.store.root / "decoder.log"
             with open(log_path, "rb") as src, open(dest, "ab") as out:
@@ -234,6 +242,7 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
     c.print(
         f"[green]{escape(str(res.store.root))}[/]: {res.n_extracted} tracks extracted ({res.n_segments} segments), "
         f"{res.n_done_before} already done, {res.n_failed} failed"
+        + (f", {res.n_shared} share their audio with another track (extracted once)" if res.n_shared else "")
         + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
         + f", {res.seconds:.1f} s",
         highlight=False,
@@ -638,8 +647,10 @@ def fit_cmd(
         highlight=False,
         soft_wrap=True,
     )
+    if data is None:
+        console().print(f"dataset: {m['dataset']['source']} (the last one extracted into {m['store']}; pass DATA to fit another)", highlight=False, soft_wrap=True)
     if m["dataset"].get("missing_from_store"):
-        console().print(f"[yellow]note[/]: {m['dataset']['missing_from_store']} track(s) of {data} are not in the store (failed or not extracted) and were left out", highlight=False)
+        console().print(f"[yellow]note[/]: {m['dataset']['missing_from_store']} track(s) of {data or m['dataset']['source']} are not in the store (failed or not extracted) and were left out", highlight=False)
 
 
 @app.command("predict")
@@ -668,6 +679,8 @@ def predict_cmd(
         if df["in_training"].any():
             msg += f" ({int(df['in_training'].sum())} of them were used to train the head)"
     c.print(msg, highlight=False, soft_wrap=True)
+    if data is None:
+        c.print(f"dataset: {df.attrs.get('source')} (the last one extracted into the store; pass DATA to predict another)", highlight=False, soft_wrap=True)
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))
         c.print(f"wrote {out}", highlight=False)

@@ -1,6 +1,11 @@
 """Extraction engine: track table -> decode (parallel) -> batched backbone -> Parquet shards.
 
-Work is cut into shards of ``shard_size`` tracks (sorted by track id). A pool of threads decodes
+Rows belong to audio content (``embedkit.identity``): each track's file is fingerprinted first
+(threads; files whose size, mtime and inode match the store's record are not read), and only
+contents the store has not seen are extracted, once each, whatever their names. When nothing
+is left to do the backbone is never built.
+
+Work is cut into shards of ``shard_size`` contents (sorted by fingerprint). A pool of threads decodes
 two shards ahead while the backbone, in the main thread, embeds the tracks already decoded;
 each shard is written atomically, so an interrupted run resumes at the first missing shard. The same
 ``extract_shard`` function runs a shard anywhere (pass any executor with ``submit``, e.g. a
@@ -30,29 +35,31 @@ import numpy as np
 import pandas as pd
 
 from . import audio
-from .backbones import get_spec, load_backbone
+from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
 from .errors import AudioError, EmbedkitError, StoreError
+from .identity import FileStat, identify_many
 from .io import atomic_write_text
 from .segments import segment
 from .store import Store
 
-FAILURE_COLUMNS = ("track_id", "path", "label", "reason")
+FAILURE_COLUMNS = ("track_id", "path", "label", "reason", "fingerprint")
 
 
 @dataclass
 class ExtractResult:
     store: Store
     n_tracks: int  # tracks in the dataset
-    n_skipped: int  # already in the store (done or failed earlier) = n_done_before + n_failed_before
-    n_extracted: int  # extracted by this run
+    n_skipped: int  # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
+    n_extracted: int  # dataset tracks whose embeddings this run produced (tracks sharing one audio count each)
     n_segments: int  # segments written by this run
     failures: list[dict] = field(default_factory=list)  # this run's failures
     seconds: float = 0.0
     n_done_before: int = 0  # dataset tracks whose embeddings were already in the store
     n_failed_before: int = 0  # dataset tracks recorded as failed by an earlier run
     notes: list[str] = field(default_factory=list)  # this run's length adjustments (padding...)
+    n_shared: int = 0  # dataset tracks whose audio is the same as another track's of the dataset
 
     @property
     def n_failed(self) -> int:
@@ -64,8 +71,8 @@ class ExtractResult:
         return self.n_done_before + self.n_extracted
 
 
-def _shard_key(track_ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(track_ids).encode()).hexdigest()[:16]
+def _shard_key(fingerprints: list[str]) -> str:
+    return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:16]
 
 
 def _decode(path: str, sample_rate: int, prep: PreprocessConfig, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -82,11 +89,19 @@ def decode_track(path: str, sample_rate: int, prep: PreprocessConfig) -> tuple[n
     return _decode(path, sample_rate, prep, [])
 
 
-def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig):
-    """((frames, starts) | None, failure reason | None, notes); never raises for one bad file."""
+def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig, stat: tuple[int, int, int] | None = None):
+    """((frames, starts) | None, failure reason | None, notes); never raises for one bad file.
+    stat: (size, mtime_ns, inode) when the file was fingerprinted; a file that no longer has it
+    after decoding changed under us, and its audio is not the fingerprinted one."""
     notes: list[str] = []
     try:
-        return _decode(path, sample_rate, prep, notes), None, notes
+        out = _decode(path, sample_rate, prep, notes)
+        if stat is not None:
+            st = FileStat.of(path)
+            # size and mtime only: a Dask worker on another host may see other inode numbers
+            if (st.size, st.mtime_ns) != tuple(stat[:2]):
+                return None, "file changed while it was being extracted; run extract again", notes
+        return out, None, notes
     except AudioError as exc:
         return None, exc.problem, notes
     except MemoryError:
@@ -139,7 +154,7 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
             notes.extend(ns)
             r = rows.iloc[i]
             if err is not None:
-                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": err})
+                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": err, "fingerprint": r.fingerprint})
                 continue
             ok_idx.append(i)
             counts.append(len(fr[0]))
@@ -161,7 +176,7 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
             starts = [starts[j] for j in keep_tracks]
             for j in sorted(bad_tracks):
                 r = rows.iloc[ok_idx[j]]
-                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": f"backbone {backbone.spec.name} produced NaN/inf"})
+                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": f"backbone {backbone.spec.name} produced NaN/inf", "fingerprint": r.fingerprint})
             mask = np.isin(seg_track, keep_tracks)
             out = {k: v[mask] for k, v in out.items()}
             ok_idx = [ok_idx[j] for j in keep_tracks]
@@ -176,7 +191,7 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
                 vals = np.repeat(sub[col].to_numpy(dtype=object), counts)
                 return pa.array(vals, pa.string(), from_pandas=True)
 
-            cols = {c: rep(c) for c in ("track_id", "path", "label", "split", "group")}
+            cols = {c: rep(c) for c in ("track_id", "path", "label", "split", "group", "fingerprint")}
             cols["segment"] = pa.array(seg_idx.astype(np.int32))
             cols["start_s"] = pa.array(start_s.astype(np.float64))
             # Same end as segments.segment(): round(segment_s * sr) samples after the start.
@@ -217,9 +232,15 @@ def _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch
     prep = PreprocessConfig.from_dict(prep_dict)
     backbone = _cached_backbone(backbone_name, checkpoint)
     store = Store(Path(store_root))
-    decoded = (_decode_safe(p, backbone.spec.sample_rate, prep) for p in rows.path)
+    decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
     seg_table, fail_table, fails, notes = _build_tables(rows, decoded, backbone, batch_size, prep, outputs)
-    return _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table), fails, notes
+    return _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes
+
+
+def _stats(rows: pd.DataFrame) -> list[tuple[int, int, int] | None]:
+    if "size" not in rows:
+        return [None] * len(rows)
+    return [(int(a), int(b), int(c)) for a, b, c in zip(rows["size"], rows["mtime_ns"], rows["inode"])]
 
 
 def _check_tracks(tracks: pd.DataFrame) -> pd.DataFrame:
@@ -266,9 +287,12 @@ def extract(
     retry_failed: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExtractResult:
-    """Extract embeddings of every track not yet in the store.
+    """Extract embeddings of every track whose audio content is not yet in the store.
 
-    tracks: table from ``datasets.load_dataset`` (track_id, path, label[, split][, group]).
+    tracks: table from ``datasets.load_dataset`` (track_id, path, label[, split][, group]). Each
+        file is fingerprinted (``embedkit.identity``); contents already in the store (from any
+        dataset, under any name) are skipped, the same content twice is extracted once. The
+        table is recorded in the store as its last dataset (what ``fit`` uses without DATA).
     backbone: registry name or a loaded Backbone.
     workers: decode threads for the local pipeline (default: CPU count).
     batch_size: segments per forward pass. shard_size: tracks per written shard (the unit of
@@ -287,46 +311,91 @@ def extract(
     tracks = _check_tracks(tracks)
     bb = backbone if isinstance(backbone, Backbone) else None
     spec = bb.spec if bb is not None else get_spec(backbone)  # unknown names fail here, listing valid ones
-    if bb is None and executor is None:
-        bb = load_backbone(backbone, checkpoint=checkpoint)
-    weights_id = bb.weights_id if bb is not None else _cached_backbone(backbone, checkpoint).weights_id
     unknown = [o for o in outputs if o not in spec.outputs]
     if unknown:
         raise EmbedkitError(f"backbone {spec.name} has no output(s) {unknown}; available: {list(spec.outputs) or 'none'}")
+    if bb is not None:
+        weights_id = bb.weights_id
+    else:
+        # The store key without building the network (a checkpoint hash), so that a re-run
+        # with nothing left to do costs no model load; families that cannot tell are loaded.
+        ident = identify_weights(backbone, checkpoint)
+        if ident is None:
+            bb = load_backbone(backbone, checkpoint=checkpoint) if executor is None else _cached_backbone(backbone, checkpoint)
+            weights_id, spec = bb.weights_id, bb.spec
+        else:
+            weights_id, spec = ident
     store = Store.create(cache, spec, weights_id, prep)
     with store.lock():
         store.clean_partial()
+        if store.is_legacy():
+            store.upgrade()
         if retry_failed:
             store.drop_failures()
-        done, failed = store.done_track_ids()  # first: sets unreadable shards aside
+        done, failed = store.done_fingerprints()  # first: sets unreadable shards aside
         outputs = _check_outputs(store, tuple(outputs))
-        ids = tracks.track_id
-        todo = tracks[~ids.isin(done | failed)].sort_values("track_id").reset_index(drop=True)
-        result = ExtractResult(store, len(tracks), len(tracks) - len(todo), 0, 0)
-        result.n_done_before = int(ids.isin(done).sum())
-        result.n_failed_before = result.n_skipped - result.n_done_before
+        tracks, unreadable = _fingerprint(tracks, store, workers)
+        store.record_dataset(tracks, str(tracks.attrs.get("source") or _anonymous_source(tracks)))
+        fps = tracks.fingerprint
+        todo = tracks[~fps.isin(done | failed)].drop_duplicates("fingerprint").sort_values("fingerprint").reset_index(drop=True)
+        result = ExtractResult(store, len(tracks) + len(unreadable), 0, 0, 0, failures=list(unreadable))
+        result.n_done_before = int(fps.isin(done).sum())
+        result.n_failed_before = int((fps.isin(failed) & ~fps.isin(done)).sum())
+        result.n_skipped = result.n_done_before + result.n_failed_before
+        result.n_shared = int(fps.duplicated(keep=False).sum())
         shards = [todo.iloc[i : i + shard_size] for i in range(0, len(todo), shard_size)]
         n_done = 0
+        new_done: set[str] = set()
+        if shards and bb is None and executor is None:
+            bb = load_backbone(backbone, checkpoint=checkpoint)
+            if bb.weights_id != weights_id:  # the registry's identify() disagrees with the loader
+                raise EmbedkitError(f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}")
         if progress:
             progress(0, len(todo))
 
-        def account(nseg: int, fails: list[dict], notes: list[str], n_rows: int):
+        def account(nseg: int, fails: list[dict], notes: list[str], rows: pd.DataFrame):
             nonlocal n_done
             result.n_segments += nseg
             result.failures.extend(fails)
             result.notes.extend(notes)
-            result.n_extracted += n_rows - len(fails)
-            n_done += n_rows
+            new_done.update(set(rows.fingerprint) - {f["fingerprint"] for f in fails})
+            n_done += len(rows)
             if progress:
                 progress(n_done, len(todo))
 
-        if executor is not None and shards:
-            _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account)
-        elif shards:
-            _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
+        try:
+            if executor is not None and shards:
+                _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account)
+            elif shards:
+                _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
+        finally:
+            result.n_extracted = int(fps.isin(new_done).sum())
         result.seconds = time.perf_counter() - t0
-        record_timing(store.root, result.seconds, result.n_extracted)
+        record_timing(store.root, result.seconds, len(new_done))
     return result
+
+
+def _anonymous_source(tracks: pd.DataFrame) -> str:
+    """A name for a track table built by hand (no ``attrs["source"]``): its paths' hash."""
+    return "tracks:" + hashlib.sha256("\n".join(sorted(tracks.path)).encode()).hexdigest()[:16]
+
+
+def _fingerprint(tracks: pd.DataFrame, store: Store, workers: int | None) -> tuple[pd.DataFrame, list[dict]]:
+    """Tracks with fingerprint, size, mtime_ns and inode columns, and a failure dict for each
+    file that cannot be read at all (those are not recorded in the store: they have no content,
+    and the next run looks at them again)."""
+    res = identify_many(list(tracks.path), store.known_fingerprints(), workers)
+    ok = [not isinstance(r, AudioError) for r in res]
+    bad = [{"track_id": t.track_id, "path": t.path, "label": t.label, "reason": r.problem, "fingerprint": None} for t, r in zip(tracks.itertuples(), res) if isinstance(r, AudioError)]
+    good = [r for r in res if not isinstance(r, AudioError)]
+    out = tracks[ok].copy()
+    out["fingerprint"] = [fp for _, fp in good]
+    out["real_path"] = [st.path for st, _ in good]
+    out["size"] = [st.size for st, _ in good]
+    out["mtime_ns"] = [st.mtime_ns for st, _ in good]
+    out["inode"] = [st.inode for st, _ in good]
+    out.attrs = dict(tracks.attrs)
+    return out.reset_index(drop=True), bad
 
 
 TIMING_FILE = "extract_timing.json"
@@ -356,7 +425,7 @@ def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, o
     extra = {"pure": False} if type(executor).__module__.split(".")[0] == "distributed" else {}
     root = str(store.root.resolve())
     futures = [
-        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, **extra), len(rows))
+        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, **extra), rows)
         for rows in shards
     ]
     try:
@@ -379,7 +448,7 @@ def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -
     def submit_next():
         rows = next(it, None)
         if rows is not None:
-            pending.append((rows, [pool.submit(_decode_safe, p, sr, prep) for p in rows.path]))
+            pending.append((rows, [pool.submit(_decode_safe, p, sr, prep, st) for p, st in zip(rows.path, _stats(rows))]))
 
     try:
         # Two shards in flight: decoding of shard i+1 overlaps the model on shard i, and memory
@@ -391,8 +460,8 @@ def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -
             submit_next()
             decoded = (f.result() for f in futs)  # the model starts on the first decoded tracks
             seg_table, fail_table, fails, notes = _build_tables(rows, decoded, bb, batch_size, prep, outputs)
-            nseg = _write(store, _shard_key(list(rows.track_id)), seg_table, fail_table)
-            account(nseg, fails, notes, len(rows))
+            nseg = _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table)
+            account(nseg, fails, notes, rows)
     finally:
         # On Ctrl-C do not wait for a shard's worth of queued decodes.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -63,21 +63,35 @@ def open_store(backbone: str | None = None, cache: str | os.PathLike = "cache", 
     return st
 
 
+def dataset_tracks(st, tracks: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The tracks to train or predict on, with their fingerprints: ``tracks`` when given (files
+    fingerprinted, unchanged ones from the store's record without reading them; unreadable ones
+    are left out), else the dataset extracted last into the store (the store's record: labels,
+    splits and groups as they were then; no audio is read)."""
+    if tracks is None:
+        return st.dataset_tracks()
+    if "fingerprint" in tracks:
+        return tracks
+    from .identity import identify_many
+
+    res = identify_many(list(tracks.path), st.known_fingerprints())
+    out = tracks.copy()
+    out["fingerprint"] = [None if isinstance(r, EmbedkitError) else r[1] for r in res]
+    out.attrs = dict(tracks.attrs)
+    return out
+
+
 def read_embeddings(st, output: str = "embedding", tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """(segment table, X float32 [N, D]) of a store, restricted to ``tracks`` when given (matched
-    by file path; their label / split / group replace the store's). Refuses NaN/inf rows."""
-    seg, X = st.read(output)
-    if tracks is not None:
-        t = tracks.drop_duplicates("path").set_index("path")
-        keep = seg["path"].isin(t.index).to_numpy()
-        if not keep.any():
-            raise DatasetError(f"none of the {len(t)} tracks of {tracks.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first")
-        if not keep.all():
-            seg, X = seg[keep].reset_index(drop=True), X[keep]
-        for col in ("label", "split", "group"):
-            if col in t:
-                seg[col] = t.loc[seg["path"], col].to_numpy()
-        seg.attrs["missing_from_store"] = int(len(t) - seg["path"].nunique())
+    """(segment table, X float32 [N, D]) of the tracks of a dataset in a store: ``tracks`` when
+    given, else the dataset extracted last into the store (``dataset_tracks``). Rows are joined
+    on the content fingerprint; track ids, labels, splits and groups come from the dataset.
+    Refuses NaN/inf rows."""
+    t = dataset_tracks(st, tracks)
+    seg, X = st.read_tracks(t, output)
+    if not len(seg):
+        raise DatasetError(f"none of the {len(t)} tracks of {t.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first")
+    seg.attrs["missing_from_store"] = int(len(t) - seg["track_id"].nunique())
+    seg.attrs["source"] = t.attrs.get("source", "")
     bad_rows = _nonfinite_rows(X)
     if len(bad_rows):
         bad_tracks = seg["track_id"].iloc[bad_rows].unique()
@@ -224,7 +238,8 @@ def fit_head(
     """Train ``head`` on a backbone's stored embeddings, evaluate per track, write a run.
 
     backbone / store / cache: which embeddings (``open_store``).
-    tracks (a track table) or data (a dataset path): use only these tracks, with their labels.
+    tracks (a track table) or data (a dataset path): the tracks to use, with their labels; by
+        default the dataset extracted last into the store (never a mixture of datasets).
     protocol: "auto" (dataset split when present, else holdout), "holdout" (``test_size``),
         "split"; ``cv=K`` for stratified K-fold. Groups (artists) are respected when known.
     pca: components (None: the head's default, 0: none). search: pick hyper-parameters from
@@ -255,7 +270,7 @@ def fit_head(
 
         tracks = load_dataset(data)
     seg, X = read_embeddings(st, output, tracks)
-    source = str(tracks.attrs.get("source", "")) if tracks is not None else os.path.commonpath(list(seg["path"].unique()))
+    source = str(seg.attrs.get("source") or os.path.commonpath(list(seg["path"].unique())))
     table = _track_table(seg, source)
     if tracks is not None and tracks.attrs.get("synthetic"):
         table.attrs["synthetic"] = True
@@ -268,6 +283,7 @@ def fit_head(
     labels = sorted(table["label"].astype(str).unique())
     track_labels = dict(zip(table["track_id"], table["label"].astype(str)))
     paths = dict(zip(table["track_id"], table["path"]))
+    fp_of = dict(zip(seg["track_id"], seg["fingerprint"]))
     seg_ids = seg["track_id"].to_numpy()
     y = seg["label"].astype(str).to_numpy()
     pinfo = protocol_dict(proto, k, seed, test_size, table)
@@ -329,7 +345,7 @@ def fit_head(
     bundle = HeadBundle(
         model=model, labels=labels, head=head, spec=spec, preprocess=smeta["preprocess"], weights_id=smeta.get("weights_id", "none"), output=output,
         config=config, scores=scores, run_id=run_id,
-        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
+        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "fingerprints": sorted(set(fp_of[t] for t in trained_ids)), "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
     )  # fmt: skip
     cost = extraction_cost(st)
     n_segments = len(seg)
@@ -381,7 +397,8 @@ def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, wri
 
 def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = "cache", store=None, tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, HeadBundle]:
     """Per-track predictions of a saved head on a store's embeddings (the bundle's backbone
-    store under ``cache`` unless ``store`` is given). Refuses a store made with another
+    store under ``cache`` unless ``store`` is given) for ``tracks``, by default the dataset
+    extracted last into the store (``read_embeddings``). Refuses a store made with another
     backbone, weights or preprocessing. Returns (DataFrame track_id, path, label, pred,
     pred_vote, confidence, p_<label>..., in_training), bundle)."""
     b = load_bundle(bundle_path)
@@ -393,5 +410,10 @@ def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = 
     info = seg.drop_duplicates("track_id").set_index("track_id")
     df.insert(1, "path", info.loc[df["track_id"], "path"].to_numpy())
     df.insert(2, "label", info.loc[df["track_id"], "label"].to_numpy())
-    df["in_training"] = df["track_id"].isin(set(b.trained_on.get("track_ids", [])))
+    df.attrs["source"] = seg.attrs.get("source", "")
+    # Training audio is known by content: a track of another dataset with the same name is not it.
+    if "fingerprints" in b.trained_on:
+        df["in_training"] = info.loc[df["track_id"], "fingerprint"].isin(set(b.trained_on["fingerprints"])).to_numpy()
+    else:  # a bundle written before fingerprints
+        df["in_training"] = df["track_id"].isin(set(b.trained_on.get("track_ids", [])))
     return df, b

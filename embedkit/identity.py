@@ -13,10 +13,13 @@ that two different paths hold the same audio.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from .errors import AudioError
 
@@ -68,6 +71,24 @@ _cache: dict[FileStat, str] = {}
 _lock = threading.Lock()
 
 
+def identify(path: str | os.PathLike, known: dict[FileStat, str] | None = None) -> tuple[FileStat, str]:
+    """(stat, fingerprint) of ``path``; see ``fingerprint``. The stat is taken before hashing,
+    so a caller that records both and later sees the same stat may trust the fingerprint."""
+    st = FileStat.of(path)
+    if known is not None and st in known:
+        return st, known[st]
+    with _lock:
+        hit = _cache.get(st)
+    if hit is not None:
+        return st, hit
+    digest = hash_file(st.path)
+    # The file may have changed while it was read: only cache when the stat still matches.
+    if FileStat.of(path) == st:
+        with _lock:
+            _cache[st] = digest
+    return st, digest
+
+
 def fingerprint(path: str | os.PathLike, known: dict[FileStat, str] | None = None) -> str:
     """Content fingerprint of ``path``.
 
@@ -75,16 +96,39 @@ def fingerprint(path: str | os.PathLike, known: dict[FileStat, str] | None = Non
     file's stat is unchanged, so re-runs over unchanged files read no bytes. A file whose stat
     changed is re-hashed. Thread-safe; results are also cached for the process.
     """
-    st = FileStat.of(path)
-    if known is not None and st in known:
-        return known[st]
-    with _lock:
-        hit = _cache.get(st)
-    if hit is not None:
-        return hit
-    digest = hash_file(st.path)
-    # The file may have changed while it was read: only cache when the stat still matches.
-    if FileStat.of(path) == st:
-        with _lock:
-            _cache[st] = digest
-    return digest
+    return identify(path, known)[1]
+
+
+def identify_many(paths: Sequence[str | os.PathLike], known: dict[FileStat, str] | None = None, workers: int | None = None) -> list[tuple[FileStat, str] | AudioError]:
+    """``identify`` of every path, hashed in parallel threads (hashlib releases the GIL); in
+    ``paths`` order, an AudioError (missing, unreadable file) in place of a result."""
+
+    def one(p):
+        try:
+            return identify(p, known)
+        except AudioError as exc:
+            return exc
+
+    if len(paths) < 2:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(paths))), thread_name_prefix="embedkit-hash") as pool:
+        return list(pool.map(one, paths))
+
+
+def load_known(file: str | os.PathLike) -> dict[FileStat, str]:
+    """Fingerprints saved by ``save_known``; {} when the file is absent or unreadable (it is
+    only a cache: a lost entry costs one re-hash)."""
+    try:
+        rows = json.loads(Path(file).read_text())
+        return {FileStat(r[0], int(r[1]), int(r[2]), int(r[3])): str(r[4]) for r in rows}
+    except (OSError, ValueError, TypeError, IndexError):
+        return {}
+
+
+def save_known(file: str | os.PathLike, entries: Iterable[tuple[FileStat, str]]) -> None:
+    """Write (stat, fingerprint) pairs atomically, one entry per path (the latest wins)."""
+    from .io import atomic_write_text
+
+    by_path = {st.path: (st, fp) for st, fp in entries}
+    rows = [[st.path, st.size, st.mtime_ns, st.inode, fp] for st, fp in by_path.values()]
+    atomic_write_text(file, json.dumps(rows))

@@ -18,13 +18,21 @@ from ..errors import BackboneError
 from .base import Backbone, BackboneSpec
 
 _REGISTRY: dict[str, tuple[BackboneSpec, Callable[..., Backbone]]] = {}
+#: name -> identify(spec, checkpoint) -> (weights_id, spec as loaded) | None, without building the network
+_IDENTIFY: dict[str, Callable[..., "tuple[str, BackboneSpec] | None"]] = {}
 
 
-def register_backbone(spec: BackboneSpec, loader: Callable[..., Backbone]) -> None:
-    """Register ``loader(spec, checkpoint=None, **kw) -> Backbone`` under ``spec.name``."""
+def register_backbone(spec: BackboneSpec, loader: Callable[..., Backbone], identify: Callable[..., "tuple[str, BackboneSpec] | None"] | None = None) -> None:
+    """Register ``loader(spec, checkpoint=None, **kw) -> Backbone`` under ``spec.name``.
+
+    identify(spec, checkpoint): the ``weights_id`` and spec the loader would produce, computed
+    cheaply (a checkpoint file's hash); lets ``extract`` see that nothing is left to do without
+    building the model. None (or returning None): only a loaded backbone knows them."""
     if spec.name in _REGISTRY:
         raise BackboneError(f"backbone {spec.name!r} registered twice")
     _REGISTRY[spec.name] = (spec, loader)
+    if identify is not None:
+        _IDENTIFY[spec.name] = identify
 
 
 def _ensure_registered() -> None:
@@ -59,4 +67,12 @@ def load_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backbon
     return _REGISTRY[name][1](spec, checkpoint=checkpoint, **kwargs)
 
 
-__all__ = ["Backbone", "BackboneSpec", "register_backbone", "list_backbones", "get_spec", "load_backbone"]
+def identify_weights(name: str, checkpoint: str | None = None) -> tuple[str, BackboneSpec] | None:
+    """(weights_id, spec) of ``name`` with ``checkpoint`` as ``load_backbone`` would give them,
+    without building the network; None when the family cannot tell before loading."""
+    spec = get_spec(name)
+    fn = _IDENTIFY.get(name)
+    return fn(spec, checkpoint) if fn is not None else None
+
+
+__all__ = ["Backbone", "BackboneSpec", "register_backbone", "list_backbones", "get_spec", "load_backbone", "identify_weights"]

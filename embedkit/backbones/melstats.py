@@ -156,4 +156,4 @@ def _load(spec: BackboneSpec, checkpoint: str | None = None, **_) -> MelStats:
     return MelStats()
 
 
-register_backbone(SPEC, _load)
+register_backbone(SPEC, _load, identify=lambda spec, checkpoint=None: ("none", spec))

@@ -521,5 +521,20 @@ def _load(spec: BackboneSpec, checkpoint: str | None = None, **_) -> Musicnn:
     return Musicnn(spec, checkpoint)
 
 
+def _identify(spec: BackboneSpec, checkpoint: str | None = None) -> tuple[str, BackboneSpec] | None:
+    """weights_id and spec of ``Musicnn(spec, checkpoint)`` from the checkpoint data file's hash
+    alone; None when loading would fail (it then reports why)."""
+    try:
+        if checkpoint is None:
+            data = package_dir() / _MODEL_DIR[spec.name] / DATA_FILE
+            sha = file_sha256(data)
+            return (sha[:12], spec) if sha == spec.weights_sha256 else None
+        prefix_str = os.path.join(str(checkpoint), "") if os.path.isdir(str(checkpoint)) else str(checkpoint)
+        sha = file_sha256(prefix_str + DATA_FILE)
+        return sha[:12], dataclasses.replace(spec, weights=f"TF checkpoint {prefix_str}", weights_sha256=sha)
+    except (OSError, ModelLoadingError):
+        return None
+
+
 for _spec in SPECS.values():
-    register_backbone(_spec, _load)
+    register_backbone(_spec, _load, identify=_identify)

@@ -392,5 +392,13 @@ def load(spec: BackboneSpec, checkpoint: str | None = None, **_) -> PANNs:
     return bb
 
 
+def identify(spec: BackboneSpec, checkpoint: str | None = None) -> tuple[str, BackboneSpec]:
+    """weights_id of ``load(spec, checkpoint)`` (the verified file's SHA-256) without building
+    the network or unpickling the checkpoint."""
+    arch = ARCHS[spec.name.removeprefix("panns-")]
+    path = resolve_file(arch.published, checkpoint)
+    return verify_file(path, arch.published).sha256[:12], spec
+
+
 for _key, _spec_ in SPECS.items():
-    register_backbone(_spec_, load)
+    register_backbone(_spec_, load, identify=identify)

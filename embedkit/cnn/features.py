@@ -12,13 +12,14 @@ build resumes and never leaves a torn file)::
     <cache>/cnn-wave/<config hash>/<clip key>.npy          float32 [N]      (online aug, finetune)
     <cache>/cnn-pool/<config hash>/<clip key>.npy          [pool_size, ...] pre-augmented variants (data.build_pool)
 
-The clip key hashes the path, size and modification time, so an edited file is re-read and
-caches are shared between datasets that contain the same files.
+The clip key is the file's content fingerprint (``embedkit.identity``, the rule the embedding
+store follows): an edited file is computed again, and the same audio under two names or in two
+datasets is computed once. Fingerprints are remembered in ``<cache>/fingerprints.json`` by
+(size, mtime_ns, inode), so a run over unchanged files reads none of their bytes to key them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ import numpy as np
 from ..config import AudioConfig, stable_hash
 from ..errors import AudioError, ConfigError, DatasetError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: clip keys are content fingerprints (1: path, size and mtime)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,11 @@ def logmel(y: np.ndarray, cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:
 # Per-clip array caches
 
 
-def clip_key(path: str | os.PathLike) -> str:
-    """Identity of a file's contents for caching: path, size and mtime (cheap, no read)."""
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+def clip_key(path: str | os.PathLike, known: dict | None = None) -> str:
+    """Identity of a file's contents for caching: its content fingerprint."""
+    from ..identity import fingerprint
+
+    return fingerprint(path, known)
 
 
 class ClipCache:
@@ -104,6 +106,7 @@ class ClipCache:
     def __init__(self, root: str | os.PathLike, kind: str, identity: dict[str, Any], compute: Callable[[str], np.ndarray]):
         self.identity = {"version": CACHE_VERSION, **identity}
         self.dir = Path(root) / kind / stable_hash(self.identity)
+        self.known_file = Path(root) / "fingerprints.json"
         self.compute = compute
 
     def path_for(self, path: str) -> Path:
@@ -122,15 +125,30 @@ class ClipCache:
         meta = self.dir / "cache.json"
         if not meta.exists():
             atomic_write_text(meta, json.dumps(self.identity, indent=2, default=str))
+        from ..identity import identify_many, load_known, save_known
+
         failures: dict[int, str] = {}
         targets: list[Path | None] = []
-        for i, p in enumerate(paths):
-            try:
-                targets.append(self.path_for(p))
-            except OSError as exc:  # missing or unreadable: a bad file like any other
-                failures[i] = f"cannot read file: {exc.strerror or exc}"
+        known = load_known(self.known_file)
+        ids = identify_many(list(paths), known, workers)
+        for i, r in enumerate(ids):
+            if isinstance(r, AudioError):  # missing or unreadable: a bad file like any other
+                failures[i] = r.problem if r.problem.startswith("cannot read file") else f"cannot read file: {r.problem}"
                 targets.append(None)
-        todo = [i for i, t in enumerate(targets) if t is not None and not t.exists()]
+            else:
+                targets.append(self.dir / f"{r[1]}.npy")
+        fresh = [r for r in ids if not isinstance(r, AudioError) and r[0] not in known]
+        if fresh:
+            save_known(self.known_file, [*known.items(), *fresh])
+        first: dict[Path, int] = {}  # the same audio under two names is computed once
+        for i, t in enumerate(targets):
+            if t is not None and not t.exists():
+                first.setdefault(t, i)
+        todo = list(first.values())
+        dup_failures: dict[Path, list[int]] = {}
+        for i, t in enumerate(targets):
+            if t in first and first[t] != i:
+                dup_failures.setdefault(t, []).append(i)
         done = len(paths) - len(todo)
         if progress:
             progress(done, len(paths))
@@ -147,7 +165,8 @@ class ClipCache:
             with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
                 for i, problem in pool.map(work, todo):
                     if problem is not None:
-                        failures[i] = problem
+                        for j in (i, *dup_failures.get(targets[i], [])):
+                            failures[j] = problem
                     done += 1
                     if progress:
                         progress(done, len(paths))
