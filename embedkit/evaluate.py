@@ -62,6 +62,33 @@ def _check_classes(labels: pd.Series, min_per_class: int, what: str) -> None:
         raise DatasetError(f"class {small.index[0]!r} has {int(small.iloc[0])} track(s), fewer than the {min_per_class} that {what} needs")
 
 
+def _with_content_groups(t: pd.DataFrame) -> pd.DataFrame:
+    """Tracks whose files hold the same audio (equal ``fingerprint``) are one group, joined with
+    the dataset's own groups (artists), so a duplicated clip never sits on both sides of a split."""
+    if "fingerprint" not in t or not t["fingerprint"].notna().any() or not t["fingerprint"].dropna().duplicated().any():
+        return t
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(t)
+    # Connect every track to a node for its fingerprint and one for its group: the connected
+    # components are the groups that must not be split.
+    keys = [f"fp:{f}" if pd.notna(f) else f"track:{i}" for i, f in enumerate(t["fingerprint"])]
+    if "group" in t and t["group"].notna().all():
+        keys2 = [f"group:{g}" for g in t["group"]]
+    else:
+        keys2 = keys
+    nodes = {k: n + j for j, k in enumerate(dict.fromkeys(keys + keys2))}
+    rows = list(range(n)) * 2
+    cols = [nodes[k] for k in keys] + [nodes[k] for k in keys2]
+    size = n + len(nodes)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+    _, comp = connected_components(graph, directed=False)
+    t = t.copy()
+    t["group"] = [f"content-group-{c}" for c in comp[:n]]
+    return t
+
+
 def _grouped(t: pd.DataFrame) -> bool:
     return "group" in t and t["group"].notna().all() and t["group"].nunique() < len(t)
 
@@ -72,11 +99,11 @@ def make_folds(tracks: pd.DataFrame, protocol: str = "holdout", k: int = 5, test
     protocol: "holdout" (one stratified test part of ``test_size``), "cv" (stratified K-fold),
     "split" (the dataset's own split column: train / val / test).
     Groups (e.g. artist), when every track has one and some repeat, never straddle train and
-    test. ``val_size`` > 0 carves a stratified validation part out of each training part.
+    test; nor do tracks with the same audio (equal ``fingerprint`` column, when present). ``val_size`` > 0 carves a stratified validation part out of each training part.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-    t = _track_table(tracks)
+    t = _with_content_groups(_track_table(tracks))
     ids = t.index.to_numpy()
     y = t["label"].to_numpy()
     grouped = _grouped(t)

@@ -70,15 +70,9 @@ def dataset_tracks(st, tracks: pd.DataFrame | None = None) -> pd.DataFrame:
     splits and groups as they were then; no audio is read)."""
     if tracks is None:
         return st.dataset_tracks()
-    if "fingerprint" in tracks:
-        return tracks
-    from .identity import identify_many
+    from .identity import with_fingerprints
 
-    res = identify_many(list(tracks.path), st.known_fingerprints())
-    out = tracks.copy()
-    out["fingerprint"] = [None if isinstance(r, EmbedkitError) else r[1] for r in res]
-    out.attrs = dict(tracks.attrs)
-    return out
+    return with_fingerprints(tracks, None if "fingerprint" in tracks else st.known_fingerprints())
 
 
 def read_embeddings(st, output: str = "embedding", tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, np.ndarray]:

@@ -115,6 +115,18 @@ def identify_many(paths: Sequence[str | os.PathLike], known: dict[FileStat, str]
         return list(pool.map(one, paths))
 
 
+def with_fingerprints(tracks, known: dict[FileStat, str] | None = None):
+    """A track table (DataFrame with a ``path`` column) with a ``fingerprint`` column added
+    (None for a file that cannot be read); returned unchanged when it already has one."""
+    if "fingerprint" in tracks:
+        return tracks
+    res = identify_many(list(tracks["path"]), known)
+    out = tracks.copy()
+    out["fingerprint"] = [None if isinstance(r, AudioError) else r[1] for r in res]
+    out.attrs = dict(tracks.attrs)
+    return out
+
+
 def load_known(file: str | os.PathLike) -> dict[FileStat, str]:
     """Fingerprints saved by ``save_known``; {} when the file is absent or unreadable (it is
     only a cache: a lost entry costs one re-hash)."""

@@ -334,6 +334,9 @@ def run_all(
     cache, runs = Path(cache), Path(runs)
     t0 = time.perf_counter()
     tracks, synthetic = load_tracks(data, cache, audio_dir, subset, demo_size)
+    from .identity import with_fingerprints
+
+    tracks = with_fingerprints(tracks)  # once: every stage and the run ids see the same contents
     source = tracks.attrs.get("source", str(data))
     log(f"data: {source}: {len(tracks)} tracks, {tracks['label'].nunique()} classes" + (" (SYNTHETIC)" if synthetic else ""))
     # The folds, made once (an impossible protocol fails before any expensive work) and handed

@@ -374,3 +374,45 @@ def test_every_dataset_track_reads_back_its_own_audio(steps):
                     np.testing.assert_allclose(X[(seg.track_id == tid).to_numpy()], _reference(have[tid]), atol=1e-5)
             meta, _ = store.read()
             assert not meta.duplicated(["fingerprint", "segment"]).any()
+
+
+def test_same_audio_never_straddles_a_split(tmp_path):
+    """Two files with the same bytes (a duplicated clip) are one group for every protocol that
+    splits: they land on the same side of each CV fold and of the holdout."""
+    from embedkit.evaluate import make_folds
+
+    rows = []
+    for label in ("a", "b"):
+        for i in range(6):
+            f = tmp_path / label / f"{i}.wav"
+            f.parent.mkdir(exist_ok=True)
+            sf.write(f, signal_of("tone", 200 + 50 * i + (0 if label == "a" else 17)), SR)
+            rows.append(f)
+    dup = tmp_path / "a" / "copy_of_0.wav"
+    dup.write_bytes((tmp_path / "a" / "0.wav").read_bytes())
+    tracks = identity.with_fingerprints(load_dataset(tmp_path))
+    assert tracks["fingerprint"].duplicated().sum() == 1
+    pair = {"a/0", "a/copy_of_0"}
+    for protocol, k in (("cv", 3), ("holdout", 5)):
+        for seed in range(5):
+            for fold in make_folds(tracks, protocol, k=k, seed=seed):
+                assert pair <= set(fold.train) or pair <= set(fold.test), (protocol, seed, fold.name)
+    # Without fingerprints (no duplicate known) the rule is not applied: folds as before.
+    plain = make_folds(tracks.drop(columns="fingerprint"), "cv", k=3, seed=0)
+    assert sorted(t for f in plain for t in f.test) == sorted(tracks.track_id)
+
+
+def test_run_identity_follows_file_content(tmp_path):
+    """The pipeline's run ids hash the dataset's contents: a file replaced in place (same path,
+    same label) makes a new dataset fingerprint, so no finished run is reused for it."""
+    from embedkit.runs import dataset_fingerprint
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        sf.write(tmp_path / label / "x.wav", signal_of("tone", 300 if label == "a" else 500), SR)
+    tracks = load_dataset(tmp_path)
+    before = dataset_fingerprint(tracks)
+    assert dataset_fingerprint(identity.with_fingerprints(tracks)) == before  # one rule either way
+    time.sleep(0.01)
+    sf.write(tmp_path / "a" / "x.wav", signal_of("noise", 1), SR)
+    assert dataset_fingerprint(load_dataset(tmp_path)) != before
