@@ -24,7 +24,10 @@ from embedkit.errors import EmbedkitError
 from embedkit.synth import make_clip
 from embedkit.tag import Excerpt, expand_inputs, read_excerpt, tag
 from embedkit.tagdb import ResultsDB
-from test_tagger import _private_tagger_cache, runs, tracks  # noqa: F401  (fixtures)
+import test_tagger
+
+# the trained runs (one per kind) and the private tagger cache, shared with test_tagger.py
+runs, tracks, _private_tagger_cache = test_tagger.runs, test_tagger.tracks, test_tagger._private_tagger_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
