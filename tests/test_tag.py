@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import test_tagger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -24,7 +25,6 @@ from embedkit.errors import EmbedkitError
 from embedkit.synth import make_clip
 from embedkit.tag import Excerpt, expand_inputs, read_excerpt, tag
 from embedkit.tagdb import ResultsDB
-import test_tagger
 
 # the trained runs (one per kind) and the private tagger cache, shared with test_tagger.py
 runs, tracks, _private_tagger_cache = test_tagger.runs, test_tagger.tracks, test_tagger._private_tagger_cache

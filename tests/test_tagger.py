@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GTZAN, needs_shared
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
 from embedkit.errors import ConfigMismatchError, ModelLoadingError
 from embedkit.tagger import CNNTagger, FinetuneTagger, HeadTagger, load_tagger, model_id_of
+
+from conftest import GTZAN, needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 PREP12 = PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0))
