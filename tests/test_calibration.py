@@ -235,3 +235,13 @@ def test_fit_run_carries_its_calibration(tmp_path):
     assert block["before"]["accuracy"] == pytest.approx(res.metrics["track_accuracy_mean_prob"], abs=1e-9)
     assert block["ece_bins"] == 15 and 0 <= block["threshold"]["threshold"] <= 1
     assert not list(res.run_dir.parent.glob(".*tmp*"))  # written inside the temporary run dir
+
+
+def test_ece_noise_floor_matches_a_calibrated_sample():
+    """ece_if_calibrated predicts the ECE that truly calibrated samples of that size show."""
+    p, _ = synthetic(n=100, seed=4)
+    floor = C.ece_if_calibrated(p, draws=300)
+    rng = np.random.default_rng(9)
+    observed = [C.ece(p, np.array([rng.choice(p.shape[1], p=r) for r in p])) for _ in range(100)]
+    assert floor["mean"] == pytest.approx(np.mean(observed), rel=0.15)
+    assert 0.03 < floor["mean"] < floor["p90"] < 0.2  # 100 tracks: far from 0 even when perfect
