@@ -4,8 +4,8 @@ A run's track probabilities (the mean of its segment probabilities) are often ov
 under-confident. ``fit_calibration`` fits temperature scaling (Guo et al., 2017) on held-out
 track probabilities: ``p' = softmax(log p / T)`` with the one scalar T that minimises the
 negative log-likelihood. T changes confidence, never the ranking of the classes, so accuracy is
-unchanged. (Isotonic regression was measured against it on gtzan_mini and was not better; see
-bench/bench_calibration.py.)
+unchanged. It is kept only when it lowers the NLL on held-out tracks; else the run's calibration
+is the identity ("none").
 
 Scores, on track-level probabilities P [N, C] and true class indices y [N]:
 - ECE: expected calibration error over ``ECE_BINS`` (15) equal-width bins of the top-class
@@ -212,7 +212,8 @@ def decide(p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = Non
 class Calibration:
     """A fitted calibration of a run's track probabilities; ``apply`` maps [..., C] -> [..., C].
 
-    method: "temperature" (the only one so far) with ``temperature``; labels: the class order it
+    method: "temperature" with ``temperature``, or "none" (the identity: chosen when temperature
+    scaling did not lower the held-out NLL); labels: the class order it
     was fitted in; rule: the default decisions (threshold chosen on held-out data);
     fitted_on: what it was fitted on (number of tracks, protocol)."""
 
@@ -238,17 +239,17 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
-        if not isinstance(d, dict) or d.get("method") != "temperature":
-            raise CalibrationError(f"unknown calibration method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'temperature'")
+        if not isinstance(d, dict) or d.get("method") not in ("temperature", "none"):
+            raise CalibrationError(f"unknown calibration method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'temperature' and 'none'")
         try:
-            t = float(d["temperature"])
+            t = float(d["temperature"]) if d["method"] == "temperature" else 1.0
             labels = [str(x) for x in d["labels"]]
             rule = DecisionRule(**d.get("rule", {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"malformed calibration ({type(exc).__name__}: {exc})") from None
         if not (np.isfinite(t) and t > 0):
             raise CalibrationError(f"calibration temperature must be > 0, got {t}")
-        return cls(labels=labels, temperature=t, rule=rule, fitted_on=dict(d.get("fitted_on", {})))
+        return cls(labels=labels, temperature=t, method=d["method"], rule=rule, fitted_on=dict(d.get("fitted_on", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         from .io import atomic_write_text
@@ -363,61 +364,71 @@ def _cross_groups(groups: np.ndarray, y: np.ndarray, seed: int = 0, k: int = 5) 
     return out
 
 
-def cross_fit(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Each group's tracks calibrated by a temperature fitted on the other groups.
-
-    Returns (calibrated probabilities [N, C] none of which saw their own track, the cross-fitted
-    decision threshold per track's group applied -> tagged mask [N], temperatures per group)."""
+def cross_fit(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Each group's tracks calibrated by a temperature fitted on the other groups only.
+    Returns (calibrated probabilities [N, C], the temperature used for each group)."""
     p, y = _check(p, y)
     out = np.empty_like(p)
-    tagged = np.zeros(len(p), dtype=bool)
     temps = []
-    names = list(dict.fromkeys(groups.tolist()))
-    # 1) calibrated probabilities, each group by the other groups' temperature
-    for g in names:
+    for g in dict.fromkeys(groups.tolist()):
         te = groups == g
         t = fit_temperature(p[~te], y[~te]) if (~te).any() else 1.0
         temps.append(t)
         out[te] = _softmax_t(p[te], t)
-    # 2) the threshold rule, each group by a threshold chosen on the other groups' calibrated tracks
-    for g in names:
+    return out, temps
+
+
+def cross_fit_threshold(q: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Tagged mask [N]: each group's tracks thresholded by ``select_threshold`` applied to the
+    other groups' tracks (the choice of the threshold never sees the tracks it is scored on)."""
+    tagged = np.zeros(len(q), dtype=bool)
+    for g in dict.fromkeys(groups.tolist()):
         te = groups == g
         if (~te).any():
-            t = select_threshold(out[~te], y[~te])["threshold"]
-            tagged[te] = out[te].max(axis=1) >= t
-    return out, tagged, temps
+            tagged[te] = q[te].max(axis=1) >= select_threshold(q[~te], y[~te])["threshold"]
+    return tagged
 
 
 def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, labels: Sequence[str]) -> tuple[Calibration, dict[str, Any]]:
     """Fit the deployable calibration on every held-out track and measure it honestly.
 
     p: out-of-fold track probabilities [N, C]; y: true indices [N]; groups: the fold of each
-    track (one value for a single test part). Returns (Calibration with the default threshold
-    in its rule, the metrics.json "calibration" block)."""
+    track (one value for a single test part). Temperature scaling is kept only when it lowers
+    the cross-fitted NLL (a proper scoring rule; ECE on ~100 tracks is too noisy to decide
+    on); otherwise the calibration is the identity (method "none", T = 1). Returns
+    (Calibration with the default threshold in its rule, the metrics.json "calibration" block)."""
     p, y = _check(p, y)
     groups = _cross_groups(np.asarray(groups, dtype=object), y)
-    cal = fit_calibration(p, y, labels)
-    p_cf, tagged, temps = cross_fit(p, y, groups)
-    sel = select_threshold(p_cf, y)
+    before = scores(p, y)
+    p_t, temps = cross_fit(p, y, groups)
+    candidates = {"none": before, "temperature": scores(p_t, y)}
+    method = "temperature" if candidates["temperature"]["nll"] < before["nll"] else "none"
+    q = p_t if method == "temperature" else p
+    cal = fit_calibration(p, y, labels) if method == "temperature" else Calibration(labels=list(labels), method="none")
+    sel = select_threshold(q, y)
+    tagged = cross_fit_threshold(q, y, groups)
     cal.rule = DecisionRule(threshold=round(sel["threshold"], 4))
-    right = p_cf.argmax(axis=1) == y
-    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)"}
+    right = q.argmax(axis=1) == y
+    n_parts = len(set(groups.tolist()))
+    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)", "temperature_fitted": fit_temperature(p, y) if method == "none" else cal.temperature}
     block = {
-        "method": "temperature",
+        "method": method,
         "temperature": cal.temperature,
         "ece_bins": ECE_BINS,
-        "measured_on": f"{len(y)} held-out tracks, cross-fitted over {len(set(groups.tolist()))} parts: each part calibrated by a temperature fitted on the others",
-        "before": scores(p, y),
-        "after": scores(p_cf, y),
-        "ece_if_calibrated": ece_if_calibrated(p_cf),
+        "measured_on": f"{len(y)} held-out tracks, cross-fitted over {n_parts} parts: each part calibrated by a temperature fitted on the others",
+        "choice": "temperature scaling kept only when it lowers the cross-fitted NLL; else none (identity)",
+        "candidates": candidates,
+        "before": before,
+        "after": scores(q, y),
+        "ece_if_calibrated": ece_if_calibrated(q),
         "cross_fit_temperatures": temps,
         "reliability_before": reliability(p, y),
-        "reliability_after": reliability(p_cf, y),
-        "coverage_curve": coverage_curve(p_cf, y),
+        "reliability_after": reliability(q, y),
+        "coverage_curve": coverage_curve(q, y),
         "threshold": {
             **sel,
             "rule": f"smallest threshold on the calibrated top probability whose tagged held-out tracks are >= {TARGET_PRECISION:.0%} right (at least {MIN_TAGGED} tagged)",
-            # the threshold itself chosen without each part's tracks: an unbiased estimate
+            # the threshold chosen without each part's tracks: an unbiased estimate of the rule
             "cross_fitted": {"coverage": float(tagged.mean()), "accuracy": float(right[tagged].mean()) if tagged.any() else None, "n_tagged": int(tagged.sum())},
         },
         "file": CALIBRATION_FILE,

@@ -245,3 +245,15 @@ def test_ece_noise_floor_matches_a_calibrated_sample():
     observed = [C.ece(p, np.array([rng.choice(p.shape[1], p=r) for r in p])) for _ in range(100)]
     assert floor["mean"] == pytest.approx(np.mean(observed), rel=0.15)
     assert 0.03 < floor["mean"] < floor["p90"] < 0.2  # 100 tracks: far from 0 even when perfect
+
+
+def test_temperature_is_dropped_when_it_does_not_lower_held_out_nll(tmp_path, monkeypatch):
+    ev, p, y = _evaluation(temperature=2.0)
+    # a cross-fit that makes every track worse: the run must fall back to the identity
+    monkeypatch.setattr(C, "cross_fit", lambda p, y, g: (np.full_like(p, 1 / p.shape[1]), [1.0] * 5))
+    block = C.calibrate_run(ev, tmp_path)
+    cal = C.load_calibration(tmp_path)
+    assert block["method"] == cal.method == "none" and cal.temperature == 1.0
+    assert block["after"] == block["before"] and block["candidates"]["temperature"]["nll"] > block["before"]["nll"]
+    np.testing.assert_allclose(cal.apply(p), p, atol=1e-9)
+    assert cal.fitted_on["temperature_fitted"] > 1.3  # what the full fit would have used, recorded
