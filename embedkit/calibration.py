@@ -187,6 +187,9 @@ class Decision:
     def uncertain(self) -> bool:
         return self.label == UNCERTAIN
 
+    def __str__(self) -> str:  # what a results row records as the decision
+        return self.label
+
 
 def decide(p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = None) -> Decision:
     """Calibrated probabilities of one track [C] -> Decision under ``rule``."""

@@ -163,7 +163,7 @@ def test_decide_threshold_and_multi():
     d = C.decide(p, labels, C.DecisionRule(threshold=0.5))
     assert d.uncertain and d.genres == [] and d.confidence == 0.45
     d = C.decide(p, labels, C.DecisionRule(threshold=0.4))
-    assert d.label == "blues" and d.genres == ["blues"]
+    assert d.label == "blues" and d.genres == ["blues"] and str(d) == "blues"
     d = C.decide(p, labels, C.DecisionRule(threshold=0.4, multi=True, multi_threshold=0.9, margin=0.1))
     assert d.genres == ["blues", "jazz"] and d.scores == [0.45, 0.40]  # within the margin
     d = C.decide(p, labels, C.DecisionRule(multi=True, multi_threshold=0.05, margin=0.0, k=3))
