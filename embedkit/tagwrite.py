@@ -21,8 +21,9 @@ Safety rules (each tested per format in tests/test_tagwrite.py):
   fsync), with the original's permission bits (and owner, where allowed). A crash or kill -9 at
   any point leaves the original untouched or fully tagged; at worst a hidden temporary
   ``.<name>.embedkit-<pid>.tmp`` stays behind (``clean_temporaries`` removes them).
-- Read-only files (no write permission bit, or not writable by this user), files that vanished
-  or changed while being tagged are "failed" with a reason; ``write_many`` goes on with the rest.
+- Read-only files (no write permission bit, or not writable by this user), files with several
+  hard links (a replaced copy would separate them), files that vanished or changed while being
+  tagged are "failed" with a reason; ``write_many`` goes on with the rest.
 - ``before`` records the genre and provenance fields as they were, for ``restore``.
 """
 
@@ -230,6 +231,8 @@ def _writable(path: Path, st: os.stat_result) -> str | None:
         return "not a regular file"
     if not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
         return "read-only file (no write permission)"
+    if st.st_nlink > 1:  # replacing the file would leave the other names on the old bytes
+        return f"file has {st.st_nlink} hard links; a tagged copy would separate them (not written)"
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return f"folder {path.parent} is not writable (the tagged copy is written beside the file)"
     return None
@@ -239,8 +242,18 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.embedkit-{os.getpid()}.tmp")
 
 
-def _replace_with_tagged_copy(path: Path, fmt: str, new: TagState, st0: os.stat_result, id3_version: int, separator: str) -> None:
-    """Copy -> tag the copy -> verify -> fsync -> atomic replace. Raises TagWriteError."""
+def _copy_owner_and_mode(tmp: Path, st0: os.stat_result) -> None:
+    try:
+        if os.geteuid() == 0 and (st0.st_uid, st0.st_gid) != (os.getuid(), os.getgid()):
+            os.chown(tmp, st0.st_uid, st0.st_gid)
+    except (AttributeError, OSError):  # no geteuid (Windows) / not allowed: the copy stays ours
+        pass
+    os.chmod(tmp, stat.S_IMODE(st0.st_mode))
+
+
+def _replace_with_tagged_copy(path: Path, fmt: str, orig, new: TagState, st0: os.stat_result, id3_version: int, separator: str) -> None:
+    """Copy -> tag the copy -> verify against ``orig`` (the original, opened) -> owner and mode
+    -> fsync -> atomic replace. Raises TagWriteError."""
     import numpy as np
 
     tmp = _tmp_path(path)
@@ -249,13 +262,6 @@ def _replace_with_tagged_copy(path: Path, fmt: str, new: TagState, st0: os.stat_
             shutil.copyfile(path, tmp)
         except FileNotFoundError:
             raise TagWriteError(path, "file not found (it vanished)") from None
-        os.chmod(tmp, stat.S_IMODE(st0.st_mode))
-        try:
-            if os.geteuid() == 0 and (st0.st_uid, st0.st_gid) != (os.getuid(), os.getgid()):
-                os.chown(tmp, st0.st_uid, st0.st_gid)
-        except (AttributeError, OSError):  # no geteuid (Windows) / not allowed: keep ours
-            pass
-        orig = _open(path, fmt)
         f = _open(tmp, fmt)
         _set(f, fmt, new)
         _save(f, fmt, id3_version, separator)
@@ -268,6 +274,7 @@ def _replace_with_tagged_copy(path: Path, fmt: str, new: TagState, st0: os.stat_
         a, b = _first_samples(path), _first_samples(tmp)
         if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
             raise TagWriteError(path, "the tagged copy does not decode to the same audio; file left unchanged")
+        _copy_owner_and_mode(tmp, st0)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         try:
@@ -329,7 +336,8 @@ def _apply(path: str | os.PathLike, decide: Callable[[TagState], tuple[str, str,
         out.status, out.reason = "not-writable", f"{p.suffix or 'no extension'}: embedkit writes genres into MP3, FLAC, OGG, Opus, M4A, WAV and AIFF only"
         return out
     try:
-        state = _read(_open(p, fmt), fmt)
+        orig = _open(p, fmt)
+        state = _read(orig, fmt)
     except TagWriteError as exc:
         out.reason = exc.problem
         return out
@@ -346,7 +354,7 @@ def _apply(path: str | os.PathLike, decide: Callable[[TagState], tuple[str, str,
         out.status, out.reason = "failed", bad
         return out
     try:
-        _replace_with_tagged_copy(p, fmt, new, st0, id3_version, separator)
+        _replace_with_tagged_copy(p, fmt, orig, new, st0, id3_version, separator)
     except TagWriteError as exc:
         out.status, out.reason = "failed", exc.problem
     return out

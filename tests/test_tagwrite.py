@@ -292,3 +292,26 @@ def test_symlink_stays_a_link(tmp_path):
     link.symlink_to(real)
     assert tw.write_genres(link, ["Rock"]).status == "written"
     assert link.is_symlink() and tw.read_tags(real).genre == ["Rock"]
+
+
+def test_hard_links_are_not_split(tmp_path):
+    f = make_audio(tmp_path / "a.flac")
+    os.link(f, tmp_path / "b.flac")
+    data = f.read_bytes()
+    ch = tw.write_genres(f, ["Rock"])
+    assert ch.status == "failed" and "hard links" in ch.reason and f.read_bytes() == data
+
+
+def test_file_changed_while_tagging_is_left_alone(tmp_path, monkeypatch):
+    f = make_audio(tmp_path / "a.wav")
+    real = tw._first_samples
+
+    def touch_then_read(p):  # another program writes the file while embedkit verifies its copy
+        if ".tmp" in p.name:
+            os.utime(f, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
+        return real(p)
+
+    monkeypatch.setattr(tw, "_first_samples", touch_then_read)
+    ch = tw.write_genres(f, ["Rock"])
+    assert ch.status == "failed" and "changed while being tagged" in ch.reason
+    assert tw.read_tags(f).genre is None and not list(tmp_path.glob(".*.tmp"))
