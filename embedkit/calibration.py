@@ -46,6 +46,9 @@ TARGET_PRECISION = 0.97
 #: fewest held-out tracks the default threshold must leave tagged (so one lucky track cannot
 #: set it).
 MIN_TAGGED = 10
+#: fewest held-out tracks a temperature is fitted on; and at least one must be misclassified:
+#: on tracks that are all right the NLL keeps falling as T -> 0 (certainty), a useless fit.
+MIN_FIT_TRACKS = 20
 #: temperature search range; T outside it means the probabilities carry no usable ranking.
 T_BOUNDS = (0.01, 100.0)
 UNCERTAIN = "uncertain"
@@ -134,6 +137,15 @@ def _softmax_t(p: np.ndarray, t: float) -> np.ndarray:
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def can_fit_temperature(p: np.ndarray, y: np.ndarray) -> str:
+    """"" when a temperature can be fitted on (p, y), else the reason it cannot."""
+    if len(y) < MIN_FIT_TRACKS:
+        return f"only {len(y)} held-out tracks (temperature scaling needs {MIN_FIT_TRACKS})"
+    if (np.asarray(p).argmax(axis=1) == np.asarray(y)).all():
+        return "every held-out track is right: the fit would drive confidence to certainty"
+    return ""
 
 
 def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
@@ -226,12 +238,17 @@ class Calibration:
     rule: DecisionRule = field(default_factory=DecisionRule)
     fitted_on: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_identity(self) -> bool:
+        """True when ``apply`` leaves probabilities as they are (method "none", or T = 1)."""
+        return self.method == "none" or self.temperature == 1.0
+
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Probabilities [..., C] (rows summing to 1) -> calibrated probabilities [..., C]."""
         p = np.asarray(p, dtype=np.float64)
         if p.shape[-1] != len(self.labels):
             raise CalibrationError(f"calibration is for {len(self.labels)} classes, got probabilities with {p.shape[-1]}")
-        return _softmax_t(p, self.temperature)
+        return p.copy() if self.is_identity else _softmax_t(p, self.temperature)
 
     def decide(self, p: np.ndarray, rule: DecisionRule | None = None) -> Decision:
         """Decision for one track's calibrated probabilities [C] (default: the stored rule)."""
@@ -368,14 +385,14 @@ def _cross_groups(groups: np.ndarray, y: np.ndarray, seed: int = 0, k: int = 5) 
 
 
 def cross_fit(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """Each group's tracks calibrated by a temperature fitted on the other groups only.
-    Returns (calibrated probabilities [N, C], the temperature used for each group)."""
+    """Each group's tracks calibrated by a temperature fitted on the other groups only (1 where
+    those cannot support a fit, see ``can_fit_temperature``). Returns (calibrated probabilities [N, C], the temperature used for each group)."""
     p, y = _check(p, y)
     out = np.empty_like(p)
     temps = []
     for g in dict.fromkeys(groups.tolist()):
         te = groups == g
-        t = fit_temperature(p[~te], y[~te]) if (~te).any() else 1.0
+        t = 1.0 if can_fit_temperature(p[~te], y[~te]) else fit_temperature(p[~te], y[~te])
         temps.append(t)
         out[te] = _softmax_t(p[te], t)
     return out, temps
@@ -396,8 +413,8 @@ def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, label
     """Fit the deployable calibration on every held-out track and measure it honestly.
 
     p: out-of-fold track probabilities [N, C]; y: true indices [N]; groups: the fold of each
-    track (one value for a single test part). Temperature scaling is kept only when it lowers
-    the cross-fitted NLL (a proper scoring rule; ECE on ~100 tracks is too noisy to decide
+    track (one value for a single test part). Temperature scaling is kept only when it can be
+    fitted (``can_fit_temperature``) and lowers the cross-fitted NLL (a proper scoring rule; ECE on ~100 tracks is too noisy to decide
     on); otherwise the calibration is the identity (method "none", T = 1). Returns
     (Calibration with the default threshold in its rule, the metrics.json "calibration" block)."""
     p, y = _check(p, y)
@@ -405,7 +422,10 @@ def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, label
     before = scores(p, y)
     p_t, temps = cross_fit(p, y, groups)
     candidates = {"none": before, "temperature": scores(p_t, y)}
-    method = "temperature" if candidates["temperature"]["nll"] < before["nll"] else "none"
+    why_not = can_fit_temperature(p, y)
+    if not why_not and candidates["temperature"]["nll"] >= before["nll"]:
+        why_not = f"temperature scaling did not lower the held-out NLL ({candidates['temperature']['nll']:.4f} vs {before['nll']:.4f})"
+    method = "none" if why_not else "temperature"
     q = p_t if method == "temperature" else p
     cal = fit_calibration(p, y, labels) if method == "temperature" else Calibration(labels=list(labels), method="none")
     sel = select_threshold(q, y)
@@ -413,13 +433,15 @@ def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, label
     cal.rule = DecisionRule(threshold=round(sel["threshold"], 4))
     right = q.argmax(axis=1) == y
     n_parts = len(set(groups.tolist()))
-    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)", "temperature_fitted": fit_temperature(p, y) if method == "none" else cal.temperature}
+    fitted = cal.temperature if method == "temperature" else (None if can_fit_temperature(p, y) else fit_temperature(p, y))
+    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)", "temperature_fitted": fitted, "why_not_temperature": why_not}
     block = {
         "method": method,
         "temperature": cal.temperature,
         "ece_bins": ECE_BINS,
         "measured_on": f"{len(y)} held-out tracks, cross-fitted over {n_parts} parts: each part calibrated by a temperature fitted on the others",
         "choice": "temperature scaling kept only when it lowers the cross-fitted NLL; else none (identity)",
+        "why_not_temperature": why_not,
         "candidates": candidates,
         "before": before,
         "after": scores(q, y),

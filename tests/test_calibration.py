@@ -257,3 +257,21 @@ def test_temperature_is_dropped_when_it_does_not_lower_held_out_nll(tmp_path, mo
     assert block["after"] == block["before"] and block["candidates"]["temperature"]["nll"] > block["before"]["nll"]
     np.testing.assert_allclose(cal.apply(p), p, atol=1e-9)
     assert cal.fitted_on["temperature_fitted"] > 1.3  # what the full fit would have used, recorded
+
+
+def test_no_temperature_on_too_few_or_all_right_tracks(tmp_path):
+    """All held-out tracks right: the NLL falls as T -> 0, so no temperature is fitted."""
+    ev, p, y = _evaluation(temperature=2.0, n=12)
+    block = C.calibrate_run(ev, tmp_path)
+    assert block["method"] == "none" and "only 12 held-out tracks" in block["why_not_temperature"]
+    from embedkit.evaluate import Evaluation
+
+    ev = Evaluation(["a", "b"])
+    ids = np.array([f"t{i}" for i in range(40)])
+    lab = {t: "ab"[i % 2] for i, t in enumerate(ids)}
+    proba = np.array([[0.8, 0.2] if i % 2 == 0 else [0.3, 0.7] for i in range(40)])
+    for f in range(4):
+        ev.add_fold(f"fold{f}", ids[f::4], proba[f::4], lab)
+    block = C.calibrate_run(ev, tmp_path)
+    assert block["method"] == "none" and "every held-out track is right" in block["why_not_temperature"]
+    assert C.load_calibration(tmp_path).is_identity
