@@ -46,6 +46,8 @@ TARGET_PRECISION = 0.97
 #: fewest held-out tracks the default threshold must leave tagged (so one lucky track cannot
 #: set it).
 MIN_TAGGED = 10
+#: fewest held-out tracks a default threshold is chosen on (fewer: threshold 0).
+MIN_THRESHOLD_TRACKS = 20
 #: fewest held-out tracks a temperature is fitted on; and at least one must be misclassified:
 #: on tracks that are all right the NLL keeps falling as T -> 0 (certainty), a useless fit.
 MIN_FIT_TRACKS = 20
@@ -322,7 +324,7 @@ def coverage_curve(p: np.ndarray, y: np.ndarray, thresholds: Sequence[float] | N
     return out
 
 
-def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECISION, min_tagged: int = MIN_TAGGED) -> dict[str, Any]:
+def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECISION, min_tagged: int = MIN_TAGGED, min_tracks: int = MIN_THRESHOLD_TRACKS) -> dict[str, Any]:
     """The default threshold, chosen on held-out tracks by a documented rule.
 
     Candidates are the tracks' top probabilities. Rule: the smallest candidate t such that the
@@ -330,7 +332,8 @@ def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECIS
     least ``min(min_tagged, N)``; the threshold returned is the midpoint between t and the next
     lower top probability (it tags the same held-out tracks, with a margin on either side).
     When no candidate reaches the target, the one with the highest precision among those
-    leaving ``min_tagged`` tracks tagged is used and ``target_reached`` is False.
+    leaving ``min_tagged`` tracks tagged is used and ``target_reached`` is False. With fewer
+    than ``min_tracks`` tracks no threshold is chosen (0: nothing is "uncertain").
 
     Returns {threshold, target, target_reached, coverage, accuracy, n_tagged, n_tracks}.
     """
@@ -340,6 +343,8 @@ def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECIS
         raise ValueError("no tracks to choose a threshold on")
     conf = p.max(axis=1)
     right = (p.argmax(axis=1) == y).astype(float)
+    if n < min_tracks:
+        return {"threshold": 0.0, "target": target, "target_reached": False, "coverage": 1.0, "accuracy": float(right.mean()), "n_tagged": n, "n_tracks": n, "note": f"only {n} held-out tracks (a threshold needs {min_tracks}): none chosen"}
     order = np.argsort(-conf, kind="stable")
     c_sorted, r_sorted = conf[order], right[order]
     # Tracks tagged at threshold c_sorted[i]: every track with conf >= c_sorted[i] (ties included).

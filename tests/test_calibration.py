@@ -136,13 +136,16 @@ def test_select_threshold_rule():
     # unreachable target: best precision with >= min_tagged tracks, flagged
     sel3 = C.select_threshold(p, 1 - y, target=0.97, min_tagged=10)
     assert not sel3["target_reached"] and sel3["n_tagged"] >= 10
+    # too few tracks to choose on: no threshold
+    sel4 = C.select_threshold(p[:19], y[:19])
+    assert sel4["threshold"] == 0.0 and not sel4["target_reached"] and "only 19" in sel4["note"]
 
 
 @settings(max_examples=50, deadline=None)
 @given(_prob_rows(n_max=40, c_max=4), st.integers(0, 2**31 - 1))
 def test_selected_threshold_meets_its_target_or_says_so(p, seed):
     y = np.random.default_rng(seed).integers(0, p.shape[1], len(p))
-    sel = C.select_threshold(p, y, target=0.8, min_tagged=3)
+    sel = C.select_threshold(p, y, target=0.8, min_tagged=3, min_tracks=1)
     if sel["target_reached"]:
         assert sel["accuracy"] >= 0.8 - 1e-9 and sel["n_tagged"] >= min(3, len(p))
     m = p.max(1) >= sel["threshold"]
