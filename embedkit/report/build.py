@@ -489,7 +489,7 @@ def deployment_view(v: RunView) -> dict[str, Any] | None:
         "accuracy": _num(th.get("accuracy")),
         "cv_coverage": _num(cf.get("coverage")),
         "cv_accuracy": _num(cf.get("accuracy")),
-        "rule": str(th.get("rule") or DASH),
+        "rule": str(th.get("note") or th.get("rule") or DASH),
         "sentence": sentence,
         "reliability": charts.reliability_chart(_list(c.get("reliability_before")), _list(c.get("reliability_after")), f"{v.label}: reliability before and after calibration"),
         "coverage_chart": charts.coverage_chart(_list(c.get("coverage_curve")), t, f"{v.label}: coverage and accuracy per threshold"),
