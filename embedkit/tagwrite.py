@@ -323,9 +323,10 @@ def _prepare(path: str | os.PathLike) -> tuple[Path, str | None, os.stat_result 
     return p, fmt, st0, ""
 
 
-def _apply(path: str | os.PathLike, decide: Callable[[TagState], tuple[str, str, TagState | None]], dry_run: bool, id3_version: int, separator: str, genres: list[str]) -> TagChange:
-    """Shared by write and restore: read, let ``decide`` choose (status, reason, new state or
-    None for no write), then write safely unless ``dry_run``."""
+def _apply(path: str | os.PathLike, decide: Callable[[TagState, Callable], tuple[str, str, TagState | None]], dry_run: bool, id3_version: int, separator: str, genres: list[str]) -> TagChange:
+    """Shared by write and restore: read, let ``decide(state, as_read)`` choose (status, reason,
+    new state or None for no write; ``as_read`` maps a state to how it reads back once saved),
+    then write safely unless ``dry_run``."""
     if id3_version not in (3, 4):
         raise EmbedkitError(f"ID3 version must be 3 or 4, got {id3_version}")
     p, fmt, st0, problem = _prepare(path)
@@ -342,7 +343,7 @@ def _apply(path: str | os.PathLike, decide: Callable[[TagState], tuple[str, str,
         out.reason = exc.problem
         return out
     out.before = state.to_dict()
-    status, reason, new = decide(state)
+    status, reason, new = decide(state, lambda st: _as_read(st, fmt, id3_version, separator))
     out.status, out.reason = status, reason
     if new is None:
         return out
@@ -393,12 +394,12 @@ def write_genres(
     }
     new = TagState(genres, {k: v for k, v in prov.items() if v})
 
-    def decide(state: TagState):
+    def decide(state: TagState, as_read):
         if not genres:
             return "uncertain", "uncertain: no genre written", None
         if state.genre is not None and not state.written_by_embedkit and not overwrite:
             return "kept", f"genre {'; '.join(state.genre)!r} was set by a person (not by embedkit); pass overwrite to replace it", None
-        if state.genre == genres and state.written_by_embedkit and state.provenance.get("EMBEDKIT_MODEL") == new.provenance.get("EMBEDKIT_MODEL"):
+        if state.genre == as_read(new).genre and state.written_by_embedkit and state.provenance.get("EMBEDKIT_MODEL") == as_read(new).provenance.get("EMBEDKIT_MODEL"):
             return "unchanged", "already tagged with these genres by this model", None
         was = "no genre" if state.genre is None else repr("; ".join(state.genre))
         return "written", f"{was} -> {'; '.join(genres)!r}", new
@@ -412,7 +413,7 @@ def restore(path: str | os.PathLike, previous: dict[str, Any] | TagState, *, dry
     person changed it since) unless ``force``."""
     prev = TagState.from_dict(previous)
 
-    def decide(state: TagState):
+    def decide(state: TagState, as_read):
         if state == prev:
             return "unchanged", "already as before", None
         if not state.written_by_embedkit and not force:

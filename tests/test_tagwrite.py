@@ -244,6 +244,7 @@ def test_id3v23_joins_genres_with_the_separator(tmp_path):
     tags = ID3(f)
     assert tags.version == (2, 3, 0) and tags.getall("TCON")[0].text == ["Rock; Pop"]
     assert tw.read_tags(f).written_by_embedkit  # recognised as embedkit's on the next run
+    assert tw.write_genres(f, ["Rock", "Pop"], id3_version=3, separator="; ").status == "unchanged"
     assert tw.write_genres(f, ["Blues"], id3_version=3).status == "written"
     np.testing.assert_array_equal(decode(f), samples)
 
