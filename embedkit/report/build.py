@@ -475,6 +475,7 @@ def deployment_view(v: RunView) -> dict[str, Any] | None:
     floor = _dict(c.get("ece_if_calibrated"))
     return {
         "method": str(c.get("method") or DASH),
+        "why_not": str(c.get("why_not_temperature") or ""),
         "temperature": _num(c.get("temperature")),
         "bins": _num(c.get("ece_bins")),
         "measured_on": str(c.get("measured_on") or DASH),
