@@ -228,7 +228,9 @@ def test_fit_run_carries_its_calibration(tmp_path):
 
     from embedkit.fit import fit_head
 
-    st = write_store(tmp_path / "cache", tracks_table(n_per_class=10), seed=3)
+    from embedkit.backbones import load_backbone
+
+    st = write_store(tmp_path / "cache", tracks_table(n_per_class=10), seed=3, weights_id=load_backbone("tiny-test").weights_id)
     res = fit_head(store=st.root, head="lr", runs=tmp_path / "runs", cv=5, params={"C": 0.01})
     cal = C.load_calibration(res.run_dir, res.bundle.labels)
     block = res.metrics["calibration"]
@@ -238,6 +240,13 @@ def test_fit_run_carries_its_calibration(tmp_path):
     assert block["before"]["accuracy"] == pytest.approx(res.metrics["track_accuracy_mean_prob"], abs=1e-9)
     assert block["ece_bins"] == 15 and 0 <= block["threshold"]["threshold"] <= 1
     assert not list(res.run_dir.parent.glob(".*tmp*"))  # written inside the temporary run dir
+    from embedkit.tagger import load_tagger
+
+    t = load_tagger(res.run_dir)  # the Tagger carries it: probabilities and default decisions
+    assert t.calibration == cal
+    p = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(t.calibrate(p), cal.apply(p))
+    assert t.calibration.decide(t.calibrate(p)).label in (*t.labels, C.UNCERTAIN)
 
 
 def test_ece_noise_floor_matches_a_calibrated_sample():
