@@ -222,16 +222,16 @@ def test_calibrate_run_writes_file_and_honest_scores(tmp_path, n_folds):
     json.dumps(block)  # JSON-plain
 
 
-def test_fit_run_carries_its_calibration(tmp_path):
+def test_fit_run_carries_its_calibration(synth_dataset, tmp_path):
     """A head run writes calibration.json beside its bundle and the scores in metrics.json."""
-    from test_fit import tracks_table, write_store
-
+    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+    from embedkit.datasets import load_dataset
+    from embedkit.extract import extract
     from embedkit.fit import fit_head
 
-    from embedkit.backbones import load_backbone
-
-    st = write_store(tmp_path / "cache", tracks_table(n_per_class=10), seed=3, weights_id=load_backbone("tiny-test").weights_id)
-    res = fit_head(store=st.root, head="lr", runs=tmp_path / "runs", cv=5, params={"C": 0.01})
+    prep = PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0))
+    extract(load_dataset(synth_dataset), "tiny-test", cache=tmp_path / "cache", prep=prep, workers=1)
+    res = fit_head("tiny-test", "lr", cache=tmp_path / "cache", runs=tmp_path / "runs", cv=5)
     cal = C.load_calibration(res.run_dir, res.bundle.labels)
     block = res.metrics["calibration"]
     assert cal is not None and cal.temperature == pytest.approx(block["temperature"])
@@ -244,7 +244,7 @@ def test_fit_run_carries_its_calibration(tmp_path):
 
     t = load_tagger(res.run_dir)  # the Tagger carries it: probabilities and default decisions
     assert t.calibration == cal
-    p = np.array([0.5, 0.3, 0.2])
+    p = np.arange(1.0, len(t.labels) + 1) / np.arange(1.0, len(t.labels) + 1).sum()
     np.testing.assert_allclose(t.calibrate(p), cal.apply(p))
     assert t.calibration.decide(t.calibrate(p)).label in (*t.labels, C.UNCERTAIN)
 

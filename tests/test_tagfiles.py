@@ -62,9 +62,9 @@ def test_write_tags_then_untag(head_run, library, tmp_path):
     audio = {p: _decode(p) for p in library}
     tw.write_genres(library[0], [], dry_run=True)  # reads only
     person = library[0]
-    from test_tagwrite import set_person_genre
-
-    set_person_genre(person, "Jazz")
+    f = tw._open(person, "flac")  # a genre set by a person's tag editor (no embedkit provenance)
+    tw._set(f, "flac", tw.TagState(["Jazz"]))
+    f.save()
     raw = {p: p.read_bytes() for p in library}
 
     code, out = invoke("tag", head_run, *library, "--db", db, "--write-tags", "--dry-run", "--threshold", "0")
