@@ -87,6 +87,8 @@ def decode(path: str | os.PathLike, max_seconds: float | None = None, start_s: f
     except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError variants
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         msg = msg.replace(f"Error opening {str(p)!r}: ", "")  # the path is already in front
+        if "does not exist or is not a regular file" in msg and p.is_file():
+            msg = "not audio, or a format libsndfile cannot read"  # its MP3 reader's wording for junk
         raise AudioError(p, f"cannot decode audio ({msg})") from None
     if data.shape[0] == 0:
         raise AudioError(p, "no audio samples (zero-length or unreadable stream)")

@@ -40,6 +40,10 @@ class StoreError(EmbedkitError):
     """The embedding store is missing, mismatched or unreadable."""
 
 
+class DatabaseError(EmbedkitError):
+    """A results database cannot be opened or written (``embedkit tag --db``)."""
+
+
 class ConfigMismatchError(EmbedkitError):
     """An artefact was produced with another backbone / preprocessing than the one requested."""
 

@@ -30,14 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import EmbedkitError
+from .errors import DatabaseError
 
 #: seconds a SQLite writer waits for another writer's lock before giving up
 SQLITE_BUSY_TIMEOUT_S = 120
-
-
-class DatabaseError(EmbedkitError):
-    """The results database cannot be opened or written."""
 
 
 def database_url(db: str | os.PathLike) -> str:

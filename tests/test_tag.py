@@ -440,3 +440,13 @@ def _model_id(run) -> str:
     from embedkit.tagger import model_id_of
 
     return model_id_of(run)
+
+
+def test_cli_reads_paths_from_stdin_and_lists(runs, tmp_path):
+    files = sorted(runs["data"].glob("*/*.wav"))[:3]
+    res = runner.invoke(app, ["tag", str(runs["head"]), "-", "--out", str(tmp_path / "a.jsonl")], input="".join(f"{f}\n" for f in files))
+    assert res.exit_code == 0, res.output
+    assert [__import__("json").loads(l)["path"] for l in (tmp_path / "a.jsonl").read_text().splitlines()] == [str(f) for f in files]
+    (tmp_path / "new-uploads.txt").write_text("\n".join(str(f) for f in files[:2]) + "\n")
+    res = runner.invoke(app, ["tag", str(runs["head"]), str(tmp_path / "new-uploads.txt"), "--excerpt", "spread:3", "--table", "0"])
+    assert res.exit_code == 0 and "2 tracks tagged (spread:3, 4 windows)" in " ".join(res.output.split()), res.output

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import GTZAN, needs_shared
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
 from embedkit.errors import ConfigMismatchError, ModelLoadingError
 from embedkit.tagger import CNNTagger, FinetuneTagger, HeadTagger, load_tagger, model_id_of
@@ -106,9 +107,19 @@ def test_cnn_tagger_per_window_rule_is_close_to_the_held_out_predictions(runs, t
     for path, p in ref.items():
         windows, starts = t.clip_windows(path)
         np.testing.assert_array_equal(starts, [0.0, 5.0])
-        # the net's input is the normalised log-mel of each window alone
-        mel = logmel(windows[1], t.features)
+        # the net's input: the window's own log-mel, frames whose STFT window lies inside it
+        assert t.inside_frames == (2, 429)  # of 431 centred frames of 5 s at 44.1 kHz, n_fft 2048, hop 512
+        mel = logmel(windows[1], t.features)[:, 2:429]
         np.testing.assert_allclose(t.logmel(windows[1:2])[0], (mel - np.array(t.normalizer.mean)[:, None]) / np.array(t.normalizer.std)[:, None], atol=1e-4)
+        # ... which equal the frames of an STFT that never reads outside the window
+        y = windows[1].astype(np.float64)
+        w = np.hanning(2049)[:-1]  # periodic Hann, as torch.hann_window
+        frame = y[512 * 5 : 512 * 5 + 2048] * w  # frame 7 of the centred grid = frame 5 from the window start + 1024
+        power = np.abs(np.fft.rfft(frame)) ** 2
+        from embedkit.melspec import mel_filters
+
+        db = 10 * np.log10(np.maximum(mel_filters(44100, 2048, 128) @ power, 1e-10))
+        np.testing.assert_allclose(mel[:, 5], db, atol=2e-2)
         worst = max(worst, float(np.abs(t.predict_file(path)[1] - p).max()))
     assert worst < 0.02, worst
 
@@ -253,3 +264,20 @@ def test_finetuned_panns_file_loads_without_the_checkpoint(tmp_path):
     rec = torch.load(tmp_path / "ft.pt", weights_only=True)["architecture"]
     assert rec == {"format": 1, "family": "panns", "arch": "cnn10"}
     json.dumps(rec)  # plain JSON: readable with weights_only=True
+
+
+@needs_shared
+@pytest.mark.slow
+def test_cnn_tagger_on_real_music_stays_close_to_the_held_out_predictions(tmp_path):
+    """gtzan_mini, a small CNN (8 epochs): per-window inference vs the run's evaluation."""
+    from embedkit.cnn.train import TrainConfig, train_cnn
+    from embedkit.datasets import load_dataset
+
+    tracks = load_dataset(GTZAN)
+    run = train_cnn(tracks, cv=None, train=TrainConfig(epochs=8, batch_size=16, patience=8, crops_per_clip=2), channels=(8, 16, 32, 32), runs_dir=tmp_path / "runs", cache=tmp_path / "cache", threads=2, workers=2).run_dir
+    t = load_tagger(run)
+    ref = _heldout(run, tracks)
+    got = {p: t.predict_file(p)[1] for p in ref}
+    worst = max(float(np.abs(got[p] - ref[p]).max()) for p in ref)
+    same = sum(int(got[p].argmax() == ref[p].argmax()) for p in ref)
+    assert len(ref) == 20 and worst < 0.03 and same >= 16, (worst, same)
