@@ -56,7 +56,7 @@ def decisions(rows: Iterable[dict[str, Any]], labels: Sequence[str], rule: Decis
     """(row, Decision) for result rows carrying ``probabilities`` {label: p} (calibrated)."""
     for r in rows:
         probs = r["probabilities"]
-        yield r, decide(np.array([float(probs[l]) for l in labels]), labels, rule)
+        yield r, decide(np.array([float(probs[lab]) for lab in labels]), labels, rule)
 
 
 def write_tags(

@@ -156,7 +156,7 @@ def test_coverage_curve_is_monotone():
     p, y = synthetic(n=500)
     curve = C.coverage_curve(p, y)
     cov = [r["coverage"] for r in curve]
-    assert cov[0] == 1.0 and all(a >= b for a, b in zip(cov, cov[1:]))
+    assert cov[0] == 1.0 and all(a >= b for a, b in zip(cov, cov[1:], strict=False))
     assert curve[0]["accuracy"] == pytest.approx((p.argmax(1) == y).mean())
 
 
@@ -189,7 +189,7 @@ def _evaluation(temperature=2.0, n_folds=5, n=400, seed=0):
     labels = ["a", "b", "c", "d"]
     ev = Evaluation(labels)
     ids = np.array([f"t{i:04d}" for i in range(n)])
-    track_labels = {t: labels[k] for t, k in zip(ids, y)}
+    track_labels = {t: labels[k] for t, k in zip(ids, y, strict=True)}
     for f in range(n_folds):
         sel = np.arange(n) % n_folds == f
         # two identical segments per track: the mean equals the track probabilities

@@ -40,7 +40,7 @@ def library(synth_dataset, tmp_path):
     out.mkdir()
     clips = sorted(synth_dataset.glob("*/*.wav"))[::5][:4]
     files = []
-    for src, ext in zip(clips, ("flac", "mp3", "ogg", "wav")):
+    for src, ext in zip(clips, ("flac", "mp3", "ogg", "wav"), strict=True):
         y, sr = sf.read(src)
         dst = out / f"{src.stem}.{ext}"
         sf.write(dst, y, sr, **({"format": "MP3"} if ext == "mp3" else {"format": "OGG", "subtype": "VORBIS"} if ext == "ogg" else {}))

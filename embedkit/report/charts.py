@@ -321,7 +321,7 @@ def coverage_chart(curve: Sequence[dict], threshold: float | None, title: str, w
     if not pts:
         return Markup("")
     body, sx, sy, (ml, mt, pw, ph) = _unit_frame(width, height, "threshold on the calibrated top probability", "share of tracks")
-    for idx, col, dash in ((1, PALETTE[1], None), (2, PALETTE[4], None)):
+    for idx, col in ((1, PALETTE[1]), (2, PALETTE[4])):
         line = [f"{_f(sx(p[0]))},{_f(sy(float(p[idx])))}" for p in pts if p[idx] is not None]
         if len(line) > 1:
             body.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="{col}" stroke-width="2"/>')
