@@ -119,6 +119,10 @@ def make_run(root: Path, run_id: str, kind: str, backbone: str, head: str, skill
         proba /= proba.sum(1, keepdims=True)
         ev.add_fold(f"fold{f}", seg_ids, proba, lab, paths)
     m = ev.metrics()
+    from embedkit.calibration import calibrate_run  # the trainers' hook: calibration.json + metrics block
+
+    (root / run_id).mkdir(parents=True, exist_ok=True)
+    m["calibration"] = calibrate_run(ev, root / run_id)
     m.update(
         run_id=run_id, kind=kind, name=f"{backbone}+{head}" if kind == "head" else f"{kind}-{backbone}", backbone=backbone, head=head,
         protocol={"type": "cv", "k": k, "seed": 0, "test_size": None, "grouped": False},
