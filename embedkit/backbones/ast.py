@@ -162,6 +162,7 @@ def _waveform_module(model, head, fe):
             super().__init__()
             self.ast = model
             self.head = head  # None without an AudioSet head
+            self.feature_extractor = fe  # its settings go into fine-tuned model files (architecture.py)
 
         def features(self, y):
             import torch
