@@ -654,6 +654,7 @@ def stream_cmd(
     queue: int = typer.Option(8, help="windows buffered between reading and the model"),
     max_lag: Optional[float] = typer.Option(None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"),
     view: str = typer.Option("auto", help="auto (live view on a terminal, else JSON Lines) | json | live"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights of a head run on PANNs / AST (as in extract)"),
 ):
     """Genre of a live stream as it plays: a window every hop, smoothed probabilities, the
     decision with hysteresis and change events, as JSON Lines on stdout (a final summary line
@@ -668,7 +669,7 @@ def stream_cmd(
     live = view == "live" or (view == "auto" and sys.stdout.isatty())
     emit = LiveView() if live else JsonLinesWriter(sys.stdout)
     try:
-        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime)
+        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint)
     finally:
         if live:
             emit.close()

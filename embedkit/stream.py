@@ -755,20 +755,18 @@ def _clock_str(t: float) -> str:
 # the command's one call
 
 
-def load_model(model: str | os.PathLike):
-    """A run directory (or model file) -> its Tagger, through ``embedkit.tagger.load_tagger``."""
-    try:
-        from .tagger import load_tagger
-    except ImportError:  # pragma: no cover - until the tagging issue lands
-        raise EmbedkitError("this embedkit has no load_tagger (the tagging feature); streaming needs it to load a run") from None
-    return load_tagger(model)
+def load_model(model: str | os.PathLike, checkpoint: str | None = None):
+    """A run directory or model file -> its Tagger (``embedkit.tagger.load_tagger``)."""
+    from .tagger import load_tagger
+
+    return load_tagger(model, checkpoint=checkpoint)
 
 
-def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callable[[dict], None] | None = None, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None) -> dict:
+def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callable[[dict], None] | None = None, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None, checkpoint: str | None = None) -> dict:
     """``embedkit stream MODEL SOURCE``: load the model (a run directory, or a Tagger), open
     the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default."""
     from .tagger import Tagger
 
-    tagger = model if isinstance(model, Tagger) else load_model(model)
+    tagger = model if isinstance(model, Tagger) else load_model(model, checkpoint)
     src = open_source(source, fmt=fmt, rate=rate, channels=channels, realtime=realtime, stdin=stdin)
     return run_stream(tagger, src, cfg, emit or JsonLinesWriter())

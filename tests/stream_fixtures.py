@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     from embedkit.cli import main as cli_main
 
     real = st.load_model
-    st.load_model = lambda m: tone_tagger(noise=1.5 if str(m) == "tone-noisy" else 0.0) if str(m) in ("tone", "tone-noisy") else real(m)
+    st.load_model = lambda m, checkpoint=None: tone_tagger(noise=1.5 if str(m) == "tone-noisy" else 0.0) if str(m) in ("tone", "tone-noisy") else real(m, checkpoint)
     sys.argv = ["embedkit", *argv]
     cli_main()
 

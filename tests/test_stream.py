@@ -40,7 +40,7 @@ def records(stdout: str) -> list[dict]:
 
 
 def run_cli(args, data: bytes, monkeypatch, noise=1.0):
-    monkeypatch.setattr(stream_mod, "load_model", lambda m: tone_tagger(noise=noise))
+    monkeypatch.setattr(stream_mod, "load_model", lambda m, checkpoint=None: tone_tagger(noise=noise))
     return runner.invoke(app, ["stream", "tone", *args], input=data)
 
 
