@@ -252,13 +252,12 @@ class PcmSource(Source):
             )
 
     def _check_start(self, head: bytes) -> None:
+        # Containers by their signature, text by its bytes. (A bare MP3 frame sync is not
+        # checked: 0xFFEx is also an ordinary int16 / float32 byte pair.) What passes here and
+        # is still not PCM shows as out-of-range values in f32le; s16le takes any bytes.
         for magic, what in _MAGIC.items():
             if head.startswith(magic):
                 raise StreamError(f"{self.name}: holds {what}, not raw PCM; pass the file path instead of '-', or decode it with ffmpeg -f {self.fmt}")
-        if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and len(head) > 2 and head[2] & 0xF0 != 0xF0:
-            # An MPEG audio frame header (MP3 without an ID3 tag); real PCM starting with this
-            # exact pattern and a valid bitrate index is possible but implausible.
-            raise StreamError(f"{self.name}: looks like MP3/ADTS audio, not raw PCM; decode it with ffmpeg -f {self.fmt}")
         sample = head[:4096]
         if len(sample) >= 64 and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample):
             raise StreamError(f"{self.name}: is text, not raw {self.fmt} audio")
@@ -276,7 +275,10 @@ class MicSource(Source):
     def __init__(self, device: str | int | None = None, rate: int | None = None, channels: int = 1, block_frames: int = 1024, buffer_s: float = 30.0):
         from .errors import require
 
-        self._sd = require("sounddevice", "pip install 'embedkit[live]'", "microphone input")
+        try:
+            self._sd = require("sounddevice", "pip install 'embedkit[live]'", "microphone input")
+        except OSError as exc:  # the package is there but not the PortAudio library it wraps
+            raise StreamError(f"sounddevice cannot load PortAudio ({exc}); install it (Debian/Ubuntu: apt install libportaudio2)") from None
         try:
             info = self._sd.query_devices(device, "input")
         except Exception as exc:

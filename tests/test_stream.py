@@ -284,6 +284,7 @@ def slow_tagger(clock, per_call_s):
     class Slow(type(tg)):
         def predict_segments(self, segments):
             clock.advance(per_call_s)  # compute time, on the fake clock
+            time.sleep(0.05)  # and a little real time, so the reader thread fills the queue meanwhile
             return inner(segments)
 
     return Slow(**{f: getattr(tg, f) for f in tg.__dataclass_fields__})
@@ -472,3 +473,9 @@ def test_one_hour_stream_in_bounded_memory():
     big, s_big = _peak_rss_mb(60)
     assert s_big["audio_s"] == 3600.0 and s_big["windows"] == len(window_starts(3600 * 8000, 8000, 2.0, 2.5))
     assert big - small < 8.0, (small, big)
+
+
+def test_cli_live_view(monkeypatch):
+    res = run_cli(["-", "--rate", "8000", "--hop", "1", "--view", "live"], pcm_bytes(three_genres(8000, 4.0), "f32le"), monkeypatch, noise=0.0)
+    assert res.exit_code == 0, res.output
+    assert "stream ended (eof)" in res.stdout and "uncertain" in res.stdout and '"type"' not in res.stdout
