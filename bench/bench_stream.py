@@ -27,7 +27,6 @@ Goals (issue 13, 2 cores): RTF >= 50 for musicnn-msd + lr and the CNN; latency <
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading

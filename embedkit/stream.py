@@ -17,9 +17,9 @@ is kept per window after its record is written (the summary keeps running totals
 Drop policy (live sources only: stdin, a microphone, a file with ``realtime``): window k is due
 at max(its last sample's arrival, stream start + its end time). When the model takes a window
 more than ``max_lag_s`` (default: one hop) after it was due, the model is behind real time:
-every late window waiting in the queue is dropped without being tagged except the newest, whose
-record says ``"lagging": true`` and how many windows were ``dropped`` before it. Smoothing
-then treats the gap as elapsed time. A file read as fast as possible (no real time to keep up
+the late windows waiting in the queue are dropped without being tagged, all but the newest; the
+records of the windows then tagged say ``"lagging": true``, and the first of them how many
+windows were ``dropped`` before it. Smoothing treats the gap as elapsed stream time. A file read as fast as possible (no real time to keep up
 with) never drops: the reader waits for the model instead.
 
     >>> summary = run_stream(tagger, FileSource("song.mp3"), StreamConfig(), print)  # doctest: +SKIP
@@ -508,8 +508,8 @@ def _reader(source: Source, sr: int, windower: Windower, q: queue.Queue, stop: t
             try:
                 q.put(item, timeout=0.1)
                 return True
-            except queue.Full:
-                stats["waits"] += 1
+            except queue.Full:  # the model is behind: wait (and see whether we should stop)
+                pass
         return False
 
     try:
@@ -566,7 +566,7 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
     max_lag = cfg.hop_s if cfg.max_lag_s is None else cfg.max_lag_s
     q: queue.Queue = queue.Queue(maxsize=cfg.queue)
     stop = threading.Event()
-    stats: dict[str, Any] = {"t0": None, "frames_in": 0, "waits": 0}
+    stats: dict[str, Any] = {"t0": None, "frames_in": 0}
     reader = threading.Thread(target=_reader, args=(source, sr, windower, q, stop, clock, stats), name="embedkit-stream-reader", daemon=True)
     seconds: dict[str, float] = {}
     n_windows = n_dropped = n_changes = 0

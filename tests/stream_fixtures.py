@@ -42,6 +42,22 @@ class ToneTagger(Tagger):
         return e / e.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class RecordingTagger(ToneTagger):
+    """A ToneTagger that keeps every window it is given (``seen``), for parity tests."""
+
+    def __post_init__(self):
+        self.seen = []
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        self.seen.append(np.array(segments, dtype=np.float32, copy=True))
+        return super().predict_segments(segments)
+
+
+def recording_tagger(sr: int = 8000, segment_s: float = 2.0) -> RecordingTagger:
+    return RecordingTagger(kind="head", labels=list(GENRES), sample_rate=sr, segment=SegmentConfig(segment_s, segment_s), audio=AudioConfig(), model_id="rec")
+
+
 def tone_tagger(noise: float = 0.0, sr: int = 8000, segment_s: float = 2.0) -> ToneTagger:
     return ToneTagger(kind="head", labels=list(GENRES), sample_rate=sr, segment=SegmentConfig(segment_s, segment_s), audio=AudioConfig(), model_id="tone", noise=noise)
 

@@ -25,8 +25,9 @@ from embedkit.audio import load, resample
 from embedkit.cli import app
 from embedkit.config import AudioConfig, SegmentConfig
 from embedkit.segments import segment, window_starts
-from embedkit.stream import Decider, FileSource, LiveView, PcmSource, Resampler, StreamConfig, StreamError, Windower, run_stream
-from stream_fixtures import GENRES, pcm_bytes, three_genres, tone_tagger
+from embedkit.stream import Decider, FileSource, LiveView, PcmSource, Resampler, StreamConfig, Windower, run_stream
+from conftest import FMA_SAMPLE, needs_shared
+from stream_fixtures import GENRES, pcm_bytes, recording_tagger, three_genres, tone_tagger
 
 TESTS = Path(__file__).resolve().parent
 runner = CliRunner()
@@ -120,6 +121,9 @@ def test_file_stream_matches_whole_file_segments(tmp_path):
     frames, start_s, end_s = segment(whole, tagger.sample_rate, SegmentConfig(tagger.segment.segment_s, 0.7))
     ref = tagger.calibrate(tagger.predict_segments(frames))
     assert len(wins) == len(frames) > 25
+    rec = recording_tagger()
+    run_stream(rec, FileSource(path, block_frames=3001), StreamConfig(hop_s=0.7), lambda r: None)
+    np.testing.assert_allclose(np.concatenate(rec.seen), frames, atol=1e-6)  # the very samples
     np.testing.assert_allclose([r["start_s"] for r in wins], start_s, atol=1e-6)
     np.testing.assert_allclose([[r["raw"][g] for g in GENRES] for r in wins], ref, atol=1e-5)
 
@@ -389,7 +393,6 @@ def test_live_view_renders_decision_bars_and_summary():
     buf = io.StringIO()
     view = LiveView(Console(file=buf, width=100, force_terminal=False))
     rec = {"type": "window", "time_s": 75.0, "decision": "mid", "lagging": True, "smoothed": {"low": 0.1, "mid": 0.7, "high": 0.2}, "change": {"from": "low", "to": "mid"}}
-    text = buf.getvalue()
     view(rec)
     view({"type": "summary", "end": "eof", "audio_s": 90.0, "windows": 89, "changes": 3, "share": {"mid": 0.5, "low": 0.5}})
     text = buf.getvalue()
@@ -479,3 +482,16 @@ def test_cli_live_view(monkeypatch):
     res = run_cli(["-", "--rate", "8000", "--hop", "1", "--view", "live"], pcm_bytes(three_genres(8000, 4.0), "f32le"), monkeypatch, noise=0.0)
     assert res.exit_code == 0, res.output
     assert "stream ended (eof)" in res.stdout and "uncertain" in res.stdout and '"type"' not in res.stdout
+
+
+@needs_shared
+def test_mp3_read_in_blocks_equals_the_whole_decode():
+    """The real FMA clip (44.1 kHz stereo MP3): block-wise decoding, down-mix and streaming
+    resampling give the windows of the whole decoded file."""
+    tagger = recording_tagger(sr=16000, segment_s=3.0)
+    run_stream(tagger, FileSource(FMA_SAMPLE, block_frames=4096), StreamConfig(hop_s=1.5), lambda r: None)
+    whole = load(FMA_SAMPLE, 16000, AudioConfig(clip_s=None))
+    frames, _, _ = segment(whole, 16000, SegmentConfig(3.0, 1.5))
+    seen = np.concatenate(tagger.seen)
+    assert seen.shape == frames.shape == (18, 48000)
+    np.testing.assert_allclose(seen, frames, atol=1e-6)
