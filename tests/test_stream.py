@@ -131,17 +131,19 @@ def test_file_stream_matches_whole_file_segments(tmp_path):
 # ------------------------------------------------------------------- decisions and changes
 
 
-def test_three_genres_change_events_with_and_without_hysteresis(monkeypatch):
+@pytest.mark.parametrize("seed,order", [(0, (0, 1, 2)), (1, (2, 0, 1)), (3, (0, 2, 1))])
+def test_three_genres_change_events_with_and_without_hysteresis(seed, order, monkeypatch):
     """Each genre is entered once, between its boundary and 22 s after it (window 2 s, ema 7.5 s,
-    minimum duration 5 s, maybe via `uncertain`); with smoothing and hysteresis off, the
-    noisy model's raw decisions flicker into wrong genres many times."""
-    data = pcm_bytes(three_genres(22050, PART_S), "f32le")
+    minimum duration 5 s, maybe via `uncertain`; measured 7-20 s); with smoothing and hysteresis
+    off, the noisy model's raw decisions also change into genres that are not playing."""
+    data = pcm_bytes(three_genres(22050, PART_S, seed=seed, order=order), "f32le")
+    truth = [GENRES[c] for c in order]
     res = run_cli(["-", "--rate", "22050", *HYST], data, monkeypatch)
     assert res.exit_code == 0, res.output
     recs = records(res.stdout)
     changes = [(r["time_s"], r["change"]) for r in recs if r["type"] == "window" and r["change"]]
     into_genres = [(t, c["to"]) for t, c in changes if c["to"] != "uncertain"]
-    assert [g for _, g in into_genres] == list(GENRES)
+    assert [g for _, g in into_genres] == truth
     for (t, g), boundary in zip(into_genres, (0.0, PART_S, 2 * PART_S)):
         assert boundary < t <= boundary + 22.0, (g, t)
     summary = recs[-1]
@@ -150,8 +152,9 @@ def test_three_genres_change_events_with_and_without_hysteresis(monkeypatch):
     assert all(summary["share"][g] > 0.15 for g in GENRES)
 
     raw = run_cli(["-", "--rate", "22050", *RAW], data, monkeypatch)
-    raw_changes = [r["change"] for r in records(raw.stdout) if r["type"] == "window" and r["change"]]
-    assert len(raw_changes) >= 10  # flicker: the smoothing and hysteresis above removed it
+    raw_changes = [(r["time_s"], r["change"]["to"]) for r in records(raw.stdout) if r["type"] == "window" and r["change"]]
+    spurious = [(t, g) for t, g in raw_changes if g != truth[min(int((t - 1e-9) // PART_S), 2)]]
+    assert len(raw_changes) > 3 and spurious  # the flicker that smoothing and hysteresis removed
 
 
 @settings(max_examples=60, deadline=None)
