@@ -50,8 +50,9 @@ def stream_records(*args):
 
 def test_stream_equals_tag_excerpt_full(melstats_run, song, tmp_path):
     """Per-window probabilities: stream vs the windows `tag --excerpt full` reads (read_excerpt)
-    through the same Tagger; track probabilities: stream's mean window vs tag's row."""
-    from embedkit.tag import Excerpt, read_excerpt, tag
+    through the same Tagger; track probabilities: stream's mean window vs the row that
+    `embedkit tag --excerpt full` writes."""
+    from embedkit.tag import Excerpt, read_excerpt
     from embedkit.tagger import load_tagger
 
     t = load_tagger(melstats_run)
@@ -66,7 +67,8 @@ def test_stream_equals_tag_excerpt_full(melstats_run, song, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
     out = tmp_path / "tags.jsonl"
-    tag(melstats_run, [song], excerpt="full", out=out, workers=1)
+    res = runner.invoke(app, ["tag", str(melstats_run), str(song), "--excerpt", "full", "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
     row = json.loads(out.read_text().splitlines()[0])
     track = t.calibrate(got.mean(axis=0))
     np.testing.assert_allclose([row["probabilities"][l] for l in t.labels], track, atol=1e-5)
@@ -107,3 +109,21 @@ def test_ffmpeg_pipe_like_the_readme(melstats_run, song):
     assert recs[-1]["type"] == "summary" and recs[-1]["audio_s"] == pytest.approx(36.0, abs=0.01)
     assert recs[-1]["windows"] == len(recs) - 1 == 13  # (36 - 5) / 2.5 + 1
     assert st.stderr == b""
+
+
+def test_stream_a_cnn_run(synth_dataset, song, tmp_path):
+    """A scratch-CNN run (tiny channels, 1 epoch) streams through the same path: its windows'
+    probabilities equal the CNN's on segment() of the whole file."""
+    from embedkit.cnn.train import TrainConfig, train_cnn
+    from embedkit.config import AudioConfig
+    from embedkit.datasets import load_dataset
+    from embedkit.tag import Excerpt, read_excerpt
+    from embedkit.tagger import load_tagger
+
+    res = train_cnn(load_dataset(synth_dataset), train=TrainConfig(epochs=1, batch_size=4), channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp_path / "runs", cache=tmp_path / "cache", threads=1, workers=1)
+    t = load_tagger(res.run_dir)
+    assert t.kind == "cnn"
+    wins = [r for r in stream_records(res.run_dir, song, "--hop", "3") if r["type"] == "window"]
+    frames, _, _ = read_excerpt(str(song), t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, 3.0)
+    assert len(wins) == len(frames) == 11
+    np.testing.assert_allclose([[r["raw"][l] for l in t.labels] for r in wins], t.calibrate(t.predict_segments(frames)), atol=1e-5)
