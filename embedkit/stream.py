@@ -347,6 +347,8 @@ def open_source(source: str, fmt: str | None = None, rate: int | None = None, ch
     if source == "-":
         if realtime:
             raise StreamError("--realtime paces a file; stdin arrives at its own pace")
+        if stdin is None and sys.stdin is not None and sys.stdin.isatty():
+            raise StreamError("stdin is a terminal, not audio: pipe raw PCM into it, e.g. ffmpeg -i URL -f f32le -ac 1 -ar 44100 - | embedkit stream RUN - --rate 44100")
         fh = stdin if stdin is not None else _stdin()
         return PcmSource(fh, fmt or "f32le", 44100 if rate is None else rate, 1 if channels is None else channels)
     if source == "mic" or source.startswith("mic:"):
@@ -708,12 +710,15 @@ class LiveView:
         from rich.text import Text
 
         if rec.get("type") == "summary":
-            t = Table(title=f"stream ended ({rec['end']}): {rec['audio_s']:.1f} s, {rec['windows']} windows, {rec['changes']} changes", show_header=True)
+            from rich.console import Group
+
+            t = Table(show_header=True)
             t.add_column("decision")
             t.add_column("share", justify="right")
             for k, v in rec["share"].items():
                 t.add_row(k, f"{v:.1%}")
-            return t
+            head = Text(f"stream ended ({rec['end']}): {rec['audio_s']:.1f} s, {rec['windows']} windows, {rec['changes']} changes", style="bold")
+            return Group(head, t)
         if rec.get("change"):
             self._changes.appendleft(f"{_clock_str(rec['time_s'])}  {rec['change']['from']} -> {rec['change']['to']}")
         t = Table(title=f"{_clock_str(rec['time_s'])}  [bold]{rec['decision']}[/]" + ("  [red]lagging[/]" if rec["lagging"] else ""), show_header=False, box=None)

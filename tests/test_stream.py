@@ -498,3 +498,20 @@ def test_mp3_read_in_blocks_equals_the_whole_decode():
     seen = np.concatenate(tagger.seen)
     assert seen.shape == frames.shape == (18, 48000)
     np.testing.assert_allclose(seen, frames, atol=1e-6)
+
+
+def test_stream_shorter_than_one_window_ends_cleanly(monkeypatch):
+    res = run_cli(["-", "--rate", "8000"], pcm_bytes(three_genres(8000, 0.5), "f32le"), monkeypatch)  # 1.5 s < 2 s window
+    assert res.exit_code == 0
+    (summary,) = records(res.stdout)
+    assert summary["windows"] == 0 and summary["audio_s"] == 1.5 and summary["end"] == "eof" and summary["share"] == {}
+
+
+def test_stdin_on_a_terminal_is_refused(monkeypatch):
+    class Tty(io.BytesIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    with pytest.raises(stream_mod.StreamError, match="stdin is a terminal, not audio"):
+        stream_mod.open_source("-")
