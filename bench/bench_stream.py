@@ -14,7 +14,10 @@ Real-time factor: audio seconds / wall seconds of ``run_stream`` (median of ``--
 over a generated 44.1 kHz stereo WAV read as fast as possible (decode, down-mix, streaming resampling, windows every
 ``--hop``, the model, smoothing, JSON encoding). Baseline measured in the same run: the same
 windows cut from the whole decoded file (``tag --excerpt full``'s path) and tagged in one call;
-the ratio stream / baseline wall shows what streaming costs.
+the ratio stream / baseline wall shows what streaming costs. Also printed: audio seconds per
+CPU second of the process (all threads), which other jobs on the machine do not inflate the
+way they inflate wall time: a dedicated machine with ``--cores`` cores reaches at least that
+real-time factor when the work does not spread over the cores, up to --cores times it.
 
 Latency: the same signal as raw f32le PCM written into a pipe at 1x in 20 ms chunks (a live
 stream), read by ``PcmSource``. Each chunk's latency runs from the moment it entered the pipe
@@ -98,15 +101,15 @@ def rtf(tagger, path: Path, hop: float) -> dict:
     sink = open(os.devnull, "w")
     # warm-up (first torch call, caches), not timed
     tagger.predict_segments(np.zeros((2, tagger.window_samples), np.float32))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     s = run_stream(tagger, FileSource(path), StreamConfig(hop_s=hop), JsonLinesWriter(sink))
-    stream_s = time.perf_counter() - t
+    stream_s, cpu_s = time.perf_counter() - t, time.process_time() - c
     t = time.perf_counter()
     y = load(path, tagger.sample_rate, AudioConfig(clip_s=None))
     frames, _, _ = segment(y, tagger.sample_rate, SegmentConfig(tagger.segment.segment_s, hop))
     tagger.calibrate(tagger.predict_segments(frames))
     base_s = time.perf_counter() - t
-    return {"audio_s": s["audio_s"], "windows": s["windows"], "stream_wall_s": stream_s, "rtf": s["audio_s"] / stream_s, "model_s": s["compute_s"], "baseline_wall_s": base_s, "baseline_rtf": s["audio_s"] / base_s, "stream_over_baseline": stream_s / base_s}
+    return {"audio_s": s["audio_s"], "windows": s["windows"], "stream_wall_s": stream_s, "rtf": s["audio_s"] / stream_s, "cpu_s": cpu_s, "rtf_cpu": s["audio_s"] / cpu_s, "model_s": s["compute_s"], "baseline_wall_s": base_s, "baseline_rtf": s["audio_s"] / base_s, "stream_over_baseline": stream_s / base_s}
 
 
 def latency(tagger, y: np.ndarray, hop: float, chunk_s: float = 0.02) -> dict:
@@ -185,7 +188,7 @@ def main():
         out[name] = {**r, **lat, "segment_s": tagger.segment.segment_s, "sample_rate": tagger.sample_rate}
         goal = GOAL_RTF.get(name)
         print(
-            f"{name:12s} RTF {r['rtf']:7.1f} (median of {r['rtf_runs']}; goal {goal or '-'}), whole-file baseline RTF {r['baseline_rtf']:7.1f}, stream/baseline wall {r['stream_over_baseline']:.2f}x, "
+            f"{name:12s} RTF {r['rtf']:7.1f} (median of {r['rtf_runs']}; goal {goal or '-'}), audio s per CPU s {r['rtf_cpu']:.1f}, whole-file baseline RTF {r['baseline_rtf']:7.1f}, stream/baseline wall {r['stream_over_baseline']:.2f}x, "
             f"model {r['model_s']:.2f} s of {r['stream_wall_s']:.2f} s | 1x live: sample -> output latency p50 {lat['delay_ms_p50']:.0f} ms, "
             f"max {lat['latency_ms_max']:.0f} ms (goal <= hop + 100 = {args.hop * 1e3 + 100:.0f}), window's last sample -> output max {lat['max_window_delay_ms']:.0f} ms, dropped {lat['dropped']}",
             flush=True,

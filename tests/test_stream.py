@@ -441,7 +441,7 @@ def test_broken_pipe_stops_quietly():
 
 def test_ctrl_c_writes_the_summary_and_exits_130():
     p = child(["tone", "-", "--format", "s16le", "--rate", "8000", "--hop", "1"])
-    feed(p, pcm_bytes(three_genres(8000, 20.0), "s16le"), chunk=8000, pause=0.02)  # ~4x real time
+    feed(p, pcm_bytes(three_genres(8000, 20.0), "s16le"), chunk=8000, pause=0.25)  # 2x real time: still streaming at the signal
     lines = [p.stdout.readline() for _ in range(3)]
     assert all(json.loads(line)["type"] == "window" for line in lines)
     p.send_signal(signal.SIGINT)
