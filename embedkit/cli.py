@@ -670,6 +670,8 @@ def stream_cmd(
     emit = LiveView() if live else JsonLinesWriter(sys.stdout)
     try:
         summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint)
+    except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
+        _fail("interrupted before the stream started", 130)
     finally:
         if live:
             emit.close()

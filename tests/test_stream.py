@@ -515,3 +515,18 @@ def test_stdin_on_a_terminal_is_refused(monkeypatch):
     monkeypatch.setattr(sys, "stdin", Tty())
     with pytest.raises(stream_mod.StreamError, match="stdin is a terminal, not audio"):
         stream_mod.open_source("-")
+
+
+def test_smoother_ema_follows_stream_time_and_last_n():
+    from embedkit.stream import Smoother
+
+    ema = Smoother("ema:5")
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    np.testing.assert_allclose(ema.update(a, 1.0), a)
+    # a gap of one time constant (dropped windows) moves 1 - 1/e of the way, not one hop's worth
+    np.testing.assert_allclose(ema.update(b, 5.0), a + (1 - np.exp(-1)) * (b - a))
+    last = Smoother("last:2")
+    last.update(a, 1.0)
+    last.update(b, 1.0)
+    np.testing.assert_allclose(last.update(b, 1.0), b)
+    np.testing.assert_allclose(Smoother("none").update(a, 1.0), a)
