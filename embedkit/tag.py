@@ -308,7 +308,8 @@ def _plan(paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: b
     known = {}
     for r in done.values():
         if r.get("inode") is not None and r.get("mtime_ns") is not None:
-            known[FileStat(r["path"], int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))] = r["fingerprint"]
+            # FileStat holds the resolved path; rows keep the path as given
+            known[FileStat(str(Path(r["path"]).resolve()), int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))] = r["fingerprint"]
 
     def ident(path):
         try:
@@ -482,7 +483,10 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
     """Decode threads run ahead (bounded), the main thread batches windows across files into
     forwards of ``batch_size`` windows and hands finished tracks to ``on_batch``."""
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
-    ahead = max(2 * workers, 4)
+    # Decoded tracks kept ready: enough for two forwards while the decoders work on, bounded
+    # in windows (a ``full`` excerpt of a long song is hundreds of windows, so only 2 / thread).
+    per_track = None if ex.mode == "full" or clip_s is None else (ex.n if ex.mode == "spread" else 1) * max(1, int(clip_s // seg.hop_s))
+    ahead = max(2 * workers, 4, -(-2 * batch_size // per_track) if per_track else 0)
     pending: list[_Item] = []
     n_pending = 0
     fails: list[dict] = []
@@ -498,7 +502,7 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
                 k = len(it.windows)
                 rows.append(_track_row(tagger, it, p[at : at + k], ex, top_k))
                 at += k
-                it.windows = None  # memory stays flat: nothing of a finished track is kept
+                it.windows = it.starts = None  # memory stays flat: nothing of a finished track is kept
         on_batch(rows, fails)
         pending, n_pending, fails = [], 0, []
 
