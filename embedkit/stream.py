@@ -11,8 +11,9 @@ computed from k (never by adding a rounded hop), so nothing drifts over hours; a
 streaming resampler gives the same samples as the one-shot resampling of a whole file.
 
 Memory is bounded: the windower keeps one window plus the unread part of the stream, the queue
-between the reader thread and the model holds at most ``StreamConfig.queue`` windows, and nothing
-is kept per window after its record is written (the summary keeps running totals only).
+between the reader thread and the model holds at most ``StreamConfig.queue`` windows and the
+model's side takes at most as many again, and nothing is kept per window after its record is
+written (the summary keeps running totals only).
 
 Drop policy (live sources only: stdin, a microphone, a file with ``realtime``): window k is due
 at max(its last sample's arrival, stream start + its end time). When the model takes a window
@@ -71,7 +72,8 @@ class StreamConfig:
         and stays the decision while it keeps at least ``exit`` (exit <= enter: hysteresis).
     min_duration_s: a new decision (a genre or ``uncertain``) must hold this long in stream time
         before it is committed, so a short excursion never produces a change event.
-    queue: windows buffered between the reader and the model (bounded memory).
+    queue: windows buffered between the reader and the model (bounded memory; the model's side
+        holds as many again, among which late windows are dropped).
     max_lag_s: lateness tolerated before windows are dropped (live sources); None: one hop.
     batch: most windows tagged in one call when several are waiting.
     """
@@ -578,43 +580,48 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
     end, error = "eof", None
     t_wall = clock()
     reader.start()
+    pending: deque[_Window] = deque()  # taken from the queue, not yet tagged (at most cfg.queue)
+    done = False
+
+    def take(item) -> None:
+        nonlocal done, error
+        if item is _END:
+            done = True
+        elif isinstance(item, BaseException):
+            error, done = item, True
+        else:
+            pending.append(item)
+
     try:
-        done = False
-        while not done:
-            try:
-                item = q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch: list[_Window] = []
-            while True:
-                if item is _END:
-                    done = True
-                    break
-                if isinstance(item, BaseException):
-                    error, done = item, True
-                    break
-                batch.append(item)
-                if len(batch) >= cfg.batch:
-                    break
+        while pending or not done:
+            if not pending:
                 try:
-                    item = q.get_nowait()
+                    take(q.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+            while not done and len(pending) < cfg.queue:  # what else is waiting, bounded
+                try:
+                    take(q.get_nowait())
                 except queue.Empty:
                     break
-            if not batch:
+            if not pending:
                 continue
-            lagging = [False] * len(batch)
+            lag = False
             if source.live:
                 now = clock()
                 t0 = stats["t0"]
-                late = [now - max(w.arrival, t0 + (w.start + windower.length) / sr) > max_lag for w in batch]
+                late = [now - max(w.arrival, t0 + (w.start + windower.length) / sr) > max_lag for w in pending]
                 # Late windows form a prefix (later windows are due later): drop all but the newest.
                 n_late = sum(late)
                 if n_late:
-                    drop = min(n_late, len(batch) - 1)
+                    drop = min(n_late, len(pending) - 1)
+                    for _ in range(drop):
+                        pending.popleft()
                     n_dropped += drop
                     dropped_since += drop
-                    batch = batch[drop:]
-                    lagging = [True] * len(batch)  # behind real time: these come late, or after a gap
+                    lag = True  # behind real time: what is tagged now comes late, or after a gap
+            batch = [pending.popleft() for _ in range(min(cfg.batch, len(pending)))]
+            lagging = [lag] * len(batch)
             t = clock()
             p = np.asarray(tagger.predict_segments(np.stack([w.frame for w in batch])), dtype=np.float64)
             pc = tagger.calibrate(p)

@@ -284,9 +284,9 @@ class FakeClock:
             self.t += dt
 
 
-def slow_tagger(clock, per_call_s, ready=lambda: True):
-    """A tagger taking per_call_s of the fake clock per call; its first call waits (real time)
-    until ready(), so the reader has queued what it can whatever the machine's load."""
+def slow_tagger(clock, per_window_s, ready=lambda: True):
+    """A tagger taking per_window_s of the fake clock per window; every call first waits (real
+    time) until ready(), so the reader has queued what it can whatever the machine's load."""
     tg = tone_tagger()
     inner = tg.predict_segments
 
@@ -295,23 +295,24 @@ def slow_tagger(clock, per_call_s, ready=lambda: True):
             t_end = time.monotonic() + 10
             while not ready() and time.monotonic() < t_end:
                 time.sleep(0.01)
-            clock.advance(per_call_s)  # compute time, on the fake clock
+            clock.advance(per_window_s * len(segments))  # compute time, on the fake clock
             return inner(segments)
 
     return Slow(**{f: getattr(tg, f) for f in tg.__dataclass_fields__})
 
 
-def test_live_source_behind_real_time_drops_and_says_lagging():
-    """A model taking 3 s (of the fake clock) per call on a live 1 s-hop stream: late windows are
-    dropped (the newest kept), records say lagging and how many were dropped."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_live_source_behind_real_time_drops_and_says_lagging(batch):
+    """A model taking 1.5 s (of the fake clock) per window on a live 1 s-hop stream: late windows
+    are dropped (the newest kept), records say lagging and how many were dropped."""
     clock = FakeClock()
     data = pcm_bytes(three_genres(8000, part_s=20.0), "f32le")
     fh = io.BytesIO(data)
     src = PcmSource(fh, "f32le", 8000, 1, live=True)
     recs = []
     # queue > the 59 windows: the reader never waits, so the first call sees everything read
-    tagger = slow_tagger(clock, 3.0, ready=lambda: fh.tell() == len(data))
-    summary = run_stream(tagger, src, StreamConfig(hop_s=1.0, queue=64, batch=8), recs.append, clock=clock)
+    tagger = slow_tagger(clock, 1.5, ready=lambda: fh.tell() == len(data))
+    summary = run_stream(tagger, src, StreamConfig(hop_s=1.0, queue=64, batch=batch), recs.append, clock=clock)
     wins = [r for r in recs if r["type"] == "window"]
     total = len(window_starts(60 * 8000, 8000, 2.0, 1.0))
     assert summary["dropped"] > 0 and summary["windows"] + summary["dropped"] == total
@@ -324,7 +325,7 @@ def test_file_read_as_fast_as_possible_never_drops():
     clock = FakeClock()
     y = three_genres(8000, part_s=5.0)
     src = PcmSource(io.BytesIO(pcm_bytes(y, "f32le")), "f32le", 8000, 1, live=False)
-    summary = run_stream(slow_tagger(clock, 3.0), src, StreamConfig(hop_s=1.0, queue=2), lambda r: None, clock=clock)
+    summary = run_stream(slow_tagger(clock, 3.0), src, StreamConfig(hop_s=1.0, queue=2, batch=1), lambda r: None, clock=clock)
     assert summary["dropped"] == 0 and summary["windows"] == 14
 
 
