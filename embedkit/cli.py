@@ -689,6 +689,52 @@ def predict_cmd(
             typer.echo(f"{r.track_id}\t{r.pred}\t{r.confidence:.3f}")
 
 
+@app.command("stream")
+@handle_errors
+def stream_cmd(
+    model: Path = typer.Argument(..., help="run directory (any run kind) or model file"),
+    source: str = typer.Argument(..., help="audio file, '-' for raw PCM on stdin, or 'mic' / 'mic:DEVICE'"),
+    realtime: bool = typer.Option(False, "--realtime", help="pace a file at 1x, as if it were live"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="stdin PCM: f32le | s16le (default f32le)"),
+    rate: Optional[int] = typer.Option(None, "--rate", help="stdin PCM sample rate, Hz (default 44100); microphone rate"),
+    channels: Optional[int] = typer.Option(None, "--channels", help="stdin PCM interleaved channels (default 1); microphone channels"),
+    hop: float = typer.Option(2.5, help="seconds between windows (one output per hop)"),
+    smooth: str = typer.Option("ema:7.5", help="ema:SECONDS | last:N | none, over calibrated probabilities"),
+    enter: float = typer.Option(0.6, help="smoothed probability at which a genre becomes the decision"),
+    exit_: float = typer.Option(0.4, "--exit", help="the decision holds while its smoothed probability stays at or above this"),
+    min_duration: float = typer.Option(5.0, help="seconds a new decision must hold before a change is reported"),
+    queue: int = typer.Option(8, help="windows buffered between reading and the model"),
+    max_lag: Optional[float] = typer.Option(None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"),
+    view: str = typer.Option("auto", help="auto (live view on a terminal, else JSON Lines) | json | live"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights of a head run on PANNs / AST (as in extract)"),
+):
+    """Genre of a live stream as it plays: a window every hop, smoothed probabilities, the
+    decision with hysteresis and change events, as JSON Lines on stdout (a final summary line
+    ends it). Stops cleanly at end of stream, Ctrl-C or a closed pipe."""
+    from .stream import JsonLinesWriter, LiveView, StreamConfig, stream
+
+    if view not in ("auto", "json", "live"):
+        _fail(f"--view must be auto, json or live, got {view!r}")
+    if fmt is not None and fmt not in ("f32le", "s16le"):
+        _fail(f"--format must be f32le or s16le, got {fmt!r}")
+    cfg = StreamConfig(hop_s=hop, smooth=smooth, enter=enter, exit=exit_, min_duration_s=min_duration, queue=queue, max_lag_s=max_lag)
+    live = view == "live" or (view == "auto" and sys.stdout.isatty())
+    emit = LiveView() if live else JsonLinesWriter(sys.stdout)
+    try:
+        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint)
+    except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
+        _fail("interrupted before the stream started", 130)
+    finally:
+        if live:
+            emit.close()
+    if summary["end"] == "broken pipe":
+        # The reader of stdout left (`| head`): stop quietly, and keep Python's exit-time flush
+        # of the dead pipe from printing a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    elif summary["end"] == "interrupted":
+        _fail(f"interrupted after {summary['audio_s']:.1f} s of audio ({summary['windows']} windows); summary written", 130)
+
+
 @app.command("tag")
 @handle_errors
 def tag_cmd(
