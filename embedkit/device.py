@@ -136,3 +136,42 @@ def _empty_cache() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and _mps_available(torch) and hasattr(mps, "empty_cache"):
         mps.empty_cache()
+
+
+#: inference precisions (``--precision``). fp32 is the default and the parity reference; fp16 /
+#: bf16 run the network under ``torch.autocast`` (matmuls and convolutions in half precision,
+#: reductions and the front-end's STFT in fp32) and are opt-in: embeddings then differ from
+#: fp32 (see the README for the measured effect). fp16 autocast exists only on accelerators.
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_precision(precision: str | None, dev=None) -> str:
+    """The precision name, or DeviceError when it is unknown or cannot run on ``dev``."""
+    p = (precision or "fp32").strip().lower()
+    if p not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if p == "fp16" and dev is not None and _torch().device(dev).type == "cpu":
+        raise DeviceError("precision 'fp16' needs an accelerator (CPU autocast supports bf16 only); use bf16 or fp32 on the cpu device")
+    return p
+
+
+def autocast(dev, precision: str | None = "fp32"):
+    """A context manager running the networks inside it at ``precision`` on ``dev``
+    (a no-op for fp32: results are exactly those without it)."""
+    import contextlib
+
+    p = check_precision(precision, dev)
+    if p == "fp32":
+        return contextlib.nullcontext()
+    torch = _torch()
+    dtype = torch.float16 if p == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=torch.device(dev).type, dtype=dtype)
+
+
+def provenance(dev, precision: str | None = "fp32", allow_tf32: bool = False) -> dict[str, object]:
+    """What artefacts record about where they were computed: describe(dev) plus the precision
+    and, on CUDA, whether TF32 was allowed. Never part of a store key or a run id."""
+    out: dict[str, object] = {**describe(dev), "precision": check_precision(precision)}
+    if _torch().device(dev).type == "cuda":
+        out["allow_tf32"] = bool(allow_tf32)
+    return out

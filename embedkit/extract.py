@@ -38,6 +38,9 @@ from . import audio
 from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
+from .device import default_batch_size, run_batched
+from .device import provenance as device_provenance
+from .device import resolve as resolve_device
 from .errors import AudioError, EmbedkitError, StoreError
 from .identity import FileStat, identify_many
 from .io import atomic_write_text
@@ -118,10 +121,15 @@ def _embed_stream(backbone: Backbone, frame_iter, batch_size: int, outputs: tupl
     depend on how fast decoding went. Returns {output: [N, D]} or None when no segments."""
     chunks: dict[str, list[np.ndarray]] = {}
 
+    def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
+
     def run(batch: np.ndarray) -> None:
-        out = backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
-        for k in ("embedding", *outputs):
-            chunks.setdefault(k, []).append(np.asarray(out[k], dtype=np.float32))
+        # one forward per batch; an accelerator out of memory halves it (logged), the rows
+        # are the same (a CPU never takes the back-off path)
+        for out in run_batched(forward, batch, len(batch), log=_log_backoff):
+            for k in ("embedding", *outputs):
+                chunks.setdefault(k, []).append(np.asarray(out[k], dtype=np.float32))
 
     pending: list[np.ndarray] = []
     n_pending = 0
@@ -203,6 +211,12 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
     return seg_table, fail_table, fails, notes
 
 
+def _log_backoff(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, stacklevel=2)  # the CLI prints library warnings as one line each
+
+
 def _write(store: Store, key: str, seg_table, fail_table) -> int:
     # Failures first: if killed between the two writes, the shard's good tracks are redone,
     # never lost, and the failed ones are not retried needlessly.
@@ -215,26 +229,33 @@ def _write(store: Store, key: str, seg_table, fail_table) -> int:
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name: str, checkpoint: str | None) -> Backbone:
+def _cached_backbone(name: str, checkpoint: str | None, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> Backbone:
+    return _loaded_backbone(name, checkpoint).to(resolve_device(device, allow_tf32), precision)
+
+
+@lru_cache(maxsize=4)
+def _loaded_backbone(name: str, checkpoint: str | None) -> Backbone:
     return load_backbone(name, checkpoint=checkpoint)
 
 
-def extract_shard(store_root: str, rows: pd.DataFrame, backbone_name: str, checkpoint: str | None, prep_dict: dict, batch_size: int = 32, outputs: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
+def extract_shard(store_root: str, rows: pd.DataFrame, backbone_name: str, checkpoint: str | None, prep_dict: dict, batch_size: int = 32, outputs: tuple[str, ...] = (), device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> tuple[int, list[dict]]:
     """Extract and write one shard; self-contained so it can run on any worker process/host
-    that sees ``store_root`` (a shared filesystem for a multi-host cluster).
+    that sees ``store_root`` (a shared filesystem for a multi-host cluster). ``device`` is a
+    name resolved on the worker ("auto": that worker's accelerator, if it has one).
 
     Returns (segments written, failures)."""
-    n, fails, _notes = _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs)
+    n, fails, _notes, _dev = _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs, device, precision, allow_tf32)
     return n, fails
 
 
-def _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs):
+def _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs, device="cpu", precision="fp32", allow_tf32=False):
     prep = PreprocessConfig.from_dict(prep_dict)
-    backbone = _cached_backbone(backbone_name, checkpoint)
+    backbone = _cached_backbone(backbone_name, checkpoint, device, precision, allow_tf32)
     store = Store(Path(store_root))
     decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
     seg_table, fail_table, fails, notes = _build_tables(rows, decoded, backbone, batch_size, prep, outputs)
-    return _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes
+    info = device_provenance(backbone.device, backbone.precision, allow_tf32)
+    return _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes, info
 
 
 def _stats(rows: pd.DataFrame) -> list[tuple[int, int, int] | None]:
@@ -280,12 +301,15 @@ def extract(
     checkpoint: str | None = None,
     prep: PreprocessConfig = PreprocessConfig(),
     workers: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     shard_size: int = 16,
     outputs: tuple[str, ...] = (),
     executor: Executor | None = None,
     retry_failed: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    allow_tf32: bool = False,
 ) -> ExtractResult:
     """Extract embeddings of every track whose audio content is not yet in the store.
 
@@ -301,9 +325,28 @@ def extract(
         e.g. a ``dask.distributed.Client``); workers load the backbone by registry name.
     progress: callback(tracks_done_this_run, tracks_pending), called from this thread; an
         exception it raises (e.g. KeyboardInterrupt) stops the run with every finished shard kept.
-    Raises StoreError when another run holds the store, EmbedkitError for bad arguments.
+    device: "cpu" | "auto" | "cuda[:N]" | "mps" (``embedkit.device.resolve``); None: the CPU, or
+        where a given Backbone already is. The store does not depend on it (its key has no device; store.json notes the devices used).
+        batch_size None: 32 on the CPU, 8x on an accelerator (``device.default_batch_size``).
+    precision: "fp32" | "fp16" | "bf16" (None: fp32, or a given Backbone's): autocast inference (opt-in; embeddings then
+        differ from fp32, and the store mixes them if runs change it: use another --cache).
+    allow_tf32: let CUDA use TF32 matmuls (faster, ~1e-3 relative difference from the CPU).
+    Raises StoreError when another run holds the store, EmbedkitError for bad arguments,
+    DeviceError when the device or precision cannot be used here.
     """
     t0 = time.perf_counter()
+    from .device import check_precision
+
+    given = backbone if isinstance(backbone, Backbone) else None
+    if executor is not None:
+        dev = None
+    elif device is None and given is not None:
+        dev = resolve_device(str(given.device), allow_tf32)
+    else:
+        dev = resolve_device(device or "cpu", allow_tf32)
+    precision = check_precision(precision or (given.precision if given is not None else "fp32"), dev)
+    if batch_size is None:
+        batch_size = default_batch_size(dev if dev is not None else "cpu", 32)
     if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 1):
         raise EmbedkitError(f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})")
     if prep.audio.clip_s is not None and prep.audio.clip_s < prep.segments.segment_s:
@@ -350,6 +393,9 @@ def extract(
             bb = load_backbone(backbone, checkpoint=checkpoint)
             if bb.weights_id != weights_id:  # the registry's identify() disagrees with the loader
                 raise EmbedkitError(f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}")
+        if shards and executor is None:
+            bb.to(dev, precision)
+            store.record_device(device_provenance(bb.device, bb.precision, allow_tf32))
         if progress:
             progress(0, len(todo))
 
@@ -365,7 +411,7 @@ def extract(
 
         try:
             if executor is not None and shards:
-                _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account)
+                _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account, (device or "cpu", precision, allow_tf32))
             elif shards:
                 _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
         finally:
@@ -419,18 +465,22 @@ def record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, 
     return t
 
 
-def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, outputs, account) -> None:
+def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, outputs, account, device=("cpu", "fp32", False)) -> None:
     # Dask hashes arguments into task keys; pure=False makes every shard a fresh task even if
     # an identical one was submitted earlier in the same session.
     extra = {"pure": False} if type(executor).__module__.split(".")[0] == "distributed" else {}
     root = str(store.root.resolve())
     futures = [
-        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, **extra), rows)
+        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, *device, **extra), rows)
         for rows in shards
     ]
+    seen: list[dict] = []
     try:
         for fut, n in futures:
-            nseg, fails, notes = fut.result()
+            nseg, fails, notes, info = fut.result()
+            if info not in seen:  # each worker's device, once
+                seen.append(info)
+                store.record_device(info)
             account(nseg, fails, notes, n)
     except BaseException:
         for fut, _ in futures:

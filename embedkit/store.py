@@ -162,7 +162,20 @@ class Store:
         return store
 
     def schema_metadata(self) -> dict[bytes, bytes]:
-        return {META_KEY: json.dumps(self.meta(), sort_keys=True).encode()}
+        # "devices" is provenance, not content: shards stay byte-identical whatever device ran
+        meta = {k: v for k, v in self.meta().items() if k != "devices"}
+        return {META_KEY: json.dumps(meta, sort_keys=True).encode()}
+
+    def record_device(self, info: dict[str, Any]) -> None:
+        """Note in store.json the device a run extracted on (``embedkit.device.provenance``):
+        ``devices["last"]`` and every distinct one under ``devices["used"]``. Not part of the
+        store key: a store is device-free and any device may extend it."""
+        meta = self.meta()
+        devices = dict(meta.get("devices") or {})
+        used = [d for d in devices.get("used", []) if d != info]
+        devices.update(last=info, used=[*used, info])
+        meta["devices"] = devices
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=2, sort_keys=True))
 
     # -- shards ---------------------------------------------------------------------------
     def shard_files(self, kind: str = "segments") -> list[Path]:

@@ -201,10 +201,10 @@ class AST(Backbone):
             raise BackboneError(f"{self.spec.name}: segments must be 0.025-{limit / SR:.3f} s ({self.max_length} frames); got {y.shape[1] / SR:.3f} s: use a shorter --segment")
         if y.shape[0] == 0:
             return np.zeros((0, self.spec.embedding_dim), np.float32), np.zeros((0, len(self.labels or [])), np.float32)
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), self._autocast():
             pooled, logits = self.module.forward_both(self._input(y))
-            clip = self._torch.sigmoid(logits).cpu().numpy().astype(np.float32) if want_clip and logits is not None else None
-        return pooled.cpu().numpy().astype(np.float32, copy=False), clip
+            clip = self._torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32) if want_clip and logits is not None else None
+        return pooled.float().cpu().numpy().astype(np.float32, copy=False), clip
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments, False)[0]

@@ -78,17 +78,32 @@ class Backbone(ABC):
 
     #: where ``embed`` runs (a torch.device for torch backbones after ``to``; "cpu" otherwise).
     device: Any = "cpu"
+    #: inference precision, "fp32" (default) | "fp16" | "bf16" (autocast, see embedkit.device);
+    #: set it with ``to(device, precision=...)``. Backbones without torch ignore it.
+    precision: str = "fp32"
 
-    def to(self, device) -> "Backbone":
-        """Run on ``device`` (a torch.device or name from ``embedkit.device.resolve``); returns self.
-        Backbones without a torch module (melstats) always run on the CPU."""
+    def to(self, device, precision: str | None = None) -> "Backbone":
+        """Run on ``device`` (a torch.device or name from ``embedkit.device.resolve``), at
+        ``precision`` when given (fp32 | fp16 | bf16); returns self. Backbones without a torch
+        module (melstats) always run on the CPU in float32."""
         module = self.torch_module()
         if module is not None:
             import torch
 
-            self.device = torch.device(device)
+            from ..device import check_precision
+
+            dev = torch.device(device)
+            if precision is not None:
+                self.precision = check_precision(precision, dev)
+            self.device = dev
             module.to(self.device)
         return self
+
+    def _autocast(self):
+        """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+        from ..device import autocast
+
+        return autocast(self.device, self.precision)
 
     def _input(self, y: np.ndarray):
         """float32 numpy [B, L] -> a tensor on ``device`` (pinned, non-blocking copy on CUDA, so

@@ -496,11 +496,11 @@ class Musicnn(Backbone):
         was_training = self.module.training
         self.module.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 out = self.module.forward_logmel(self.module.logmel(self._input(y)))
         finally:
             self.module.train(was_training)
-        return {"embedding": out["penultimate"].cpu().numpy().copy(), "taggram": out["taggram"].cpu().numpy().copy()}
+        return {"embedding": out["penultimate"].float().cpu().numpy().copy(), "taggram": out["taggram"].float().cpu().numpy().copy()}
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)["embedding"]

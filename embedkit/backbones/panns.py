@@ -356,9 +356,9 @@ class PANNs(Backbone):
         d = self.spec.embedding_dim
         if y.shape[0] == 0:
             return np.zeros((0, d), np.float32), np.zeros((0, N_CLASSES), np.float32)
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), self._autocast():
             emb, clip = self.net.forward_both(self._input(y))
-        return emb.cpu().numpy().astype(np.float32, copy=False), clip.cpu().numpy().astype(np.float32, copy=False)
+        return emb.float().cpu().numpy().astype(np.float32, copy=False), clip.float().cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)[0]

@@ -66,9 +66,9 @@ class Tiny(Backbone):
         self._torch = torch
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), self._autocast():
             out = self.module(self._input(segments))
-        return out.cpu().numpy().astype(np.float32)
+        return out.float().cpu().numpy().astype(np.float32)
 
     def torch_module(self):
         return self.module
