@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from .device import run_batched
 from .errors import AudioError, EmbedkitError
 
 LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
@@ -206,6 +207,7 @@ class TagResult:
     model_loaded: bool = False
     windows: int = 0
     labels: list[str] = field(default_factory=list)
+    device: dict[str, Any] = field(default_factory=dict)  # embedkit.device.provenance of the run (local path)
 
     @property
     def n_failed(self) -> int:
@@ -350,7 +352,7 @@ def tag(
     out: str | os.PathLike | None = None,
     top_k: int = 3,
     workers: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     checkpoint: str | None = None,
     executor: Executor | None = None,
     shard_size: int = 64,
@@ -359,6 +361,9 @@ def tag(
     tagger=None,
     stdin=None,
     progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    allow_tf32: bool = False,
 ) -> TagResult:
     """Tag every audio file in ``inputs`` with the run / model file ``model``.
 
@@ -371,7 +376,18 @@ def tag(
     loaded Tagger for ``model`` (saves the load). progress(done, total) is called from this
     thread as tracks finish. Bad files are recorded (``failures``, and in the database), never
     raised; EmbedkitError is raised for an unusable model, database or argument.
+    device / precision / allow_tf32: where the network runs (``embedkit.device``; Dask workers
+    resolve the name themselves). None: the CPU, or where a given ``tagger`` already is.
+    batch_size None: 32 windows on the CPU, 8x on an accelerator (``device.default_batch_size``).
     """
+    from .device import check_precision, default_batch_size, resolve
+
+    dev = resolve(device, allow_tf32) if device is not None and executor is None else None
+    if dev is None and tagger is not None and executor is None:
+        dev = resolve(str(tagger.device), allow_tf32)
+    precision = check_precision(precision or (tagger.precision if tagger is not None else "fp32"), dev)
+    if batch_size is None:
+        batch_size = default_batch_size(dev if dev is not None else "cpu", 32)
     from .tagdb import ResultsDB
     from .tagger import model_id_of
 
@@ -407,8 +423,14 @@ def tag(
         if todo and tagger is None and executor is None:
             from .tagger import load_tagger
 
-            tagger = load_tagger(model, checkpoint=checkpoint)
+            tagger = load_tagger(model, checkpoint=checkpoint, device=dev or "cpu", precision=precision, allow_tf32=allow_tf32)
             res.model_loaded = True
+        elif todo and tagger is not None and dev is not None and executor is None:
+            tagger.to(dev, precision)
+        if todo and tagger is not None and executor is None:
+            from .device import provenance
+
+            res.device = provenance(tagger.device, tagger.precision, allow_tf32)
         if todo and tagger is not None and database is not None:
             database.register_model(model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id"))
 
@@ -448,7 +470,7 @@ def tag(
         if todo and executor is None:
             _run_local(tagger, todo, ex, workers, batch_size, top_k, on_batch)
         elif todo:
-            _run_remote(executor, model, checkpoint, todo, ex, db, batch_size, top_k, shard_size, on_batch)
+            _run_remote(executor, model, checkpoint, todo, ex, db, batch_size, top_k, shard_size, on_batch, (device or "cpu", precision, allow_tf32))
         if writer is None and writer_path is not None and res.labels:
             writer = _Writer(writer_path, res.labels)
         if writer is not None:
@@ -496,7 +518,8 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
         rows = []
         if pending:
             x = np.concatenate([it.windows for it in pending])
-            p = np.concatenate([tagger.predict_segments(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+            # forwards of batch_size windows; an accelerator out of memory halves them (logged)
+            p = np.concatenate(run_batched(tagger.predict_segments, x, batch_size, log=_log_backoff))
             at = 0
             for it in pending:
                 k = len(it.windows)
@@ -529,17 +552,24 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
             flush()
 
 
+def _log_backoff(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, stacklevel=2)
+
+
 _TAGGERS: dict[tuple, Any] = {}
 
 
-def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, str]], excerpt: str, db: str | None, batch_size: int, top_k: int) -> tuple[list[dict], list[dict]]:
-    """Tag one shard (runs on a Dask worker: the model is loaded once per worker process).
-    items: (path, FileStat, fingerprint). Writes to ``db`` when given; returns (rows, failures)."""
+def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, str]], excerpt: str, db: str | None, batch_size: int, top_k: int, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> tuple[list[dict], list[dict]]:
+    """Tag one shard (runs on a Dask worker: the model is loaded once per worker process, on
+    ``device`` as resolved on that worker). items: (path, FileStat, fingerprint). Writes to
+    ``db`` when given; returns (rows, failures)."""
     from .tagger import load_tagger
 
-    key = (str(model), checkpoint)
+    key = (str(model), checkpoint, device, precision, allow_tf32)
     if key not in _TAGGERS:
-        _TAGGERS[key] = load_tagger(model, checkpoint=checkpoint)
+        _TAGGERS[key] = load_tagger(model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32)
     tagger = _TAGGERS[key]
     rows_out, fails_out = [], []
     database = None
@@ -563,7 +593,7 @@ def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, st
     return rows_out, fails_out
 
 
-def _run_remote(executor, model, checkpoint, todo: list[_Item], ex: Excerpt, db, batch_size: int, top_k: int, shard_size: int, on_batch) -> None:
+def _run_remote(executor, model, checkpoint, todo: list[_Item], ex: Excerpt, db, batch_size: int, top_k: int, shard_size: int, on_batch, device=("cpu", "fp32", False)) -> None:
     """Shards on ``executor`` (a dask Client or any concurrent.futures Executor); the workers
     write the database themselves, so ``on_batch`` only reports."""
     from .tagdb import database_url
@@ -572,7 +602,7 @@ def _run_remote(executor, model, checkpoint, todo: list[_Item], ex: Excerpt, db,
     kw = {"pure": False} if _is_dask(executor) else {}
     target = str(Path(model).absolute())
     futures = [
-        executor.submit(tag_shard, target, checkpoint, [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]], str(ex), url, batch_size, top_k, **kw)
+        executor.submit(tag_shard, target, checkpoint, [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]], str(ex), url, batch_size, top_k, *device, **kw)
         for i in range(0, len(todo), shard_size)
     ]
     for fut in _as_completed(executor, futures):

@@ -76,6 +76,44 @@ class Tagger(ABC):
     spec: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where the network runs (a torch.device after ``to``) and at which precision; heads
+    #: cached as numpy (``embedkit.headcache``) and calibration always run on the CPU.
+    device: Any = "cpu"
+    precision: str = "fp32"
+
+    def to(self, device, precision: str | None = None) -> "Tagger":
+        """Run the network on ``device`` (name or torch.device, see ``embedkit.device``) at
+        ``precision`` (fp32 | fp16 | bf16, None: unchanged); returns self."""
+        import torch
+
+        from .device import check_precision
+
+        dev = torch.device(device)
+        if precision is not None:
+            self.precision = check_precision(precision, dev)
+        self.device = dev
+        self._move(dev)
+        return self
+
+    def _move(self, dev) -> None:
+        net = getattr(self, "net", None)
+        if net is not None:
+            net.to(dev)
+
+    def _autocast(self):
+        from .device import autocast
+
+        return autocast(self.device, self.precision)
+
+    def _tensor(self, x: np.ndarray):
+        """float32 numpy -> tensor on ``device`` (pinned, non-blocking copy on CUDA)."""
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        dev = torch.device(self.device)
+        if dev.type == "cpu":
+            return t
+        return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
     @property
     def window_samples(self) -> int:
@@ -135,7 +173,8 @@ class Tagger(ABC):
 def _softmax_rows(logits) -> np.ndarray:
     import torch
 
-    return torch.softmax(logits.double(), dim=1).numpy()
+    # float64 on the host (MPS has no float64; fp16/bf16 logits are widened first)
+    return torch.softmax(logits.detach().float().cpu().double(), dim=1).numpy()
 
 
 @dataclass
@@ -149,6 +188,15 @@ class HeadTagger(Tagger):
     predictor: Any = None  # HeadBundle or headcache.FastHead: predict_proba [N, D] -> [N, C]
     artefact: Path | None = None
     _bundle: Any = field(default=None, repr=False)
+
+    def to(self, device, precision: str | None = None) -> "HeadTagger":
+        """The backbone moves to ``device``; the head stays on the CPU (numpy / scikit-learn)."""
+        super().to(device, precision)
+        self.backbone.to(self.device, self.precision)
+        return self
+
+    def _move(self, dev) -> None:
+        pass  # the backbone moves in ``to`` (with its precision)
 
     @property
     def bundle(self):
@@ -200,8 +248,8 @@ class CNNTagger(Tagger):
         if len(x) == 0:
             return np.zeros((0, len(self.labels)))
         self.net.eval()
-        with torch.inference_mode():
-            return _softmax_rows(self.net(torch.from_numpy(self.logmel(x))))
+        with torch.inference_mode(), self._autocast():
+            return _softmax_rows(self.net(self._tensor(self.logmel(x))))
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -234,8 +282,8 @@ class FinetuneTagger(Tagger):
         if len(x) == 0:
             return np.zeros((0, len(self.labels)))
         self.net.eval()
-        with torch.inference_mode():
-            return _softmax_rows(self.net(torch.from_numpy(x)))
+        with torch.inference_mode(), self._autocast():
+            return _softmax_rows(self.net(self._tensor(x)))
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -344,15 +392,22 @@ def model_id_of(path) -> str:
     return fingerprint(resolve_artefact(path))
 
 
-def load_tagger(path, checkpoint: str | None = None) -> Tagger:
+def load_tagger(path, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> Tagger:
     """A Tagger for a finished run directory, a head bundle (``.skops``) or a CNN / fine-tune
     model file (``.pt``).
 
     checkpoint: backbone weights for head runs on backbones whose weights are not packaged
-    (PANNs, AST), as ``embedkit extract --checkpoint``. Raises ModelLoadingError (unusable
-    artefact) or ConfigMismatchError (the backbone here is not the one the run recorded), one
-    line each.
+    (PANNs, AST), as ``embedkit extract --checkpoint``. device: "cpu" | "auto" | "cuda[:N]" |
+    "mps" (``embedkit.device.resolve``): the backbone / network is loaded on the CPU
+    (``map_location="cpu"``) and moved there; numpy heads and calibration stay on the CPU.
+    precision: fp32 | fp16 | bf16 autocast inference (opt-in). Raises ModelLoadingError
+    (unusable artefact), ConfigMismatchError (the backbone here is not the one the run
+    recorded) or DeviceError (the device cannot be used here), one line each.
     """
+    from .device import check_precision, resolve
+
+    dev = resolve(device, allow_tf32)  # an unusable device fails before anything is loaded
+    precision = check_precision(precision, dev)
     artefact = resolve_artefact(path)
     model_id = model_id_of(artefact)
     run_dir = artefact.parent if (artefact.parent / "metrics.json").exists() else None
@@ -381,7 +436,7 @@ def load_tagger(path, checkpoint: str | None = None) -> Tagger:
     t.meta.setdefault("artefact", str(artefact))
     if run_dir is not None:
         t.meta.setdefault("run_id", run_dir.name)
-    return t
+    return t.to(dev, precision)
 
 
 def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTagger:
