@@ -668,6 +668,7 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
     }  # fmt: skip
     if getattr(source, "overflows", 0):
         summary["input_overflows"] = source.overflows
+    summary["device"] = str(getattr(tagger, "device", "cpu"))
     if end != "broken pipe":
         try:
             emit(summary)
@@ -769,18 +770,24 @@ def _clock_str(t: float) -> str:
 # the command's one call
 
 
-def load_model(model: str | os.PathLike, checkpoint: str | None = None):
-    """A run directory or model file -> its Tagger (``embedkit.tagger.load_tagger``)."""
+def load_model(model: str | os.PathLike, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False):
+    """A run directory or model file -> its Tagger (``embedkit.tagger.load_tagger``) on ``device``."""
     from .tagger import load_tagger
 
-    return load_tagger(model, checkpoint=checkpoint)
+    return load_tagger(model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32)
 
 
-def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callable[[dict], None] | None = None, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None, checkpoint: str | None = None) -> dict:
+def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callable[[dict], None] | None = None, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None, checkpoint: str | None = None, device: str | None = None, precision: str | None = None, allow_tf32: bool = False) -> dict:
     """``embedkit stream MODEL SOURCE``: load the model (a run directory, or a Tagger), open
-    the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default."""
+    the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default.
+    device / precision: where the network runs (``embedkit.device``; None: the CPU, or where a
+    given Tagger already is). One window per forward, so no batch policy applies."""
+    from .device import resolve
     from .tagger import Tagger
 
-    tagger = model if isinstance(model, Tagger) else load_model(model, checkpoint)
+    dev = resolve(device, allow_tf32) if device is not None else None  # an unusable device fails before the load
+    tagger = model if isinstance(model, Tagger) else load_model(model, checkpoint)  # loaded on the CPU
+    if dev is not None or precision is not None:
+        tagger = tagger.to(dev if dev is not None else tagger.device, precision)
     src = open_source(source, fmt=fmt, rate=rate, channels=channels, realtime=realtime, stdin=stdin)
     return run_stream(tagger, src, cfg, emit or JsonLinesWriter())
