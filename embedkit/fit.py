@@ -349,6 +349,7 @@ def fit_head(
         protocol=pinfo, dataset={**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
         spec=spec, preprocess=smeta["preprocess"], config=config,
         train_seconds=train_seconds, inference_ms_per_track=float(np.mean(infer_ms)), n_params=n_params(model), weights_id=bundle.weights_id,
+        device=dict((smeta.get("devices") or {}).get("last") or {}),  # where the embeddings were extracted (the head runs on the CPU)
     )  # fmt: skip
     metrics: dict[str, Any] = {
         **record.to_dict(),

@@ -158,6 +158,9 @@ class RunRecord:
     n_params: int | None = None
     model_bytes: int | None = None
     weights_id: str | None = None
+    #: where the network ran (``embedkit.device.provenance``: device, name, precision): the
+    #: training device, or for head runs the extraction device of the store. Not in run ids.
+    device: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,7 +173,7 @@ class RunRecord:
         d = {k: m.get(k) for k in (f.name for f in fields(cls))}
         kind = str(d["kind"] or "run")
         d.update(kind=kind, run_id=str(d["run_id"] or ""), name=str(d["name"] or ""), backbone=str(d["backbone"] or ""), head=str(d["head"] or ""))
-        for k in ("protocol", "dataset", "spec", "preprocess", "config"):
+        for k in ("protocol", "dataset", "spec", "preprocess", "config", "device"):
             d[k] = d[k] if isinstance(d[k], dict) else {}
         if not isinstance(d["trains_backbone"], bool):
             d["trains_backbone"] = kind in ("cnn", "finetune")

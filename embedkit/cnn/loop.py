@@ -206,10 +206,13 @@ def soft_cross_entropy(logits, targets):
 
 def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """One pass over ``batches`` of (x, soft targets). Returns mean loss, accuracy (against the
-    dominant target) and the seconds spent in forward/backward/step (in all, and per step)."""
+    dominant target) and the seconds spent in forward/backward/step (in all, and per step).
+    Batches come from the host and go to the model's device (a no-op on the CPU)."""
+    dev = _model_device(model)
     total, correct, n, step_s = 0.0, 0, 0, []
     for step, (x, t) in enumerate(batches):
         t0 = time.perf_counter()
+        x, t = _to_device(x, dev), _to_device(t, dev)
         logits = model(x)
         loss = soft_cross_entropy(logits, t)
         opt.zero_grad(set_to_none=True)
@@ -233,13 +236,14 @@ def predict(model, clips: Clips, idx: Sequence[int], segment_s: float, batch_siz
 
     model.eval()
     probs, owners, loss, n = [], [], 0.0, 0
+    dev = _model_device(model)
     with torch.inference_mode():
         for x, owner in eval_batches(clips, idx, segment_s, batch_size):
-            logits = model(x)
-            y = torch.as_tensor(clips.labels[owner])
+            logits = model(_to_device(x, dev))
+            y = torch.as_tensor(clips.labels[owner], device=logits.device)
             loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             n += len(owner)
-            probs.append(torch.softmax(logits, dim=1).double().numpy())
+            probs.append(torch.softmax(logits, dim=1).cpu().double().numpy())  # float64 on the host (MPS has none)
             owners.append(owner)
     if n == 0:
         raise DatasetError("no evaluation segments")
@@ -254,22 +258,57 @@ def track_accuracy(proba: np.ndarray, owners: np.ndarray, labels: np.ndarray) ->
     return float((mean.argmax(1) == labels[ids]).mean())
 
 
-def _rng_states() -> dict[str, Any]:
+def _model_device(model):
+    import torch
+
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to_device(t, dev):
+    """A host tensor on ``dev``: itself on the CPU; pinned and copied without blocking on CUDA."""
+    if dev.type == "cpu" or t.device == dev:
+        return t
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, non_blocking=True)
+
+
+def _cpu(obj):
+    """State dicts (nested dicts / lists of tensors) with every tensor on the CPU: artefacts are
+    device-free (loaded with map_location="cpu"). On the CPU this returns the same tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _rng_states(dev=None) -> dict[str, Any]:
     import torch
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    s = {
         "torch": torch.get_rng_state(),
         "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
     }
+    if dev is not None and torch.device(dev).type == "cuda":  # dropout on CUDA draws from its generator
+        s["cuda"] = torch.cuda.get_rng_state(dev)
+    return s
 
 
-def _set_rng_states(s: dict[str, Any]) -> None:
+def _set_rng_states(s: dict[str, Any], dev=None) -> None:
     import torch
 
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and dev is not None and torch.device(dev).type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], dev)
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((s["python_version"], tuple(s["python"]), None))
@@ -298,8 +337,9 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
     import torch
 
     ckpt_path = ckpt_dir / f"{fold}.pt"
+    dev = torch.device(getattr(task, "device", None) or "cpu")
     torch.manual_seed(cfg.seed * 1009 + fold_index)  # same init for the same (seed, fold)
-    model = task.build_model()
+    model = task.build_model().to(dev)  # built on the CPU: the same initial weights on every device
     st = {"epoch": 0, "history": [], "best_loss": float("inf"), "best_epoch": -1, "bad": 0, "stopped": False}
     best_state, opt, opt_phase = None, None, None
     if ckpt_path.exists():
@@ -310,7 +350,7 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
             opt_phase = c["phase"]
             opt = task.make_optimizer(model, opt_phase)
             opt.load_state_dict(c["optimizer"])
-        _set_rng_states(c["rng"])
+        _set_rng_states(c["rng"], dev)
     crop = cfg.crop_config()
     steps = n_batches(task.clips, train_idx, crop)
     for epoch in range(st["epoch"], cfg.epochs):
@@ -349,7 +389,9 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
             st["bad"] += 1
             st["stopped"] = st["bad"] >= cfg.patience
         st["epoch"] = epoch + 1
-        ckpt = {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(), "phase": phase, "state": st, "best_state": best_state, "rng": _rng_states()}
+        # checkpoints hold CPU tensors (resume maps them to the run's device; the optimizer's
+        # load_state_dict moves its state to the parameters' device)
+        ckpt = {"identity": identity, "model": _cpu(model.state_dict()), "optimizer": _cpu(opt.state_dict()), "phase": phase, "state": st, "best_state": _cpu(best_state), "rng": _rng_states(dev)}
         _atomic_torch_save(ckpt, ckpt_path)
         if progress:
             progress({"event": "epoch", "fold": fold, "fold_index": fold_index, "epochs": cfg.epochs, **rec, "best_epoch": st["best_epoch"], "stopped": st["stopped"]})
@@ -465,7 +507,7 @@ def model_payload(task: Task, model, fold: str, cfg: TrainConfig | None = None) 
     return {
         "kind": task.kind,
         **task.model_payload(model),
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "labels": list(task.labels),
         "audio": asdict(task.audio_cfg),
         "segment_s": task.cfg.segment_s,
@@ -497,6 +539,8 @@ class RunOptions:
         continues the run in ``run_dir`` after checking its identity.
     cache: clip cache root. threads: torch threads (None: all cores). workers: decode threads.
     skip_bad: drop unusable clips instead of stopping. name: run name (default per task).
+    device / allow_tf32: where the model trains (``embedkit.device.resolve``); not part of the
+        run's identity, so a run started on one device resumes on another.
     """
 
     cv: int | None = None
@@ -510,6 +554,8 @@ class RunOptions:
     workers: int | None = None
     skip_bad: bool = False
     name: str | None = None
+    device: str = "cpu"
+    allow_tf32: bool = False
 
 
 def run_name(base: str, aug: AugmentConfig) -> str:
@@ -530,6 +576,9 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
 
     train.validate()
     train.check_clip_length(audio_cfg.clip_s)
+    from ..device import provenance, resolve
+
+    task.device = resolve(opts.device, opts.allow_tf32)  # an unusable device fails before any work
     task.bind(train, augment, audio_cfg, sorted(tracks["label"].unique()))
     n_threads = set_threads(opts.threads)
     protocol = choose_protocol(tracks, opts.cv)
@@ -585,7 +634,7 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
         preprocess={"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},
         config={"train": asdict(train), **facts.pop("config"), "augment": augment.to_dict()},
         train_seconds=train_seconds, inference_ms_per_track=infer_ms, n_params=facts.pop("n_params"),
-        weights_id=facts.pop("weights_id", None),
+        weights_id=facts.pop("weights_id", None), device=provenance(task.device, "fp32", opts.allow_tf32),
     )  # fmt: skip
     metrics = {
         **record.to_dict(), "cache_seconds": cache_seconds, "threads": n_threads, **facts,

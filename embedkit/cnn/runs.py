@@ -93,7 +93,12 @@ def training_process_settings(fn):
         import torch
 
         before = torch.get_num_threads()
-        kept = keep_freed_memory()
+        opts = kwargs.get("opts", args[5] if len(args) > 5 else None)
+        # the allocator trick is for the CPU's heap: on an accelerator it would only pin host memory
+        from ..device import resolve
+
+        on_cpu = resolve(getattr(opts, "device", "cpu")).type == "cpu"
+        kept = keep_freed_memory() if on_cpu else False
         try:
             return fn(*args, **kwargs)
         finally:
