@@ -86,6 +86,32 @@ def track_progress(description: str):
     return prog, callback
 
 
+# -- the device options: ONE definition, used by every command that runs a network -----------
+_DEVICE_HELP = "where networks run: auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"
+_TF32_HELP = "CUDA: allow TF32 matmuls/convolutions (faster; ~1e-3 relative difference from the CPU; off by default for parity)"
+_PRECISION_HELP = "inference precision: fp32 | bf16 | fp16 (autocast; fp16 on accelerators only; changes results slightly, see README)"
+
+
+def device_option():
+    return typer.Option("auto", "--device", help=_DEVICE_HELP)
+
+
+def tf32_option():
+    return typer.Option(False, "--allow-tf32", help=_TF32_HELP)
+
+
+def precision_option():
+    return typer.Option("fp32", "--precision", help=_PRECISION_HELP)
+
+
+def _device_line(info: dict) -> str:
+    """'device cuda:0 (NVIDIA H200), fp32' for a summary line ('' when nothing ran)."""
+    if not info:
+        return ""
+    extra = "" if info.get("precision", "fp32") == "fp32" else f", {info['precision']}"
+    return f"device {info.get('device')} ({info.get('name')}){extra}"
+
+
 @app.command("models")
 @handle_errors
 def models_cmd(pattern: str = typer.Argument("*", help="glob over backbone names")):
@@ -139,24 +165,27 @@ def extract_cmd(
     segment: float = typer.Option(5.0, help="segment length, seconds"),
     hop: Optional[float] = typer.Option(None, help="segment hop, seconds (default: segment length)"),
     workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
-    batch_size: int = typer.Option(32, help="segments per forward pass"),
+    batch_size: Optional[int] = typer.Option(None, help="segments per forward pass (default 32 on the CPU, 8x on an accelerator)"),
     outputs: List[str] = typer.Option([], "--output", help="extra outputs to store, e.g. taggram"),
     retry_failed: bool = typer.Option(False, help="retry files recorded as failed by earlier runs"),
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
     dask: Optional[str] = typer.Option(None, help="run shards on a Dask cluster: scheduler address, or 'local'"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
+    precision: str = precision_option(),
 ):
     """Extract per-segment embeddings into a resumable Parquet store."""
     import warnings
 
     prep = _prep(clip, offset, pad, segment, hop)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         _fail("--batch-size must be >= 1")
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:  # errors become one line in handle_errors
-            res, log_note = _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask)
+            res, log_note = _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask, {"device": device, "allow_tf32": allow_tf32, "precision": precision})
         finally:
             _print_warnings(caught)
     _summarise_extract(res, log_note, strict)
@@ -177,14 +206,18 @@ def _print_warnings(caught) -> None:
             c.print(f"[yellow]warning[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
-def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask):
+def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask, device_kw=None):
     import contextlib
     import os
     import tempfile
 
     from .audio import native_stderr_to
+    from .device import check_precision, resolve
     from .extract import extract
 
+    device_kw = dict(device_kw or {})
+    if not dask:  # an unusable device or precision: one line before the dataset is read
+        check_precision(device_kw.get("precision"), resolve(device_kw.get("device"), device_kw.get("allow_tf32", False)))
     tracks = _load_tracks(data, audio_dir, subset)
     fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
     os.close(fd)
@@ -212,7 +245,7 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
 
             try:
                 try:
-                    res = extract(tracks, model, cache=cache, checkpoint=checkpoint, prep=prep, workers=workers, batch_size=batch_size, outputs=tuple(outputs), executor=executor, retry_failed=retry_failed, progress=cb)
+                    res = extract(tracks, model, cache=cache, checkpoint=checkpoint, prep=prep, workers=workers, batch_size=batch_size, outputs=tuple(outputs), executor=executor, retry_failed=retry_failed, progress=cb, **device_kw)
                 except OSError as exc:  # disk full, permissions on --cache, ...
                     _fail(f"{getattr(exc, 'filename', None) or cache}: {exc.strerror or exc}")
             finally:
@@ -244,7 +277,8 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
         f"{res.n_done_before} already done, {res.n_failed} failed"
         + (f", {res.n_shared} share their audio with another track (extracted once)" if res.n_shared else "")
         + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
-        + f", {res.seconds:.1f} s",
+        + f", {res.seconds:.1f} s"
+        + (f"; {escape(_device_line(res.device))}" if getattr(res, "device", None) else ""),
         highlight=False,
         soft_wrap=True,
     )
@@ -379,6 +413,8 @@ def _shared_training_options(
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
     subset: str = typer.Option("small", help="FMA subset"),
     name: Optional[str] = typer.Option(None, help="run name in metrics.json (default: cnn-scratch / finetune-<backbone>, + augmentations)"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
 ):
     """The options train-cnn and finetune share (one block: a new training option is one
     parameter here and one field of TrainConfig / AugmentConfig / RunOptions)."""
@@ -404,6 +440,9 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
     from .cnn.augment import AugmentConfig
     from .cnn.loop import TrainConfig
     from .config import AudioConfig
+    from .device import resolve
+
+    resolve(o["device"], o["allow_tf32"])  # an unusable device: one line before the dataset is read
 
     train = TrainConfig(
         epochs=o["epochs"], batch_size=o["batch_size"], lr_schedule=o["lr_schedule"], weight_decay=o["weight_decay"], patience=o["patience"],
@@ -415,6 +454,7 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
     run = {
         "cv": o["cv"], "test_size": o["test_size"], "runs_dir": o["runs"], "run_dir": o["resume"], "resume": o["resume"] is not None,
         "cache": o["cache"], "threads": o["threads"], "workers": o["workers"], "skip_bad": o["skip_bad"], "name": o["name"],
+        "device": o["device"], "allow_tf32": o["allow_tf32"],
     }  # fmt: skip
     return TrainingArgs(train, aug, AudioConfig(clip_s=o["clip"]), run, lambda: _load_tracks(o["data"], o["audio_dir"], o["subset"]))
 
@@ -542,6 +582,8 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
     subset: str = typer.Option("small", help="FMA subset"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
 ):
     """The main job: extract, fit every head, train the CNN, (fine-tune), write the report.
 
@@ -550,14 +592,17 @@ def run_cmd(
 
     from rich.table import Table
 
+    from .device import resolve
     from .pipeline import RunPlan, run_all
 
+    resolve(device, allow_tf32)  # an unusable device: one line before any work
     if demo and data not in (None, "demo"):
         _fail("give either DATA or --demo, not both")
     if data is None and not demo:
         _fail("give a DATA folder / manifest, or --demo")
     over = {"backbones": _csv_option(backbones), "heads": _csv_option(heads), "cv": cv, "test_size": test_size, "cnn": cnn, "clip_s": clip, "seed": seed}
     plan = RunPlan.quick_plan(**over) if quick else replace(RunPlan(), **{k: v for k, v in over.items() if v is not None})
+    plan = replace(plan, device=device, allow_tf32=allow_tf32)
     if cnn_epochs is not None:
         if cnn_epochs < 1:
             _fail("--cnn-epochs must be >= 1")
@@ -707,12 +752,16 @@ def stream_cmd(
     max_lag: Optional[float] = typer.Option(None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"),
     view: str = typer.Option("auto", help="auto (live view on a terminal, else JSON Lines) | json | live"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights of a head run on PANNs / AST (as in extract)"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
 ):
     """Genre of a live stream as it plays: a window every hop, smoothed probabilities, the
     decision with hysteresis and change events, as JSON Lines on stdout (a final summary line
     ends it). Stops cleanly at end of stream, Ctrl-C or a closed pipe."""
+    from .device import resolve
     from .stream import JsonLinesWriter, LiveView, StreamConfig, stream
 
+    resolve(device, allow_tf32)  # an unusable device: one line before the source is opened
     if view not in ("auto", "json", "live"):
         _fail(f"--view must be auto, json or live, got {view!r}")
     if fmt is not None and fmt not in ("f32le", "s16le"):
@@ -721,7 +770,7 @@ def stream_cmd(
     live = view == "live" or (view == "auto" and sys.stdout.isatty())
     emit = LiveView() if live else JsonLinesWriter(sys.stdout)
     try:
-        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint)
+        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
     except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
         _fail("interrupted before the stream started", 130)
     finally:
@@ -745,7 +794,7 @@ def tag_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"),
     top_k: int = typer.Option(3, help="genres listed per track"),
     workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
-    batch_size: int = typer.Option(32, help="windows per forward pass"),
+    batch_size: Optional[int] = typer.Option(None, help="windows per forward pass (default 32 on the CPU, 8x on an accelerator)"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for head runs on PANNs / AST"),
     retry_failed: bool = typer.Option(False, help="retry files recorded as failed for this model"),
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
@@ -761,6 +810,9 @@ def tag_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="with --write-tags: replace genres a person set"),
     id3v23: bool = typer.Option(False, "--id3v23", help="MP3/WAV/AIFF: write ID3v2.3 (several genres joined with --separator) instead of v2.4"),
     separator: str = typer.Option("; ", help="ID3v2.3 genre separator"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
+    precision: str = precision_option(),
 ):
     """Put genres on music nobody labelled: tag files with a trained model (one row per track;
     bad files are recorded and skipped)."""
@@ -770,9 +822,15 @@ def tag_cmd(
     from .audio import native_stderr_to
     from .tag import Excerpt, tag
 
+    from .device import check_precision, resolve
+
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        _fail("--batch-size must be >= 1")
+    if not dask:  # an unusable device or precision: one line before anything is read
+        check_precision(precision, resolve(device, allow_tf32))
     if (dry_run or overwrite) and not write_tags:
         _fail("--dry-run and --overwrite apply to --write-tags")
     if write_tags and not dry_run and not db:
@@ -790,7 +848,7 @@ def tag_cmd(
             stack.enter_context(native_stderr_to(log_path))
             prog, cb = _tag_progress()
             with prog:
-                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=sys.maxsize if write_tags else max(table, 0), tagger=tagger, progress=cb)
+                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=sys.maxsize if write_tags else max(table, 0), tagger=tagger, progress=cb, device=device, precision=precision, allow_tf32=allow_tf32)
             if write_tags and res.rows:
                 from .tagdb import ResultsDB
                 from .tagfiles import write_tags as write_file_tags
@@ -912,7 +970,8 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
     c.print(
         f"{res.n_tagged} tracks tagged ({ex}, {res.windows} windows), {res.n_done_before} already in the database, {res.n_failed} failed"
         + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
-        + f", {res.seconds:.1f} s{rate}",
+        + f", {res.seconds:.1f} s{rate}"
+        + (f"; {escape(_device_line(res.device))}" if getattr(res, "device", None) else ""),
         highlight=False, soft_wrap=True,
     )  # fmt: skip
     for f in res.failures[:max_lines]:

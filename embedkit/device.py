@@ -45,7 +45,7 @@ def resolve(device: str | None = "auto", allow_tf32: bool = False):
     allow_tf32: let CUDA use TF32 for fp32 matmuls/convolutions (faster, ~1e-3 relative error).
     """
     torch = _torch()
-    name = (device or "auto").strip().lower()
+    name = (str(device) if device is not None else "").strip().lower() or "auto"  # a torch.device too
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda:0"
@@ -110,6 +110,27 @@ def run_batched(fn, batch, max_batch: int, log=None):
     halving the chunk after an accelerator out-of-memory error (logged through ``log``) down to
     one item; returns the list of per-chunk results in order. Raises DeviceError when even a
     single item does not fit."""
+    return _run_batched(fn, batch, max_batch, log)[0]
+
+
+class BackOff:
+    """``run_batched`` over a stream of batches that remembers a lowered size: after one
+    out-of-memory error every later batch is cut to the size that fitted (one log line per
+    halving, not one per batch)."""
+
+    def __init__(self, log=None):
+        self.limit: int | None = None
+        self.log = log
+
+    def __call__(self, fn, batch) -> list:
+        size = len(batch) if self.limit is None else min(self.limit, len(batch))
+        out, used = _run_batched(fn, batch, size, self.log)
+        if used < len(batch):
+            self.limit = used
+        return out
+
+
+def _run_batched(fn, batch, max_batch: int, log=None):
     n = len(batch)
     size = max(1, min(max_batch, n)) if n else 1
     out, i = [], 0
@@ -126,7 +147,7 @@ def run_batched(fn, batch, max_batch: int, log=None):
             size = max(1, size // 2)
             if log is not None:
                 log(f"out of accelerator memory: batch size lowered to {size}")
-    return out
+    return out, size
 
 
 def _empty_cache() -> None:

@@ -38,7 +38,7 @@ from . import audio
 from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
-from .device import default_batch_size, run_batched
+from .device import BackOff, default_batch_size
 from .device import provenance as device_provenance
 from .device import resolve as resolve_device
 from .errors import AudioError, EmbedkitError, StoreError
@@ -63,6 +63,7 @@ class ExtractResult:
     n_failed_before: int = 0  # dataset tracks recorded as failed by an earlier run
     notes: list[str] = field(default_factory=list)  # this run's length adjustments (padding...)
     n_shared: int = 0  # dataset tracks whose audio is the same as another track's of the dataset
+    device: dict = field(default_factory=dict)  # embedkit.device.provenance of this run's forwards (empty: none ran here)
 
     @property
     def n_failed(self) -> int:
@@ -121,13 +122,15 @@ def _embed_stream(backbone: Backbone, frame_iter, batch_size: int, outputs: tupl
     depend on how fast decoding went. Returns {output: [N, D]} or None when no segments."""
     chunks: dict[str, list[np.ndarray]] = {}
 
+    backoff = BackOff(log=_log_backoff)
+
     def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
         return backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
 
     def run(batch: np.ndarray) -> None:
         # one forward per batch; an accelerator out of memory halves it (logged), the rows
         # are the same (a CPU never takes the back-off path)
-        for out in run_batched(forward, batch, len(batch), log=_log_backoff):
+        for out in backoff(forward, batch):
             for k in ("embedding", *outputs):
                 chunks.setdefault(k, []).append(np.asarray(out[k], dtype=np.float32))
 
@@ -395,7 +398,8 @@ def extract(
                 raise EmbedkitError(f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}")
         if shards and executor is None:
             bb.to(dev, precision)
-            store.record_device(device_provenance(bb.device, bb.precision, allow_tf32))
+            result.device = device_provenance(bb.device, bb.precision, allow_tf32)
+            store.record_device(result.device)
         if progress:
             progress(0, len(todo))
 

@@ -51,6 +51,9 @@ class RunPlan:
     finetune: backbone to fine-tune end to end (None: no fine-tuning).
     finetune_train: its training config (frozen epochs: a third of the epochs, 1 to 3).
     clip_s / segment_s: every clip is brought to clip_s and cut into segment_s windows.
+    device / allow_tf32: where extraction and training run (``embedkit.device``; "auto": an
+        accelerator when there is one). Not part of any run id or store key: a run made on one
+        device is reused on another. Extraction batches follow the device's batch policy.
     """
 
     backbones: tuple[str, ...] = DEFAULT_BACKBONES
@@ -66,6 +69,8 @@ class RunPlan:
     clip_s: float = 30.0
     segment_s: float = 5.0
     quick: bool = False
+    device: str = "cpu"
+    allow_tf32: bool = False
 
     @classmethod
     def quick_plan(cls, **overrides) -> "RunPlan":
@@ -187,7 +192,7 @@ def extract_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Pat
     from .extract import extract
 
     t0 = time.perf_counter()
-    res = extract(tracks, backbone, cache=cache, prep=plan.prep, workers=workers)
+    res = extract(tracks, backbone, cache=cache, prep=plan.prep, workers=workers, device=plan.device, allow_tf32=plan.allow_tf32, batch_size=None)
     wall = time.perf_counter() - t0
     from .fit import extraction_cost
 
@@ -267,7 +272,7 @@ def cnn_stage(tracks: pd.DataFrame, plan: RunPlan, runs: Path, cache: Path, fp: 
     identity = {"kind": "cnn", "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "augment": aug.to_dict(), "audio": asdict(audio)}
     return _trained(
         "cnn", "cnn-scratch", identity, runs, tracks, log,
-        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress, device=plan.device, allow_tf32=plan.allow_tf32),
     )  # fmt: skip
 
 
@@ -285,7 +290,7 @@ def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Pat
     identity = {"kind": "finetune", "backbone": backbone, "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "finetune": asdict(ft), "audio": asdict(audio)}
     return _trained(
         "finetune", f"finetune-{backbone}", identity, runs, tracks, log,
-        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress),
+        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress, device=plan.device, allow_tf32=plan.allow_tf32),
     )  # fmt: skip
 
 

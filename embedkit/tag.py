@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .device import run_batched
+from .device import BackOff
 from .errors import AudioError, EmbedkitError
 
 LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
@@ -512,6 +512,7 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
     pending: list[_Item] = []
     n_pending = 0
     fails: list[dict] = []
+    backoff = BackOff(log=_log_backoff)
 
     def flush() -> None:
         nonlocal pending, n_pending, fails
@@ -519,7 +520,7 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
         if pending:
             x = np.concatenate([it.windows for it in pending])
             # forwards of batch_size windows; an accelerator out of memory halves them (logged)
-            p = np.concatenate(run_batched(tagger.predict_segments, x, batch_size, log=_log_backoff))
+            p = np.concatenate([q for i in range(0, len(x), batch_size) for q in backoff(tagger.predict_segments, x[i : i + batch_size])])
             at = 0
             for it in pending:
                 k = len(it.windows)

@@ -248,8 +248,9 @@ class CNNTagger(Tagger):
         if len(x) == 0:
             return np.zeros((0, len(self.labels)))
         self.net.eval()
+        inp = self._tensor(self.logmel(x))  # the front end in fp32 on the host, whatever the precision
         with torch.inference_mode(), self._autocast():
-            return _softmax_rows(self.net(self._tensor(self.logmel(x))))
+            return _softmax_rows(self.net(inp))
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
