@@ -238,3 +238,17 @@ def test_cuda_tagger_matches_cpu_and_training_runs_there(cnn_run, tracks, tmp_pa
     assert res.metrics["device"]["device"] == "cuda:0"
     ck = torch.load(res.run_dir / "model.pt", map_location="cpu", weights_only=True)
     assert all(v.device.type == "cpu" for v in ck["state_dict"].values())
+
+
+def test_report_provenance_shows_each_runs_device(tmp_path):
+    from embedkit.report import build_report
+
+    from helpers import make_run
+
+    make_run(tmp_path / "runs", "head-a", "head", "musicnn-msd", "lr", 0.8, 0, extra={"device": {"device": "cuda:0", "name": "NVIDIA H200", "precision": "bf16", "allow_tf32": True}})
+    make_run(tmp_path / "runs", "head-b", "head", "melstats", "lr", 0.5, 1)  # recorded before devices were
+    out, ctx = build_report([tmp_path / "runs"], tmp_path / "report.html")
+    rows = {r.label: r.extra["spec_row"]["device"] for r in ctx["runs"]}
+    assert sorted(rows.values()) == ["cuda:0 (NVIDIA H200), bf16, TF32", "—"]
+    html = out.read_text(encoding="utf-8")
+    assert "<th class=\"l\">Device</th>" in html and "cuda:0 (NVIDIA H200), bf16, TF32" in html

@@ -685,7 +685,21 @@ def _spec_row(v: RunView) -> dict:
         "weights": value(spec.get("weights")) + (f" ({str(sha)[:12]})" if sha and str(sha) != "none" else ""),
         "clip": f"{audio['clip_s']:g} s" if _num(audio.get("clip_s")) is not None else DASH,
         "segment": (f"{seg['segment_s']:g} s" if _num(seg.get("segment_s")) is not None else DASH) + (f" / hop {seg['hop_s']:g} s" if _num(seg.get("hop_s")) is not None else ""),
+        "device": _device_text(_dict(v.m.get("device"))),
     }
+
+
+def _device_text(d: dict) -> str:
+    """'cuda:0 (NVIDIA H200), bf16' from a run record's device (``embedkit.device.provenance``);
+    the dash for runs that record none (made before devices were recorded)."""
+    if not d.get("device"):
+        return DASH
+    out = str(d["device"]) + (f" ({d['name']})" if d.get("name") else "")
+    if d.get("precision") not in (None, "fp32"):
+        out += f", {d['precision']}"
+    if d.get("allow_tf32"):
+        out += ", TF32"
+    return out
 
 
 def _sources_text(sources: list[str]) -> str:
