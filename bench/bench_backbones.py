@@ -17,6 +17,10 @@
     multiply-add: 21.1 G multiply-adds = the ~42 G figure of the PANNs paper), the achieved
     GFLOP/s, and a 2048^3 float32 matmul on the same cores as the practical peak.
 
+``--device cuda`` (or mps, cuda:N; with ``--precision`` and ``--allow-tf32``) also times every
+backbone of (1) on that device, as a ratio to the same run's CPU figure, with the largest
+embedding difference from the CPU (parity). Sections (2) and (3) stay CPU measurements.
+
 Results also go to bench/results/bench_backbones.json. Other processes' CPU load makes the
 numbers noisy; the load average is printed with them.
 """
@@ -86,7 +90,13 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     print(f"\n(1) seconds per {CLIP_S:g} s clip, 5 s windows, {args.cores} cores")
-    print(f"{'backbone':<14}{'windows':>8}{'s/clip':>10}{'x realtime':>12}  note")
+    dev = None
+    if args.device != "cpu":
+        from embedkit.device import describe, resolve
+
+        dev = resolve(args.device, args.allow_tf32)
+        print(f"    and on {describe(dev)['device']} ({describe(dev)['name']}), {args.precision}: seconds per clip, CPU/device ratio, max |embedding diff| vs CPU")
+    print(f"{'backbone':<14}{'windows':>8}{'s/clip':>10}{'x realtime':>12}" + (f"{'dev s/clip':>12}{'cpu/dev':>9}{'max diff':>10}" if dev is not None else "") + "  note")
     for spec in list_backbones():
         if spec.name not in names:
             continue
@@ -107,8 +117,20 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
                 note = (note + "; " if note else "") + "quick: 2 windows scaled"
             else:
                 s = best_time(lambda bb=bb, frames=frames: bb.embed(frames), args.repeat)
-            rows.append({"backbone": spec.name, "segment_s": seg, "windows": len(frames), "s_per_clip": s, "note": note})
-            print(f"{spec.name:<14}{len(frames):>8}{s:>10.3f}{CLIP_S / s:>12.1f}  {note}")
+            row = {"backbone": spec.name, "segment_s": seg, "windows": len(frames), "s_per_clip": s, "note": note}
+            dev_cols = ""
+            if dev is not None and bb.torch_module() is not None:
+                ref = bb.embed(frames)
+                bb.to(dev, args.precision)
+                sd = best_time(lambda bb=bb, frames=frames: bb.embed(frames), args.repeat)  # embed returns host arrays: synchronised
+                diff = float(np.abs(bb.embed(frames) - ref).max())
+                bb.to("cpu", "fp32")
+                row.update(device=str(dev), precision=args.precision, device_s_per_clip=sd, cpu_over_device=s / sd, max_abs_diff_vs_cpu=diff)
+                dev_cols = f"{sd:>12.4f}{s / sd:>9.1f}{diff:>10.2g}"
+            elif dev is not None:
+                dev_cols = f"{'cpu only':>31}"
+            rows.append(row)
+            print(f"{spec.name:<14}{len(frames):>8}{s:>10.3f}{CLIP_S / s:>12.1f}{dev_cols}  {note}")
     if "ast" in loaded:
         bb = loaded["ast"]
         one5 = clip_windows(16000, 5.0)[:1]
@@ -188,6 +210,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="rounds per timing (best kept); default 3, quick 1")
     ap.add_argument("--clips", type=int, default=None, help="clips for the pipeline comparison; default 8, quick 3")
     ap.add_argument("--only", default="", help="comma-separated backbone names for (1)")
+    ap.add_argument("--device", default="cpu", help="also time (1) on this device: cuda | cuda:N | mps | auto")
+    ap.add_argument("--precision", default="fp32", help="the device's inference precision: fp32 | fp16 | bf16")
+    ap.add_argument("--allow-tf32", action="store_true", help="CUDA: allow TF32 matmuls")
     args = ap.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.clips = args.clips or (3 if args.quick else 8)
@@ -202,7 +227,7 @@ def main() -> None:
         pipe = pipeline(args, tmp, cnn14)
         fl = floor(args, cnn14)
     print(f"\nload average at end {load_average():.1f}")
-    path = write_results("bench_backbones", {"cores": args.cores, "quick": args.quick, "per_clip": rows, "cnn14_pipeline": pipe, "cnn14_floor": fl})
+    path = write_results("bench_backbones", {"cores": args.cores, "quick": args.quick, "device": args.device, "precision": args.precision, "per_clip": rows, "cnn14_pipeline": pipe, "cnn14_floor": fl})
     print(f"results: {path}")
 
 

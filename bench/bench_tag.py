@@ -19,6 +19,9 @@ or ``--run DIR``. Measured on ``--cores`` CPUs (process pinned, torch threads se
 (5) start-up: ``embedkit tag`` on one 30 s file in a fresh process (wall, CPU), and a re-run
     with nothing to do.
 (6) memory: peak RSS rise of ``tag()`` over N vs 10N distinct short tracks (fresh processes).
+(7) with ``--device cuda`` (mps, cuda:N; ``--precision``, ``--allow-tf32``): (1) again with the
+    model on that device and its default batch (8x the CPU's), as a ratio to the same run's CPU
+    figure of (1), and parity: the largest difference of track probabilities from the CPU's.
 
 Songs are generated once into ``--songs`` (default ~/.cache/embedkit/bench-songs) and reused.
 Results also go to bench/results/bench_tag.json. The load average is printed with the numbers:
@@ -268,6 +271,35 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
     return {"runs": out, "rise_ratio": ratio}
 
 
+def on_device(args, run: Path, songs: list[Path], work: Path, cpu_e2e: dict) -> dict:
+    """(7): end to end on ``args.device`` vs this run's CPU figures, and probability parity."""
+    from embedkit.device import describe, resolve
+    from embedkit.tag import tag
+    from embedkit.tagger import load_tagger
+
+    dev = resolve(args.device, args.allow_tf32)
+    info = describe(dev)
+    gpu = load_tagger(run, device=dev, precision=args.precision, allow_tf32=args.allow_tf32)
+    cpu = load_tagger(run)
+    out: dict = {"device": info, "precision": args.precision}
+    print(f"(7) on {info['device']} ({info['name']}), {args.precision}, default batch:", flush=True)
+    for ex in ("first", "spread:3", "full"):
+        tag(run, songs[:1], excerpt=ex, db=work / "dev-warm.sqlite", workers=args.cores, tagger=gpu, batch_size=None)
+        with Timer() as t:
+            res = tag(run, songs, excerpt=ex, db=work / f"dev-{ex.replace(':', '')}.sqlite", workers=args.cores, tagger=gpu, batch_size=None)
+        assert res.n_tagged == len(songs) and not res.failures, res.failures[:3]
+        ratio = cpu_e2e[ex]["seconds"] / t.s
+        out[ex] = {"seconds": t.s, "s_per_track": t.s / len(songs), "cpu_over_device": ratio}
+        print(f"  {ex:9s}: {t.s / len(songs):.3f} s/track vs CPU {cpu_e2e[ex]['s_per_track']:.3f} -> {ratio:.2f}x", flush=True)
+    diffs = []
+    for p in songs[:5]:
+        w = cpu.clip_windows(p)[0]
+        diffs.append(float(np.abs(gpu.track_probabilities(gpu.predict_segments(w)) - cpu.track_probabilities(cpu.predict_segments(w))).max()))
+    out["max_prob_diff_vs_cpu"] = max(diffs)
+    print(f"  parity: largest track-probability difference from the CPU on {len(diffs)} songs: {max(diffs):.2g}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=None, help="run directory to tag with (default: musicnn-msd + lr on gtzan_mini, built here)")
@@ -278,8 +310,15 @@ def main() -> None:
     ap.add_argument("--memory-sizes", default=None, help="default 200,2000; --quick 100,1000")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="also run (1) on this device (7): cuda | cuda:N | mps | auto")
+    ap.add_argument("--precision", default="fp32", help="the device's inference precision: fp32 | fp16 | bf16")
+    ap.add_argument("--allow-tf32", action="store_true", help="CUDA: allow TF32 matmuls")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device != "cpu":
+        from embedkit.device import resolve
+
+        resolve(args.device, args.allow_tf32)  # an unusable device fails before the songs are made
     if args.memory_child:
         return memory_child(str(args.run), args.memory_child, args.cores)
     warnings.simplefilter("ignore")
@@ -324,6 +363,8 @@ def main() -> None:
         if not args.skip_memory:
             print("(6) memory:", flush=True)
             results["memory"] = memory(run, sizes, args.cores, work)
+        if args.device != "cpu":
+            results["device"] = on_device(args, run, songs, work, results["end_to_end"])
     results["load_avg_1m_at_end"] = load_average()
     print(f"load average at the end {load_average():.1f}; results: {write_results('bench_tag', results)}", flush=True)
 
