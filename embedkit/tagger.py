@@ -191,8 +191,12 @@ class HeadTagger(Tagger):
 
     def to(self, device, precision: str | None = None) -> "HeadTagger":
         """The backbone moves to ``device``; the head stays on the CPU (numpy / scikit-learn)."""
+        import torch
+
         super().to(device, precision)
         self.backbone.to(self.device, self.precision)
+        # a backbone without torch (melstats) stays on the CPU in fp32: say where it really runs
+        self.device, self.precision = torch.device(self.backbone.device), self.backbone.precision
         return self
 
     def _move(self, dev) -> None:

@@ -252,3 +252,16 @@ def test_report_provenance_shows_each_runs_device(tmp_path):
     assert sorted(rows.values()) == ["cuda:0 (NVIDIA H200), bf16, TF32", "—"]
     html = out.read_text(encoding="utf-8")
     assert "<th class=\"l\">Device</th>" in html and "cuda:0 (NVIDIA H200), bf16, TF32" in html
+
+
+def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
+    from embedkit.extract import extract
+    from embedkit.fit import fit_head
+    from embedkit.tagger import load_tagger
+
+    res = extract(tracks, "melstats", cache=tmp_path / "cache", prep=PREP, workers=1, device="auto", precision="bf16" if not HAS_CUDA else "fp32")
+    assert res.device["device"] == "cpu" and res.device["precision"] == "fp32"  # melstats has no network
+    run = fit_head("melstats", "lr", cache=tmp_path / "cache", runs=tmp_path / "runs", name="lr").run_dir
+    assert json.loads((run / "metrics.json").read_text())["device"]["device"] == "cpu"  # the store's extraction device
+    t = load_tagger(run, device="auto")
+    assert t.device == torch.device("cpu") and t.precision == "fp32"
