@@ -212,12 +212,12 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
     import tempfile
 
     from .audio import native_stderr_to
-    from .device import check_precision, resolve
+    from .device import precheck
     from .extract import extract
 
     device_kw = dict(device_kw or {})
     if not dask:  # an unusable device or precision: one line before the dataset is read
-        check_precision(device_kw.get("precision"), resolve(device_kw.get("device"), device_kw.get("allow_tf32", False)))
+        precheck(device_kw.get("device"), device_kw.get("allow_tf32", False), device_kw.get("precision"))
     tracks = _load_tracks(data, audio_dir, subset)
     fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
     os.close(fd)
@@ -440,9 +440,9 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
     from .cnn.augment import AugmentConfig
     from .cnn.loop import TrainConfig
     from .config import AudioConfig
-    from .device import resolve
+    from .device import precheck
 
-    resolve(o["device"], o["allow_tf32"])  # an unusable device: one line before the dataset is read
+    precheck(o["device"], o["allow_tf32"])  # an unusable device: one line before the dataset is read
 
     train = TrainConfig(
         epochs=o["epochs"], batch_size=o["batch_size"], lr_schedule=o["lr_schedule"], weight_decay=o["weight_decay"], patience=o["patience"],
@@ -592,10 +592,10 @@ def run_cmd(
 
     from rich.table import Table
 
-    from .device import resolve
+    from .device import precheck
     from .pipeline import RunPlan, run_all
 
-    resolve(device, allow_tf32)  # an unusable device: one line before any work
+    precheck(device, allow_tf32)  # an unusable device: one line before any work
     if demo and data not in (None, "demo"):
         _fail("give either DATA or --demo, not both")
     if data is None and not demo:
@@ -758,10 +758,10 @@ def stream_cmd(
     """Genre of a live stream as it plays: a window every hop, smoothed probabilities, the
     decision with hysteresis and change events, as JSON Lines on stdout (a final summary line
     ends it). Stops cleanly at end of stream, Ctrl-C or a closed pipe."""
-    from .device import resolve
+    from .device import precheck
     from .stream import JsonLinesWriter, LiveView, StreamConfig, stream
 
-    resolve(device, allow_tf32)  # an unusable device: one line before the source is opened
+    precheck(device, allow_tf32)  # an unusable device: one line before the source is opened
     if view not in ("auto", "json", "live"):
         _fail(f"--view must be auto, json or live, got {view!r}")
     if fmt is not None and fmt not in ("f32le", "s16le"):
@@ -822,7 +822,7 @@ def tag_cmd(
     from .audio import native_stderr_to
     from .tag import Excerpt, tag
 
-    from .device import check_precision, resolve
+    from .device import precheck
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
     if workers is not None and workers < 1:
@@ -830,7 +830,7 @@ def tag_cmd(
     if batch_size is not None and batch_size < 1:
         _fail("--batch-size must be >= 1")
     if not dask:  # an unusable device or precision: one line before anything is read
-        check_precision(precision, resolve(device, allow_tf32))
+        precheck(device, allow_tf32, precision)
     if (dry_run or overwrite) and not write_tags:
         _fail("--dry-run and --overwrite apply to --write-tags")
     if write_tags and not dry_run and not db:

@@ -76,6 +76,18 @@ def resolve(device: str | None = "auto", allow_tf32: bool = False):
     raise DeviceError(f"unknown device {device!r}; use one of {', '.join(CHOICES)}")
 
 
+def precheck(device: str | None = "auto", allow_tf32: bool = False, precision: str | None = None) -> None:
+    """Fail early (DeviceError, one line) for a device or precision that cannot run here, before
+    a command does any work; "auto" and "cpu" always can, so for them torch is not imported (a
+    re-run with nothing to do stays free of it). The command resolves the device when it loads
+    a network."""
+    name = (str(device) if device is not None else "").strip().lower() or "auto"
+    dev = resolve(name, allow_tf32) if name not in ("auto", "cpu") else None
+    if precision is not None:
+        p = (precision or "fp32").strip().lower()
+        check_precision(p, dev if dev is not None else ("cpu" if name == "cpu" and p == "fp16" else None))
+
+
 def describe(dev) -> dict[str, str]:
     """{"device": "cuda:0", "name": "<GPU name>"} for artefact provenance and the report."""
     torch = _torch()

@@ -338,19 +338,16 @@ def extract(
     DeviceError when the device or precision cannot be used here.
     """
     t0 = time.perf_counter()
-    from .device import check_precision
+    from .device import ACCELERATOR_BATCH_FACTOR, check_precision, precheck
 
     given = backbone if isinstance(backbone, Backbone) else None
-    if executor is not None:
-        dev = None
-    elif device is None and given is not None:
-        dev = resolve_device(str(given.device), allow_tf32)
-    else:
-        dev = resolve_device(device or "cpu", allow_tf32)
-    precision = check_precision(precision or (given.precision if given is not None else "fp32"), dev)
-    if batch_size is None:
-        batch_size = default_batch_size(dev if dev is not None else "cpu", 32)
-    if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 1):
+    device_name = str(given.device) if device is None and given is not None else (device or "cpu")
+    if executor is None:  # resolved for real when the backbone is loaded (a no-op re-run needs no torch)
+        precheck(device_name, allow_tf32, precision)
+    precision = check_precision(precision or (given.precision if given is not None else "fp32"))
+    if batch_size is None and executor is not None:  # the workers resolve the name: size by what it asks for
+        batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if device_name.startswith(("cuda", "mps")) else 1)
+    if (batch_size is not None and batch_size < 1) or shard_size < 1 or (workers is not None and workers < 1):
         raise EmbedkitError(f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})")
     if prep.audio.clip_s is not None and prep.audio.clip_s < prep.segments.segment_s:
         raise EmbedkitError(f"clip length {prep.audio.clip_s:g} s is shorter than one {prep.segments.segment_s:g} s segment")
@@ -397,7 +394,10 @@ def extract(
             if bb.weights_id != weights_id:  # the registry's identify() disagrees with the loader
                 raise EmbedkitError(f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}")
         if shards and executor is None:
+            dev = resolve_device(device_name, allow_tf32)
             bb.to(dev, precision)
+            if batch_size is None:
+                batch_size = default_batch_size(dev, 32)
             result.device = device_provenance(bb.device, bb.precision, allow_tf32)
             store.record_device(result.device)
         if progress:

@@ -380,14 +380,14 @@ def tag(
     resolve the name themselves). None: the CPU, or where a given ``tagger`` already is.
     batch_size None: 32 windows on the CPU, 8x on an accelerator (``device.default_batch_size``).
     """
-    from .device import check_precision, default_batch_size, resolve
+    from .device import ACCELERATOR_BATCH_FACTOR, check_precision, default_batch_size, precheck, resolve
 
-    dev = resolve(device, allow_tf32) if device is not None and executor is None else None
-    if dev is None and tagger is not None and executor is None:
-        dev = resolve(str(tagger.device), allow_tf32)
-    precision = check_precision(precision or (tagger.precision if tagger is not None else "fp32"), dev)
-    if batch_size is None:
-        batch_size = default_batch_size(dev if dev is not None else "cpu", 32)
+    device_name = str(tagger.device) if device is None and tagger is not None else (device or "cpu")
+    if executor is None:  # resolved for real when the model is used (a no-op re-run needs no torch)
+        precheck(device_name, allow_tf32, precision)
+    precision = check_precision(precision or (tagger.precision if tagger is not None else "fp32"))
+    if batch_size is None and executor is not None:  # the workers resolve the name: size by what it asks for
+        batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if device_name.startswith(("cuda", "mps")) else 1)
     from .tagdb import ResultsDB
     from .tagger import model_id_of
 
@@ -395,7 +395,7 @@ def tag(
     ex = excerpt if isinstance(excerpt, Excerpt) else Excerpt.parse(excerpt)
     if top_k < 1:
         raise EmbedkitError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise EmbedkitError(f"--batch-size must be >= 1, got {batch_size}")
     workers = max(1, workers or os.cpu_count() or 1)
     writer_path = Path(out) if out is not None else None
@@ -423,14 +423,16 @@ def tag(
         if todo and tagger is None and executor is None:
             from .tagger import load_tagger
 
-            tagger = load_tagger(model, checkpoint=checkpoint, device=dev or "cpu", precision=precision, allow_tf32=allow_tf32)
+            tagger = load_tagger(model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32)
             res.model_loaded = True
-        elif todo and tagger is not None and dev is not None and executor is None:
-            tagger.to(dev, precision)
+        elif todo and tagger is not None and executor is None:
+            tagger.to(resolve(device_name, allow_tf32), precision)
         if todo and tagger is not None and executor is None:
             from .device import provenance
 
             res.device = provenance(tagger.device, tagger.precision, allow_tf32)
+            if batch_size is None:
+                batch_size = default_batch_size(tagger.device, 32)
         if todo and tagger is not None and database is not None:
             database.register_model(model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id"))
 
