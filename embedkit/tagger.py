@@ -10,6 +10,25 @@ callers (``embedkit.tag``), not to the model.
     >>> frames, starts, _ = segment(y, tagger.sample_rate, tagger.segment)  # doctest: +SKIP
     >>> p = tagger.predict_segments(frames)                            # doctest: +SKIP  [K, C]
     >>> tagger.labels[tagger.track_probabilities(p).argmax()]          # doctest: +SKIP
+
+Three kinds, one contract:
+
+- ``HeadTagger`` ("head"): the run's backbone (``.backbone``) embeds each window, the fitted
+  head bundle (``.bundle``) turns embeddings into probabilities; exactly the extraction path
+  (same decode, same windows, same backbone, same weights: refused otherwise).
+- ``CNNTagger`` ("cnn"): the scratch CNN (``.net``) on the normalised (``.normalizer``) log-mel
+  (``.features``) of each window. Rule: a window's log-mel is computed from that window's
+  samples alone (a centred STFT of the window, 1 + L // hop frames). Training evaluated on
+  crops of the whole clip's log-mel instead; the two differ only in the frames at a window's
+  edges (reflect padding instead of neighbouring audio) and by under half a hop in frame
+  alignment. Per-window is what a stream or an excerpt of a song can compute, so it is the
+  inference rule; tests/test_tag.py bounds the difference against the run's own held-out
+  predictions.
+- ``FinetuneTagger`` ("finetune"): the fine-tuned network (``.net``, waveform -> logits).
+
+``model_id`` is the SHA-256 (32 hex digits, ``embedkit.identity.hash_file``) of the run's model
+artefact (``head.skops`` or ``model.pt``); ``model_id_of(path)`` computes it without loading
+anything, so a tagging re-run with nothing to do never builds the model.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .config import AudioConfig, SegmentConfig
+from .errors import ConfigMismatchError, ModelLoadingError
 
 
 @dataclass
@@ -80,3 +100,287 @@ class Tagger(ABC):
         """A torch module mapping windows [B, window_samples] to calibrated probabilities
         [B, C], for export; None when the model is not expressible in torch."""
         return None
+
+    def clip_windows(self, path, notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The windows of ``path`` exactly as the run's evaluation saw them: the clip policy
+        (``audio``), this sample rate, then ``segment``. Returns (windows [K, L] float32,
+        start_s [K]). Raises AudioError naming the file (shorter than one window included)."""
+        from . import audio
+        from .errors import AudioError
+        from .segments import segment
+
+        y = audio.load(path, self.sample_rate, self.audio, min_duration_s=self.segment.segment_s, notes=[] if notes is None else notes)
+        frames, starts, _ = segment(y, self.sample_rate, self.segment)
+        if len(frames) == 0:
+            raise AudioError(path, f"shorter than one {self.segment.segment_s:g} s window")
+        return frames, starts
+
+    def predict_file(self, path) -> tuple[np.ndarray, np.ndarray]:
+        """(window probabilities [K, C], track probabilities [C]) of ``path`` decoded the way the
+        run was evaluated (``clip_windows``)."""
+        p = self.predict_segments(self.clip_windows(path)[0])
+        return p, self.track_probabilities(p)
+
+    def _check_windows(self, segments: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(segments, dtype=np.float32)
+        if x.ndim != 2 or (len(x) and x.shape[1] != self.window_samples):
+            raise ValueError(f"expected windows [K, {self.window_samples}] at {self.sample_rate} Hz, got shape {x.shape}")
+        return x
+
+
+def _softmax_rows(logits) -> np.ndarray:
+    import torch
+
+    return torch.softmax(logits.double(), dim=1).numpy()
+
+
+@dataclass
+class HeadTagger(Tagger):
+    """Backbone embeddings + a fitted head bundle. ``output`` names the backbone output the head
+    was fitted on ("embedding", or an extra output such as musicnn's "taggram")."""
+
+    backbone: Any = None  # embedkit.backbones.base.Backbone
+    bundle: Any = None  # embedkit.heads.HeadBundle
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        x = self._check_windows(segments)
+        if len(x) == 0:
+            return np.zeros((0, len(self.labels)))
+        out = self.bundle.output
+        X = self.backbone.embed(x) if out == "embedding" else self.backbone.outputs(x)[out]
+        return self.bundle.predict_proba(X)
+
+
+@dataclass
+class CNNTagger(Tagger):
+    """Scratch CNN: per-window log-mel (``features``) -> ``normalizer`` -> ``net`` -> softmax."""
+
+    net: Any = None
+    features: Any = None  # embedkit.cnn.features.FeatureConfig
+    normalizer: Any = None  # embedkit.cnn.features.Normalizer
+
+    def logmel(self, segments: np.ndarray) -> np.ndarray:
+        """Windows [K, L] -> normalised log-mel float32 [K, n_mels, 1 + L // hop] (the net's input)."""
+        import torch
+
+        from .cnn.features import logmel
+
+        x = self._check_windows(segments)
+        with torch.inference_mode():
+            return self.normalizer(torch.from_numpy(logmel(x, self.features))).numpy()
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = self._check_windows(segments)
+        if len(x) == 0:
+            return np.zeros((0, len(self.labels)))
+        self.net.eval()
+        with torch.inference_mode():
+            return _softmax_rows(self.net(torch.from_numpy(self.logmel(x))))
+
+    def torch_module(self):
+        if self.calibration is not None:
+            return None
+        return _probability_module(_cnn_front(self), self.net)
+
+    @classmethod
+    def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "CNNTagger":
+        """Wrap an ``embedkit.cnn.model.CNNModel``."""
+        from dataclasses import asdict
+
+        seg = SegmentConfig(model.segment_s, model.segment_s)  # training evaluated non-overlapping windows
+        return cls(
+            kind="cnn", labels=list(model.labels), sample_rate=int(model.features.sample_rate), segment=seg, audio=model.audio,
+            model_id=model_id, run_dir=run_dir, spec={"features": asdict(model.features), "normalizer": model.normalizer.mode},
+            meta=dict(model.meta), net=model.net, features=model.features, normalizer=model.normalizer,
+        )  # fmt: skip
+
+
+@dataclass
+class FinetuneTagger(Tagger):
+    """A fine-tuned backbone + linear layer: ``net`` maps waveform windows to logits."""
+
+    net: Any = None
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = self._check_windows(segments)
+        if len(x) == 0:
+            return np.zeros((0, len(self.labels)))
+        self.net.eval()
+        with torch.inference_mode():
+            return _softmax_rows(self.net(torch.from_numpy(x)))
+
+    def torch_module(self):
+        if self.calibration is not None:
+            return None
+        return _probability_module(None, self.net)
+
+    @classmethod
+    def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "FinetuneTagger":
+        """Wrap an ``embedkit.cnn.finetune.FinetunedModel``."""
+        seg = SegmentConfig(model.segment_s, model.segment_s)
+        return cls(
+            kind="finetune", labels=list(model.labels), sample_rate=int(model.sample_rate), segment=seg, audio=model.audio,
+            model_id=model_id, run_dir=run_dir, spec=dict(model.meta.get("spec") or {}), meta=dict(model.meta), net=model.net,
+        )  # fmt: skip
+
+
+def _cnn_front(t: CNNTagger):
+    """torch module: windows [B, L] -> normalised log-mel [B, M, T] (standard / none only)."""
+    import torch
+    from torch import nn
+
+    from .cnn.features import logmel_module
+
+    mode = t.normalizer.mode
+    if mode == "minmax":
+        return None  # expressible, but per-example: keep the export helper explicit about it
+
+    class Front(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logmel = logmel_module(t.features)
+            m = t.normalizer.mean if mode == "standard" else [0.0] * t.features.n_mels
+            s = t.normalizer.std if mode == "standard" else [1.0] * t.features.n_mels
+            self.register_buffer("mean", torch.tensor(m, dtype=torch.float32)[:, None])
+            self.register_buffer("std", torch.tensor(s, dtype=torch.float32)[:, None])
+
+        def forward(self, y):
+            return (self.logmel(y) - self.mean) / self.std
+
+    return Front()
+
+
+def _probability_module(front, net):
+    if front is None and net is None:
+        return None
+    from torch import nn
+
+    class Probabilities(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.front = front if front is not None else nn.Identity()
+            self.net = net
+
+        def forward(self, y):
+            return self.net(self.front(y)).softmax(dim=1)
+
+    return Probabilities().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+HEAD_FILE = "head.skops"
+MODEL_FILE = "model.pt"
+
+
+def resolve_artefact(path) -> Path:
+    """The model artefact behind ``path``: a run directory (finished: metrics.json names the
+    artefact), a ``head.skops`` bundle or a ``.pt`` model file. Reads no model."""
+    import json
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise ModelLoadingError(f"{p}: no such run directory or model file")
+    metrics = p / "metrics.json"
+    if metrics.is_file():
+        try:
+            m = json.loads(metrics.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadingError(f"{metrics}: unreadable ({type(exc).__name__})") from None
+        name = m.get("bundle") or m.get("model_file") or (HEAD_FILE if m.get("kind") == "head" else MODEL_FILE)
+        if not (p / name).is_file():
+            raise ModelLoadingError(f"{p}: metrics.json names {name}, which is missing")
+        return p / name
+    if (p / "run.json").exists():
+        raise ModelLoadingError(f"{p}: the run has not finished (no metrics.json); resume it before tagging with it")
+    for name in (HEAD_FILE, MODEL_FILE):
+        if (p / name).is_file():
+            return p / name
+    raise ModelLoadingError(f"{p}: not a run directory (no metrics.json, {HEAD_FILE} or {MODEL_FILE})")
+
+
+def model_id_of(path) -> str:
+    """``Tagger.model_id`` of the run / model file at ``path``, without loading the model."""
+    from .identity import fingerprint
+
+    return fingerprint(resolve_artefact(path))
+
+
+def load_tagger(path, checkpoint: str | None = None) -> Tagger:
+    """A Tagger for a finished run directory, a head bundle (``.skops``) or a CNN / fine-tune
+    model file (``.pt``).
+
+    checkpoint: backbone weights for head runs on backbones whose weights are not packaged
+    (PANNs, AST), as ``embedkit extract --checkpoint``. Raises ModelLoadingError (unusable
+    artefact) or ConfigMismatchError (the backbone here is not the one the run recorded), one
+    line each.
+    """
+    artefact = resolve_artefact(path)
+    model_id = model_id_of(artefact)
+    run_dir = artefact.parent if (artefact.parent / "metrics.json").exists() else None
+    if artefact.suffix == ".skops":
+        t = _load_head(artefact, checkpoint, model_id)
+    else:
+        from .cnn.model import read_model_file
+
+        kind = read_model_file(artefact).get("kind")
+        if kind == "cnn":
+            from .cnn.model import load_model
+
+            t = CNNTagger.from_model(load_model(artefact), model_id)
+        elif kind == "finetune":
+            from .cnn.finetune import load_finetuned
+
+            t = FinetuneTagger.from_model(load_finetuned(artefact), model_id)
+        else:
+            raise ModelLoadingError(f"{artefact}: unknown model kind {kind!r}")
+        _check_cnn_contract(t, artefact)
+    t.run_dir = run_dir
+    t.meta.setdefault("artefact", str(artefact))
+    if run_dir is not None:
+        t.meta.setdefault("run_id", run_dir.name)
+    return t
+
+
+def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTagger:
+    from .backbones import load_backbone
+    from .config import PreprocessConfig
+    from .heads import _SPEC_KEYS, _norm, load_bundle
+
+    bundle = load_bundle(artefact)
+    name = bundle.spec.get("name")
+    if not name:
+        raise ModelLoadingError(f"{artefact}: the bundle records no backbone name")
+    bb = load_backbone(name, checkpoint=checkpoint)
+    have = bb.spec.to_dict()
+    for key in _SPEC_KEYS:
+        a, b = _norm(bundle.spec.get(key)), _norm(have.get(key))
+        if a != b:
+            raise ConfigMismatchError(f"{artefact}: head was trained on {name} with {key}={a!r}; the backbone loaded here has {key}={b!r}")
+    if bundle.weights_id != bb.weights_id:
+        raise ConfigMismatchError(f"{artefact}: head was trained on {name} weights {bundle.weights_id}; the weights loaded here are {bb.weights_id} (pass the same --checkpoint)")
+    if bundle.output != "embedding" and bundle.output not in bb.spec.outputs:
+        raise ConfigMismatchError(f"{artefact}: head was trained on the {bundle.output!r} output, which {name} does not produce")
+    prep = PreprocessConfig.from_dict(bundle.preprocess or {})
+    return HeadTagger(
+        kind="head", labels=list(bundle.labels), sample_rate=int(bb.spec.sample_rate), segment=prep.segments, audio=prep.audio,
+        model_id=model_id, spec=dict(bundle.spec), meta={"head": bundle.head, "weights_id": bundle.weights_id, "run_id": bundle.run_id, "output": bundle.output},
+        backbone=bb, bundle=bundle,
+    )  # fmt: skip
+
+
+def _check_cnn_contract(t: Tagger, artefact: Path) -> None:
+    if t.window_samples < 1:
+        raise ModelLoadingError(f"{artefact}: recorded window of {t.segment.segment_s:g} s is empty at {t.sample_rate} Hz")
+    if isinstance(t, CNNTagger):
+        n = t.features.n_mels
+        if t.normalizer.mode == "standard" and (t.normalizer.mean is None or len(t.normalizer.mean) != n or len(t.normalizer.std or []) != n):
+            raise ModelLoadingError(f"{artefact}: normalisation statistics do not have {n} mel bands")

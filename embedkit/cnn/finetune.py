@@ -210,17 +210,10 @@ class FinetunedModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def predict_proba_file(self, path) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        """The one inference path (``embedkit.tagger.FinetuneTagger``)."""
+        from ..tagger import FinetuneTagger
 
-        from ..config import SegmentConfig
-        from ..segments import segment
-        from .features import decode_for_training
-
-        y = decode_for_training(str(path), self.sample_rate, self.audio, self.segment_s)
-        frames, _, _ = segment(y, self.sample_rate, SegmentConfig(self.segment_s, self.segment_s))
-        self.net.eval()
-        with torch.inference_mode():
-            p = torch.softmax(self.net(torch.from_numpy(frames)), dim=1).numpy()
+        p, _ = FinetuneTagger.from_model(self).predict_file(path)
         return p, p.mean(axis=0)
 
 
@@ -247,7 +240,7 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     except RuntimeError as exc:
         raise ModelLoadingError(f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})") from None
     net.eval()
-    return FinetunedModel(net, list(d["labels"]), int(d["spec"]["sample_rate"]), from_dict(AudioConfig, d["audio"]), float(d["segment_s"]), {"backbone": d["backbone"], "fold": d.get("fold")})
+    return FinetunedModel(net, list(d["labels"]), int(d["spec"]["sample_rate"]), from_dict(AudioConfig, d["audio"]), float(d["segment_s"]), {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")})
 
 
 def resolve_backbone(name: str):

@@ -182,15 +182,10 @@ class CNNModel:
         return np.stack([spec[:, s : s + n] for s in starts])
 
     def predict_proba_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        """The one inference path (``embedkit.tagger.CNNTagger``): per-window log-mel."""
+        from ..tagger import CNNTagger
 
-        from .features import decode_for_training, logmel
-
-        y = decode_for_training(str(path), self.features.sample_rate, self.audio, self.segment_s)
-        segs = self.segments_logmel(logmel(y, self.features))
-        self.net.eval()
-        with torch.inference_mode():
-            p = torch.softmax(self.net(self.normalizer(torch.from_numpy(segs))), dim=1).numpy()
+        p, _ = CNNTagger.from_model(self).predict_file(path)
         return p, p.mean(axis=0)
 
 
