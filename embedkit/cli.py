@@ -637,6 +637,38 @@ def predict_cmd(
             typer.echo(f"{r.track_id}\t{r.pred}\t{r.confidence:.3f}")
 
 
+@app.command("export")
+@handle_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="a finished run directory, head bundle (.skops) or CNN / fine-tune model file (.pt)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format)"),
+    out: Path = typer.Option(..., "--out", "-o", help="model file to write (atomic)"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs (as for extract)"),
+    parity: bool = typer.Option(True, help="check onnxruntime against the torch model on generated windows"),
+):
+    """Export a run as one ONNX graph: waveform windows -> calibrated probabilities, with the
+    preprocessing contract in the file's metadata (read it with embedkit.runtime.read_metadata)."""
+    from .errors import EmbedkitError
+
+    if fmt.lower() != "onnx":
+        _fail(f"unknown --format {fmt!r}; the one export format is onnx")
+    from .export import export_onnx, parity_check
+    from .tagger import load_tagger
+
+    tagger = load_tagger(run, checkpoint=checkpoint)
+    info = export_onnx(tagger, out)
+    meta = info["metadata"]
+    c = console()
+    c.print(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s): {meta['kind']} model, {len(meta['labels'])} labels, "
+            f"windows of {meta['window_samples']} samples @ {meta['sample_rate']} Hz", highlight=False, soft_wrap=True)  # fmt: skip
+    if parity:
+        diff = parity_check(tagger, out)
+        c.print(f"parity: max |onnxruntime - torch| = {diff:.2e} on generated windows", highlight=False)
+        if diff > 1e-4:
+            raise EmbedkitError(f"{out}: onnxruntime differs from the torch model by {diff:.2e} (> 1e-4)")
+    typer.echo(str(out))
+
+
 def main():  # console-script entry point
     # torch's OpenMP threads spin-wait by default; on a busy 2-core laptop that wastes most of
     # the CPU (musicnn extraction measured 2.7x slower under load). Must be set before torch loads.

@@ -264,6 +264,8 @@ def tagger_module(tagger):
     kind = tagger.kind
     if kind == "head":
         bundle = tagger.bundle
+        if getattr(bundle, "output", "embedding") != "embedding":
+            raise ExportError(f"a head fitted on the backbone's {bundle.output!r} output cannot be exported (only heads on embeddings)")
         if bundle.head == "lgbm" or any(m is None for m in _step_modules(bundle.model)):
             return nn.Sequential(_backbone_module(tagger.backbone), _features_module(bundle)).eval(), bundle
         return nn.Sequential(_backbone_module(tagger.backbone), head_module(bundle)).eval(), None
@@ -476,3 +478,21 @@ def _merge(front, trees):
         trees = version_converter.convert_version(trees, opset(front))
     front.ir_version = trees.ir_version = max(front.ir_version, trees.ir_version)
     return compose.merge_models(front, trees, io_map=[("features", "lgbm_features")])
+
+
+def parity_check(tagger, path: str | os.PathLike, n: int = 3, seed: int = 0) -> float:
+    """Max |onnxruntime - torch| of the probabilities of ``n`` generated windows (noise plus
+    tones at the model's rate): the check ``embedkit export`` runs after writing."""
+    from .runtime import OnnxTagger
+
+    rng = np.random.default_rng(seed)
+    L, sr = tagger.window_samples, tagger.sample_rate
+    t = np.arange(L) / sr
+    x = np.stack([0.3 * np.sin(2 * np.pi * (110 * 2**k) * t) + 0.05 * rng.standard_normal(L) for k in range(n)]).astype(np.float32)
+    onnx_tagger = OnnxTagger.load(path)
+    a = onnx_tagger.run(x)
+    b = tagger.predict_segments(x)
+    diff = float(np.abs(a["uncalibrated"] - b).max())
+    if tagger.calibration is not None:
+        diff = max(diff, float(np.abs(a["probabilities"] - tagger.calibrate(b)).max()))
+    return diff

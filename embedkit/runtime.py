@@ -166,10 +166,8 @@ class OnnxTagger(Tagger):
     def run(self, segments: np.ndarray) -> dict[str, np.ndarray]:
         """Windows [K, window_samples] -> {"probabilities" (calibrated), "uncalibrated"}
         float64 [K, C], in batches of MAX_BATCH windows."""
-        x = np.ascontiguousarray(segments, dtype=np.float32)
+        x = self._check_windows(segments)
         C = len(self.labels)
-        if x.ndim != 2 or (len(x) and x.shape[1] != self.window_samples):
-            raise EmbedkitError(f"{self.path}: windows must be [K, {self.window_samples}] (mono, {self.sample_rate} Hz), got shape {x.shape}")
         outs: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUT_NAMES}
         for a in range(0, len(x), MAX_BATCH):
             res = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[a : a + MAX_BATCH]})
