@@ -174,9 +174,9 @@ def _features_module(bundle):
 def _backbone_module(backbone):
     """The backbone's torch module (waveform -> embedding) in a form torch.export can trace."""
     name = getattr(getattr(backbone, "spec", None), "name", type(backbone).__name__)
+    family = getattr(getattr(backbone, "spec", None), "family", "")
     module = backbone.torch_module()
     if module is None:
-        family = getattr(getattr(backbone, "spec", None), "family", "")
         why = "its features are computed by librosa, not a graph" if family == "melstats" else "it has no torch module"
         raise ExportError(f"backbone {name!r} cannot be exported to ONNX: {why}")
     module = copy.deepcopy(module).eval()
@@ -184,8 +184,10 @@ def _backbone_module(backbone):
         # musicnn's pruned plan picks its path from the data (a batch-wide bound); the full
         # network it approximates to 1e-10 has one static graph.
         module.use_pruned_plan = False
-    if hasattr(module, "export_module"):
-        module = module.export_module()
+    if family == "ast":  # its NumPy fbank becomes the same computation in torch ops
+        from .backbones.ast import export_module
+
+        module = export_module(module)
     return module
 
 
@@ -279,6 +281,10 @@ def tagger_module(tagger):
         for m in net.modules():  # musicnn inside a fine-tuned net: the static full network
             if hasattr(m, "use_pruned_plan"):
                 m.use_pruned_plan = False
+        if hasattr(getattr(net, "backbone", None), "feature_extractor"):  # AST: torch fbank
+            from .backbones.ast import export_module
+
+            net.backbone = export_module(net.backbone)
         return _softmax_net(net), None
     module = tagger.torch_module()
     if module is None:

@@ -57,9 +57,14 @@ def _head_run(tracks, work, backbone: str, head: str, checkpoint: str | None = N
     from embedkit.extract import extract
     from embedkit.fit import fit_head
 
+    from embedkit.backbones import load_backbone
+
     cache = work / "cache" / backbone
     if not cache.exists():
-        extract(tracks, backbone, cache=cache, workers=2, checkpoint=checkpoint)
+        # the loaded backbone, not its name: extract() then records the spec of these weights
+        # (by name it records the registry spec, 768-d for a 32-d random AST)
+        bb = load_backbone(backbone, checkpoint=checkpoint) if checkpoint else backbone
+        extract(tracks, bb, cache=cache, workers=2, checkpoint=checkpoint)
     return fit_head(backbone, head, cache=cache, runs=work / "runs", protocol="holdout", **kw).run_dir
 
 
@@ -308,3 +313,35 @@ def test_torch_free_modules_import_no_torch_at_module_level():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def ast_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from embedkit.backbones import ast
+
+    return ast.write_random_model(tmp_path_factory.mktemp("ast") / "tiny", seed=0, classifier=True)
+
+
+def test_ast_torch_fbank_matches_the_numpy_extractor(ast_dir, real_files):
+    """The export's torch fbank reproduces transformers' NumPy ASTFeatureExtractor (the front end
+    of the `ast` backbones) to float32 rounding, on real audio and past max_length (cut)."""
+    import torch
+
+    from embedkit import audio
+    from embedkit.backbones import load_backbone
+    from embedkit.backbones.ast import _fbank_module
+
+    bb = load_backbone("ast-5s", checkpoint=str(ast_dir))
+    y = audio.load(real_files[0], 16000, AudioConfig(clip_s=12.0))
+    x = np.stack([y[:80000], y[16000:96000], y[:82000][-80000:]])
+    with torch.no_grad():
+        ours = _fbank_module(bb.module.feature_extractor)(torch.from_numpy(x)).numpy()
+    ref = bb.module.features(torch.from_numpy(x)).numpy()
+    assert ours.shape == ref.shape == (3, 512, 128)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_ast_lr_parity(tracks, work, real_files, ast_dir):
+    run = _head_run(tracks, work, "ast-5s", "lr", checkpoint=str(ast_dir))
+    _export_and_check(load_tagger(run, checkpoint=str(ast_dir)), work, "ast-5s-lr", real_files[:5])
