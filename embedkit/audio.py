@@ -52,11 +52,13 @@ def _truncation(extra_info: str) -> str | None:
     return f"truncated: the header announces {declared} bytes of audio but the file holds {actual} ({frac:.0%})"
 
 
-def decode(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def decode(path: str | os.PathLike, max_seconds: float | None = None, start_s: float = 0.0) -> tuple[np.ndarray, int]:
     """Decode a file to float32 mono at its native rate.
 
     max_seconds: decode only the first ``max_seconds`` (None: the whole file); the samples are
     the same as the start of a full decode, so long files cost only what is kept.
+    start_s: seek to this time first (sample round(start_s * sr); the decoder skips what lies
+    before, so an excerpt from the middle of a long file costs only the excerpt).
     Returns (y [n_samples] float32, sample_rate Hz). Channels are averaged. Raises AudioError
     naming the file and the problem for missing, empty, unreadable/truncated files and NaN/inf.
     """
@@ -77,6 +79,8 @@ def decode(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[n
                 if problem:
                     raise AudioError(p, problem)
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * sr))
+            if start_s > 0:
+                fh.seek(min(int(round(start_s * sr)), fh.frames))
             data = fh.read(frames, dtype="float32", always_2d=True)
     except AudioError:
         raise

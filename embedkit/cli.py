@@ -668,6 +668,111 @@ def export_cmd(
             raise EmbedkitError(f"{out}: onnxruntime differs from the torch model by {diff:.2e} (> 1e-4)")
     typer.echo(str(out))
 
+@app.command("tag")
+@handle_errors
+def tag_cmd(
+    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops or model.pt"),
+    inputs: List[str] = typer.Argument(..., help="audio files, folders (recursive), path lists (.txt/.m3u/.csv) or - for paths on stdin"),
+    excerpt: str = typer.Option("first", help="what is listened to: first | middle | spread:N | full"),
+    db: Optional[str] = typer.Option(None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"),
+    top_k: int = typer.Option(3, help="genres listed per track"),
+    workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
+    batch_size: int = typer.Option(32, help="windows per forward pass"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for head runs on PANNs / AST"),
+    retry_failed: bool = typer.Option(False, help="retry files recorded as failed for this model"),
+    strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
+    dask: Optional[str] = typer.Option(None, help="run shards on a Dask cluster: scheduler address, or 'local'"),
+    table: int = typer.Option(20, help="tracks shown in the terminal table (0: none)"),
+):
+    """Put genres on music nobody labelled: tag files with a trained model (one row per track;
+    bad files are recorded and skipped)."""
+    import contextlib
+    import tempfile
+
+    from .audio import native_stderr_to
+    from .tag import Excerpt, tag
+
+    ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
+    if workers is not None and workers < 1:
+        _fail("--workers must be >= 1")
+    fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
+    os.close(fd)
+    try:
+        with contextlib.ExitStack() as stack:
+            executor = None
+            if dask:
+                from .distributed import dask_client
+
+                executor = stack.enter_context(dask_client(dask))
+            stack.enter_context(native_stderr_to(log_path))
+            prog, cb = _tag_progress()
+            with prog:
+                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=max(table, 0), progress=cb)
+    finally:
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+    _summarise_tag(res, ex, db, out, table, strict)
+
+
+def _tag_progress():
+    """Progress bar with tracks/s and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.1f} tracks/s" if task.speed else "- tracks/s")
+
+    prog = Progress(TextColumn("[bold]tag"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False)
+    task = prog.add_task("tag", total=None)
+    return prog, lambda done, total: prog.update(task, completed=done, total=total)
+
+
+def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 20) -> None:
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    c = console()
+    if table and res.rows:
+        t = Table(show_edge=False, pad_edge=False)
+        for col in ("track", "genre", "p", "top-k", *(("windows",) if ex.mode == "full" else ())):
+            t.add_column(col)
+        for r in res.rows[:table]:
+            topk = ", ".join(f"{l} {p:.2f}" for l, p in r["topk"][1:])
+            extra = ()
+            if ex.mode == "full" and r.get("window_share"):
+                share = sorted(r["window_share"].items(), key=lambda kv: -kv[1])[:2]
+                extra = (", ".join(f"{l} {v:.0%}" for l, v in share),)
+            t.add_row(escape(Path(r["path"]).name), escape(r["decision"]), f"{r['top_p']:.2f}", escape(topk), *extra)
+        from rich.console import Console
+
+        Console().print(t)  # the table is the command's output: stdout
+        if res.n_inputs > table and len(res.rows) >= table:
+            c.print(f"(first {table} of {res.n_inputs} tracks; --out x.csv / --db for all)", highlight=False)
+    rate = f", {res.n_tagged / res.seconds:.1f} tracks/s" if res.n_tagged and res.seconds > 0 else ""
+    c.print(
+        f"{res.n_tagged} tracks tagged ({ex}, {res.windows} windows), {res.n_done_before} already in the database, {res.n_failed} failed"
+        + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
+        + f", {res.seconds:.1f} s{rate}",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    for f in res.failures[:max_lines]:
+        c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
+    if len(res.failures) > max_lines:
+        reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in res.failures)
+        c.print(escape(f"... and {len(res.failures) - max_lines} more; by reason: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))), highlight=False, soft_wrap=True)
+    if db:
+        c.print(escape(f"results: {db} (table tags, model_id {res.model_id}; failures in tag_failures)"), highlight=False, soft_wrap=True)
+    if out:
+        c.print(escape(f"wrote {out}"), highlight=False, soft_wrap=True)
+    if res.n_tagged + res.n_done_before == 0:
+        _fail(f"nothing could be tagged: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
+    if strict and (res.n_failed or res.n_failed_before):
+        _fail(f"--strict: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
+
 
 def main():  # console-script entry point
     # torch's OpenMP threads spin-wait by default; on a busy 2-core laptop that wastes most of

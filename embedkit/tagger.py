@@ -136,19 +136,32 @@ def _softmax_rows(logits) -> np.ndarray:
 
 @dataclass
 class HeadTagger(Tagger):
-    """Backbone embeddings + a fitted head bundle. ``output`` names the backbone output the head
-    was fitted on ("embedding", or an extra output such as musicnn's "taggram")."""
+    """Backbone embeddings + a fitted head. ``backbone``: the run's Backbone; ``bundle``: the
+    HeadBundle (loaded on first access when the tagger started from the numpy form of
+    ``embedkit.headcache``); ``predictor``: what ``predict_segments`` uses (that form or the
+    bundle). ``meta["output"]`` names the backbone output the head was fitted on."""
 
     backbone: Any = None  # embedkit.backbones.base.Backbone
-    bundle: Any = None  # embedkit.heads.HeadBundle
+    predictor: Any = None  # HeadBundle or headcache.FastHead: predict_proba [N, D] -> [N, C]
+    artefact: Path | None = None
+    _bundle: Any = field(default=None, repr=False)
+
+    @property
+    def bundle(self):
+        """The run's ``embedkit.heads.HeadBundle``."""
+        if self._bundle is None:
+            from .heads import load_bundle
+
+            self._bundle = load_bundle(self.artefact)
+        return self._bundle
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         x = self._check_windows(segments)
         if len(x) == 0:
             return np.zeros((0, len(self.labels)))
-        out = self.bundle.output
+        out = self.predictor.output
         X = self.backbone.embed(x) if out == "embedding" else self.backbone.outputs(x)[out]
-        return self.bundle.predict_proba(X)
+        return self.predictor.predict_proba(X)
 
 
 @dataclass
@@ -351,30 +364,49 @@ def load_tagger(path, checkpoint: str | None = None) -> Tagger:
 
 
 def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTagger:
+    from . import headcache
     from .backbones import load_backbone
     from .config import PreprocessConfig
-    from .heads import _SPEC_KEYS, _norm, load_bundle
 
-    bundle = load_bundle(artefact)
-    name = bundle.spec.get("name")
+    info = headcache.load(model_id)  # numpy form of this very file: no sklearn / skops import
+    bundle = None
+    if info is None:
+        from .heads import load_bundle
+
+        bundle = info = load_bundle(artefact)
+        fast = headcache.build(bundle)
+        if fast is not None and headcache.verified(fast, bundle, fast.arrays["scale_mean"].shape[0]):
+            headcache.save(fast, model_id)
+    name = info.spec.get("name")
     if not name:
         raise ModelLoadingError(f"{artefact}: the bundle records no backbone name")
     bb = load_backbone(name, checkpoint=checkpoint)
     have = bb.spec.to_dict()
     for key in _SPEC_KEYS:
-        a, b = _norm(bundle.spec.get(key)), _norm(have.get(key))
+        a, b = _norm(info.spec.get(key)), _norm(have.get(key))
         if a != b:
             raise ConfigMismatchError(f"{artefact}: head was trained on {name} with {key}={a!r}; the backbone loaded here has {key}={b!r}")
-    if bundle.weights_id != bb.weights_id:
-        raise ConfigMismatchError(f"{artefact}: head was trained on {name} weights {bundle.weights_id}; the weights loaded here are {bb.weights_id} (pass the same --checkpoint)")
-    if bundle.output != "embedding" and bundle.output not in bb.spec.outputs:
-        raise ConfigMismatchError(f"{artefact}: head was trained on the {bundle.output!r} output, which {name} does not produce")
-    prep = PreprocessConfig.from_dict(bundle.preprocess or {})
+    if info.weights_id != bb.weights_id:
+        raise ConfigMismatchError(f"{artefact}: head was trained on {name} weights {info.weights_id}; the weights loaded here are {bb.weights_id} (pass the same --checkpoint)")
+    if info.output != "embedding" and info.output not in bb.spec.outputs:
+        raise ConfigMismatchError(f"{artefact}: head was trained on the {info.output!r} output, which {name} does not produce")
+    prep = PreprocessConfig.from_dict(info.preprocess or {})
     return HeadTagger(
-        kind="head", labels=list(bundle.labels), sample_rate=int(bb.spec.sample_rate), segment=prep.segments, audio=prep.audio,
-        model_id=model_id, spec=dict(bundle.spec), meta={"head": bundle.head, "weights_id": bundle.weights_id, "run_id": bundle.run_id, "output": bundle.output},
-        backbone=bb, bundle=bundle,
+        kind="head", labels=list(info.labels), sample_rate=int(bb.spec.sample_rate), segment=prep.segments, audio=prep.audio,
+        model_id=model_id, spec=dict(info.spec), meta={"head": info.head, "weights_id": info.weights_id, "run_id": info.run_id, "output": info.output},
+        backbone=bb, predictor=info, artefact=artefact, _bundle=bundle,
     )  # fmt: skip
+
+
+#: backbone spec fields a head's embeddings depend on (as heads.load_bundle checks them)
+_SPEC_KEYS = ("name", "family", "sample_rate", "embedding_dim", "frontend", "weights_sha256", "outputs")
+
+
+def _norm(v):
+    """JSON round trip so tuples / lists and int / float spellings compare equal."""
+    import json
+
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
 def _check_cnn_contract(t: Tagger, artefact: Path) -> None:

@@ -179,6 +179,7 @@ class FinetuneTask(Task):
         return torch.optim.Adam(groups, weight_decay=self.cfg.weight_decay)
 
     def model_payload(self, model, fold):
+        from ..backbones.architecture import describe
         from ..io import versions
 
         return {
@@ -186,6 +187,7 @@ class FinetuneTask(Task):
             "backbone": self.spec.name,
             "weights_id": self.weights_id,
             "spec": plain(self.spec.to_dict()),
+            "architecture": describe(self.spec, self._pristine),  # loads without the original checkpoint
             "finetune": asdict(self.ft),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "labels": list(self.labels),
@@ -218,21 +220,24 @@ class FinetunedModel:
 
 
 def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
-    """Rebuild from the file: the registered backbone's architecture + the stored weights (all
-    of them, backbone included). The architecture is built by loading the registered backbone,
-    so its pretrained weights must be loadable here too (for PANNs / AST: the checkpoint or
-    model directory), although every weight is then replaced by the file's."""
+    """Rebuild from the file alone: the architecture record stored beside the weights
+    (``embedkit.backbones.architecture``) + the stored weights (all of them, backbone included),
+    so PANNs / AST fine-tunes load without the original checkpoint. Files written before the
+    record existed are rebuilt from the registered backbone (which then needs its weights)."""
     from ..backbones import load_backbone
+    from ..backbones.architecture import rebuild
     from ..config import from_dict
     from .model import read_model_file
 
     d = read_model_file(path)
     if d.get("kind") != "finetune":
         raise ModelLoadingError(f"{path}: a {d.get('kind')!r} model; load scratch CNNs with embedkit.cnn.model.load_model")
-    bb = load_backbone(d["backbone"])
-    module = bb.torch_module()
-    if module is None:
-        raise ModelLoadingError(f"{path}: backbone {d['backbone']!r} no longer provides a torch module")
+    if "architecture" in d:
+        module = rebuild(d["architecture"], str(path))
+    else:
+        module = load_backbone(d["backbone"]).torch_module()
+        if module is None:
+            raise ModelLoadingError(f"{path}: backbone {d['backbone']!r} no longer provides a torch module")
     # a copy: load_state_dict below must not write into tensors a backbone loader may share
     net = build_finetune_net(copy.deepcopy(module), int(d["spec"]["embedding_dim"]), len(d["labels"]), float(d["finetune"]["head_dropout"]))
     try:
@@ -240,7 +245,8 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     except RuntimeError as exc:
         raise ModelLoadingError(f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})") from None
     net.eval()
-    return FinetunedModel(net, list(d["labels"]), int(d["spec"]["sample_rate"]), from_dict(AudioConfig, d["audio"]), float(d["segment_s"]), {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")})
+    meta = {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")}
+    return FinetunedModel(net, list(d["labels"]), int(d["spec"]["sample_rate"]), from_dict(AudioConfig, d["audio"]), float(d["segment_s"]), meta)
 
 
 def resolve_backbone(name: str):

@@ -1,0 +1,263 @@
+"""The results database of ``embedkit tag``: one row per (audio content, model).
+
+SQLAlchemy Core over any database URL; a plain file path means SQLite (the default). Tables:
+
+- ``tags``: primary key (``fingerprint``, ``model_id``): the content fingerprint of
+  ``embedkit.identity`` (so a renamed or copied file is the same audio, an edited one is new
+  audio) and ``Tagger.model_id`` (a hash of the model artefact). Columns: path, size, mtime (+ mtime_ns, inode),
+  duration_s, excerpt, n_windows, top_label, top_p, decision (the top label, or "uncertain" once
+  a calibrated threshold says so), topk / probabilities / window_share (JSON), model_kind,
+  run_id, embedkit_version, created_at, updated_at (UTC).
+- ``tag_failures``: (path, model_id) -> fingerprint, reason, timestamps: files that could not be
+  tagged by that model. A later success removes the file's failure row.
+- ``tag_models``: model_id -> kind, labels, artefact path, run id: what each model id means.
+
+Writes are idempotent upserts (``INSERT ... ON CONFLICT DO UPDATE`` on SQLite and PostgreSQL, a
+delete + insert in one transaction elsewhere), each batch one transaction: a run killed at any
+point leaves every committed batch and nothing partial, and re-running upserts the same rows.
+SQLite files are opened in WAL mode with a busy timeout, so concurrent ``tag`` processes on one
+file wait for each other instead of failing or corrupting it.
+
+    >>> db = ResultsDB("library.sqlite")                                   # doctest: +SKIP
+    >>> db.done("3f2a...", model_id)        # fingerprints already tagged  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import EmbedkitError
+
+#: seconds a SQLite writer waits for another writer's lock before giving up
+SQLITE_BUSY_TIMEOUT_S = 120
+
+
+class DatabaseError(EmbedkitError):
+    """The results database cannot be opened or written."""
+
+
+def database_url(db: str | os.PathLike) -> str:
+    """A SQLAlchemy URL for ``db``: URLs ("sqlite:///x", "postgresql+psycopg://...") pass
+    through; anything else is a SQLite file path."""
+    s = str(db)
+    if "://" in s:
+        return s
+    return f"sqlite:///{Path(s).expanduser().absolute()}"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+class ResultsDB:
+    """Open (and create if needed) the results database at ``db`` (path or SQLAlchemy URL)."""
+
+    def __init__(self, db: str | os.PathLike):
+        import sqlalchemy as sa
+
+        self.url = database_url(db)
+        kw: dict[str, Any] = {}
+        if self.url.startswith("sqlite"):
+            path = self.url.split(":///", 1)[-1]
+            if path and path != ":memory:":
+                parent = Path(path).parent
+                if not parent.is_dir():
+                    raise DatabaseError(f"{path}: folder {parent} does not exist")
+            kw["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        try:
+            self.engine = sa.create_engine(self.url, **kw)
+        except Exception as exc:  # unknown dialect, missing driver, malformed URL
+            raise DatabaseError(f"{_safe(self.url)}: cannot open database ({_first(exc)})") from None
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.meta = sa.MetaData()
+        self.tags = sa.Table(
+            "tags", self.meta,
+            sa.Column("fingerprint", sa.String(64), primary_key=True),
+            sa.Column("model_id", sa.String(64), primary_key=True),
+            sa.Column("path", sa.Text, nullable=False),
+            sa.Column("size", sa.BigInteger),
+            sa.Column("mtime", sa.Float),
+            sa.Column("mtime_ns", sa.BigInteger),  # with size and inode: re-runs skip re-hashing unchanged files
+            sa.Column("inode", sa.BigInteger),
+            sa.Column("duration_s", sa.Float),
+            sa.Column("excerpt", sa.String(32)),
+            sa.Column("n_windows", sa.Integer),
+            sa.Column("top_label", sa.Text),
+            sa.Column("top_p", sa.Float),
+            sa.Column("decision", sa.Text),
+            sa.Column("topk", sa.JSON),
+            sa.Column("probabilities", sa.JSON),
+            sa.Column("window_share", sa.JSON),
+            sa.Column("model_kind", sa.String(16)),
+            sa.Column("run_id", sa.Text),
+            sa.Column("embedkit_version", sa.String(32)),
+            sa.Column("created_at", sa.DateTime(timezone=True)),
+            sa.Column("updated_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        self.failures = sa.Table(
+            "tag_failures", self.meta,
+            sa.Column("path", sa.Text, primary_key=True),
+            sa.Column("model_id", sa.String(64), primary_key=True),
+            sa.Column("fingerprint", sa.String(64)),
+            sa.Column("reason", sa.Text),
+            sa.Column("created_at", sa.DateTime(timezone=True)),
+            sa.Column("updated_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        self.models = sa.Table(
+            "tag_models", self.meta,
+            sa.Column("model_id", sa.String(64), primary_key=True),
+            sa.Column("kind", sa.String(16)),
+            sa.Column("labels", sa.JSON),
+            sa.Column("artefact", sa.Text),
+            sa.Column("run_id", sa.Text),
+            sa.Column("created_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        self._create()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def _create(self) -> None:
+        # Two processes creating the schema at once: one wins, the other sees "already exists".
+        for attempt in range(5):
+            try:
+                self.meta.create_all(self.engine)
+                return
+            except Exception as exc:
+                if attempt == 4 or not _is_race(exc):
+                    raise DatabaseError(f"{_safe(self.url)}: cannot create the results tables ({_first(exc)})") from None
+                time.sleep(0.05 * (attempt + 1))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "ResultsDB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def done(self, model_id: str, excerpt: str | None = None) -> dict[str, dict[str, Any]]:
+        """{fingerprint: row} of the tracks ``model_id`` has tagged (with ``excerpt`` if given)."""
+        import sqlalchemy as sa
+
+        q = sa.select(self.tags).where(self.tags.c.model_id == model_id)
+        if excerpt is not None:
+            q = q.where(self.tags.c.excerpt == excerpt)
+        with self.engine.connect() as c:
+            return {r.fingerprint: dict(r._mapping) for r in c.execute(q)}
+
+    def failed(self, model_id: str) -> dict[str, dict[str, Any]]:
+        """{path: row} of the files ``model_id`` could not tag."""
+        import sqlalchemy as sa
+
+        with self.engine.connect() as c:
+            return {r.path: dict(r._mapping) for r in c.execute(sa.select(self.failures).where(self.failures.c.model_id == model_id))}
+
+    def rows(self, model_id: str | None = None) -> list[dict[str, Any]]:
+        import sqlalchemy as sa
+
+        q = sa.select(self.tags).order_by(self.tags.c.path, self.tags.c.model_id)
+        if model_id is not None:
+            q = q.where(self.tags.c.model_id == model_id)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
+    def count(self, table: str = "tags") -> int:
+        import sqlalchemy as sa
+
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.count()).select_from(self.meta.tables[table])).scalar_one())
+
+    # -- writes --------------------------------------------------------------------------
+
+    def register_model(self, model_id: str, kind: str, labels: list[str], artefact: str, run_id: str | None) -> None:
+        row = {"model_id": model_id, "kind": kind, "labels": list(labels), "artefact": artefact, "run_id": run_id, "created_at": _now()}
+        self._retry(lambda c: self._upsert(c, self.models, [row], ("model_id",), keep=("created_at",)))
+
+    def write(self, results: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> None:
+        """Upsert ``results`` (rows of ``tags``) and ``failures`` (path, model_id, fingerprint,
+        reason) in one transaction. created_at of an existing row is kept."""
+        import sqlalchemy as sa
+
+        now = _now()
+        results = [{**r, "created_at": now, "updated_at": now} for r in results]
+        failures = [{**f, "created_at": now, "updated_at": now} for f in failures]
+        if not results and not failures:
+            return
+
+        def tx(c):
+            if results:
+                self._upsert(c, self.tags, results, ("fingerprint", "model_id"), keep=("created_at",))
+                for mid in {r["model_id"] for r in results}:  # a file that now works is no longer failed
+                    paths = [r["path"] for r in results if r["model_id"] == mid]
+                    c.execute(sa.delete(self.failures).where(self.failures.c.model_id == mid, self.failures.c.path.in_(paths)))
+            if failures:
+                self._upsert(c, self.failures, failures, ("path", "model_id"), keep=("created_at",))
+
+        self._retry(tx)
+
+    def _upsert(self, conn, table, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()) -> None:
+        import sqlalchemy as sa
+
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert
+            stmt = insert(table)
+            update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in key and c.name not in keep}
+            conn.execute(stmt.on_conflict_do_update(index_elements=list(key), set_=update), rows)
+            return
+        # Portable fallback: delete the keys, insert the rows (one transaction: no reader sees a gap).
+        for r in rows:
+            conn.execute(sa.delete(table).where(*[table.c[k] == r[k] for k in key]))
+        conn.execute(sa.insert(table), rows)
+
+    def _retry(self, tx, attempts: int = 8) -> None:
+        """Run ``tx(conn)`` in a transaction; retry when a concurrent writer raced us (SQLite
+        'database is locked' past the busy timeout, PostgreSQL serialisation / unique races)."""
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as c:
+                    tx(c)
+                return
+            except Exception as exc:
+                if attempt == attempts - 1 or not _is_race(exc):
+                    raise DatabaseError(f"{_safe(self.url)}: write failed ({_first(exc)})") from None
+                time.sleep(0.05 * 2**attempt)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed batch survives a process kill
+    cur.close()
+
+
+def _is_race(exc: Exception) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in ("database is locked", "already exists", "duplicate key", "could not serialize", "deadlock", "unique constraint"))
+
+
+def _first(exc: Exception) -> str:
+    s = str(getattr(exc, "orig", None) or exc).strip()
+    return (s.splitlines()[0] if s else type(exc).__name__)[:300]
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
