@@ -671,8 +671,9 @@ def export_cmd(
 @app.command("tag")
 @handle_errors
 def tag_cmd(
-    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops or model.pt"),
+    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops, model.pt or an exported model.onnx"),
     inputs: List[str] = typer.Argument(..., help="audio files, folders (recursive), path lists (.txt/.m3u/.csv) or - for paths on stdin"),
+    runtime: str = typer.Option("auto", help="torch | onnx (onnxruntime, no torch import; needs a .onnx from `embedkit export`) | auto (by the file)"),
     excerpt: str = typer.Option("first", help="what is listened to: first | middle | spread:N | full"),
     db: Optional[str] = typer.Option(None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"),
@@ -694,6 +695,13 @@ def tag_cmd(
     from .tag import Excerpt, tag
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
+    is_onnx = model.suffix.lower() == ".onnx"
+    if runtime not in ("auto", "torch", "onnx"):
+        _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    if runtime == "onnx" and not is_onnx:
+        _fail(f"--runtime onnx runs an exported model: `embedkit export {model} --format onnx -o model.onnx`, then tag with model.onnx")
+    if runtime == "torch" and is_onnx:
+        _fail(f"{model} is an ONNX model; it runs with --runtime onnx (or auto)")
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
     fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")

@@ -383,7 +383,7 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
         "embedkit_version": __version__,
         "versions": {k: v for k, v in versions().items() if k in ("embedkit", "torch", "numpy", "sklearn", "lightgbm")},
         "run_id": run_id,
-        "model_id": tagger.model_id,
+        "source_model_id": tagger.model_id,
         "spec": tagger.spec or {},
         "input": INPUT_NAME,
         "outputs": list(OUTPUT_NAMES),

@@ -101,7 +101,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The embedkit contract stored in an exported model's ``metadata_props`` (JSON values
     decoded): labels, sample_rate, window_samples, segment_s, hop_s, audio (clip policy),
     preprocessing (+ _hash), calibration, thresholds, embedkit_version, versions, run_id,
-    model_id, kind, spec, input, outputs, opset. Reads the file with the ``onnx`` package when
+    source_model_id (the run's model id), kind, spec, input, outputs, opset. Reads the file with the ``onnx`` package when
     installed (no session is built), else with onnxruntime."""
     p = Path(path)
     if not p.is_file():
@@ -148,13 +148,15 @@ class OnnxTagger(Tagger):
         meta = read_metadata(p)
         sess = _session(p, threads)
         cal = meta.get("calibration")
+        from .identity import fingerprint
+
         return cls(
             kind=meta["kind"],
             labels=[str(x) for x in meta["labels"]],
             sample_rate=int(meta["sample_rate"]),
             segment=SegmentConfig(float(meta["segment_s"]), float(meta["hop_s"])),
             audio=from_dict(AudioConfig, meta.get("audio") or {}),
-            model_id=str(meta.get("model_id") or ""),
+            model_id=fingerprint(p),  # this file's identity (the source run's is source_model_id)
             run_dir=None,
             spec=meta.get("spec") or {},
             calibration=None if not cal else TemperatureCalibration(float(cal["temperature"])),

@@ -141,7 +141,7 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert meta["sample_rate"] == 16000 and meta["window_samples"] == 80000
     assert (meta["segment_s"], meta["hop_s"]) == (tagger.segment.segment_s, tagger.segment.hop_s)
     assert meta["audio"] == {"clip_s": tagger.audio.clip_s, "offset_s": tagger.audio.offset_s, "pad_mode": tagger.audio.pad_mode, "min_duration_s": tagger.audio.min_duration_s}
-    assert meta["run_id"] == run.name and meta["model_id"] == tagger.model_id
+    assert meta["run_id"] == run.name and meta["source_model_id"] == tagger.model_id
     assert meta["calibration"] is None and meta["spec"]["name"] == "musicnn-msd"
     assert len(meta["preprocessing_hash"]) == 12 and meta["embedkit_version"]
     import onnx
@@ -360,3 +360,38 @@ def test_ast_torch_fbank_matches_the_numpy_extractor(ast_dir, real_files):
 def test_ast_lr_parity(tracks, work, real_files, ast_dir):
     run = _head_run(tracks, work, "ast-5s", "lr", checkpoint=str(ast_dir))
     _export_and_check(load_tagger(run, checkpoint=str(ast_dir)), work, "ast-5s-lr", real_files[:5])
+
+
+BLOCKED_CLI = BLOCKED_RUNTIME.split("from embedkit.runtime")[0] + r"""
+from embedkit.cli import main
+sys.argv = ["embedkit", *sys.argv[1:]]
+try:
+    main()
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCK)
+    print("BLOCKED_LOADED", json.dumps(loaded), file=sys.stderr)
+"""
+
+
+def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, real_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    model = work / "cli-tag.onnx"
+    export_onnx(load_tagger(tiny_lr), model)
+    files = [str(f) for f in real_files[:4]]
+    onnx_out, torch_out = tmp_path / "onnx.jsonl", tmp_path / "torch.jsonl"
+    res = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "tag", "--runtime", "onnx", str(model), *files, "--out", str(onnx_out), "--db", str(tmp_path / "tags.sqlite"), "--workers", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'BLOCKED_LOADED []' in res.stderr
+    ref = CliRunner().invoke(app, ["tag", str(tiny_lr), *files, "--out", str(torch_out), "--workers", "1"])
+    assert ref.exit_code == 0, ref.output
+    a = {r["path"]: r for r in map(json.loads, onnx_out.read_text().splitlines())}
+    b = {r["path"]: r for r in map(json.loads, torch_out.read_text().splitlines())}
+    assert sorted(a) == sorted(b) and len(a) == len(files)
+    for path in a:
+        assert a[path]["top_label"] == b[path]["top_label"]
+        assert max(abs(a[path]["probabilities"][k] - b[path]["probabilities"][k]) for k in b[path]["probabilities"]) <= BOUND
+    wrong = CliRunner().invoke(app, ["tag", "--runtime", "onnx", str(tiny_lr), *files])
+    assert wrong.exit_code == 1 and "embedkit export" in wrong.output
