@@ -782,6 +782,38 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
         _fail(f"--strict: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
 
 
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    model: Path = typer.Argument(..., help="finished run directory, head.skops / model.pt, or an exported model.onnx (onnxruntime, no torch)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs"),
+    excerpt: str = typer.Option("first", help="default excerpt: first | middle | spread:N | full"),
+    threshold: Optional[float] = typer.Option(None, help="default decision threshold: 'uncertain' below it"),
+    max_mb: float = typer.Option(100.0, help="largest upload in MB (413 above)"),
+    body_timeout: float = typer.Option(30.0, help="seconds an upload may take (408 after)"),
+    max_pending: int = typer.Option(32, help="requests in progress before 503 + Retry-After"),
+    batch_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
+    max_batch_windows: int = typer.Option(64, help="windows per forward"),
+    decode_workers: int = typer.Option(2, help="decode threads"),
+    db: Optional[str] = typer.Option(None, help="also write every result into this results database (as embedkit tag --db)"),
+):
+    """Serve a model over HTTP: POST /v1/tag, GET /v1/model, /healthz, /metrics, and a page at /."""
+    from .serve import ServeConfig, serve
+    from .tag import Excerpt
+
+    Excerpt.parse(excerpt)
+    if max_mb <= 0 or body_timeout <= 0 or max_pending < 1 or max_batch_windows < 1 or decode_workers < 1:
+        _fail("--max-mb, --body-timeout must be positive; --max-pending, --max-batch-windows, --decode-workers >= 1")
+    if threshold is not None and not 0 <= threshold <= 1:
+        _fail(f"--threshold must be in [0, 1], got {threshold}")
+    cfg = ServeConfig(max_bytes=int(max_mb * 1024 * 1024), body_timeout_s=body_timeout, max_pending=max_pending, batch_wait_ms=batch_wait_ms,
+                      max_batch_windows=max_batch_windows, decode_workers=decode_workers, excerpt=excerpt, threshold=threshold, db=db)  # fmt: skip
+    console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)
+    serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint)
+
+
 def main():  # console-script entry point
     # torch's OpenMP threads spin-wait by default; on a busy 2-core laptop that wastes most of
     # the CPU (musicnn extraction measured 2.7x slower under load). Must be set before torch loads.

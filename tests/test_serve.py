@@ -1,0 +1,329 @@
+"""`embedkit serve`: a real uvicorn server on 127.0.0.1 (a free port) per test module.
+
+Tags gtzan_mini files (generated clips when absent) over HTTP, multipart and raw body, and
+compares with `embedkit tag`'s library call; every bad input of the issue (not audio,
+truncated, empty, oversize, unsupported format, a 3-hour file, a stalled body, bad options)
+gets its status and a one-line JSON error while the server keeps serving; 503 + Retry-After
+when full; concurrent requests share forwards; /metrics parses; --db writes the results
+database; an exported ONNX model serves the same answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GTZAN
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+requests = pytest.importorskip("requests")
+
+from embedkit.serve import ServeConfig, create_app  # noqa: E402
+from embedkit.tagger import load_tagger  # noqa: E402
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve ``app`` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_dataset, tmp_path_factory):
+    from embedkit.datasets import load_dataset
+    from embedkit.extract import extract
+    from embedkit.fit import fit_head
+
+    work = tmp_path_factory.mktemp("serve")
+    extract(load_dataset(synth_dataset), "tiny-test", cache=work / "cache", workers=2)
+    return fit_head("tiny-test", "lr", cache=work / "cache", runs=work / "runs", protocol="holdout").run_dir
+
+
+@pytest.fixture(scope="module")
+def tagger(run_dir):
+    return load_tagger(run_dir)
+
+
+@pytest.fixture(scope="module")
+def files(synth_dataset) -> list[Path]:
+    if GTZAN.exists():
+        return [sorted((GTZAN / g).glob("*.flac"))[0] for g in ("blues", "classical", "metal", "jazz")]
+    return sorted(Path(synth_dataset).glob("*/*.wav"))[::5]
+
+
+@pytest.fixture(scope="module")
+def url(tagger):
+    with running(create_app(tagger, ServeConfig(max_bytes=8 * 1024 * 1024, body_timeout_s=3.0, chunk_timeout_s=1.5))) as base:
+        yield base
+
+
+def _wav_bytes(seconds: float, sr: int = 16000, freq: float = 440.0) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _error(resp, status: int, kind: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"]["kind"] == kind
+    msg = body["error"]["message"]
+    assert msg and "\n" not in msg
+    return msg
+
+
+def _still_serving(url):
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    r = requests.post(f"{url}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# answers
+
+
+def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
+    from embedkit.tag import tag
+
+    out = tmp_path / "ref.jsonl"
+    tag(run_dir, [str(f) for f in files], out=out, workers=1)
+    ref = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        if i % 2:  # raw body
+            r = requests.post(f"{url}/v1/tag?top_k=2", data=data, headers={"Content-Type": "audio/flac"}, timeout=120)
+        else:  # multipart
+            r = requests.post(f"{url}/v1/tag?top_k=2", files={"file": (f.name, data, "audio/flac")}, timeout=120)
+        assert r.status_code == 200, r.text
+        got, want = r.json(), ref[f.name]
+        assert got["top_label"] == want["top_label"] and got["decision"] == want["top_label"]
+        assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
+        assert got["n_windows"] == want["n_windows"] and got["window_starts_s"] == want["window_starts_s"]
+        assert [g["label"] for g in got["genres"]] == [l for l, _ in want["topk"][:2]]
+        assert got["model_id"] == want["model_id"]
+        assert set(got["timings_ms"]) == {"upload", "decode", "queue", "inference", "total"}
+        assert got["timings_ms"]["total"] >= got["timings_ms"]["decode"] > 0
+        assert (got["filename"] == f.name) == (i % 2 == 0)
+
+
+def test_threshold_multi_and_uncertain(url, files):
+    data = files[0].read_bytes()
+    r = requests.post(f"{url}/v1/tag?threshold=1.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["multi"] == []  # no probability reaches 1.0 here
+    r = requests.post(f"{url}/v1/tag?threshold=0.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["decision"] == r["top_label"] and len(r["multi"]) == len(r["probabilities"])
+
+
+def test_excerpt_option(url, files):
+    r = requests.post(f"{url}/v1/tag?excerpt=spread:2", data=files[0].read_bytes(), headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["excerpt"] == "spread:2" and r["n_windows"] > 0
+    msg = _error(requests.post(f"{url}/v1/tag?excerpt=loudest", data=b"x", timeout=30), 400, "bad_request")
+    assert "excerpt" in msg
+    _error(requests.post(f"{url}/v1/tag?top_k=0", data=b"x", timeout=30), 400, "bad_request")
+
+
+def test_model_health_and_metrics(url, tagger):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert m["labels"] == tagger.labels and m["model_id"] == tagger.model_id and m["kind"] == "head"
+    assert m["sample_rate"] == 16000 and m["spec"]["name"] == "tiny-test"
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/v1/tag"]["post"]
+    requests.post(f"{url}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=60)
+    requests.post(f"{url}/v1/tag", data=b"", timeout=30)
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("embedkit_requests", "embedkit_request_seconds", "embedkit_decode_seconds", "embedkit_inference_seconds", "embedkit_uncertain", "embedkit_errors"):
+        assert name in fams, sorted(fams)
+    ok = sum(s.value for s in fams["embedkit_requests"].samples if s.labels.get("status") == "200" and s.name.endswith("_total"))
+    assert ok >= 1
+    assert any(s.labels.get("kind") == "empty" and s.value >= 1 for s in fams["embedkit_errors"].samples)
+    count = [s.value for s in fams["embedkit_request_seconds"].samples if s.name.endswith("_count")][0]
+    assert count >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_get_json_errors_and_the_server_keeps_serving(url):
+    wav = _wav_bytes(6.0)
+    msg = _error(requests.post(f"{url}/v1/tag", data=b"this is not audio at all" * 100, headers={"Content-Type": "application/octet-stream"}, timeout=30), 422, "not_audio")
+    assert "cannot decode" in msg
+    _error(requests.post(f"{url}/v1/tag", data=wav[: len(wav) // 3], headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # truncated
+    _error(requests.post(f"{url}/v1/tag", data=b"", headers={"Content-Type": "audio/wav"}, timeout=30), 400, "empty")
+    _error(requests.post(f"{url}/v1/tag", files={"file": ("a.wav", b"", "audio/wav")}, timeout=30), 400, "empty")
+    _error(requests.post(f"{url}/v1/tag", data=b"\x89PNG\r\n" + b"0" * 100, headers={"Content-Type": "image/png"}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", data=b"\x00\x00\x00\x20ftypM4A " + b"0" * 100, headers={"Content-Type": "audio/mp4"}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", files={"file": ("x.json", b"{}", "application/json")}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", data=_wav_bytes(1.0), headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # < one window
+    _error(requests.post(f"{url}/v1/tag", data=b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(10):
+            yield b"\0" * (1024 * 1024)
+
+    _error(requests.post(f"{url}/v1/tag", data=chunks(), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+    _still_serving(url)
+
+
+def test_stalled_body_times_out(url):
+    """A client that announces a body and stops sending (slow loris) gets 408 within the
+    configured chunk timeout, and the server keeps serving."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n" + b"RIFF")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            part = s.recv(4096)
+            if not part:
+                break
+            data += part
+    elapsed = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert b'"kind":"timeout"' in data and elapsed < 10
+    _still_serving(url)
+
+
+def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
+    """A 3-hour FLAC (30 s of tone, then silence: small on disk) is answered from its first clip;
+    the server's memory grows by far less than the decoded file would take (3 h at 8 kHz float32
+    = 346 MB)."""
+    import resource
+
+    import soundfile as sf
+
+    sr, path = 8000, tmp_path / "three-hours.flac"
+    t = np.arange(30 * sr) / sr
+    with sf.SoundFile(path, "w", sr, 1, format="FLAC", subtype="PCM_16") as fh:
+        fh.write((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32))
+        quiet = np.zeros(600 * sr, np.float32)  # digital silence: FLAC stores it in a few bytes
+        for _ in range(18):  # 18 x 10 min
+            fh.write(quiet)
+    assert sf.info(path).duration > 3 * 3600 - 60
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server is this process
+    with open(path, "rb") as fh:
+        r = requests.post(f"{url}/v1/tag", data=fh, headers={"Content-Type": "audio/flac"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["duration_s"] < 31 and body["n_windows"] == 6  # only the first 30 s was decoded
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100, f"peak memory grew {grown_mb:.0f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency
+
+
+def test_full_server_answers_503_with_retry_after(tagger):
+    with running(create_app(tagger, ServeConfig(max_pending=1, body_timeout_s=5.0, chunk_timeout_s=5.0))) as base:
+        host, port = base.rsplit("//", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as s:  # holds the one slot
+            s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 1000\r\n\r\nRIFF")
+            time.sleep(0.3)
+            r = requests.post(f"{base}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=30)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["kind"] == "busy"
+        deadline = time.monotonic() + 15
+        while requests.get(f"{base}/healthz", timeout=5).json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _still_serving(base)
+
+
+def test_concurrent_requests_share_forwards(tagger):
+    """With a 300 ms gathering window, 6 simultaneous uploads run in fewer than 6 forwards, and
+    each answer equals the one the request gets alone."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wavs = [_wav_bytes(10.0, freq=f) for f in (220, 330, 440, 550, 660, 880)]
+    with running(create_app(tagger, ServeConfig(batch_wait_ms=300, max_batch_windows=64))) as base:
+        alone = [requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json()["probabilities"] for w in wavs]
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda w: requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json(), wavs))
+        text = requests.get(f"{base}/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    s = {x.name: x.value for x in fams["embedkit_batch_requests"].samples if not x.labels}
+    forwards, reqs = s["embedkit_batch_requests_count"], s["embedkit_batch_requests_sum"]
+    assert reqs == 12 and forwards < 12  # 6 alone (6 forwards) + 6 together (< 6 forwards)
+    for a, b in zip(alone, together):
+        assert max(abs(a[k] - b["probabilities"][k]) for k in a) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# database and the ONNX runtime
+
+
+def test_db_records_every_result(tagger, files, tmp_path):
+    from embedkit.tagdb import ResultsDB
+
+    db = tmp_path / "served.sqlite"
+    with running(create_app(tagger, ServeConfig(db=str(db)))) as base:
+        for f in files[:2]:
+            assert requests.post(f"{base}/v1/tag", files={"file": (f.name, f.read_bytes(), "audio/flac")}, timeout=120).status_code == 200
+    with ResultsDB(str(db)) as d:
+        rows = d.rows(tagger.model_id)
+    assert sorted(r["path"] for r in rows) == sorted(f"upload:{f.name}" for f in files[:2])
+    assert all(r["model_id"] == tagger.model_id and r["top_label"] in tagger.labels for r in rows)
+
+
+def test_onnx_model_serves_the_same_answers(tagger, files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from embedkit.export import export_onnx
+    from embedkit.runtime import OnnxTagger
+
+    model = tmp_path / "m.onnx"
+    export_onnx(tagger, model)
+    data = files[0].read_bytes()
+    with running(create_app(OnnxTagger.load(model))) as base:
+        info = requests.get(f"{base}/v1/model", timeout=10).json()
+        got = requests.post(f"{base}/v1/tag", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    with running(create_app(tagger)) as base:
+        want = requests.post(f"{base}/v1/tag", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert info["runtime"] == "onnxruntime" and info["labels"] == tagger.labels
+    assert got["top_label"] == want["top_label"]
+    assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) <= 1e-4
+
+
+def test_cli_serve_refuses_bad_options(run_dir):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--excerpt", "loud"])
+    assert r.exit_code == 1 and "excerpt" in r.output
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--threshold", "2"])
+    assert r.exit_code == 1 and "threshold" in r.output
