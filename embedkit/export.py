@@ -180,10 +180,8 @@ def _backbone_module(backbone):
         why = "its features are computed by librosa, not a graph" if family == "melstats" else "it has no torch module"
         raise ExportError(f"backbone {name!r} cannot be exported to ONNX: {why}")
     module = copy.deepcopy(module).eval()
-    if hasattr(module, "use_pruned_plan"):
-        # musicnn's pruned plan picks its path from the data (a batch-wide bound); the full
-        # network it approximates to 1e-10 has one static graph.
-        module.use_pruned_plan = False
+    if hasattr(module, "export_module"):  # musicnn: its data-dependent plan choice as torch.cond
+        module = module.export_module()
     if family == "ast":  # its NumPy fbank becomes the same computation in torch ops
         from .backbones.ast import export_module
 
@@ -278,9 +276,8 @@ def tagger_module(tagger):
         return _softmax_net(copy.deepcopy(tagger.net).eval(), front), None
     if kind == "finetune":
         net = copy.deepcopy(tagger.net).eval()
-        for m in net.modules():  # musicnn inside a fine-tuned net: the static full network
-            if hasattr(m, "use_pruned_plan"):
-                m.use_pruned_plan = False
+        if hasattr(getattr(net, "backbone", None), "export_module"):  # musicnn: one static graph
+            net.backbone = net.backbone.export_module()
         if hasattr(getattr(net, "backbone", None), "feature_extractor"):  # AST: torch fbank
             from .backbones.ast import export_module
 

@@ -152,6 +152,28 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated"]
 
 
+def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
+    """musicnn's torch module picks the pruned plan or the full network from the batch's
+    normalised log-mel (|x| <= PRUNE_X_MAX); the exported graph makes the same choice (an ONNX
+    If): ordinary audio and audio 40x too loud (full path) both match the torch embeddings."""
+    import onnxruntime as ort
+
+    from embedkit.backbones import load_backbone
+    from embedkit.export import _backbone_module, _torch_export
+
+    bb = load_backbone("musicnn-msd")
+    model = _torch_export(_backbone_module(bb), 80000, 18)
+    assert any(n.op_type == "If" for n in model.graph.node)
+    sess = ort.InferenceSession(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    t = np.arange(80000) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal((2, 80000))).astype(np.float32)
+    for scale in (1.0, 40.0):
+        ref = bb.embed(x * scale)
+        got = sess.run(None, {"waveform": (x * scale).astype(np.float32)})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), scale
+
+
 def test_tiny_lgbm_parity(tracks, work, real_files):
     run = _head_run(tracks, work, "tiny-test", "lgbm", pca=8, params={"n_estimators": 30})
     _export_and_check(load_tagger(run), work, "tiny-lgbm", real_files)
