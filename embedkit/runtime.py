@@ -124,6 +124,9 @@ def _session(path: Path, threads: int | None = None):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # no spin-waiting between ops: on a busy machine (2 cores shared with decoding threads or
+    # other jobs) spinning threads steal the cores the work needs (as OMP_WAIT_POLICY for torch)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
