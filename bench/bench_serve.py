@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (as embedkit.cli.main)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's embedkit
 from common import write_results  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run directory, model file or .onnx (default: build musicnn-msd + lr)")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--levels", default="1,4,16,4", help="client counts in order (the repeated 4 shows whether memory is flat)")
     args = ap.parse_args()
     import requests
 
