@@ -40,6 +40,7 @@ from .runtime import (
     LOG_FLOOR,
     OUTPUT_NAMES,
     calibration_params,
+    decision_rule,
 )
 
 #: ONNX opset of the exported graphs (STFT is an ONNX op from 17 on)
@@ -376,7 +377,7 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
         "preprocessing": contract,
         "preprocessing_hash": stable_hash(contract),
         "calibration": calibration,
-        "thresholds": meta.get("thresholds"),
+        "thresholds": decision_rule(getattr(tagger, "calibration", None)) or meta.get("thresholds"),
         "embedkit_version": __version__,
         "versions": {k: v for k, v in versions().items() if k in ("embedkit", "torch", "numpy", "sklearn", "lightgbm")},
         "run_id": run_id,

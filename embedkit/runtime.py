@@ -33,7 +33,7 @@ INPUT_NAME = "waveform"
 #: calibrated probabilities per window, and the head's own (uncalibrated) probabilities
 OUTPUT_NAMES = ("probabilities", "uncalibrated")
 #: probabilities are floored here before the log of temperature scaling (float32-safe)
-LOG_FLOOR = 1e-30
+LOG_FLOOR = 1e-12  # as embedkit.calibration (EPS)
 RUNTIME_INSTALL = "pip install onnxruntime"
 #: windows per onnxruntime call (bounds the activation memory of long files)
 MAX_BATCH = 16
@@ -42,41 +42,64 @@ MAX_BATCH = 16
 def calibration_params(calibration, error=EmbedkitError) -> dict[str, Any] | None:
     """A Tagger's calibration object -> {"method": "temperature", "temperature": T} or None.
 
-    Accepts None, an object with a ``temperature`` attribute, or one whose ``to_dict()`` holds
-    a temperature; anything else raises ``error`` (only temperature scaling is a graph op here).
+    Accepts None, an ``embedkit.calibration.Calibration`` (method "none" or T = 1: the identity,
+    None here), or any object with a ``temperature`` attribute or a ``to_dict()`` holding one;
+    anything else raises ``error`` (only temperature scaling is a graph op here).
     """
     if calibration is None:
         return None
-    t = getattr(calibration, "temperature", None)
     d: dict[str, Any] = {}
-    if t is None and hasattr(calibration, "to_dict"):
+    if hasattr(calibration, "to_dict"):
         d = dict(calibration.to_dict() or {})
-        t = d.get("temperature")
+    if getattr(calibration, "method", d.get("method")) == "none":
+        return None
+    t = getattr(calibration, "temperature", d.get("temperature"))
     if t is None:
         raise error(f"calibration {type(calibration).__name__} has no temperature: only temperature scaling can be exported")
     t = float(t)
     if not np.isfinite(t) or t <= 0:
         raise error(f"calibration temperature must be a positive number, got {t}")
-    out = {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    out.update({"method": "temperature", "temperature": t})
-    return out
+    return None if t == 1.0 else {"method": "temperature", "temperature": t}
+
+
+def decision_rule(calibration) -> dict[str, Any] | None:
+    """The default decision rule of a calibration (``embedkit.calibration.DecisionRule``: the
+    threshold below which a track is "uncertain", multi-genre settings) as a dict, or None."""
+    from dataclasses import asdict, is_dataclass
+
+    rule = getattr(calibration, "rule", None)
+    if rule is None:
+        return None
+    return asdict(rule) if is_dataclass(rule) else dict(rule)
 
 
 @dataclass
 class TemperatureCalibration:
     """p -> softmax(log(max(p, LOG_FLOOR)) / T): the calibration the exported graph applies,
-    in numpy (Tagger.calibrate uses it on track means)."""
+    in numpy (Tagger.calibrate uses it on track means); ``rule``: the decision rule stored with
+    the model ({"threshold": ...}); ``decide(p)`` -> the top label, or "uncertain" when the top
+    probability is below the rule's threshold."""
 
-    temperature: float
+    temperature: float = 1.0
+    rule: dict[str, Any] | None = None
 
     def apply(self, p: np.ndarray) -> np.ndarray:
-        z = np.log(np.maximum(np.asarray(p, dtype=np.float64), LOG_FLOOR)) / self.temperature
+        p = np.asarray(p, dtype=np.float64)
+        if self.temperature == 1.0:
+            return p.copy()
+        z = np.log(np.maximum(p, LOG_FLOOR)) / self.temperature
         z -= z.max(axis=-1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=-1, keepdims=True)
 
+    def decide_index(self, p: np.ndarray) -> int | None:
+        """Index of the decided label, None when uncertain."""
+        top = int(np.argmax(p))
+        threshold = float((self.rule or {}).get("threshold", 0.0) or 0.0)
+        return None if p[top] < threshold else top
+
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "temperature", "temperature": self.temperature}
+        return {"method": "temperature", "temperature": self.temperature, "rule": self.rule}
 
 
 def _ort():
@@ -151,6 +174,7 @@ class OnnxTagger(Tagger):
         meta = read_metadata(p)
         sess = _session(p, threads)
         cal = meta.get("calibration")
+        rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
         from .identity import fingerprint
 
         return cls(
@@ -162,7 +186,7 @@ class OnnxTagger(Tagger):
             model_id=fingerprint(p),  # this file's identity (the source run's is source_model_id)
             run_dir=None,
             spec=meta.get("spec") or {},
-            calibration=None if not cal else TemperatureCalibration(float(cal["temperature"])),
+            calibration=None if not (cal or rule) else TemperatureCalibration(float((cal or {}).get("temperature", 1.0)), rule),
             meta={**meta, "runtime": "onnxruntime", "model_path": str(p)},
             session=sess,
             path=p,
@@ -182,3 +206,14 @@ class OnnxTagger(Tagger):
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         return self.run(segments)["uncalibrated"]
+
+    def __post_init__(self):
+        if isinstance(self.calibration, TemperatureCalibration):
+            labels = list(self.labels)
+            cal = self.calibration
+
+            def decide(p):  # as embedkit.calibration.Calibration.decide: a label or "uncertain"
+                i = cal.decide_index(np.asarray(p, dtype=np.float64))
+                return "uncertain" if i is None else labels[i]
+
+            cal.decide = decide

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GTZAN, ROOT
+from conftest import GTZAN, ROOT  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -252,6 +252,7 @@ def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
     export_onnx(tagger, out)
     onnx_tagger = OnnxTagger.load(out)
     assert read_metadata(out)["calibration"] == {"method": "temperature", "temperature": 2.5}
+    assert onnx_tagger.calibration.temperature == 2.5
     windows, _ = tagger.clip_windows(real_files[0])
     res = onnx_tagger.run(windows)
     raw = tagger.predict_segments(windows)
