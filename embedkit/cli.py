@@ -685,6 +685,16 @@ def tag_cmd(
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
     dask: Optional[str] = typer.Option(None, help="run shards on a Dask cluster: scheduler address, or 'local'"),
     table: int = typer.Option(20, help="tracks shown in the terminal table (0: none)"),
+    threshold: Optional[float] = typer.Option(None, help="below this calibrated probability a track is 'uncertain' (default: the model's, chosen on its held-out tracks)"),
+    multi: bool = typer.Option(False, help="several genres per track: those above --multi-threshold or within --margin of the top one"),
+    multi_threshold: float = typer.Option(0.3, help="with --multi: also keep genres at or above this probability"),
+    margin: float = typer.Option(0.1, help="with --multi: also keep genres within this of the top probability"),
+    max_genres: int = typer.Option(3, help="with --multi: at most this many genres"),
+    write_tags: bool = typer.Option(False, "--write-tags", help="write the decided genres into the files (needs --db, which records the previous values for `embedkit untag`)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="with --write-tags: show what would change, write nothing"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="with --write-tags: replace genres a person set"),
+    id3v23: bool = typer.Option(False, "--id3v23", help="MP3/WAV/AIFF: write ID3v2.3 (several genres joined with --separator) instead of v2.4"),
+    separator: str = typer.Option("; ", help="ID3v2.3 genre separator"),
 ):
     """Put genres on music nobody labelled: tag files with a trained model (one row per track;
     bad files are recorded and skipped)."""
@@ -704,6 +714,11 @@ def tag_cmd(
         _fail(f"{model} is an ONNX model; it runs with --runtime onnx (or auto)")
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
+    if (dry_run or overwrite) and not write_tags:
+        _fail("--dry-run and --overwrite apply to --write-tags")
+    if write_tags and not dry_run and not db:
+        _fail("--write-tags needs --db: the database records the previous genres so `embedkit untag` can restore them")
+    rule, tagger = _decision_rule(model, threshold, multi, multi_threshold, margin, max_genres)
     fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
     os.close(fd)
     try:
@@ -716,11 +731,85 @@ def tag_cmd(
             stack.enter_context(native_stderr_to(log_path))
             prog, cb = _tag_progress()
             with prog:
-                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=max(table, 0), progress=cb)
+                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=sys.maxsize if write_tags else max(table, 0), tagger=tagger, progress=cb)
+            if write_tags and res.rows:
+                from .tagdb import ResultsDB
+                from .tagfiles import write_tags as write_file_tags
+
+                database = stack.enter_context(ResultsDB(db)) if db else None
+                changes = write_file_tags(res.rows, res.labels, rule, model_id=res.model_id, db=database, dry_run=dry_run, overwrite=overwrite, id3_version=3 if id3v23 else 4, separator=separator)
     finally:
         if os.path.exists(log_path):
             os.unlink(log_path)
     _summarise_tag(res, ex, db, out, table, strict)
+    if write_tags:
+        _summarise_changes(changes if res.rows else [], dry_run)
+
+
+def _decision_rule(model, threshold, multi, multi_threshold, margin, max_genres):
+    """(the decision rule: the model's stored default with the command's overrides, a Tagger
+    carrying it when the command overrides the default, else None: tag loads it if needed)."""
+    from .calibration import Calibration, DecisionRule, load_calibration
+    from .tagger import resolve_artefact
+
+    run_dir = resolve_artefact(model).parent
+    cal = load_calibration(run_dir) if (run_dir / "metrics.json").exists() else None
+    base = cal.rule if cal is not None else DecisionRule()
+    over = {"threshold": threshold} if threshold is not None else {}
+    if multi:
+        over.update(multi=True, multi_threshold=multi_threshold, margin=margin, k=max_genres)
+    if not over:
+        return base, None
+    from dataclasses import replace
+
+    from .tagger import load_tagger
+
+    rule = replace(base, **over)
+    tagger = load_tagger(model)  # the results rows then record decisions under this rule
+    tagger.calibration = replace(tagger.calibration, rule=rule) if tagger.calibration is not None else Calibration(labels=tagger.labels, method="none", rule=rule)
+    return rule, tagger
+
+
+def _summarise_changes(changes, dry_run: bool, max_lines: int = 20) -> None:
+    """What --write-tags did (or would do), one line per file that was not simply written."""
+    from collections import Counter
+
+    from rich.markup import escape
+
+    c = console()
+    shown = 0
+    for ch in changes:
+        if ch.status in ("written", "unchanged") or shown >= max_lines:
+            continue
+        shown += 1
+        c.print(f"[yellow]{ch.status}[/] {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        for ch in [x for x in changes if x.status == "would-write"][:max_lines]:
+            c.print(f"would write {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
+    counts = Counter(ch.status for ch in changes)
+    c.print("tags in files" + (" (dry run, nothing written)" if dry_run else "") + ": " + (", ".join(f"{n} {s}" for s, n in counts.most_common()) or "no files"), highlight=False, soft_wrap=True)
+
+
+@app.command("untag")
+@handle_errors
+def untag_cmd(
+    model: Path = typer.Argument(..., help="the run directory / model file whose genres to remove"),
+    paths: Optional[List[str]] = typer.Argument(None, help="only these files (default: every file the model wrote genres into)"),
+    db: str = typer.Option(..., help="the results database `tag --write-tags` recorded the previous genres in"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would be restored, write nothing"),
+    force: bool = typer.Option(False, "--force", help="restore even where a person changed the genre since"),
+):
+    """Undo `embedkit tag --write-tags`: put back the genres the files held before."""
+    from .tagdb import ResultsDB
+    from .tagfiles import untag
+    from .tagger import model_id_of
+
+    mid = model_id_of(model)
+    with ResultsDB(db) as database:
+        changes = untag(mid, database, [os.path.abspath(p) for p in paths] if paths else None, dry_run=dry_run, force=force)
+    if not changes:
+        _fail(f"{db}: no files recorded as tagged by model {mid}")
+    _summarise_changes(changes, dry_run)
 
 
 def _tag_progress():

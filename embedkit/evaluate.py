@@ -168,6 +168,7 @@ class Evaluation:
         self.labels = list(labels)
         self.folds: list[dict[str, Any]] = []
         self._rows: list[pd.DataFrame] = []
+        self._means: list[np.ndarray] = []  # track mean probabilities [T, C] per fold
 
     def add_fold(self, name: str, segment_track_ids, proba: np.ndarray, track_labels: dict[str, str], paths: dict[str, str] | None = None, extra: dict | None = None) -> dict[str, Any]:
         """Add one fold's segment-level class probabilities (columns in ``self.labels`` order)."""
@@ -187,6 +188,7 @@ class Evaluation:
             **(extra or {}),
         }
         self.folds.append(rec)
+        self._means.append(mean)
         self._rows.append(
             pd.DataFrame(
                 {
@@ -207,6 +209,11 @@ class Evaluation:
         df["true_label"] = [self.labels[i] for i in df["true"]]
         df["pred_label"] = [self.labels[i] for i in df["pred_mean"]]
         return df
+
+    def track_probabilities(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """(predictions() rows, their mean probabilities [T, C] in ``labels`` order): the
+        out-of-fold track probabilities the calibration is fitted on."""
+        return self.predictions(), np.concatenate(self._means, axis=0)
 
     def metrics(self, n_misclassified: int = 10) -> dict[str, Any]:
         from sklearn.metrics import confusion_matrix, precision_recall_fscore_support

@@ -373,6 +373,8 @@ def fit_head(
 
 def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, write_metrics) -> Path:
     """Build the run directory under a temporary name, then rename it into place."""
+    from .calibration import calibrate_run
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -380,6 +382,7 @@ def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, wri
         tmp.mkdir()
         metrics["model_bytes"] = save_bundle(tmp / BUNDLE_FILE, bundle)
         ev.predictions().to_csv(tmp / "predictions.csv", index=False)
+        metrics["calibration"] = calibrate_run(ev, tmp)
         write_metrics(tmp, metrics)
         if final.exists():  # an unfinished run of the same id (the caller decided to redo it)
             shutil.rmtree(final)

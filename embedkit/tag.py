@@ -94,7 +94,7 @@ def read_excerpt(path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | 
     """Decode only what ``excerpt`` listens to and cut it into windows.
 
     Returns (windows float32 [K, L] at ``sample_rate``, start_s [K] in song time, duration_s
-    of the song (the decoded length for ``first`` / ``full``; the header's otherwise)).
+    of the song (the decoded length when the whole file was decoded; else the header's)).
     Raises AudioError naming the file (unreadable, silent, shorter than one window...).
     """
     from . import audio
@@ -110,7 +110,9 @@ def read_excerpt(path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | 
     elif excerpt.mode == "first":
         y, sr = audio.decode(path, max_seconds=clip_s + MARGIN_S)
         kept = audio.resample(y, sr, sample_rate)[: int(round(clip_s * sample_rate))]
-        regions, duration = [(0.0, kept)], len(y) / sr
+        # a file that ended inside the read is that long; a longer one: its header says (cheap)
+        duration = len(y) / sr if len(y) < int(np.ceil((clip_s + MARGIN_S) * sr)) else float(audio.probe(path)["duration_s"])
+        regions = [(0.0, kept)]
     else:
         duration = float(audio.probe(path)["duration_s"])
         regions = []

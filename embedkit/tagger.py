@@ -193,8 +193,8 @@ class CNNTagger(Tagger):
             return _softmax_rows(self.net(torch.from_numpy(self.logmel(x))))
 
     def torch_module(self):
-        if self.calibration is not None:
-            return None
+        if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
+            return None  # calibration applies to the track mean, not to each window
         return _probability_module(_cnn_front(self), self.net)
 
     @classmethod
@@ -227,8 +227,8 @@ class FinetuneTagger(Tagger):
             return _softmax_rows(self.net(torch.from_numpy(x)))
 
     def torch_module(self):
-        if self.calibration is not None:
-            return None
+        if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
+            return None  # calibration applies to the track mean, not to each window
         return _probability_module(None, self.net)
 
     @classmethod
@@ -362,6 +362,10 @@ def load_tagger(path, checkpoint: str | None = None) -> Tagger:
             raise ModelLoadingError(f"{artefact}: unknown model kind {kind!r}")
         _check_cnn_contract(t, artefact)
     t.run_dir = run_dir
+    if run_dir is not None:  # the run's calibration and default decisions (embedkit.calibration)
+        from .calibration import load_calibration
+
+        t.calibration = load_calibration(run_dir, t.labels)
     t.meta.setdefault("artefact", str(artefact))
     if run_dir is not None:
         t.meta.setdefault("run_id", run_dir.name)

@@ -327,6 +327,7 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
     assert run["kind"] == "cnn" and run["name"] == "cnn-scratch+specaugment" and run["protocol"]["type"] == "holdout"
     assert set(run["learning_curves"]["holdout"][0]) >= {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"}
     assert 0 <= run["track_accuracy"] <= 1 and run["track_accuracy_vote"] is not None and run["confusion"]
+    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and run["calibration"]["before"]["accuracy"] == pytest.approx(run["track_accuracy"])
     model = load_model(f"{run['run_dir']}/model.pt")
     seg, mean = model.predict_proba_file(next(synth_dataset.glob("*/*.wav")))
     assert seg.shape == (2, 4) and abs(mean.sum() - 1) < 1e-5  # 12 s clip: two 5 s segments

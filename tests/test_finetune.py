@@ -4,6 +4,8 @@ musicnn-msd gets a one-step integration check (weights ship in the musicnn wheel
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,7 @@ def test_cli_finetune_end_to_end(synth_dataset, tmp_path):
     assert res.exit_code == 0, res.output
     (run,) = load_runs([tmp_path / "runs"])
     assert run["kind"] == "finetune" and run["name"] == "finetune-tiny-test" and len(run["learning_curves"]["holdout"]) == 2
+    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and set(run["calibration"]["after"]) == {"ece", "nll", "brier", "accuracy"}
     bad = runner.invoke(app, base + ["--backbone", "nope"])
     assert bad.exit_code == 1 and "unknown backbone 'nope'" in bad.output and "Traceback" not in bad.output
 

@@ -52,6 +52,10 @@ def make_run(root: Path, run_id: str, kind: str, backbone: str, head: str, skill
         proba /= proba.sum(1, keepdims=True)
         ev.add_fold(f"fold{f}", seg_ids, proba, lab, paths)
     m = ev.metrics()
+    from embedkit.calibration import calibrate_run  # the trainers' hook: calibration.json + metrics block
+
+    (root / run_id).mkdir(parents=True, exist_ok=True)
+    m["calibration"] = calibrate_run(ev, root / run_id)
     m.update(
         run_id=run_id, kind=kind, name=f"{backbone}+{head}" if kind == "head" else f"{kind}-{backbone}", backbone=backbone, head=head,
         protocol={"type": "cv", "k": k, "seed": 0, "test_size": None, "grouped": False},
@@ -194,6 +198,29 @@ def test_missing_fields_render_as_dash(built):
     row = [r for r in ctx["runs"] if r.run_id == "r-minimal"][0]
     assert row.infer_ms_total is None and row.acc_std is None
     assert "42.1 %" in html
+
+
+def test_deployment_section_per_run(built):
+    """Each calibrated run gets its numbers, a reliability diagram and a coverage curve with
+    the default threshold marked; the run without calibration is listed as such."""
+    _, html, ctx, runs = built
+    sec = html[html.index('<section id="deployment">') :]
+    sec = sec[: sec.index("</section>")]
+    calibrated = [v for v in ctx["runs"] if v.m.get("calibration")]
+    assert len(calibrated) == len(runs) - 1  # all but r-minimal
+    for v in calibrated:
+        c = v.m["calibration"]
+        part = sec[sec.index(f'id="deploy-{v.rank}"') :]
+        part = part[: part.index("</figure>", part.index("</figure>") + 1)]
+        assert part.count("<svg") == 2 and 'class="default-threshold"' in part
+        # one marker per non-empty bin, before and after
+        assert part.count('class="rel-before"') == sum(1 for b in c["reliability_before"] if b["n"])
+        assert part.count('class="rel-after"') == sum(1 for b in c["reliability_after"] if b["n"])
+        th = c["threshold"]
+        assert f"At {th['threshold']:.2f}: {100 * th['coverage']:.0f} % of tracks tagged, {100 * th['accuracy']:.1f} % of them right" in part
+        assert f"{c['after']['ece']:.3f}" in sec and f"{c['before']['ece']:.3f}" in sec
+    assert "No calibration recorded for: minimal &lt;run&gt; &amp; co" in sec
+    assert 'href="#deployment"' in html
 
 
 def test_written_comparison_follows_the_numbers(built):

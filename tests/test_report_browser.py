@@ -129,3 +129,9 @@ def test_rendered_dom_has_leaderboard(report, tmp_path):
     lb.feed(dom)
     assert lb.names == [v.label for v in ctx["runs"]]
     assert len(lb.names) == len(ctx["runs"]) >= 5
+    # the deployment section rendered: per calibrated run a reliability diagram and a coverage
+    # curve with the default threshold marked
+    n_cal = sum(1 for v in ctx["runs"] if v.m.get("calibration"))
+    assert 'id="deployment"' in dom and n_cal >= 5
+    assert dom.count('class="default-threshold"') == n_cal
+    assert dom.count("reliability before and after calibration</title>") == n_cal

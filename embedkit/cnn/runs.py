@@ -68,13 +68,16 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
 
 
 def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], first_fold: str) -> dict[str, Any]:
-    """Copy the first fold's model to model.pt and write metrics.json (the completion mark)."""
+    """Copy the first fold's model to model.pt, fit the calibration on the out-of-fold tracks
+    (calibration.json) and write metrics.json (the completion mark)."""
+    from ..calibration import calibrate_run
     from ..evaluate import write_metrics
     from ..io import atomic_write
 
     with open(run_dir / "models" / f"{first_fold}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
         atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))
     m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
+    m["calibration"] = calibrate_run(ev, run_dir)
     write_metrics(run_dir, m)
     return m
 

@@ -454,6 +454,50 @@ def curve_charts(lc: Any, run_name: str) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deployment: calibration and the default threshold (metrics.json "calibration", see
+# embedkit.calibration)
+
+
+def deployment_view(v: RunView) -> dict[str, Any] | None:
+    """Numbers, sentence and the two charts of a run's calibration block; None without one."""
+    c = _dict(v.m.get("calibration"))
+    before, after, th = _dict(c.get("before")), _dict(c.get("after")), _dict(c.get("threshold"))
+    if not before or not after:
+        return None
+    cf = _dict(th.get("cross_fitted"))
+    t = _num(th.get("threshold"))
+    sentence = DASH
+    if t is not None and _num(th.get("coverage")) is not None:
+        sentence = f"At {t:.2f}: {pct(th.get('coverage'), 0)} of tracks tagged, {pct(th.get('accuracy'))} of them right"
+        if _num(cf.get("coverage")) is not None:
+            sentence += f" (threshold chosen without each fold's tracks: {pct(cf.get('coverage'), 0)} tagged, {pct(cf.get('accuracy'))} right)"
+        sentence += "."
+    floor = _dict(c.get("ece_if_calibrated"))
+    return {
+        "method": str(c.get("method") or DASH),
+        "why_not": str(c.get("why_not_temperature") or ""),
+        "temperature": _num(c.get("temperature")),
+        "bins": _num(c.get("ece_bins")),
+        "measured_on": str(c.get("measured_on") or DASH),
+        "before": {k: _num(before.get(k)) for k in ("ece", "nll", "brier", "accuracy")},
+        "after": {k: _num(after.get(k)) for k in ("ece", "nll", "brier", "accuracy")},
+        "floor_mean": _num(floor.get("mean")),
+        "floor_p90": _num(floor.get("p90")),
+        "threshold": t,
+        "target": _num(th.get("target")),
+        "target_reached": th.get("target_reached"),
+        "coverage": _num(th.get("coverage")),
+        "accuracy": _num(th.get("accuracy")),
+        "cv_coverage": _num(cf.get("coverage")),
+        "cv_accuracy": _num(cf.get("accuracy")),
+        "rule": str(th.get("note") or th.get("rule") or DASH),
+        "sentence": sentence,
+        "reliability": charts.reliability_chart(_list(c.get("reliability_before")), _list(c.get("reliability_after")), f"{v.label}: reliability before and after calibration"),
+        "coverage_chart": charts.coverage_chart(_list(c.get("coverage_curve")), t, f"{v.label}: coverage and accuracy per threshold"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Dataset section
 
 
@@ -659,6 +703,7 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
         conf = _list(v.m.get("confusion"))
         v.extra["confusion"] = charts.heatmap(conf, labs, f"{v.label}: confusion matrix") if conf and labs else ""
         v.extra["spec_row"] = _spec_row(v)
+        v.extra["deployment"] = deployment_view(v)
         v.extra["spec_tables"] = [(title, flatten(_dict(v.m.get(key)))) for title, key in (("Backbone spec", "spec"), ("Preprocessing", "preprocess"), ("Training config", "config"), ("Protocol", "protocol"))]
         v.extra["spec_tables"] = [(t, rows) for t, rows in v.extra["spec_tables"] if rows]
 
@@ -699,6 +744,8 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
         "no_build_cost": [v.label for v in views if v.build_s_total is None],
         "versions": _versions_table(views),
         "any_curves": any(v.extra["curves"] for v in views),
+        "any_deployment": any(v.extra["deployment"] for v in views),
+        "no_deployment": [v.label for v in views if not v.extra["deployment"]],
         "kinds": Counter(v.kind for v in views),
     }
 
@@ -709,6 +756,7 @@ def _environment():
     env = Environment(loader=PackageLoader("embedkit.report", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=pct, pct_pm=pct_pm, seconds=seconds, millis=millis, nbytes=nbytes, count=count, value=value)
     env.filters["f1cell"] = lambda v: DASH if v is None else f"{v:.2f}"
+    env.filters["f3"] = lambda v: DASH if _num(v) is None else f"{_num(v):.3f}"
     # Cell shade for scores in [0, 1]: light tint so dark text stays readable.
     env.filters["shade"] = lambda v: "" if v is None else f"background-color: rgba(78, 121, 167, {0.08 + 0.5 * max(0.0, min(1.0, v)) ** 2:.2f})"
     return env

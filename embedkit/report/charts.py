@@ -265,3 +265,70 @@ def scatter(points: Sequence[dict], title: str, xlabel: str, ylabel: str, log_x:
         body.append(f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="9" fill="{fill}" stroke="{p["color"]}" stroke-width="2"><title>{tip}</title></circle>')
         body.append(_text(cx, cy + 3.5, str(p["tag"]), anchor="middle", size=9.5, weight="bold", fill=p["color"] if p.get("hollow") else "#ffffff"))
     return _svg(width, height, body, title)
+
+
+def _unit_frame(width: float, height: float, xlabel: str, ylabel: str, ml=48, mr=14, mt=30, mb=40):
+    """Axes for values in [0, 1] x [0, 1]: (body with grid and labels, sx, sy, plot box)."""
+    pw, ph = width - ml - mr, height - mt - mb
+    sx = lambda x: ml + min(max(x, 0.0), 1.0) * pw  # noqa: E731
+    sy = lambda y: mt + ph - min(max(y, 0.0), 1.0) * ph  # noqa: E731
+    body = []
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        body.append(f'<line x1="{ml}" x2="{_f(ml + pw)}" y1="{_f(sy(t))}" y2="{_f(sy(t))}" stroke="{GRID}"/>')
+        body.append(_text(ml - 6, sy(t) + 4, fmt_tick(t), anchor="end", size=10, fill=MUTED))
+        body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
+    body.append(f'<rect x="{ml}" y="{mt}" width="{_f(pw)}" height="{_f(ph)}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>')
+    body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
+    body.append(_text(12, mt + ph / 2, ylabel, anchor="middle", size=11, fill=MUTED, extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"'))
+    return body, sx, sy, (ml, mt, pw, ph)
+
+
+def _legend(body: list[str], items: Sequence[tuple[str, str, str | None]], x: float, y: float) -> None:
+    for name, col, dash in items:
+        d = f' stroke-dasharray="{dash}"' if dash else ""
+        body.append(f'<line x1="{_f(x)}" x2="{_f(x + 18)}" y1="{_f(y - 4)}" y2="{_f(y - 4)}" stroke="{col}" stroke-width="2.5"{d}/>')
+        body.append(_text(x + 23, y, name, size=10.5))
+        x += 34 + 6.2 * len(name)
+
+
+def reliability_chart(before: Sequence[dict], after: Sequence[dict], title: str, width: int = 380, height: int = 330) -> Markup:
+    """Reliability diagram: per confidence bin ({n, confidence, accuracy}), the accuracy of its
+    tracks against their mean confidence, before (grey) and after calibration (blue); marker
+    area proportional to the tracks in the bin; the diagonal is perfect calibration."""
+    series = [(before, "before", "#9aa5b1", "4 3"), (after, "after", PALETTE[0], None)]
+    if not any(x.get("n") for bins, *_ in series for x in bins):
+        return Markup("")
+    body, sx, sy, _ = _unit_frame(width, height, "confidence (top-class probability)", "accuracy")
+    body.append(f'<line x1="{_f(sx(0))}" y1="{_f(sy(0))}" x2="{_f(sx(1))}" y2="{_f(sy(1))}" stroke="{MUTED}" stroke-dasharray="2 3"/>')
+    total = max(sum(int(x.get("n") or 0) for x in after), 1)
+    for bins, name, col, dash in series:
+        pts = [(float(x["confidence"]), float(x["accuracy"]), int(x["n"])) for x in bins if x.get("n") and x.get("confidence") is not None and x.get("accuracy") is not None]
+        if len(pts) > 1:
+            d = f' stroke-dasharray="{dash}"' if dash else ""
+            body.append(f'<polyline points="{" ".join(f"{_f(sx(c))},{_f(sy(a))}" for c, a, _ in pts)}" fill="none" stroke="{col}" stroke-width="1.8"{d}/>')
+        for c, a, n in pts:
+            r = 2.5 + 9 * math.sqrt(n / total)
+            tip = escape(f"{name}: {n} tracks at confidence {c:.2f}, {a:.0%} right")
+            body.append(f'<circle class="rel-{name}" cx="{_f(sx(c))}" cy="{_f(sy(a))}" r="{_f(r)}" fill="{col}" fill-opacity="0.55" stroke="{col}"><title>{tip}</title></circle>')
+    _legend(body, [("before calibration", "#9aa5b1", "4 3"), ("after", PALETTE[0], None), ("perfect", MUTED, "2 3")], 48, 14)
+    return _svg(width, height, body, title)
+
+
+def coverage_chart(curve: Sequence[dict], threshold: float | None, title: str, width: int = 380, height: int = 330) -> Markup:
+    """Coverage (share of tracks whose top probability >= t) and the accuracy of those tracks
+    against the threshold t ({threshold, coverage, accuracy}); the default threshold marked."""
+    pts = [(float(r["threshold"]), r.get("coverage"), r.get("accuracy")) for r in curve if r.get("threshold") is not None]
+    if not pts:
+        return Markup("")
+    body, sx, sy, (ml, mt, pw, ph) = _unit_frame(width, height, "threshold on the calibrated top probability", "share of tracks")
+    for idx, col, dash in ((1, PALETTE[1], None), (2, PALETTE[4], None)):
+        line = [f"{_f(sx(p[0]))},{_f(sy(float(p[idx])))}" for p in pts if p[idx] is not None]
+        if len(line) > 1:
+            body.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="{col}" stroke-width="2"/>')
+    if threshold is not None and math.isfinite(threshold):
+        x = sx(threshold)
+        body.append(f'<line class="default-threshold" x1="{_f(x)}" x2="{_f(x)}" y1="{mt}" y2="{_f(mt + ph)}" stroke="{INK}" stroke-dasharray="5 3"/>')
+        anchor = "end" if threshold > 0.6 else "start"
+        body.append(_text(x + (-5 if anchor == "end" else 5), mt + ph - 8, f"default {threshold:.2f}", anchor=anchor, size=10.5, weight="bold"))
+    _legend(body, [("coverage (tagged)", PALETTE[1], None), ("accuracy of tagged", PALETTE[4], None)], 48, 14)
+    return _svg(width, height, body, title)

@@ -1,0 +1,480 @@
+"""Confidence that means what it says: calibration, thresholds and decisions.
+
+A run's track probabilities (the mean of its segment probabilities) are often over- or
+under-confident. ``fit_calibration`` fits temperature scaling (Guo et al., 2017) on held-out
+track probabilities: ``p' = softmax(log p / T)`` with the one scalar T that minimises the
+negative log-likelihood. T changes confidence, never the ranking of the classes, so accuracy is
+unchanged. It is kept only when it can be fitted (``MIN_FIT_TRACKS`` held-out tracks, at least
+one of them wrong) and lowers the NLL on held-out tracks; else the run's calibration is the
+identity ("none"). (Isotonic regression of the top-class confidence was measured too and was
+worse on every gtzan_mini run: bench/bench_calibration.py.)
+
+Scores, on track-level probabilities P [N, C] and true class indices y [N]:
+- ECE: expected calibration error over ``ECE_BINS`` (15) equal-width bins of the top-class
+  confidence: sum_b (n_b / N) |accuracy_b - mean confidence_b|.
+- NLL: mean of -log p[true] (probabilities clipped at 1e-12).
+- Brier: mean over tracks of sum_c (p_c - [c == true])^2 (0 best, 2 worst).
+
+``calibrate_run(ev, run_dir)`` is the one call every trainer makes when a run is finished: it
+fits the calibration on the run's out-of-fold tracks and writes ``calibration.json``; the
+before / after scores it returns for metrics.json are cross-fitted: the tracks of each fold are
+scored with a temperature fitted on the other folds only (with a single test part, on 5
+stratified chunks of it), so no track is scored by a calibration that saw it.
+
+Decisions (``decide``): below ``threshold`` a track is "uncertain" (no genre, probabilities
+still reported); with ``multi`` every genre at or above ``multi_threshold`` or within
+``margin`` of the top one is kept, at most ``k``. The default threshold is chosen from the run's
+own held-out data by ``select_threshold``: the smallest threshold whose tagged tracks reach the
+target precision (accuracy among the tracks at or above it), see its docstring; on fewer
+than ``MIN_THRESHOLD_TRACKS`` held-out tracks none is chosen (0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import EmbedkitError
+
+CALIBRATION_FILE = "calibration.json"
+ECE_BINS = 15
+EPS = 1e-12
+#: precision the default threshold aims for on the run's held-out tracks.
+TARGET_PRECISION = 0.97
+#: fewest held-out tracks the default threshold must leave tagged (so one lucky track cannot
+#: set it).
+MIN_TAGGED = 10
+#: fewest held-out tracks a default threshold is chosen on (fewer: threshold 0).
+MIN_THRESHOLD_TRACKS = 20
+#: fewest held-out tracks a temperature is fitted on; and at least one must be misclassified:
+#: on tracks that are all right the NLL keeps falling as T -> 0 (certainty), a useless fit.
+MIN_FIT_TRACKS = 20
+#: temperature search range; T outside it means the probabilities carry no usable ranking.
+T_BOUNDS = (0.01, 100.0)
+UNCERTAIN = "uncertain"
+
+
+class CalibrationError(EmbedkitError):
+    """A calibration file that cannot be used (wrong labels, unknown method, malformed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def _check(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=int)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"expected probabilities [N, C] and labels [N], got {p.shape} and {y.shape}")
+    return p, y
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per equal-width bin of the top-class confidence: {lo, hi, n, confidence, accuracy}
+    (confidence and accuracy None in empty bins). The last bin includes 1.0."""
+    p, y = _check(p, y)
+    conf = p.max(axis=1)
+    right = (p.argmax(axis=1) == y).astype(float)
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        n = int(m.sum())
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n, "confidence": float(conf[m].mean()) if n else None, "accuracy": float(right[m].mean()) if n else None})
+    return out
+
+
+def ece(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``bins`` equal-width bins of the top-class confidence."""
+    p, y = _check(p, y)
+    if len(p) == 0:
+        return float("nan")
+    return float(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in reliability(p, y, bins) if b["n"]) / len(p))
+
+
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log)."""
+    p, y = _check(p, y)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], EPS, 1.0)).mean())
+
+
+def brier(p: np.ndarray, y: np.ndarray) -> float:
+    """Multi-class Brier score: mean over tracks of sum_c (p_c - onehot_c)^2, in [0, 2]."""
+    p, y = _check(p, y)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(y)), y] = 1.0
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def ece_if_calibrated(p: np.ndarray, draws: int = 200, seed: int = 0, bins: int = ECE_BINS) -> dict[str, float]:
+    """The ECE a perfectly calibrated model with these confidences would show on this many
+    tracks: labels drawn from ``p`` itself, ``draws`` times. {mean, p90}. On 100 tracks it is
+    far from 0, so a measured ECE below its p90 is indistinguishable from perfect calibration."""
+    p = np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(p, axis=1)
+    vals = []
+    for _ in range(draws):
+        u = rng.random((len(p), 1)) * cum[:, -1:]
+        y = np.minimum((u > cum).sum(axis=1), p.shape[1] - 1)
+        vals.append(ece(p, y, bins))
+    return {"mean": float(np.mean(vals)), "p90": float(np.percentile(vals, 90)), "draws": draws}
+
+
+def scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """{ece, nll, brier, accuracy} of track probabilities."""
+    p, y = _check(p, y)
+    return {"ece": ece(p, y), "nll": nll(p, y), "brier": brier(p, y), "accuracy": float((p.argmax(axis=1) == y).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature scaling
+
+
+def _softmax_t(p: np.ndarray, t: float) -> np.ndarray:
+    z = np.log(np.clip(p, EPS, 1.0)) / t
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def can_fit_temperature(p: np.ndarray, y: np.ndarray) -> str:
+    """"" when a temperature can be fitted on (p, y), else the reason it cannot."""
+    if len(y) < MIN_FIT_TRACKS:
+        return f"only {len(y)} held-out tracks (temperature scaling needs {MIN_FIT_TRACKS})"
+    if (np.asarray(p).argmax(axis=1) == np.asarray(y)).all():
+        return "every held-out track is right: the fit would drive confidence to certainty"
+    return ""
+
+
+def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the NLL of softmax(log p / T) on (p, y); bounded search on
+    log T (the NLL is smooth and, for T > 0, has one minimum)."""
+    from scipy.optimize import minimize_scalar
+
+    p, y = _check(p, y)
+    if len(p) == 0:
+        raise ValueError("no tracks to fit a temperature on")
+    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
+    res = minimize_scalar(lambda lt: nll(_softmax_t(p, float(np.exp(lt))), y), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
+
+
+@dataclass
+class DecisionRule:
+    """How probabilities become genres. threshold: top probability below it -> "uncertain".
+    multi: keep more than the top genre: those >= multi_threshold or within ``margin`` of the
+    top probability, at most ``k`` (the top one always, when it passes ``threshold``)."""
+
+    threshold: float = 0.0
+    multi: bool = False
+    multi_threshold: float = 0.3
+    margin: float = 0.1
+    k: int = 3
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise EmbedkitError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if not 0.0 <= self.multi_threshold <= 1.0:
+            raise EmbedkitError(f"the multi-genre threshold must be between 0 and 1, got {self.multi_threshold}")
+        if not 0.0 <= self.margin <= 1.0:
+            raise EmbedkitError(f"the multi-genre margin must be between 0 and 1, got {self.margin}")
+        if self.k < 1:
+            raise EmbedkitError(f"the multi-genre limit k must be >= 1, got {self.k}")
+
+
+@dataclass
+class Decision:
+    """label: the top genre or "uncertain"; genres: what would be written (empty when
+    uncertain); scores: the calibrated probability of each of ``genres``; confidence: the top
+    probability (recorded even when uncertain)."""
+
+    label: str
+    genres: list[str]
+    scores: list[float]
+    confidence: float
+
+    @property
+    def uncertain(self) -> bool:
+        return self.label == UNCERTAIN
+
+    def __str__(self) -> str:  # what a results row records as the decision
+        return self.label
+
+
+def decide(p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = None) -> Decision:
+    """Calibrated probabilities of one track [C] -> Decision under ``rule``."""
+    rule = rule or DecisionRule()
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or len(p) != len(labels):
+        raise ValueError(f"expected probabilities [{len(labels)}], got shape {p.shape}")
+    order = np.argsort(-p, kind="stable")
+    top = float(p[order[0]])
+    if top < rule.threshold:
+        return Decision(UNCERTAIN, [], [], top)
+    keep = [int(order[0])]
+    if rule.multi:
+        for j in order[1:]:
+            if len(keep) >= rule.k:
+                break
+            if p[j] >= rule.multi_threshold or p[j] >= top - rule.margin:
+                keep.append(int(j))
+    return Decision(str(labels[order[0]]), [str(labels[j]) for j in keep], [float(p[j]) for j in keep], top)
+
+
+@dataclass
+class Calibration:
+    """A fitted calibration of a run's track probabilities; ``apply`` maps [..., C] -> [..., C].
+
+    method: "temperature" with ``temperature``, or "none" (the identity: chosen when temperature
+    scaling did not lower the held-out NLL); labels: the class order it
+    was fitted in; rule: the default decisions (threshold chosen on held-out data);
+    fitted_on: what it was fitted on (number of tracks, protocol)."""
+
+    labels: list[str]
+    temperature: float = 1.0
+    method: str = "temperature"
+    rule: DecisionRule = field(default_factory=DecisionRule)
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when ``apply`` leaves probabilities as they are (method "none", or T = 1)."""
+        return self.method == "none" or self.temperature == 1.0
+
+    def apply(self, p: np.ndarray) -> np.ndarray:
+        """Probabilities [..., C] (rows summing to 1) -> calibrated probabilities [..., C]."""
+        p = np.asarray(p, dtype=np.float64)
+        if p.shape[-1] != len(self.labels):
+            raise CalibrationError(f"calibration is for {len(self.labels)} classes, got probabilities with {p.shape[-1]}")
+        return p.copy() if self.is_identity else _softmax_t(p, self.temperature)
+
+    def decide(self, p: np.ndarray, rule: DecisionRule | None = None) -> Decision:
+        """Decision for one track's calibrated probabilities [C] (default: the stored rule)."""
+        return decide(p, self.labels, rule or self.rule)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": 1, "method": self.method, "temperature": self.temperature, "labels": list(self.labels), "rule": asdict(self.rule), "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        if not isinstance(d, dict) or d.get("method") not in ("temperature", "none"):
+            raise CalibrationError(f"unknown calibration method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'temperature' and 'none'")
+        try:
+            t = float(d["temperature"]) if d["method"] == "temperature" else 1.0
+            labels = [str(x) for x in d["labels"]]
+            rule = DecisionRule(**d.get("rule", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"malformed calibration ({type(exc).__name__}: {exc})") from None
+        if not (np.isfinite(t) and t > 0):
+            raise CalibrationError(f"calibration temperature must be > 0, got {t}")
+        return cls(labels=labels, temperature=t, method=d["method"], rule=rule, fitted_on=dict(d.get("fitted_on", {})))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .io import atomic_write_text
+
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def fit_calibration(p: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> Calibration:
+    """Temperature scaling fitted on held-out track probabilities p [N, C], true indices y [N]."""
+    return Calibration(labels=list(labels), temperature=fit_temperature(p, y), fitted_on={"n_tracks": int(len(y))})
+
+
+def load_calibration(run_dir: str | os.PathLike, labels: Sequence[str] | None = None) -> Calibration | None:
+    """The run's calibration.json as a Calibration (None when the run has none: runs made
+    before calibration existed). Refuses a file whose labels differ from ``labels``."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{path}: unreadable calibration ({type(exc).__name__}: {exc})") from None
+    try:
+        cal = Calibration.from_dict(d)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+    if labels is not None and list(labels) != cal.labels:
+        raise CalibrationError(f"{path}: calibration labels {cal.labels} differ from the model's {list(labels)}")
+    return cal
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds
+
+
+def coverage_curve(p: np.ndarray, y: np.ndarray, thresholds: Sequence[float] | None = None) -> list[dict[str, float]]:
+    """For each threshold t: coverage (share of tracks whose top probability >= t) and the
+    accuracy of those tracks (None when none is covered). Default thresholds 0, 0.02, ..., 1."""
+    p, y = _check(p, y)
+    conf = p.max(axis=1)
+    right = p.argmax(axis=1) == y
+    ts = np.round(np.linspace(0, 1, 51), 4) if thresholds is None else np.asarray(thresholds, dtype=float)
+    out = []
+    for t in ts:
+        m = conf >= t
+        n = int(m.sum())
+        out.append({"threshold": float(t), "coverage": n / len(conf) if len(conf) else 0.0, "accuracy": float(right[m].mean()) if n else None, "n": n})
+    return out
+
+
+def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECISION, min_tagged: int = MIN_TAGGED, min_tracks: int = MIN_THRESHOLD_TRACKS) -> dict[str, Any]:
+    """The default threshold, chosen on held-out tracks by a documented rule.
+
+    Candidates are the tracks' top probabilities. Rule: the smallest candidate t such that the
+    tracks with top probability >= t are right at least ``target`` of the time and number at
+    least ``min(min_tagged, N)``; the threshold returned is the midpoint between t and the next
+    lower top probability (it tags the same held-out tracks, with a margin on either side).
+    When no candidate reaches the target, the one with the highest precision among those
+    leaving ``min_tagged`` tracks tagged is used and ``target_reached`` is False. With fewer
+    than ``min_tracks`` tracks no threshold is chosen (0: nothing is "uncertain").
+
+    Returns {threshold, target, target_reached, coverage, accuracy, n_tagged, n_tracks}.
+    """
+    p, y = _check(p, y)
+    n = len(p)
+    if n == 0:
+        raise ValueError("no tracks to choose a threshold on")
+    conf = p.max(axis=1)
+    right = (p.argmax(axis=1) == y).astype(float)
+    if n < min_tracks:
+        return {"threshold": 0.0, "target": target, "target_reached": False, "coverage": 1.0, "accuracy": float(right.mean()), "n_tagged": n, "n_tracks": n, "note": f"only {n} held-out tracks (a threshold needs {min_tracks}): none chosen"}
+    order = np.argsort(-conf, kind="stable")
+    c_sorted, r_sorted = conf[order], right[order]
+    # Tracks tagged at threshold c_sorted[i]: every track with conf >= c_sorted[i] (ties included).
+    last = np.searchsorted(-c_sorted, -c_sorted, side="right")  # count with conf >= c_sorted[i]
+    cum = np.cumsum(r_sorted)
+    prec = cum[last - 1] / last
+    need = min(min_tagged, n)
+    ok = (last >= need) & (prec >= target - 1e-12)
+    reached = bool(ok.any())
+    if reached:
+        i = int(np.flatnonzero(ok)[-1])  # the lowest confidence (sorted descending) that qualifies
+    else:
+        cand = np.flatnonzero(last >= need)
+        i = int(cand[np.argmax(prec[cand] + 1e-9 * np.arange(len(cand)))])  # ties: lower threshold
+    t_hi = float(c_sorted[i])
+    lower = conf[conf < t_hi]
+    t = (t_hi + float(lower.max())) / 2 if len(lower) else t_hi
+    m = conf >= t
+    return {"threshold": t, "target": target, "target_reached": reached, "coverage": float(m.mean()), "accuracy": float(right[m].mean()) if m.any() else None, "n_tagged": int(m.sum()), "n_tracks": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished run: fit, cross-fit, choose the threshold, write calibration.json
+
+
+def _cross_groups(groups: np.ndarray, y: np.ndarray, seed: int = 0, k: int = 5) -> np.ndarray:
+    """Cross-fitting groups: the CV folds when there are several, else k stratified chunks."""
+    if len(np.unique(groups)) >= 2:
+        return groups
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y)
+    k = int(min(k, counts[counts > 0].min())) if len(counts) else 0
+    out = np.zeros(len(y), dtype=object)
+    if k < 2:  # too few tracks per class to stratify: interleaved chunks
+        k = min(5, len(y))
+        for i in range(len(y)):
+            out[i] = f"chunk{i % max(k, 1)}"
+        return out
+    for j, (_, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+        out[te] = f"chunk{j}"
+    return out
+
+
+def cross_fit(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Each group's tracks calibrated by a temperature fitted on the other groups only (1 where
+    those cannot support a fit, see ``can_fit_temperature``). Returns (calibrated probabilities [N, C], the temperature used for each group)."""
+    p, y = _check(p, y)
+    out = np.empty_like(p)
+    temps = []
+    for g in dict.fromkeys(groups.tolist()):
+        te = groups == g
+        t = 1.0 if can_fit_temperature(p[~te], y[~te]) else fit_temperature(p[~te], y[~te])
+        temps.append(t)
+        out[te] = _softmax_t(p[te], t)
+    return out, temps
+
+
+def cross_fit_threshold(q: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Tagged mask [N]: each group's tracks thresholded by ``select_threshold`` applied to the
+    other groups' tracks (the choice of the threshold never sees the tracks it is scored on)."""
+    tagged = np.zeros(len(q), dtype=bool)
+    for g in dict.fromkeys(groups.tolist()):
+        te = groups == g
+        if (~te).any():
+            tagged[te] = q[te].max(axis=1) >= select_threshold(q[~te], y[~te])["threshold"]
+    return tagged
+
+
+def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, labels: Sequence[str]) -> tuple[Calibration, dict[str, Any]]:
+    """Fit the deployable calibration on every held-out track and measure it honestly.
+
+    p: out-of-fold track probabilities [N, C]; y: true indices [N]; groups: the fold of each
+    track (one value for a single test part). Temperature scaling is kept only when it can be
+    fitted (``can_fit_temperature``) and lowers the cross-fitted NLL (a proper scoring rule; ECE on ~100 tracks is too noisy to decide
+    on); otherwise the calibration is the identity (method "none", T = 1). Returns
+    (Calibration with the default threshold in its rule, the metrics.json "calibration" block)."""
+    p, y = _check(p, y)
+    groups = _cross_groups(np.asarray(groups, dtype=object), y)
+    before = scores(p, y)
+    p_t, temps = cross_fit(p, y, groups)
+    candidates = {"none": before, "temperature": scores(p_t, y)}
+    why_not = can_fit_temperature(p, y)
+    if not why_not and candidates["temperature"]["nll"] >= before["nll"]:
+        why_not = f"temperature scaling did not lower the held-out NLL ({candidates['temperature']['nll']:.4f} vs {before['nll']:.4f})"
+    method = "none" if why_not else "temperature"
+    q = p_t if method == "temperature" else p
+    cal = fit_calibration(p, y, labels) if method == "temperature" else Calibration(labels=list(labels), method="none")
+    sel = select_threshold(q, y)
+    tagged = cross_fit_threshold(q, y, groups)
+    cal.rule = DecisionRule(threshold=round(sel["threshold"], 4))
+    right = q.argmax(axis=1) == y
+    n_parts = len(set(groups.tolist()))
+    fitted = cal.temperature if method == "temperature" else (None if can_fit_temperature(p, y) else fit_temperature(p, y))
+    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)", "temperature_fitted": fitted, "why_not_temperature": why_not}
+    block = {
+        "method": method,
+        "temperature": cal.temperature,
+        "ece_bins": ECE_BINS,
+        "measured_on": f"{len(y)} held-out tracks, cross-fitted over {n_parts} parts: each part calibrated by a temperature fitted on the others",
+        "choice": "temperature scaling kept only when it lowers the cross-fitted NLL; else none (identity)",
+        "why_not_temperature": why_not,
+        "candidates": candidates,
+        "before": before,
+        "after": scores(q, y),
+        "ece_if_calibrated": ece_if_calibrated(q),
+        "cross_fit_temperatures": temps,
+        "reliability_before": reliability(p, y),
+        "reliability_after": reliability(q, y),
+        "coverage_curve": coverage_curve(q, y),
+        "threshold": {
+            **sel,
+            "rule": f"smallest threshold on the calibrated top probability whose tagged held-out tracks are >= {TARGET_PRECISION:.0%} right (at least {MIN_TAGGED} tagged)",
+            # the threshold chosen without each part's tracks: an unbiased estimate of the rule
+            "cross_fitted": {"coverage": float(tagged.mean()), "accuracy": float(right[tagged].mean()) if tagged.any() else None, "n_tagged": int(tagged.sum())},
+        },
+        "file": CALIBRATION_FILE,
+    }
+    return cal, block
+
+
+def calibrate_run(ev, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The one call a trainer makes when its run is finished: fit the calibration on the
+    Evaluation's out-of-fold tracks, write ``run_dir/calibration.json``, and return the
+    metrics.json "calibration" block (scores before / after on tracks the calibration never saw,
+    the default threshold with its coverage and accuracy, the charts' data)."""
+    df, p = ev.track_probabilities()
+    cal, block = evaluate_calibration(p, df["true"].to_numpy(), df["fold"].to_numpy(), ev.labels)
+    cal.save(Path(run_dir) / CALIBRATION_FILE)
+    return block

@@ -1,0 +1,167 @@
+"""Genres decided by ``embedkit tag`` written into the files, and undone: ``tag --write-tags``
+and ``embedkit untag``.
+
+    rows (embedkit.tag results: path, probabilities) -> decide (embedkit.calibration: the model's
+    default rule or the command's --threshold / --multi) -> embedkit.tagwrite.write_genres
+    -> the results database's ``tag_writes`` table: what each file held before, for ``untag``
+
+``tag_writes`` (one row per file path and model id): genres written, the file's tag state
+before embedkit's first write with this model (``before``, JSON; kept across later writes so
+undo goes back to the person's values), status, reason, written_at / updated_at (UTC). After a
+write the file's bytes (and so its content fingerprint) change while its audio does not: the
+results row is copied under the new fingerprint, so the next ``embedkit tag`` run does not
+decode the file again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .calibration import DecisionRule, decide
+from .errors import EmbedkitError
+from .tagwrite import TagChange, read_tags, restore, write_genres
+
+WRITES_TABLE = "tag_writes"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def writes_table(db):
+    """The ``tag_writes`` table of a ``tagdb.ResultsDB`` (created on first use)."""
+    import sqlalchemy as sa
+
+    t = db.meta.tables.get(WRITES_TABLE)
+    if t is None:
+        t = sa.Table(
+            WRITES_TABLE, db.meta,
+            sa.Column("path", sa.Text, primary_key=True),
+            sa.Column("model_id", sa.String(64), primary_key=True),
+            sa.Column("genres", sa.JSON),
+            sa.Column("before", sa.JSON),
+            sa.Column("status", sa.String(16)),
+            sa.Column("reason", sa.Text),
+            sa.Column("written_at", sa.DateTime(timezone=True)),
+            sa.Column("updated_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        t.create(db.engine, checkfirst=True)
+    return t
+
+
+def decisions(rows: Iterable[dict[str, Any]], labels: Sequence[str], rule: DecisionRule):
+    """(row, Decision) for result rows carrying ``probabilities`` {label: p} (calibrated)."""
+    for r in rows:
+        probs = r["probabilities"]
+        yield r, decide(np.array([float(probs[l]) for l in labels]), labels, rule)
+
+
+def write_tags(
+    rows: Iterable[dict[str, Any]],
+    labels: Sequence[str],
+    rule: DecisionRule,
+    *,
+    model_id: str,
+    db=None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    id3_version: int = 4,
+    separator: str = "; ",
+) -> list[TagChange]:
+    """Write each row's decided genres into its file (``tagwrite.write_genres`` rules: a
+    person's genre kept unless ``overwrite``, nothing for "uncertain", copy-verify-replace).
+
+    db: a ``tagdb.ResultsDB``; every file written is recorded in ``tag_writes`` (the state
+    before, for ``untag``) and its results row copied under the file's new fingerprint.
+    Required unless ``dry_run``: without it a write could not be undone."""
+    if db is None and not dry_run:
+        raise EmbedkitError("writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them")
+    table = writes_table(db) if db is not None else None
+    known = _recorded(db, table, model_id) if db is not None else {}
+    out = []
+    seen: set[str] = set()
+    for row, d in decisions(rows, labels, rule):
+        path = str(row["path"])
+        if path in seen:
+            continue
+        seen.add(path)
+        ch = write_genres(path, d.genres, scores=d.scores, model=model_id, dry_run=dry_run, overwrite=overwrite, id3_version=id3_version, separator=separator)
+        out.append(ch)
+        if ch.status == "written" and db is not None:
+            first = known.get(path)
+            _record(db, table, {"path": path, "model_id": model_id, "genres": ch.genres, "before": first["before"] if first else ch.before, "status": "written", "reason": ch.reason})
+            _refingerprint(db, row)
+    return out
+
+
+def _recorded(db, table, model_id: str, paths: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    import sqlalchemy as sa
+
+    q = sa.select(table).where(table.c.model_id == model_id)
+    if paths is not None:
+        q = q.where(table.c.path.in_(list(paths)))
+    with db.engine.connect() as c:
+        return {r.path: dict(r._mapping) for r in c.execute(q)}
+
+
+def _record(db, table, row: dict[str, Any]) -> None:
+    import sqlalchemy as sa
+
+    now = _now()
+
+    def tx(c):
+        c.execute(sa.delete(table).where(table.c.path == row["path"], table.c.model_id == row["model_id"]))
+        c.execute(sa.insert(table), [{**row, "written_at": row.get("written_at") or now, "updated_at": now}])
+
+    db._retry(tx)
+
+
+def _refingerprint(db, row: dict[str, Any]) -> None:
+    """The results row again under the tagged file's fingerprint (same audio, new bytes)."""
+    from .identity import FileStat, fingerprint
+
+    try:
+        st = FileStat.of(row["path"])
+        fp = fingerprint(row["path"])
+    except EmbedkitError:
+        return
+    if fp == row.get("fingerprint"):
+        return
+    keep = {k: v for k, v in row.items() if k in {c.name for c in db.tags.columns}}
+    db.write([{**keep, "fingerprint": fp, "size": st.size, "mtime": st.mtime_ns / 1e9, "mtime_ns": st.mtime_ns, "inode": st.inode}])
+
+
+def untag(model_id: str, db, paths: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False) -> list[TagChange]:
+    """Restore what the files held before ``model_id`` wrote genres into them (all files it
+    wrote, or ``paths``). A file whose genre a person (or another model) changed since is
+    "kept" unless ``force``; a restored file's record is removed."""
+    import sqlalchemy as sa
+
+    table = writes_table(db)
+    recs = _recorded(db, table, model_id, paths)
+    out = []
+    for path, rec in sorted(recs.items()):
+        if not force:
+            try:
+                now = read_tags(path)
+            except EmbedkitError as exc:
+                out.append(TagChange(path, "failed", getattr(exc, "problem", str(exc))))
+                continue
+            if now.written_by_embedkit and now.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
+                out.append(TagChange(path, "kept", f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first", genres=now.genre or []))
+                continue
+        ch = restore(path, rec["before"], dry_run=dry_run, force=force)
+        out.append(ch)
+        if ch.status in ("written", "unchanged") and not dry_run:
+            db._retry(lambda c, p=path: c.execute(sa.delete(table).where(table.c.path == p, table.c.model_id == model_id)))
+    return out
+
+
+def summary(changes: Sequence[TagChange]) -> dict[str, int]:
+    """Count of changes per status."""
+    from collections import Counter
+
+    return dict(Counter(c.status for c in changes))
