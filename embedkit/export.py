@@ -392,6 +392,7 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
 def _torch_export(module, window: int, opset: int):
     """torch.onnx.export (dynamo) with a dynamic batch axis -> onnx.ModelProto."""
     import io
+    import logging
     import warnings
 
     import onnx
@@ -399,6 +400,10 @@ def _torch_export(module, window: int, opset: int):
 
     example = (torch.randn(2, window, generator=torch.Generator().manual_seed(0)) * 0.1,)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # the exporter logs one warning per torchvision op it cannot register: noise, not a problem
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -406,6 +411,8 @@ def _torch_export(module, window: int, opset: int):
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from None
+        finally:
+            registration.setLevel(level)
     buf = io.BytesIO()
     program.save(buf) if hasattr(program, "save") else buf.write(program.SerializeToString())
     return onnx.load_from_string(buf.getvalue())

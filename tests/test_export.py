@@ -26,7 +26,7 @@ pytest.importorskip("onnxscript")
 
 from embedkit.config import AudioConfig  # noqa: E402
 from embedkit.export import ExportError, export_onnx, head_module  # noqa: E402
-from embedkit.runtime import OnnxTagger, TemperatureCalibration, read_metadata  # noqa: E402
+from embedkit.runtime import OnnxTagger, read_metadata  # noqa: E402
 from embedkit.tagger import load_tagger  # noqa: E402
 
 #: the parity bound the issue sets
@@ -219,6 +219,26 @@ def _calibrated_random_cnn14(path: Path, files: list[Path]) -> Path:
     return path
 
 
+def test_finetuned_musicnn_parity(work, real_files):
+    """A fine-tuned musicnn net (here: its pretrained weights and a random linear layer) exports
+    with the backbone's pruned plan and fallback inside."""
+    import copy
+
+    import torch
+
+    from embedkit.backbones import load_backbone
+    from embedkit.cnn.finetune import build_finetune_net
+    from embedkit.config import SegmentConfig
+    from embedkit.tagger import FinetuneTagger
+
+    bb = load_backbone("musicnn-msd")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = build_finetune_net(copy.deepcopy(bb.torch_module()), 200, 4, 0.1).eval()
+    tagger = FinetuneTagger(kind="finetune", labels=["a", "b", "c", "d"], sample_rate=16000, segment=SegmentConfig(5.0, 5.0), audio=AudioConfig(), model_id="ft", spec=bb.spec.to_dict(), net=net)
+    _export_and_check(tagger, work, "finetune-musicnn", real_files[:4])
+
+
 @pytest.mark.slow
 def test_panns_cnn14_lr_parity(tracks, work, real_files, tmp_path_factory):
     import onnxruntime as ort
@@ -246,8 +266,10 @@ def tiny_lr(tracks, work):
 
 
 def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
+    from embedkit.calibration import Calibration, DecisionRule
+
     tagger = load_tagger(tiny_lr)
-    tagger.calibration = TemperatureCalibration(2.5)
+    tagger.calibration = Calibration(list(tagger.labels), temperature=2.5, rule=DecisionRule(threshold=1.0))
     out = work / "tiny-calibrated.onnx"
     export_onnx(tagger, out)
     onnx_tagger = OnnxTagger.load(out)
@@ -260,7 +282,11 @@ def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
     assert np.abs(res["probabilities"] - tagger.calibrate(raw)).max() <= BOUND
     # a temperature above 1 flattens: the calibrated top probability is lower
     assert (res["probabilities"].max(1) < res["uncalibrated"].max(1)).all()
-    assert np.abs(onnx_tagger.track_probabilities(res["uncalibrated"]) - tagger.track_probabilities(raw)).max() <= BOUND
+    track = onnx_tagger.track_probabilities(res["uncalibrated"])
+    assert np.abs(track - tagger.track_probabilities(raw)).max() <= BOUND
+    # the decision rule travels with the model: below the threshold (1.0), "uncertain" on both
+    assert read_metadata(out)["thresholds"]["threshold"] == 1.0
+    assert onnx_tagger.calibration.decide(track) == str(tagger.calibration.decide(tagger.track_probabilities(raw))) == "uncertain"
 
 
 def test_calibration_without_temperature_is_refused(tiny_lr, work):
@@ -285,7 +311,7 @@ def test_melstats_is_refused_with_a_reason():
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((30, bb.spec.embedding_dim)).astype(np.float32), np.array(["a", "b"] * 15)
     bundle = HeadBundle(model=make_head("lr").fit(X, y), labels=["a", "b"], head="lr", spec=bb.spec.to_dict(), preprocess={}, weights_id=bb.weights_id)
-    t = HeadTagger(kind="head", labels=["a", "b"], sample_rate=bb.spec.sample_rate, segment=SegmentConfig(), audio=AudioConfig(), model_id="m", backbone=bb, bundle=bundle)
+    t = HeadTagger(kind="head", labels=["a", "b"], sample_rate=bb.spec.sample_rate, segment=SegmentConfig(), audio=AudioConfig(), model_id="m", backbone=bb, predictor=bundle, _bundle=bundle)
     with pytest.raises(ExportError, match="melstats.*librosa"):
         export_onnx(t, "/nonexistent/never.onnx")
 

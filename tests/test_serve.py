@@ -243,7 +243,8 @@ def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
         r = requests.post(f"{url}/v1/tag", data=fh, headers={"Content-Type": "audio/flac"}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["duration_s"] < 31 and body["n_windows"] == 6  # only the first 30 s was decoded
+    assert body["n_windows"] == 6 and body["window_starts_s"][-1] == 25.0  # the first 30 s
+    assert body["duration_s"] > 3 * 3600 - 60  # the song's length, from the header
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100, f"peak memory grew {grown_mb:.0f} MB"
 
@@ -319,6 +320,44 @@ def test_onnx_model_serves_the_same_answers(tagger, files, tmp_path):
     assert info["runtime"] == "onnxruntime" and info["labels"] == tagger.labels
     assert got["top_label"] == want["top_label"]
     assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) <= 1e-4
+
+
+SERVE_BLOCKED = r"""
+import importlib.abc, sys
+BLOCK = ("torch", "sklearn", "librosa", "lightgbm", "onnxscript")
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError(f"blocked import: {name}")
+
+sys.meta_path.insert(0, Block())
+from fastapi.testclient import TestClient
+from embedkit.serve import create_app
+from embedkit.tagger import load_tagger
+
+with TestClient(create_app(load_tagger(sys.argv[1]))) as c:
+    r = c.post("/v1/tag", content=open(sys.argv[2], "rb").read(), headers={"Content-Type": "application/octet-stream"})
+    print(r.status_code, r.json()["top_label"])
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCK))
+"""
+
+
+def test_serving_an_onnx_model_imports_no_torch(tagger, files, tmp_path):
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("onnxruntime")
+    from embedkit.export import export_onnx
+
+    model = tmp_path / "m.onnx"
+    export_onnx(tagger, model)
+    res = subprocess.run([sys.executable, "-c", SERVE_BLOCKED, str(model), str(files[0])], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    status, label = res.stdout.splitlines()[-2].split()
+    assert status == "200" and label == tagger.labels[int(tagger.predict_file(files[0])[1].argmax())]
+    assert res.stdout.splitlines()[-1] == "[]"  # no blocked module was imported
 
 
 def test_cli_serve_refuses_bad_options(run_dir):
