@@ -152,6 +152,11 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated"]
 
 
+def test_musicnn_mtt_lr_parity(tracks, work, real_files):
+    run = _head_run(tracks, work, "musicnn-mtt", "lr")
+    _export_and_check(load_tagger(run), work, "musicnn-mtt-lr", real_files)
+
+
 def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
     """musicnn's torch module picks the pruned plan or the full network from the batch's
     normalised log-mel (|x| <= PRUNE_X_MAX); the exported graph makes the same choice (an ONNX
