@@ -345,8 +345,9 @@ def model_id_of(path) -> str:
 
 
 def load_tagger(path, checkpoint: str | None = None) -> Tagger:
-    """A Tagger for a finished run directory, a head bundle (``.skops``) or a CNN / fine-tune
-    model file (``.pt``).
+    """A Tagger for a finished run directory, a head bundle (``.skops``), a CNN / fine-tune
+    model file (``.pt``) or a model exported by ``embedkit export`` (``.onnx``: an
+    ``embedkit.runtime.OnnxTagger``, which imports no torch).
 
     checkpoint: backbone weights for head runs on backbones whose weights are not packaged
     (PANNs, AST), as ``embedkit extract --checkpoint``. Raises ModelLoadingError (unusable
@@ -354,6 +355,10 @@ def load_tagger(path, checkpoint: str | None = None) -> Tagger:
     line each.
     """
     artefact = resolve_artefact(path)
+    if artefact.suffix.lower() == ".onnx":  # an exported model: onnxruntime, no torch
+        from .runtime import OnnxTagger
+
+        return OnnxTagger.load(artefact)
     model_id = model_id_of(artefact)
     run_dir = artefact.parent if (artefact.parent / "metrics.json").exists() else None
     if artefact.suffix == ".skops":
