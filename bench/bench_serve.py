@@ -138,7 +138,8 @@ def main() -> None:
                 stop_at = time.monotonic() + LEVEL_CAP_S
                 counter = iter(range(args.requests))
 
-                def client(cid: int):
+                # This level's state bound as defaults: the clients run (and finish) within it.
+                def client(cid: int, counter=counter, stop_at=stop_at, lat=lat, errors=errors):
                     s = requests.Session()
                     for i in counter:  # shared iterator: exactly args.requests requests in all
                         if time.monotonic() > stop_at:

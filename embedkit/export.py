@@ -215,48 +215,6 @@ class _Calibrated:
         return Wrapped().eval()
 
 
-def _softmax_net(net, front=None):
-    import torch
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.front = front
-            self.net = net
-
-        def forward(self, y):
-            x = y if self.front is None else self.front(y)
-            return torch.softmax(self.net(x), dim=-1)
-
-    return Net().eval()
-
-
-def _normalizer_module(normalizer):
-    """embedkit.cnn.features.Normalizer as a torch module on [B, M, T] log-mel."""
-    import torch
-    from torch import nn
-
-    class Norm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mode = normalizer.mode
-            if self.mode == "standard":
-                self.register_buffer("mean", torch.tensor(normalizer.mean, dtype=torch.float32)[:, None])
-                self.register_buffer("std", torch.tensor(normalizer.std, dtype=torch.float32)[:, None])
-
-        def forward(self, x):
-            if self.mode == "standard":
-                return (x - self.mean) / self.std
-            if self.mode == "minmax":
-                lo = x.amin(dim=(-2, -1), keepdim=True)
-                hi = x.amax(dim=(-2, -1), keepdim=True)
-                return (x - lo) / (hi - lo).clamp(min=1e-6)
-            return x
-
-    return Norm().eval()
-
-
 def tagger_module(tagger):
     """A Tagger -> (torch module waveform [B, L] -> uncalibrated probabilities [B, C] or, for
     LightGBM heads, tree-input features [B, D'], and the LightGBM head or None)."""
@@ -271,10 +229,9 @@ def tagger_module(tagger):
             return nn.Sequential(_backbone_module(tagger.backbone), _features_module(bundle)).eval(), bundle
         return nn.Sequential(_backbone_module(tagger.backbone), head_module(bundle)).eval(), None
     if kind == "cnn":
-        from .cnn.features import logmel_module
+        from .tagger import cnn_front_module, probability_module
 
-        front = nn.Sequential(logmel_module(tagger.features), _normalizer_module(tagger.normalizer))
-        return _softmax_net(copy.deepcopy(tagger.net).eval(), front), None
+        return probability_module(cnn_front_module(tagger), copy.deepcopy(tagger.net).eval()), None
     if kind == "finetune":
         net = copy.deepcopy(tagger.net).eval()
         if hasattr(getattr(net, "backbone", None), "export_module"):  # musicnn: one static graph
@@ -283,7 +240,9 @@ def tagger_module(tagger):
             from .backbones.ast import export_module
 
             net.backbone = export_module(net.backbone)
-        return _softmax_net(net), None
+        from .tagger import probability_module
+
+        return probability_module(None, net), None
     module = tagger.torch_module()
     if module is None:
         raise ExportError(f"a {kind!r} model cannot be exported to ONNX (no torch graph)")

@@ -206,7 +206,7 @@ class CNNTagger(Tagger):
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return _probability_module(_cnn_front(self), self.net)
+        return probability_module(cnn_front_module(self), self.net)
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "CNNTagger":
@@ -240,7 +240,7 @@ class FinetuneTagger(Tagger):
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return _probability_module(None, self.net)
+        return probability_module(None, self.net)
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "FinetuneTagger":
@@ -252,29 +252,22 @@ class FinetuneTagger(Tagger):
         )  # fmt: skip
 
 
-def _cnn_front(t: CNNTagger):
-    """torch module: windows [B, L] -> normalised log-mel [B, M, T] (standard / none only)."""
-    import torch
+def cnn_front_module(t: CNNTagger):
+    """torch module: windows [B, L] -> normalised log-mel of the frames inside each window
+    [B, M, T], the torch form of ``CNNTagger.logmel`` (used by ``torch_module`` and the export)."""
     from torch import nn
 
     from .cnn.features import logmel_module
-
-    mode = t.normalizer.mode
-    if mode == "minmax":
-        return None  # expressible, but per-example: keep the export helper explicit about it
 
     class Front(nn.Module):
         def __init__(self):
             super().__init__()
             self.logmel = logmel_module(t.features)
-            m = t.normalizer.mean if mode == "standard" else [0.0] * t.features.n_mels
-            s = t.normalizer.std if mode == "standard" else [1.0] * t.features.n_mels
-            self.register_buffer("mean", torch.tensor(m, dtype=torch.float32)[:, None])
-            self.register_buffer("std", torch.tensor(s, dtype=torch.float32)[:, None])
+            self.normalize = t.normalizer.module()
 
         def forward(self, y):
             a, b = _inside_frames(y.shape[-1], t.features)
-            return (self.logmel(y)[..., a:b] - self.mean) / self.std
+            return self.normalize(self.logmel(y)[..., a:b])
 
     return Front()
 
@@ -284,9 +277,9 @@ def _inside_frames(n_samples: int, features) -> tuple[int, int]:
     return -(-half // hop), (n_samples - half) // hop + 1
 
 
-def _probability_module(front, net):
-    if front is None and net is None:
-        return None
+def probability_module(front, net):
+    """torch module: windows [B, L] -> ``net(front(windows))`` softmaxed to probabilities [B, C]
+    (``front`` None: the identity)."""
     from torch import nn
 
     class Probabilities(nn.Module):
