@@ -144,20 +144,10 @@ class FileSource(Source):
     Ogg, MP3...). realtime: pace the blocks at 1x, as if the file were playing live."""
 
     def __init__(self, path: str | os.PathLike, realtime: bool = False, block_frames: int | None = None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
-        import soundfile as sf
+        from .audio import open_audio
 
         p = Path(path)
-        if not p.exists():
-            raise AudioError(p, "file not found")
-        if p.is_dir():
-            raise AudioError(p, "is a directory, not an audio file")
-        if p.stat().st_size == 0:
-            raise AudioError(p, "empty file (0 bytes)")
-        try:
-            self._fh = sf.SoundFile(str(p))
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise AudioError(p, f"cannot decode audio ({msg.replace(f'Error opening {str(p)!r}: ', '')})") from None
+        self._fh = open_audio(p)
         self.name = str(p)
         self.sample_rate = int(self._fh.samplerate)
         self.channels = int(self._fh.channels)

@@ -194,14 +194,8 @@ class CNNTagger(Tagger):
             return self.normalizer(torch.from_numpy(np.ascontiguousarray(logmel(x, self.features)[..., a:b]))).numpy()
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        import torch
-
         x = self._check_windows(segments)
-        if len(x) == 0:
-            return np.zeros((0, len(self.labels)))
-        self.net.eval()
-        with torch.inference_mode():
-            return _softmax_rows(self.net(torch.from_numpy(self.logmel(x))))
+        return _net_probabilities(self.net, self.logmel(x) if len(x) else x, len(self.labels))
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -228,14 +222,7 @@ class FinetuneTagger(Tagger):
     net: Any = None
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        import torch
-
-        x = self._check_windows(segments)
-        if len(x) == 0:
-            return np.zeros((0, len(self.labels)))
-        self.net.eval()
-        with torch.inference_mode():
-            return _softmax_rows(self.net(torch.from_numpy(x)))
+        return _net_probabilities(self.net, self._check_windows(segments), len(self.labels))
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -275,6 +262,17 @@ def cnn_front_module(t: CNNTagger):
 def _inside_frames(n_samples: int, features) -> tuple[int, int]:
     half, hop = features.n_fft // 2, features.hop_length
     return -(-half // hop), (n_samples - half) // hop + 1
+
+
+def _net_probabilities(net, inputs: np.ndarray, n_classes: int) -> np.ndarray:
+    """A torch classifier's softmax over a batch of numpy inputs, float64 [K, C] (K may be 0)."""
+    if len(inputs) == 0:
+        return np.zeros((0, n_classes))
+    import torch
+
+    net.eval()
+    with torch.inference_mode():
+        return _softmax_rows(net(torch.from_numpy(np.ascontiguousarray(inputs))))
 
 
 def probability_module(front, net):

@@ -417,23 +417,28 @@ def _torch_classes() -> dict:
             return {"branches": branches, "live": live, "const": const, "w_live": w0[:, live].contiguous(), "w_const": w_const.contiguous()}
 
         def _front_pruned(self, xh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            p = self.plan()
-            parts = []
-            for br in p["branches"]:
-                if br["w"].shape[0] == 0:
-                    continue
-                if br["toeplitz"] is not None:  # bias commutes with the max over frequency
-                    m = _temporal_toeplitz(xh, br["toeplitz"], br["k"], br["pad"][0]) + br["b"]
-                else:
-                    m = _front_conv(xh, br["w"], br["b"], br["kind"], br["pad"])
-                center, std, gamma, beta = br["bn"]
-                parts.append((torch.relu(m * br["sign"]) - center) / std * gamma + beta)
-            B, T = xh.shape[0], xh.shape[1]
-            live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
-            front = p["const"][None, :, None].expand(B, -1, T).clone()
-            front[:, p["live"]] = live_feats
-            mid1 = F.conv1d(live_feats, p["w_live"], self.mid_b[0], padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
-            return front, mid1
+            return _pruned_front(self.plan(), xh, self.mid_b[0], _temporal_toeplitz)
+
+    def _pruned_front(p: dict, xh: torch.Tensor, mid_b0: torch.Tensor, toeplitz) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front end and first mid-end conv through a pruned plan (``MusicnnNet.plan``):
+        (front [B, 561, T], mid1 [B, 64, T]). ``toeplitz``: how temporal branches with a
+        Toeplitz weight are computed (chunked for speed, or one GEMM for export)."""
+        parts = []
+        for br in p["branches"]:
+            if br["w"].shape[0] == 0:
+                continue
+            if br["toeplitz"] is not None:  # bias commutes with the max over frequency
+                m = toeplitz(xh, br["toeplitz"], br["k"], br["pad"][0]) + br["b"]
+            else:
+                m = _front_conv(xh, br["w"], br["b"], br["kind"], br["pad"])
+            center, std, gamma, beta = br["bn"]
+            parts.append((torch.relu(m * br["sign"]) - center) / std * gamma + beta)
+        B, T = xh.shape[0], xh.shape[1]
+        live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
+        front = p["const"][None, :, None].expand(B, -1, T).clone()
+        front[:, p["live"]] = live_feats
+        mid1 = F.conv1d(live_feats, p["w_live"], mid_b0, padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
+        return front, mid1
 
     def _temporal_toeplitz_whole(xh: torch.Tensor, wt: torch.Tensor, k: int, pad_before: int) -> torch.Tensor:
         """``_temporal_toeplitz`` in one GEMM over the whole batch (no Python loop over a
@@ -459,21 +464,7 @@ def _torch_classes() -> dict:
                 self.plan = net.plan()
 
         def _pruned(self, xh):
-            p, parts = self.plan, []
-            for br in p["branches"]:
-                if br["w"].shape[0] == 0:
-                    continue
-                if br["toeplitz"] is not None:
-                    m = _temporal_toeplitz_whole(xh, br["toeplitz"], br["k"], br["pad"][0]) + br["b"]
-                else:
-                    m = _front_conv(xh, br["w"], br["b"], br["kind"], br["pad"])
-                center, std, gamma, beta = br["bn"]
-                parts.append((torch.relu(m * br["sign"]) - center) / std * gamma + beta)
-            B, T = xh.shape[0], xh.shape[1]
-            live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
-            front = p["const"][None, :, None].expand(B, -1, T).clone()
-            front[:, p["live"]] = live_feats
-            mid1 = F.conv1d(live_feats, p["w_live"], self.net.mid_b[0], padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
+            front, mid1 = _pruned_front(self.plan, xh, self.net.mid_b[0], _temporal_toeplitz_whole)
             return self.net._rest(front, mid1)["penultimate"]
 
         def _full(self, xh):
