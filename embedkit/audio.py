@@ -53,16 +53,19 @@ def _truncation(extra_info: str) -> str | None:
     return f"truncated: the header announces {declared} bytes of audio but the file holds {actual} ({frac:.0%})"
 
 
-def decode(path: str | os.PathLike, max_seconds: float | None = None, start_s: float = 0.0) -> tuple[np.ndarray, int]:
-    """Decode a file to float32 mono at its native rate.
+def decode_error(path: Path, exc: Exception) -> AudioError:
+    """A libsndfile exception as a one-line AudioError naming the file."""
+    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    msg = msg.replace(f"Error opening {str(path)!r}: ", "")  # the path is already in front
+    if "does not exist or is not a regular file" in msg and path.is_file():
+        msg = "not audio, or a format libsndfile cannot read"  # its MP3 reader's wording for junk
+    return AudioError(path, f"cannot decode audio ({msg})")
 
-    max_seconds: decode only the first ``max_seconds`` (None: the whole file); the samples are
-    the same as the start of a full decode, so long files cost only what is kept.
-    start_s: seek to this time first (sample round(start_s * sr); the decoder skips what lies
-    before, so an excerpt from the middle of a long file costs only the excerpt).
-    Returns (y [n_samples] float32, sample_rate Hz). Channels are averaged. Raises AudioError
-    naming the file and the problem for missing, empty, unreadable/truncated files and NaN/inf.
-    """
+
+def open_audio(path: str | os.PathLike):
+    """An open ``soundfile.SoundFile`` of ``path`` (the caller closes it; a context manager),
+    after the checks every reader shares: missing, a directory, empty, not decodable, and WAV /
+    AIFF headers that announce more audio than the file holds. Raises AudioError naming the file."""
     import soundfile as sf
 
     p = Path(path)
@@ -73,24 +76,37 @@ def decode(path: str | os.PathLike, max_seconds: float | None = None, start_s: f
     if p.stat().st_size == 0:
         raise AudioError(p, "empty file (0 bytes)")
     try:
-        with sf.SoundFile(str(p)) as fh:
+        fh = sf.SoundFile(str(p))
+    except Exception as exc:
+        raise decode_error(p, exc) from None
+    if fh.format in ("WAV", "WAVEX", "AIFF", "RF64"):
+        problem = _truncation(fh.extra_info)
+        if problem:
+            fh.close()
+            raise AudioError(p, problem)
+    return fh
+
+
+def decode(path: str | os.PathLike, max_seconds: float | None = None, start_s: float = 0.0) -> tuple[np.ndarray, int]:
+    """Decode a file to float32 mono at its native rate.
+
+    max_seconds: decode only the first ``max_seconds`` (None: the whole file); the samples are
+    the same as the start of a full decode, so long files cost only what is kept.
+    start_s: seek to this time first (sample round(start_s * sr); the decoder skips what lies
+    before, so an excerpt from the middle of a long file costs only the excerpt).
+    Returns (y [n_samples] float32, sample_rate Hz). Channels are averaged. Raises AudioError
+    naming the file and the problem for missing, empty, unreadable/truncated files and NaN/inf.
+    """
+    p = Path(path)
+    with open_audio(p) as fh:
+        try:
             sr = int(fh.samplerate)
-            if fh.format in ("WAV", "WAVEX", "AIFF", "RF64"):
-                problem = _truncation(fh.extra_info)
-                if problem:
-                    raise AudioError(p, problem)
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * sr))
             if start_s > 0:
                 fh.seek(min(int(round(start_s * sr)), fh.frames))
             data = fh.read(frames, dtype="float32", always_2d=True)
-    except AudioError:
-        raise
-    except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError variants
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        msg = msg.replace(f"Error opening {str(p)!r}: ", "")  # the path is already in front
-        if "does not exist or is not a regular file" in msg and p.is_file():
-            msg = "not audio, or a format libsndfile cannot read"  # its MP3 reader's wording for junk
-        raise AudioError(p, f"cannot decode audio ({msg})") from None
+        except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError variants
+            raise decode_error(p, exc) from None
     if data.shape[0] == 0:
         raise AudioError(p, "no audio samples (zero-length or unreadable stream)")
     if not np.isfinite(data).all():

@@ -784,11 +784,43 @@ def stream_cmd(
         _fail(f"interrupted after {summary['audio_s']:.1f} s of audio ({summary['windows']} windows); summary written", 130)
 
 
+@app.command("export")
+@handle_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="a finished run directory, head bundle (.skops) or CNN / fine-tune model file (.pt)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format)"),
+    out: Path = typer.Option(..., "--out", "-o", help="model file to write (atomic)"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs (as for extract)"),
+    parity: bool = typer.Option(True, help="check onnxruntime against the torch model on generated windows"),
+):
+    """Export a run as one ONNX graph: waveform windows -> calibrated probabilities, with the
+    preprocessing contract in the file's metadata (read it with embedkit.runtime.read_metadata)."""
+    from .errors import EmbedkitError
+
+    if fmt.lower() != "onnx":
+        _fail(f"unknown --format {fmt!r}; the one export format is onnx")
+    from .export import export_onnx, parity_check
+    from .tagger import load_tagger
+
+    tagger = load_tagger(run, checkpoint=checkpoint)
+    info = export_onnx(tagger, out)
+    meta = info["metadata"]
+    c = console()
+    c.print(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s): {meta['kind']} model, {len(meta['labels'])} labels, "
+            f"windows of {meta['window_samples']} samples @ {meta['sample_rate']} Hz", highlight=False, soft_wrap=True)  # fmt: skip
+    if parity:
+        diff = parity_check(tagger, out)
+        c.print(f"parity: max |onnxruntime - torch| = {diff:.2e} on generated windows", highlight=False)
+        if diff > 1e-4:
+            raise EmbedkitError(f"{out}: onnxruntime differs from the torch model by {diff:.2e} (> 1e-4)")
+    typer.echo(str(out))
+
 @app.command("tag")
 @handle_errors
 def tag_cmd(
-    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops or model.pt"),
+    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops, model.pt or an exported model.onnx"),
     inputs: List[str] = typer.Argument(..., help="audio files, folders (recursive), path lists (.txt/.m3u/.csv) or - for paths on stdin"),
+    runtime: str = typer.Option("auto", help="torch | onnx (onnxruntime, no torch import; needs a .onnx from `embedkit export`) | auto (by the file)"),
     excerpt: str = typer.Option("first", help="what is listened to: first | middle | spread:N | full"),
     db: Optional[str] = typer.Option(None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"),
@@ -825,6 +857,13 @@ def tag_cmd(
     from .device import precheck
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
+    is_onnx = model.suffix.lower() == ".onnx"
+    if runtime not in ("auto", "torch", "onnx"):
+        _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    if runtime == "onnx" and not is_onnx:
+        _fail(f"--runtime onnx runs an exported model: `embedkit export {model} --format onnx -o model.onnx`, then tag with model.onnx")
+    if runtime == "torch" and is_onnx:
+        _fail(f"{model} is an ONNX model; it runs with --runtime onnx (or auto)")
     if workers is not None and workers < 1:
         _fail("--workers must be >= 1")
     if batch_size is not None and batch_size < 1:
@@ -987,6 +1026,38 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
         _fail(f"nothing could be tagged: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
     if strict and (res.n_failed or res.n_failed_before):
         _fail(f"--strict: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
+
+
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    model: Path = typer.Argument(..., help="finished run directory, head.skops / model.pt, or an exported model.onnx (onnxruntime, no torch)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs"),
+    excerpt: str = typer.Option("first", help="default excerpt: first | middle | spread:N | full"),
+    threshold: Optional[float] = typer.Option(None, help="default decision threshold: 'uncertain' below it"),
+    max_mb: float = typer.Option(100.0, help="largest upload in MB (413 above)"),
+    body_timeout: float = typer.Option(30.0, help="seconds an upload may take (408 after)"),
+    max_pending: int = typer.Option(32, help="requests in progress before 503 + Retry-After"),
+    batch_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
+    max_batch_windows: int = typer.Option(64, help="windows per forward"),
+    decode_workers: int = typer.Option(2, help="decode threads"),
+    db: Optional[str] = typer.Option(None, help="also write every result into this results database (as embedkit tag --db)"),
+):
+    """Serve a model over HTTP: POST /v1/tag, GET /v1/model, /healthz, /metrics, and a page at /."""
+    from .serve import ServeConfig, serve
+    from .tag import Excerpt
+
+    Excerpt.parse(excerpt)
+    if max_mb <= 0 or body_timeout <= 0 or max_pending < 1 or max_batch_windows < 1 or decode_workers < 1:
+        _fail("--max-mb, --body-timeout must be positive; --max-pending, --max-batch-windows, --decode-workers >= 1")
+    if threshold is not None and not 0 <= threshold <= 1:
+        _fail(f"--threshold must be in [0, 1], got {threshold}")
+    cfg = ServeConfig(max_bytes=int(max_mb * 1024 * 1024), body_timeout_s=body_timeout, max_pending=max_pending, batch_wait_ms=batch_wait_ms,
+                      max_batch_windows=max_batch_windows, decode_workers=decode_workers, excerpt=excerpt, threshold=threshold, db=db)  # fmt: skip
+    console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)
+    serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint)
 
 
 def main():  # console-script entry point

@@ -100,7 +100,8 @@ def describe(dev) -> dict[str, str]:
 
 
 def is_accelerator(dev) -> bool:
-    return _torch().device(dev).type in ("cuda", "mps")
+    """True for a CUDA or MPS device (a torch.device or its name; imports no torch)."""
+    return str(dev).strip().lower().split(":")[0] in ("cuda", "mps")
 
 
 def default_batch_size(dev, cpu_batch: int) -> int:

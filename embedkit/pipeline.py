@@ -352,20 +352,29 @@ def run_all(
     folds = make_folds(tracks, choose_protocol(tracks, plan.cv or None), plan.cv or 5, plan.test_size, plan.seed)
     fp = dataset_fingerprint(tracks)
     result = PipelineResult(str(source), synthetic)
+    # Every run this plan makes, in order: the report is written as soon as the first one is
+    # done and rewritten (atomically) after each later one, naming those still in progress, so
+    # a newcomer sees the heads' results in minutes while the CNN trains.
+    planned = [f"{b}+{h}" for b in plan.backbones for h in plan.heads] + (["cnn-scratch"] if plan.cnn else []) + ([f"finetune-{plan.finetune}"] if plan.finetune else [])
+    title = f"embedkit comparison: {Path(str(source)).name}" + (" (synthetic data)" if synthetic else "")
+
+    def add(outcome: RunOutcome) -> None:
+        result.runs.append(outcome)
+        if report is not None:
+            from .report import build_report
+
+            pending = planned[len(result.runs) :]
+            result.report, _ = build_report([r.run_dir for r in result.runs], report, title=title, pending=pending)
+            log(f"report: {result.report}" + (f" ({len(pending)} run(s) still in progress)" if pending else ""))
+
     for backbone in plan.backbones:
         ext = extract_stage(tracks, backbone, plan, cache, workers, log)
         result.extraction[backbone] = {k: v for k, v in ext.items() if k != "store"}
         for head in plan.heads:
-            result.runs.append(head_stage(tracks, backbone, head, ext, plan, runs, fp, log, threads, folds))
+            add(head_stage(tracks, backbone, head, ext, plan, runs, fp, log, threads, folds))
     if plan.cnn:
-        result.runs.append(cnn_stage(tracks, plan, runs, cache, fp, log, threads, workers, progress, folds))
+        add(cnn_stage(tracks, plan, runs, cache, fp, log, threads, workers, progress, folds))
     if plan.finetune:
-        result.runs.append(finetune_stage(tracks, plan.finetune, plan, runs, cache, fp, log, threads, workers, progress, folds))
-    if report is not None:
-        from .report import build_report
-
-        title = f"embedkit comparison: {Path(str(source)).name}" + (" (synthetic data)" if synthetic else "")
-        result.report, _ = build_report([r.run_dir for r in result.runs], report, title=title)
-        log(f"report: {result.report}")
+        add(finetune_stage(tracks, plan.finetune, plan, runs, cache, fp, log, threads, workers, progress, folds))
     result.seconds = time.perf_counter() - t0
     return result

@@ -144,20 +144,10 @@ class FileSource(Source):
     Ogg, MP3...). realtime: pace the blocks at 1x, as if the file were playing live."""
 
     def __init__(self, path: str | os.PathLike, realtime: bool = False, block_frames: int | None = None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
-        import soundfile as sf
+        from .audio import open_audio
 
         p = Path(path)
-        if not p.exists():
-            raise AudioError(p, "file not found")
-        if p.is_dir():
-            raise AudioError(p, "is a directory, not an audio file")
-        if p.stat().st_size == 0:
-            raise AudioError(p, "empty file (0 bytes)")
-        try:
-            self._fh = sf.SoundFile(str(p))
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise AudioError(p, f"cannot decode audio ({msg.replace(f'Error opening {str(p)!r}: ', '')})") from None
+        self._fh = open_audio(p)
         self.name = str(p)
         self.sample_rate = int(self._fh.samplerate)
         self.channels = int(self._fh.channels)
@@ -785,9 +775,8 @@ def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callabl
     from .device import resolve
     from .tagger import Tagger
 
-    dev = resolve(device, allow_tf32) if device is not None else None  # an unusable device fails before the load
     tagger = model if isinstance(model, Tagger) else load_model(model, checkpoint)  # loaded on the CPU
-    if dev is not None or precision is not None:
-        tagger = tagger.to(dev if dev is not None else tagger.device, precision)
+    if tagger.torch_backed and (device is not None or precision is not None):  # an ONNX model stays on onnxruntime
+        tagger = tagger.to(resolve(device, allow_tf32) if device is not None else tagger.device, precision)
     src = open_source(source, fmt=fmt, rate=rate, channels=channels, realtime=realtime, stdin=stdin)
     return run_stream(tagger, src, cfg, emit or JsonLinesWriter())

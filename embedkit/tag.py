@@ -425,12 +425,12 @@ def tag(
 
             tagger = load_tagger(model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32)
             res.model_loaded = True
-        elif todo and tagger is not None and executor is None:
+        elif todo and tagger is not None and executor is None and tagger.torch_backed:
             tagger.to(resolve(device_name, allow_tf32), precision)
         if todo and tagger is not None and executor is None:
             from .device import provenance
 
-            res.device = provenance(tagger.device, tagger.precision, allow_tf32)
+            res.device = provenance(tagger.device, tagger.precision, allow_tf32) if tagger.torch_backed else {"device": "cpu", "name": str(tagger.meta.get("runtime", "cpu")), "precision": "fp32"}
             if batch_size is None:
                 batch_size = default_batch_size(tagger.device, 32)
         if todo and tagger is not None and database is not None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -80,10 +80,15 @@ class Tagger(ABC):
     #: cached as numpy (``embedkit.headcache``) and calibration always run on the CPU.
     device: Any = "cpu"
     precision: str = "fp32"
+    #: False for taggers that run without torch (``embedkit.runtime.OnnxTagger``: onnxruntime
+    #: on the CPU): ``to`` leaves them where they are and nothing imports torch for them.
+    torch_backed: ClassVar[bool] = True
 
     def to(self, device, precision: str | None = None) -> "Tagger":
         """Run the network on ``device`` (name or torch.device, see ``embedkit.device``) at
         ``precision`` (fp32 | fp16 | bf16, None: unchanged); returns self."""
+        if not self.torch_backed:
+            return self
         import torch
 
         from .device import check_precision
@@ -104,16 +109,6 @@ class Tagger(ABC):
         from .device import autocast
 
         return autocast(self.device, self.precision)
-
-    def _tensor(self, x: np.ndarray):
-        """float32 numpy -> tensor on ``device`` (pinned, non-blocking copy on CUDA)."""
-        import torch
-
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        dev = torch.device(self.device)
-        if dev.type == "cpu":
-            return t
-        return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
     @property
     def window_samples(self) -> int:
@@ -246,20 +241,14 @@ class CNNTagger(Tagger):
             return self.normalizer(torch.from_numpy(np.ascontiguousarray(logmel(x, self.features)[..., a:b]))).numpy()
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        import torch
-
         x = self._check_windows(segments)
-        if len(x) == 0:
-            return np.zeros((0, len(self.labels)))
-        self.net.eval()
-        inp = self._tensor(self.logmel(x))  # the front end in fp32 on the host, whatever the precision
-        with torch.inference_mode(), self._autocast():
-            return _softmax_rows(self.net(inp))
+        # the front end in fp32 on the host, whatever the precision; the net on the tagger's device
+        return _net_probabilities(self.net, self.logmel(x) if len(x) else x, len(self.labels), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return _probability_module(_cnn_front(self), self.net)
+        return probability_module(cnn_front_module(self), self.net)
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "CNNTagger":
@@ -281,19 +270,12 @@ class FinetuneTagger(Tagger):
     net: Any = None
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        import torch
-
-        x = self._check_windows(segments)
-        if len(x) == 0:
-            return np.zeros((0, len(self.labels)))
-        self.net.eval()
-        with torch.inference_mode(), self._autocast():
-            return _softmax_rows(self.net(self._tensor(x)))
+        return _net_probabilities(self.net, self._check_windows(segments), len(self.labels), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return _probability_module(None, self.net)
+        return probability_module(None, self.net)
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "FinetuneTagger":
@@ -305,29 +287,22 @@ class FinetuneTagger(Tagger):
         )  # fmt: skip
 
 
-def _cnn_front(t: CNNTagger):
-    """torch module: windows [B, L] -> normalised log-mel [B, M, T] (standard / none only)."""
-    import torch
+def cnn_front_module(t: CNNTagger):
+    """torch module: windows [B, L] -> normalised log-mel of the frames inside each window
+    [B, M, T], the torch form of ``CNNTagger.logmel`` (used by ``torch_module`` and the export)."""
     from torch import nn
 
     from .cnn.features import logmel_module
-
-    mode = t.normalizer.mode
-    if mode == "minmax":
-        return None  # expressible, but per-example: keep the export helper explicit about it
 
     class Front(nn.Module):
         def __init__(self):
             super().__init__()
             self.logmel = logmel_module(t.features)
-            m = t.normalizer.mean if mode == "standard" else [0.0] * t.features.n_mels
-            s = t.normalizer.std if mode == "standard" else [1.0] * t.features.n_mels
-            self.register_buffer("mean", torch.tensor(m, dtype=torch.float32)[:, None])
-            self.register_buffer("std", torch.tensor(s, dtype=torch.float32)[:, None])
+            self.normalize = t.normalizer.module()
 
         def forward(self, y):
             a, b = _inside_frames(y.shape[-1], t.features)
-            return (self.logmel(y)[..., a:b] - self.mean) / self.std
+            return self.normalize(self.logmel(y)[..., a:b])
 
     return Front()
 
@@ -337,9 +312,28 @@ def _inside_frames(n_samples: int, features) -> tuple[int, int]:
     return -(-half // hop), (n_samples - half) // hop + 1
 
 
-def _probability_module(front, net):
-    if front is None and net is None:
-        return None
+def _net_probabilities(net, inputs: np.ndarray, n_classes: int, device="cpu", precision: str = "fp32") -> np.ndarray:
+    """A torch classifier's softmax over a batch of numpy inputs, float64 [K, C] (K may be 0).
+    The inputs go to ``device`` (the net's; pinned, non-blocking on CUDA), the net runs under
+    ``precision``'s autocast, the probabilities come back to the host."""
+    if len(inputs) == 0:
+        return np.zeros((0, n_classes))
+    import torch
+
+    from .device import autocast
+
+    dev = torch.device(device)
+    x = torch.from_numpy(np.ascontiguousarray(inputs))
+    if dev.type != "cpu":
+        x = (x.pin_memory() if dev.type == "cuda" else x).to(dev, non_blocking=True)
+    net.eval()
+    with torch.inference_mode(), autocast(dev, precision):
+        return _softmax_rows(net(x))
+
+
+def probability_module(front, net):
+    """torch module: windows [B, L] -> ``net(front(windows))`` softmaxed to probabilities [B, C]
+    (``front`` None: the identity)."""
     from torch import nn
 
     class Probabilities(nn.Module):
@@ -398,8 +392,9 @@ def model_id_of(path) -> str:
 
 
 def load_tagger(path, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> Tagger:
-    """A Tagger for a finished run directory, a head bundle (``.skops``) or a CNN / fine-tune
-    model file (``.pt``).
+    """A Tagger for a finished run directory, a head bundle (``.skops``), a CNN / fine-tune
+    model file (``.pt``) or a model exported by ``embedkit export`` (``.onnx``: an
+    ``embedkit.runtime.OnnxTagger``, which imports no torch).
 
     checkpoint: backbone weights for head runs on backbones whose weights are not packaged
     (PANNs, AST), as ``embedkit extract --checkpoint``. device: "cpu" | "auto" | "cuda[:N]" |
@@ -409,11 +404,15 @@ def load_tagger(path, checkpoint: str | None = None, device: str | None = "cpu",
     (unusable artefact), ConfigMismatchError (the backbone here is not the one the run
     recorded) or DeviceError (the device cannot be used here), one line each.
     """
+    artefact = resolve_artefact(path)
+    if artefact.suffix.lower() == ".onnx":  # an exported model: onnxruntime on the CPU, no torch (device ignored)
+        from .runtime import OnnxTagger
+
+        return OnnxTagger.load(artefact)
     from .device import check_precision, resolve
 
-    dev = resolve(device, allow_tf32)  # an unusable device fails before anything is loaded
+    dev = resolve(device, allow_tf32)  # an unusable device fails before the model is loaded
     precision = check_precision(precision, dev)
-    artefact = resolve_artefact(path)
     model_id = model_id_of(artefact)
     run_dir = artefact.parent if (artefact.parent / "metrics.json").exists() else None
     if artefact.suffix == ".skops":

@@ -3,15 +3,16 @@
 # whole test suite. Extra arguments go to pytest (e.g. -m "not slow" for the fast tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  # Headless Chromium renders the HTML report in tests/test_report_browser.py.
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || { echo "warning: could not install chromium; the browser test will be skipped" >&2; [ "${CI:-}" != true ] || exit 1; }
-fi
-if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  # A throwaway PostgreSQL cluster (started by tests/test_tag.py) checks `embedkit tag --db postgresql://...`.
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-    || { echo "warning: could not install postgresql; the PostgreSQL test will be skipped" >&2; [ "${CI:-}" != true ] || exit 1; }
+# System programs some tests need, installed when missing (root + apt-get): headless Chromium
+# renders the report and the service page; a throwaway PostgreSQL cluster checks
+# `embedkit tag --db postgresql://...`; ffmpeg writes the M4A / Opus fixtures of the tag writer.
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+    || { echo "warning: could not install ${need[*]}; the tests that need them will be skipped" >&2; [ "${CI:-}" != true ] || exit 1; }
 fi
 EMBEDKIT_EXTRAS=",test" bash scripts/install.sh
 ruff check .

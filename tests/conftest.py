@@ -105,3 +105,42 @@ def ast_tiny_dir(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One finished run of each kind (tagging, streaming, export and serving tests share them)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tagger_cache(tmp_path_factory):
+    """Taggers cache their numpy head form under a temporary folder, never the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDKIT_TAGGER_CACHE", str(tmp_path_factory.getbasetemp() / "tagger-cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tracks(synth_dataset):
+    """The track table of ``synth_dataset`` (the runs below are trained on it)."""
+    from embedkit.datasets import load_dataset
+
+    return load_dataset(synth_dataset)
+
+
+@pytest.fixture(scope="session")
+def runs(tracks, tmp_path_factory, synth_dataset):
+    """One finished run of each kind on the synthetic dataset (12 s clips, tiny models)."""
+    from embedkit.cnn.finetune import FinetuneConfig, finetune
+    from embedkit.cnn.train import TrainConfig, train_cnn
+    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+    from embedkit.extract import extract
+    from embedkit.fit import fit_head
+
+    tmp = tmp_path_factory.mktemp("runs")
+    extract(tracks, "tiny-test", cache=tmp / "cache", prep=PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0)), workers=1)
+    head = fit_head("tiny-test", "lr", cache=tmp / "cache", runs=tmp / "runs", name="lr").run_dir
+    mlp = fit_head("tiny-test", "mlp", cache=tmp / "cache", runs=tmp / "runs", name="mlp", pca=8, params={"max_epochs": 3}).run_dir
+    train = TrainConfig(epochs=2, batch_size=4, crop="fixed")
+    cnn = train_cnn(tracks, cv=None, train=train, channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
+    ft = finetune(tracks, "tiny-test", train=train, ft=FinetuneConfig("tiny-test", frozen_epochs=1), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
+    return {"head": head, "mlp": mlp, "cnn": cnn, "finetune": ft, "cache": tmp / "cache", "data": synth_dataset}

@@ -116,3 +116,30 @@ def test_run_argument_errors(args, message, tiny_data, tmp_path, monkeypatch):
     assert res.exit_code == 1, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_is_written_after_the_first_run_and_names_those_in_progress(tiny_data, tmp_path, monkeypatch):
+    """`embedkit run` writes the report as soon as the heads are done and rewrites it after each
+    later run: while the CNN trains, the page holds the head runs and says the CNN is still
+    running (and reloads itself); at the end the banner is gone and every run is in."""
+    from embedkit.pipeline import RunPlan, run_all
+
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "report.html"
+    seen: list[str] = []
+
+    def progress(event):  # called by the CNN trainer while it trains
+        if not seen:
+            seen.append(report.read_text())
+
+    plan = RunPlan.quick_plan(backbones=("melstats",), heads=("lr", "lgbm"))
+    out = run_all(tiny_data, plan, report=report, threads=1, workers=2, progress=progress)
+    assert seen, "the CNN trainer reported no progress"
+    during = seen[0]
+    assert 'id="pending-banner"' in during and "still running: cnn-scratch" in during
+    assert 'http-equiv="refresh"' in during
+    assert "melstats+lr" in during and "melstats+lgbm" in during
+    final = report.read_text()
+    assert 'id="pending-banner"' not in final and 'http-equiv="refresh"' not in final
+    assert [r.name for r in out.runs] == ["melstats+lr", "melstats+lgbm", "cnn-scratch"]
+    check_html(final)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import test_tagger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -25,9 +24,6 @@ from embedkit.errors import EmbedkitError
 from embedkit.synth import make_clip
 from embedkit.tag import Excerpt, expand_inputs, read_excerpt, tag
 from embedkit.tagdb import ResultsDB
-
-# the trained runs (one per kind) and the private tagger cache, shared with test_tagger.py
-runs, tracks, _private_tagger_cache = test_tagger.runs, test_tagger.tracks, test_tagger._private_tagger_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -20,36 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PREP12 = PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0))
 
 
-@pytest.fixture(autouse=True)
-def _private_tagger_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EMBEDKIT_TAGGER_CACHE", str(tmp_path_factory.getbasetemp() / "tagger-cache"))
-
-
-@pytest.fixture(scope="module")
-def tracks(synth_dataset):
-    from embedkit.datasets import load_dataset
-
-    return load_dataset(synth_dataset)
-
-
-@pytest.fixture(scope="module")
-def runs(tracks, tmp_path_factory, synth_dataset):
-    """One finished run of each kind on the synthetic dataset (12 s clips, tiny models)."""
-    from embedkit.cnn.finetune import FinetuneConfig, finetune
-    from embedkit.cnn.train import TrainConfig, train_cnn
-    from embedkit.extract import extract
-    from embedkit.fit import fit_head
-
-    tmp = tmp_path_factory.mktemp("runs")
-    extract(tracks, "tiny-test", cache=tmp / "cache", prep=PREP12, workers=1)
-    head = fit_head("tiny-test", "lr", cache=tmp / "cache", runs=tmp / "runs", name="lr").run_dir
-    mlp = fit_head("tiny-test", "mlp", cache=tmp / "cache", runs=tmp / "runs", name="mlp", pca=8, params={"max_epochs": 3}).run_dir
-    train = TrainConfig(epochs=2, batch_size=4, crop="fixed")
-    cnn = train_cnn(tracks, cv=None, train=train, channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
-    ft = finetune(tracks, "tiny-test", train=train, ft=FinetuneConfig("tiny-test", frozen_epochs=1), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
-    return {"head": head, "mlp": mlp, "cnn": cnn, "finetune": ft, "cache": tmp / "cache", "data": synth_dataset}
-
-
 def _heldout(run_dir: Path, tracks) -> dict[str, np.ndarray]:
     """The run's own held-out track probabilities (mean over the fixed windows)."""
     d = torch.load(run_dir / "checkpoints" / "holdout.done.pt", weights_only=False)

@@ -182,6 +182,66 @@ def _waveform_module(model, head, fe):
     return ASTWaveform().eval()
 
 
+def _fbank_module(fe):
+    """The feature extractor's NumPy Kaldi fbank (``transformers.audio_utils.spectrogram``:
+    25 ms Hann frames every 10 ms, no centring, DC removal, pre-emphasis 0.97, 512-point power
+    spectrum, Kaldi mel filters, log with floor, pad/cut to ``max_length`` frames, AudioSet
+    normalisation) as torch ops, for ONNX export: waveform [B, L] -> input_values [B, max_length,
+    n_mels]. Runs in float64 like the NumPy original (the DFT is a matmul with a cos/sin basis,
+    an op every ONNX runtime has), then casts to float32 where the original does."""
+    import torch
+    from torch import nn
+
+    frame, hop, n_fft = 400, 160, 512
+    if len(fe.window) != frame:
+        raise BackboneError(f"AST feature extractor with a {len(fe.window)}-sample window: only the 400-sample (25 ms) front end exports")
+    k = np.arange(n_fft // 2 + 1)
+    n = np.arange(frame)[:, None]
+    ang = 2 * np.pi * n * k / n_fft
+
+    class Fbank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("window", torch.from_numpy(np.asarray(fe.window, dtype=np.float64)))
+            self.register_buffer("cos", torch.from_numpy(np.cos(ang)))
+            self.register_buffer("sin", torch.from_numpy(np.sin(ang)))
+            self.register_buffer("mel", torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float64)))  # [257, n_mels]
+            self.max_length, self.mean, self.std = int(fe.max_length), float(fe.mean), float(fe.std)
+            self.normalize = bool(fe.do_normalize)
+
+        def forward(self, y):
+            x = y.to(torch.float64).unfold(-1, frame, hop)  # [B, T, 400]
+            x = x - x.mean(dim=-1, keepdim=True)
+            x = torch.cat([x[..., :1] * (1 - 0.97), x[..., 1:] - 0.97 * x[..., :-1]], dim=-1) * self.window
+            power = (x @ self.cos) ** 2 + (x @ self.sin) ** 2  # |rfft(x, 512)|^2
+            logmel = torch.log(torch.clamp(power @ self.mel, min=1.192092955078125e-07)).to(torch.float32)
+            t = logmel.shape[1]
+            if t < self.max_length:
+                logmel = torch.nn.functional.pad(logmel, (0, 0, 0, self.max_length - t))
+            else:
+                logmel = logmel[:, : self.max_length]
+            return (logmel - self.mean) / (self.std * 2) if self.normalize else logmel
+
+    return Fbank().eval()
+
+
+def export_module(module):
+    """An ASTWaveform (``torch_module()``) -> the same network with the torch fbank front end
+    (``_fbank_module``): waveform [B, L] -> pooled embedding [B, H], traceable by torch.export."""
+    from torch import nn
+
+    class ASTExport(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fbank = _fbank_module(module.feature_extractor)
+            self.ast = module.ast
+
+        def forward(self, y):
+            return self.ast(self.fbank(y)).pooler_output
+
+    return ASTExport().eval()
+
+
 class AST(Backbone):
     """A loaded AST. embed: float32 [B, L] at 16 kHz (L <= max_samples) -> [B, hidden_size]."""
 

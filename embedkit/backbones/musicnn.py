@@ -417,25 +417,72 @@ def _torch_classes() -> dict:
             return {"branches": branches, "live": live, "const": const, "w_live": w0[:, live].contiguous(), "w_const": w_const.contiguous()}
 
         def _front_pruned(self, xh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            p = self.plan()
-            parts = []
-            for br in p["branches"]:
-                if br["w"].shape[0] == 0:
-                    continue
-                if br["toeplitz"] is not None:  # bias commutes with the max over frequency
-                    m = _temporal_toeplitz(xh, br["toeplitz"], br["k"], br["pad"][0]) + br["b"]
-                else:
-                    m = _front_conv(xh, br["w"], br["b"], br["kind"], br["pad"])
-                center, std, gamma, beta = br["bn"]
-                parts.append((torch.relu(m * br["sign"]) - center) / std * gamma + beta)
-            B, T = xh.shape[0], xh.shape[1]
-            live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
-            front = p["const"][None, :, None].expand(B, -1, T).clone()
-            front[:, p["live"]] = live_feats
-            mid1 = F.conv1d(live_feats, p["w_live"], self.mid_b[0], padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
-            return front, mid1
+            return _pruned_front(self.plan(), xh, self.mid_b[0], _temporal_toeplitz)
 
-    classes = {"MusicnnNet": MusicnnNet, "LogMel": LogMel, "BNAffine": BNAffine}
+    def _pruned_front(p: dict, xh: torch.Tensor, mid_b0: torch.Tensor, toeplitz) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front end and first mid-end conv through a pruned plan (``MusicnnNet.plan``):
+        (front [B, 561, T], mid1 [B, 64, T]). ``toeplitz``: how temporal branches with a
+        Toeplitz weight are computed (chunked for speed, or one GEMM for export)."""
+        parts = []
+        for br in p["branches"]:
+            if br["w"].shape[0] == 0:
+                continue
+            if br["toeplitz"] is not None:  # bias commutes with the max over frequency
+                m = toeplitz(xh, br["toeplitz"], br["k"], br["pad"][0]) + br["b"]
+            else:
+                m = _front_conv(xh, br["w"], br["b"], br["kind"], br["pad"])
+            center, std, gamma, beta = br["bn"]
+            parts.append((torch.relu(m * br["sign"]) - center) / std * gamma + beta)
+        B, T = xh.shape[0], xh.shape[1]
+        live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
+        front = p["const"][None, :, None].expand(B, -1, T).clone()
+        front[:, p["live"]] = live_feats
+        mid1 = F.conv1d(live_feats, p["w_live"], mid_b0, padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
+        return front, mid1
+
+    def _temporal_toeplitz_whole(xh: torch.Tensor, wt: torch.Tensor, k: int, pad_before: int) -> torch.Tensor:
+        """``_temporal_toeplitz`` in one GEMM over the whole batch (no Python loop over a
+        batch-size-dependent chunk count, so torch.export can trace a dynamic batch)."""
+        B, T, n_freq = xh.shape
+        block = TOEPLITZ_BLOCK
+        C = wt.shape[1] // block
+        nblk = -(-T // block)
+        xp = F.pad(xh.transpose(1, 2), (pad_before, nblk * block + k - 1 - pad_before - T))
+        y = torch.matmul(xp.unfold(2, block + k - 1, block).reshape(-1, block + k - 1), wt)
+        return y.view(-1, n_freq, nblk * block, C).amax(dim=1)[:, :T]
+
+    class MusicnnExport(nn.Module):
+        """A MusicnnNet as one static graph for torch.export / ONNX: waveform -> penultimate.
+        The batch-wide choice between the pruned plan and the full network (``forward_logmel``)
+        becomes ``torch.cond`` (an ONNX ``If``), so the exported model computes what the torch
+        module computes for every input, loud ones included, at the pruned plan's speed."""
+
+        def __init__(self, net: "MusicnnNet"):
+            super().__init__()
+            self.net = net.eval()
+            with torch.no_grad():
+                self.plan = net.plan()
+
+        def _pruned(self, xh):
+            front, mid1 = _pruned_front(self.plan, xh, self.net.mid_b[0], _temporal_toeplitz_whole)
+            return self.net._rest(front, mid1)["penultimate"]
+
+        def _full(self, xh):
+            n = self.net
+            front = torch.cat([_branch(xh, w, b, bn, kind, k) for (kind, k), w, b, bn in zip(n.front_kind, n.front_w, n.front_b, n.front_bn)], 2)
+            front = front.transpose(1, 2).contiguous()
+            return n._rest(front, F.conv1d(front, n.mid_w[0], n.mid_b[0], padding=3))["penultimate"]
+
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            xh = self.net.in_bn(self.net.logmel(y))
+            if not self.net.use_pruned_plan:
+                return self._full(xh)
+            return torch.cond(xh.abs().amax(dim=(0, 1, 2)) <= PRUNE_X_MAX, self._pruned, self._full, (xh,))
+
+    MusicnnNet.export_module = lambda self: MusicnnExport(self)
+    MusicnnNet.export_module.__doc__ = "The network as one static graph for ONNX export (MusicnnExport)."
+
+    classes = {"MusicnnNet": MusicnnNet, "LogMel": LogMel, "BNAffine": BNAffine, "MusicnnExport": MusicnnExport}
     for name, cls in classes.items():  # picklable by reference through __getattr__ above
         cls.__module__, cls.__qualname__ = __name__, name
     return classes

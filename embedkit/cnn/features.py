@@ -251,19 +251,37 @@ class Normalizer:
 
     def __call__(self, x):
         """x: torch [B, M, T] -> normalised float32 (new tensor)."""
-        import torch
+        if self.mode == "none":
+            return x.clone()
+        return self.module().to(x.device)(x)
 
-        if self.mode == "standard":
-            if self.mean is None:
-                raise RuntimeError("Normalizer.fit was not called")
-            mean = torch.tensor(self.mean, dtype=x.dtype)[:, None]
-            std = torch.tensor(self.std, dtype=x.dtype)[:, None]
-            return (x - mean) / std
-        if self.mode == "minmax":
-            lo = x.amin(dim=(-2, -1), keepdim=True)
-            hi = x.amax(dim=(-2, -1), keepdim=True)
-            return (x - lo) / (hi - lo).clamp(min=1e-6)
-        return x.clone()
+    def module(self):
+        """The same normalisation as a torch module (buffers, no Python state): what the CNN
+        Tagger's torch graph and the ONNX export run."""
+        import torch
+        from torch import nn
+
+        if self.mode == "standard" and self.mean is None:
+            raise RuntimeError("Normalizer.fit was not called")
+        mode, mean, std = self.mode, self.mean, self.std
+
+        class Normalize(nn.Module):
+            def __init__(self):
+                super().__init__()
+                if mode == "standard":
+                    self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32)[:, None])
+                    self.register_buffer("std", torch.tensor(std, dtype=torch.float32)[:, None])
+
+            def forward(self, x):
+                if mode == "standard":
+                    return (x - self.mean) / self.std
+                if mode == "minmax":
+                    lo = x.amin(dim=(-2, -1), keepdim=True)
+                    hi = x.amax(dim=(-2, -1), keepdim=True)
+                    return (x - lo) / (hi - lo).clamp(min=1e-6)
+                return x
+
+        return Normalize().eval()
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "mean": self.mean, "std": self.std}

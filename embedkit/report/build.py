@@ -712,8 +712,11 @@ def _sources_text(sources: list[str]) -> str:
     return f"{len(sources)} locations"
 
 
-def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None, sources: list[str] | None = None, title: str | None = None) -> dict[str, Any]:
-    """Everything the template needs, computed once (the template only lays it out)."""
+def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None, sources: list[str] | None = None, title: str | None = None, pending: list[str] | None = None) -> dict[str, Any]:
+    """Everything the template needs, computed once (the template only lays it out).
+
+    pending: names of runs still in progress (``embedkit run`` rewrites the report after each
+    run); the page says so and reloads itself until none is left."""
     from .. import __version__
 
     if not runs:
@@ -756,6 +759,7 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
     no_dataset = [v.label for v in views if not _dict(v.m.get("dataset"))]
     return {
         "title": title or "embedkit comparison report",
+        "pending": list(pending or []),
         "generated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": __version__,
         "sources": _sources_text(sources or []),
@@ -800,8 +804,9 @@ def render(ctx: dict[str, Any]) -> str:
     return env.get_template("report.html").render(css=Markup(css), **ctx)
 
 
-def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.PathLike = "reports/report.html", title: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Render every run under ``paths`` (default ``runs/``) into ``out``; returns (path, context).
+def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.PathLike = "reports/report.html", title: str | None = None, pending: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Render every run under ``paths`` (default ``runs/``) into ``out``, atomically; returns
+    (path, context). pending: runs still in progress, listed on the page (see ``context``).
 
     Raises ReportError when no usable run is found."""
     from ..io import atomic_write_bytes
@@ -811,7 +816,7 @@ def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.Pat
     if not runs:
         why = f"; skipped {len(skipped)}: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise ReportError(f"no runs found in {', '.join(map(str, paths))} (no */metrics.json){why}: run `embedkit fit`, `embedkit train-cnn` or `embedkit run DATA` first")
-    ctx = context(runs, skipped, [str(p) for p in paths], title)
+    ctx = context(runs, skipped, [str(p) for p in paths], title, pending)
     html = render(ctx)
     out = Path(out)
     try:

@@ -1,0 +1,220 @@
+"""Run an exported embedkit model with onnxruntime alone: no torch, no scikit-learn.
+
+``read_metadata(path)`` returns the contract written into the file by ``embedkit export``
+(labels, sample rate, window and hop, clip policy, preprocessing hash, calibration, thresholds,
+versions, source run); ``OnnxTagger.load(path)`` is a :class:`~embedkit.tagger.Tagger` like any
+other, so batch tagging, streaming and the HTTP service run on it unchanged.
+
+    >>> from embedkit.runtime import OnnxTagger, read_metadata     # doctest: +SKIP
+    >>> read_metadata("model.onnx")["labels"]                      # doctest: +SKIP
+    >>> t = OnnxTagger.load("model.onnx")                          # doctest: +SKIP
+    >>> t.track_probabilities(t.predict_segments(windows))         # doctest: +SKIP
+
+This module imports numpy, onnxruntime (inside functions) and embedkit's torch-free modules
+(tagger, config, errors); tests/test_export.py proves it runs with ``import torch`` blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .config import AudioConfig, SegmentConfig, from_dict
+from .errors import EmbedkitError, ModelLoadingError
+from .tagger import Tagger
+
+FORMAT = "embedkit-onnx/1"
+INPUT_NAME = "waveform"
+#: calibrated probabilities per window, and the head's own (uncalibrated) probabilities
+OUTPUT_NAMES = ("probabilities", "uncalibrated")
+#: probabilities are floored here before the log of temperature scaling (float32-safe)
+LOG_FLOOR = 1e-12  # as embedkit.calibration (EPS)
+RUNTIME_INSTALL = "pip install onnxruntime"
+#: windows per onnxruntime call (bounds the activation memory of long files)
+MAX_BATCH = 16
+
+
+def calibration_params(calibration, error=EmbedkitError) -> dict[str, Any] | None:
+    """A Tagger's calibration object -> {"method": "temperature", "temperature": T} or None.
+
+    Accepts None, an ``embedkit.calibration.Calibration`` (method "none" or T = 1: the identity,
+    None here), or any object with a ``temperature`` attribute or a ``to_dict()`` holding one;
+    anything else raises ``error`` (only temperature scaling is a graph op here).
+    """
+    if calibration is None:
+        return None
+    d: dict[str, Any] = {}
+    if hasattr(calibration, "to_dict"):
+        d = dict(calibration.to_dict() or {})
+    if getattr(calibration, "method", d.get("method")) == "none":
+        return None
+    t = getattr(calibration, "temperature", d.get("temperature"))
+    if t is None:
+        raise error(f"calibration {type(calibration).__name__} has no temperature: only temperature scaling can be exported")
+    t = float(t)
+    if not np.isfinite(t) or t <= 0:
+        raise error(f"calibration temperature must be a positive number, got {t}")
+    return None if t == 1.0 else {"method": "temperature", "temperature": t}
+
+
+def decision_rule(calibration) -> dict[str, Any] | None:
+    """The default decision rule of a calibration (``embedkit.calibration.DecisionRule``: the
+    threshold below which a track is "uncertain", multi-genre settings) as a dict, or None."""
+    from dataclasses import asdict, is_dataclass
+
+    rule = getattr(calibration, "rule", None)
+    if rule is None:
+        return None
+    return asdict(rule) if is_dataclass(rule) else dict(rule)
+
+
+@dataclass
+class TemperatureCalibration:
+    """p -> softmax(log(max(p, LOG_FLOOR)) / T): the calibration the exported graph applies,
+    in numpy (Tagger.calibrate uses it on track means); ``rule``: the decision rule stored with
+    the model ({"threshold": ...}); ``decide(p)`` -> the top label, or "uncertain" when the top
+    probability is below the rule's threshold."""
+
+    temperature: float = 1.0
+    rule: dict[str, Any] | None = None
+
+    def apply(self, p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64)
+        if self.temperature == 1.0:
+            return p.copy()
+        z = np.log(np.maximum(p, LOG_FLOOR)) / self.temperature
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def decide_index(self, p: np.ndarray) -> int | None:
+        """Index of the decided label, None when uncertain."""
+        top = int(np.argmax(p))
+        threshold = float((self.rule or {}).get("threshold", 0.0) or 0.0)
+        return None if p[top] < threshold else top
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "temperature", "temperature": self.temperature, "rule": self.rule}
+
+
+def _ort():
+    from .errors import require
+
+    return require("onnxruntime", RUNTIME_INSTALL, "running exported models")
+
+
+def _parse(props: dict[str, str], path) -> dict[str, Any]:
+    if "format" not in props:
+        raise ModelLoadingError(f"{path}: an ONNX model without embedkit metadata (not exported by `embedkit export`)")
+    try:
+        meta = {k: json.loads(v) for k, v in props.items()}
+    except json.JSONDecodeError as exc:
+        raise ModelLoadingError(f"{path}: unreadable embedkit metadata ({exc})") from None
+    if meta["format"] != FORMAT:
+        raise ModelLoadingError(f"{path}: metadata format {meta['format']!r}; this embedkit reads {FORMAT!r}")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The embedkit contract stored in an exported model's ``metadata_props`` (JSON values
+    decoded): labels, sample_rate, window_samples, segment_s, hop_s, audio (clip policy),
+    preprocessing (+ _hash), calibration, thresholds, embedkit_version, versions, run_id,
+    source_model_id (the run's model id), kind, spec, input, outputs, opset. Reads the file with the ``onnx`` package when
+    installed (no session is built), else with onnxruntime."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadingError(f"{p}: no such model file")
+    try:
+        import onnx
+    except ImportError:
+        return _parse(dict(_session(p).get_modelmeta().custom_metadata_map), p)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadingError(f"{p}: not an ONNX model ({type(exc).__name__})") from None
+    return _parse({e.key: e.value for e in model.metadata_props}, p)
+
+
+def _session(path: Path, threads: int | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # no spin-waiting between ops: on a busy machine (2 cores shared with decoding threads or
+    # other jobs) spinning threads steal the cores the work needs (as OMP_WAIT_POLICY for torch)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelLoadingError(f"{path}: onnxruntime cannot load it ({first})") from None
+
+
+@dataclass
+class OnnxTagger(Tagger):
+    """A Tagger backed by an exported ONNX model run with onnxruntime (no torch).
+
+    ``predict_segments`` returns the graph's uncalibrated probabilities; ``calibrate`` applies
+    the file's temperature (the graph's own ``probabilities`` output is the calibrated value per
+    window). Build with :meth:`load`."""
+
+    session: Any = None
+    path: Path | None = None
+    torch_backed: ClassVar[bool] = False  # onnxruntime on the CPU: --device does not move it
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> "OnnxTagger":
+        p = Path(path)
+        meta = read_metadata(p)
+        sess = _session(p, threads)
+        cal = meta.get("calibration")
+        rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
+        from .identity import fingerprint
+
+        return cls(
+            kind=meta["kind"],
+            labels=[str(x) for x in meta["labels"]],
+            sample_rate=int(meta["sample_rate"]),
+            segment=SegmentConfig(float(meta["segment_s"]), float(meta["hop_s"])),
+            audio=from_dict(AudioConfig, meta.get("audio") or {}),
+            model_id=fingerprint(p),  # this file's identity (the source run's is source_model_id)
+            run_dir=None,
+            spec=meta.get("spec") or {},
+            calibration=None if not (cal or rule) else TemperatureCalibration(float((cal or {}).get("temperature", 1.0)), rule),
+            meta={**meta, "runtime": "onnxruntime", "model_path": str(p)},
+            session=sess,
+            path=p,
+        )
+
+    def run(self, segments: np.ndarray) -> dict[str, np.ndarray]:
+        """Windows [K, window_samples] -> {"probabilities" (calibrated), "uncalibrated"}
+        float64 [K, C], in batches of MAX_BATCH windows."""
+        x = self._check_windows(segments)
+        C = len(self.labels)
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUT_NAMES}
+        for a in range(0, len(x), MAX_BATCH):
+            res = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[a : a + MAX_BATCH]})
+            for n, r in zip(OUTPUT_NAMES, res):
+                outs[n].append(np.asarray(r, dtype=np.float64))
+        return {n: (np.concatenate(v) if v else np.zeros((0, C))) for n, v in outs.items()}
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        return self.run(segments)["uncalibrated"]
+
+    def __post_init__(self):
+        if isinstance(self.calibration, TemperatureCalibration):
+            labels = list(self.labels)
+            cal = self.calibration
+
+            def decide(p):  # as embedkit.calibration.Calibration.decide: a label or "uncertain"
+                i = cal.decide_index(np.asarray(p, dtype=np.float64))
+                return "uncertain" if i is None else labels[i]
+
+            cal.decide = decide

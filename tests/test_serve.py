@@ -1,0 +1,522 @@
+"""`embedkit serve`: a real uvicorn server on 127.0.0.1 (a free port) per test module.
+
+Tags gtzan_mini files (generated clips when absent) over HTTP, multipart and raw body, and
+compares with `embedkit tag`'s library call; every bad input of the issue (not audio,
+truncated, empty, oversize, unsupported format, a 3-hour file, a stalled body, bad options)
+gets its status and a one-line JSON error while the server keeps serving; 503 + Retry-After
+when full; concurrent requests share forwards; /metrics parses; --db writes the results
+database; an exported ONNX model serves the same answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import GTZAN
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+requests = pytest.importorskip("requests")
+
+from embedkit.serve import ServeConfig, create_app  # noqa: E402
+from embedkit.tagger import load_tagger  # noqa: E402
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve ``app`` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_dataset, tmp_path_factory):
+    from embedkit.datasets import load_dataset
+    from embedkit.extract import extract
+    from embedkit.fit import fit_head
+
+    work = tmp_path_factory.mktemp("serve")
+    extract(load_dataset(synth_dataset), "tiny-test", cache=work / "cache", workers=2)
+    return fit_head("tiny-test", "lr", cache=work / "cache", runs=work / "runs", protocol="holdout").run_dir
+
+
+@pytest.fixture(scope="module")
+def tagger(run_dir):
+    return load_tagger(run_dir)
+
+
+@pytest.fixture(scope="module")
+def files(synth_dataset) -> list[Path]:
+    if GTZAN.exists():
+        return [sorted((GTZAN / g).glob("*.flac"))[0] for g in ("blues", "classical", "metal", "jazz")]
+    return sorted(Path(synth_dataset).glob("*/*.wav"))[::5]
+
+
+@pytest.fixture(scope="module")
+def url(tagger):
+    with running(create_app(tagger, ServeConfig(max_bytes=8 * 1024 * 1024, body_timeout_s=3.0, chunk_timeout_s=1.5))) as base:
+        yield base
+
+
+def _wav_bytes(seconds: float, sr: int = 16000, freq: float = 440.0) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _error(resp, status: int, kind: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"]["kind"] == kind
+    msg = body["error"]["message"]
+    assert msg and "\n" not in msg
+    return msg
+
+
+def _still_serving(url):
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    r = requests.post(f"{url}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# answers
+
+
+def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
+    from embedkit.tag import tag
+
+    out = tmp_path / "ref.jsonl"
+    tag(run_dir, [str(f) for f in files], out=out, workers=1)
+    ref = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        if i % 2:  # raw body
+            r = requests.post(f"{url}/v1/tag?top_k=2", data=data, headers={"Content-Type": "audio/flac"}, timeout=120)
+        else:  # multipart
+            r = requests.post(f"{url}/v1/tag?top_k=2", files={"file": (f.name, data, "audio/flac")}, timeout=120)
+        assert r.status_code == 200, r.text
+        got, want = r.json(), ref[f.name]
+        assert got["top_label"] == want["top_label"] and got["decision"] == want["top_label"]
+        assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
+        assert got["n_windows"] == want["n_windows"] and got["window_starts_s"] == want["window_starts_s"]
+        assert [g["label"] for g in got["genres"]] == [l for l, _ in want["topk"][:2]]
+        assert got["model_id"] == want["model_id"]
+        assert set(got["timings_ms"]) == {"upload", "decode", "queue", "inference", "total"}
+        assert got["timings_ms"]["total"] >= got["timings_ms"]["decode"] > 0
+        assert (got["filename"] == f.name) == (i % 2 == 0)
+
+
+def test_threshold_multi_and_uncertain(url, files):
+    data = files[0].read_bytes()
+    r = requests.post(f"{url}/v1/tag?threshold=1.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["multi"] == []  # no probability reaches 1.0 here
+    r = requests.post(f"{url}/v1/tag?threshold=0.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["decision"] == r["top_label"] and len(r["multi"]) == len(r["probabilities"])
+
+
+def test_excerpt_option(url, files):
+    r = requests.post(f"{url}/v1/tag?excerpt=spread:2", data=files[0].read_bytes(), headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert r["excerpt"] == "spread:2" and r["n_windows"] > 0
+    msg = _error(requests.post(f"{url}/v1/tag?excerpt=loudest", data=b"x", timeout=30), 400, "bad_request")
+    assert "excerpt" in msg
+    _error(requests.post(f"{url}/v1/tag?top_k=0", data=b"x", timeout=30), 400, "bad_request")
+
+
+def test_model_health_and_metrics(url, tagger):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert m["labels"] == tagger.labels and m["model_id"] == tagger.model_id and m["kind"] == "head"
+    assert m["sample_rate"] == 16000 and m["spec"]["name"] == "tiny-test"
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/v1/tag"]["post"]
+    requests.post(f"{url}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=60)
+    requests.post(f"{url}/v1/tag", data=b"", timeout=30)
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("embedkit_requests", "embedkit_request_seconds", "embedkit_decode_seconds", "embedkit_inference_seconds", "embedkit_uncertain", "embedkit_errors"):
+        assert name in fams, sorted(fams)
+    ok = sum(s.value for s in fams["embedkit_requests"].samples if s.labels.get("status") == "200" and s.name.endswith("_total"))
+    assert ok >= 1
+    assert any(s.labels.get("kind") == "empty" and s.value >= 1 for s in fams["embedkit_errors"].samples)
+    count = [s.value for s in fams["embedkit_request_seconds"].samples if s.name.endswith("_count")][0]
+    assert count >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_get_json_errors_and_the_server_keeps_serving(url):
+    wav = _wav_bytes(6.0)
+    msg = _error(requests.post(f"{url}/v1/tag", data=b"this is not audio at all" * 100, headers={"Content-Type": "application/octet-stream"}, timeout=30), 422, "not_audio")
+    assert "cannot decode" in msg
+    _error(requests.post(f"{url}/v1/tag", data=wav[: len(wav) // 3], headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # truncated
+    _error(requests.post(f"{url}/v1/tag", data=b"", headers={"Content-Type": "audio/wav"}, timeout=30), 400, "empty")
+    _error(requests.post(f"{url}/v1/tag", files={"file": ("a.wav", b"", "audio/wav")}, timeout=30), 400, "empty")
+    _error(requests.post(f"{url}/v1/tag", data=b"\x89PNG\r\n" + b"0" * 100, headers={"Content-Type": "image/png"}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", data=b"\x00\x00\x00\x20ftypM4A " + b"0" * 100, headers={"Content-Type": "audio/mp4"}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", files={"file": ("x.json", b"{}", "application/json")}, timeout=30), 415, "unsupported_media_type")
+    _error(requests.post(f"{url}/v1/tag", data=_wav_bytes(1.0), headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # < one window
+    _error(requests.post(f"{url}/v1/tag", data=b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(10):
+            yield b"\0" * (1024 * 1024)
+
+    _error(requests.post(f"{url}/v1/tag", data=chunks(), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+    _still_serving(url)
+
+
+def test_stalled_body_times_out(url):
+    """A client that announces a body and stops sending (slow loris) gets 408 within the
+    configured chunk timeout, and the server keeps serving."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n" + b"RIFF")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            part = s.recv(4096)
+            if not part:
+                break
+            data += part
+    elapsed = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert b'"kind":"timeout"' in data and elapsed < 10
+    _still_serving(url)
+
+
+def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
+    """A 3-hour FLAC (30 s of tone, then silence: small on disk) is answered from its first clip;
+    the server's memory grows by far less than the decoded file would take (3 h at 8 kHz float32
+    = 346 MB)."""
+    import resource
+
+    import soundfile as sf
+
+    sr, path = 8000, tmp_path / "three-hours.flac"
+    t = np.arange(30 * sr) / sr
+    with sf.SoundFile(path, "w", sr, 1, format="FLAC", subtype="PCM_16") as fh:
+        fh.write((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32))
+        quiet = np.zeros(600 * sr, np.float32)  # digital silence: FLAC stores it in a few bytes
+        for _ in range(18):  # 18 x 10 min
+            fh.write(quiet)
+    assert sf.info(path).duration > 3 * 3600 - 60
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server is this process
+    with open(path, "rb") as fh:
+        r = requests.post(f"{url}/v1/tag", data=fh, headers={"Content-Type": "audio/flac"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_windows"] == 6 and body["window_starts_s"][-1] == 25.0  # the first 30 s
+    assert body["duration_s"] > 3 * 3600 - 60  # the song's length, from the header
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100, f"peak memory grew {grown_mb:.0f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency
+
+
+def test_full_server_answers_503_with_retry_after(tagger):
+    with running(create_app(tagger, ServeConfig(max_pending=1, body_timeout_s=5.0, chunk_timeout_s=5.0))) as base:
+        host, port = base.rsplit("//", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as s:  # holds the one slot
+            s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 1000\r\n\r\nRIFF")
+            time.sleep(0.3)
+            r = requests.post(f"{base}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=30)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["kind"] == "busy"
+        deadline = time.monotonic() + 15
+        while requests.get(f"{base}/healthz", timeout=5).json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _still_serving(base)
+
+
+def test_concurrent_requests_share_forwards(tagger):
+    """With a 300 ms gathering window, 6 simultaneous uploads run in fewer than 6 forwards, and
+    each answer equals the one the request gets alone."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wavs = [_wav_bytes(10.0, freq=f) for f in (220, 330, 440, 550, 660, 880)]
+    with running(create_app(tagger, ServeConfig(batch_wait_ms=300, max_batch_windows=64))) as base:
+        alone = [requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json()["probabilities"] for w in wavs]
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda w: requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json(), wavs))
+        text = requests.get(f"{base}/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    s = {x.name: x.value for x in fams["embedkit_batch_requests"].samples if not x.labels}
+    forwards, reqs = s["embedkit_batch_requests_count"], s["embedkit_batch_requests_sum"]
+    assert reqs == 12 and forwards < 12  # 6 alone (6 forwards) + 6 together (< 6 forwards)
+    for a, b in zip(alone, together):
+        assert max(abs(a[k] - b["probabilities"][k]) for k in a) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# database and the ONNX runtime
+
+
+def test_db_records_every_result(tagger, files, tmp_path):
+    from embedkit.tagdb import ResultsDB
+
+    db = tmp_path / "served.sqlite"
+    with running(create_app(tagger, ServeConfig(db=str(db)))) as base:
+        for f in files[:2]:
+            assert requests.post(f"{base}/v1/tag", files={"file": (f.name, f.read_bytes(), "audio/flac")}, timeout=120).status_code == 200
+    with ResultsDB(str(db)) as d:
+        rows = d.rows(tagger.model_id)
+    assert sorted(r["path"] for r in rows) == sorted(f"upload:{f.name}" for f in files[:2])
+    assert all(r["model_id"] == tagger.model_id and r["top_label"] in tagger.labels for r in rows)
+
+
+def test_onnx_model_serves_the_same_answers(tagger, files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from embedkit.export import export_onnx
+    from embedkit.runtime import OnnxTagger
+
+    model = tmp_path / "m.onnx"
+    export_onnx(tagger, model)
+    data = files[0].read_bytes()
+    with running(create_app(OnnxTagger.load(model))) as base:
+        info = requests.get(f"{base}/v1/model", timeout=10).json()
+        got = requests.post(f"{base}/v1/tag", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    with running(create_app(tagger)) as base:
+        want = requests.post(f"{base}/v1/tag", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    assert info["runtime"] == "onnxruntime" and info["labels"] == tagger.labels
+    assert got["top_label"] == want["top_label"]
+    assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) <= 1e-4
+
+
+SERVE_BLOCKED = r"""
+import importlib.abc, sys
+BLOCK = ("torch", "sklearn", "librosa", "lightgbm", "onnxscript")
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError(f"blocked import: {name}")
+
+sys.meta_path.insert(0, Block())
+from fastapi.testclient import TestClient
+from embedkit.serve import create_app
+from embedkit.tagger import load_tagger
+
+with TestClient(create_app(load_tagger(sys.argv[1]))) as c:
+    r = c.post("/v1/tag", content=open(sys.argv[2], "rb").read(), headers={"Content-Type": "application/octet-stream"})
+    print(r.status_code, r.json()["top_label"])
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCK))
+"""
+
+
+def test_serving_an_onnx_model_imports_no_torch(tagger, files, tmp_path):
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("onnxruntime")
+    from embedkit.export import export_onnx
+
+    model = tmp_path / "m.onnx"
+    export_onnx(tagger, model)
+    res = subprocess.run([sys.executable, "-c", SERVE_BLOCKED, str(model), str(files[0])], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    status, label = res.stdout.splitlines()[-2].split()
+    assert status == "200" and label == tagger.labels[int(tagger.predict_file(files[0])[1].argmax())]
+    assert res.stdout.splitlines()[-1] == "[]"  # no blocked module was imported
+
+
+def test_cli_serve_refuses_bad_options(run_dir):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--excerpt", "loud"])
+    assert r.exit_code == 1 and "excerpt" in r.output
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--threshold", "2"])
+    assert r.exit_code == 1 and "threshold" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# the page at / in headless Chromium
+#
+# Driven over the DevTools protocol (--remote-debugging-pipe: JSON messages on file descriptors
+# 3/4, no extra client library). It loads the page from a real server on 127.0.0.1, sets a real
+# gtzan_mini file (generated when absent) on the file input as a person choosing it would, waits
+# for the rendered result and reads it: the decision and the probability bars must be the
+# server's answer for that file, and the page must log no console message or exception.
+
+
+def _find_chromium() -> str | None:
+    import shutil
+
+    env = os.environ.get("EMBEDKIT_CHROMIUM")
+    if env and Path(env).exists():
+        return env
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CHROMIUM = _find_chromium()
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe."""
+
+    def __init__(self, profile: Path):
+        to_r, self._to_w = os.pipe()  # we write commands -> chromium reads fd 3
+        self._from_r, from_w = os.pipe()  # chromium writes fd 4 -> we read
+
+        def child_fds():  # runs in the child before exec: the pipe ends become fds 3 and 4
+            a, b = os.dup(to_r), os.dup(from_w)  # above 4, so the dup2s below cannot clobber them
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        cmd = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--no-default-browser-check", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-extensions", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank",
+        ]  # fmt: skip
+        self.log = open(profile.parent / "chromium.log", "wb")
+        # pass_fds keeps 3 and 4 open through exec (fds are closed after preexec_fn runs)
+        self.proc = subprocess.Popen(cmd, preexec_fn=child_fds, pass_fds=(3, 4, to_r, from_w), stdout=self.log, stderr=self.log)
+        os.close(to_r)
+        os.close(from_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+
+    def _read(self, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_r], [], [], left)[0]:
+                return None
+            chunk = os.read(self._from_r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self._read(deadline - time.monotonic())
+            if m is None:
+                break
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+        raise TimeoutError(method)
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self._to_w)
+        os.close(self._from_r)
+        self.log.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
+def test_page_tags_a_chosen_file(tmp_path, request, tagger):
+    from embedkit.serve import create_app
+
+    if GTZAN.exists():
+        audio_file = sorted((GTZAN / "jazz").glob("*.flac"))[0]
+    else:
+        audio_file = sorted(Path(request.getfixturevalue("synth_dataset")).glob("*/*.wav"))[0]
+    with running(create_app(tagger)) as base:
+        want = requests.post(f"{base}/v1/tag", data=audio_file.read_bytes(), headers={"Content-Type": "application/octet-stream"}, timeout=120).json()
+        dt = DevTools(tmp_path / "profile")
+        try:
+            target = dt.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            sid = dt.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "DOM"):
+                dt.send(f"{domain}.enable", session=sid)
+            dt.send("Page.navigate", {"url": f"{base}/"}, session=sid)
+
+            def evaluate(expr: str):
+                return dt.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=sid)["result"].get("value")
+
+            deadline = time.monotonic() + 30
+            while evaluate("document.readyState") != "complete" or "genres" not in (evaluate("document.getElementById('model').textContent") or ""):
+                assert time.monotonic() < deadline, "page did not load"
+                time.sleep(0.1)
+            doc = dt.send("DOM.getDocument", session=sid)["root"]["nodeId"]
+            node = dt.send("DOM.querySelector", {"nodeId": doc, "selector": "#file"}, session=sid)["nodeId"]
+            dt.send("DOM.setFileInputFiles", {"files": [str(audio_file)], "nodeId": node}, session=sid)
+            deadline = time.monotonic() + 120
+            while evaluate("document.getElementById('result').dataset.state") not in ("done", "error"):
+                assert time.monotonic() < deadline, "no result rendered"
+                time.sleep(0.2)
+            state = evaluate("document.getElementById('result').dataset.state")
+            decision = evaluate("document.getElementById('decision').textContent")
+            bars = evaluate("[...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.label, b.querySelector('.pct').textContent])")
+            timing = evaluate("document.getElementById('timing').textContent")
+            n_before = len(dt.events)
+            # the detector's own check: a console message the page did not write is seen
+            dt.send("Runtime.evaluate", {"expression": "console.error('embedkit-probe')"}, session=sid)
+            dt.send("Runtime.evaluate", {"expression": "1"}, session=sid)  # flush pending events
+        finally:
+            dt.close()
+    assert state == "done", decision
+    assert decision == want["decision"]
+    assert [b[0] for b in bars] == sorted(want["probabilities"], key=lambda k: -want["probabilities"][k])
+    for label, pct in bars:
+        assert pct == f"{100 * want['probabilities'][label]:.1f}%"
+    assert "total" in timing and "windows" in timing
+    kinds = ("Runtime.exceptionThrown", "Runtime.consoleAPICalled", "Log.entryAdded")
+    assert any(e.get("method") == "Runtime.consoleAPICalled" and "embedkit-probe" in json.dumps(e) for e in dt.events[n_before:])
+    bad = [e for e in dt.events[:n_before] if e.get("method") in kinds]
+    assert not bad, bad[:3]
