@@ -852,9 +852,8 @@ def tag_cmd(
     import tempfile
 
     from .audio import native_stderr_to
-    from .tag import Excerpt, tag
-
     from .device import precheck
+    from .tag import Excerpt, tag
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
     is_onnx = model.suffix.lower() == ".onnx"

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +167,7 @@ class OnnxTagger(Tagger):
 
     session: Any = None
     path: Path | None = None
-    torch_backed: ClassVar[bool] = False  # onnxruntime on the CPU: --device does not move it
+    torch_backed = False  # (not a dataclass field) onnxruntime on the CPU: --device does not move it
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> "OnnxTagger":

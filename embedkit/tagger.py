@@ -40,7 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class Tagger(ABC):
     precision: str = "fp32"
     #: False for taggers that run without torch (``embedkit.runtime.OnnxTagger``: onnxruntime
     #: on the CPU): ``to`` leaves them where they are and nothing imports torch for them.
-    torch_backed: ClassVar[bool] = True
+    torch_backed = True  # a plain class attribute (no annotation): not a dataclass field
 
     def to(self, device, precision: str | None = None) -> "Tagger":
         """Run the network on ``device`` (name or torch.device, see ``embedkit.device``) at

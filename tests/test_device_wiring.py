@@ -18,7 +18,6 @@ from embedkit import device  # noqa: E402
 from embedkit.cli import app  # noqa: E402
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig  # noqa: E402
 from embedkit.errors import DeviceError  # noqa: E402
-from embedkit.store import find_store  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
