@@ -1043,10 +1043,15 @@ def serve_cmd(
     max_batch_windows: int = typer.Option(64, help="windows per forward"),
     decode_workers: int = typer.Option(2, help="decode threads"),
     db: Optional[str] = typer.Option(None, help="also write every result into this results database (as embedkit tag --db)"),
+    device: str = device_option(),
+    allow_tf32: bool = tf32_option(),
 ):
     """Serve a model over HTTP: POST /v1/tag, GET /v1/model, /healthz, /metrics, and a page at /."""
+    from .device import precheck
     from .serve import ServeConfig, serve
     from .tag import Excerpt
+
+    precheck(device, allow_tf32, "fp32")  # an unusable device fails before the model loads
 
     Excerpt.parse(excerpt)
     if max_mb <= 0 or body_timeout <= 0 or max_pending < 1 or max_batch_windows < 1 or decode_workers < 1:
@@ -1056,7 +1061,7 @@ def serve_cmd(
     cfg = ServeConfig(max_bytes=int(max_mb * 1024 * 1024), body_timeout_s=body_timeout, max_pending=max_pending, batch_wait_ms=batch_wait_ms,
                       max_batch_windows=max_batch_windows, decode_workers=decode_workers, excerpt=excerpt, threshold=threshold, db=db)  # fmt: skip
     console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)
-    serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint)
+    serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
 
 
 def main():  # console-script entry point

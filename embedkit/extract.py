@@ -368,7 +368,7 @@ def extract(
             weights_id, spec = bb.weights_id, bb.spec
         else:
             weights_id, spec = ident
-    store = Store.create(cache, spec, weights_id, prep)
+    store = Store.create(cache, spec, weights_id, prep, precision)
     with store.lock():
         store.clean_partial()
         if store.is_legacy():

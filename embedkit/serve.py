@@ -546,17 +546,18 @@ def _store(database, tagger, sink: _Sink, p_windows, starts, duration, ex, top_k
     database.write([_db_row(_track_row(tagger, item, p_windows, ex, top_k))], [])
 
 
-def load_model(model: str | os.PathLike, checkpoint: str | None = None):
-    """A run directory / model file / exported .onnx -> a Tagger."""
+def load_model(model: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, allow_tf32: bool = False):
+    """A run directory / model file / exported .onnx -> a Tagger on ``device`` (embedkit.device;
+    None: the CPU; ignored for .onnx models, which run on onnxruntime)."""
     from .tagger import load_tagger
 
-    return load_tagger(model, checkpoint=checkpoint)
+    return load_tagger(model, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
 
 
-def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None, checkpoint: str | None = None, log_level: str = "info") -> None:
-    """Load ``model`` once and serve it with uvicorn until interrupted."""
+def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None, checkpoint: str | None = None, log_level: str = "info", device: str | None = None, allow_tf32: bool = False) -> None:
+    """Load ``model`` once (on ``device``) and serve it with uvicorn until interrupted."""
     _require_serve()
     import uvicorn
 
-    app = create_app(load_model(model, checkpoint), cfg)
+    app = create_app(load_model(model, checkpoint, device, allow_tf32), cfg)
     uvicorn.run(app, host=host, port=int(port), log_level=log_level, timeout_keep_alive=5, limit_concurrency=None)

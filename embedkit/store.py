@@ -64,13 +64,17 @@ def _canonical(obj):
     return obj
 
 
-def store_key(weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None = None) -> str:
+def store_key(weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None = None, precision: str = "fp32") -> str:
     """Directory name of the store for these weights, this preprocessing and (when given) the
     backbone's input contract: rate, size and front-end parameters change the embedding as
-    surely as the weights do (melstats has no weights at all)."""
+    surely as the weights do (melstats has no weights at all). A reduced inference precision
+    (bf16 / fp16 autocast) changes the embeddings too (by up to ~2 % on musicnn), so it gets a
+    store of its own: fp32 and bf16 rows never mix. The device does not (fp32 results agree)."""
     payload = _canonical(prep.to_dict())
     if spec is not None:
         payload = {"preprocess": payload, "backbone": _canonical(_contract(spec))}
+    if precision != "fp32":
+        payload = {"key": payload, "precision": precision}
     return f"{weights_id}-{stable_hash(payload)}"
 
 
@@ -137,13 +141,14 @@ class Store:
         return PreprocessConfig.from_dict(self.meta()["preprocess"])
 
     @classmethod
-    def create(cls, cache: str | os.PathLike, spec: BackboneSpec, weights_id: str, prep: PreprocessConfig) -> "Store":
-        root = Path(cache) / spec.name / store_key(weights_id, prep, spec)
+    def create(cls, cache: str | os.PathLike, spec: BackboneSpec, weights_id: str, prep: PreprocessConfig, precision: str = "fp32") -> "Store":
+        root = Path(cache) / spec.name / store_key(weights_id, prep, spec, precision)
         store = cls(root)
         meta = {
             "backbone": spec.to_dict(),
             "weights_id": weights_id,
             "preprocess": prep.to_dict(),
+            "precision": precision,
             "versions": versions(),
             "layout": LAYOUT,
         }
@@ -151,7 +156,7 @@ class Store:
             from .runs import check_match
 
             old = store.meta()
-            key = lambda m, b: {"name": b.get("name"), "weights_id": m["weights_id"], "preprocess": m["preprocess"], **{k: b.get(k) for k in _contract(spec)}}  # noqa: E731
+            key = lambda m, b: {"name": b.get("name"), "weights_id": m["weights_id"], "preprocess": m["preprocess"], "precision": m.get("precision", "fp32"), **{k: b.get(k) for k in _contract(spec)}}  # noqa: E731
             check_match(root, "store was built with another backbone/weights/preprocessing", key(old, old["backbone"]), key(meta, meta["backbone"]))
         else:
             store.segments_dir.mkdir(parents=True, exist_ok=True)

@@ -50,12 +50,13 @@ def tracks(synth_dataset):
 
 
 @no_cuda
-@pytest.mark.parametrize("command", ["extract", "tag", "stream", "train-cnn", "finetune", "run"])
+@pytest.mark.parametrize("command", ["extract", "tag", "stream", "serve", "train-cnn", "finetune", "run"])
 def test_cuda_without_cuda_is_one_line_for_every_command(command, synth_dataset, tmp_path):
     args = {
         "extract": ["extract", synth_dataset, "-b", "tiny-test", "--cache", tmp_path],
         "tag": ["tag", tmp_path / "no-such-run", synth_dataset],
         "stream": ["stream", tmp_path / "no-such-run", "-"],
+        "serve": ["serve", tmp_path / "no-such-run"],
         "train-cnn": ["train-cnn", synth_dataset, "--runs", tmp_path],
         "finetune": ["finetune", synth_dataset, "-b", "tiny-test", "--runs", tmp_path],
         "run": ["run", synth_dataset, "--quick", "--runs", tmp_path, "--cache", tmp_path],
@@ -264,3 +265,25 @@ def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["device"]["device"] == "cpu"  # the store's extraction device
     t = load_tagger(run, device="auto")
     assert t.device == torch.device("cpu") and t.precision == "fp32"
+
+
+def test_reduced_precision_gets_a_store_of_its_own(tmp_path, synth_tracks):
+    """bf16 embeddings differ from fp32 ones (by up to ~2 %): they go to their own store, so a
+    store never mixes rows of two precisions; fp32 keeps the key it always had."""
+    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+    from embedkit.extract import extract
+    from embedkit.store import store_key
+
+    prep = PreprocessConfig(AudioConfig(clip_s=5.0), SegmentConfig(5.0, 5.0))
+    tracks = synth_tracks.head(4)
+    a = extract(tracks, "tiny-test", cache=tmp_path, prep=prep, workers=1, device="cpu")
+    b = extract(tracks, "tiny-test", cache=tmp_path, prep=prep, workers=1, device="cpu", precision="bf16")
+    assert a.store.root != b.store.root and b.n_extracted == 4  # nothing reused across precisions
+    assert a.store.meta()["precision"] == "fp32" and b.store.meta()["precision"] == "bf16"
+    spec = a.store.meta()["backbone"]
+    from embedkit.backbones import get_spec
+
+    assert a.store.root.name == store_key(a.store.meta()["weights_id"], prep, get_spec(spec["name"]))  # fp32: key unchanged
+    _, xa = a.store.read()
+    _, xb = b.store.read()
+    assert not np.array_equal(xa, xb)
