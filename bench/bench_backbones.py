@@ -95,8 +95,14 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
         from embedkit.device import describe, resolve
 
         dev = resolve(args.device, args.allow_tf32)
-        print(f"    and on {describe(dev)['device']} ({describe(dev)['name']}), {args.precision}: seconds per clip, CPU/device ratio, max |embedding diff| vs CPU")
-    print(f"{'backbone':<14}{'windows':>8}{'s/clip':>10}{'x realtime':>12}" + (f"{'dev s/clip':>12}{'cpu/dev':>9}{'max diff':>10}" if dev is not None else "") + "  note")
+        print(
+            f"    and on {describe(dev)['device']} ({describe(dev)['name']}), {args.precision}: seconds per clip, CPU/device ratio, max |embedding diff| vs CPU"
+        )
+    print(
+        f"{'backbone':<14}{'windows':>8}{'s/clip':>10}{'x realtime':>12}"
+        + (f"{'dev s/clip':>12}{'cpu/dev':>9}{'max diff':>10}" if dev is not None else "")
+        + "  note"
+    )
     for spec in list_backbones():
         if spec.name not in names:
             continue
@@ -122,10 +128,18 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
             if dev is not None and bb.torch_module() is not None:
                 ref = bb.embed(frames)
                 bb.to(dev, args.precision)
-                sd = best_time(lambda bb=bb, frames=frames: bb.embed(frames), args.repeat)  # embed returns host arrays: synchronised
+                sd = best_time(
+                    lambda bb=bb, frames=frames: bb.embed(frames), args.repeat
+                )  # embed returns host arrays: synchronised
                 diff = float(np.abs(bb.embed(frames) - ref).max())
                 bb.to("cpu", "fp32")
-                row.update(device=str(dev), precision=args.precision, device_s_per_clip=sd, cpu_over_device=s / sd, max_abs_diff_vs_cpu=diff)
+                row.update(
+                    device=str(dev),
+                    precision=args.precision,
+                    device_s_per_clip=sd,
+                    cpu_over_device=s / sd,
+                    max_abs_diff_vs_cpu=diff,
+                )
                 dev_cols = f"{sd:>12.4f}{s / sd:>9.1f}{diff:>10.2g}"
             elif dev is not None:
                 dev_cols = f"{'cpu only':>31}"
@@ -142,9 +156,13 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
 
         w6 = torch.from_numpy(clip_windows(16000, 5.0))
         tfe = best_time(lambda: fe(w6), args.repeat, warmup=not args.quick)
-        print(f"  AST padding: one 5 s window {t5:.3f} s vs one 10 s window {t10:.3f} s (ratio {t5 / t10:.2f}: both are 1024 frames)")
+        print(
+            f"  AST padding: one 5 s window {t5:.3f} s vs one 10 s window {t10:.3f} s (ratio {t5 / t10:.2f}: both are 1024 frames)"
+        )
         print(f"  AST front end (transformers' NumPy fbank) alone: {tfe:.3f} s per clip of 6 x 5 s")
-        rows.append({"backbone": "ast", "padding_5s_window_s": t5, "padding_10s_window_s": t10, "frontend_s_per_clip": tfe})
+        rows.append(
+            {"backbone": "ast", "padding_5s_window_s": t5, "padding_10s_window_s": t10, "frontend_s_per_clip": tfe}
+        )
     return rows, loaded
 
 
@@ -199,8 +217,16 @@ def floor(args, bb) -> dict:
     print(f"\n(3) Cnn14 physical floor, {args.cores} cores")
     print(f"  counted: {flops10 / 2e9:.1f} G multiply-adds = {flops10 / 1e9:.1f} GFLOP per 10 s (PANNs paper: ~42 G)")
     print(f"  achieved: {achieved:.0f} GFLOP/s on 3 x 10 s windows ({t / 3:.3f} s per 10 s)")
-    print(f"  2048^3 float32 matmul on the same cores: {mm_gflops:.0f} GFLOP/s -> floor {flops10 / mm_gflops / 1e9:.3f} s per 10 s; Cnn14 runs at {achieved / mm_gflops:.0%} of it")
-    return {"gflop_per_10s": flops10 / 1e9, "gmac_per_10s": flops10 / 2e9, "achieved_gflops": achieved, "matmul_gflops": mm_gflops, "s_per_10s": t / 3}
+    print(
+        f"  2048^3 float32 matmul on the same cores: {mm_gflops:.0f} GFLOP/s -> floor {flops10 / mm_gflops / 1e9:.3f} s per 10 s; Cnn14 runs at {achieved / mm_gflops:.0%} of it"
+    )
+    return {
+        "gflop_per_10s": flops10 / 1e9,
+        "gmac_per_10s": flops10 / 2e9,
+        "achieved_gflops": achieved,
+        "matmul_gflops": mm_gflops,
+        "s_per_10s": t / 3,
+    }
 
 
 def main() -> None:
@@ -223,11 +249,24 @@ def main() -> None:
         rows, loaded = per_clip(args, tmp)
         from embedkit.backbones import load_backbone
 
-        cnn14 = loaded.get("panns-cnn14") or load_backbone("panns-cnn14", checkpoint=weights_for("panns-cnn14", "panns", tmp))
+        cnn14 = loaded.get("panns-cnn14") or load_backbone(
+            "panns-cnn14", checkpoint=weights_for("panns-cnn14", "panns", tmp)
+        )
         pipe = pipeline(args, tmp, cnn14)
         fl = floor(args, cnn14)
     print(f"\nload average at end {load_average():.1f}")
-    path = write_results("bench_backbones", {"cores": args.cores, "quick": args.quick, "device": args.device, "precision": args.precision, "per_clip": rows, "cnn14_pipeline": pipe, "cnn14_floor": fl})
+    path = write_results(
+        "bench_backbones",
+        {
+            "cores": args.cores,
+            "quick": args.quick,
+            "device": args.device,
+            "precision": args.precision,
+            "per_clip": rows,
+            "cnn14_pipeline": pipe,
+            "cnn14_floor": fl,
+        },
+    )
     print(f"results: {path}")
 
 

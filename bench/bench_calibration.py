@@ -60,9 +60,13 @@ def run_one(backbone: str, head: str, cache: Path, data: Path, cv: int) -> None:
     print(f"{backbone}+{head} ({len(y)} tracks, {cv}-fold CV, cross-fitted over the folds)")
     for name, q in methods.items():
         s = C.scores(q, y)
-        print(f"  {name:12s} ECE {s['ece']:.3f}  NLL {s['nll']:.3f}  Brier {s['brier']:.3f}  accuracy {s['accuracy']:.3f}")
+        print(
+            f"  {name:12s} ECE {s['ece']:.3f}  NLL {s['nll']:.3f}  Brier {s['brier']:.3f}  accuracy {s['accuracy']:.3f}"
+        )
     floor = C.ece_if_calibrated(methods["temperature"])
-    print(f"  ECE of a perfectly calibrated model with these confidences: mean {floor['mean']:.3f}, p90 {floor['p90']:.3f}")
+    print(
+        f"  ECE of a perfectly calibrated model with these confidences: mean {floor['mean']:.3f}, p90 {floor['p90']:.3f}"
+    )
 
 
 def main() -> None:

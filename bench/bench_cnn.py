@@ -53,7 +53,9 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def generate_cache(root: Path, n_clips: int, clip_s: float, n_classes: int = 8) -> tuple[list[np.ndarray], np.ndarray, float]:
+def generate_cache(
+    root: Path, n_clips: int, clip_s: float, n_classes: int = 8
+) -> tuple[list[np.ndarray], np.ndarray, float]:
     """Generated clips -> float16 log-mel .npy files (the trainer's cache format), memmapped."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -97,7 +99,14 @@ def run_epoch(clips, idx, aug, model_cfg, batch: int = 16, crop_s: float = 5.0, 
     t = time.perf_counter()
     stats = train_epoch(net, opt, batches)
     wall = time.perf_counter() - t
-    return {"wall_s": wall, "compute_s": stats["compute_s"], "median_step_s": float(np.median(stats["step_s"])), "data_busy_s": batches.busy_s, "data_wait_s": batches.wait_s, "crops": len(idx)}
+    return {
+        "wall_s": wall,
+        "compute_s": stats["compute_s"],
+        "median_step_s": float(np.median(stats["step_s"])),
+        "data_busy_s": batches.busy_s,
+        "data_wait_s": batches.wait_s,
+        "crops": len(idx),
+    }
 
 
 def time_steps(model_cfg, steps: int, n_frames: int = 431, batch: int = 16) -> float:
@@ -168,8 +177,12 @@ def _augmentation_costs(reps: int) -> dict:
         ps = am.PitchShift(-2, 2, p=1.0)
         out["audiomentations TimeStretch (signalsmith)"] = ms(lambda: ts(y, SR), reps)
         out["audiomentations PitchShift (signalsmith)"] = ms(lambda: ps(y, SR), reps)
-        out["audiomentations TimeStretch (librosa phase vocoder)"] = ms(lambda: am.TimeStretch(0.8, 1.2, p=1.0, method="librosa_phase_vocoder")(y, SR), reps)
-        out["audiomentations PitchShift (librosa)"] = ms(lambda: am.PitchShift(-2, 2, p=1.0, method="librosa_phase_vocoder")(y, SR), reps)
+        out["audiomentations TimeStretch (librosa phase vocoder)"] = ms(
+            lambda: am.TimeStretch(0.8, 1.2, p=1.0, method="librosa_phase_vocoder")(y, SR), reps
+        )
+        out["audiomentations PitchShift (librosa)"] = ms(
+            lambda: am.PitchShift(-2, 2, p=1.0, method="librosa_phase_vocoder")(y, SR), reps
+        )
     except ImportError:
         pass
     try:
@@ -212,7 +225,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--clips", type=int, default=None, help="clips in the epoch (default 6400; 160 with --quick)")
     ap.add_argument("--clip-s", type=float, default=5.0, help="length of each generated clip (the crop is 5 s)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--aug-clips", type=int, default=None, help="clips in the online-vs-pool augmentation epochs (default clips/10)")
+    ap.add_argument(
+        "--aug-clips", type=int, default=None, help="clips in the online-vs-pool augmentation epochs (default clips/10)"
+    )
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated cache (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -238,7 +253,9 @@ def main(argv=None) -> dict:
     print(f"fp32 matmul peak (torch.mm 4096^2, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
 
     specs, labels, gen_s = generate_cache(work / f"logmel-{args.clip_s:g}s", n_clips, args.clip_s)
-    print(f"generated {n_clips} clips of {args.clip_s:g} s and their log-mel cache in {gen_s:.1f} s (not part of the epoch)")
+    print(
+        f"generated {n_clips} clips of {args.clip_s:g} s and their log-mel cache in {gen_s:.1f} s (not part of the epoch)"
+    )
     norm = Normalizer("standard").fit(specs[: min(200, n_clips)])
     clips = Clips(clean=specs, labels=labels, n_classes=8, hop=512, sr=SR, normalize=norm)
     cfg = CNNConfig(n_classes=8)
@@ -246,19 +263,43 @@ def main(argv=None) -> dict:
     idx = np.arange(n_clips)
     ep = run_epoch(clips, idx, AugmentConfig(), cfg)
     flops = 6 * macs * n_clips
-    res["epoch"] = {**ep, "macs_per_crop": macs, "tflop": flops / 1e12, "step_gflops": flops / ep["compute_s"] / 1e9, "fraction_of_peak": flops / ep["compute_s"] / peak, "fraction_of_peak_median_step": 6 * macs * 16 / ep["median_step_s"] / peak, "fraction_of_peak_wall": flops / ep["wall_s"] / peak}
+    res["epoch"] = {
+        **ep,
+        "macs_per_crop": macs,
+        "tflop": flops / 1e12,
+        "step_gflops": flops / ep["compute_s"] / 1e9,
+        "fraction_of_peak": flops / ep["compute_s"] / peak,
+        "fraction_of_peak_median_step": 6 * macs * 16 / ep["median_step_s"] / peak,
+        "fraction_of_peak_wall": flops / ep["wall_s"] / peak,
+    }
     e = res["epoch"]
     full_epoch = e["wall_s"] * 6400 / n_clips
     res["epoch_s_at_6400"] = full_epoch
-    print(f"\nepoch over {n_clips} crops of 5 s (batch 16, default network, {macs / 1e9:.3f} G multiply-adds / crop, {e['tflop']:.1f} TFLOP):")
-    print(f"  wall {e['wall_s']:.1f} s = training step {e['compute_s']:.1f} s + waiting for data {e['data_wait_s']:.2f} s (+ loop overhead)")
-    print(f"  data thread busy {e['data_busy_s']:.1f} s ({100 * e['data_busy_s'] / e['wall_s']:.1f} % of the epoch, overlapped with the step)")
-    print(f"  training step: {e['step_gflops']:.1f} GFLOP/s = {100 * e['fraction_of_peak']:.1f} % of matmul peak (target >= 40 %); median step {100 * e['fraction_of_peak_median_step']:.1f} %; whole epoch {100 * e['fraction_of_peak_wall']:.1f} %")
-    print(f"  epoch at 6,400 clips: {full_epoch:.0f} s ({'meets' if full_epoch < 300 else 'MISSES'} the 5 min target){' (extrapolated)' if n_clips != 6400 else ''}")
+    print(
+        f"\nepoch over {n_clips} crops of 5 s (batch 16, default network, {macs / 1e9:.3f} G multiply-adds / crop, {e['tflop']:.1f} TFLOP):"
+    )
+    print(
+        f"  wall {e['wall_s']:.1f} s = training step {e['compute_s']:.1f} s + waiting for data {e['data_wait_s']:.2f} s (+ loop overhead)"
+    )
+    print(
+        f"  data thread busy {e['data_busy_s']:.1f} s ({100 * e['data_busy_s'] / e['wall_s']:.1f} % of the epoch, overlapped with the step)"
+    )
+    print(
+        f"  training step: {e['step_gflops']:.1f} GFLOP/s = {100 * e['fraction_of_peak']:.1f} % of matmul peak (target >= 40 %); median step {100 * e['fraction_of_peak_median_step']:.1f} %; whole epoch {100 * e['fraction_of_peak_wall']:.1f} %"
+    )
+    print(
+        f"  epoch at 6,400 clips: {full_epoch:.0f} s ({'meets' if full_epoch < 300 else 'MISSES'} the 5 min target){' (extrapolated)' if n_clips != 6400 else ''}"
+    )
 
     steps = 3 if args.quick else 8
     base = time_steps(cfg, steps)
-    variants = {"default (conv-pool-bn-relu, channels-last)": base, "textbook order (conv-bn-relu-pool)": time_steps(CNNConfig(n_classes=8, block_order="conv-bn-relu-pool"), steps), "NCHW layout": time_steps(CNNConfig(n_classes=8, channels_last=False), steps)}
+    variants = {
+        "default (conv-pool-bn-relu, channels-last)": base,
+        "textbook order (conv-bn-relu-pool)": time_steps(
+            CNNConfig(n_classes=8, block_order="conv-bn-relu-pool"), steps
+        ),
+        "NCHW layout": time_steps(CNNConfig(n_classes=8, channels_last=False), steps),
+    }
     if kept:  # glibc's default: big blocks mmapped per allocation, unmapped on free
         keep_freed_memory(False)
         variants["glibc default memory policy"] = time_steps(cfg, steps)
@@ -266,7 +307,9 @@ def main(argv=None) -> dict:
     res["step_variants_s"] = variants
     print("\ntraining step, batch 16 x 5 s (best of {}):".format(steps))
     for k, v in variants.items():
-        print(f"  {k:45s} {v * 1000:7.0f} ms  ({v / base:.2f}x default, {6 * macs * 16 / v / peak * 100:.0f} % of peak)")
+        print(
+            f"  {k:45s} {v * 1000:7.0f} ms  ({v / base:.2f}x default, {6 * macs * 16 / v / peak * 100:.0f} % of peak)"
+        )
 
     costs = augmentation_costs(reps)
     res["augmentation_ms"] = costs
@@ -280,26 +323,63 @@ def main(argv=None) -> dict:
     waves = [make_clip(int(labels[i]), 7919 * i, SR, args.clip_s) for i in range(n_aug)]
     aug_on = AugmentConfig.parse("noise,gain,stretch,pitch,shift", wave_mode="online")
     front = logmel_module(FeatureConfig())
-    sub = Clips(clean=specs[:n_aug], labels=labels[:n_aug], n_classes=8, hop=512, sr=SR, normalize=norm, waves=waves, featurize=lambda y: front(y))
+    sub = Clips(
+        clean=specs[:n_aug],
+        labels=labels[:n_aug],
+        n_classes=8,
+        hop=512,
+        sr=SR,
+        normalize=norm,
+        waves=waves,
+        featurize=lambda y: front(y),
+    )
     online = run_epoch(sub, np.arange(n_aug), aug_on, cfg, warmup=0)
     aug_pool = AugmentConfig.parse("noise,gain,stretch,pitch,shift", wave_mode="pool")
     t = time.perf_counter()
     variants_per_clip = []
     for i, w in enumerate(waves):
-        vs = [logmel(augment_wave(w, SR, draw_params(aug_pool, np.random.default_rng([0, i, v]))), FeatureConfig()).astype(np.float16) for v in range(aug_pool.pool_size)]
+        vs = [
+            logmel(
+                augment_wave(w, SR, draw_params(aug_pool, np.random.default_rng([0, i, v]))), FeatureConfig()
+            ).astype(np.float16)
+            for v in range(aug_pool.pool_size)
+        ]
         variants_per_clip.append(vs)
     pool_build = time.perf_counter() - t
     sub.variants, sub.waves, sub.featurize = variants_per_clip, None, None
     pooled = run_epoch(sub, np.arange(n_aug), aug_pool, cfg, warmup=0)
-    clean_sub = run_epoch(Clips(clean=specs[:n_aug], labels=labels[:n_aug], n_classes=8, hop=512, sr=SR, normalize=norm), np.arange(n_aug), AugmentConfig(), cfg, warmup=0)
+    clean_sub = run_epoch(
+        Clips(clean=specs[:n_aug], labels=labels[:n_aug], n_classes=8, hop=512, sr=SR, normalize=norm),
+        np.arange(n_aug),
+        AugmentConfig(),
+        cfg,
+        warmup=0,
+    )
     scale = 6400 / n_aug
-    res["wave_augmentation"] = {"clips": n_aug, "online": online, "pool": pooled, "clean": clean_sub, "pool_build_s": pool_build, "pool_size": aug_pool.pool_size}
-    print(f"\nwaveform augmentation (noise, gain, stretch, pitch, shift at p = 0.5), epoch over {n_aug} clips, per 6,400 crops:")
+    res["wave_augmentation"] = {
+        "clips": n_aug,
+        "online": online,
+        "pool": pooled,
+        "clean": clean_sub,
+        "pool_build_s": pool_build,
+        "pool_size": aug_pool.pool_size,
+    }
+    print(
+        f"\nwaveform augmentation (noise, gain, stretch, pitch, shift at p = 0.5), epoch over {n_aug} clips, per 6,400 crops:"
+    )
     print(f"  {'':32s} {'data prep (thread busy)':>24s} {'step waited':>12s} {'epoch wall':>11s}")
-    for name, r in (("no augmentation", clean_sub), ("online (augment each crop)", online), (f"pool of {aug_pool.pool_size} variants", pooled)):
-        print(f"  {name:32s} {r['data_busy_s'] * scale:22.0f} s {r['data_wait_s'] * scale:10.1f} s {r['wall_s'] * scale:9.0f} s")
+    for name, r in (
+        ("no augmentation", clean_sub),
+        ("online (augment each crop)", online),
+        (f"pool of {aug_pool.pool_size} variants", pooled),
+    ):
+        print(
+            f"  {name:32s} {r['data_busy_s'] * scale:22.0f} s {r['data_wait_s'] * scale:10.1f} s {r['wall_s'] * scale:9.0f} s"
+        )
     per_variant = pool_build / n_aug / aug_pool.pool_size
-    print(f"  pool build, once: {per_variant * 1000:.0f} ms per variant of a {args.clip_s:g} s clip = {pool_build * scale:.0f} s for 6,400 clips x {aug_pool.pool_size}")
+    print(
+        f"  pool build, once: {per_variant * 1000:.0f} ms per variant of a {args.clip_s:g} s clip = {pool_build * scale:.0f} s for 6,400 clips x {aug_pool.pool_size}"
+    )
     prep_online, prep_pool = online["data_busy_s"] * scale, pooled["data_busy_s"] * scale
     step = e["compute_s"] * 6400 / n_clips
     res["wave_augmentation"].update(prep_online_s=prep_online, prep_pool_s=prep_pool, step_s=step)
@@ -314,7 +394,9 @@ def main(argv=None) -> dict:
 
     per_clip = caching_cost(work / "caching", 4 if args.quick else 8)
     res["caching_s_per_30s_clip"] = per_clip
-    print(f"\nfeature caching (decode 22.05 kHz WAV + resample + log-mel + float16 .npy): {per_clip * 1000:.0f} ms per 30 s clip ({per_clip * 6400 / 60:.1f} min once for 6,400 clips)")
+    print(
+        f"\nfeature caching (decode 22.05 kHz WAV + resample + log-mel + float16 .npy): {per_clip * 1000:.0f} ms per 30 s clip ({per_clip * 6400 / 60:.1f} min once for 6,400 clips)"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=float))
     return res

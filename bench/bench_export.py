@@ -45,7 +45,15 @@ def build_runs(work: Path) -> dict[str, Path]:
     tracks = load_dataset(make_dataset(work / "data", n_classes=4, per_class=4, duration_s=12.0))
     extract(tracks, "musicnn-msd", cache=work / "cache", workers=2)
     head = fit_head("musicnn-msd", "lr", cache=work / "cache", runs=work / "runs", protocol="holdout").run_dir
-    cnn = train_cnn(tracks, train=TrainConfig(epochs=1, batch_size=4, patience=2), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=work / "runs", cache=work / "cnn-cache", threads=2, workers=2).run_dir
+    cnn = train_cnn(
+        tracks,
+        train=TrainConfig(epochs=1, batch_size=4, patience=2),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=work / "runs",
+        cache=work / "cnn-cache",
+        threads=2,
+        workers=2,
+    ).run_dir
     return {"musicnn-msd + lr": head, "scratch CNN": cnn}
 
 
@@ -56,7 +64,9 @@ def windows_for(tagger, n: int) -> np.ndarray:
     if len(x) < n:  # generated: tones and noise
         rng = np.random.default_rng(0)
         t = np.arange(tagger.window_samples) / tagger.sample_rate
-        extra = [0.3 * np.sin(2 * np.pi * (110 + 40 * k) * t) + 0.05 * rng.standard_normal(len(t)) for k in range(n - len(x))]
+        extra = [
+            0.3 * np.sin(2 * np.pi * (110 + 40 * k) * t) + 0.05 * rng.standard_normal(len(t)) for k in range(n - len(x))
+        ]
         x = np.concatenate([x, np.asarray(extra, np.float32)]) if len(x) else np.asarray(extra, np.float32)
     return np.ascontiguousarray(x[:n], dtype=np.float32)
 
@@ -96,7 +106,14 @@ def main() -> None:
             onnx_tagger = OnnxTagger.load(path, threads=args.cores)
             x16 = windows_for(tagger, 16)
             parity = float(np.abs(onnx_tagger.predict_segments(x16) - tagger.predict_segments(x16)).max())
-            row = {"model": name, "kind": tagger.kind, "window_s": tagger.segment.segment_s, "onnx_mb": info["bytes"] / 1e6, "export_s": info["seconds"], "parity_max_abs": parity}
+            row = {
+                "model": name,
+                "kind": tagger.kind,
+                "window_s": tagger.segment.segment_s,
+                "onnx_mb": info["bytes"] / 1e6,
+                "export_s": info["seconds"],
+                "parity_max_abs": parity,
+            }
             for batch in (1, 16):
                 x = x16[:batch]
                 t = median_ms_per_window(tagger.predict_segments, x, repeats)
@@ -107,7 +124,9 @@ def main() -> None:
             results.append(row)
             print(f"{name}: export {info['seconds']:.1f} s, {info['bytes'] / 1e6:.1f} MB, parity {parity:.2e}")
             for batch in (1, 16):
-                print(f"  batch {batch:>2}: torch {row[f'torch_ms_per_window_b{batch}']:7.2f} ms/window, onnxruntime {row[f'onnx_ms_per_window_b{batch}']:7.2f} ms/window, torch/onnx = {row[f'ratio_torch_over_onnx_b{batch}']:.2f}x")
+                print(
+                    f"  batch {batch:>2}: torch {row[f'torch_ms_per_window_b{batch}']:7.2f} ms/window, onnxruntime {row[f'onnx_ms_per_window_b{batch}']:7.2f} ms/window, torch/onnx = {row[f'ratio_torch_over_onnx_b{batch}']:.2f}x"
+                )
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     out = write_results("export", {"cores": cpus, "repeats": repeats, "load_avg_1m": load, "results": results})

@@ -163,17 +163,24 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
 
     def stand_in(path):  # distinct per file, reads no bytes
         st = FileStat.of(path)
-        return f"{st.inode:016x}{st.mtime_ns:016x}"[:identity.DIGITS]
+        return f"{st.inode:016x}{st.mtime_ns:016x}"[: identity.DIGITS]
 
     for p in paths:  # page cache warm for both variants; imports and first calls not timed
         Path(p).read_bytes()
-    extract(tracks.iloc[:8], bb, cache=workdir / "identity-warmup", prep=prep, workers=args.workers, batch_size=args.batch_size)
+    extract(
+        tracks.iloc[:8],
+        bb,
+        cache=workdir / "identity-warmup",
+        prep=prep,
+        workers=args.workers,
+        batch_size=args.batch_size,
+    )
     best = {"with": np.inf, "without": np.inf}
     best_cpu = {"with": np.inf, "without": np.inf}  # CPU seconds: less sensitive to other processes' load
     walls: dict[str, list[float]] = {"with": [], "without": []}
     last_cache = None
     for r in range(max(1, args.repeat)):
-        for mode in (("with", "without") if r % 2 == 0 else ("without", "with")):
+        for mode in ("with", "without") if r % 2 == 0 else ("without", "with"):
             identity._cache.clear()
             identity.hash_file = real_hash if mode == "with" else stand_in
             cache = workdir / f"identity-{mode}-{r}"
@@ -216,7 +223,17 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
         flush=True,
     )
     if data is not None:
-        cmd = [sys.executable, "-c", "from embedkit.cli import main; main()", "extract", str(data), "--backbone", bb.spec.name, "--cache", str(last_cache)]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from embedkit.cli import main; main()",
+            "extract",
+            str(data),
+            "--backbone",
+            bb.spec.name,
+            "--cache",
+            str(last_cache),
+        ]
         walls = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -225,7 +242,10 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
             if proc.returncode or f"0 tracks extracted (0 segments), {len(paths)} already done" not in proc.stderr:
                 raise SystemExit(f"no-op re-run did not find the store complete:\n{proc.stderr[-2000:]}")
         out["noop_rerun_wall_s"] = walls
-        print(f"  no-op CLI re-run        : {', '.join(f'{w:.2f}' for w in walls)} s wall (fresh process each; target < 2 s)", flush=True)
+        print(
+            f"  no-op CLI re-run        : {', '.join(f'{w:.2f}' for w in walls)} s wall (fresh process each; target < 2 s)",
+            flush=True,
+        )
     return out
 
 
@@ -261,7 +281,18 @@ def memory_child(data: str, backbone: str, cores: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as cache, Timer() as t:
         res = extract(tracks, bb, cache=cache, prep=prep, workers=workers)
     peak = rss_mb("VmHWM")
-    print(json.dumps({"clips": len(tracks), "extracted": res.n_extracted, "base_mb": base, "peak_mb": peak, "rise_mb": peak - base, "seconds": t.s}))
+    print(
+        json.dumps(
+            {
+                "clips": len(tracks),
+                "extracted": res.n_extracted,
+                "base_mb": base,
+                "peak_mb": peak,
+                "rise_mb": peak - base,
+                "seconds": t.s,
+            }
+        )
+    )
 
 
 def memory(sizes: list[int], args, workdir: Path) -> dict:
@@ -279,16 +310,32 @@ def memory(sizes: list[int], args, workdir: Path) -> dict:
     out = {}
     for n in sizes:
         data = memory_dataset(workdir / f"mem-{n}", n, sources)
-        cmd = [sys.executable, __file__, "--memory-child", str(data), "--memory-backbone", args.memory_backbone, "--cores", str(args.cores), "--workers", str(args.workers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            str(data),
+            "--memory-backbone",
+            args.memory_backbone,
+            "--cores",
+            str(args.cores),
+            "--workers",
+            str(args.workers),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         out[n] = r
-        print(f"  {n:5d} clips: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s", flush=True)
+        print(
+            f"  {n:5d} clips: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
+            flush=True,
+        )
     small, big = out[sizes[0]], out[sizes[-1]]
     ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
-    print(f"  rise at {sizes[-1]} / rise at {sizes[0]} clips: {ratio:.2f} (no growth: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more clips)")
+    print(
+        f"  rise at {sizes[-1]} / rise at {sizes[0]} clips: {ratio:.2f} (no growth: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more clips)"
+    )
     return {"runs": out, "rise_ratio": ratio}
 
 
@@ -297,7 +344,9 @@ def main() -> None:
     ap.add_argument("--backbone", default=None, help="default: musicnn-msd if it loads, else melstats")
     ap.add_argument("--data", type=Path, default=GTZAN, help="folder dataset (default ../shared/data/gtzan_mini)")
     ap.add_argument("--clips", type=int, default=None, help="clips of --data to use (default all; --quick 16)")
-    ap.add_argument("--mp3", type=int, default=None, help="generated 44.1 kHz stereo MP3s (default 40; --quick 8; 0 skips)")
+    ap.add_argument(
+        "--mp3", type=int, default=None, help="generated 44.1 kHz stereo MP3s (default 40; --quick 8; 0 skips)"
+    )
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default --cores)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -323,8 +372,18 @@ def main() -> None:
     n_clips = args.clips or (16 if args.quick else None)
     n_mp3 = args.mp3 if args.mp3 is not None else (8 if args.quick else 40)
     sizes = [int(s) for s in (args.memory_sizes or ("100,1000" if args.quick else "200,2000")).split(",")]
-    print(f"bench_extract: backbone {name}, {args.cores} cores {cpus}, {args.workers} decode threads, batch {args.batch_size}, load average {load_average():.1f}", flush=True)
-    results: dict = {"backbone": name, "cores": args.cores, "workers": args.workers, "batch_size": args.batch_size, "quick": args.quick, "load_avg_1m_at_start": load_average()}
+    print(
+        f"bench_extract: backbone {name}, {args.cores} cores {cpus}, {args.workers} decode threads, batch {args.batch_size}, load average {load_average():.1f}",
+        flush=True,
+    )
+    results: dict = {
+        "backbone": name,
+        "cores": args.cores,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "quick": args.quick,
+        "load_avg_1m_at_start": load_average(),
+    }
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         work = Path(tmp)
         if args.data.exists():
@@ -340,7 +399,9 @@ def main() -> None:
             tracks = tracks.groupby("label").head(per_label).head(n_clips).reset_index(drop=True)
         print(f"{label}: {len(tracks)} clips", flush=True)
         print("content fingerprinting:", flush=True)
-        results["identity"] = identity_cost(tracks, bb, args, work, args.data if args.data.exists() and not n_clips else None)
+        results["identity"] = identity_cost(
+            tracks, bb, args, work, args.data if args.data.exists() and not n_clips else None
+        )
         if args.only_identity:
             n_mp3, args.skip_memory = 0, True
         else:

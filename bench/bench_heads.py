@@ -93,7 +93,10 @@ def _estimator(head: str, config: str, cores: int):
     if head == "mlp":  # scikit-learn's MLP, same width, its own early stopping
         from sklearn.neural_network import MLPClassifier
 
-        return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(256,), early_stopping=True, max_iter=200, random_state=0)), False
+        return make_pipeline(
+            StandardScaler(),
+            MLPClassifier(hidden_layer_sizes=(256,), early_stopping=True, max_iter=200, random_state=0),
+        ), False
     raise ValueError(head)
 
 
@@ -167,14 +170,30 @@ def run_synthetic(args) -> list[dict]:
         t0 = time.perf_counter()
         X, y, g = make_data(n_train + n_test, dim, seed=args.seed)
         cut = n_train * SEGMENTS_PER_TRACK
-        for name, arr in (("X_train", X[:cut]), ("y_train", y[:cut]), ("g_train", g[:cut]), ("X_test", X[cut:]), ("y_test", y[cut:]), ("g_test", g[cut:])):
+        for name, arr in (
+            ("X_train", X[:cut]),
+            ("y_train", y[:cut]),
+            ("g_train", g[:cut]),
+            ("X_test", X[cut:]),
+            ("y_test", y[cut:]),
+            ("g_test", g[cut:]),
+        ):
             np.save(Path(tmp) / f"{name}.npy", arr)
         del X
-        print(f"data: {cut:,} x {dim} float32 train ({cut * dim * 4 / 2**20:.0f} MiB), {n_test * SEGMENTS_PER_TRACK:,} test segments, 8 classes; generated in {time.perf_counter() - t0:.1f} s", flush=True)
-        env = {**os.environ, "BENCH_DIM": str(dim), "OMP_NUM_THREADS": str(args.cores), "MKL_NUM_THREADS": str(args.cores), "OPENBLAS_NUM_THREADS": str(args.cores)}
+        print(
+            f"data: {cut:,} x {dim} float32 train ({cut * dim * 4 / 2**20:.0f} MiB), {n_test * SEGMENTS_PER_TRACK:,} test segments, 8 classes; generated in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        env = {
+            **os.environ,
+            "BENCH_DIM": str(dim),
+            "OMP_NUM_THREADS": str(args.cores),
+            "MKL_NUM_THREADS": str(args.cores),
+            "OPENBLAS_NUM_THREADS": str(args.cores),
+        }
         cpus = sorted(os.sched_getaffinity(0))[: args.cores] if hasattr(os, "sched_getaffinity") else None
         for head in args.heads:
-            for config in (("slow", "fast") if args.slow else ("fast",)):
+            for config in ("slow", "fast") if args.slow else ("fast",):
                 cmd = [sys.executable, __file__, "--_worker", head, config, tmp, "--cores", str(args.cores)]
                 if cpus:
                     cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
@@ -184,7 +203,10 @@ def run_synthetic(args) -> list[dict]:
                     continue
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(rec)
-                print(f"  {head:5s} {config:5s} {rec['wall_s']:7.1f} s (cpu {rec['cpu_s']:.1f} s)  peak +{rec['peak_bytes'] / rec['x_bytes']:.2f}x X  seg acc {rec['segment_accuracy']:.3f}  track acc {rec['track_accuracy']:.3f}", flush=True)
+                print(
+                    f"  {head:5s} {config:5s} {rec['wall_s']:7.1f} s (cpu {rec['cpu_s']:.1f} s)  peak +{rec['peak_bytes'] / rec['x_bytes']:.2f}x X  seg acc {rec['segment_accuracy']:.3f}  track acc {rec['track_accuracy']:.3f}",
+                    flush=True,
+                )
     print("\nhead  config   fit s  target  speed-up  cpu s  peak/X   seg acc  track acc  d(seg acc) vs slow")
     for r in rows:
         slow = next((s for s in rows if s["head"] == r["head"] and s["config"] == "slow"), None)
@@ -192,7 +214,9 @@ def run_synthetic(args) -> list[dict]:
         ok = "" if r["config"] == "slow" or args.quick else ("  ok" if r["wall_s"] <= target else "  OVER")
         speed = f"{slow['wall_s'] / r['wall_s']:7.1f}x" if slow else "      -"
         dacc = f"{100 * (r['segment_accuracy'] - slow['segment_accuracy']):+.1f} pt" if slow and r is not slow else "-"
-        print(f"{r['head']:5s} {r['config']:6s} {r['wall_s']:7.1f} {target:7.0f}{ok:5s} {speed} {r['cpu_s']:6.1f} {r['peak_bytes'] / r['x_bytes']:6.2f}x  {r['segment_accuracy']:7.3f}  {r['track_accuracy']:9.3f}  {dacc}")
+        print(
+            f"{r['head']:5s} {r['config']:6s} {r['wall_s']:7.1f} {target:7.0f}{ok:5s} {speed} {r['cpu_s']:6.1f} {r['peak_bytes'] / r['x_bytes']:6.2f}x  {r['segment_accuracy']:7.3f}  {r['track_accuracy']:9.3f}  {dacc}"
+        )
     return rows
 
 
@@ -205,7 +229,9 @@ def run_gtzan(args) -> None:
 
     names = [b for b in ("melstats", "musicnn-msd") if list_backbones(b)]
     tracks = load_dataset(args.gtzan)
-    print(f"\ngtzan_mini ({len(tracks)} tracks), 5-fold stratified CV, track accuracy (mean-probability vote / majority vote)")
+    print(
+        f"\ngtzan_mini ({len(tracks)} tracks), 5-fold stratified CV, track accuracy (mean-probability vote / majority vote)"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_heads_runs_") as runs:
         for name in names:
             res = extract(tracks, name, cache=args.cache)

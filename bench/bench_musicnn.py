@@ -91,7 +91,12 @@ def tf_worker(npz: str, model_dir: str, threads: int, repeats: int) -> dict:
     sess = tf.compat.v1.Session(config=cfg)
     tf.compat.v1.train.Saver().restore(sess, str(Path(link_dir) / "musicnn" / Path(model_dir).name) + "/")
     best, med = timeit(lambda: sess.run(tags, feed_dict={x: logmel, is_training: False}), repeats)
-    return {"min": best, "median": med, "taggram": sess.run(tags, feed_dict={x: logmel, is_training: False}).tolist(), "version": tf.__version__}
+    return {
+        "min": best,
+        "median": med,
+        "taggram": sess.run(tags, feed_dict={x: logmel, is_training: False}).tolist(),
+        "version": tf.__version__,
+    }
 
 
 def measure_tf(logmel: np.ndarray, model_dir: str, threads: int, repeats: int, tf_python: str | None) -> dict | None:
@@ -129,8 +134,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="5 repeats (smoke run)")
-    ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (much faster on a loaded machine)")
-    ap.add_argument("--tf-python", help="a Python with tensorflow + tf_keras to time the original graph in (e.g. a venv)")
+    ap.add_argument(
+        "--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (much faster on a loaded machine)"
+    )
+    ap.add_argument(
+        "--tf-python", help="a Python with tensorflow + tf_keras to time the original graph in (e.g. a venv)"
+    )
     args = ap.parse_args()
     repeats = 5 if args.quick else args.repeats
     if args.omp_passive:  # must precede the OpenMP runtime's start, i.e. importing torch
@@ -149,9 +158,13 @@ def main() -> None:
     bb = load_backbone(args.backbone)
     net = bb.torch_module().eval()
     y = torch.from_numpy(np.ascontiguousarray(frames))
-    print(f"{args.backbone} ({bb.weights_id}), clip: {source}, {len(frames)} segments x {frames.shape[1]} samples, torch threads: {args.threads}, repeats: {repeats}")
-    print(f"  load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are only comparable on an idle machine), "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(
+        f"{args.backbone} ({bb.weights_id}), clip: {source}, {len(frames)} segments x {frames.shape[1]} samples, torch threads: {args.threads}, repeats: {repeats}"
+    )
+    print(
+        f"  load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are only comparable on an idle machine), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
 
     results: dict[str, tuple[float, float]] = {}
     with torch.inference_mode():
@@ -173,12 +186,17 @@ def main() -> None:
         if err > 1e-4:
             raise SystemExit(f"variant {name} disagrees with the plan ({err:.1e}): benchmark invalid")
 
-    tf_res = measure_tf(logmel.numpy(), str(package_dir() / _MODEL_DIR[args.backbone]), args.threads, repeats, args.tf_python)
+    tf_res = measure_tf(
+        logmel.numpy(), str(package_dir() / _MODEL_DIR[args.backbone]), args.threads, repeats, args.tf_python
+    )
     if tf_res is not None:
         results["tensorflow"] = (tf_res["min"], tf_res["median"])
         err = np.abs(np.asarray(tf_res["taggram"]) - out_plan["taggram"].numpy()).max()
         print(f"  check: TensorFlow {tf_res['version']} vs pruned plan, max |taggram diff| = {err:.1e}")
-        tf_ref, tf_note = tf_res["min"], f"TensorFlow {tf_res['version']} measured in this run, {args.threads} intra-op threads"
+        tf_ref, tf_note = (
+            tf_res["min"],
+            f"TensorFlow {tf_res['version']} measured in this run, {args.threads} intra-op threads",
+        )
     else:
         tf_ref, tf_note = TF_QUOTED_S, "quoted in issue 2 (TensorFlow not importable here; see --tf-python)"
 
@@ -188,9 +206,13 @@ def main() -> None:
         print(f"  {name:<11} {best:10.4f} {med:8.4f} {1 / best:8.1f} {naive / best:8.2f}x {tf_ref / best:6.2f}x")
     print(f"  load average after: {os.getloadavg()[0]:.1f}")
     print(f"\n  TF reference: {tf_ref:.3f} s/clip, {tf_note}.")
-    print(f"  naive port measured {naive:.3f} s/clip here (issue 2 quotes ~{NAIVE_QUOTED_S} s on an idle 2-core machine);")
-    print(f"  bare forward (network) is {naive / results['network'][0]:.1f}x the naive port; scaled to the quoted "
-          f"naive figure that is ~{NAIVE_QUOTED_S * results['network'][0] / naive:.3f} s/clip (rough: load slows variants unequally).")
+    print(
+        f"  naive port measured {naive:.3f} s/clip here (issue 2 quotes ~{NAIVE_QUOTED_S} s on an idle 2-core machine);"
+    )
+    print(
+        f"  bare forward (network) is {naive / results['network'][0]:.1f}x the naive port; scaled to the quoted "
+        f"naive figure that is ~{NAIVE_QUOTED_S * results['network'][0] / naive:.3f} s/clip (rough: load slows variants unequally)."
+    )
 
 
 if __name__ == "__main__":

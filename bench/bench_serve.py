@@ -88,7 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run directory, model file or .onnx (default: build musicnn-msd + lr)")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    ap.add_argument("--levels", default="1,4,16,4", help="client counts in order (the repeated 4 shows whether memory is flat)")
+    ap.add_argument(
+        "--levels", default="1,4,16,4", help="client counts in order (the repeated 4 shows whether memory is flat)"
+    )
     args = ap.parse_args()
     import requests
 
@@ -115,7 +117,13 @@ def main() -> None:
 
         port = free_port()
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        server = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "embedkit.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -126,7 +134,9 @@ def main() -> None:
                 except requests.ConnectionError:
                     pass
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:] if server.poll() is not None else 'timeout'}")
+                    raise SystemExit(
+                        f"server did not start: {server.stderr.read().decode()[-2000:] if server.poll() is not None else 'timeout'}"
+                    )
                 time.sleep(0.2)
             ctype = "audio/flac" if data[0][0].endswith(".flac") else "audio/wav"
             requests.post(f"{url}/v1/tag", data=data[0][1], headers={"Content-Type": ctype}, timeout=60)  # warm-up
@@ -162,13 +172,22 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 lat.sort()
                 row = {
-                    "clients": n_clients, "ok": len(lat), "errors": errors, "seconds": wall, "clips_per_s": len(lat) / wall,
-                    "p50_s": statistics.median(lat) if lat else None, "p99_s": lat[min(len(lat) - 1, int(np.ceil(0.99 * len(lat))) - 1)] if lat else None,
-                    "ratio_to_in_process": (len(lat) / wall) / base_cps, "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_mb(server.pid),
-                }  # fmt: skip
+                    "clients": n_clients,
+                    "ok": len(lat),
+                    "errors": errors,
+                    "seconds": wall,
+                    "clips_per_s": len(lat) / wall,
+                    "p50_s": statistics.median(lat) if lat else None,
+                    "p99_s": lat[min(len(lat) - 1, int(np.ceil(0.99 * len(lat))) - 1)] if lat else None,
+                    "ratio_to_in_process": (len(lat) / wall) / base_cps,
+                    "server_rss_mb_before": rss_before,
+                    "server_rss_mb_after": rss_mb(server.pid),
+                }
                 results.append(row)
-                print(f"{n_clients:>2} clients: {row['clips_per_s']:.2f} clips/s ({row['ratio_to_in_process']:.2f}x in-process), p50 {row['p50_s']:.3f} s, p99 {row['p99_s']:.3f} s, "
-                      f"errors {errors or 0}, server RSS {rss_before:.0f} -> {row['server_rss_mb_after']:.0f} MB")  # fmt: skip
+                print(
+                    f"{n_clients:>2} clients: {row['clips_per_s']:.2f} clips/s ({row['ratio_to_in_process']:.2f}x in-process), p50 {row['p50_s']:.3f} s, p99 {row['p99_s']:.3f} s, "
+                    f"errors {errors or 0}, server RSS {rss_before:.0f} -> {row['server_rss_mb_after']:.0f} MB"
+                )
         finally:
             server.terminate()
             try:
@@ -177,7 +196,9 @@ def main() -> None:
                 server.kill()
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"wrote {write_results('serve', {'model': str(run), 'in_process_clips_per_s': base_cps, 'requests_per_level': args.requests, 'load_avg_1m': load, 'levels': results})}")
+    print(
+        f"wrote {write_results('serve', {'model': str(run), 'in_process_clips_per_s': base_cps, 'requests_per_level': args.requests, 'load_avg_1m': load, 'levels': results})}"
+    )
 
 
 if __name__ == "__main__":

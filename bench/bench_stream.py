@@ -68,12 +68,22 @@ def make_runs(work: Path, models) -> dict[str, Path]:
 
             backbone = {"musicnn-lr": "musicnn-msd", "melstats-lr": "melstats"}[name]
             extract(tracks, backbone, cache=work / "cache", workers=2)
-            res = fit_head(backbone, "lr", cache=work / "cache", tracks=tracks, run_dir=work / "runs" / name, protocol="holdout")
+            res = fit_head(
+                backbone, "lr", cache=work / "cache", tracks=tracks, run_dir=work / "runs" / name, protocol="holdout"
+            )
         else:
             from embedkit.cnn.train import TrainConfig, train_cnn
             from embedkit.config import AudioConfig
 
-            res = train_cnn(tracks, train=TrainConfig(epochs=1, batch_size=8), audio_cfg=AudioConfig(clip_s=12.0), run_dir=work / "runs" / name, cache=work / "cache", threads=2, workers=2)
+            res = train_cnn(
+                tracks,
+                train=TrainConfig(epochs=1, batch_size=8),
+                audio_cfg=AudioConfig(clip_s=12.0),
+                run_dir=work / "runs" / name,
+                cache=work / "cache",
+                threads=2,
+                workers=2,
+            )
         print(f"  trained {name} in {time.perf_counter() - t:.0f} s: {res.run_dir}", flush=True)
         runs[name] = Path(res.run_dir)
     return runs
@@ -109,7 +119,18 @@ def rtf(tagger, path: Path, hop: float) -> dict:
     frames, _, _ = segment(y, tagger.sample_rate, SegmentConfig(tagger.segment.segment_s, hop))
     tagger.calibrate(tagger.predict_segments(frames))
     base_s = time.perf_counter() - t
-    return {"audio_s": s["audio_s"], "windows": s["windows"], "stream_wall_s": stream_s, "rtf": s["audio_s"] / stream_s, "cpu_s": cpu_s, "rtf_cpu": s["audio_s"] / cpu_s, "model_s": s["compute_s"], "baseline_wall_s": base_s, "baseline_rtf": s["audio_s"] / base_s, "stream_over_baseline": stream_s / base_s}
+    return {
+        "audio_s": s["audio_s"],
+        "windows": s["windows"],
+        "stream_wall_s": stream_s,
+        "rtf": s["audio_s"] / stream_s,
+        "cpu_s": cpu_s,
+        "rtf_cpu": s["audio_s"] / cpu_s,
+        "model_s": s["compute_s"],
+        "baseline_wall_s": base_s,
+        "baseline_rtf": s["audio_s"] / base_s,
+        "stream_over_baseline": stream_s / base_s,
+    }
 
 
 def latency(tagger, y: np.ndarray, hop: float, chunk_s: float = 0.02) -> dict:
@@ -153,7 +174,13 @@ def latency(tagger, y: np.ndarray, hop: float, chunk_s: float = 0.02) -> dict:
         if b > ends[0] and j < len(ends) and ends[j] - tagger.segment.segment_s * sr <= b - step:
             lat.append(t_out[j] - tw)
     lat = np.array(lat) * 1e3
-    return {"windows": len(out), "dropped": s["dropped"], "delay_ms_p50": float(np.median(lat)), "latency_ms_max": float(lat.max()), "max_window_delay_ms": s["max_delay_ms"]}
+    return {
+        "windows": len(out),
+        "dropped": s["dropped"],
+        "delay_ms_p50": float(np.median(lat)),
+        "latency_ms_max": float(lat.max()),
+        "max_window_delay_ms": s["max_delay_ms"],
+    }
 
 
 def main():
@@ -172,7 +199,10 @@ def main():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cpus = pin_cores(args.cores)
     args.work.mkdir(parents=True, exist_ok=True)
-    print(f"cores {cpus}, hop {args.hop} s, {args.seconds:g} s for RTF, {args.latency_seconds:g} s at 1x for latency; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"cores {cpus}, hop {args.hop} s, {args.seconds:g} s for RTF, {args.latency_seconds:g} s at 1x for latency; load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     runs = make_runs(args.work, args.models)
     path, _ = make_song(args.work, args.seconds)
     _, y_lat = make_song(args.work, args.latency_seconds)
@@ -192,7 +222,7 @@ def main():
             f"model {r['model_s']:.2f} s of {r['stream_wall_s']:.2f} s | 1x live: sample -> output latency p50 {lat['delay_ms_p50']:.0f} ms, "
             f"max {lat['latency_ms_max']:.0f} ms (goal <= hop + 100 = {args.hop * 1e3 + 100:.0f}), window's last sample -> output max {lat['max_window_delay_ms']:.0f} ms, dropped {lat['dropped']}",
             flush=True,
-        )  # fmt: skip
+        )
     print(f"load at end {os.getloadavg()[0]:.2f}")
     p = write_results("stream", {"args": {k: str(v) for k, v in vars(args).items()}, "results": out})
     print(f"wrote {p}")

@@ -71,7 +71,9 @@ def make_songs(root: Path, n: int, seed: int = 0) -> list[Path]:
         if blocks is None:  # 30 s blocks, reused: generation is not what is measured
             blocks = [make_clip(c, 500 + c, 44100, 30.0) for c in range(8)]
         n_blocks = int(np.ceil(minutes * 2))
-        y = np.concatenate([blocks[int(rng.integers(8))] * float(rng.uniform(0.6, 1.0)) for _ in range(n_blocks)])[: int(minutes * 60 * 44100)]
+        y = np.concatenate([blocks[int(rng.integers(8))] * float(rng.uniform(0.6, 1.0)) for _ in range(n_blocks)])[
+            : int(minutes * 60 * 44100)
+        ]
         stereo = np.stack([y, 0.8 * y + 0.2 * np.roll(y, 441)], axis=1)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.stem + ".tmp." + fmt)
@@ -130,7 +132,9 @@ def bound(tagger, songs: list[Path], excerpt) -> dict:
 def end_to_end(tagger, run: Path, songs: list[Path], excerpt: str, cores: int, work: Path, repeat: int) -> dict:
     from embedkit.tag import Excerpt, tag
 
-    tag(run, songs[:1], excerpt=excerpt, db=work / "warm-up.sqlite", workers=cores, tagger=tagger)  # imports, first calls: not per-track cost
+    tag(
+        run, songs[:1], excerpt=excerpt, db=work / "warm-up.sqlite", workers=cores, tagger=tagger
+    )  # imports, first calls: not per-track cost
     best, cpu = np.inf, np.inf
     for r in range(repeat):
         db = work / f"e2e-{excerpt.replace(':', '')}-{r}.sqlite"
@@ -143,9 +147,17 @@ def end_to_end(tagger, run: Path, songs: list[Path], excerpt: str, cores: int, w
     n = len(songs)
     work_cpu = b["decode_cpu_s"] + b["forward_cpu_s"]
     out = {
-        "excerpt": excerpt, "tracks": n, "seconds": best, "s_per_track": best / n, "tracks_per_day": 86400 * n / best, **b,
-        "bound_s": bound_s, "vs_bound": bound_s / best, "pipeline_cpu_s": cpu, "cpu_efficiency": work_cpu / cpu,
-    }  # fmt: skip
+        "excerpt": excerpt,
+        "tracks": n,
+        "seconds": best,
+        "s_per_track": best / n,
+        "tracks_per_day": 86400 * n / best,
+        **b,
+        "bound_s": bound_s,
+        "vs_bound": bound_s / best,
+        "pipeline_cpu_s": cpu,
+        "cpu_efficiency": work_cpu / cpu,
+    }
     print(
         f"  {excerpt:9s}: {out['s_per_track']:.3f} s/track ({out['tracks_per_day']:,.0f} tracks/day), {b['windows']} windows; "
         f"bound {bound_s / n:.3f} s/track (decode {b['decode_cpu_s'] / n:.3f} + forward {b['forward_cpu_s'] / n:.3f} CPU s, / {cores} cores) -> {out['vs_bound']:.2f}x bound (wall); "
@@ -177,7 +189,10 @@ def excerpt_vs_full_decode(tagger, songs: list[Path]) -> dict:
                     segment(y[i : i + int(round(clip_s * sr))], sr, seg)
         n = len(songs)
         out[ex] = {"excerpt_decode_s_per_track": a.s / n, "full_decode_s_per_track": b.s / n, "speedup": b.s / a.s}
-        print(f"  {ex:9s}: excerpt-only decode {1000 * a.s / n:.0f} ms/track vs full decode {1000 * b.s / n:.0f} ms/track -> {b.s / a.s:.1f}x less (one thread, CPU time)", flush=True)
+        print(
+            f"  {ex:9s}: excerpt-only decode {1000 * a.s / n:.0f} ms/track vs full decode {1000 * b.s / n:.0f} ms/track -> {b.s / a.s:.1f}x less (one thread, CPU time)",
+            flush=True,
+        )
     return out
 
 
@@ -197,7 +212,10 @@ def plain_loop(tagger, songs: list[Path], work: Path) -> float:
             frames, _, _ = segment(y[:clip], sr, tagger.segment)
             prob = tagger.track_probabilities(tagger.predict_segments(frames))
             k = int(prob.argmax())
-            con.execute("INSERT INTO tags VALUES (?, ?, ?, ?)", (str(p), tagger.labels[k], float(prob[k]), json.dumps(prob.tolist())))
+            con.execute(
+                "INSERT INTO tags VALUES (?, ?, ?, ?)",
+                (str(p), tagger.labels[k], float(prob[k]), json.dumps(prob.tolist())),
+            )
             con.commit()
     con.close()
     return t.s
@@ -205,7 +223,18 @@ def plain_loop(tagger, songs: list[Path], work: Path) -> float:
 
 def startup(run: Path, song: Path, cores: int, work: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-    cmd = [sys.executable, "-m", "embedkit.cli", "tag", str(run), str(song), "--db", str(work / "startup.sqlite"), "--table", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedkit.cli",
+        "tag",
+        str(run),
+        str(song),
+        "--db",
+        str(work / "startup.sqlite"),
+        "--table",
+        "0",
+    ]
     out = {}
     for what in ("warm_up", "one_file", "nothing_to_do"):  # warm_up: the same as one_file, page cache cold
         if what == "one_file":
@@ -215,7 +244,10 @@ def startup(run: Path, song: Path, cores: int, work: Path) -> dict:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)  # inherits the pinned CPUs
         r1 = os.times()
         assert p.returncode == 0, p.stderr[-500:]
-        out[what] = {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)}
+        out[what] = {
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system),
+        }
     print(
         f"  one 30 s file, fresh process: {out['one_file']['wall_s']:.2f} s wall, {out['one_file']['cpu_s']:.2f} s CPU (target <= 2 s wall); "
         f"(cold page cache: {out['warm_up']['wall_s']:.2f} s); nothing to do: {out['nothing_to_do']['wall_s']:.2f} s wall",
@@ -241,7 +273,18 @@ def memory_child(run: str, data: str, cores: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, Timer() as t:
         res = tag(run, files, db=Path(tmp) / "m.sqlite", tagger=tagger, workers=cores)
     peak = rss_mb("VmHWM")
-    print(json.dumps({"tracks": len(files), "tagged": res.n_tagged, "base_mb": base, "peak_mb": peak, "rise_mb": peak - base, "seconds": t.s}))
+    print(
+        json.dumps(
+            {
+                "tracks": len(files),
+                "tagged": res.n_tagged,
+                "base_mb": base,
+                "peak_mb": peak,
+                "rise_mb": peak - base,
+                "seconds": t.s,
+            }
+        )
+    )
 
 
 def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
@@ -259,15 +302,25 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
             y[0] = (i % 30000) / 1e6
             y[1] = (i // 30000) / 1e6
             sf.write(d / f"{i:05d}.wav", y, 16000, subtype="FLOAT")
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", str(d), "--run", str(run), "--cores", str(cores)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(d), "--run", str(run), "--cores", str(cores)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         out[n] = r
-        print(f"  {n:5d} tracks: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s", flush=True)
+        print(
+            f"  {n:5d} tracks: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
+            flush=True,
+        )
     small, big = out[sizes[0]], out[sizes[-1]]
     ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
-    print(f"  rise at {sizes[-1]} / rise at {sizes[0]} tracks: {ratio:.2f} (flat: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more tracks)", flush=True)
+    print(
+        f"  rise at {sizes[-1]} / rise at {sizes[0]} tracks: {ratio:.2f} (flat: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more tracks)",
+        flush=True,
+    )
     return {"runs": out, "rise_ratio": ratio}
 
 
@@ -286,23 +339,48 @@ def on_device(args, run: Path, songs: list[Path], work: Path, cpu_e2e: dict) -> 
     for ex in ("first", "spread:3", "full"):
         tag(run, songs[:1], excerpt=ex, db=work / "dev-warm.sqlite", workers=args.cores, tagger=gpu, batch_size=None)
         with Timer() as t:
-            res = tag(run, songs, excerpt=ex, db=work / f"dev-{ex.replace(':', '')}.sqlite", workers=args.cores, tagger=gpu, batch_size=None)
+            res = tag(
+                run,
+                songs,
+                excerpt=ex,
+                db=work / f"dev-{ex.replace(':', '')}.sqlite",
+                workers=args.cores,
+                tagger=gpu,
+                batch_size=None,
+            )
         assert res.n_tagged == len(songs) and not res.failures, res.failures[:3]
         ratio = cpu_e2e[ex]["seconds"] / t.s
         out[ex] = {"seconds": t.s, "s_per_track": t.s / len(songs), "cpu_over_device": ratio}
-        print(f"  {ex:9s}: {t.s / len(songs):.3f} s/track vs CPU {cpu_e2e[ex]['s_per_track']:.3f} -> {ratio:.2f}x", flush=True)
+        print(
+            f"  {ex:9s}: {t.s / len(songs):.3f} s/track vs CPU {cpu_e2e[ex]['s_per_track']:.3f} -> {ratio:.2f}x",
+            flush=True,
+        )
     diffs = []
     for p in songs[:5]:
         w = cpu.clip_windows(p)[0]
-        diffs.append(float(np.abs(gpu.track_probabilities(gpu.predict_segments(w)) - cpu.track_probabilities(cpu.predict_segments(w))).max()))
+        diffs.append(
+            float(
+                np.abs(
+                    gpu.track_probabilities(gpu.predict_segments(w)) - cpu.track_probabilities(cpu.predict_segments(w))
+                ).max()
+            )
+        )
     out["max_prob_diff_vs_cpu"] = max(diffs)
-    print(f"  parity: largest track-probability difference from the CPU on {len(diffs)} songs: {max(diffs):.2g}", flush=True)
+    print(
+        f"  parity: largest track-probability difference from the CPU on {len(diffs)} songs: {max(diffs):.2g}",
+        flush=True,
+    )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, default=None, help="run directory to tag with (default: musicnn-msd + lr on gtzan_mini, built here)")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="run directory to tag with (default: musicnn-msd + lr on gtzan_mini, built here)",
+    )
     ap.add_argument("--songs", type=Path, default=Path.home() / ".cache" / "embedkit" / "bench-songs")
     ap.add_argument("--n-songs", type=int, default=None, help="default 40; --quick 9")
     ap.add_argument("--cores", type=int, default=2)
@@ -336,20 +414,29 @@ def main() -> None:
         from embedkit import audio
 
         minutes = [audio.probe(p)["duration_s"] / 60 for p in songs]
-        print(f"{n_songs} songs ({', '.join(FORMATS)}; 44.1 kHz stereo; {min(minutes):.1f}-{max(minutes):.1f} min, mean {np.mean(minutes):.1f}) ready in {t.s:.0f} s (not timed)", flush=True)
+        print(
+            f"{n_songs} songs ({', '.join(FORMATS)}; 44.1 kHz stereo; {min(minutes):.1f}-{max(minutes):.1f} min, mean {np.mean(minutes):.1f}) ready in {t.s:.0f} s (not timed)",
+            flush=True,
+        )
         results["songs"] = {"n": n_songs, "minutes_mean": float(np.mean(minutes)), "formats": FORMATS}
         run = args.run or build_run(work, args.cores)
         tagger = load_tagger(run)
         print(f"model: {run.name} ({tagger.kind}, {tagger.spec.get('name')}, {len(tagger.labels)} labels)", flush=True)
         print("(1)+(2) end to end (file -> database row), model loaded, vs the true bound:", flush=True)
-        results["end_to_end"] = {ex: end_to_end(tagger, run, songs, ex, args.cores, work, args.repeat) for ex in ("first", "spread:3", "full")}
+        results["end_to_end"] = {
+            ex: end_to_end(tagger, run, songs, ex, args.cores, work, args.repeat)
+            for ex in ("first", "spread:3", "full")
+        }
         print("(3) decoding only the excerpt:", flush=True)
         results["excerpt_decode"] = excerpt_vs_full_decode(tagger, songs)
         print("(4) tagger vs the plain loop (first):", flush=True)
         plain = plain_loop(tagger, songs, work)
         e2e = results["end_to_end"]["first"]["seconds"]
         results["plain_loop"] = {"seconds": plain, "s_per_track": plain / n_songs, "tagger_speedup": plain / e2e}
-        print(f"  plain loop {plain / n_songs:.3f} s/track vs tag {e2e / n_songs:.3f} s/track -> tag is {plain / e2e:.1f}x faster (goal: <= 0.15 s/track with first)", flush=True)
+        print(
+            f"  plain loop {plain / n_songs:.3f} s/track vs tag {e2e / n_songs:.3f} s/track -> tag is {plain / e2e:.1f}x faster (goal: <= 0.15 s/track with first)",
+            flush=True,
+        )
         print("(5) start-up:", flush=True)
         one = next((p for p in sorted(GTZAN.glob("*/*.flac"))), None) if GTZAN.exists() else None
         if one is None:

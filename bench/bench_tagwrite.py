@@ -31,7 +31,9 @@ def make(path: Path, seconds: float = 30.0, sr: int = 44100) -> Path:
 
     t = np.arange(int(sr * seconds)) / sr
     rng = np.random.default_rng(0)
-    y = np.stack([0.2 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 330 * t)], 1) + 0.05 * rng.standard_normal((len(t), 2))
+    y = np.stack(
+        [0.2 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 330 * t)], 1
+    ) + 0.05 * rng.standard_normal((len(t), 2))
     sf.write(path, y.astype(np.float32), sr, **({"format": "MP3"} if path.suffix == ".mp3" else {}))
     return path
 
@@ -60,7 +62,13 @@ def bench(fmt: str, n: int, root: Path) -> dict:
         tw._set(m, tw.format_of(f), tw.TagState(["Blues"], {"EMBEDKIT_MODEL": ["bench"]}))
         tw._save(m, tw.format_of(f), 4, "/")
         base.append(1000 * (time.perf_counter() - t0))
-    return {"format": fmt, "bytes": src.stat().st_size, "safe_ms": statistics.median(safe), "safe_p90_ms": float(np.percentile(safe, 90)), "inplace_ms": statistics.median(base)}
+    return {
+        "format": fmt,
+        "bytes": src.stat().st_size,
+        "safe_ms": statistics.median(safe),
+        "safe_p90_ms": float(np.percentile(safe, 90)),
+        "inplace_ms": statistics.median(base),
+    }
 
 
 def main() -> None:

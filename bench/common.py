@@ -76,7 +76,10 @@ class CpuTimer:
 def write_results(name: str, data: dict) -> Path:
     """bench/results/<name>.json with the machine context, so numbers can be compared later."""
     RESULTS.mkdir(exist_ok=True)
-    data = {"machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": load_average(), "python": platform.python_version()}, **data}
+    data = {
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": load_average(), "python": platform.python_version()},
+        **data,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path

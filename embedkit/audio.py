@@ -135,7 +135,9 @@ def resample(y: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
         return y
     import soxr
 
-    return soxr.resample(np.ascontiguousarray(y, dtype=np.float32), sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(np.ascontiguousarray(y, dtype=np.float32), sr_in, sr_out, quality="HQ").astype(
+        np.float32, copy=False
+    )
 
 
 def _note(msg: str, notes: list[str] | None) -> None:
@@ -159,14 +161,19 @@ def fix_length(
     start = int(round(cfg.offset_s * sr))
     if cfg.clip_s is None:
         if start >= len(y):
-            _note(f"{path}: offset {cfg.offset_s:g} s is past the end ({len(y) / sr:.2f} s); kept the whole clip", notes)
+            _note(
+                f"{path}: offset {cfg.offset_s:g} s is past the end ({len(y) / sr:.2f} s); kept the whole clip", notes
+            )
             return y
         return y[start:]
     target = int(round(cfg.clip_s * sr))
     if len(y) - start >= target:
         return y[start : start + target]
     if len(y) >= target:  # offset pushed past the end: take the last clip_s seconds instead
-        _note(f"{path}: offset {cfg.offset_s:g} s leaves less than {cfg.clip_s:g} s; kept the last {cfg.clip_s:g} s", notes)
+        _note(
+            f"{path}: offset {cfg.offset_s:g} s leaves less than {cfg.clip_s:g} s; kept the last {cfg.clip_s:g} s",
+            notes,
+        )
         return y[len(y) - target :]
     if target - len(y) > PAD_NOTE_TOLERANCE_S * sr:
         _note(f"{path}: {len(y) / sr:.2f} s is shorter than {cfg.clip_s:g} s; {cfg.pad_mode}-padded", notes)
@@ -242,7 +249,13 @@ def native_stderr_to(log_path: str | os.PathLike):
     replaced = None
     try:
         if old_stderr is sys.__stderr__:  # a real terminal/pipe: keep Python output on it
-            replaced = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8", errors="backslashreplace")
+            replaced = os.fdopen(
+                os.dup(saved),
+                "w",
+                buffering=1,
+                encoding=getattr(old_stderr, "encoding", None) or "utf-8",
+                errors="backslashreplace",
+            )
             sys.stderr = replaced
         with open(log_path, "ab") as log:
             os.dup2(log.fileno(), 2)

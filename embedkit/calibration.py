@@ -86,7 +86,15 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict
     for b in range(bins):
         m = idx == b
         n = int(m.sum())
-        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n, "confidence": float(conf[m].mean()) if n else None, "accuracy": float(right[m].mean()) if n else None})
+        out.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": n,
+                "confidence": float(conf[m].mean()) if n else None,
+                "accuracy": float(right[m].mean()) if n else None,
+            }
+        )
     return out
 
 
@@ -145,7 +153,7 @@ def _softmax_t(p: np.ndarray, t: float) -> np.ndarray:
 
 
 def can_fit_temperature(p: np.ndarray, y: np.ndarray) -> str:
-    """"" when a temperature can be fitted on (p, y), else the reason it cannot."""
+    """ "" when a temperature can be fitted on (p, y), else the reason it cannot."""
     if len(y) < MIN_FIT_TRACKS:
         return f"only {len(y)} held-out tracks (temperature scaling needs {MIN_FIT_TRACKS})"
     if (np.asarray(p).argmax(axis=1) == np.asarray(y)).all():
@@ -162,7 +170,9 @@ def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
     if len(p) == 0:
         raise ValueError("no tracks to fit a temperature on")
     lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
-    res = minimize_scalar(lambda lt: nll(_softmax_t(p, float(np.exp(lt))), y), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda lt: nll(_softmax_t(p, float(np.exp(lt))), y), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4}
+    )
     return float(np.exp(res.x))
 
 
@@ -252,7 +262,9 @@ class Calibration:
         """Probabilities [..., C] (rows summing to 1) -> calibrated probabilities [..., C]."""
         p = np.asarray(p, dtype=np.float64)
         if p.shape[-1] != len(self.labels):
-            raise CalibrationError(f"calibration is for {len(self.labels)} classes, got probabilities with {p.shape[-1]}")
+            raise CalibrationError(
+                f"calibration is for {len(self.labels)} classes, got probabilities with {p.shape[-1]}"
+            )
         return p.copy() if self.is_identity else _softmax_t(p, self.temperature)
 
     def decide(self, p: np.ndarray, rule: DecisionRule | None = None) -> Decision:
@@ -260,12 +272,21 @@ class Calibration:
         return decide(p, self.labels, rule or self.rule)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": 1, "method": self.method, "temperature": self.temperature, "labels": list(self.labels), "rule": asdict(self.rule), "fitted_on": self.fitted_on}
+        return {
+            "schema": 1,
+            "method": self.method,
+            "temperature": self.temperature,
+            "labels": list(self.labels),
+            "rule": asdict(self.rule),
+            "fitted_on": self.fitted_on,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
         if not isinstance(d, dict) or d.get("method") not in ("temperature", "none"):
-            raise CalibrationError(f"unknown calibration method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'temperature' and 'none'")
+            raise CalibrationError(
+                f"unknown calibration method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'temperature' and 'none'"
+            )
         try:
             t = float(d["temperature"]) if d["method"] == "temperature" else 1.0
             labels = [str(x) for x in d["labels"]]
@@ -323,11 +344,24 @@ def coverage_curve(p: np.ndarray, y: np.ndarray, thresholds: Sequence[float] | N
     for t in ts:
         m = conf >= t
         n = int(m.sum())
-        out.append({"threshold": float(t), "coverage": n / len(conf) if len(conf) else 0.0, "accuracy": float(right[m].mean()) if n else None, "n": n})
+        out.append(
+            {
+                "threshold": float(t),
+                "coverage": n / len(conf) if len(conf) else 0.0,
+                "accuracy": float(right[m].mean()) if n else None,
+                "n": n,
+            }
+        )
     return out
 
 
-def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECISION, min_tagged: int = MIN_TAGGED, min_tracks: int = MIN_THRESHOLD_TRACKS) -> dict[str, Any]:
+def select_threshold(
+    p: np.ndarray,
+    y: np.ndarray,
+    target: float = TARGET_PRECISION,
+    min_tagged: int = MIN_TAGGED,
+    min_tracks: int = MIN_THRESHOLD_TRACKS,
+) -> dict[str, Any]:
     """The default threshold, chosen on held-out tracks by a documented rule.
 
     Candidates are the tracks' top probabilities. Rule: the smallest candidate t such that the
@@ -347,7 +381,16 @@ def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECIS
     conf = p.max(axis=1)
     right = (p.argmax(axis=1) == y).astype(float)
     if n < min_tracks:
-        return {"threshold": 0.0, "target": target, "target_reached": False, "coverage": 1.0, "accuracy": float(right.mean()), "n_tagged": n, "n_tracks": n, "note": f"only {n} held-out tracks (a threshold needs {min_tracks}): none chosen"}
+        return {
+            "threshold": 0.0,
+            "target": target,
+            "target_reached": False,
+            "coverage": 1.0,
+            "accuracy": float(right.mean()),
+            "n_tagged": n,
+            "n_tracks": n,
+            "note": f"only {n} held-out tracks (a threshold needs {min_tracks}): none chosen",
+        }
     order = np.argsort(-conf, kind="stable")
     c_sorted, r_sorted = conf[order], right[order]
     # Tracks tagged at threshold c_sorted[i]: every track with conf >= c_sorted[i] (ties included).
@@ -366,7 +409,15 @@ def select_threshold(p: np.ndarray, y: np.ndarray, target: float = TARGET_PRECIS
     lower = conf[conf < t_hi]
     t = (t_hi + float(lower.max())) / 2 if len(lower) else t_hi
     m = conf >= t
-    return {"threshold": t, "target": target, "target_reached": reached, "coverage": float(m.mean()), "accuracy": float(right[m].mean()) if m.any() else None, "n_tagged": int(m.sum()), "n_tracks": n}
+    return {
+        "threshold": t,
+        "target": target,
+        "target_reached": reached,
+        "coverage": float(m.mean()),
+        "accuracy": float(right[m].mean()) if m.any() else None,
+        "n_tagged": int(m.sum()),
+        "n_tracks": n,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +468,9 @@ def cross_fit_threshold(q: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.
     return tagged
 
 
-def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, labels: Sequence[str]) -> tuple[Calibration, dict[str, Any]]:
+def evaluate_calibration(
+    p: np.ndarray, y: np.ndarray, groups: np.ndarray, labels: Sequence[str]
+) -> tuple[Calibration, dict[str, Any]]:
     """Fit the deployable calibration on every held-out track and measure it honestly.
 
     p: out-of-fold track probabilities [N, C]; y: true indices [N]; groups: the fold of each
@@ -441,8 +494,15 @@ def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, label
     cal.rule = DecisionRule(threshold=round(sel["threshold"], 4))
     right = q.argmax(axis=1) == y
     n_parts = len(set(groups.tolist()))
-    fitted = cal.temperature if method == "temperature" else (None if can_fit_temperature(p, y) else fit_temperature(p, y))
-    cal.fitted_on = {"n_tracks": int(len(y)), "what": "out-of-fold track probabilities (mean over segments)", "temperature_fitted": fitted, "why_not_temperature": why_not}
+    fitted = (
+        cal.temperature if method == "temperature" else (None if can_fit_temperature(p, y) else fit_temperature(p, y))
+    )
+    cal.fitted_on = {
+        "n_tracks": int(len(y)),
+        "what": "out-of-fold track probabilities (mean over segments)",
+        "temperature_fitted": fitted,
+        "why_not_temperature": why_not,
+    }
     block = {
         "method": method,
         "temperature": cal.temperature,
@@ -462,7 +522,11 @@ def evaluate_calibration(p: np.ndarray, y: np.ndarray, groups: np.ndarray, label
             **sel,
             "rule": f"smallest threshold on the calibrated top probability whose tagged held-out tracks are >= {TARGET_PRECISION:.0%} right (at least {MIN_TAGGED} tagged)",
             # the threshold chosen without each part's tracks: an unbiased estimate of the rule
-            "cross_fitted": {"coverage": float(tagged.mean()), "accuracy": float(right[tagged].mean()) if tagged.any() else None, "n_tagged": int(tagged.sum())},
+            "cross_fitted": {
+                "coverage": float(tagged.mean()),
+                "accuracy": float(right[tagged].mean()) if tagged.any() else None,
+                "n_tagged": int(tagged.sum()),
+            },
         },
         "file": CALIBRATION_FILE,
     }

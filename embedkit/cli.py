@@ -27,7 +27,14 @@ def _fail(msg: str, code: int = 1):
 
 
 #: config fields whose command-line option is not ``--<field with dashes>``
-OPTION_NAMES = {"clip_s": "--clip", "segment_s": "--segment", "crop_min_s": "--crop-min", "crop_max_s": "--crop-max", "wave_mode": "--wave-aug", "p": "--aug-p"}
+OPTION_NAMES = {
+    "clip_s": "--clip",
+    "segment_s": "--segment",
+    "crop_min_s": "--crop-min",
+    "crop_max_s": "--crop-max",
+    "wave_mode": "--wave-aug",
+    "p": "--aug-p",
+}
 
 
 def option_message(exc) -> str:
@@ -52,7 +59,10 @@ def handle_errors(fn):
         except EmbedkitError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail("interrupted; finished work is kept (extraction and `embedkit run` resume by themselves; train-cnn / finetune with --resume RUN_DIR)", 130)
+            _fail(
+                "interrupted; finished work is kept (extraction and `embedkit run` resume by themselves; train-cnn / finetune with --resume RUN_DIR)",
+                130,
+            )
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
@@ -72,12 +82,24 @@ def console():
 
 def track_progress(description: str):
     """A rich progress bar driven by callback(done, total); returns (progress, callback)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     prog = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console(), transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=False,
+    )
     task = prog.add_task(description, total=None)
 
     def callback(done: int, total: int):
@@ -88,7 +110,9 @@ def track_progress(description: str):
 
 # -- the device options: ONE definition, used by every command that runs a network -----------
 _DEVICE_HELP = "where networks run: auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"
-_TF32_HELP = "CUDA: allow TF32 matmuls/convolutions (faster; ~1e-3 relative difference from the CPU; off by default for parity)"
+_TF32_HELP = (
+    "CUDA: allow TF32 matmuls/convolutions (faster; ~1e-3 relative difference from the CPU; off by default for parity)"
+)
 _PRECISION_HELP = "inference precision: fp32 | bf16 | fp16 (autocast; fp16 on accelerators only; changes results slightly, see README)"
 
 
@@ -130,7 +154,16 @@ def models_cmd(pattern: str = typer.Argument("*", help="glob over backbone names
         table.add_column(col)
     for s in specs:
         # escape: "pip install 'embedkit[ast]'" must not be read as rich markup
-        table.add_row(s.name, f"{s.sample_rate} Hz", str(s.embedding_dim), f"{s.segment_s:g} s", ", ".join(("embedding", *s.outputs)), escape(s.weights), s.license, escape(s.requires or "-"))
+        table.add_row(
+            s.name,
+            f"{s.sample_rate} Hz",
+            str(s.embedding_dim),
+            f"{s.segment_s:g} s",
+            ", ".join(("embedding", *s.outputs)),
+            escape(s.weights),
+            s.license,
+            escape(s.requires or "-"),
+        )
     Console(width=200).print(table)
 
 
@@ -147,7 +180,10 @@ def _prep(clip_s: float, offset_s: float, pad: str, segment_s: float, hop_s: Opt
         _fail(f"--pad must be 'loop' or 'zero', got {pad!r}")
     if segment_s <= 0 or (hop_s is not None and hop_s <= 0):
         _fail("--segment and --hop must be positive")
-    return PreprocessConfig(AudioConfig(clip_s=clip_s if clip_s > 0 else None, offset_s=offset_s, pad_mode=pad), SegmentConfig(segment_s, hop_s or segment_s))
+    return PreprocessConfig(
+        AudioConfig(clip_s=clip_s if clip_s > 0 else None, offset_s=offset_s, pad_mode=pad),
+        SegmentConfig(segment_s, hop_s or segment_s),
+    )
 
 
 @app.command("extract")
@@ -165,7 +201,9 @@ def extract_cmd(
     segment: float = typer.Option(5.0, help="segment length, seconds"),
     hop: Optional[float] = typer.Option(None, help="segment hop, seconds (default: segment length)"),
     workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
-    batch_size: Optional[int] = typer.Option(None, help="segments per forward pass (default 32 on the CPU, 8x on an accelerator)"),
+    batch_size: Optional[int] = typer.Option(
+        None, help="segments per forward pass (default 32 on the CPU, 8x on an accelerator)"
+    ),
     outputs: List[str] = typer.Option([], "--output", help="extra outputs to store, e.g. taggram"),
     retry_failed: bool = typer.Option(False, help="retry files recorded as failed by earlier runs"),
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
@@ -185,7 +223,21 @@ def extract_cmd(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:  # errors become one line in handle_errors
-            res, log_note = _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask, {"device": device, "allow_tf32": allow_tf32, "precision": precision})
+            res, log_note = _run_extract(
+                data,
+                backbone,
+                cache,
+                checkpoint,
+                audio_dir,
+                subset,
+                prep,
+                workers,
+                batch_size,
+                outputs,
+                retry_failed,
+                dask,
+                {"device": device, "allow_tf32": allow_tf32, "precision": precision},
+            )
         finally:
             _print_warnings(caught)
     _summarise_extract(res, log_note, strict)
@@ -206,7 +258,21 @@ def _print_warnings(caught) -> None:
             c.print(f"[yellow]warning[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
-def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, workers, batch_size, outputs, retry_failed, dask, device_kw=None):
+def _run_extract(
+    data,
+    backbone,
+    cache,
+    checkpoint,
+    audio_dir,
+    subset,
+    prep,
+    workers,
+    batch_size,
+    outputs,
+    retry_failed,
+    dask,
+    device_kw=None,
+):
     import contextlib
     import os
     import tempfile
@@ -245,7 +311,20 @@ def _run_extract(data, backbone, cache, checkpoint, audio_dir, subset, prep, wor
 
             try:
                 try:
-                    res = extract(tracks, model, cache=cache, checkpoint=checkpoint, prep=prep, workers=workers, batch_size=batch_size, outputs=tuple(outputs), executor=executor, retry_failed=retry_failed, progress=cb, **device_kw)
+                    res = extract(
+                        tracks,
+                        model,
+                        cache=cache,
+                        checkpoint=checkpoint,
+                        prep=prep,
+                        workers=workers,
+                        batch_size=batch_size,
+                        outputs=tuple(outputs),
+                        executor=executor,
+                        retry_failed=retry_failed,
+                        progress=cb,
+                        **device_kw,
+                    )
                 except OSError as exc:  # disk full, permissions on --cache, ...
                     _fail(f"{getattr(exc, 'filename', None) or cache}: {exc.strerror or exc}")
             finally:
@@ -276,7 +355,11 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
         f"[green]{escape(str(res.store.root))}[/]: {res.n_extracted} tracks extracted ({res.n_segments} segments), "
         f"{res.n_done_before} already done, {res.n_failed} failed"
         + (f", {res.n_shared} share their audio with another track (extracted once)" if res.n_shared else "")
-        + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
+        + (
+            f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)"
+            if res.n_failed_before
+            else ""
+        )
         + f", {res.seconds:.1f} s"
         + (f"; {escape(_device_line(res.device))}" if getattr(res, "device", None) else ""),
         highlight=False,
@@ -286,10 +369,23 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
         c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
     if len(res.failures) > max_lines:
         reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in res.failures)
-        c.print(escape(f"... and {len(res.failures) - max_lines} more; by reason: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))), highlight=False, soft_wrap=True)
-        c.print(escape(f"all failures: pandas.read_parquet('{res.store.failures_dir}')"), highlight=False, soft_wrap=True)
+        c.print(
+            escape(
+                f"... and {len(res.failures) - max_lines} more; by reason: "
+                + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        c.print(
+            escape(f"all failures: pandas.read_parquet('{res.store.failures_dir}')"), highlight=False, soft_wrap=True
+        )
     if res.notes:
-        c.print(f"[yellow]note[/] {len(res.notes)} clip(s) adjusted to the clip length, e.g. {escape(res.notes[0])}", highlight=False, soft_wrap=True)
+        c.print(
+            f"[yellow]note[/] {len(res.notes)} clip(s) adjusted to the clip length, e.g. {escape(res.notes[0])}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if log_note:
         c.print(escape(log_note), highlight=False, soft_wrap=True)
     if res.n_available == 0:
@@ -301,7 +397,9 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
 @app.command("report")
 @handle_errors
 def report_cmd(
-    runs: List[Path] = typer.Argument(None, help="run directories, metrics.json files or folders of runs (default: runs/)"),
+    runs: List[Path] = typer.Argument(
+        None, help="run directories, metrics.json files or folders of runs (default: runs/)"
+    ),
     out: Path = typer.Option(Path("reports/report.html"), "--out", "-o", help="HTML file to write"),
     title: Optional[str] = typer.Option(None, help="report title"),
 ):
@@ -325,9 +423,15 @@ def _training_progress(title: str, announce_run_dir: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     prog = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=False,
+    )
     cache_task = task = None
     state = {"val_acc": "-", "steps": None}
 
@@ -339,7 +443,11 @@ def _training_progress(title: str, announce_run_dir: bool = True):
             if not announce_run_dir:  # `embedkit run` resumes by itself and logs the directory
                 return
             verb = "resuming" if e["resumed"] else "run directory"
-            prog.console.print(f"{verb} {e['path']} (if interrupted, continue with --resume {e['path']})", highlight=False, soft_wrap=True)
+            prog.console.print(
+                f"{verb} {e['path']} (if interrupted, continue with --resume {e['path']})",
+                highlight=False,
+                soft_wrap=True,
+            )
             return
         if kind == "cache":
             if cache_task is None:
@@ -352,15 +460,22 @@ def _training_progress(title: str, announce_run_dir: bool = True):
             done = ((e["fold_index"] * epochs) + e["epoch"] - 1) * e["steps"] + e["step"]
             if task is None:
                 task = prog.add_task(title, total=None, info="")
-            prog.update(task, total=n_folds * epochs * e["steps"], completed=done,
-                        description=f"{title} {e['fold']} ({e['fold_index'] + 1}/{n_folds}) epoch {e['epoch']}/{epochs}",
-                        info=f"loss {e['loss']:.3f}  val acc {state['val_acc']}")  # fmt: skip
+            prog.update(
+                task,
+                total=n_folds * epochs * e["steps"],
+                completed=done,
+                description=f"{title} {e['fold']} ({e['fold_index'] + 1}/{n_folds}) epoch {e['epoch']}/{epochs}",
+                info=f"loss {e['loss']:.3f}  val acc {state['val_acc']}",
+            )
         elif kind == "epoch":
             state["val_acc"] = "-" if e.get("val_acc") is None else f"{e['val_acc']:.2f}"
             if e.get("stopped") and state["steps"] and task is not None:
                 prog.update(task, completed=(e["fold_index"] + 1) * epochs * state["steps"])
         elif kind == "fold_done":
-            prog.console.print(f"{e['fold']}: track accuracy {e['track_accuracy_mean_prob']:.3f} (vote {e['track_accuracy_vote']:.3f}), best epoch {e['best_epoch']} of {e['epochs_run']}", highlight=False)
+            prog.console.print(
+                f"{e['fold']}: track accuracy {e['track_accuracy_mean_prob']:.3f} (vote {e['track_accuracy_vote']:.3f}), best epoch {e['best_epoch']} of {e['epochs_run']}",
+                highlight=False,
+            )
 
     return prog, callback
 
@@ -384,7 +499,9 @@ _AUG_HELP = "augmentations: none, all, or a comma list of noise,gain,stretch,pit
 
 def _shared_training_options(
     data: Path = typer.Argument(..., help="folder <label>/<file>, CSV manifest, or FMA tracks.csv"),
-    cv: Optional[int] = typer.Option(None, "--cv", help="stratified K-fold CV (default: the dataset split, else an 80/20 holdout)"),
+    cv: Optional[int] = typer.Option(
+        None, "--cv", help="stratified K-fold CV (default: the dataset split, else an 80/20 holdout)"
+    ),
     test_size: float = typer.Option(0.2, help="holdout test fraction"),
     epochs: int = typer.Option(50, help="maximum epochs (early stopping on the validation loss)"),
     batch_size: int = typer.Option(16),
@@ -392,7 +509,9 @@ def _shared_training_options(
     weight_decay: float = typer.Option(0.0, help="Adam weight decay"),
     patience: int = typer.Option(10, help="epochs without a better validation loss before stopping"),
     val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
-    crop: str = typer.Option("random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"),
+    crop: str = typer.Option(
+        "random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"
+    ),
     crop_min: float = typer.Option(3.0, help="shortest random crop, seconds"),
     crop_max: float = typer.Option(5.0, help="longest random crop, seconds"),
     crops_per_clip: int = typer.Option(1, help="random crops of each clip per epoch"),
@@ -412,7 +531,9 @@ def _shared_training_options(
     skip_bad: bool = typer.Option(False, help="drop unusable clips (unreadable, too short) instead of stopping"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
     subset: str = typer.Option("small", help="FMA subset"),
-    name: Optional[str] = typer.Option(None, help="run name in metrics.json (default: cnn-scratch / finetune-<backbone>, + augmentations)"),
+    name: Optional[str] = typer.Option(
+        None, help="run name in metrics.json (default: cnn-scratch / finetune-<backbone>, + augmentations)"
+    ),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
 ):
@@ -445,18 +566,41 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
     precheck(o["device"], o["allow_tf32"])  # an unusable device: one line before the dataset is read
 
     train = TrainConfig(
-        epochs=o["epochs"], batch_size=o["batch_size"], lr_schedule=o["lr_schedule"], weight_decay=o["weight_decay"], patience=o["patience"],
-        val_size=o["val_size"], crop=o["crop"], crop_min_s=o["crop_min"], crop_max_s=o["crop_max"], crops_per_clip=o["crops_per_clip"],
-        segment_s=o["segment"], seed=o["seed"], **fixed,
-    )  # fmt: skip
+        epochs=o["epochs"],
+        batch_size=o["batch_size"],
+        lr_schedule=o["lr_schedule"],
+        weight_decay=o["weight_decay"],
+        patience=o["patience"],
+        val_size=o["val_size"],
+        crop=o["crop"],
+        crop_min_s=o["crop_min"],
+        crop_max_s=o["crop_max"],
+        crops_per_clip=o["crops_per_clip"],
+        segment_s=o["segment"],
+        seed=o["seed"],
+        **fixed,
+    )
     train.validate()
-    aug = AugmentConfig.parse(o["augment"], wave_mode=o["wave_aug"], pool_size=o["pool_size"], mixup_alpha=o["mixup_alpha"], p=o["aug_p"])
+    aug = AugmentConfig.parse(
+        o["augment"], wave_mode=o["wave_aug"], pool_size=o["pool_size"], mixup_alpha=o["mixup_alpha"], p=o["aug_p"]
+    )
     run = {
-        "cv": o["cv"], "test_size": o["test_size"], "runs_dir": o["runs"], "run_dir": o["resume"], "resume": o["resume"] is not None,
-        "cache": o["cache"], "threads": o["threads"], "workers": o["workers"], "skip_bad": o["skip_bad"], "name": o["name"],
-        "device": o["device"], "allow_tf32": o["allow_tf32"],
-    }  # fmt: skip
-    return TrainingArgs(train, aug, AudioConfig(clip_s=o["clip"]), run, lambda: _load_tracks(o["data"], o["audio_dir"], o["subset"]))
+        "cv": o["cv"],
+        "test_size": o["test_size"],
+        "runs_dir": o["runs"],
+        "run_dir": o["resume"],
+        "resume": o["resume"] is not None,
+        "cache": o["cache"],
+        "threads": o["threads"],
+        "workers": o["workers"],
+        "skip_bad": o["skip_bad"],
+        "name": o["name"],
+        "device": o["device"],
+        "allow_tf32": o["allow_tf32"],
+    }
+    return TrainingArgs(
+        train, aug, AudioConfig(clip_s=o["clip"]), run, lambda: _load_tracks(o["data"], o["audio_dir"], o["subset"])
+    )
 
 
 def training_command(fixed: dict[str, Any] | None = None, **defaults):
@@ -513,7 +657,9 @@ def _train(title: str, call) -> None:
 def train_cnn_cmd(
     args: TrainingArgs,
     lr: float = typer.Option(1e-3, help="Adam learning rate"),
-    normalize: str = typer.Option("standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"),
+    normalize: str = typer.Option(
+        "standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"
+    ),
     channels: str = typer.Option("32,64,128,128", help="filters per conv block"),
     dropout: float = typer.Option(0.5),
     block_order: str = typer.Option("conv-pool-bn-relu", help="conv-pool-bn-relu (faster on CPU) | conv-bn-relu-pool"),
@@ -531,7 +677,20 @@ def train_cnn_cmd(
         _fail("--channels needs at least one positive filter count")
     train = replace(args.train, lr=lr, normalize=normalize)
     train.validate()
-    _train("train-cnn", lambda cb: train_cnn(args.tracks, train=train, channels=chans, dropout=dropout, block_order=block_order, audio_cfg=args.audio, augment=args.augment, progress=cb, **args.run))
+    _train(
+        "train-cnn",
+        lambda cb: train_cnn(
+            args.tracks,
+            train=train,
+            channels=chans,
+            dropout=dropout,
+            block_order=block_order,
+            audio_cfg=args.audio,
+            augment=args.augment,
+            progress=cb,
+            **args.run,
+        ),
+    )
 
 
 @app.command("finetune")
@@ -550,9 +709,29 @@ def finetune_cmd(
     """Fine-tune a pretrained backbone with a new output layer (frozen, then unfrozen)."""
     from .cnn.finetune import FinetuneConfig, finetune
 
-    ft = FinetuneConfig(backbone, frozen_epochs=frozen_epochs, unfreeze=unfreeze, head_lr=head_lr, backbone_lr=backbone_lr, finetune_head_lr=finetune_head_lr, head_dropout=head_dropout)
+    ft = FinetuneConfig(
+        backbone,
+        frozen_epochs=frozen_epochs,
+        unfreeze=unfreeze,
+        head_lr=head_lr,
+        backbone_lr=backbone_lr,
+        finetune_head_lr=finetune_head_lr,
+        head_dropout=head_dropout,
+    )
     ft.validate()
-    _train("finetune", lambda cb: finetune(args.tracks, backbone, train=args.train, ft=ft, audio_cfg=args.audio, augment=args.augment, progress=cb, **args.run))
+    _train(
+        "finetune",
+        lambda cb: finetune(
+            args.tracks,
+            backbone,
+            train=args.train,
+            ft=ft,
+            audio_cfg=args.audio,
+            augment=args.augment,
+            progress=cb,
+            **args.run,
+        ),
+    )
 
 
 def _csv_option(value: Optional[str]) -> Optional[tuple]:
@@ -563,16 +742,30 @@ def _csv_option(value: Optional[str]) -> Optional[tuple]:
 @handle_errors
 def run_cmd(
     data: Optional[str] = typer.Argument(None, help="folder <label>/<file>, CSV manifest, FMA tracks.csv, or 'demo'"),
-    demo: bool = typer.Option(False, "--demo", help="../shared/data/gtzan_mini when present, else a generated (synthetic) set"),
-    quick: bool = typer.Option(False, "--quick", help="smoke run: tiny-test + melstats, 2 folds, 10 s clips, 2 CNN epochs"),
-    backbones: Optional[str] = typer.Option(None, "--backbones", help="comma list (default musicnn-msd,melstats; quick: tiny-test,melstats)"),
+    demo: bool = typer.Option(
+        False, "--demo", help="../shared/data/gtzan_mini when present, else a generated (synthetic) set"
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="smoke run: tiny-test + melstats, 2 folds, 10 s clips, 2 CNN epochs"
+    ),
+    backbones: Optional[str] = typer.Option(
+        None, "--backbones", help="comma list (default musicnn-msd,melstats; quick: tiny-test,melstats)"
+    ),
     heads: Optional[str] = typer.Option(None, "--heads", help="comma list of lr,lgbm,mlp (default: all)"),
-    cv: Optional[int] = typer.Option(None, "--cv", help="K-fold CV (default 5; quick 2); 0: the dataset split, else a holdout"),
+    cv: Optional[int] = typer.Option(
+        None, "--cv", help="K-fold CV (default 5; quick 2); 0: the dataset split, else a holdout"
+    ),
     test_size: float = typer.Option(0.2, help="holdout test fraction (with --cv 0)"),
     cnn: bool = typer.Option(True, "--cnn/--no-cnn", help="train the scratch CNN"),
-    cnn_epochs: Optional[int] = typer.Option(None, help="CNN epoch budget (default 40; quick 2), early stopping on validation loss"),
-    finetune: bool = typer.Option(False, "--finetune", help="also fine-tune a pretrained backbone end to end (slow on CPU)"),
-    finetune_backbone: Optional[str] = typer.Option(None, help="backbone to fine-tune (default: the first of --backbones that is not melstats)"),
+    cnn_epochs: Optional[int] = typer.Option(
+        None, help="CNN epoch budget (default 40; quick 2), early stopping on validation loss"
+    ),
+    finetune: bool = typer.Option(
+        False, "--finetune", help="also fine-tune a pretrained backbone end to end (slow on CPU)"
+    ),
+    finetune_backbone: Optional[str] = typer.Option(
+        None, help="backbone to fine-tune (default: the first of --backbones that is not melstats)"
+    ),
     clip: Optional[float] = typer.Option(None, help="clip length in seconds (default 30; quick 10)"),
     seed: int = typer.Option(0),
     cache: Path = typer.Option(Path("cache"), help="embedding / feature cache root"),
@@ -600,8 +793,18 @@ def run_cmd(
         _fail("give either DATA or --demo, not both")
     if data is None and not demo:
         _fail("give a DATA folder / manifest, or --demo")
-    over = {"backbones": _csv_option(backbones), "heads": _csv_option(heads), "cv": cv, "test_size": test_size, "cnn": cnn, "clip_s": clip, "seed": seed}
-    plan = RunPlan.quick_plan(**over) if quick else replace(RunPlan(), **{k: v for k, v in over.items() if v is not None})
+    over = {
+        "backbones": _csv_option(backbones),
+        "heads": _csv_option(heads),
+        "cv": cv,
+        "test_size": test_size,
+        "cnn": cnn,
+        "clip_s": clip,
+        "seed": seed,
+    }
+    plan = (
+        RunPlan.quick_plan(**over) if quick else replace(RunPlan(), **{k: v for k, v in over.items() if v is not None})
+    )
     plan = replace(plan, device=device, allow_tf32=allow_tf32)
     if cnn_epochs is not None:
         if cnn_epochs < 1:
@@ -618,7 +821,19 @@ def run_cmd(
         prog.console.print(line, highlight=False)
 
     try:
-        res = run_all(None if demo else data, plan, cache=cache, runs=runs, report=out, audio_dir=audio_dir, subset=subset, workers=workers, threads=threads, log=log, progress=cb)
+        res = run_all(
+            None if demo else data,
+            plan,
+            cache=cache,
+            runs=runs,
+            report=out,
+            audio_dir=audio_dir,
+            subset=subset,
+            workers=workers,
+            threads=threads,
+            log=log,
+            progress=cb,
+        )
     finally:
         prog.stop()
 
@@ -634,12 +849,20 @@ def run_cmd(
         infer = m.get("inference_ms_per_track")
         if infer is not None and m.get("needs_extraction", m.get("kind") == "head"):  # end to end: extraction + head
             infer = infer + m["extract_ms_per_track"] if m.get("extract_ms_per_track") is not None else None
-        acc = pct(m, "track_accuracy") + (f" ± {pct(m, 'track_accuracy_std')}" if m.get("track_accuracy_std") is not None else "")
+        acc = pct(m, "track_accuracy") + (
+            f" ± {pct(m, 'track_accuracy_std')}" if m.get("track_accuracy_std") is not None else ""
+        )
         table.add_row(
-            str(i), r.name, r.kind, acc, pct(m, "track_accuracy_vote"), pct(m, "segment_accuracy"),
-            "-" if m.get("train_seconds") is None else f"{m['train_seconds']:.1f}", "-" if infer is None else f"{infer:.0f}",
+            str(i),
+            r.name,
+            r.kind,
+            acc,
+            pct(m, "track_accuracy_vote"),
+            pct(m, "segment_accuracy"),
+            "-" if m.get("train_seconds") is None else f"{m['train_seconds']:.1f}",
+            "-" if infer is None else f"{infer:.0f}",
             "reused" if r.reused else f"new, {r.seconds:.0f} s",
-        )  # fmt: skip
+        )
     c = console()
     if not c.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
         c.width = 120
@@ -651,7 +874,9 @@ def run_cmd(
 @app.command("fit")
 @handle_errors
 def fit_cmd(
-    data: Optional[Path] = typer.Argument(None, help="only the tracks of this dataset (folder, manifest or FMA tracks.csv), with its labels"),
+    data: Optional[Path] = typer.Argument(
+        None, help="only the tracks of this dataset (folder, manifest or FMA tracks.csv), with its labels"
+    ),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="whose embeddings (the store under --cache)"),
     head: str = typer.Option("lr", "--head", help="lr | lgbm | mlp"),
     cv: Optional[int] = typer.Option(None, "--cv", help="stratified K-fold cross-validation"),
@@ -660,8 +885,12 @@ def fit_cmd(
     cache: Path = typer.Option(Path("cache"), help="embedding store root"),
     store: Optional[Path] = typer.Option(None, help="store directory (when the cache holds several for the backbone)"),
     runs: Path = typer.Option(Path("runs"), help="where run directories go"),
-    pca: Optional[int] = typer.Option(None, help="PCA components before the head (0: none; default: lgbm on >256-d only)"),
-    search: bool = typer.Option(False, "--search", help="small hyper-parameter search on validation tracks of each training part"),
+    pca: Optional[int] = typer.Option(
+        None, help="PCA components before the head (0: none; default: lgbm on >256-d only)"
+    ),
+    search: bool = typer.Option(
+        False, "--search", help="small hyper-parameter search on validation tracks of each training part"
+    ),
     seed: int = typer.Option(0, help="seed of the splits and the head"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder, when DATA is a tracks.csv"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
@@ -680,7 +909,22 @@ def fit_cmd(
     protocol = "split" if split else "holdout" if holdout is not None else "auto"
     prog, cb = track_progress(f"fit {backbone or store}+{head}")
     with prog:
-        res = fit_head(backbone, head, cache=cache, store=store, tracks=tracks, runs=runs, protocol=protocol, cv=cv, test_size=holdout or 0.2, seed=seed, pca=pca, search=search, threads=threads, progress=cb)
+        res = fit_head(
+            backbone,
+            head,
+            cache=cache,
+            store=store,
+            tracks=tracks,
+            runs=runs,
+            protocol=protocol,
+            cv=cv,
+            test_size=holdout or 0.2,
+            seed=seed,
+            pca=pca,
+            search=search,
+            threads=threads,
+            progress=cb,
+        )
     m = res.metrics
     std = f" +/- {m['track_accuracy_std']:.3f}" if "track_accuracy_std" in m else ""
     p = m["protocol"]
@@ -693,9 +937,16 @@ def fit_cmd(
         soft_wrap=True,
     )
     if data is None:
-        console().print(f"dataset: {m['dataset']['source']} (the last one extracted into {m['store']}; pass DATA to fit another)", highlight=False, soft_wrap=True)
+        console().print(
+            f"dataset: {m['dataset']['source']} (the last one extracted into {m['store']}; pass DATA to fit another)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if m["dataset"].get("missing_from_store"):
-        console().print(f"[yellow]note[/]: {m['dataset']['missing_from_store']} track(s) of {data or m['dataset']['source']} are not in the store (failed or not extracted) and were left out", highlight=False)
+        console().print(
+            f"[yellow]note[/]: {m['dataset']['missing_from_store']} track(s) of {data or m['dataset']['source']} are not in the store (failed or not extracted) and were left out",
+            highlight=False,
+        )
 
 
 @app.command("predict")
@@ -725,7 +976,11 @@ def predict_cmd(
             msg += f" ({int(df['in_training'].sum())} of them were used to train the head)"
     c.print(msg, highlight=False, soft_wrap=True)
     if data is None:
-        c.print(f"dataset: {df.attrs.get('source')} (the last one extracted into the store; pass DATA to predict another)", highlight=False, soft_wrap=True)
+        c.print(
+            f"dataset: {df.attrs.get('source')} (the last one extracted into the store; pass DATA to predict another)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))
         c.print(f"wrote {out}", highlight=False)
@@ -741,17 +996,27 @@ def stream_cmd(
     source: str = typer.Argument(..., help="audio file, '-' for raw PCM on stdin, or 'mic' / 'mic:DEVICE'"),
     realtime: bool = typer.Option(False, "--realtime", help="pace a file at 1x, as if it were live"),
     fmt: Optional[str] = typer.Option(None, "--format", help="stdin PCM: f32le | s16le (default f32le)"),
-    rate: Optional[int] = typer.Option(None, "--rate", help="stdin PCM sample rate, Hz (default 44100); microphone rate"),
-    channels: Optional[int] = typer.Option(None, "--channels", help="stdin PCM interleaved channels (default 1); microphone channels"),
+    rate: Optional[int] = typer.Option(
+        None, "--rate", help="stdin PCM sample rate, Hz (default 44100); microphone rate"
+    ),
+    channels: Optional[int] = typer.Option(
+        None, "--channels", help="stdin PCM interleaved channels (default 1); microphone channels"
+    ),
     hop: float = typer.Option(2.5, help="seconds between windows (one output per hop)"),
     smooth: str = typer.Option("ema:7.5", help="ema:SECONDS | last:N | none, over calibrated probabilities"),
     enter: float = typer.Option(0.6, help="smoothed probability at which a genre becomes the decision"),
-    exit_: float = typer.Option(0.4, "--exit", help="the decision holds while its smoothed probability stays at or above this"),
+    exit_: float = typer.Option(
+        0.4, "--exit", help="the decision holds while its smoothed probability stays at or above this"
+    ),
     min_duration: float = typer.Option(5.0, help="seconds a new decision must hold before a change is reported"),
     queue: int = typer.Option(8, help="windows buffered between reading and the model"),
-    max_lag: Optional[float] = typer.Option(None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"),
+    max_lag: Optional[float] = typer.Option(
+        None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"
+    ),
     view: str = typer.Option("auto", help="auto (live view on a terminal, else JSON Lines) | json | live"),
-    checkpoint: Optional[str] = typer.Option(None, help="backbone weights of a head run on PANNs / AST (as in extract)"),
+    checkpoint: Optional[str] = typer.Option(
+        None, help="backbone weights of a head run on PANNs / AST (as in extract)"
+    ),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
 ):
@@ -766,11 +1031,25 @@ def stream_cmd(
         _fail(f"--view must be auto, json or live, got {view!r}")
     if fmt is not None and fmt not in ("f32le", "s16le"):
         _fail(f"--format must be f32le or s16le, got {fmt!r}")
-    cfg = StreamConfig(hop_s=hop, smooth=smooth, enter=enter, exit=exit_, min_duration_s=min_duration, queue=queue, max_lag_s=max_lag)
+    cfg = StreamConfig(
+        hop_s=hop, smooth=smooth, enter=enter, exit=exit_, min_duration_s=min_duration, queue=queue, max_lag_s=max_lag
+    )
     live = view == "live" or (view == "auto" and sys.stdout.isatty())
     emit = LiveView() if live else JsonLinesWriter(sys.stdout)
     try:
-        summary = stream(model, source, cfg, emit, fmt=fmt, rate=rate, channels=channels, realtime=realtime, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
+        summary = stream(
+            model,
+            source,
+            cfg,
+            emit,
+            fmt=fmt,
+            rate=rate,
+            channels=channels,
+            realtime=realtime,
+            checkpoint=checkpoint,
+            device=device,
+            allow_tf32=allow_tf32,
+        )
     except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
         _fail("interrupted before the stream started", 130)
     finally:
@@ -781,13 +1060,18 @@ def stream_cmd(
         # of the dead pipe from printing a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     elif summary["end"] == "interrupted":
-        _fail(f"interrupted after {summary['audio_s']:.1f} s of audio ({summary['windows']} windows); summary written", 130)
+        _fail(
+            f"interrupted after {summary['audio_s']:.1f} s of audio ({summary['windows']} windows); summary written",
+            130,
+        )
 
 
 @app.command("export")
 @handle_errors
 def export_cmd(
-    run: Path = typer.Argument(..., help="a finished run directory, head bundle (.skops) or CNN / fine-tune model file (.pt)"),
+    run: Path = typer.Argument(
+        ..., help="a finished run directory, head bundle (.skops) or CNN / fine-tune model file (.pt)"
+    ),
     fmt: str = typer.Option("onnx", "--format", help="onnx (the only format)"),
     out: Path = typer.Option(..., "--out", "-o", help="model file to write (atomic)"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs (as for extract)"),
@@ -806,8 +1090,12 @@ def export_cmd(
     info = export_onnx(tagger, out)
     meta = info["metadata"]
     c = console()
-    c.print(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s): {meta['kind']} model, {len(meta['labels'])} labels, "
-            f"windows of {meta['window_samples']} samples @ {meta['sample_rate']} Hz", highlight=False, soft_wrap=True)  # fmt: skip
+    c.print(
+        f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s): {meta['kind']} model, {len(meta['labels'])} labels, "
+        f"windows of {meta['window_samples']} samples @ {meta['sample_rate']} Hz",
+        highlight=False,
+        soft_wrap=True,
+    )
     if parity:
         diff = parity_check(tagger, out)
         c.print(f"parity: max |onnxruntime - torch| = {diff:.2e} on generated windows", highlight=False)
@@ -815,32 +1103,57 @@ def export_cmd(
             raise EmbedkitError(f"{out}: onnxruntime differs from the torch model by {diff:.2e} (> 1e-4)")
     typer.echo(str(out))
 
+
 @app.command("tag")
 @handle_errors
 def tag_cmd(
-    model: Path = typer.Argument(..., help="finished run directory (any kind), head.skops, model.pt or an exported model.onnx"),
-    inputs: List[str] = typer.Argument(..., help="audio files, folders (recursive), path lists (.txt/.m3u/.csv) or - for paths on stdin"),
-    runtime: str = typer.Option("auto", help="torch | onnx (onnxruntime, no torch import; needs a .onnx from `embedkit export`) | auto (by the file)"),
+    model: Path = typer.Argument(
+        ..., help="finished run directory (any kind), head.skops, model.pt or an exported model.onnx"
+    ),
+    inputs: List[str] = typer.Argument(
+        ..., help="audio files, folders (recursive), path lists (.txt/.m3u/.csv) or - for paths on stdin"
+    ),
+    runtime: str = typer.Option(
+        "auto",
+        help="torch | onnx (onnxruntime, no torch import; needs a .onnx from `embedkit export`) | auto (by the file)",
+    ),
     excerpt: str = typer.Option("first", help="what is listened to: first | middle | spread:N | full"),
-    db: Optional[str] = typer.Option(None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"),
+    db: Optional[str] = typer.Option(
+        None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"
+    ),
     top_k: int = typer.Option(3, help="genres listed per track"),
     workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
-    batch_size: Optional[int] = typer.Option(None, help="windows per forward pass (default 32 on the CPU, 8x on an accelerator)"),
+    batch_size: Optional[int] = typer.Option(
+        None, help="windows per forward pass (default 32 on the CPU, 8x on an accelerator)"
+    ),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for head runs on PANNs / AST"),
     retry_failed: bool = typer.Option(False, help="retry files recorded as failed for this model"),
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
     dask: Optional[str] = typer.Option(None, help="run shards on a Dask cluster: scheduler address, or 'local'"),
     table: int = typer.Option(20, help="tracks shown in the terminal table (0: none)"),
-    threshold: Optional[float] = typer.Option(None, help="below this calibrated probability a track is 'uncertain' (default: the model's, chosen on its held-out tracks)"),
-    multi: bool = typer.Option(False, help="several genres per track: those above --multi-threshold or within --margin of the top one"),
+    threshold: Optional[float] = typer.Option(
+        None,
+        help="below this calibrated probability a track is 'uncertain' (default: the model's, chosen on its held-out tracks)",
+    ),
+    multi: bool = typer.Option(
+        False, help="several genres per track: those above --multi-threshold or within --margin of the top one"
+    ),
     multi_threshold: float = typer.Option(0.3, help="with --multi: also keep genres at or above this probability"),
     margin: float = typer.Option(0.1, help="with --multi: also keep genres within this of the top probability"),
     max_genres: int = typer.Option(3, help="with --multi: at most this many genres"),
-    write_tags: bool = typer.Option(False, "--write-tags", help="write the decided genres into the files (needs --db, which records the previous values for `embedkit untag`)"),
+    write_tags: bool = typer.Option(
+        False,
+        "--write-tags",
+        help="write the decided genres into the files (needs --db, which records the previous values for `embedkit untag`)",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="with --write-tags: show what would change, write nothing"),
     overwrite: bool = typer.Option(False, "--overwrite", help="with --write-tags: replace genres a person set"),
-    id3v23: bool = typer.Option(False, "--id3v23", help="MP3/WAV/AIFF: write ID3v2.3 (several genres joined with --separator) instead of v2.4"),
+    id3v23: bool = typer.Option(
+        False, "--id3v23", help="MP3/WAV/AIFF: write ID3v2.3 (several genres joined with --separator) instead of v2.4"
+    ),
     separator: str = typer.Option("; ", help="ID3v2.3 genre separator"),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
@@ -860,7 +1173,9 @@ def tag_cmd(
     if runtime not in ("auto", "torch", "onnx"):
         _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
     if runtime == "onnx" and not is_onnx:
-        _fail(f"--runtime onnx runs an exported model: `embedkit export {model} --format onnx -o model.onnx`, then tag with model.onnx")
+        _fail(
+            f"--runtime onnx runs an exported model: `embedkit export {model} --format onnx -o model.onnx`, then tag with model.onnx"
+        )
     if runtime == "torch" and is_onnx:
         _fail(f"{model} is an ONNX model; it runs with --runtime onnx (or auto)")
     if workers is not None and workers < 1:
@@ -886,13 +1201,41 @@ def tag_cmd(
             stack.enter_context(native_stderr_to(log_path))
             prog, cb = _tag_progress()
             with prog:
-                res = tag(model, inputs, excerpt=ex, db=db, out=out, top_k=top_k, workers=workers, batch_size=batch_size, checkpoint=checkpoint, executor=executor, retry_failed=retry_failed, keep_rows=sys.maxsize if write_tags else max(table, 0), tagger=tagger, progress=cb, device=device, precision=precision, allow_tf32=allow_tf32)
+                res = tag(
+                    model,
+                    inputs,
+                    excerpt=ex,
+                    db=db,
+                    out=out,
+                    top_k=top_k,
+                    workers=workers,
+                    batch_size=batch_size,
+                    checkpoint=checkpoint,
+                    executor=executor,
+                    retry_failed=retry_failed,
+                    keep_rows=sys.maxsize if write_tags else max(table, 0),
+                    tagger=tagger,
+                    progress=cb,
+                    device=device,
+                    precision=precision,
+                    allow_tf32=allow_tf32,
+                )
             if write_tags and res.rows:
                 from .tagdb import ResultsDB
                 from .tagfiles import write_tags as write_file_tags
 
                 database = stack.enter_context(ResultsDB(db)) if db else None
-                changes = write_file_tags(res.rows, res.labels, rule, model_id=res.model_id, db=database, dry_run=dry_run, overwrite=overwrite, id3_version=3 if id3v23 else 4, separator=separator)
+                changes = write_file_tags(
+                    res.rows,
+                    res.labels,
+                    rule,
+                    model_id=res.model_id,
+                    db=database,
+                    dry_run=dry_run,
+                    overwrite=overwrite,
+                    id3_version=3 if id3v23 else 4,
+                    separator=separator,
+                )
     finally:
         if os.path.exists(log_path):
             os.unlink(log_path)
@@ -921,7 +1264,11 @@ def _decision_rule(model, threshold, multi, multi_threshold, margin, max_genres)
 
     rule = replace(base, **over)
     tagger = load_tagger(model)  # the results rows then record decisions under this rule
-    tagger.calibration = replace(tagger.calibration, rule=rule) if tagger.calibration is not None else Calibration(labels=tagger.labels, method="none", rule=rule)
+    tagger.calibration = (
+        replace(tagger.calibration, rule=rule)
+        if tagger.calibration is not None
+        else Calibration(labels=tagger.labels, method="none", rule=rule)
+    )
     return rule, tagger
 
 
@@ -942,14 +1289,23 @@ def _summarise_changes(changes, dry_run: bool, max_lines: int = 20) -> None:
         for ch in [x for x in changes if x.status == "would-write"][:max_lines]:
             c.print(f"would write {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
     counts = Counter(ch.status for ch in changes)
-    c.print("tags in files" + (" (dry run, nothing written)" if dry_run else "") + ": " + (", ".join(f"{n} {s}" for s, n in counts.most_common()) or "no files"), highlight=False, soft_wrap=True)
+    c.print(
+        "tags in files"
+        + (" (dry run, nothing written)" if dry_run else "")
+        + ": "
+        + (", ".join(f"{n} {s}" for s, n in counts.most_common()) or "no files"),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("untag")
 @handle_errors
 def untag_cmd(
     model: Path = typer.Argument(..., help="the run directory / model file whose genres to remove"),
-    paths: Optional[List[str]] = typer.Argument(None, help="only these files (default: every file the model wrote genres into)"),
+    paths: Optional[List[str]] = typer.Argument(
+        None, help="only these files (default: every file the model wrote genres into)"
+    ),
     db: str = typer.Option(..., help="the results database `tag --write-tags` recorded the previous genres in"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be restored, write nothing"),
     force: bool = typer.Option(False, "--force", help="restore even where a person changed the genre since"),
@@ -961,7 +1317,9 @@ def untag_cmd(
 
     mid = model_id_of(model)
     with ResultsDB(db) as database:
-        changes = untag(mid, database, [os.path.abspath(p) for p in paths] if paths else None, dry_run=dry_run, force=force)
+        changes = untag(
+            mid, database, [os.path.abspath(p) for p in paths] if paths else None, dry_run=dry_run, force=force
+        )
     if not changes:
         _fail(f"{db}: no files recorded as tagged by model {mid}")
     _summarise_changes(changes, dry_run)
@@ -969,14 +1327,32 @@ def untag_cmd(
 
 def _tag_progress():
     """Progress bar with tracks/s and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed:.1f} tracks/s" if task.speed else "- tracks/s")
 
-    prog = Progress(TextColumn("[bold]tag"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False)
+    prog = Progress(
+        TextColumn("[bold]tag"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=False,
+    )
     task = prog.add_task("tag", total=None)
     return prog, lambda done, total: prog.update(task, completed=done, total=total)
 
@@ -1007,18 +1383,34 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
     rate = f", {res.n_tagged / res.seconds:.1f} tracks/s" if res.n_tagged and res.seconds > 0 else ""
     c.print(
         f"{res.n_tagged} tracks tagged ({ex}, {res.windows} windows), {res.n_done_before} already in the database, {res.n_failed} failed"
-        + (f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)" if res.n_failed_before else "")
+        + (
+            f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)"
+            if res.n_failed_before
+            else ""
+        )
         + f", {res.seconds:.1f} s{rate}"
         + (f"; {escape(_device_line(res.device))}" if getattr(res, "device", None) else ""),
-        highlight=False, soft_wrap=True,
-    )  # fmt: skip
+        highlight=False,
+        soft_wrap=True,
+    )
     for f in res.failures[:max_lines]:
         c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
     if len(res.failures) > max_lines:
         reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in res.failures)
-        c.print(escape(f"... and {len(res.failures) - max_lines} more; by reason: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))), highlight=False, soft_wrap=True)
+        c.print(
+            escape(
+                f"... and {len(res.failures) - max_lines} more; by reason: "
+                + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     if db:
-        c.print(escape(f"results: {db} (table tags, model_id {res.model_id}; failures in tag_failures)"), highlight=False, soft_wrap=True)
+        c.print(
+            escape(f"results: {db} (table tags, model_id {res.model_id}; failures in tag_failures)"),
+            highlight=False,
+            soft_wrap=True,
+        )
     if out:
         c.print(escape(f"wrote {out}"), highlight=False, soft_wrap=True)
     if res.n_tagged + res.n_done_before == 0:
@@ -1030,7 +1422,9 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
 @app.command("serve")
 @handle_errors
 def serve_cmd(
-    model: Path = typer.Argument(..., help="finished run directory, head.skops / model.pt, or an exported model.onnx (onnxruntime, no torch)"),
+    model: Path = typer.Argument(
+        ..., help="finished run directory, head.skops / model.pt, or an exported model.onnx (onnxruntime, no torch)"
+    ),
     host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs"),
@@ -1042,7 +1436,9 @@ def serve_cmd(
     batch_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
     max_batch_windows: int = typer.Option(64, help="windows per forward"),
     decode_workers: int = typer.Option(2, help="decode threads"),
-    db: Optional[str] = typer.Option(None, help="also write every result into this results database (as embedkit tag --db)"),
+    db: Optional[str] = typer.Option(
+        None, help="also write every result into this results database (as embedkit tag --db)"
+    ),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
 ):
@@ -1058,8 +1454,17 @@ def serve_cmd(
         _fail("--max-mb, --body-timeout must be positive; --max-pending, --max-batch-windows, --decode-workers >= 1")
     if threshold is not None and not 0 <= threshold <= 1:
         _fail(f"--threshold must be in [0, 1], got {threshold}")
-    cfg = ServeConfig(max_bytes=int(max_mb * 1024 * 1024), body_timeout_s=body_timeout, max_pending=max_pending, batch_wait_ms=batch_wait_ms,
-                      max_batch_windows=max_batch_windows, decode_workers=decode_workers, excerpt=excerpt, threshold=threshold, db=db)  # fmt: skip
+    cfg = ServeConfig(
+        max_bytes=int(max_mb * 1024 * 1024),
+        body_timeout_s=body_timeout,
+        max_pending=max_pending,
+        batch_wait_ms=batch_wait_ms,
+        max_batch_windows=max_batch_windows,
+        decode_workers=decode_workers,
+        excerpt=excerpt,
+        threshold=threshold,
+        db=db,
+    )
     console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)
     serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
 

@@ -21,7 +21,14 @@ from .audio import AUDIO_EXTENSIONS
 from .errors import DatasetError, EmbedkitWarning
 
 COLUMNS = ["track_id", "path", "label", "split", "group"]
-_SPLIT_NAMES = {"training": "train", "train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}
+_SPLIT_NAMES = {
+    "training": "train",
+    "train": "train",
+    "validation": "val",
+    "val": "val",
+    "valid": "val",
+    "test": "test",
+}
 FMA_SUBSETS = ("small", "medium", "large")
 
 
@@ -31,7 +38,9 @@ def _finish(df: pd.DataFrame, source: str) -> pd.DataFrame:
     dup = df["path"][df["path"].duplicated()]
     if len(dup):
         labels = sorted(set(df.loc[df["path"] == dup.iloc[0], "label"]))
-        raise DatasetError(f"{source}: duplicate path {dup.iloc[0]} listed with different labels/splits/groups ({', '.join(labels)}); {len(dup)} duplicate(s) in all")
+        raise DatasetError(
+            f"{source}: duplicate path {dup.iloc[0]} listed with different labels/splits/groups ({', '.join(labels)}); {len(dup)} duplicate(s) in all"
+        )
     dup = df["track_id"][df["track_id"].duplicated()]
     if len(dup):
         raise DatasetError(f"{source}: duplicate track id {dup.iloc[0]}")
@@ -55,11 +64,17 @@ def from_folder(root: str | os.PathLike) -> pd.DataFrame:
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(label_dir.rglob("*")):
             # Dot files are editor/OS debris (macOS "._x.wav" resource forks are not audio).
-            if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(label_dir).parts):
+            if (
+                f.is_file()
+                and f.suffix.lower() in AUDIO_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(label_dir).parts)
+            ):
                 rel = f.relative_to(root)
                 rows.append({"track_id": rel.with_suffix("").as_posix(), "path": str(f), "label": label_dir.name})
     if not rows:
-        raise DatasetError(f"{root}: no audio files in <label>/<file> layout (extensions {', '.join(AUDIO_EXTENSIONS)})")
+        raise DatasetError(
+            f"{root}: no audio files in <label>/<file> layout (extensions {', '.join(AUDIO_EXTENSIONS)})"
+        )
     return _finish(pd.DataFrame(rows), str(root))
 
 
@@ -77,7 +92,9 @@ def from_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
-        raise DatasetError(f"{csv_path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(df.columns) or 'none'}); expected path,label[,split][,group]")
+        raise DatasetError(
+            f"{csv_path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(df.columns) or 'none'}); expected path,label[,split][,group]"
+        )
     df = df.apply(lambda col: col.str.strip())
     empty = df.index[(df["path"] == "") | (df["label"] == "")]
     if len(empty):
@@ -104,7 +121,9 @@ def _drop_repeated_rows(df: pd.DataFrame, source: Path) -> pd.DataFrame:
     repeated = df.duplicated(subset=cols)
     if repeated.any():
         first = df.loc[repeated, "path"].iloc[0]
-        warnings.warn(f"{source}: {int(repeated.sum())} repeated row(s) ignored (e.g. {first})", EmbedkitWarning, stacklevel=3)
+        warnings.warn(
+            f"{source}: {int(repeated.sum())} repeated row(s) ignored (e.g. {first})", EmbedkitWarning, stacklevel=3
+        )
         df = df[~repeated]
     return df
 
@@ -155,9 +174,15 @@ def from_fma(tracks_csv: str | os.PathLike, audio_dir: str | os.PathLike, subset
             }
         )
     if not rows:
-        raise DatasetError(f"{tracks_csv}: no {subset}-subset track has its mp3 under {audio_dir} (expected e.g. {fma_audio_path(audio_dir, sel.index[0]) if len(sel) else audio_dir / 'ddd/dddddd.mp3'})")
+        raise DatasetError(
+            f"{tracks_csv}: no {subset}-subset track has its mp3 under {audio_dir} (expected e.g. {fma_audio_path(audio_dir, sel.index[0]) if len(sel) else audio_dir / 'ddd/dddddd.mp3'})"
+        )
     if absent:
-        warnings.warn(f"{audio_dir}: {absent} of {len(sel)} {subset}-subset tracks have no mp3 there; skipped", EmbedkitWarning, stacklevel=2)
+        warnings.warn(
+            f"{audio_dir}: {absent} of {len(sel)} {subset}-subset tracks have no mp3 there; skipped",
+            EmbedkitWarning,
+            stacklevel=2,
+        )
     return _finish(pd.DataFrame(rows), str(tracks_csv))
 
 
@@ -170,7 +195,9 @@ def _id_str(v) -> str | None:
     return str(v)
 
 
-def load_dataset(data: str | os.PathLike, audio_dir: str | os.PathLike | None = None, subset: str = "small") -> pd.DataFrame:
+def load_dataset(
+    data: str | os.PathLike, audio_dir: str | os.PathLike | None = None, subset: str = "small"
+) -> pd.DataFrame:
     """Dispatch on the form of ``data``: folder, FMA tracks.csv (needs audio_dir), or manifest."""
     p = Path(data)
     if not p.exists():

@@ -63,13 +63,17 @@ def resolve(device: str | None = "auto", allow_tf32: bool = False):
         index = int(m.group(1) or 0)
         count = torch.cuda.device_count()
         if index >= count:
-            raise DeviceError(f"device {device!r}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise DeviceError(
+                f"device {device!r}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         return torch.device("cuda", index)
     if name == "mps":
         if sys.platform != "darwin":
-            raise DeviceError(f"device 'mps': Apple's MPS exists only on macOS (this is {sys.platform}); use cpu or auto")
+            raise DeviceError(
+                f"device 'mps': Apple's MPS exists only on macOS (this is {sys.platform}); use cpu or auto"
+            )
         if not _mps_available(torch):
             raise DeviceError("device 'mps': MPS is not available in this torch build or on this Mac; use cpu")
         return torch.device("mps")
@@ -93,7 +97,10 @@ def describe(dev) -> dict[str, str]:
     torch = _torch()
     dev = torch.device(dev)
     if dev.type == "cuda":
-        return {"device": str(dev if dev.index is not None else torch.device("cuda", 0)), "name": torch.cuda.get_device_name(dev)}
+        return {
+            "device": str(dev if dev.index is not None else torch.device("cuda", 0)),
+            "name": torch.cuda.get_device_name(dev),
+        }
     if dev.type == "mps":
         return {"device": "mps", "name": f"Apple MPS ({platform.machine()})"}
     return {"device": "cpu", "name": f"{platform.machine() or 'cpu'} ({torch.get_num_threads()} threads)"}
@@ -185,7 +192,9 @@ def check_precision(precision: str | None, dev=None) -> str:
     if p not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if p == "fp16" and dev is not None and _torch().device(dev).type == "cpu":
-        raise DeviceError("precision 'fp16' needs an accelerator (CPU autocast supports bf16 only); use bf16 or fp32 on the cpu device")
+        raise DeviceError(
+            "precision 'fp16' needs an accelerator (CPU autocast supports bf16 only); use bf16 or fp32 on the cpu device"
+        )
     return p
 
 

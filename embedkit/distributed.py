@@ -19,7 +19,9 @@ from .errors import EmbedkitError, require
 INSTALL = "pip install 'embedkit[distributed]'"
 
 
-def dask_client(address_or_local: str, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True):
+def dask_client(
+    address_or_local: str, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True
+):
     """A ``dask.distributed.Client``: ``"local"`` starts a LocalCluster on this machine (closed
     with the client), anything else is a scheduler address such as ``tcp://host:8786``.
 
@@ -46,4 +48,6 @@ def dask_client(address_or_local: str, n_workers: int | None = None, threads_per
     try:
         return Client(address_or_local, timeout="10s")
     except Exception as exc:  # OSError / TimeoutError / ValueError for a malformed address
-        raise EmbedkitError(f"cannot reach Dask scheduler at {address_or_local!r} ({type(exc).__name__}: {exc})") from None
+        raise EmbedkitError(
+            f"cannot reach Dask scheduler at {address_or_local!r} ({type(exc).__name__}: {exc})"
+        ) from None

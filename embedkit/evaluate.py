@@ -45,7 +45,12 @@ class Fold:
     def restricted(self, track_ids) -> "Fold":
         """The fold without the tracks not in ``track_ids`` (e.g. files dropped as unusable)."""
         keep = set(track_ids)
-        return Fold(self.name, [t for t in self.train if t in keep], [t for t in self.test if t in keep], [t for t in self.val if t in keep])
+        return Fold(
+            self.name,
+            [t for t in self.train if t in keep],
+            [t for t in self.test if t in keep],
+            [t for t in self.val if t in keep],
+        )
 
 
 def _track_table(tracks: pd.DataFrame) -> pd.DataFrame:
@@ -56,10 +61,14 @@ def _track_table(tracks: pd.DataFrame) -> pd.DataFrame:
 def _check_classes(labels: pd.Series, min_per_class: int, what: str) -> None:
     counts = labels.value_counts()
     if len(counts) < 2:
-        raise DatasetError(f"only one class ({counts.index[0] if len(counts) else 'none'}): need at least two labels to train a classifier")
+        raise DatasetError(
+            f"only one class ({counts.index[0] if len(counts) else 'none'}): need at least two labels to train a classifier"
+        )
     small = counts[counts < min_per_class]
     if len(small):
-        raise DatasetError(f"class {small.index[0]!r} has {int(small.iloc[0])} track(s), fewer than the {min_per_class} that {what} needs")
+        raise DatasetError(
+            f"class {small.index[0]!r} has {int(small.iloc[0])} track(s), fewer than the {min_per_class} that {what} needs"
+        )
 
 
 def _with_content_groups(t: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +102,14 @@ def _grouped(t: pd.DataFrame) -> bool:
     return "group" in t and t["group"].notna().all() and t["group"].nunique() < len(t)
 
 
-def make_folds(tracks: pd.DataFrame, protocol: str = "holdout", k: int = 5, test_size: float = 0.2, seed: int = 0, val_size: float = 0.0) -> list[Fold]:
+def make_folds(
+    tracks: pd.DataFrame,
+    protocol: str = "holdout",
+    k: int = 5,
+    test_size: float = 0.2,
+    seed: int = 0,
+    val_size: float = 0.0,
+) -> list[Fold]:
     """Split tracks (track_id, label, [split], [group]) into folds, stratified by label.
 
     protocol: "holdout" (one stratified test part of ``test_size``), "cv" (stratified K-fold),
@@ -127,7 +143,11 @@ def make_folds(tracks: pd.DataFrame, protocol: str = "holdout", k: int = 5, test
 
         check_cv(k)
         _check_classes(t["label"], k, f"{k}-fold cross-validation")
-        splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if grouped else StratifiedKFold(k, shuffle=True, random_state=seed)
+        splitter = (
+            StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+            if grouped
+            else StratifiedKFold(k, shuffle=True, random_state=seed)
+        )
         parts = splitter.split(ids, y, t["group"].to_numpy() if grouped else None)
         for i, (a, b) in enumerate(parts):
             folds.append(Fold(f"fold{i}", sorted(ids[a]), sorted(ids[b])))
@@ -170,7 +190,11 @@ def _add_val(folds: list[Fold], t: pd.DataFrame, val_size: float, seed: int) -> 
         tr = np.array(f.train)
         labels = t.loc[tr, "label"].to_numpy()
         if _grouped(t.loc[tr]):
-            a, b = next(GroupShuffleSplit(1, test_size=val_size, random_state=seed).split(tr, labels, t.loc[tr, "group"].to_numpy()))
+            a, b = next(
+                GroupShuffleSplit(1, test_size=val_size, random_state=seed).split(
+                    tr, labels, t.loc[tr, "group"].to_numpy()
+                )
+            )
         else:
             counts = pd.Series(labels).value_counts()
             strat = labels if counts.min() >= 2 and round(val_size * len(tr)) >= len(counts) else None
@@ -181,7 +205,13 @@ def _add_val(folds: list[Fold], t: pd.DataFrame, val_size: float, seed: int) -> 
 
 def protocol_dict(protocol: str, k: int, seed: int, test_size: float, tracks: pd.DataFrame) -> dict[str, Any]:
     t = _track_table(tracks)
-    return {"type": protocol, "k": k if protocol == "cv" else 1, "seed": seed, "test_size": test_size if protocol == "holdout" else None, "grouped": bool(_grouped(t))}
+    return {
+        "type": protocol,
+        "k": k if protocol == "cv" else 1,
+        "seed": seed,
+        "test_size": test_size if protocol == "holdout" else None,
+        "grouped": bool(_grouped(t)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +244,15 @@ class Evaluation:
         self._rows: list[pd.DataFrame] = []
         self._means: list[np.ndarray] = []  # track mean probabilities [T, C] per fold
 
-    def add_fold(self, name: str, segment_track_ids, proba: np.ndarray, track_labels: dict[str, str], paths: dict[str, str] | None = None, extra: dict | None = None) -> dict[str, Any]:
+    def add_fold(
+        self,
+        name: str,
+        segment_track_ids,
+        proba: np.ndarray,
+        track_labels: dict[str, str],
+        paths: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ) -> dict[str, Any]:
         """Add one fold's segment-level class probabilities (columns in ``self.labels`` order)."""
         proba = np.asarray(proba, dtype=np.float64)
         seg_ids = np.asarray(segment_track_ids)
@@ -276,12 +314,22 @@ class Evaluation:
             out["track_accuracy_std"] = out["track_accuracy_mean_prob_std"]
         idx = list(range(len(self.labels)))
         p, r, f1, s = precision_recall_fscore_support(df["true"], df["pred_mean"], labels=idx, zero_division=0)
-        out["per_class"] = {l: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(s[i])} for i, l in enumerate(self.labels)}
+        out["per_class"] = {
+            l: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(s[i])}
+            for i, l in enumerate(self.labels)
+        }
         out["macro_f1"] = float(np.mean(f1))
         out["confusion"] = confusion_matrix(df["true"], df["pred_mean"], labels=idx).tolist()
         wrong = df[df["true"] != df["pred_mean"]].sort_values("confidence", ascending=False).head(n_misclassified)
         out["misclassified"] = [
-            {"track_id": r.track_id, "path": r.path, "true": r.true_label, "pred": r.pred_label, "confidence": float(r.confidence), "fold": r.fold}
+            {
+                "track_id": r.track_id,
+                "path": r.path,
+                "true": r.true_label,
+                "pred": r.pred_label,
+                "confidence": float(r.confidence),
+                "fold": r.fold,
+            }
             for r in wrong.itertuples()
         ]
         return out
@@ -308,7 +356,12 @@ def write_metrics(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {"schema": SCHEMA_VERSION, "created": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions(), **metrics}
+    metrics = {
+        "schema": SCHEMA_VERSION,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+        **metrics,
+    }
     path = run_dir / "metrics.json"
     atomic_write_text(path, json.dumps(metrics, indent=2, default=jsonable))
     return path

@@ -121,7 +121,9 @@ def _step_modules(model) -> list:
         elif isinstance(step, LGBMHead):
             mods.append(None)  # trees: converted separately (see _lgbm_onnx)
         else:
-            raise ExportError(f"cannot export pipeline step {name!r} ({type(step).__name__}): only embedkit's scaler, PCA and lr/mlp/lgbm heads export")
+            raise ExportError(
+                f"cannot export pipeline step {name!r} ({type(step).__name__}): only embedkit's scaler, PCA and lr/mlp/lgbm heads export"
+            )
     return mods
 
 
@@ -145,7 +147,9 @@ def head_module(bundle):
 
     mods = _step_modules(bundle.model)
     if any(m is None for m in mods):
-        raise ExportError("LightGBM heads are not torch layers; export them with export_onnx (onnxmltools converts the trees)")
+        raise ExportError(
+            "LightGBM heads are not torch layers; export them with export_onnx (onnxmltools converts the trees)"
+        )
     cmap = torch.from_numpy(_column_map(bundle.model.classes_, bundle.labels))
 
     class Head(nn.Module):
@@ -224,7 +228,9 @@ def tagger_module(tagger):
     if kind == "head":
         bundle = tagger.bundle
         if getattr(bundle, "output", "embedding") != "embedding":
-            raise ExportError(f"a head fitted on the backbone's {bundle.output!r} output cannot be exported (only heads on embeddings)")
+            raise ExportError(
+                f"a head fitted on the backbone's {bundle.output!r} output cannot be exported (only heads on embeddings)"
+            )
         if bundle.head == "lgbm" or any(m is None for m in _step_modules(bundle.model)):
             return nn.Sequential(_backbone_module(tagger.backbone), _features_module(bundle)).eval(), bundle
         return nn.Sequential(_backbone_module(tagger.backbone), head_module(bundle)).eval(), None
@@ -269,7 +275,9 @@ def _lgbm_onnx(bundle, n_features: int, calibration: dict | None):
 
     head = bundle.model.steps[-1][1]
     booster = lgb.Booster(model_str=head.model_str_)
-    trees = convert_lightgbm(booster, initial_types=[("features", FloatTensorType([None, n_features]))], zipmap=False, target_opset=15)  # its newest
+    trees = convert_lightgbm(
+        booster, initial_types=[("features", FloatTensorType([None, n_features]))], zipmap=False, target_opset=15
+    )  # its newest
     from onnx import compose
 
     # every name prefixed (input 'lgbm_features'): no clash with the torch part's or ours
@@ -279,9 +287,15 @@ def _lgbm_onnx(bundle, n_features: int, calibration: dict | None):
     nodes = [helper.make_node("MatMul", [prob, "ek_columns"], ["ek_uncal"])]
     inits = [onnx.numpy_helper.from_array(cmap, "ek_columns")]
     if calibration is None:
-        nodes += [helper.make_node("Identity", ["ek_uncal"], [OUTPUT_NAMES[1]]), helper.make_node("Identity", ["ek_uncal"], [OUTPUT_NAMES[0]])]
+        nodes += [
+            helper.make_node("Identity", ["ek_uncal"], [OUTPUT_NAMES[1]]),
+            helper.make_node("Identity", ["ek_uncal"], [OUTPUT_NAMES[0]]),
+        ]
     else:
-        inits += [onnx.numpy_helper.from_array(np.array(LOG_FLOOR, np.float32), "ek_floor"), onnx.numpy_helper.from_array(np.array(calibration["temperature"], np.float32), "ek_temperature")]
+        inits += [
+            onnx.numpy_helper.from_array(np.array(LOG_FLOOR, np.float32), "ek_floor"),
+            onnx.numpy_helper.from_array(np.array(calibration["temperature"], np.float32), "ek_temperature"),
+        ]
         nodes += [
             helper.make_node("Identity", ["ek_uncal"], [OUTPUT_NAMES[1]]),
             helper.make_node("Max", ["ek_uncal", "ek_floor"], ["ek_clamped"]),
@@ -366,7 +380,16 @@ def _torch_export(module, window: int, opset: int):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(module, example, input_names=[INPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False, report=False)
+            program = torch.onnx.export(
+                module,
+                example,
+                input_names=[INPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                report=False,
+            )
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from None
@@ -458,7 +481,9 @@ def parity_check(tagger, path: str | os.PathLike, n: int = 3, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     L, sr = tagger.window_samples, tagger.sample_rate
     t = np.arange(L) / sr
-    x = np.stack([0.3 * np.sin(2 * np.pi * (110 * 2**k) * t) + 0.05 * rng.standard_normal(L) for k in range(n)]).astype(np.float32)
+    x = np.stack([0.3 * np.sin(2 * np.pi * (110 * 2**k) * t) + 0.05 * rng.standard_normal(L) for k in range(n)]).astype(
+        np.float32
+    )
     onnx_tagger = OnnxTagger.load(path)
     a = onnx_tagger.run(x)
     b = tagger.predict_segments(x)

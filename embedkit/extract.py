@@ -54,7 +54,9 @@ FAILURE_COLUMNS = ("track_id", "path", "label", "reason", "fingerprint")
 class ExtractResult:
     store: Store
     n_tracks: int  # tracks in the dataset
-    n_skipped: int  # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
+    n_skipped: (
+        int  # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
+    )
     n_extracted: int  # dataset tracks whose embeddings this run produced (tracks sharing one audio count each)
     n_segments: int  # segments written by this run
     failures: list[dict] = field(default_factory=list)  # this run's failures
@@ -63,7 +65,9 @@ class ExtractResult:
     n_failed_before: int = 0  # dataset tracks recorded as failed by an earlier run
     notes: list[str] = field(default_factory=list)  # this run's length adjustments (padding...)
     n_shared: int = 0  # dataset tracks whose audio is the same as another track's of the dataset
-    device: dict = field(default_factory=dict)  # embedkit.device.provenance of this run's forwards (empty: none ran here)
+    device: dict = field(
+        default_factory=dict
+    )  # embedkit.device.provenance of this run's forwards (empty: none ran here)
 
     @property
     def n_failed(self) -> int:
@@ -79,7 +83,9 @@ def _shard_key(fingerprints: list[str]) -> str:
     return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:16]
 
 
-def _decode(path: str, sample_rate: int, prep: PreprocessConfig, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+def _decode(
+    path: str, sample_rate: int, prep: PreprocessConfig, notes: list[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
     y = audio.load(path, sample_rate, prep.audio, min_duration_s=prep.segments.segment_s, notes=notes)
     frames, starts, _ = segment(y, sample_rate, prep.segments)
     if len(frames) == 0:
@@ -115,7 +121,9 @@ def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig, stat: tupl
         return None, f"unexpected decode error: {type(exc).__name__}: {first}", notes
 
 
-def _embed_stream(backbone: Backbone, frame_iter, batch_size: int, outputs: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+def _embed_stream(
+    backbone: Backbone, frame_iter, batch_size: int, outputs: tuple[str, ...]
+) -> dict[str, np.ndarray] | None:
     """Embed the segments of consecutive tracks in batches of ``batch_size``, starting as soon as
     the first tracks are decoded instead of after the whole shard. The batches are the same
     consecutive chunks as splitting the concatenation of all tracks, so the output does not
@@ -150,7 +158,9 @@ def _embed_stream(backbone: Backbone, frame_iter, batch_size: int, outputs: tupl
     return {k: np.concatenate(v) for k, v in chunks.items()} if chunks else None
 
 
-def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: int, prep: PreprocessConfig, outputs: tuple[str, ...]):
+def _build_tables(
+    rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: int, prep: PreprocessConfig, outputs: tuple[str, ...]
+):
     """Turn one shard's decode results (an iterable, in row order, consumed lazily) into
     (segments table | None, failures table | None, failure dicts, notes)."""
     import pyarrow as pa
@@ -165,7 +175,15 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
             notes.extend(ns)
             r = rows.iloc[i]
             if err is not None:
-                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": err, "fingerprint": r.fingerprint})
+                fails.append(
+                    {
+                        "track_id": r.track_id,
+                        "path": r.path,
+                        "label": r.label,
+                        "reason": err,
+                        "fingerprint": r.fingerprint,
+                    }
+                )
                 continue
             ok_idx.append(i)
             counts.append(len(fr[0]))
@@ -178,7 +196,9 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
     if out is not None:
         emb = out["embedding"]
         if emb.shape != (sum(counts), backbone.spec.embedding_dim):
-            raise EmbedkitError(f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({sum(counts)}, {backbone.spec.embedding_dim})")
+            raise EmbedkitError(
+                f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({sum(counts)}, {backbone.spec.embedding_dim})"
+            )
         bad = ~np.all([np.isfinite(v).all(axis=1) for v in out.values()], axis=0)
         if bad.any():  # a backbone producing NaN for a track: record it, keep the others
             seg_track = np.repeat(np.arange(len(counts)), counts)
@@ -187,7 +207,15 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
             starts = [starts[j] for j in keep_tracks]
             for j in sorted(bad_tracks):
                 r = rows.iloc[ok_idx[j]]
-                fails.append({"track_id": r.track_id, "path": r.path, "label": r.label, "reason": f"backbone {backbone.spec.name} produced NaN/inf", "fingerprint": r.fingerprint})
+                fails.append(
+                    {
+                        "track_id": r.track_id,
+                        "path": r.path,
+                        "label": r.label,
+                        "reason": f"backbone {backbone.spec.name} produced NaN/inf",
+                        "fingerprint": r.fingerprint,
+                    }
+                )
             mask = np.isin(seg_track, keep_tracks)
             out = {k: v[mask] for k, v in out.items()}
             ok_idx = [ok_idx[j] for j in keep_tracks]
@@ -208,9 +236,13 @@ def _build_tables(rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: i
             # Same end as segments.segment(): round(segment_s * sr) samples after the start.
             cols["end_s"] = pa.array((start_s + seg_len / sr).astype(np.float64))
             for k, v in out.items():
-                cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1), pa.float32()), v.shape[1])
+                cols[k] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.ascontiguousarray(v).reshape(-1), pa.float32()), v.shape[1]
+                )
             seg_table = pa.table(cols)
-    fail_table = pa.Table.from_pylist(fails, schema=pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])) if fails else None
+    fail_table = (
+        pa.Table.from_pylist(fails, schema=pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])) if fails else None
+    )
     return seg_table, fail_table, fails, notes
 
 
@@ -232,7 +264,9 @@ def _write(store: Store, key: str, seg_table, fail_table) -> int:
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name: str, checkpoint: str | None, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> Backbone:
+def _cached_backbone(
+    name: str, checkpoint: str | None, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False
+) -> Backbone:
     return _loaded_backbone(name, checkpoint).to(resolve_device(device, allow_tf32), precision)
 
 
@@ -241,17 +275,41 @@ def _loaded_backbone(name: str, checkpoint: str | None) -> Backbone:
     return load_backbone(name, checkpoint=checkpoint)
 
 
-def extract_shard(store_root: str, rows: pd.DataFrame, backbone_name: str, checkpoint: str | None, prep_dict: dict, batch_size: int = 32, outputs: tuple[str, ...] = (), device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> tuple[int, list[dict]]:
+def extract_shard(
+    store_root: str,
+    rows: pd.DataFrame,
+    backbone_name: str,
+    checkpoint: str | None,
+    prep_dict: dict,
+    batch_size: int = 32,
+    outputs: tuple[str, ...] = (),
+    device: str = "cpu",
+    precision: str = "fp32",
+    allow_tf32: bool = False,
+) -> tuple[int, list[dict]]:
     """Extract and write one shard; self-contained so it can run on any worker process/host
     that sees ``store_root`` (a shared filesystem for a multi-host cluster). ``device`` is a
     name resolved on the worker ("auto": that worker's accelerator, if it has one).
 
     Returns (segments written, failures)."""
-    n, fails, _notes, _dev = _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs, device, precision, allow_tf32)
+    n, fails, _notes, _dev = _extract_shard(
+        store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs, device, precision, allow_tf32
+    )
     return n, fails
 
 
-def _extract_shard(store_root, rows, backbone_name, checkpoint, prep_dict, batch_size, outputs, device="cpu", precision="fp32", allow_tf32=False):
+def _extract_shard(
+    store_root,
+    rows,
+    backbone_name,
+    checkpoint,
+    prep_dict,
+    batch_size,
+    outputs,
+    device="cpu",
+    precision="fp32",
+    allow_tf32=False,
+):
     prep = PreprocessConfig.from_dict(prep_dict)
     backbone = _cached_backbone(backbone_name, checkpoint, device, precision, allow_tf32)
     store = Store(Path(store_root))
@@ -270,7 +328,9 @@ def _stats(rows: pd.DataFrame) -> list[tuple[int, int, int] | None]:
 def _check_tracks(tracks: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in ("track_id", "path", "label") if c not in tracks.columns]
     if missing:
-        raise EmbedkitError(f"track table lacks column(s) {', '.join(missing)}; build it with embedkit.datasets.load_dataset")
+        raise EmbedkitError(
+            f"track table lacks column(s) {', '.join(missing)}; build it with embedkit.datasets.load_dataset"
+        )
     tracks = tracks.copy()
     for col in ("split", "group"):
         if col not in tracks.columns:
@@ -348,15 +408,21 @@ def extract(
     if batch_size is None and executor is not None:  # the workers resolve the name: size by what it asks for
         batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if device_name.startswith(("cuda", "mps")) else 1)
     if (batch_size is not None and batch_size < 1) or shard_size < 1 or (workers is not None and workers < 1):
-        raise EmbedkitError(f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})")
+        raise EmbedkitError(
+            f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})"
+        )
     if prep.audio.clip_s is not None and prep.audio.clip_s < prep.segments.segment_s:
-        raise EmbedkitError(f"clip length {prep.audio.clip_s:g} s is shorter than one {prep.segments.segment_s:g} s segment")
+        raise EmbedkitError(
+            f"clip length {prep.audio.clip_s:g} s is shorter than one {prep.segments.segment_s:g} s segment"
+        )
     tracks = _check_tracks(tracks)
     bb = backbone if isinstance(backbone, Backbone) else None
     spec = bb.spec if bb is not None else get_spec(backbone)  # unknown names fail here, listing valid ones
     unknown = [o for o in outputs if o not in spec.outputs]
     if unknown:
-        raise EmbedkitError(f"backbone {spec.name} has no output(s) {unknown}; available: {list(spec.outputs) or 'none'}")
+        raise EmbedkitError(
+            f"backbone {spec.name} has no output(s) {unknown}; available: {list(spec.outputs) or 'none'}"
+        )
     if bb is not None:
         weights_id = bb.weights_id
     else:
@@ -364,7 +430,11 @@ def extract(
         # with nothing left to do costs no model load; families that cannot tell are loaded.
         ident = identify_weights(backbone, checkpoint)
         if ident is None:
-            bb = load_backbone(backbone, checkpoint=checkpoint) if executor is None else _cached_backbone(backbone, checkpoint)
+            bb = (
+                load_backbone(backbone, checkpoint=checkpoint)
+                if executor is None
+                else _cached_backbone(backbone, checkpoint)
+            )
             weights_id, spec = bb.weights_id, bb.spec
         else:
             weights_id, spec = ident
@@ -380,7 +450,12 @@ def extract(
         tracks, unreadable = _fingerprint(tracks, store, workers)
         store.record_dataset(tracks, str(tracks.attrs.get("source") or _anonymous_source(tracks)))
         fps = tracks.fingerprint
-        todo = tracks[~fps.isin(done | failed)].drop_duplicates("fingerprint").sort_values("fingerprint").reset_index(drop=True)
+        todo = (
+            tracks[~fps.isin(done | failed)]
+            .drop_duplicates("fingerprint")
+            .sort_values("fingerprint")
+            .reset_index(drop=True)
+        )
         result = ExtractResult(store, len(tracks) + len(unreadable), 0, 0, 0, failures=list(unreadable))
         result.n_done_before = int(fps.isin(done).sum())
         result.n_failed_before = int((fps.isin(failed) & ~fps.isin(done)).sum())
@@ -392,7 +467,9 @@ def extract(
         if shards and bb is None and executor is None:
             bb = load_backbone(backbone, checkpoint=checkpoint)
             if bb.weights_id != weights_id:  # the registry's identify() disagrees with the loader
-                raise EmbedkitError(f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}")
+                raise EmbedkitError(
+                    f"backbone {spec.name}: weights id {bb.weights_id} of the loaded model differs from {weights_id}"
+                )
         if shards and executor is None:
             dev = resolve_device(device_name, allow_tf32)
             bb.to(dev, precision)
@@ -415,7 +492,18 @@ def extract(
 
         try:
             if executor is not None and shards:
-                _run_executor(executor, shards, store, spec.name, checkpoint, prep, batch_size, outputs, account, (device or "cpu", precision, allow_tf32))
+                _run_executor(
+                    executor,
+                    shards,
+                    store,
+                    spec.name,
+                    checkpoint,
+                    prep,
+                    batch_size,
+                    outputs,
+                    account,
+                    (device or "cpu", precision, allow_tf32),
+                )
             elif shards:
                 _run_local(shards, store, bb, prep, batch_size, outputs, workers, account)
         finally:
@@ -436,7 +524,11 @@ def _fingerprint(tracks: pd.DataFrame, store: Store, workers: int | None) -> tup
     and the next run looks at them again)."""
     res = identify_many(list(tracks.path), store.known_fingerprints(), workers)
     ok = [not isinstance(r, AudioError) for r in res]
-    bad = [{"track_id": t.track_id, "path": t.path, "label": t.label, "reason": r.problem, "fingerprint": None} for t, r in zip(tracks.itertuples(), res) if isinstance(r, AudioError)]
+    bad = [
+        {"track_id": t.track_id, "path": t.path, "label": t.label, "reason": r.problem, "fingerprint": None}
+        for t, r in zip(tracks.itertuples(), res)
+        if isinstance(r, AudioError)
+    ]
     good = [r for r in res if not isinstance(r, AudioError)]
     out = tracks[ok].copy()
     out["fingerprint"] = [fp for _, fp in good]
@@ -469,13 +561,20 @@ def record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, 
     return t
 
 
-def _run_executor(executor, shards, store, name, checkpoint, prep, batch_size, outputs, account, device=("cpu", "fp32", False)) -> None:
+def _run_executor(
+    executor, shards, store, name, checkpoint, prep, batch_size, outputs, account, device=("cpu", "fp32", False)
+) -> None:
     # Dask hashes arguments into task keys; pure=False makes every shard a fresh task even if
     # an identical one was submitted earlier in the same session.
     extra = {"pure": False} if type(executor).__module__.split(".")[0] == "distributed" else {}
     root = str(store.root.resolve())
     futures = [
-        (executor.submit(_extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, *device, **extra), rows)
+        (
+            executor.submit(
+                _extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, *device, **extra
+            ),
+            rows,
+        )
         for rows in shards
     ]
     seen: list[dict] = []
@@ -502,7 +601,9 @@ def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -
     def submit_next():
         rows = next(it, None)
         if rows is not None:
-            pending.append((rows, [pool.submit(_decode_safe, p, sr, prep, st) for p, st in zip(rows.path, _stats(rows))]))
+            pending.append(
+                (rows, [pool.submit(_decode_safe, p, sr, prep, st) for p, st in zip(rows.path, _stats(rows))])
+            )
 
     try:
         # Two shards in flight: decoding of shard i+1 overlaps the model on shard i, and memory

@@ -32,7 +32,18 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, StoreError
-from .heads import BUNDLE_FILE, HEADS, SEARCH_SPACE, HeadBundle, default_pca, head_config, load_bundle, make_head, n_params, save_bundle
+from .heads import (
+    BUNDLE_FILE,
+    HEADS,
+    SEARCH_SPACE,
+    HeadBundle,
+    default_pca,
+    head_config,
+    load_bundle,
+    make_head,
+    n_params,
+    save_bundle,
+)
 from .runs import PROTOCOLS, choose_protocol  # noqa: F401  (PROTOCOLS: fit's public protocol names)
 
 
@@ -75,7 +86,9 @@ def dataset_tracks(st, tracks: pd.DataFrame | None = None) -> pd.DataFrame:
     return with_fingerprints(tracks, None if "fingerprint" in tracks else st.known_fingerprints())
 
 
-def read_embeddings(st, output: str = "embedding", tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+def read_embeddings(
+    st, output: str = "embedding", tracks: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, np.ndarray]:
     """(segment table, X float32 [N, D]) of the tracks of a dataset in a store: ``tracks`` when
     given, else the dataset extracted last into the store (``dataset_tracks``). Rows are joined
     on the content fingerprint; track ids, labels, splits and groups come from the dataset.
@@ -83,13 +96,17 @@ def read_embeddings(st, output: str = "embedding", tracks: pd.DataFrame | None =
     t = dataset_tracks(st, tracks)
     seg, X = st.read_tracks(t, output)
     if not len(seg):
-        raise DatasetError(f"none of the {len(t)} tracks of {t.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first")
+        raise DatasetError(
+            f"none of the {len(t)} tracks of {t.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first"
+        )
     seg.attrs["missing_from_store"] = int(len(t) - seg["track_id"].nunique())
     seg.attrs["source"] = t.attrs.get("source", "")
     bad_rows = _nonfinite_rows(X)
     if len(bad_rows):
         bad_tracks = seg["track_id"].iloc[bad_rows].unique()
-        raise StoreError(f"{st.root}: {len(bad_rows)} segment(s) of {len(bad_tracks)} track(s) have NaN/inf embeddings (first: {bad_tracks[0]}); delete the store and extract again")
+        raise StoreError(
+            f"{st.root}: {len(bad_rows)} segment(s) of {len(bad_tracks)} track(s) have NaN/inf embeddings (first: {bad_tracks[0]}); delete the store and extract again"
+        )
     return seg, X
 
 
@@ -107,7 +124,9 @@ def _track_table(seg: pd.DataFrame, source: str) -> pd.DataFrame:
             t[c] = None
     t.attrs["source"] = source
     first = Path(t["path"].iloc[0]) if len(t) else None
-    t.attrs["synthetic"] = bool(first is not None and len(first.parents) > 1 and (first.parents[1] / "SYNTHETIC").exists())
+    t.attrs["synthetic"] = bool(
+        first is not None and len(first.parents) > 1 and (first.parents[1] / "SYNTHETIC").exists()
+    )
     return t
 
 
@@ -119,7 +138,11 @@ def extraction_cost(st) -> dict[str, float] | None:
     rec = st.meta().get("extraction") or read_timing(st.root)
     if not rec or not rec.get("tracks"):
         return None
-    return {"seconds": float(rec["seconds"]), "tracks": int(rec["tracks"]), "ms_per_track": 1000.0 * float(rec["seconds"]) / int(rec["tracks"])}
+    return {
+        "seconds": float(rec["seconds"]),
+        "tracks": int(rec["tracks"]),
+        "ms_per_track": 1000.0 * float(rec["seconds"]) / int(rec["tracks"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +191,19 @@ def _track_accuracy(seg_ids: np.ndarray, y: np.ndarray, P: np.ndarray, labels: l
 class _Trainer:
     """Fits one head configuration on row subsets of the store's matrix."""
 
-    def __init__(self, head: str, X: np.ndarray, y: np.ndarray, seg_ids: np.ndarray, groups: np.ndarray, labels: list[str], pca: int | None, seed: int, params: dict | None, threads: int | None):
+    def __init__(
+        self,
+        head: str,
+        X: np.ndarray,
+        y: np.ndarray,
+        seg_ids: np.ndarray,
+        groups: np.ndarray,
+        labels: list[str],
+        pca: int | None,
+        seed: int,
+        params: dict | None,
+        threads: int | None,
+    ):
         self.head, self.X, self.y, self.seg_ids, self.groups = head, X, y, seg_ids, groups
         self.labels, self.pca, self.seed, self.params, self.threads = labels, pca, seed, dict(params or {}), threads
 
@@ -331,26 +366,65 @@ def fit_head(
         trained_ids = sorted([*folds[0].train, *folds[0].val])
 
     m = ev.metrics()
-    config = {**head_config(model), "search": bool(search), "search_space": SEARCH_SPACE[head] if search else None, "output": output, "threads": threads}
-    scores = {k2: m[k2] for k2 in ("track_accuracy", "track_accuracy_vote", "track_accuracy_mean_prob", "segment_accuracy", "macro_f1") if k2 in m}
+    config = {
+        **head_config(model),
+        "search": bool(search),
+        "search_space": SEARCH_SPACE[head] if search else None,
+        "output": output,
+        "threads": threads,
+    }
+    scores = {
+        k2: m[k2]
+        for k2 in ("track_accuracy", "track_accuracy_vote", "track_accuracy_mean_prob", "segment_accuracy", "macro_f1")
+        if k2 in m
+    }
     scores.update({k2: m[k2] for k2 in m if k2.endswith("_std")})
     scores["protocol"] = pinfo
     run_id = Path(run_dir).name if run_dir is not None else new_run_id("head", name)
     bundle = HeadBundle(
-        model=model, labels=labels, head=head, spec=spec, preprocess=smeta["preprocess"], weights_id=smeta.get("weights_id", "none"), output=output,
-        config=config, scores=scores, run_id=run_id,
-        trained_on={"n_tracks": len(trained_ids), "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)), "track_ids": trained_ids, "fingerprints": sorted(set(fp_of[t] for t in trained_ids)), "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}"},
-    )  # fmt: skip
+        model=model,
+        labels=labels,
+        head=head,
+        spec=spec,
+        preprocess=smeta["preprocess"],
+        weights_id=smeta.get("weights_id", "none"),
+        output=output,
+        config=config,
+        scores=scores,
+        run_id=run_id,
+        trained_on={
+            "n_tracks": len(trained_ids),
+            "n_segments": int(sum(len(rows_of[t]) for t in trained_ids)),
+            "track_ids": trained_ids,
+            "fingerprints": sorted(set(fp_of[t] for t in trained_ids)),
+            "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}",
+        },
+    )
     cost = extraction_cost(st)
     n_segments = len(seg)
     record = RunRecord(
-        run_id=run_id, kind="head", name=name, backbone=backbone, head=head,
-        pretrained=spec_pretrained(spec, backbone), weights=str(spec.get("weights", "")), trains_backbone=False, needs_extraction=True,
-        protocol=pinfo, dataset={**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
-        spec=spec, preprocess=smeta["preprocess"], config=config,
-        train_seconds=train_seconds, inference_ms_per_track=float(np.mean(infer_ms)), n_params=n_params(model), weights_id=bundle.weights_id,
-        device=dict((smeta.get("devices") or {}).get("last") or {}),  # where the embeddings were extracted (the head runs on the CPU)
-    )  # fmt: skip
+        run_id=run_id,
+        kind="head",
+        name=name,
+        backbone=backbone,
+        head=head,
+        pretrained=spec_pretrained(spec, backbone),
+        weights=str(spec.get("weights", "")),
+        trains_backbone=False,
+        needs_extraction=True,
+        protocol=pinfo,
+        dataset={**dataset_summary(table, n_segments), "missing_from_store": seg.attrs.get("missing_from_store", 0)},
+        spec=spec,
+        preprocess=smeta["preprocess"],
+        config=config,
+        train_seconds=train_seconds,
+        inference_ms_per_track=float(np.mean(infer_ms)),
+        n_params=n_params(model),
+        weights_id=bundle.weights_id,
+        device=dict(
+            (smeta.get("devices") or {}).get("last") or {}
+        ),  # where the embeddings were extracted (the head runs on the CPU)
+    )
     metrics: dict[str, Any] = {
         **record.to_dict(),
         **m,
@@ -393,7 +467,13 @@ def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, wri
 # prediction with a saved bundle
 
 
-def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = "cache", store=None, tracks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, HeadBundle]:
+def predict_store(
+    bundle_path: str | os.PathLike,
+    *,
+    cache: str | os.PathLike = "cache",
+    store=None,
+    tracks: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, HeadBundle]:
     """Per-track predictions of a saved head on a store's embeddings (the bundle's backbone
     store under ``cache`` unless ``store`` is given) for ``tracks``, by default the dataset
     extracted last into the store (``read_embeddings``). Refuses a store made with another
@@ -402,7 +482,12 @@ def predict_store(bundle_path: str | os.PathLike, *, cache: str | os.PathLike = 
     b = load_bundle(bundle_path)
     st = open_store(None if store is not None else b.spec["name"], cache, store)
     smeta = st.meta()
-    b = load_bundle(bundle_path, expect_spec=smeta["backbone"], expect_preprocess=smeta["preprocess"], expect_weights_id=smeta.get("weights_id", "none"))
+    b = load_bundle(
+        bundle_path,
+        expect_spec=smeta["backbone"],
+        expect_preprocess=smeta["preprocess"],
+        expect_weights_id=smeta.get("weights_id", "none"),
+    )
     seg, X = read_embeddings(st, b.output, tracks)
     df = b.predict_tracks(seg["track_id"].to_numpy(), X)
     info = seg.drop_duplicates("track_id").set_index("track_id")

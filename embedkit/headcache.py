@@ -44,7 +44,9 @@ class FastHead:
         if X.ndim != 2 or X.shape[1] != dim:
             from .errors import ConfigMismatchError
 
-            raise ConfigMismatchError(f"embeddings have shape {X.shape}; the head expects {dim} dimensions ({self.spec.get('name')})")
+            raise ConfigMismatchError(
+                f"embeddings have shape {X.shape}; the head expects {dim} dimensions ({self.spec.get('name')})"
+            )
         X -= a["scale_mean"]  # StandardScaler.transform's in-place float32 steps
         X /= a["scale_scale"]
         if "pca_components" in a:
@@ -134,6 +136,8 @@ def save(fast: FastHead, model_id: str) -> Path | None:
 
     meta = json.dumps({**fast.meta, "format": FORMAT, "model_id": model_id}, default=str)
     try:
-        return atomic_write(cache_dir() / f"{model_id}.npz", lambda fh: np.savez(fh, meta=np.array(meta), **fast.arrays))
+        return atomic_write(
+            cache_dir() / f"{model_id}.npz", lambda fh: np.savez(fh, meta=np.array(meta), **fast.arrays)
+        )
     except OSError:
         return None

@@ -99,7 +99,9 @@ def fingerprint(path: str | os.PathLike, known: dict[FileStat, str] | None = Non
     return identify(path, known)[1]
 
 
-def identify_many(paths: Sequence[str | os.PathLike], known: dict[FileStat, str] | None = None, workers: int | None = None) -> list[tuple[FileStat, str] | AudioError]:
+def identify_many(
+    paths: Sequence[str | os.PathLike], known: dict[FileStat, str] | None = None, workers: int | None = None
+) -> list[tuple[FileStat, str] | AudioError]:
     """``identify`` of every path, hashed in parallel threads (hashlib releases the GIL); in
     ``paths`` order, an AudioError (missing, unreadable file) in place of a result."""
 
@@ -111,7 +113,9 @@ def identify_many(paths: Sequence[str | os.PathLike], known: dict[FileStat, str]
 
     if len(paths) < 2:
         return [one(p) for p in paths]
-    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(paths))), thread_name_prefix="embedkit-hash") as pool:
+    with ThreadPoolExecutor(
+        max(1, min(workers or os.cpu_count() or 1, len(paths))), thread_name_prefix="embedkit-hash"
+    ) as pool:
         return list(pool.map(one, paths))
 
 

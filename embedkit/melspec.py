@@ -34,7 +34,15 @@ def _mel_to_hz(m: np.ndarray, htk: bool) -> np.ndarray:
     return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
 
 
-def mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None, htk: bool = False, norm: str | None = "slaney") -> np.ndarray:
+def mel_filters(
+    sr: int,
+    n_fft: int,
+    n_mels: int,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    htk: bool = False,
+    norm: str | None = "slaney",
+) -> np.ndarray:
     """Mel filterbank float32 [n_mels, 1 + n_fft // 2]: ``librosa.filters.mel`` (same steps,
     same float64 intermediates, float32 result), without importing librosa / scipy.signal."""
     fmax = float(sr) / 2 if fmax is None else fmax
@@ -95,7 +103,9 @@ class MelSpectrogram(nn.Module):
         return torch.matmul(self.mel_fb, mag)
 
 
-def power_to_db(s: torch.Tensor, amin: float = 1e-10, top_db: float | None = 80.0, ref_max: bool = True) -> torch.Tensor:
+def power_to_db(
+    s: torch.Tensor, amin: float = 1e-10, top_db: float | None = 80.0, ref_max: bool = True
+) -> torch.Tensor:
     """10*log10(S / ref) like librosa.power_to_db; ref = max per example when ref_max."""
     db = 10.0 * torch.log10(torch.clamp(s, min=amin))
     if ref_max:

@@ -76,7 +76,15 @@ class RunPlan:
     def quick_plan(cls, **overrides) -> "RunPlan":
         """Smoke-test settings: random-weight tiny backbone + melstats, 2 folds, 10 s clips,
         a 2-epoch CNN without augmentation."""
-        base = cls(backbones=QUICK_BACKBONES, cv=2, cnn_train=TrainConfig(epochs=2, patience=2, crops_per_clip=1, lr_schedule="cosine"), cnn_augment="none", finetune_train=TrainConfig(epochs=2, patience=2), clip_s=10.0, quick=True)
+        base = cls(
+            backbones=QUICK_BACKBONES,
+            cv=2,
+            cnn_train=TrainConfig(epochs=2, patience=2, crops_per_clip=1, lr_schedule="cosine"),
+            cnn_augment="none",
+            finetune_train=TrainConfig(epochs=2, patience=2),
+            clip_s=10.0,
+            quick=True,
+        )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def train_config(self, which: str) -> TrainConfig:
@@ -99,7 +107,9 @@ class RunPlan:
         if not 0 < self.test_size < 1:
             raise ConfigError("test_size must be between 0 and 1", field="test_size")
         if self.clip_s < self.segment_s:
-            raise ConfigError(f"clip length {self.clip_s:g} s is shorter than one {self.segment_s:g} s segment", field="clip_s")
+            raise ConfigError(
+                f"clip length {self.clip_s:g} s is shorter than one {self.segment_s:g} s segment", field="clip_s"
+            )
         self.train_config("cnn").validate()
         self.train_config("finetune").validate()
 
@@ -147,7 +157,9 @@ def shared_candidates() -> list[Path]:
     return out
 
 
-def demo_data(cache: str | os.PathLike, n_classes: int = 6, per_class: int = 10, duration_s: float = 30.0) -> tuple[Path, bool]:
+def demo_data(
+    cache: str | os.PathLike, n_classes: int = 6, per_class: int = 10, duration_s: float = 30.0
+) -> tuple[Path, bool]:
     """(dataset folder, synthetic?): gtzan_mini when present, else a generated set in the cache."""
     for p in shared_candidates():
         if p.is_dir():
@@ -158,7 +170,13 @@ def demo_data(cache: str | os.PathLike, n_classes: int = 6, per_class: int = 10,
     return make_dataset(root, n_classes=n_classes, per_class=per_class, duration_s=duration_s), True
 
 
-def load_tracks(data: str | os.PathLike | None, cache: str | os.PathLike, audio_dir=None, subset: str = "small", demo_size: tuple[int, int, float] | None = None) -> tuple[pd.DataFrame, bool]:
+def load_tracks(
+    data: str | os.PathLike | None,
+    cache: str | os.PathLike,
+    audio_dir=None,
+    subset: str = "small",
+    demo_size: tuple[int, int, float] | None = None,
+) -> tuple[pd.DataFrame, bool]:
     """The track table of ``data`` ('demo' or None: see ``demo_data``), with
     ``attrs['synthetic']`` set for generated sets (a folder made by embedkit.synth carries a
     SYNTHETIC marker file)."""
@@ -188,17 +206,30 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
 # Stages
 
 
-def extract_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Path, workers: int | None, log: Log) -> dict[str, Any]:
+def extract_stage(
+    tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Path, workers: int | None, log: Log
+) -> dict[str, Any]:
     from .extract import extract
 
     t0 = time.perf_counter()
-    res = extract(tracks, backbone, cache=cache, prep=plan.prep, workers=workers, device=plan.device, allow_tf32=plan.allow_tf32, batch_size=None)
+    res = extract(
+        tracks,
+        backbone,
+        cache=cache,
+        prep=plan.prep,
+        workers=workers,
+        device=plan.device,
+        allow_tf32=plan.allow_tf32,
+        batch_size=None,
+    )
     wall = time.perf_counter() - t0
     from .fit import extraction_cost
 
     cost = extraction_cost(res.store)  # extract() accumulates it in the store
     ms = cost["ms_per_track"] if cost else None
-    log(f"extract {backbone}: {res.n_extracted} tracks extracted, {res.n_skipped} cached, {res.n_failed} failed ({wall:.1f} s)")
+    log(
+        f"extract {backbone}: {res.n_extracted} tracks extracted, {res.n_skipped} cached, {res.n_failed} failed ({wall:.1f} s)"
+    )
     for f in res.failures[:5]:
         log(f"  skipped {f['path']}: {f['reason']}")
     if res.n_extracted + res.n_skipped - len(res.failures) <= 0:
@@ -235,11 +266,34 @@ def _patch_metrics(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, Any], plan: RunPlan, runs: Path, fp: str, log: Log, threads: int | None, folds=None) -> RunOutcome:
-    identity = {"kind": "head", "backbone": backbone, "head": head, "dataset": fp, "protocol": plan.protocol, "prep": plan.prep.to_dict(), "weights": ext["store"].root.name}
+def head_stage(
+    tracks: pd.DataFrame,
+    backbone: str,
+    head: str,
+    ext: dict[str, Any],
+    plan: RunPlan,
+    runs: Path,
+    fp: str,
+    log: Log,
+    threads: int | None,
+    folds=None,
+) -> RunOutcome:
+    identity = {
+        "kind": "head",
+        "backbone": backbone,
+        "head": head,
+        "dataset": fp,
+        "protocol": plan.protocol,
+        "prep": plan.prep.to_dict(),
+        "weights": ext["store"].root.name,
+    }
     name = f"{backbone}+{head}"
     run_dir = runs / run_id("head", name, identity)
-    extra = {"extract_ms_per_track": ext["extract_ms_per_track"], "extract_seconds": ext["extract_seconds"], "dataset": {"synthetic": bool(tracks.attrs.get("synthetic"))}}
+    extra = {
+        "extract_ms_per_track": ext["extract_ms_per_track"],
+        "extract_seconds": ext["extract_seconds"],
+        "dataset": {"synthetic": bool(tracks.attrs.get("synthetic"))},
+    }
     done = _finished(run_dir)
     if done is not None:
         log(f"fit {name}: reused {run_dir}")
@@ -251,32 +305,103 @@ def head_stage(tracks: pd.DataFrame, backbone: str, head: str, ext: dict[str, An
     return RunOutcome(run_dir, "head", name, False, time.perf_counter() - t0, m)
 
 
-def fit_head_run(tracks: pd.DataFrame, store, backbone: str, head: str, plan: RunPlan, run_dir: Path, name: str, threads: int | None, folds=None) -> dict[str, Any]:
+def fit_head_run(
+    tracks: pd.DataFrame,
+    store,
+    backbone: str,
+    head: str,
+    plan: RunPlan,
+    run_dir: Path,
+    name: str,
+    threads: int | None,
+    folds=None,
+) -> dict[str, Any]:
     """One head on one store, evaluated with the plan's protocol (on ``folds`` when given);
     writes run_dir/metrics.json."""
     from .fit import fit_head
 
     res = fit_head(
-        backbone, head, store=store, tracks=tracks, run_dir=run_dir, name=name, protocol="auto", cv=plan.cv or None,
-        test_size=plan.test_size, seed=plan.seed, threads=threads, folds=folds,
-    )  # fmt: skip
+        backbone,
+        head,
+        store=store,
+        tracks=tracks,
+        run_dir=run_dir,
+        name=name,
+        protocol="auto",
+        cv=plan.cv or None,
+        test_size=plan.test_size,
+        seed=plan.seed,
+        threads=threads,
+        folds=folds,
+    )
     return res.metrics
 
 
-def cnn_stage(tracks: pd.DataFrame, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress, folds=None) -> RunOutcome:
+def cnn_stage(
+    tracks: pd.DataFrame,
+    plan: RunPlan,
+    runs: Path,
+    cache: Path,
+    fp: str,
+    log: Log,
+    threads,
+    workers,
+    progress,
+    folds=None,
+) -> RunOutcome:
     from .cnn.augment import AugmentConfig
     from .cnn.train import train_cnn
 
     train, aug = plan.train_config("cnn"), AugmentConfig.parse(plan.cnn_augment)
     audio = AudioConfig(clip_s=plan.clip_s)
-    identity = {"kind": "cnn", "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "augment": aug.to_dict(), "audio": asdict(audio)}
+    identity = {
+        "kind": "cnn",
+        "dataset": fp,
+        "protocol": plan.protocol,
+        "train": asdict(train),
+        "augment": aug.to_dict(),
+        "audio": asdict(audio),
+    }
     return _trained(
-        "cnn", "cnn-scratch", identity, runs, tracks, log,
-        lambda run_dir, resume: train_cnn(tracks, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress, device=plan.device, allow_tf32=plan.allow_tf32),
-    )  # fmt: skip
+        "cnn",
+        "cnn-scratch",
+        identity,
+        runs,
+        tracks,
+        log,
+        lambda run_dir, resume: train_cnn(
+            tracks,
+            cv=plan.cv or None,
+            test_size=plan.test_size,
+            folds=folds,
+            train=train,
+            audio_cfg=audio,
+            augment=aug,
+            run_dir=run_dir,
+            resume=resume,
+            cache=cache,
+            threads=threads,
+            workers=workers,
+            progress=progress,
+            device=plan.device,
+            allow_tf32=plan.allow_tf32,
+        ),
+    )
 
 
-def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Path, cache: Path, fp: str, log: Log, threads, workers, progress, folds=None) -> RunOutcome:
+def finetune_stage(
+    tracks: pd.DataFrame,
+    backbone: str,
+    plan: RunPlan,
+    runs: Path,
+    cache: Path,
+    fp: str,
+    log: Log,
+    threads,
+    workers,
+    progress,
+    folds=None,
+) -> RunOutcome:
     from .backbones import get_spec
     from .cnn.augment import AugmentConfig
     from .cnn.finetune import FinetuneConfig, finetune
@@ -287,11 +412,42 @@ def finetune_stage(tracks: pd.DataFrame, backbone: str, plan: RunPlan, runs: Pat
     unfreeze = "top:6" if get_spec(backbone).family == "musicnn" else "all"
     ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, train.epochs // 3)), unfreeze=unfreeze)
     audio = AudioConfig(clip_s=plan.clip_s)
-    identity = {"kind": "finetune", "backbone": backbone, "dataset": fp, "protocol": plan.protocol, "train": asdict(train), "finetune": asdict(ft), "audio": asdict(audio)}
+    identity = {
+        "kind": "finetune",
+        "backbone": backbone,
+        "dataset": fp,
+        "protocol": plan.protocol,
+        "train": asdict(train),
+        "finetune": asdict(ft),
+        "audio": asdict(audio),
+    }
     return _trained(
-        "finetune", f"finetune-{backbone}", identity, runs, tracks, log,
-        lambda run_dir, resume: finetune(tracks, backbone, cv=plan.cv or None, test_size=plan.test_size, folds=folds, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, cache=cache, threads=threads, workers=workers, progress=progress, device=plan.device, allow_tf32=plan.allow_tf32),
-    )  # fmt: skip
+        "finetune",
+        f"finetune-{backbone}",
+        identity,
+        runs,
+        tracks,
+        log,
+        lambda run_dir, resume: finetune(
+            tracks,
+            backbone,
+            cv=plan.cv or None,
+            test_size=plan.test_size,
+            folds=folds,
+            train=train,
+            ft=ft,
+            audio_cfg=audio,
+            augment=aug,
+            run_dir=run_dir,
+            resume=resume,
+            cache=cache,
+            threads=threads,
+            workers=workers,
+            progress=progress,
+            device=plan.device,
+            allow_tf32=plan.allow_tf32,
+        ),
+    )
 
 
 def _trained(kind: str, name: str, identity: dict, runs: Path, tracks: pd.DataFrame, log: Log, train_fn) -> RunOutcome:
@@ -343,7 +499,10 @@ def run_all(
 
     tracks = with_fingerprints(tracks)  # once: every stage and the run ids see the same contents
     source = tracks.attrs.get("source", str(data))
-    log(f"data: {source}: {len(tracks)} tracks, {tracks['label'].nunique()} classes" + (" (SYNTHETIC)" if synthetic else ""))
+    log(
+        f"data: {source}: {len(tracks)} tracks, {tracks['label'].nunique()} classes"
+        + (" (SYNTHETIC)" if synthetic else "")
+    )
     # The folds, made once (an impossible protocol fails before any expensive work) and handed
     # to every approach, so heads, the CNN and fine-tuning are evaluated on the same test parts.
     from .evaluate import make_folds
@@ -355,7 +514,11 @@ def run_all(
     # Every run this plan makes, in order: the report is written as soon as the first one is
     # done and rewritten (atomically) after each later one, naming those still in progress, so
     # a newcomer sees the heads' results in minutes while the CNN trains.
-    planned = [f"{b}+{h}" for b in plan.backbones for h in plan.heads] + (["cnn-scratch"] if plan.cnn else []) + ([f"finetune-{plan.finetune}"] if plan.finetune else [])
+    planned = (
+        [f"{b}+{h}" for b in plan.backbones for h in plan.heads]
+        + (["cnn-scratch"] if plan.cnn else [])
+        + ([f"finetune-{plan.finetune}"] if plan.finetune else [])
+    )
     title = f"embedkit comparison: {Path(str(source)).name}" + (" (synthetic data)" if synthetic else "")
 
     def add(outcome: RunOutcome) -> None:

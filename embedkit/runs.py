@@ -109,7 +109,14 @@ def describe(diffs: list[tuple[str, Any, Any]], labels: tuple[str, str] = ("stor
     return "; ".join(parts) + ("; ..." if len(diffs) > n else "")
 
 
-def check_match(where: Any, what: str, stored: Any, given: Any, keys: Sequence[str] | None = None, labels: tuple[str, str] = ("stored", "given")) -> None:
+def check_match(
+    where: Any,
+    what: str,
+    stored: Any,
+    given: Any,
+    keys: Sequence[str] | None = None,
+    labels: tuple[str, str] = ("stored", "given"),
+) -> None:
     """Raise ConfigMismatchError ``"<where>: <what> (<differences>)"`` unless ``stored`` and
     ``given`` agree (on ``keys`` when given)."""
     d = diff(stored, given, keys)
@@ -172,7 +179,13 @@ class RunRecord:
         registered backbone's spec (unknown backbones count as pretrained)."""
         d = {k: m.get(k) for k in (f.name for f in fields(cls))}
         kind = str(d["kind"] or "run")
-        d.update(kind=kind, run_id=str(d["run_id"] or ""), name=str(d["name"] or ""), backbone=str(d["backbone"] or ""), head=str(d["head"] or ""))
+        d.update(
+            kind=kind,
+            run_id=str(d["run_id"] or ""),
+            name=str(d["name"] or ""),
+            backbone=str(d["backbone"] or ""),
+            head=str(d["head"] or ""),
+        )
         for k in ("protocol", "dataset", "spec", "preprocess", "config", "device"):
             d[k] = d[k] if isinstance(d[k], dict) else {}
         if not isinstance(d["trains_backbone"], bool):

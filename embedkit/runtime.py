@@ -55,7 +55,9 @@ def calibration_params(calibration, error=EmbedkitError) -> dict[str, Any] | Non
         return None
     t = getattr(calibration, "temperature", d.get("temperature"))
     if t is None:
-        raise error(f"calibration {type(calibration).__name__} has no temperature: only temperature scaling can be exported")
+        raise error(
+            f"calibration {type(calibration).__name__} has no temperature: only temperature scaling can be exported"
+        )
     t = float(t)
     if not np.isfinite(t) or t <= 0:
         raise error(f"calibration temperature must be a positive number, got {t}")
@@ -187,7 +189,9 @@ class OnnxTagger(Tagger):
             model_id=fingerprint(p),  # this file's identity (the source run's is source_model_id)
             run_dir=None,
             spec=meta.get("spec") or {},
-            calibration=None if not (cal or rule) else TemperatureCalibration(float((cal or {}).get("temperature", 1.0)), rule),
+            calibration=None
+            if not (cal or rule)
+            else TemperatureCalibration(float((cal or {}).get("temperature", 1.0)), rule),
             meta={**meta, "runtime": "onnxruntime", "model_path": str(p)},
             session=sess,
             path=p,

@@ -110,11 +110,21 @@ class Metrics:
 
         self.registry = r = CollectorRegistry()
         lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-        self.requests = Counter("embedkit_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("embedkit_request_seconds", "Latency of POST /v1/tag (receive to answer)", buckets=lat, registry=r)
-        self.decode = Histogram("embedkit_decode_seconds", "Decoding + windowing time per request", buckets=lat, registry=r)
-        self.inference = Histogram("embedkit_inference_seconds", "Model time per forward (one batch)", buckets=lat, registry=r)
-        self.batch = Histogram("embedkit_batch_requests", "Requests per forward", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.requests = Counter(
+            "embedkit_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "embedkit_request_seconds", "Latency of POST /v1/tag (receive to answer)", buckets=lat, registry=r
+        )
+        self.decode = Histogram(
+            "embedkit_decode_seconds", "Decoding + windowing time per request", buckets=lat, registry=r
+        )
+        self.inference = Histogram(
+            "embedkit_inference_seconds", "Model time per forward (one batch)", buckets=lat, registry=r
+        )
+        self.batch = Histogram(
+            "embedkit_batch_requests", "Requests per forward", buckets=(1, 2, 4, 8, 16, 32), registry=r
+        )
         self.tagged = Counter("embedkit_tagged_total", "Tracks tagged", registry=r)
         self.uncertain = Counter("embedkit_uncertain_total", "Tracks whose decision was 'uncertain'", registry=r)
         self.errors = Counter("embedkit_errors_total", "Failed requests by kind", ["kind"], registry=r)
@@ -215,17 +225,27 @@ def _media_type(content_type: str | None) -> str:
 def _check_type(media: str, where: str) -> None:
     if media.startswith("audio/") or media in GENERIC_TYPES or media == "video/ogg":
         return
-    raise HTTPProblem(415, "unsupported_media_type", f"{where}: Content-Type {media!r} is not audio; send an audio file (WAV, FLAC, OGG, MP3, AIFF) as audio/* or application/octet-stream")
+    raise HTTPProblem(
+        415,
+        "unsupported_media_type",
+        f"{where}: Content-Type {media!r} is not audio; send an audio file (WAV, FLAC, OGG, MP3, AIFF) as audio/* or application/octet-stream",
+    )
 
 
 def _sniff(path: str) -> None:
     with open(path, "rb") as fh:
         head = fh.read(12)
     if head[4:8] == b"ftyp":
-        raise HTTPProblem(415, "unsupported_media_type", "upload is MP4/M4A/AAC, which this server cannot decode; send WAV, FLAC, OGG, MP3 or AIFF")
+        raise HTTPProblem(
+            415,
+            "unsupported_media_type",
+            "upload is MP4/M4A/AAC, which this server cannot decode; send WAV, FLAC, OGG, MP3 or AIFF",
+        )
     for magic, name in UNSUPPORTED_MAGIC.items():
         if magic != b"ftyp" and head.startswith(magic):
-            raise HTTPProblem(415, "unsupported_media_type", f"upload is {name}, not audio; send WAV, FLAC, OGG, MP3 or AIFF")
+            raise HTTPProblem(
+                415, "unsupported_media_type", f"upload is {name}, not audio; send WAV, FLAC, OGG, MP3 or AIFF"
+            )
 
 
 class _Sink:
@@ -279,9 +299,13 @@ class _Sink:
             pass
 
         callbacks = {
-            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-            "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        }  # fmt: skip
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        }
         self.parser = MultipartParser(boundary, callbacks)
 
     def feed(self, chunk: bytes) -> None:
@@ -289,7 +313,9 @@ class _Sink:
             try:
                 self.parser.write(chunk)
             except Exception as exc:  # python-multipart raises its own errors on bad framing
-                raise HTTPProblem(400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})") from None
+                raise HTTPProblem(
+                    400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})"
+                ) from None
         else:
             self.fh.write(chunk)
             self.bytes += len(chunk)
@@ -299,7 +325,9 @@ class _Sink:
             try:
                 self.parser.finalize()
             except Exception as exc:
-                raise HTTPProblem(400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})") from None
+                raise HTTPProblem(
+                    400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})"
+                ) from None
         self.fh.close()
 
     def discard(self) -> None:
@@ -334,7 +362,11 @@ async def receive_body(request, cfg: ServeConfig, directory: str | None = None) 
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise HTTPProblem(408, "timeout", f"the upload stalled (no data for {min(left, cfg.chunk_timeout_s):g} s) or took longer than {cfg.body_timeout_s:g} s") from None
+                raise HTTPProblem(
+                    408,
+                    "timeout",
+                    f"the upload stalled (no data for {min(left, cfg.chunk_timeout_s):g} s) or took longer than {cfg.body_timeout_s:g} s",
+                ) from None
             total += len(chunk)
             if total > cfg.max_bytes:
                 raise HTTPProblem(413, "too_large", f"upload is over the {cfg.max_bytes}-byte limit")
@@ -344,7 +376,9 @@ async def receive_body(request, cfg: ServeConfig, directory: str | None = None) 
         if sink.multipart and sink.part_type:
             _check_type(sink.part_type, "uploaded file")
         if sink.bytes == 0:
-            raise HTTPProblem(400, "empty", "empty upload: send the audio file as the request body or as a multipart file")
+            raise HTTPProblem(
+                400, "empty", "empty upload: send the audio file as the request body or as a multipart file"
+            )
         return sink
     except BaseException:
         sink.discard()
@@ -375,15 +409,26 @@ def _default_threshold(tagger, cfg: ServeConfig) -> float | None:
 def model_info(tagger, cfg: ServeConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
-    meta = {k: v for k, v in (tagger.meta or {}).items() if isinstance(v, (str, int, float, bool, list, dict)) or v is None}
+    meta = {
+        k: v for k, v in (tagger.meta or {}).items() if isinstance(v, (str, int, float, bool, list, dict)) or v is None
+    }
     return {
-        "model_id": tagger.model_id, "kind": tagger.kind, "labels": list(tagger.labels), "sample_rate": tagger.sample_rate,
-        "window_samples": tagger.window_samples, "segment": asdict(tagger.segment), "audio": asdict(tagger.audio),
-        "spec": tagger.spec, "threshold": _default_threshold(tagger, cfg), "calibrated": tagger.calibration is not None,
-        "runtime": meta.get("runtime", "torch"), "excerpt": cfg.excerpt, "metadata": meta,
+        "model_id": tagger.model_id,
+        "kind": tagger.kind,
+        "labels": list(tagger.labels),
+        "sample_rate": tagger.sample_rate,
+        "window_samples": tagger.window_samples,
+        "segment": asdict(tagger.segment),
+        "audio": asdict(tagger.audio),
+        "spec": tagger.spec,
+        "threshold": _default_threshold(tagger, cfg),
+        "calibrated": tagger.calibration is not None,
+        "runtime": meta.get("runtime", "torch"),
+        "excerpt": cfg.excerpt,
+        "metadata": meta,
         "limits": {"max_bytes": cfg.max_bytes, "body_timeout_s": cfg.body_timeout_s, "max_pending": cfg.max_pending},
         "batching": {"wait_ms": cfg.batch_wait_ms, "max_batch_windows": cfg.max_batch_windows},
-    }  # fmt: skip
+    }
 
 
 def create_app(tagger, cfg: ServeConfig | None = None):
@@ -408,7 +453,13 @@ def create_app(tagger, cfg: ServeConfig | None = None):
         from .tagdb import ResultsDB
 
         database = ResultsDB(cfg.db)
-        database.register_model(tagger.model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", tagger.meta.get("model_path", ""))), tagger.meta.get("run_id"))
+        database.register_model(
+            tagger.model_id,
+            tagger.kind,
+            tagger.labels,
+            str(tagger.meta.get("artefact", tagger.meta.get("model_path", ""))),
+            tagger.meta.get("run_id"),
+        )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -422,8 +473,12 @@ def create_app(tagger, cfg: ServeConfig | None = None):
             if database is not None:
                 database.close()
 
-    app = FastAPI(title="embedkit tagging service", version=__import__("embedkit").__version__, lifespan=lifespan,
-                  description="Music genre tagging of audio uploads with an embedkit model.")  # fmt: skip
+    app = FastAPI(
+        title="embedkit tagging service",
+        version=__import__("embedkit").__version__,
+        lifespan=lifespan,
+        description="Music genre tagging of audio uploads with an embedkit model.",
+    )
     app.state.metrics, app.state.config, app.state.tagger = metrics, cfg, tagger
 
     def problem(status: int, kind: str, message: str, headers: dict | None = None, endpoint: str = "/v1/tag"):
@@ -446,7 +501,9 @@ def create_app(tagger, cfg: ServeConfig | None = None):
     async def tag_endpoint(
         request: Request,
         excerpt: str = Query(cfg.excerpt, description="first | middle | spread:N | full"),
-        threshold: float | None = Query(None, ge=0.0, le=1.0, description="decision is 'uncertain' below this top probability"),
+        threshold: float | None = Query(
+            None, ge=0.0, le=1.0, description="decision is 'uncertain' below this top probability"
+        ),
         top_k: int = Query(cfg.top_k, ge=1, le=1000, description="genres listed"),
         multi: bool = Query(False, description="also list every genre whose probability is at least the threshold"),
     ):
@@ -463,7 +520,12 @@ def create_app(tagger, cfg: ServeConfig | None = None):
                 state["pending"] += 1
                 metrics.pending.set(state["pending"])
         if busy:
-            return problem(503, "busy", f"server busy ({cfg.max_pending} requests in progress); retry after {cfg.retry_after_s} s", {"Retry-After": str(cfg.retry_after_s)})
+            return problem(
+                503,
+                "busy",
+                f"server busy ({cfg.max_pending} requests in progress); retry after {cfg.retry_after_s} s",
+                {"Retry-After": str(cfg.retry_after_s)},
+            )
         sink = None
         try:
             sink = await receive_body(request, cfg)
@@ -488,19 +550,33 @@ def create_app(tagger, cfg: ServeConfig | None = None):
             if decision == "uncertain":
                 metrics.uncertain.inc()
             body = {
-                "model_id": tagger.model_id, "decision": decision, "top_label": labels[int(order[0])], "top_p": float(p[order[0]]),
-                "threshold": thr, "genres": [{"label": labels[i], "p": float(p[i])} for i in order[:top_k]],
+                "model_id": tagger.model_id,
+                "decision": decision,
+                "top_label": labels[int(order[0])],
+                "top_p": float(p[order[0]]),
+                "threshold": thr,
+                "genres": [{"label": labels[i], "p": float(p[i])} for i in order[:top_k]],
                 "probabilities": {l: float(p[i]) for i, l in enumerate(labels)},
-                "excerpt": str(ex), "n_windows": int(len(windows)), "window_starts_s": [float(s) for s in starts],
-                "duration_s": float(duration), "filename": sink.filename,
-                "timings_ms": {"upload": 1e3 * (t_upload - t0), "decode": 1e3 * (t_decode - t_upload), "queue": 1e3 * queue_s,
-                               "inference": 1e3 * model_s, "total": 1e3 * (time.perf_counter() - t0)},
-            }  # fmt: skip
+                "excerpt": str(ex),
+                "n_windows": int(len(windows)),
+                "window_starts_s": [float(s) for s in starts],
+                "duration_s": float(duration),
+                "filename": sink.filename,
+                "timings_ms": {
+                    "upload": 1e3 * (t_upload - t0),
+                    "decode": 1e3 * (t_decode - t_upload),
+                    "queue": 1e3 * queue_s,
+                    "inference": 1e3 * model_s,
+                    "total": 1e3 * (time.perf_counter() - t0),
+                },
+            }
             if multi:
                 cut = thr if thr is not None else 0.5
                 body["multi"] = [{"label": labels[i], "p": float(p[i])} for i in order if p[i] >= cut]
             if database is not None:
-                await asyncio.get_running_loop().run_in_executor(decode_pool, _store, database, tagger, sink, p_windows, starts, duration, ex, top_k)
+                await asyncio.get_running_loop().run_in_executor(
+                    decode_pool, _store, database, tagger, sink, p_windows, starts, duration, ex, top_k
+                )
             metrics.latency.observe(time.perf_counter() - t0)
             metrics.requests.labels("/v1/tag", "200").inc()
             return JSONResponse(body)
@@ -520,7 +596,12 @@ def create_app(tagger, cfg: ServeConfig | None = None):
 
     @app.get("/healthz", summary="Liveness")
     async def healthz():
-        return {"status": "ok", "model_id": tagger.model_id, "uptime_s": time.time() - state["started"], "pending": state["pending"]}
+        return {
+            "status": "ok",
+            "model_id": tagger.model_id,
+            "uptime_s": time.time() - state["started"],
+            "pending": state["pending"],
+        }
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics_endpoint():
@@ -542,11 +623,19 @@ def _store(database, tagger, sink: _Sink, p_windows, starts, duration, ex, top_k
     from .tag import _db_row, _Item, _track_row
 
     stat = FileStat.of(sink.path)
-    item = _Item(path=f"upload:{sink.filename or 'body'}", stat=stat, fingerprint=fingerprint(sink.path), starts=starts, duration_s=duration)
+    item = _Item(
+        path=f"upload:{sink.filename or 'body'}",
+        stat=stat,
+        fingerprint=fingerprint(sink.path),
+        starts=starts,
+        duration_s=duration,
+    )
     database.write([_db_row(_track_row(tagger, item, p_windows, ex, top_k))], [])
 
 
-def load_model(model: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, allow_tf32: bool = False):
+def load_model(
+    model: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, allow_tf32: bool = False
+):
     """A run directory / model file / exported .onnx -> a Tagger on ``device`` (embedkit.device;
     None: the CPU; ignored for .onnx models, which run on onnxruntime)."""
     from .tagger import load_tagger
@@ -554,7 +643,16 @@ def load_model(model: str | os.PathLike, checkpoint: str | None = None, device: 
     return load_tagger(model, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
 
 
-def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None, checkpoint: str | None = None, log_level: str = "info", device: str | None = None, allow_tf32: bool = False) -> None:
+def serve(
+    model: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cfg: ServeConfig | None = None,
+    checkpoint: str | None = None,
+    log_level: str = "info",
+    device: str | None = None,
+    allow_tf32: bool = False,
+) -> None:
     """Load ``model`` once (on ``device``) and serve it with uvicorn until interrupted."""
     _require_serve()
     import uvicorn

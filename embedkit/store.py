@@ -49,7 +49,18 @@ META_KEY = b"embedkit"
 SEGMENT_COLUMNS = ["track_id", "path", "label", "split", "group", "fingerprint", "segment", "start_s", "end_s"]
 #: 1: embedkit 0.1.0 (rows keyed by relative path); 2: rows keyed by content fingerprint.
 LAYOUT = 2
-DATASET_COLUMNS = ["track_id", "path", "label", "split", "group", "fingerprint", "real_path", "size", "mtime_ns", "inode"]
+DATASET_COLUMNS = [
+    "track_id",
+    "path",
+    "label",
+    "split",
+    "group",
+    "fingerprint",
+    "real_path",
+    "size",
+    "mtime_ns",
+    "inode",
+]
 
 
 def _canonical(obj):
@@ -64,7 +75,9 @@ def _canonical(obj):
     return obj
 
 
-def store_key(weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None = None, precision: str = "fp32") -> str:
+def store_key(
+    weights_id: str, prep: PreprocessConfig, spec: BackboneSpec | None = None, precision: str = "fp32"
+) -> str:
     """Directory name of the store for these weights, this preprocessing and (when given) the
     backbone's input contract: rate, size and front-end parameters change the embedding as
     surely as the weights do (melstats has no weights at all). A reduced inference precision
@@ -120,7 +133,9 @@ class Store:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise StoreError(f"{self.root}: another embedkit run is writing this store; wait for it to finish") from None
+            raise StoreError(
+                f"{self.root}: another embedkit run is writing this store; wait for it to finish"
+            ) from None
         try:
             yield self
         finally:
@@ -141,7 +156,14 @@ class Store:
         return PreprocessConfig.from_dict(self.meta()["preprocess"])
 
     @classmethod
-    def create(cls, cache: str | os.PathLike, spec: BackboneSpec, weights_id: str, prep: PreprocessConfig, precision: str = "fp32") -> "Store":
+    def create(
+        cls,
+        cache: str | os.PathLike,
+        spec: BackboneSpec,
+        weights_id: str,
+        prep: PreprocessConfig,
+        precision: str = "fp32",
+    ) -> "Store":
         root = Path(cache) / spec.name / store_key(weights_id, prep, spec, precision)
         store = cls(root)
         meta = {
@@ -156,8 +178,19 @@ class Store:
             from .runs import check_match
 
             old = store.meta()
-            key = lambda m, b: {"name": b.get("name"), "weights_id": m["weights_id"], "preprocess": m["preprocess"], "precision": m.get("precision", "fp32"), **{k: b.get(k) for k in _contract(spec)}}  # noqa: E731
-            check_match(root, "store was built with another backbone/weights/preprocessing", key(old, old["backbone"]), key(meta, meta["backbone"]))
+            key = lambda m, b: {
+                "name": b.get("name"),
+                "weights_id": m["weights_id"],
+                "preprocess": m["preprocess"],
+                "precision": m.get("precision", "fp32"),
+                **{k: b.get(k) for k in _contract(spec)},
+            }  # noqa: E731
+            check_match(
+                root,
+                "store was built with another backbone/weights/preprocessing",
+                key(old, old["backbone"]),
+                key(meta, meta["backbone"]),
+            )
         else:
             store.segments_dir.mkdir(parents=True, exist_ok=True)
             store.failures_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +241,9 @@ class Store:
             except Exception:
                 names = None
             if names is not None and column not in names:  # readable, but not of this layout
-                raise StoreError(f"{f}: shard has no {column!r} column (copied from an embedkit 0.1.0 store?); move it out of {self.root}") from None
+                raise StoreError(
+                    f"{f}: shard has no {column!r} column (copied from an embedkit 0.1.0 store?); move it out of {self.root}"
+                ) from None
             # Shards are renamed into place complete, so this is damage from outside (disk
             # error, hand editing). Move it aside so its tracks are extracted again.
             bad = f.with_name(f.name + ".corrupt")
@@ -217,7 +252,11 @@ class Store:
 
             from .errors import EmbedkitWarning
 
-            warnings.warn(f"{f}: unreadable shard ({type(exc).__name__}) moved to {bad.name}; its tracks will be redone", EmbedkitWarning, stacklevel=3)
+            warnings.warn(
+                f"{f}: unreadable shard ({type(exc).__name__}) moved to {bad.name}; its tracks will be redone",
+                EmbedkitWarning,
+                stacklevel=3,
+            )
             return []
 
     def done_fingerprints(self) -> tuple[set[str], set[str]]:
@@ -264,7 +303,11 @@ class Store:
                 table = pq.read_table(f)
                 if "fingerprint" in table.column_names:  # upgraded by an interrupted earlier upgrade
                     if kind == "segments":
-                        tracks.append(table.select(["track_id", "path", "label", "split", "group", "fingerprint"]).to_pandas().drop_duplicates("track_id"))
+                        tracks.append(
+                            table.select(["track_id", "path", "label", "split", "group", "fingerprint"])
+                            .to_pandas()
+                            .drop_duplicates("track_id")
+                        )
                     continue
                 written_ns = f.stat().st_mtime_ns
                 fps = []
@@ -286,7 +329,11 @@ class Store:
                 else:
                     f.unlink()
                 if kind == "segments":
-                    cols = [c for c in ("track_id", "path", "label", "split", "group", "fingerprint") if c in table.column_names]
+                    cols = [
+                        c
+                        for c in ("track_id", "path", "label", "split", "group", "fingerprint")
+                        if c in table.column_names
+                    ]
                     tracks.append(table.select(cols).to_pandas().drop_duplicates("track_id"))
         meta = self.meta()
         meta["layout"] = LAYOUT
@@ -297,7 +344,12 @@ class Store:
             t = pd.concat(tracks, ignore_index=True).drop_duplicates("track_id")
             # a file not looked at in this run gets a stat that never matches: hashed when next seen
             stats = [seen[p][0] if seen.get(p) else FileStat(p, -1, -1, -1) for p in t["path"]]
-            t["real_path"], t["size"], t["mtime_ns"], t["inode"] = [s.path for s in stats], [s.size for s in stats], [s.mtime_ns for s in stats], [s.inode for s in stats]
+            t["real_path"], t["size"], t["mtime_ns"], t["inode"] = (
+                [s.path for s in stats],
+                [s.size for s in stats],
+                [s.mtime_ns for s in stats],
+                [s.inode for s in stats],
+            )
             self.record_dataset(t, f"{self.root} (upgraded 0.1.0 store)")
         return counts
 
@@ -351,13 +403,19 @@ class Store:
         key = key or index.get("last")
         f = self.datasets_dir / f"{key}.parquet"
         if not key or not f.exists():
-            raise StoreError(f"{self.root}: no dataset is recorded in this store; name the tracks: `embedkit fit DATA ...`")
+            raise StoreError(
+                f"{self.root}: no dataset is recorded in this store; name the tracks: `embedkit fit DATA ...`"
+            )
         try:
             table = pq.read_table(f)
         except Exception as exc:
-            raise StoreError(f"{f}: unreadable dataset record ({type(exc).__name__}); run `embedkit extract DATA` again or name DATA") from None
+            raise StoreError(
+                f"{f}: unreadable dataset record ({type(exc).__name__}); run `embedkit extract DATA` again or name DATA"
+            ) from None
         t = table.to_pandas()
-        t.attrs["source"] = (table.schema.metadata or {}).get(b"source", b"").decode() or index["datasets"].get(key, {}).get("source", "")
+        t.attrs["source"] = (table.schema.metadata or {}).get(b"source", b"").decode() or index["datasets"].get(
+            key, {}
+        ).get("source", "")
         return t
 
     def known_fingerprints(self) -> dict:
@@ -457,7 +515,9 @@ class Store:
         rows["_row"] = np.arange(len(rows))
         rows = rows.drop_duplicates(["fingerprint", "segment"])  # a content written twice (defensive)
         cols = [c for c in ("track_id", "path", "label", "split", "group", "fingerprint") if c in tracks]
-        seg = tracks[cols].merge(rows, on="fingerprint", how="inner").sort_values(["track_id", "segment"], kind="stable")
+        seg = (
+            tracks[cols].merge(rows, on="fingerprint", how="inner").sort_values(["track_id", "segment"], kind="stable")
+        )
         col = table.column(output).combine_chunks()
         dim = col.type.list_size
         X = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[seg["_row"].to_numpy()]
@@ -483,7 +543,9 @@ def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig |
     base = Path(cache) / backbone
     candidates = sorted(p for p in base.glob("*/store.json")) if base.exists() else []
     if not candidates:
-        raise StoreError(f"no embedding store for backbone {backbone!r} under {cache}: run `embedkit extract DATA --backbone {backbone}` first")
+        raise StoreError(
+            f"no embedding store for backbone {backbone!r} under {cache}: run `embedkit extract DATA --backbone {backbone}` first"
+        )
     stores = [Store(p.parent) for p in candidates]
     if prep is not None:
         match = [s for s in stores if s.meta()["preprocess"] == prep.to_dict()]
@@ -494,4 +556,3 @@ def find_store(cache: str | os.PathLike, backbone: str, prep: PreprocessConfig |
         listing = ", ".join(str(s.root) for s in stores)
         raise StoreError(f"several stores for {backbone!r} ({listing}); pass --store DIR to choose")
     return stores[0]
-

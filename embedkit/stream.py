@@ -52,7 +52,14 @@ UNCERTAIN = "uncertain"
 #: masters): bytes of another format read as f32le land far outside it or on NaN.
 F32_LIMIT = 16.0
 #: leading bytes of containers sometimes piped by mistake instead of raw PCM.
-_MAGIC = {b"RIFF": "a WAV file", b"fLaC": "a FLAC file", b"OggS": "an Ogg file", b"ID3": "an MP3 file (ID3 tag)", b"FORM": "an AIFF file", b"\x1aE\xdf\xa3": "a Matroska/WebM file"}
+_MAGIC = {
+    b"RIFF": "a WAV file",
+    b"fLaC": "a FLAC file",
+    b"OggS": "an Ogg file",
+    b"ID3": "an MP3 file (ID3 tag)",
+    b"FORM": "an AIFF file",
+    b"\x1aE\xdf\xa3": "a Matroska/WebM file",
+}
 
 
 class StreamError(EmbedkitError):
@@ -102,7 +109,7 @@ class StreamConfig:
 
 
 def parse_smooth(spec: str) -> tuple[str, float]:
-    """"ema:7.5" -> ("ema", 7.5); "last:4" -> ("last", 4); "none" -> ("none", 0)."""
+    """ "ema:7.5" -> ("ema", 7.5); "last:4" -> ("last", 4); "none" -> ("none", 0)."""
     kind, _, arg = str(spec).partition(":")
     try:
         if kind == "none" and not arg:
@@ -143,7 +150,14 @@ class FileSource(Source):
     """An audio file read block by block with soundfile (what libsndfile decodes: WAV, FLAC,
     Ogg, MP3...). realtime: pace the blocks at 1x, as if the file were playing live."""
 
-    def __init__(self, path: str | os.PathLike, realtime: bool = False, block_frames: int | None = None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        realtime: bool = False,
+        block_frames: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         from .audio import open_audio
 
         p = Path(path)
@@ -163,7 +177,9 @@ class FileSource(Source):
             try:
                 data = self._fh.read(self.block_frames, dtype="float32", always_2d=True)
             except Exception as exc:
-                raise AudioError(self.name, f"cannot decode audio after {done / self.sample_rate:.2f} s ({exc})") from None
+                raise AudioError(
+                    self.name, f"cannot decode audio after {done / self.sample_rate:.2f} s ({exc})"
+                ) from None
             if len(data) == 0:
                 return
             if not np.isfinite(data).all():
@@ -187,7 +203,16 @@ class PcmSource(Source):
     FLAC, MP3...) or text piped instead of raw PCM, and f32 values that cannot be audio.
     """
 
-    def __init__(self, fh: BinaryIO, fmt: str = "f32le", rate: int = 44100, channels: int = 1, name: str = "<stdin>", live: bool = True, read_bytes: int = 1 << 16):
+    def __init__(
+        self,
+        fh: BinaryIO,
+        fmt: str = "f32le",
+        rate: int = 44100,
+        channels: int = 1,
+        name: str = "<stdin>",
+        live: bool = True,
+        read_bytes: int = 1 << 16,
+    ):
         if fmt not in PCM_FORMATS:
             raise StreamError(f"--format {fmt!r}: raw PCM must be one of {', '.join(PCM_FORMATS)}")
         if not isinstance(rate, int) or rate <= 0:
@@ -249,7 +274,9 @@ class PcmSource(Source):
         # is still not PCM shows as out-of-range values in f32le; s16le takes any bytes.
         for magic, what in _MAGIC.items():
             if head.startswith(magic):
-                raise StreamError(f"{self.name}: holds {what}, not raw PCM; pass the file path instead of '-', or decode it with ffmpeg -f {self.fmt}")
+                raise StreamError(
+                    f"{self.name}: holds {what}, not raw PCM; pass the file path instead of '-', or decode it with ffmpeg -f {self.fmt}"
+                )
         sample = head[:4096]
         if len(sample) >= 64 and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample):
             raise StreamError(f"{self.name}: is text, not raw {self.fmt} audio")
@@ -264,13 +291,22 @@ class MicSource(Source):
 
     live = True
 
-    def __init__(self, device: str | int | None = None, rate: int | None = None, channels: int = 1, block_frames: int = 1024, buffer_s: float = 30.0):
+    def __init__(
+        self,
+        device: str | int | None = None,
+        rate: int | None = None,
+        channels: int = 1,
+        block_frames: int = 1024,
+        buffer_s: float = 30.0,
+    ):
         from .errors import require
 
         try:
             self._sd = require("sounddevice", "pip install 'embedkit[live]'", "microphone input")
         except OSError as exc:  # the package is there but not the PortAudio library it wraps
-            raise StreamError(f"sounddevice cannot load PortAudio ({exc}); install it (Debian/Ubuntu: apt install libportaudio2)") from None
+            raise StreamError(
+                f"sounddevice cannot load PortAudio ({exc}); install it (Debian/Ubuntu: apt install libportaudio2)"
+            ) from None
         try:
             info = self._sd.query_devices(device, "input")
         except Exception as exc:
@@ -291,7 +327,14 @@ class MicSource(Source):
 
     def blocks(self) -> Iterator[np.ndarray]:
         try:
-            self._stream = self._sd.InputStream(device=self._device, samplerate=self.sample_rate, channels=self.channels, dtype="float32", blocksize=self.block_frames, callback=self._callback)
+            self._stream = self._sd.InputStream(
+                device=self._device,
+                samplerate=self.sample_rate,
+                channels=self.channels,
+                dtype="float32",
+                blocksize=self.block_frames,
+                callback=self._callback,
+            )
             self._stream.start()
         except Exception as exc:
             raise StreamError(f"{self.name}: cannot open the input ({exc})") from None
@@ -332,7 +375,14 @@ def _stdin():
         return sys.stdin.buffer
 
 
-def open_source(source: str, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None) -> Source:
+def open_source(
+    source: str,
+    fmt: str | None = None,
+    rate: int | None = None,
+    channels: int | None = None,
+    realtime: bool = False,
+    stdin: BinaryIO | None = None,
+) -> Source:
     """SOURCE as the CLI names it: '-' raw PCM on stdin, 'mic' or 'mic:DEVICE' an input device,
     anything else an audio file. --format/--rate/--channels describe stdin (rate and channels
     also choose the microphone's); a file describes itself."""
@@ -340,7 +390,9 @@ def open_source(source: str, fmt: str | None = None, rate: int | None = None, ch
         if realtime:
             raise StreamError("--realtime paces a file; stdin arrives at its own pace")
         if stdin is None and sys.stdin is not None and sys.stdin.isatty():
-            raise StreamError("stdin is a terminal, not audio: pipe raw PCM into it, e.g. ffmpeg -i URL -f f32le -ac 1 -ar 44100 - | embedkit stream RUN - --rate 44100")
+            raise StreamError(
+                "stdin is a terminal, not audio: pipe raw PCM into it, e.g. ffmpeg -i URL -f f32le -ac 1 -ar 44100 - | embedkit stream RUN - --rate 44100"
+            )
         fh = stdin if stdin is not None else _stdin()
         return PcmSource(fh, fmt or "f32le", 44100 if rate is None else rate, 1 if channels is None else channels)
     if source == "mic" or source.startswith("mic:"):
@@ -349,7 +401,9 @@ def open_source(source: str, fmt: str | None = None, rate: int | None = None, ch
         dev = source[4:] or None
         return MicSource(int(dev) if dev and dev.isdigit() else dev, rate, channels or 1)
     if fmt is not None or rate is not None or channels is not None:
-        raise StreamError(f"--format/--rate/--channels describe raw PCM on stdin ('-'); {source} is read with its own format")
+        raise StreamError(
+            f"--format/--rate/--channels describe raw PCM on stdin ('-'); {source} is read with its own format"
+        )
     return FileSource(source, realtime=realtime)
 
 
@@ -494,7 +548,9 @@ class _Window:
 _END = object()
 
 
-def _reader(source: Source, sr: int, windower: Windower, q: queue.Queue, stop: threading.Event, clock, stats: dict) -> None:
+def _reader(
+    source: Source, sr: int, windower: Windower, q: queue.Queue, stop: threading.Event, clock, stats: dict
+) -> None:
     """Source -> windows on q; then _END, or the exception that stopped it."""
 
     def put(item) -> bool:
@@ -535,7 +591,9 @@ def _probs(labels: list[str], p: np.ndarray) -> dict[str, float]:
     return {l: round(float(v), 6) for l, v in zip(labels, p)}
 
 
-def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict], None], clock: Callable[[], float] = time.monotonic) -> dict:
+def run_stream(
+    tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict], None], clock: Callable[[], float] = time.monotonic
+) -> dict:
     """Tag ``source`` window by window; call ``emit(record)`` once per tagged window and once
     with the final summary, which is also returned.
 
@@ -561,7 +619,9 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
     q: queue.Queue = queue.Queue(maxsize=cfg.queue)
     stop = threading.Event()
     stats: dict[str, Any] = {"t0": None, "frames_in": 0}
-    reader = threading.Thread(target=_reader, args=(source, sr, windower, q, stop, clock, stats), name="embedkit-stream-reader", daemon=True)
+    reader = threading.Thread(
+        target=_reader, args=(source, sr, windower, q, stop, clock, stats), name="embedkit-stream-reader", daemon=True
+    )
     seconds: dict[str, float] = {}
     n_windows = n_dropped = n_changes = 0
     dropped_since = 0
@@ -623,17 +683,30 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
                 s = smoother.update(praw, dt)
                 change = decider.update(s, end_s)
                 # Stream time since the previous record is credited to the decision now held.
-                seconds[decider.state] = seconds.get(decider.state, 0.0) + (end_s - prev_end if prev_end is not None else 0.0)
+                seconds[decider.state] = seconds.get(decider.state, 0.0) + (
+                    end_s - prev_end if prev_end is not None else 0.0
+                )
                 prev_end = end_s
                 n_windows += 1
                 n_changes += change is not None
                 delay = clock() - w.arrival
                 max_delay = max(max_delay, delay)
-                emit({
-                    "type": "window", "k": w.k, "start_s": round(start_s, 6), "end_s": round(end_s, 6), "time_s": round(end_s, 6),
-                    "raw": _probs(labels, praw), "smoothed": _probs(labels, s), "decision": decider.state, "change": change,
-                    "lagging": bool(lag), "dropped": dropped_since, "delay_ms": round(delay * 1e3, 1),
-                })  # fmt: skip
+                emit(
+                    {
+                        "type": "window",
+                        "k": w.k,
+                        "start_s": round(start_s, 6),
+                        "end_s": round(end_s, 6),
+                        "time_s": round(end_s, 6),
+                        "raw": _probs(labels, praw),
+                        "smoothed": _probs(labels, s),
+                        "decision": decider.state,
+                        "change": change,
+                        "lagging": bool(lag),
+                        "dropped": dropped_since,
+                        "delay_ms": round(delay * 1e3, 1),
+                    }
+                )
                 dropped_since = 0
     except KeyboardInterrupt:
         end = "interrupted"
@@ -649,13 +722,24 @@ def run_stream(tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict],
     audio_s = stats["frames_in"] / source.sample_rate if source.sample_rate else 0.0
     wall = clock() - t_wall
     summary = {
-        "type": "summary", "end": end, "error": None if error is None else str(error), "source": source.name,
-        "audio_s": round(audio_s, 3), "windows": n_windows, "dropped": n_dropped, "changes": n_changes,
-        "share": {k: round(v / total, 4) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])} if total > 0 else {},
+        "type": "summary",
+        "end": end,
+        "error": None if error is None else str(error),
+        "source": source.name,
+        "audio_s": round(audio_s, 3),
+        "windows": n_windows,
+        "dropped": n_dropped,
+        "changes": n_changes,
+        "share": {k: round(v / total, 4) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
+        if total > 0
+        else {},
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
-        "final_decision": decider.state, "wall_s": round(wall, 3), "compute_s": round(compute_s, 3),
-        "realtime_factor": round(audio_s / wall, 2) if wall > 0 else None, "max_delay_ms": round(max_delay * 1e3, 1),
-    }  # fmt: skip
+        "final_decision": decider.state,
+        "wall_s": round(wall, 3),
+        "compute_s": round(compute_s, 3),
+        "realtime_factor": round(audio_s / wall, 2) if wall > 0 else None,
+        "max_delay_ms": round(max_delay * 1e3, 1),
+    }
     if getattr(source, "overflows", 0):
         summary["input_overflows"] = source.overflows
     summary["device"] = str(getattr(tagger, "device", "cpu"))
@@ -715,11 +799,19 @@ class LiveView:
             t.add_column("share", justify="right")
             for k, v in rec["share"].items():
                 t.add_row(k, f"{v:.1%}")
-            head = Text(f"stream ended ({rec['end']}): {rec['audio_s']:.1f} s, {rec['windows']} windows, {rec['changes']} changes", style="bold")
+            head = Text(
+                f"stream ended ({rec['end']}): {rec['audio_s']:.1f} s, {rec['windows']} windows, {rec['changes']} changes",
+                style="bold",
+            )
             return Group(head, t)
         if rec.get("change"):
             self._changes.appendleft(f"{_clock_str(rec['time_s'])}  {rec['change']['from']} -> {rec['change']['to']}")
-        t = Table(title=f"{_clock_str(rec['time_s'])}  [bold]{rec['decision']}[/]" + ("  [red]lagging[/]" if rec["lagging"] else ""), show_header=False, box=None)
+        t = Table(
+            title=f"{_clock_str(rec['time_s'])}  [bold]{rec['decision']}[/]"
+            + ("  [red]lagging[/]" if rec["lagging"] else ""),
+            show_header=False,
+            box=None,
+        )
         t.add_column("genre", width=14)
         t.add_column("bar", width=40)
         t.add_column("p", justify="right")
@@ -760,14 +852,34 @@ def _clock_str(t: float) -> str:
 # the command's one call
 
 
-def load_model(model: str | os.PathLike, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False):
+def load_model(
+    model: str | os.PathLike,
+    checkpoint: str | None = None,
+    device: str | None = "cpu",
+    precision: str = "fp32",
+    allow_tf32: bool = False,
+):
     """A run directory or model file -> its Tagger (``embedkit.tagger.load_tagger``) on ``device``."""
     from .tagger import load_tagger
 
     return load_tagger(model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32)
 
 
-def stream(model, source: str, cfg: StreamConfig = StreamConfig(), emit: Callable[[dict], None] | None = None, fmt: str | None = None, rate: int | None = None, channels: int | None = None, realtime: bool = False, stdin: BinaryIO | None = None, checkpoint: str | None = None, device: str | None = None, precision: str | None = None, allow_tf32: bool = False) -> dict:
+def stream(
+    model,
+    source: str,
+    cfg: StreamConfig = StreamConfig(),
+    emit: Callable[[dict], None] | None = None,
+    fmt: str | None = None,
+    rate: int | None = None,
+    channels: int | None = None,
+    realtime: bool = False,
+    stdin: BinaryIO | None = None,
+    checkpoint: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    allow_tf32: bool = False,
+) -> dict:
     """``embedkit stream MODEL SOURCE``: load the model (a run directory, or a Tagger), open
     the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default.
     device / precision: where the network runs (``embedkit.device``; None: the CPU, or where a

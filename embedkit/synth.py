@@ -33,7 +33,15 @@ def make_clip(label_index: int, seed: int, sr: int = 22050, duration_s: float = 
     return (0.3 * y / np.max(np.abs(y))).astype(np.float32)
 
 
-def make_dataset(root: str | os.PathLike, n_classes: int = 4, per_class: int = 5, sr: int = 22050, duration_s: float = 30.0, fmt: str = "wav", seed: int = 0) -> Path:
+def make_dataset(
+    root: str | os.PathLike,
+    n_classes: int = 4,
+    per_class: int = 5,
+    sr: int = 22050,
+    duration_s: float = 30.0,
+    fmt: str = "wav",
+    seed: int = 0,
+) -> Path:
     """Write ``root/<class>/<class>.NNNNN.<fmt>`` and return root. Existing files are kept."""
     import soundfile as sf
 

@@ -91,7 +91,9 @@ class Excerpt:
         return [float(s) for s in np.linspace(0.0, room, self.n)] if self.n > 1 else [0.0]
 
 
-def read_excerpt(path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | None, window_s: float, hop_s: float) -> tuple[np.ndarray, np.ndarray, float]:
+def read_excerpt(
+    path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | None, window_s: float, hop_s: float
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Decode only what ``excerpt`` listens to and cut it into windows.
 
     Returns (windows float32 [K, L] at ``sample_rate``, start_s [K] in song time, duration_s
@@ -112,7 +114,9 @@ def read_excerpt(path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | 
         y, sr = audio.decode(path, max_seconds=clip_s + MARGIN_S)
         kept = audio.resample(y, sr, sample_rate)[: int(round(clip_s * sample_rate))]
         # a file that ended inside the read is that long; a longer one: its header says (cheap)
-        duration = len(y) / sr if len(y) < int(np.ceil((clip_s + MARGIN_S) * sr)) else float(audio.probe(path)["duration_s"])
+        duration = (
+            len(y) / sr if len(y) < int(np.ceil((clip_s + MARGIN_S) * sr)) else float(audio.probe(path)["duration_s"])
+        )
         regions = [(0.0, kept)]
     else:
         duration = float(audio.probe(path)["duration_s"])
@@ -155,7 +159,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], stdin=None) -> list[str]:
     for item in inputs:
         s = str(item)
         if s == "-":
-            for line in (stdin or sys.stdin):
+            for line in stdin or sys.stdin:
                 if line.strip():
                     add(Path(line.strip()).expanduser())
             continue
@@ -227,14 +231,27 @@ def _track_row(tagger, item: "_Item", p_windows: np.ndarray, excerpt: Excerpt, t
         share = {l: float(counts[i] / len(p_windows)) for i, l in enumerate(labels)}
     decide = getattr(tagger.calibration, "decide", None)  # embedkit.calibration: top label or "uncertain"
     return {
-        "fingerprint": item.fingerprint, "model_id": tagger.model_id, "path": item.path, "size": item.stat.size,
-        "mtime": item.stat.mtime_ns / 1e9, "mtime_ns": item.stat.mtime_ns, "inode": item.stat.inode,
-        "duration_s": float(item.duration_s), "excerpt": str(excerpt), "n_windows": int(len(p_windows)),
-        "top_label": labels[top], "top_p": float(p[top]), "decision": str(decide(p)) if decide else labels[top],
-        "topk": [[labels[i], float(p[i])] for i in order[:top_k]], "probabilities": {l: float(p[i]) for i, l in enumerate(labels)},
-        "window_share": share, "model_kind": tagger.kind, "run_id": tagger.meta.get("run_id"), "embedkit_version": __version__,
+        "fingerprint": item.fingerprint,
+        "model_id": tagger.model_id,
+        "path": item.path,
+        "size": item.stat.size,
+        "mtime": item.stat.mtime_ns / 1e9,
+        "mtime_ns": item.stat.mtime_ns,
+        "inode": item.stat.inode,
+        "duration_s": float(item.duration_s),
+        "excerpt": str(excerpt),
+        "n_windows": int(len(p_windows)),
+        "top_label": labels[top],
+        "top_p": float(p[top]),
+        "decision": str(decide(p)) if decide else labels[top],
+        "topk": [[labels[i], float(p[i])] for i in order[:top_k]],
+        "probabilities": {l: float(p[i]) for i, l in enumerate(labels)},
+        "window_share": share,
+        "model_kind": tagger.kind,
+        "run_id": tagger.meta.get("run_id"),
+        "embedkit_version": __version__,
         "window_starts_s": [float(s) for s in item.starts],
-    }  # fmt: skip
+    }
 
 
 class _Writer:
@@ -254,17 +271,62 @@ class _Writer:
         self.labels = labels
         if self.kind == ".csv":
             self.csv = csv.writer(self.fh)
-            self.csv.writerow(["path", "fingerprint", "model_id", "excerpt", "n_windows", "top_label", "top_p", "decision", "topk", *[f"p_{l}" for l in labels], *[f"share_{l}" for l in labels]])
+            self.csv.writerow(
+                [
+                    "path",
+                    "fingerprint",
+                    "model_id",
+                    "excerpt",
+                    "n_windows",
+                    "top_label",
+                    "top_p",
+                    "decision",
+                    "topk",
+                    *[f"p_{l}" for l in labels],
+                    *[f"share_{l}" for l in labels],
+                ]
+            )
 
     def write(self, row: dict[str, Any], path: str | None = None) -> None:
         path = path or row["path"]
         if self.kind == ".jsonl":
-            keep = {k: row.get(k) for k in ("path", "fingerprint", "model_id", "excerpt", "duration_s", "n_windows", "top_label", "top_p", "decision", "topk", "probabilities", "window_share", "window_starts_s")}
+            keep = {
+                k: row.get(k)
+                for k in (
+                    "path",
+                    "fingerprint",
+                    "model_id",
+                    "excerpt",
+                    "duration_s",
+                    "n_windows",
+                    "top_label",
+                    "top_p",
+                    "decision",
+                    "topk",
+                    "probabilities",
+                    "window_share",
+                    "window_starts_s",
+                )
+            }
             self.fh.write(json.dumps({**keep, "path": path}) + "\n")
             return
         share = row.get("window_share") or {}
         topk = ";".join(f"{l}:{p:.4f}" for l, p in row["topk"])
-        self.csv.writerow([path, row["fingerprint"], row["model_id"], row["excerpt"], row["n_windows"], row["top_label"], f"{row['top_p']:.6f}", row["decision"], topk, *[f"{row['probabilities'][l]:.6f}" for l in self.labels], *[f"{share[l]:.6f}" if l in share else "" for l in self.labels]])
+        self.csv.writerow(
+            [
+                path,
+                row["fingerprint"],
+                row["model_id"],
+                row["excerpt"],
+                row["n_windows"],
+                row["top_label"],
+                f"{row['top_p']:.6f}",
+                row["decision"],
+                topk,
+                *[f"{row['probabilities'][l]:.6f}" for l in self.labels],
+                *[f"{share[l]:.6f}" if l in share else "" for l in self.labels],
+            ]
+        )
 
     def commit(self) -> None:
         self.fh.flush()
@@ -299,7 +361,9 @@ def _identify(path: str, known: dict | None) -> tuple[Any, str]:
     return st, fingerprint(path, known)
 
 
-def _plan(paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int) -> tuple[list[_Item], list[dict], dict[str, list[str]], list[dict], int]:
+def _plan(
+    paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int
+) -> tuple[list[_Item], list[dict], dict[str, list[str]], list[dict], int]:
     """Fingerprint every input (re-using the database's record for unchanged files) and split
     them into (to tag, already done rows, duplicates {fingerprint: [other paths]}, failures, n
     skipped as failed before)."""
@@ -311,7 +375,9 @@ def _plan(paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: b
     for r in done.values():
         if r.get("inode") is not None and r.get("mtime_ns") is not None:
             # FileStat holds the resolved path; rows keep the path as given
-            known[FileStat(str(Path(r["path"]).resolve()), int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))] = r["fingerprint"]
+            known[FileStat(str(Path(r["path"]).resolve()), int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))] = r[
+                "fingerprint"
+            ]
 
     def ident(path):
         try:
@@ -409,7 +475,9 @@ def tag(
     res = TagResult(model_id, n_inputs=len(paths))
     writer = None
     try:
-        todo, done_rows, dups, failures, res.n_failed_before = _plan(paths, model_id, ex, database, retry_failed, workers)
+        todo, done_rows, dups, failures, res.n_failed_before = _plan(
+            paths, model_id, ex, database, retry_failed, workers
+        )
         res.n_done_before = len(done_rows)
         total = len(paths) - sum(len(v) for v in dups.values())  # progress counts distinct audio
         finished = res.n_failed_before
@@ -423,18 +491,26 @@ def tag(
         if todo and tagger is None and executor is None:
             from .tagger import load_tagger
 
-            tagger = load_tagger(model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32)
+            tagger = load_tagger(
+                model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32
+            )
             res.model_loaded = True
         elif todo and tagger is not None and executor is None and tagger.torch_backed:
             tagger.to(resolve(device_name, allow_tf32), precision)
         if todo and tagger is not None and executor is None:
             from .device import provenance
 
-            res.device = provenance(tagger.device, tagger.precision, allow_tf32) if tagger.torch_backed else {"device": "cpu", "name": str(tagger.meta.get("runtime", "cpu")), "precision": "fp32"}
+            res.device = (
+                provenance(tagger.device, tagger.precision, allow_tf32)
+                if tagger.torch_backed
+                else {"device": "cpu", "name": str(tagger.meta.get("runtime", "cpu")), "precision": "fp32"}
+            )
             if batch_size is None:
                 batch_size = default_batch_size(tagger.device, 32)
         if todo and tagger is not None and database is not None:
-            database.register_model(model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id"))
+            database.register_model(
+                model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id")
+            )
 
         def emit(row: dict[str, Any]) -> None:
             nonlocal finished, writer
@@ -472,7 +548,19 @@ def tag(
         if todo and executor is None:
             _run_local(tagger, todo, ex, workers, batch_size, top_k, on_batch)
         elif todo:
-            _run_remote(executor, model, checkpoint, todo, ex, db, batch_size, top_k, shard_size, on_batch, (device or "cpu", precision, allow_tf32))
+            _run_remote(
+                executor,
+                model,
+                checkpoint,
+                todo,
+                ex,
+                db,
+                batch_size,
+                top_k,
+                shard_size,
+                on_batch,
+                (device or "cpu", precision, allow_tf32),
+            )
         if writer is None and writer_path is not None and res.labels:
             writer = _Writer(writer_path, res.labels)
         if writer is not None:
@@ -509,7 +597,11 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
     # Decoded tracks kept ready: enough for two forwards while the decoders work on, bounded
     # in windows (a ``full`` excerpt of a long song is hundreds of windows, so only 2 / thread).
-    per_track = None if ex.mode == "full" or clip_s is None else (ex.n if ex.mode == "spread" else 1) * max(1, int(clip_s // seg.hop_s))
+    per_track = (
+        None
+        if ex.mode == "full" or clip_s is None
+        else (ex.n if ex.mode == "spread" else 1) * max(1, int(clip_s // seg.hop_s))
+    )
     ahead = max(2 * workers, 4, -(-2 * batch_size // per_track) if per_track else 0)
     pending: list[_Item] = []
     n_pending = 0
@@ -522,7 +614,13 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
         if pending:
             x = np.concatenate([it.windows for it in pending])
             # forwards of batch_size windows; an accelerator out of memory halves them (logged)
-            p = np.concatenate([q for i in range(0, len(x), batch_size) for q in backoff(tagger.predict_segments, x[i : i + batch_size])])
+            p = np.concatenate(
+                [
+                    q
+                    for i in range(0, len(x), batch_size)
+                    for q in backoff(tagger.predict_segments, x[i : i + batch_size])
+                ]
+            )
             at = 0
             for it in pending:
                 k = len(it.windows)
@@ -564,7 +662,18 @@ def _log_backoff(msg: str) -> None:
 _TAGGERS: dict[tuple, Any] = {}
 
 
-def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, str]], excerpt: str, db: str | None, batch_size: int, top_k: int, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> tuple[list[dict], list[dict]]:
+def tag_shard(
+    model: str,
+    checkpoint: str | None,
+    items: list[tuple[str, Any, str]],
+    excerpt: str,
+    db: str | None,
+    batch_size: int,
+    top_k: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    allow_tf32: bool = False,
+) -> tuple[list[dict], list[dict]]:
     """Tag one shard (runs on a Dask worker: the model is loaded once per worker process, on
     ``device`` as resolved on that worker). items: (path, FileStat, fingerprint). Writes to
     ``db`` when given; returns (rows, failures)."""
@@ -572,7 +681,9 @@ def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, st
 
     key = (str(model), checkpoint, device, precision, allow_tf32)
     if key not in _TAGGERS:
-        _TAGGERS[key] = load_tagger(model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32)
+        _TAGGERS[key] = load_tagger(
+            model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32
+        )
     tagger = _TAGGERS[key]
     rows_out, fails_out = [], []
     database = None
@@ -580,7 +691,13 @@ def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, st
         from .tagdb import ResultsDB
 
         database = ResultsDB(db)
-        database.register_model(tagger.model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id"))
+        database.register_model(
+            tagger.model_id,
+            tagger.kind,
+            tagger.labels,
+            str(tagger.meta.get("artefact", model)),
+            tagger.meta.get("run_id"),
+        )
 
     def on_batch(rows, fails):
         if database is not None:
@@ -589,14 +706,28 @@ def tag_shard(model: str, checkpoint: str | None, items: list[tuple[str, Any, st
         fails_out.extend(fails)
 
     try:
-        _run_local(tagger, [_Item(p, st, fp) for p, st, fp in items], Excerpt.parse(excerpt), 1, batch_size, top_k, on_batch)
+        _run_local(
+            tagger, [_Item(p, st, fp) for p, st, fp in items], Excerpt.parse(excerpt), 1, batch_size, top_k, on_batch
+        )
     finally:
         if database is not None:
             database.close()
     return rows_out, fails_out
 
 
-def _run_remote(executor, model, checkpoint, todo: list[_Item], ex: Excerpt, db, batch_size: int, top_k: int, shard_size: int, on_batch, device=("cpu", "fp32", False)) -> None:
+def _run_remote(
+    executor,
+    model,
+    checkpoint,
+    todo: list[_Item],
+    ex: Excerpt,
+    db,
+    batch_size: int,
+    top_k: int,
+    shard_size: int,
+    on_batch,
+    device=("cpu", "fp32", False),
+) -> None:
     """Shards on ``executor`` (a dask Client or any concurrent.futures Executor); the workers
     write the database themselves, so ``on_batch`` only reports."""
     from .tagdb import database_url
@@ -605,7 +736,18 @@ def _run_remote(executor, model, checkpoint, todo: list[_Item], ex: Excerpt, db,
     kw = {"pure": False} if _is_dask(executor) else {}
     target = str(Path(model).absolute())
     futures = [
-        executor.submit(tag_shard, target, checkpoint, [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]], str(ex), url, batch_size, top_k, *device, **kw)
+        executor.submit(
+            tag_shard,
+            target,
+            checkpoint,
+            [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]],
+            str(ex),
+            url,
+            batch_size,
+            top_k,
+            *device,
+            **kw,
+        )
         for i in range(0, len(todo), shard_size)
     ]
     for fut in _as_completed(executor, futures):

@@ -72,7 +72,8 @@ class ResultsDB:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.meta = sa.MetaData()
         self.tags = sa.Table(
-            "tags", self.meta,
+            "tags",
+            self.meta,
             sa.Column("fingerprint", sa.String(64), primary_key=True),
             sa.Column("model_id", sa.String(64), primary_key=True),
             sa.Column("path", sa.Text, nullable=False),
@@ -94,25 +95,27 @@ class ResultsDB:
             sa.Column("embedkit_version", sa.String(32)),
             sa.Column("created_at", sa.DateTime(timezone=True)),
             sa.Column("updated_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+        )
         self.failures = sa.Table(
-            "tag_failures", self.meta,
+            "tag_failures",
+            self.meta,
             sa.Column("path", sa.Text, primary_key=True),
             sa.Column("model_id", sa.String(64), primary_key=True),
             sa.Column("fingerprint", sa.String(64)),
             sa.Column("reason", sa.Text),
             sa.Column("created_at", sa.DateTime(timezone=True)),
             sa.Column("updated_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+        )
         self.models = sa.Table(
-            "tag_models", self.meta,
+            "tag_models",
+            self.meta,
             sa.Column("model_id", sa.String(64), primary_key=True),
             sa.Column("kind", sa.String(16)),
             sa.Column("labels", sa.JSON),
             sa.Column("artefact", sa.Text),
             sa.Column("run_id", sa.Text),
             sa.Column("created_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+        )
         self._create()
 
     # -- schema --------------------------------------------------------------------------
@@ -125,7 +128,9 @@ class ResultsDB:
                 return
             except Exception as exc:
                 if attempt == 4 or not _is_race(exc):
-                    raise DatabaseError(f"{_safe(self.url)}: cannot create the results tables ({_first(exc)})") from None
+                    raise DatabaseError(
+                        f"{_safe(self.url)}: cannot create the results tables ({_first(exc)})"
+                    ) from None
                 time.sleep(0.05 * (attempt + 1))
 
     def close(self) -> None:
@@ -154,7 +159,10 @@ class ResultsDB:
         import sqlalchemy as sa
 
         with self.engine.connect() as c:
-            return {r.path: dict(r._mapping) for r in c.execute(sa.select(self.failures).where(self.failures.c.model_id == model_id))}
+            return {
+                r.path: dict(r._mapping)
+                for r in c.execute(sa.select(self.failures).where(self.failures.c.model_id == model_id))
+            }
 
     def rows(self, model_id: str | None = None) -> list[dict[str, Any]]:
         import sqlalchemy as sa
@@ -174,7 +182,14 @@ class ResultsDB:
     # -- writes --------------------------------------------------------------------------
 
     def register_model(self, model_id: str, kind: str, labels: list[str], artefact: str, run_id: str | None) -> None:
-        row = {"model_id": model_id, "kind": kind, "labels": list(labels), "artefact": artefact, "run_id": run_id, "created_at": _now()}
+        row = {
+            "model_id": model_id,
+            "kind": kind,
+            "labels": list(labels),
+            "artefact": artefact,
+            "run_id": run_id,
+            "created_at": _now(),
+        }
         self._retry(lambda c: self._upsert(c, self.models, [row], ("model_id",), keep=("created_at",)))
 
     def write(self, results: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> None:
@@ -193,13 +208,17 @@ class ResultsDB:
                 self._upsert(c, self.tags, results, ("fingerprint", "model_id"), keep=("created_at",))
                 for mid in {r["model_id"] for r in results}:  # a file that now works is no longer failed
                     paths = [r["path"] for r in results if r["model_id"] == mid]
-                    c.execute(sa.delete(self.failures).where(self.failures.c.model_id == mid, self.failures.c.path.in_(paths)))
+                    c.execute(
+                        sa.delete(self.failures).where(self.failures.c.model_id == mid, self.failures.c.path.in_(paths))
+                    )
             if failures:
                 self._upsert(c, self.failures, failures, ("path", "model_id"), keep=("created_at",))
 
         self._retry(tx)
 
-    def _upsert(self, conn, table, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()) -> None:
+    def _upsert(
+        self, conn, table, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()
+    ) -> None:
         import sqlalchemy as sa
 
         dialect = self.engine.dialect.name
@@ -241,7 +260,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 def _is_race(exc: Exception) -> bool:
     msg = str(exc).lower()
-    return any(s in msg for s in ("database is locked", "already exists", "duplicate key", "could not serialize", "deadlock", "unique constraint"))
+    return any(
+        s in msg
+        for s in (
+            "database is locked",
+            "already exists",
+            "duplicate key",
+            "could not serialize",
+            "deadlock",
+            "unique constraint",
+        )
+    )
 
 
 def _first(exc: Exception) -> str:

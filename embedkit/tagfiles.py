@@ -38,7 +38,8 @@ def writes_table(db):
     t = db.meta.tables.get(WRITES_TABLE)
     if t is None:
         t = sa.Table(
-            WRITES_TABLE, db.meta,
+            WRITES_TABLE,
+            db.meta,
             sa.Column("path", sa.Text, primary_key=True),
             sa.Column("model_id", sa.String(64), primary_key=True),
             sa.Column("genres", sa.JSON),
@@ -47,7 +48,7 @@ def writes_table(db):
             sa.Column("reason", sa.Text),
             sa.Column("written_at", sa.DateTime(timezone=True)),
             sa.Column("updated_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+        )
         t.create(db.engine, checkfirst=True)
     return t
 
@@ -78,7 +79,9 @@ def write_tags(
     before, for ``untag``) and its results row copied under the file's new fingerprint.
     Required unless ``dry_run``: without it a write could not be undone."""
     if db is None and not dry_run:
-        raise EmbedkitError("writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them")
+        raise EmbedkitError(
+            "writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them"
+        )
     table = writes_table(db) if db is not None else None
     known = _recorded(db, table, model_id) if db is not None else {}
     out = []
@@ -88,11 +91,31 @@ def write_tags(
         if path in seen:
             continue
         seen.add(path)
-        ch = write_genres(path, d.genres, scores=d.scores, model=model_id, dry_run=dry_run, overwrite=overwrite, id3_version=id3_version, separator=separator)
+        ch = write_genres(
+            path,
+            d.genres,
+            scores=d.scores,
+            model=model_id,
+            dry_run=dry_run,
+            overwrite=overwrite,
+            id3_version=id3_version,
+            separator=separator,
+        )
         out.append(ch)
         if ch.status == "written" and db is not None:
             first = known.get(path)
-            _record(db, table, {"path": path, "model_id": model_id, "genres": ch.genres, "before": first["before"] if first else ch.before, "status": "written", "reason": ch.reason})
+            _record(
+                db,
+                table,
+                {
+                    "path": path,
+                    "model_id": model_id,
+                    "genres": ch.genres,
+                    "before": first["before"] if first else ch.before,
+                    "status": "written",
+                    "reason": ch.reason,
+                },
+            )
             _refingerprint(db, row)
     return out
 
@@ -131,10 +154,23 @@ def _refingerprint(db, row: dict[str, Any]) -> None:
     if fp == row.get("fingerprint"):
         return
     keep = {k: v for k, v in row.items() if k in {c.name for c in db.tags.columns}}
-    db.write([{**keep, "fingerprint": fp, "size": st.size, "mtime": st.mtime_ns / 1e9, "mtime_ns": st.mtime_ns, "inode": st.inode}])
+    db.write(
+        [
+            {
+                **keep,
+                "fingerprint": fp,
+                "size": st.size,
+                "mtime": st.mtime_ns / 1e9,
+                "mtime_ns": st.mtime_ns,
+                "inode": st.inode,
+            }
+        ]
+    )
 
 
-def untag(model_id: str, db, paths: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False) -> list[TagChange]:
+def untag(
+    model_id: str, db, paths: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False
+) -> list[TagChange]:
     """Restore what the files held before ``model_id`` wrote genres into them (all files it
     wrote, or ``paths``). A file whose genre a person (or another model) changed since is
     "kept" unless ``force``; a restored file's record is removed."""
@@ -151,12 +187,21 @@ def untag(model_id: str, db, paths: Sequence[str] | None = None, *, dry_run: boo
                 out.append(TagChange(path, "failed", getattr(exc, "problem", str(exc))))
                 continue
             if now.written_by_embedkit and now.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
-                out.append(TagChange(path, "kept", f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first", genres=now.genre or []))
+                out.append(
+                    TagChange(
+                        path,
+                        "kept",
+                        f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first",
+                        genres=now.genre or [],
+                    )
+                )
                 continue
         ch = restore(path, rec["before"], dry_run=dry_run, force=force)
         out.append(ch)
         if ch.status in ("written", "unchanged") and not dry_run:
-            db._retry(lambda c, p=path: c.execute(sa.delete(table).where(table.c.path == p, table.c.model_id == model_id)))
+            db._retry(
+                lambda c, p=path: c.execute(sa.delete(table).where(table.c.path == p, table.c.model_id == model_id))
+            )
     return out
 
 

@@ -146,7 +146,13 @@ class Tagger(ABC):
         from .errors import AudioError
         from .segments import segment
 
-        y = audio.load(path, self.sample_rate, self.audio, min_duration_s=self.segment.segment_s, notes=[] if notes is None else notes)
+        y = audio.load(
+            path,
+            self.sample_rate,
+            self.audio,
+            min_duration_s=self.segment.segment_s,
+            notes=[] if notes is None else notes,
+        )
         frames, starts, _ = segment(y, self.sample_rate, self.segment)
         if len(frames) == 0:
             raise AudioError(path, f"shorter than one {self.segment.segment_s:g} s window")
@@ -161,7 +167,9 @@ class Tagger(ABC):
     def _check_windows(self, segments: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(segments, dtype=np.float32)
         if x.ndim != 2 or (len(x) and x.shape[1] != self.window_samples):
-            raise ValueError(f"expected windows [K, {self.window_samples}] at {self.sample_rate} Hz, got shape {x.shape}")
+            raise ValueError(
+                f"expected windows [K, {self.window_samples}] at {self.sample_rate} Hz, got shape {x.shape}"
+            )
         return x
 
 
@@ -243,7 +251,9 @@ class CNNTagger(Tagger):
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         x = self._check_windows(segments)
         # the front end in fp32 on the host, whatever the precision; the net on the tagger's device
-        return _net_probabilities(self.net, self.logmel(x) if len(x) else x, len(self.labels), self.device, self.precision)
+        return _net_probabilities(
+            self.net, self.logmel(x) if len(x) else x, len(self.labels), self.device, self.precision
+        )
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -257,10 +267,19 @@ class CNNTagger(Tagger):
 
         seg = SegmentConfig(model.segment_s, model.segment_s)  # training evaluated non-overlapping windows
         return cls(
-            kind="cnn", labels=list(model.labels), sample_rate=int(model.features.sample_rate), segment=seg, audio=model.audio,
-            model_id=model_id, run_dir=run_dir, spec={"features": asdict(model.features), "normalizer": model.normalizer.mode},
-            meta=dict(model.meta), net=model.net, features=model.features, normalizer=model.normalizer,
-        )  # fmt: skip
+            kind="cnn",
+            labels=list(model.labels),
+            sample_rate=int(model.features.sample_rate),
+            segment=seg,
+            audio=model.audio,
+            model_id=model_id,
+            run_dir=run_dir,
+            spec={"features": asdict(model.features), "normalizer": model.normalizer.mode},
+            meta=dict(model.meta),
+            net=model.net,
+            features=model.features,
+            normalizer=model.normalizer,
+        )
 
 
 @dataclass
@@ -270,7 +289,9 @@ class FinetuneTagger(Tagger):
     net: Any = None
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        return _net_probabilities(self.net, self._check_windows(segments), len(self.labels), self.device, self.precision)
+        return _net_probabilities(
+            self.net, self._check_windows(segments), len(self.labels), self.device, self.precision
+        )
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -282,9 +303,17 @@ class FinetuneTagger(Tagger):
         """Wrap an ``embedkit.cnn.finetune.FinetunedModel``."""
         seg = SegmentConfig(model.segment_s, model.segment_s)
         return cls(
-            kind="finetune", labels=list(model.labels), sample_rate=int(model.sample_rate), segment=seg, audio=model.audio,
-            model_id=model_id, run_dir=run_dir, spec=dict(model.meta.get("spec") or {}), meta=dict(model.meta), net=model.net,
-        )  # fmt: skip
+            kind="finetune",
+            labels=list(model.labels),
+            sample_rate=int(model.sample_rate),
+            segment=seg,
+            audio=model.audio,
+            model_id=model_id,
+            run_dir=run_dir,
+            spec=dict(model.meta.get("spec") or {}),
+            meta=dict(model.meta),
+            net=model.net,
+        )
 
 
 def cnn_front_module(t: CNNTagger):
@@ -391,7 +420,9 @@ def model_id_of(path) -> str:
     return fingerprint(resolve_artefact(path))
 
 
-def load_tagger(path, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False) -> Tagger:
+def load_tagger(
+    path, checkpoint: str | None = None, device: str | None = "cpu", precision: str = "fp32", allow_tf32: bool = False
+) -> Tagger:
     """A Tagger for a finished run directory, a head bundle (``.skops``), a CNN / fine-tune
     model file (``.pt``) or a model exported by ``embedkit export`` (``.onnx``: an
     ``embedkit.runtime.OnnxTagger``, which imports no torch).
@@ -465,17 +496,32 @@ def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTag
     for key in _SPEC_KEYS:
         a, b = _norm(info.spec.get(key)), _norm(have.get(key))
         if a != b:
-            raise ConfigMismatchError(f"{artefact}: head was trained on {name} with {key}={a!r}; the backbone loaded here has {key}={b!r}")
+            raise ConfigMismatchError(
+                f"{artefact}: head was trained on {name} with {key}={a!r}; the backbone loaded here has {key}={b!r}"
+            )
     if info.weights_id != bb.weights_id:
-        raise ConfigMismatchError(f"{artefact}: head was trained on {name} weights {info.weights_id}; the weights loaded here are {bb.weights_id} (pass the same --checkpoint)")
+        raise ConfigMismatchError(
+            f"{artefact}: head was trained on {name} weights {info.weights_id}; the weights loaded here are {bb.weights_id} (pass the same --checkpoint)"
+        )
     if info.output != "embedding" and info.output not in bb.spec.outputs:
-        raise ConfigMismatchError(f"{artefact}: head was trained on the {info.output!r} output, which {name} does not produce")
+        raise ConfigMismatchError(
+            f"{artefact}: head was trained on the {info.output!r} output, which {name} does not produce"
+        )
     prep = PreprocessConfig.from_dict(info.preprocess or {})
     return HeadTagger(
-        kind="head", labels=list(info.labels), sample_rate=int(bb.spec.sample_rate), segment=prep.segments, audio=prep.audio,
-        model_id=model_id, spec=dict(info.spec), meta={"head": info.head, "weights_id": info.weights_id, "run_id": info.run_id, "output": info.output},
-        backbone=bb, predictor=info, artefact=artefact, _bundle=bundle,
-    )  # fmt: skip
+        kind="head",
+        labels=list(info.labels),
+        sample_rate=int(bb.spec.sample_rate),
+        segment=prep.segments,
+        audio=prep.audio,
+        model_id=model_id,
+        spec=dict(info.spec),
+        meta={"head": info.head, "weights_id": info.weights_id, "run_id": info.run_id, "output": info.output},
+        backbone=bb,
+        predictor=info,
+        artefact=artefact,
+        _bundle=bundle,
+    )
 
 
 #: backbone spec fields a head's embeddings depend on (as heads.load_bundle checks them)
@@ -491,11 +537,17 @@ def _norm(v):
 
 def _check_cnn_contract(t: Tagger, artefact: Path) -> None:
     if t.window_samples < 1:
-        raise ModelLoadingError(f"{artefact}: recorded window of {t.segment.segment_s:g} s is empty at {t.sample_rate} Hz")
+        raise ModelLoadingError(
+            f"{artefact}: recorded window of {t.segment.segment_s:g} s is empty at {t.sample_rate} Hz"
+        )
     if isinstance(t, CNNTagger):
         a, b = t.inside_frames
         if b - a < 1:
-            raise ModelLoadingError(f"{artefact}: a {t.segment.segment_s:g} s window is shorter than one {t.features.n_fft}-sample STFT frame")
+            raise ModelLoadingError(
+                f"{artefact}: a {t.segment.segment_s:g} s window is shorter than one {t.features.n_fft}-sample STFT frame"
+            )
         n = t.features.n_mels
-        if t.normalizer.mode == "standard" and (t.normalizer.mean is None or len(t.normalizer.mean) != n or len(t.normalizer.std or []) != n):
+        if t.normalizer.mode == "standard" and (
+            t.normalizer.mean is None or len(t.normalizer.mean) != n or len(t.normalizer.std or []) != n
+        ):
             raise ModelLoadingError(f"{artefact}: normalisation statistics do not have {n} mel bands")

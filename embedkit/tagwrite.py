@@ -40,7 +40,19 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import EmbedkitError, require
 
 PROVENANCE = ("EMBEDKIT_GENRE", "EMBEDKIT_GENRE_SCORE", "EMBEDKIT_MODEL", "EMBEDKIT_DATE", "EMBEDKIT_VERSION")
-WRITABLE = {".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".opus": "opus", ".m4a": "mp4", ".mp4": "mp4", ".m4b": "mp4", ".wav": "wav", ".aif": "aiff", ".aiff": "aiff"}
+WRITABLE = {
+    ".mp3": "mp3",
+    ".flac": "flac",
+    ".ogg": "ogg",
+    ".oga": "ogg",
+    ".opus": "opus",
+    ".m4a": "mp4",
+    ".mp4": "mp4",
+    ".m4b": "mp4",
+    ".wav": "wav",
+    ".aif": "aiff",
+    ".aiff": "aiff",
+}
 MP4_FREEFORM = "----:com.embedkit:"
 MP4_GENRE = "\xa9gen"
 _VERIFY_FRAMES = 4096
@@ -74,7 +86,10 @@ class TagState:
     def from_dict(cls, d: dict[str, Any] | "TagState") -> "TagState":
         if isinstance(d, TagState):
             return d
-        return cls(None if d.get("genre") is None else [str(x) for x in d["genre"]], {str(k): [str(x) for x in v] for k, v in (d.get("provenance") or {}).items()})
+        return cls(
+            None if d.get("genre") is None else [str(x) for x in d["genre"]],
+            {str(k): [str(x) for x in v] for k, v in (d.get("provenance") or {}).items()},
+        )
 
 
 @dataclass
@@ -212,7 +227,11 @@ def format_of(path: str | os.PathLike) -> str | None:
 
 def _stream_info(f) -> tuple:
     i = f.info
-    return (round(float(getattr(i, "length", 0.0) or 0.0), 6), getattr(i, "sample_rate", None), getattr(i, "channels", None))
+    return (
+        round(float(getattr(i, "length", 0.0) or 0.0), 6),
+        getattr(i, "sample_rate", None),
+        getattr(i, "channels", None),
+    )
 
 
 def _first_samples(path: Path):
@@ -251,7 +270,9 @@ def _copy_owner_and_mode(tmp: Path, st0: os.stat_result) -> None:
     os.chmod(tmp, stat.S_IMODE(st0.st_mode))
 
 
-def _replace_with_tagged_copy(path: Path, fmt: str, orig, new: TagState, st0: os.stat_result, id3_version: int, separator: str) -> None:
+def _replace_with_tagged_copy(
+    path: Path, fmt: str, orig, new: TagState, st0: os.stat_result, id3_version: int, separator: str
+) -> None:
     """Copy -> tag the copy -> verify against ``orig`` (the original, opened) -> owner and mode
     -> fsync -> atomic replace. Raises TagWriteError."""
     import numpy as np
@@ -323,7 +344,14 @@ def _prepare(path: str | os.PathLike) -> tuple[Path, str | None, os.stat_result 
     return p, fmt, st0, ""
 
 
-def _apply(path: str | os.PathLike, decide: Callable[[TagState, Callable], tuple[str, str, TagState | None]], dry_run: bool, id3_version: int, separator: str, genres: list[str]) -> TagChange:
+def _apply(
+    path: str | os.PathLike,
+    decide: Callable[[TagState, Callable], tuple[str, str, TagState | None]],
+    dry_run: bool,
+    id3_version: int,
+    separator: str,
+    genres: list[str],
+) -> TagChange:
     """Shared by write and restore: read, let ``decide(state, as_read)`` choose (status, reason,
     new state or None for no write; ``as_read`` maps a state to how it reads back once saved),
     then write safely unless ``dry_run``."""
@@ -334,7 +362,10 @@ def _apply(path: str | os.PathLike, decide: Callable[[TagState, Callable], tuple
     if problem:
         return out
     if fmt is None:
-        out.status, out.reason = "not-writable", f"{p.suffix or 'no extension'}: embedkit writes genres into MP3, FLAC, OGG, Opus, M4A, WAV and AIFF only"
+        out.status, out.reason = (
+            "not-writable",
+            f"{p.suffix or 'no extension'}: embedkit writes genres into MP3, FLAC, OGG, Opus, M4A, WAV and AIFF only",
+        )
         return out
     try:
         orig = _open(p, fmt)
@@ -398,8 +429,16 @@ def write_genres(
         if not genres:
             return "uncertain", "uncertain: no genre written", None
         if state.genre is not None and not state.written_by_embedkit and not overwrite:
-            return "kept", f"genre {'; '.join(state.genre)!r} was set by a person (not by embedkit); pass overwrite to replace it", None
-        if state.genre == as_read(new).genre and state.written_by_embedkit and state.provenance.get("EMBEDKIT_MODEL") == as_read(new).provenance.get("EMBEDKIT_MODEL"):
+            return (
+                "kept",
+                f"genre {'; '.join(state.genre)!r} was set by a person (not by embedkit); pass overwrite to replace it",
+                None,
+            )
+        if (
+            state.genre == as_read(new).genre
+            and state.written_by_embedkit
+            and state.provenance.get("EMBEDKIT_MODEL") == as_read(new).provenance.get("EMBEDKIT_MODEL")
+        ):
             return "unchanged", "already tagged with these genres by this model", None
         was = "no genre" if state.genre is None else repr("; ".join(state.genre))
         return "written", f"{was} -> {'; '.join(genres)!r}", new
@@ -407,7 +446,15 @@ def write_genres(
     return _apply(path, decide, dry_run, id3_version, separator, genres)
 
 
-def restore(path: str | os.PathLike, previous: dict[str, Any] | TagState, *, dry_run: bool = False, force: bool = False, id3_version: int = 4, separator: str = "; ") -> TagChange:
+def restore(
+    path: str | os.PathLike,
+    previous: dict[str, Any] | TagState,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    id3_version: int = 4,
+    separator: str = "; ",
+) -> TagChange:
     """Undo: put back the genre and provenance fields recorded in ``previous`` (a TagChange's
     ``before``). Refuses ("kept") when the file's genre is no longer the one embedkit wrote (a
     person changed it since) unless ``force``."""
@@ -435,7 +482,9 @@ def read_tags(path: str | os.PathLike) -> TagState:
     return _read(_open(p, fmt), fmt)
 
 
-def write_many(items: Iterable[tuple[str | os.PathLike, Sequence[str], Sequence[float] | None]], **kwargs) -> list[TagChange]:
+def write_many(
+    items: Iterable[tuple[str | os.PathLike, Sequence[str], Sequence[float] | None]], **kwargs
+) -> list[TagChange]:
     """``write_genres`` over (path, genres, scores) items; a failure is recorded and the rest go on."""
     return [write_genres(p, g, scores=s, **kwargs) for p, g, s in items]
 

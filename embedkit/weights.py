@@ -185,7 +185,10 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
 
 def hf_offline() -> bool:
     """True when the user asked the Hugging Face libraries to stay offline."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -199,7 +202,9 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/health", method="HEAD"), timeout=timeout_s).close()
+        urllib.request.urlopen(
+            urllib.request.Request(endpoint + "/api/health", method="HEAD"), timeout=timeout_s
+        ).close()
         return True
     except urllib.error.HTTPError:
         return True  # the server answered (e.g. 404): the network works

@@ -16,4 +16,5 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" =
 fi
 EMBEDKIT_EXTRAS=",test" bash scripts/install.sh
 ruff check .
+ruff format --check .
 python -m pytest -q "$@"

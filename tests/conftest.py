@@ -137,10 +137,38 @@ def runs(tracks, tmp_path_factory, synth_dataset):
     from embedkit.fit import fit_head
 
     tmp = tmp_path_factory.mktemp("runs")
-    extract(tracks, "tiny-test", cache=tmp / "cache", prep=PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0)), workers=1)
+    extract(
+        tracks,
+        "tiny-test",
+        cache=tmp / "cache",
+        prep=PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0)),
+        workers=1,
+    )
     head = fit_head("tiny-test", "lr", cache=tmp / "cache", runs=tmp / "runs", name="lr").run_dir
-    mlp = fit_head("tiny-test", "mlp", cache=tmp / "cache", runs=tmp / "runs", name="mlp", pca=8, params={"max_epochs": 3}).run_dir
+    mlp = fit_head(
+        "tiny-test", "mlp", cache=tmp / "cache", runs=tmp / "runs", name="mlp", pca=8, params={"max_epochs": 3}
+    ).run_dir
     train = TrainConfig(epochs=2, batch_size=4, crop="fixed")
-    cnn = train_cnn(tracks, cv=None, train=train, channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
-    ft = finetune(tracks, "tiny-test", train=train, ft=FinetuneConfig("tiny-test", frozen_epochs=1), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1).run_dir
+    cnn = train_cnn(
+        tracks,
+        cv=None,
+        train=train,
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=tmp / "runs",
+        cache=tmp / "cache",
+        threads=1,
+        workers=1,
+    ).run_dir
+    ft = finetune(
+        tracks,
+        "tiny-test",
+        train=train,
+        ft=FinetuneConfig("tiny-test", frozen_epochs=1),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=tmp / "runs",
+        cache=tmp / "cache",
+        threads=1,
+        workers=1,
+    ).run_dir
     return {"head": head, "mlp": mlp, "cnn": cnn, "finetune": ft, "cache": tmp / "cache", "data": synth_dataset}

@@ -23,10 +23,63 @@ from embedkit.evaluate import Evaluation, dataset_summary, write_metrics
 # FMA's tracks.csv: 52 columns under 4 top-level groups, written as three header rows
 # (",album,album,...", ",comments,date_created,...", "track_id,,,...").
 FMA_COLUMNS = {
-    "album": ["comments", "date_created", "date_released", "engineer", "favorites", "id", "information", "listens", "producer", "tags", "title", "tracks", "type"],
-    "artist": ["active_year_begin", "active_year_end", "associated_labels", "bio", "comments", "date_created", "favorites", "id", "latitude", "location", "longitude", "members", "name", "related_projects", "tags", "website", "wikipedia_page"],
+    "album": [
+        "comments",
+        "date_created",
+        "date_released",
+        "engineer",
+        "favorites",
+        "id",
+        "information",
+        "listens",
+        "producer",
+        "tags",
+        "title",
+        "tracks",
+        "type",
+    ],
+    "artist": [
+        "active_year_begin",
+        "active_year_end",
+        "associated_labels",
+        "bio",
+        "comments",
+        "date_created",
+        "favorites",
+        "id",
+        "latitude",
+        "location",
+        "longitude",
+        "members",
+        "name",
+        "related_projects",
+        "tags",
+        "website",
+        "wikipedia_page",
+    ],
     "set": ["split", "subset"],
-    "track": ["bit_rate", "comments", "composer", "date_created", "date_recorded", "duration", "favorites", "genre_top", "genres", "genres_all", "information", "interest", "language_code", "license", "listens", "lyricist", "number", "publisher", "tags", "title"],
+    "track": [
+        "bit_rate",
+        "comments",
+        "composer",
+        "date_created",
+        "date_recorded",
+        "duration",
+        "favorites",
+        "genre_top",
+        "genres",
+        "genres_all",
+        "information",
+        "interest",
+        "language_code",
+        "license",
+        "listens",
+        "lyricist",
+        "number",
+        "publisher",
+        "tags",
+        "title",
+    ],
 }
 
 # (track id, subset, split, genre_top, artist id, mp3 present)
@@ -79,7 +132,6 @@ def make_fma(root: Path, tracks=FMA_TRACKS, seconds=6.0, sr=44100, real_mp3: Pat
     return csv, audio_dir
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Runs (metrics.json) and the report's HTML
 
@@ -89,13 +141,35 @@ GENRES = ["blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "
 def _tracks(n_per_class: int = 4, labels=GENRES):
     import pandas as pd
 
-    rows = [{"track_id": f"{g}/{g}.{i:05d}", "path": f"/data/gtzan/{g}/{g}.{i:05d}.flac", "label": g, "split": None, "group": None} for g in labels for i in range(n_per_class)]
+    rows = [
+        {
+            "track_id": f"{g}/{g}.{i:05d}",
+            "path": f"/data/gtzan/{g}/{g}.{i:05d}.flac",
+            "label": g,
+            "split": None,
+            "group": None,
+        }
+        for g in labels
+        for i in range(n_per_class)
+    ]
     df = pd.DataFrame(rows)
     df.attrs["source"] = "/data/gtzan"
     return df
 
 
-def make_run(root: Path, run_id: str, kind: str, backbone: str, head: str, skill: float, seed: int, k: int = 4, labels=GENRES, extra: dict | None = None, synthetic: bool = False) -> dict:
+def make_run(
+    root: Path,
+    run_id: str,
+    kind: str,
+    backbone: str,
+    head: str,
+    skill: float,
+    seed: int,
+    k: int = 4,
+    labels=GENRES,
+    extra: dict | None = None,
+    synthetic: bool = False,
+) -> dict:
     """One run written by the real metrics writer: segment probabilities drawn so that about
     ``skill`` of the segments favour the true class."""
     rng = np.random.default_rng(seed)
@@ -124,13 +198,31 @@ def make_run(root: Path, run_id: str, kind: str, backbone: str, head: str, skill
     (root / run_id).mkdir(parents=True, exist_ok=True)
     m["calibration"] = calibrate_run(ev, root / run_id)
     m.update(
-        run_id=run_id, kind=kind, name=f"{backbone}+{head}" if kind == "head" else f"{kind}-{backbone}", backbone=backbone, head=head,
+        run_id=run_id,
+        kind=kind,
+        name=f"{backbone}+{head}" if kind == "head" else f"{kind}-{backbone}",
+        backbone=backbone,
+        head=head,
         protocol={"type": "cv", "k": k, "seed": 0, "test_size": None, "grouped": False},
         dataset=dataset_summary(tracks, n_segments=len(tracks) * 6),
-        spec={"name": backbone, "family": backbone.split("-")[0], "sample_rate": 16000, "embedding_dim": 200, "weights": "package data", "weights_sha256": "ab" * 32},
-        preprocess={"audio": {"clip_s": 30.0, "offset_s": 0.0, "pad_mode": "loop"}, "segments": {"segment_s": 5.0, "hop_s": 5.0}},
-        config={"head": head, "C": 1.0}, train_seconds=3.5 + seed, inference_ms_per_track=0.8 * (seed + 1), model_bytes=40_000 * (seed + 1), n_params=2010 * (seed + 1),
-    )  # fmt: skip
+        spec={
+            "name": backbone,
+            "family": backbone.split("-")[0],
+            "sample_rate": 16000,
+            "embedding_dim": 200,
+            "weights": "package data",
+            "weights_sha256": "ab" * 32,
+        },
+        preprocess={
+            "audio": {"clip_s": 30.0, "offset_s": 0.0, "pad_mode": "loop"},
+            "segments": {"segment_s": 5.0, "hop_s": 5.0},
+        },
+        config={"head": head, "C": 1.0},
+        train_seconds=3.5 + seed,
+        inference_ms_per_track=0.8 * (seed + 1),
+        model_bytes=40_000 * (seed + 1),
+        n_params=2010 * (seed + 1),
+    )
     m.update(extra or {})
     write_metrics(root / run_id, m)
     return json.loads((root / run_id / "metrics.json").read_text())
@@ -141,18 +233,80 @@ def make_runs(root: Path) -> list[dict]:
     # The layout embedkit.cnn writes: {fold: [one record per epoch]}; folds stop at different epochs.
     curves = {
         f"fold{f}": [
-            {"epoch": e + 1, "phase": "train", "train_loss": 2.2 - 0.3 * e + 0.02 * f, "train_acc": 0.2 + 0.12 * e, "val_loss": 2.25 - 0.25 * e + 0.05 * f, "val_acc": 0.15 + 0.1 * e, "seconds": 3.1}
+            {
+                "epoch": e + 1,
+                "phase": "train",
+                "train_loss": 2.2 - 0.3 * e + 0.02 * f,
+                "train_acc": 0.2 + 0.12 * e,
+                "val_loss": 2.25 - 0.25 * e + 0.05 * f,
+                "val_acc": 0.15 + 0.1 * e,
+                "seconds": 3.1,
+            }
             for e in range(6 - f)
         ]
         for f in range(4)
     }
     runs = [
-        make_run(root, "r-musicnn-lr", "head", "musicnn-msd", "lr", 0.9, 1, extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0}),
-        make_run(root, "r-musicnn-lgbm", "head", "musicnn-msd", "lgbm", 0.8, 2, extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0}),
-        make_run(root, "r-musicnn-mlp", "head", "musicnn-msd", "mlp", 0.85, 3, extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0}),
-        make_run(root, "r-melstats-lr", "head", "melstats", "lr", 0.6, 4, extra={"extract_ms_per_track": 12.0, "extract_seconds": 1.2}),
-        make_run(root, "r-cnn", "cnn", "scratch-cnn", "cnn", 0.5, 5, extra={"learning_curves": curves, "inference_ms_per_track": 45.0}),
-        make_run(root, "r-finetune", "finetune", "musicnn-msd", "linear", 0.88, 6, extra={"learning_curves": {"train_loss": [1.0, 0.7, 0.5], "val_accuracy": [0.6, 0.7, 0.8]}}),
+        make_run(
+            root,
+            "r-musicnn-lr",
+            "head",
+            "musicnn-msd",
+            "lr",
+            0.9,
+            1,
+            extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0},
+        ),
+        make_run(
+            root,
+            "r-musicnn-lgbm",
+            "head",
+            "musicnn-msd",
+            "lgbm",
+            0.8,
+            2,
+            extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0},
+        ),
+        make_run(
+            root,
+            "r-musicnn-mlp",
+            "head",
+            "musicnn-msd",
+            "mlp",
+            0.85,
+            3,
+            extra={"extract_ms_per_track": 310.0, "extract_seconds": 31.0},
+        ),
+        make_run(
+            root,
+            "r-melstats-lr",
+            "head",
+            "melstats",
+            "lr",
+            0.6,
+            4,
+            extra={"extract_ms_per_track": 12.0, "extract_seconds": 1.2},
+        ),
+        make_run(
+            root,
+            "r-cnn",
+            "cnn",
+            "scratch-cnn",
+            "cnn",
+            0.5,
+            5,
+            extra={"learning_curves": curves, "inference_ms_per_track": 45.0},
+        ),
+        make_run(
+            root,
+            "r-finetune",
+            "finetune",
+            "musicnn-msd",
+            "linear",
+            0.88,
+            6,
+            extra={"learning_curves": {"train_loss": [1.0, 0.7, 0.5], "val_accuracy": [0.6, 0.7, 0.8]}},
+        ),
     ]
     # A run with only the required fields: every optional section must render as "—".
     (root / "r-minimal").mkdir(exist_ok=True)
@@ -167,7 +321,22 @@ def make_runs(root: Path) -> list[dict]:
 class _Checker(HTMLParser):
     """Collects tags and attributes; checks that every non-void element is closed in order."""
 
-    VOID = {"meta", "br", "hr", "img", "input", "link", "col", "source", "wbr", "area", "base", "embed", "track", "param"}
+    VOID = {
+        "meta",
+        "br",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "col",
+        "source",
+        "wbr",
+        "area",
+        "base",
+        "embed",
+        "track",
+        "param",
+    }
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -206,11 +375,11 @@ def check_html(html: str) -> _Checker:
     assert not c.stack, f"unclosed: {c.stack}"
     ET.fromstring(re.sub(r"^<!DOCTYPE html>", "", html.lstrip()))  # raises on any XML error
     assert not re.search(r"https?:", html, re.I), re.search(r".{40}https?:.{40}", html, re.I)
-    assert "<script" not in html.lower() and "<link" not in html.lower() and "@import" not in html and "url(" not in html
+    assert (
+        "<script" not in html.lower() and "<link" not in html.lower() and "@import" not in html and "url(" not in html
+    )
     for tag, attr, val in c.attrs:
         assert attr != "src", f"<{tag} src=...>"
         if attr in ("href", "xlink:href"):
             assert (val or "").startswith("#"), f"<{tag} {attr}={val!r}> leaves the page"
     return c
-
-

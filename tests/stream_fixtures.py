@@ -32,10 +32,12 @@ class ToneTagger(Tagger):
         spec = np.abs(np.fft.rfft(x * np.hanning(x.shape[1]), axis=1))
         f = np.argmax(spec[:, 1:], axis=1).astype(np.float64) + 1
         f *= self.sample_rate / x.shape[1]
-        logits = -np.log2(f[:, None] / np.asarray(CENTRES)[None, :]) ** 2 * 2.0
+        logits = -(np.log2(f[:, None] / np.asarray(CENTRES)[None, :]) ** 2) * 2.0
         if self.noise:
             for i, row in enumerate(x):
-                seed = int.from_bytes(hashlib.blake2b(row.astype(np.float32).tobytes(), digest_size=8).digest(), "little")
+                seed = int.from_bytes(
+                    hashlib.blake2b(row.astype(np.float32).tobytes(), digest_size=8).digest(), "little"
+                )
                 logits[i] += np.random.default_rng(seed).standard_normal(len(self.labels)) * self.noise
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
@@ -55,11 +57,26 @@ class RecordingTagger(ToneTagger):
 
 
 def recording_tagger(sr: int = 8000, segment_s: float = 2.0) -> RecordingTagger:
-    return RecordingTagger(kind="head", labels=list(GENRES), sample_rate=sr, segment=SegmentConfig(segment_s, segment_s), audio=AudioConfig(), model_id="rec")
+    return RecordingTagger(
+        kind="head",
+        labels=list(GENRES),
+        sample_rate=sr,
+        segment=SegmentConfig(segment_s, segment_s),
+        audio=AudioConfig(),
+        model_id="rec",
+    )
 
 
 def tone_tagger(noise: float = 0.0, sr: int = 8000, segment_s: float = 2.0) -> ToneTagger:
-    return ToneTagger(kind="head", labels=list(GENRES), sample_rate=sr, segment=SegmentConfig(segment_s, segment_s), audio=AudioConfig(), model_id="tone", noise=noise)
+    return ToneTagger(
+        kind="head",
+        labels=list(GENRES),
+        sample_rate=sr,
+        segment=SegmentConfig(segment_s, segment_s),
+        audio=AudioConfig(),
+        model_id="tone",
+        noise=noise,
+    )
 
 
 def three_genres(sr: int, part_s: float = 30.0, seed: int = 0, order=(0, 1, 2)) -> np.ndarray:
@@ -94,11 +111,19 @@ def main(argv: list[str]) -> None:
         import atexit
         import resource
 
-        atexit.register(lambda: print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True))
+        atexit.register(
+            lambda: print(
+                f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True
+            )
+        )
     from embedkit.cli import main as cli_main
 
     real = st.load_model
-    st.load_model = lambda m, checkpoint=None: tone_tagger(noise=1.5 if str(m) == "tone-noisy" else 0.0) if str(m) in ("tone", "tone-noisy") else real(m, checkpoint)
+    st.load_model = lambda m, checkpoint=None: (
+        tone_tagger(noise=1.5 if str(m) == "tone-noisy" else 0.0)
+        if str(m) in ("tone", "tone-noisy")
+        else real(m, checkpoint)
+    )
     sys.argv = ["embedkit", *argv]
     cli_main()
 

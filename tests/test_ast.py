@@ -91,7 +91,11 @@ def test_registered_spec_matches_ast_base():
     from embedkit.backbones import get_spec
 
     spec, cfg = get_spec("ast"), ASTConfig()
-    assert (spec.embedding_dim, spec.frontend["max_length"], spec.frontend["n_mels"]) == (cfg.hidden_size, cfg.max_length, cfg.num_mel_bins)
+    assert (spec.embedding_dim, spec.frontend["max_length"], spec.frontend["n_mels"]) == (
+        cfg.hidden_size,
+        cfg.max_length,
+        cfg.num_mel_bins,
+    )
 
 
 def test_ast_5s_keeps_the_positions_a_5s_segment_uses(tiny_dir):
@@ -169,7 +173,9 @@ def test_env_var_and_missing_dir(tiny_dir, hf_isolated, monkeypatch):
         load_backbone("ast", checkpoint="./no/such/dir")
 
 
-@pytest.mark.parametrize("case", ["file", "no-config", "wrong-type", "no-preprocessor", "no-weights", "corrupt-weights", "wrong-shapes"])
+@pytest.mark.parametrize(
+    "case", ["file", "no-config", "wrong-type", "no-preprocessor", "no-weights", "corrupt-weights", "wrong-shapes"]
+)
 def test_bad_directories(case, tiny_dir, tmp_path):
     import shutil
 
@@ -201,7 +207,26 @@ def test_cli_extract_ast_end_to_end(cli, tiny_dir, synth_dataset, tmp_path, hf_i
     from embedkit.store import Store
 
     cache = tmp_path / "cache"
-    r = cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(tiny_dir), "--cache", str(cache), "--clip", "5", "--segment", "5", "--output", "clipwise", "--workers", "1"])
+    r = cli(
+        [
+            "extract",
+            str(synth_dataset),
+            "--backbone",
+            "ast",
+            "--checkpoint",
+            str(tiny_dir),
+            "--cache",
+            str(cache),
+            "--clip",
+            "5",
+            "--segment",
+            "5",
+            "--output",
+            "clipwise",
+            "--workers",
+            "1",
+        ]
+    )
     assert r.exit_code == 0, r.output
     (store_dir,) = [p for p in (cache / "ast").iterdir() if p.is_dir()]
     meta, X = Store(store_dir).read()
@@ -228,7 +253,9 @@ def test_cli_bad_directory_is_one_line(cli, tiny_dir, synth_dataset, tmp_path, h
     shutil.copytree(tiny_dir, d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
-    r = cli(["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(d), "--cache", str(tmp_path / "c")])
+    r = cli(
+        ["extract", str(synth_dataset), "--backbone", "ast", "--checkpoint", str(d), "--cache", str(tmp_path / "c")]
+    )
     assert r.exit_code != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "not an Audio Spectrogram Transformer" in lines[0], r.stderr

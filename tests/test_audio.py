@@ -170,15 +170,24 @@ BAD = {
     "missing": (lambda d: d / "nope.wav", "file not found"),
     "directory": (lambda d: (d / "dir.wav").mkdir() or d / "dir.wav", "is a directory"),
     "zero bytes": (lambda d: write_bytes(d / "empty.mp3", b""), "empty file (0 bytes)"),
-    "not audio": (lambda d: write_bytes(d / "notes.wav", b"this is a text file, not audio\n" * 10), "cannot decode audio"),
+    "not audio": (
+        lambda d: write_bytes(d / "notes.wav", b"this is a text file, not audio\n" * 10),
+        "cannot decode audio",
+    ),
     "truncated wav": (truncated_wav, "truncated"),
     "truncated flac": (
-        lambda d: (sf.write(d / "f.flac", sine(440, 8000, 2.0), 8000), write_bytes(d / "cut.flac", (d / "f.flac").read_bytes()[:3000]))[1],
+        lambda d: (
+            sf.write(d / "f.flac", sine(440, 8000, 2.0), 8000),
+            write_bytes(d / "cut.flac", (d / "f.flac").read_bytes()[:3000]),
+        )[1],
         "cannot decode audio",
     ),
     "nan": (lambda d: float_wav_with(d, np.nan), "NaN or infinite"),
     "inf": (lambda d: float_wav_with(d, np.inf), "NaN or infinite"),
-    "no samples": (lambda d: (sf.write(d / "none.wav", np.zeros(0, np.float32), 8000), d / "none.wav")[1], "no audio samples"),
+    "no samples": (
+        lambda d: (sf.write(d / "none.wav", np.zeros(0, np.float32), 8000), d / "none.wav")[1],
+        "no audio samples",
+    ),
 }
 
 

@@ -106,7 +106,14 @@ def test_every_torch_backbone_fine_tunes(name, loaded):
 
     import torch
 
-    from embedkit.cnn.finetune import FinetuneConfig, apply_phase, backbone_blocks, build_finetune_net, trainable_names, used_parameters
+    from embedkit.cnn.finetune import (
+        FinetuneConfig,
+        apply_phase,
+        backbone_blocks,
+        build_finetune_net,
+        trainable_names,
+        used_parameters,
+    )
 
     bb = loaded(name)
     module = bb.torch_module()
@@ -121,7 +128,11 @@ def test_every_torch_backbone_fine_tunes(name, loaded):
     top, _, top_params = backbone_blocks(net.backbone, {f"{n}" for n in used})[-1]
     apply_phase(net, FinetuneConfig(name, unfreeze="top:1"), "finetune", used)
     moving = {n for n, p in net.backbone.named_parameters() if p.requires_grad}
-    assert moving and moving <= used and {id(p) for p in top_params} == {id(p) for _, p in net.backbone.named_parameters() if _ in moving}
+    assert (
+        moving
+        and moving <= used
+        and {id(p) for p in top_params} == {id(p) for _, p in net.backbone.named_parameters() if _ in moving}
+    )
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3)
     y = 0.1 * torch.randn(4, int(round(seconds * sr)), generator=torch.Generator().manual_seed(0))

@@ -16,9 +16,9 @@ from embedkit.errors import EmbedkitError
 
 def _prob_rows(n_max=20, c_max=6):
     return st.integers(2, c_max).flatmap(
-        lambda c: arrays(np.float64, st.tuples(st.integers(1, n_max), st.just(c)), elements=st.floats(0.0, 1.0, allow_nan=False)).map(
-            lambda a: (a + 1e-3) / (a + 1e-3).sum(axis=1, keepdims=True)
-        )
+        lambda c: arrays(
+            np.float64, st.tuples(st.integers(1, n_max), st.just(c)), elements=st.floats(0.0, 1.0, allow_nan=False)
+        ).map(lambda a: (a + 1e-3) / (a + 1e-3).sum(axis=1, keepdims=True))
     )
 
 

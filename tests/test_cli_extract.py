@@ -94,7 +94,9 @@ def test_bad_arguments_give_one_line(tmp_path, make_args, message):
     (tmp_path / "bad.csv").write_text("path,genre\ndata/rock/a.wav,rock\n")
     (tmp_path / "dup.csv").write_text("path,label\ndata/rock/a.wav,rock\ndata/rock/a.wav,jazz\n")
     args = make_args(tmp_path)
-    res = run("extract", *args, *(["--backbone", "tiny-test"] if "--backbone" not in args else []), "--cache", tmp_path / "c")
+    res = run(
+        "extract", *args, *(["--backbone", "tiny-test"] if "--backbone" not in args else []), "--cache", tmp_path / "c"
+    )
     assert res.exit_code != 0
     assert message in one_error_line(res)
 
@@ -141,7 +143,9 @@ def test_ctrl_c_and_internal_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(embedkit.extract, "extract", bug)
     res = run("extract", tmp_path / "d", *FAST, "--cache", tmp_path / "c")
     assert res.exit_code == 1
-    assert one_error_line(res) == "error: internal error: ZeroDivisionError: oops (set EMBEDKIT_DEBUG=1 for the traceback)"
+    assert (
+        one_error_line(res) == "error: internal error: ZeroDivisionError: oops (set EMBEDKIT_DEBUG=1 for the traceback)"
+    )
 
 
 def test_store_locked_by_another_run(tmp_path):

@@ -45,7 +45,12 @@ def test_logmel_shape_and_librosa_parity(rng):
     cfg = FeatureConfig()
     s = logmel(y, cfg)
     assert s.shape == (128, 431) == (cfg.n_mels, cfg.n_frames(5 * SR))
-    ref = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=SR, n_fft=2048, hop_length=512, n_mels=128), ref=1.0, amin=1e-10, top_db=None)
+    ref = librosa.power_to_db(
+        librosa.feature.melspectrogram(y=y, sr=SR, n_fft=2048, hop_length=512, n_mels=128),
+        ref=1.0,
+        amin=1e-10,
+        top_db=None,
+    )
     np.testing.assert_allclose(s, ref, atol=2e-3)  # dB
     assert logmel(y[None].repeat(2, 0), cfg).shape == (2, 128, 431)
 
@@ -86,13 +91,19 @@ def test_clip_cache_memmaps_float16_computes_once_and_reports_short_clips(tmp_pa
     sf.write(short, _tone(440, 2.0, 22050), 22050)
     cache = logmel_cache(tmp_path / "cache", FeatureConfig(), AudioConfig(clip_s=6.0), min_s=5.0)
     arrays, failures = cache.build([str(ok), str(short)], workers=1)
-    assert isinstance(arrays[0], np.memmap) and arrays[0].dtype == np.float16 and arrays[0].shape == (128, 1 + 6 * SR // 512)
+    assert (
+        isinstance(arrays[0], np.memmap)
+        and arrays[0].dtype == np.float16
+        and arrays[0].shape == (128, 1 + 6 * SR // 512)
+    )
     assert arrays[1] is None and "too short" in failures[0][1]
     with pytest.raises(DatasetError, match="short.wav: too short"):
         raise_failures(failures, skip_bad=False)
     raise_failures(failures, skip_bad=True)
     calls = []
-    again = ClipCache(tmp_path / "cache", "cnn-logmel", {k: v for k, v in cache.identity.items() if k != "version"}, calls.append)
+    again = ClipCache(
+        tmp_path / "cache", "cnn-logmel", {k: v for k, v in cache.identity.items() if k != "version"}, calls.append
+    )
     assert again.dir == cache.dir
     arrays2, _ = again.build([str(ok)])
     assert calls == [] and np.array_equal(arrays2[0], arrays[0])
@@ -158,7 +169,13 @@ def test_draw_params_respects_switches_ranges_and_probability(rng):
     cfg = A.AugmentConfig.parse("all", p=1.0)
     for _ in range(50):
         p = A.draw_params(cfg, rng)
-        assert 0.8 <= p.rate <= 1.2 and -2 <= p.semitones <= 2 and -6 <= p.gain_db <= 6 and 10 <= p.snr_db <= 20 and abs(p.shift) <= 0.5
+        assert (
+            0.8 <= p.rate <= 1.2
+            and -2 <= p.semitones <= 2
+            and -6 <= p.gain_db <= 6
+            and 10 <= p.snr_db <= 20
+            and abs(p.shift) <= 0.5
+        )
     only_gain = A.draw_params(A.AugmentConfig.parse("gain", p=1.0), np.random.default_rng(1))
     assert only_gain.gain_db is not None and only_gain.rate is None and only_gain.snr_db is None
     with pytest.raises(ConfigError, match="unknown augmentation 'reverb'"):
@@ -191,7 +208,9 @@ def test_mixup_targets_are_convex_combinations(rng):
 
 def test_train_batches_crop_lengths_and_determinism():
     specs = [np.random.default_rng(i).normal(size=(16, 600)).astype(np.float16) for i in range(6)]
-    clips = Clips(clean=specs, labels=np.array([0, 1, 0, 1, 0, 1]), n_classes=2, hop=512, sr=SR, normalize=Normalizer("none"))
+    clips = Clips(
+        clean=specs, labels=np.array([0, 1, 0, 1, 0, 1]), n_classes=2, hop=512, sr=SR, normalize=Normalizer("none")
+    )
     crop = CropConfig(batch_size=4, crop="random", crop_min_s=3.0, crop_max_s=5.0)
     aug = A.AugmentConfig.parse("specaugment,mixup")
     a = list(train_batches(clips, range(6), crop, aug, np.random.default_rng(3)))
@@ -200,11 +219,23 @@ def test_train_batches_crop_lengths_and_determinism():
     for (xa, ta), (xb, tb) in zip(a, b):
         assert 1 + 3 * SR // 512 <= xa.shape[-1] <= 1 + 5 * SR // 512
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
-    three = list(train_batches(clips, range(6), CropConfig(batch_size=4, crops_per_clip=3), A.AugmentConfig(), np.random.default_rng(3)))
-    assert [len(x) for x, _ in three] == [4, 4, 4, 4, 2] and n_batches(clips, range(6), CropConfig(batch_size=4, crops_per_clip=3)) == 5
+    three = list(
+        train_batches(
+            clips, range(6), CropConfig(batch_size=4, crops_per_clip=3), A.AugmentConfig(), np.random.default_rng(3)
+        )
+    )
+    assert [len(x) for x, _ in three] == [4, 4, 4, 4, 2] and n_batches(
+        clips, range(6), CropConfig(batch_size=4, crops_per_clip=3)
+    ) == 5
     assert sum(t.sum(0) for _, t in three).tolist() == [9, 9]  # every clip three times
-    fixed = list(train_batches(clips, range(6), CropConfig(batch_size=4, crop="fixed"), A.AugmentConfig(), np.random.default_rng(0)))
-    assert all(x.shape[-1] == 431 for x, _ in fixed) and sum(len(x) for x, _ in fixed) == 6  # one 5 s segment per 600-frame clip
+    fixed = list(
+        train_batches(
+            clips, range(6), CropConfig(batch_size=4, crop="fixed"), A.AugmentConfig(), np.random.default_rng(0)
+        )
+    )
+    assert (
+        all(x.shape[-1] == 431 for x, _ in fixed) and sum(len(x) for x, _ in fixed) == 6
+    )  # one 5 s segment per 600-frame clip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +259,16 @@ def test_model_file_rebuilds_from_the_file_alone(tmp_path):
     cfg = CNNConfig(n_classes=3, channels=(4, 8))
     net = build_cnn(cfg).eval()
     norm = Normalizer("standard", [0.0] * 128, [1.0] * 128)
-    payload = {"kind": "cnn", "model_config": cfg.to_dict(), "state_dict": net.state_dict(), "labels": ["a", "b", "c"], "features": asdict(FeatureConfig()), "audio": asdict(AudioConfig()), "normalizer": norm.to_dict(), "segment_s": 5.0}
+    payload = {
+        "kind": "cnn",
+        "model_config": cfg.to_dict(),
+        "state_dict": net.state_dict(),
+        "labels": ["a", "b", "c"],
+        "features": asdict(FeatureConfig()),
+        "audio": asdict(AudioConfig()),
+        "normalizer": norm.to_dict(),
+        "segment_s": 5.0,
+    }
     save_model(tmp_path / "m.pt", payload)
     m = load_model(tmp_path / "m.pt")
     x = torch.randn(2, 128, 100)
@@ -247,10 +287,18 @@ def _train(tracks, tmp_path, **kw):
     from embedkit.cnn.train import train_cnn
 
     opts = dict(
-        cv=None, train=TrainConfig(epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"), channels=(4, 8),
-        audio_cfg=AudioConfig(clip_s=12.0), augment=A.AugmentConfig.parse("noise,gain,shift,specaugment,mixup", wave_mode="online", p=0.7),
-        runs_dir=tmp_path / "runs", cache=tmp_path.parent / "shared-cache", threads=2, workers=2,
-    )  # fmt: skip
+        cv=None,
+        train=TrainConfig(
+            epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"
+        ),
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        augment=A.AugmentConfig.parse("noise,gain,shift,specaugment,mixup", wave_mode="online", p=0.7),
+        runs_dir=tmp_path / "runs",
+        cache=tmp_path.parent / "shared-cache",
+        threads=2,
+        workers=2,
+    )
     opts.update(kw)
     return train_cnn(tracks, **opts)
 
@@ -265,7 +313,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_pa
 
     with pytest.raises(KeyboardInterrupt):
         _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", progress=interrupt_after_first_epoch)
-    assert (tmp_path / "cut" / "checkpoints" / "holdout.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "holdout.pt").exists() and not (
+        tmp_path / "cut" / "metrics.json"
+    ).exists()
     resumed = _train(synth_tracks, tmp_path, run_dir=tmp_path / "cut", resume=True)
     a = torch.load(full.run_dir / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
@@ -273,12 +323,16 @@ def test_resume_after_interruption_equals_uninterrupted_run(synth_tracks, tmp_pa
     curves_a, curves_b = full.metrics["learning_curves"]["holdout"], resumed.metrics["learning_curves"]["holdout"]
     key = ("epoch", "lr", "train_loss", "val_loss", "train_acc", "val_acc")
     assert [[r[k] for k in key] for r in curves_a] == [[r[k] for k in key] for r in curves_b] and len(curves_a) == 3
-    np.testing.assert_allclose([r["lr"] for r in curves_a], [1e-3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)])  # cosine, restored on resume
+    np.testing.assert_allclose(
+        [r["lr"] for r in curves_a], [1e-3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)]
+    )  # cosine, restored on resume
     # the stored normalisation comes from the fold's training clips only (not val / test)
     from embedkit.evaluate import make_folds
 
     (fold,) = make_folds(synth_tracks, "holdout", 5, 0.2, 0, 0.15)
-    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(synth_tracks["path"].tolist())
+    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(
+        synth_tracks["path"].tolist()
+    )
     pos = {t: i for i, t in enumerate(synth_tracks["track_id"])}
     stored = torch.load(full.run_dir / "model.pt", weights_only=True)["normalizer"]["mean"]
     np.testing.assert_allclose(stored, Normalizer("standard").fit([specs[pos[t]] for t in fold.train]).mean, rtol=1e-9)
@@ -302,14 +356,20 @@ def test_cv_run_deploys_a_model_trained_on_every_track_and_resumes_it(synth_trac
     full = _train(synth_tracks, tmp_path, run_dir=tmp_path / "full", **kw)
     m, d = full.metrics, full.metrics["deployed_model"]
     best = [f["best_epoch"] for f in m["folds"]]
-    assert d["evaluated"] is False and d["source"] == "models/final.pt" and d["n_train_tracks"] == len(synth_tracks) == 20
+    assert (
+        d["evaluated"] is False and d["source"] == "models/final.pt" and d["n_train_tracks"] == len(synth_tracks) == 20
+    )
     assert d["epochs"] == max(1, int(np.ceil(np.median(best)))) and m["final_fit_seconds"] == d["train_seconds"] > 0
     assert (full.run_dir / "model.pt").read_bytes() == (full.run_dir / "models" / "final.pt").read_bytes()
     assert sorted(p.name for p in (full.run_dir / "models").iterdir()) == ["final.pt", "fold0.pt", "fold1.pt"]
     final = torch.load(full.run_dir / "model.pt", weights_only=True)
     assert final["fold"] == "final" and final["train_config"]["epochs"] == d["epochs"]
-    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(synth_tracks["path"].tolist())
-    np.testing.assert_allclose(final["normalizer"]["mean"], Normalizer("standard").fit(specs).mean, rtol=1e-9)  # every track
+    specs, _ = logmel_cache(tmp_path.parent / "shared-cache", FeatureConfig(), AudioConfig(clip_s=12.0), 5.0).build(
+        synth_tracks["path"].tolist()
+    )
+    np.testing.assert_allclose(
+        final["normalizer"]["mean"], Normalizer("standard").fit(specs).mean, rtol=1e-9
+    )  # every track
     assert list(m["learning_curves"]) == ["fold0", "fold1"]  # the scores are the folds'
 
     def stop_in_final(e):
@@ -346,14 +406,37 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
     from embedkit.evaluate import load_runs
 
     runner = CliRunner()
-    args = ["train-cnn", str(synth_dataset), "--epochs", "2", "--channels", "4,8", "--batch-size", "4", "--clip", "12", "--threads", "1", "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path.parent / "shared-cache"), "--augment", "specaugment", "--crop", "fixed"]
+    args = [
+        "train-cnn",
+        str(synth_dataset),
+        "--epochs",
+        "2",
+        "--channels",
+        "4,8",
+        "--batch-size",
+        "4",
+        "--clip",
+        "12",
+        "--threads",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--cache",
+        str(tmp_path.parent / "shared-cache"),
+        "--augment",
+        "specaugment",
+        "--crop",
+        "fixed",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     (run,) = load_runs([tmp_path / "runs"])
     assert run["kind"] == "cnn" and run["name"] == "cnn-scratch+specaugment" and run["protocol"]["type"] == "holdout"
     assert set(run["learning_curves"]["holdout"][0]) >= {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"}
     assert 0 <= run["track_accuracy"] <= 1 and run["track_accuracy_vote"] is not None and run["confusion"]
-    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and run["calibration"]["before"]["accuracy"] == pytest.approx(run["track_accuracy"])
+    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and run["calibration"]["before"][
+        "accuracy"
+    ] == pytest.approx(run["track_accuracy"])
     model = load_model(f"{run['run_dir']}/model.pt")
     seg, mean = model.predict_proba_file(next(synth_dataset.glob("*/*.wav")))
     assert seg.shape == (2, 4) and abs(mean.sum() - 1) < 1e-5  # 12 s clip: two 5 s segments
@@ -381,8 +464,16 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
 def test_cli_bad_options_fail_fast_with_one_line(args, message, synth_dataset, tmp_path):
     from embedkit.cli import app
 
-    res = CliRunner().invoke(app, ["train-cnn", str(synth_dataset), "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), *args])
-    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output and "internal error" not in res.output, res.output
+    res = CliRunner().invoke(
+        app,
+        ["train-cnn", str(synth_dataset), "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), *args],
+    )
+    assert (
+        res.exit_code == 1
+        and message in res.output
+        and "Traceback" not in res.output
+        and "internal error" not in res.output
+    ), res.output
     assert not (tmp_path / "cache" / "cnn-logmel").exists()  # refused before any decoding
 
 
@@ -396,7 +487,9 @@ def test_pool_augmentation_missing_file_and_changed_bad_files_on_resume(synth_tr
         _train(tracks, tmp_path, augment=A.AugmentConfig.parse("noise,gain"), train=_one_epoch())
     aug = A.AugmentConfig.parse("noise,gain", pool_size=2, p=1.0)  # every variant augmented (p=0.5 leaves 1 in 4 clean)
     res = _train(tracks, tmp_path, augment=aug, train=_one_epoch(), skip_bad=True, run_dir=tmp_path / "pool")
-    assert [s["path"] for s in res.metrics["skipped"]] == [str(tmp_path / "gone.wav")] and res.metrics["dataset"]["n_tracks"] == len(tracks) - 1
+    assert [s["path"] for s in res.metrics["skipped"]] == [str(tmp_path / "gone.wav")] and res.metrics["dataset"][
+        "n_tracks"
+    ] == len(tracks) - 1
     (pool_dir,) = (tmp_path.parent / "shared-cache" / "cnn-pool").iterdir()
     variants = [np.load(f) for f in pool_dir.glob("*.npy")]  # one per training clip (not val / test)
     assert len(variants) >= 10 and all(v.shape[0] == 2 and v.shape[1] == 128 for v in variants)

@@ -81,7 +81,10 @@ def test_manifest_tsv_without_optional_columns(tmp_path):
         ("", "cannot read manifest"),
         ("path,label\na.wav,\n", "row 2 has an empty path or label"),
         ("path,label,split\na.wav,rock,holdout\n", r"unknown split value\(s\) \['holdout'\]"),
-        ("path,label\na.wav,rock\nsub/../a.wav,jazz\n", r"duplicate path .*a\.wav listed with different labels/splits/groups \(jazz, rock\)"),
+        (
+            "path,label\na.wav,rock\nsub/../a.wav,jazz\n",
+            r"duplicate path .*a\.wav listed with different labels/splits/groups \(jazz, rock\)",
+        ),
         ("path,label\n", "no audio files found"),
     ],
 )
@@ -137,7 +140,9 @@ def test_fma_errors(tmp_path):
     with pytest.raises(DatasetError, match="FMA audio directory not found"):
         from_fma(csv, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"no small-subset track has its mp3 under .*empty \(expected e\.g\. .*000/000002\.mp3\)"):
+    with pytest.raises(
+        DatasetError, match=r"no small-subset track has its mp3 under .*empty \(expected e\.g\. .*000/000002\.mp3\)"
+    ):
         from_fma(csv, tmp_path / "empty")
     with pytest.raises(DatasetError, match="unknown FMA subset 'tiny'"):
         from_fma(csv, audio_dir, subset="tiny")

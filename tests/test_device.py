@@ -69,7 +69,10 @@ def test_out_of_memory_back_off_halves_and_logs():
 
     out = device.run_batched(fn, list(range(10)), max_batch=16, log=logged.append)
     assert [x for chunk in out for x in chunk] == list(range(10))  # nothing lost, order kept
-    assert max(seen) <= 3 and logged == ["out of accelerator memory: batch size lowered to 5", "out of accelerator memory: batch size lowered to 2"]
+    assert max(seen) <= 3 and logged == [
+        "out of accelerator memory: batch size lowered to 5",
+        "out of accelerator memory: batch size lowered to 2",
+    ]
 
 
 def test_out_of_memory_at_batch_one_is_a_device_error():

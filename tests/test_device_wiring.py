@@ -73,8 +73,12 @@ def test_mps_off_macos_is_one_line(synth_dataset, tmp_path):
 
 
 def test_bad_device_and_precision_are_one_line(synth_dataset, tmp_path):
-    assert "unknown device 'gpu'" in _error_line(_cli("extract", synth_dataset, "-b", "tiny-test", "--cache", tmp_path, "--device", "gpu"))
-    assert "unknown precision 'fp8'" in _error_line(_cli("extract", synth_dataset, "-b", "tiny-test", "--cache", tmp_path, "--precision", "fp8"))
+    assert "unknown device 'gpu'" in _error_line(
+        _cli("extract", synth_dataset, "-b", "tiny-test", "--cache", tmp_path, "--device", "gpu")
+    )
+    assert "unknown precision 'fp8'" in _error_line(
+        _cli("extract", synth_dataset, "-b", "tiny-test", "--cache", tmp_path, "--precision", "fp8")
+    )
     line = _error_line(_cli("tag", tmp_path / "no-such-run", synth_dataset, "--device", "cpu", "--precision", "fp16"))
     assert "'fp16' needs an accelerator" in line
 
@@ -91,7 +95,9 @@ def test_extract_on_cpu_records_the_device_outside_the_store_key(tracks, tmp_pat
     meta = json.loads((on_cpu.store.root / "store.json").read_text())
     assert meta["devices"]["last"] == {"device": "cpu", "name": device.describe("cpu")["name"], "precision": "fp32"}
     assert on_cpu.device == meta["devices"]["last"]
-    np.testing.assert_array_equal(plain.store.read()[1], on_cpu.store.read()[1])  # batch None = 32 on the CPU: same rows
+    np.testing.assert_array_equal(
+        plain.store.read()[1], on_cpu.store.read()[1]
+    )  # batch None = 32 on the CPU: same rows
     # the device stays out of the shards' own metadata (shards do not depend on the device)
     import pyarrow.parquet as pq
 
@@ -130,7 +136,10 @@ def test_out_of_memory_inside_extraction_backs_off_and_keeps_every_row(tracks, t
     with pytest.warns(UserWarning, match="batch size lowered") as caught:
         res = extract(tracks, bb, cache=tmp_path / "oom", prep=PREP, workers=1, batch_size=8)
     # lowered once per halving (8 -> 4 -> 2), then remembered for the later batches of the shard
-    assert [str(w.message) for w in caught] == ["out of accelerator memory: batch size lowered to 4", "out of accelerator memory: batch size lowered to 2"] * len(res.store.shard_files())
+    assert [str(w.message) for w in caught] == [
+        "out of accelerator memory: batch size lowered to 4",
+        "out of accelerator memory: batch size lowered to 2",
+    ] * len(res.store.shard_files())
     assert max(sizes) <= 3 and res.n_failed == 0
     np.testing.assert_allclose(res.store.read()[1], ref.store.read()[1], atol=1e-6)
 
@@ -158,7 +167,18 @@ def cnn_run(tracks, tmp_path_factory):
     from embedkit.cnn.train import TrainConfig, train_cnn
 
     tmp = tmp_path_factory.mktemp("devrun")
-    res = train_cnn(tracks, cv=None, train=TrainConfig(epochs=1, batch_size=4, crop="fixed"), channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp / "runs", cache=tmp / "cache", threads=1, workers=1, device="cpu")
+    res = train_cnn(
+        tracks,
+        cv=None,
+        train=TrainConfig(epochs=1, batch_size=4, crop="fixed"),
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=tmp / "runs",
+        cache=tmp / "cache",
+        threads=1,
+        workers=1,
+        device="cpu",
+    )
     return res
 
 
@@ -209,7 +229,9 @@ def test_allocator_trick_is_cpu_only(monkeypatch):
 
     assert fake(None, None, None, None, None, Opts()) == "done" and calls == [True, False]
     calls.clear()
-    monkeypatch.setattr(device, "resolve", lambda name, allow_tf32=False: torch.device("meta"))  # an accelerator stand-in
+    monkeypatch.setattr(
+        device, "resolve", lambda name, allow_tf32=False: torch.device("meta")
+    )  # an accelerator stand-in
     Opts.device = "cuda"
     assert fake(None, None, None, None, None, Opts()) == "done" and calls == []
 
@@ -233,8 +255,23 @@ def test_cuda_tagger_matches_cpu_and_training_runs_there(cnn_run, tracks, tmp_pa
     from embedkit.tagger import load_tagger
 
     w = load_tagger(cnn_run.run_dir).clip_windows(tracks.path.iloc[0])[0]
-    np.testing.assert_allclose(load_tagger(cnn_run.run_dir, device="cuda").predict_segments(w), load_tagger(cnn_run.run_dir).predict_segments(w), atol=1e-5)
-    res = train_cnn(tracks, cv=None, train=TrainConfig(epochs=1, batch_size=4, crop="fixed"), channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp_path / "runs", cache=tmp_path / "cache", threads=1, workers=1, device="cuda")
+    np.testing.assert_allclose(
+        load_tagger(cnn_run.run_dir, device="cuda").predict_segments(w),
+        load_tagger(cnn_run.run_dir).predict_segments(w),
+        atol=1e-5,
+    )
+    res = train_cnn(
+        tracks,
+        cv=None,
+        train=TrainConfig(epochs=1, batch_size=4, crop="fixed"),
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=tmp_path / "runs",
+        cache=tmp_path / "cache",
+        threads=1,
+        workers=1,
+        device="cuda",
+    )
     assert res.metrics["device"]["device"] == "cuda:0"
     ck = torch.load(res.run_dir / "model.pt", map_location="cpu", weights_only=True)
     assert all(v.device.type == "cpu" for v in ck["state_dict"].values())
@@ -245,13 +282,22 @@ def test_report_provenance_shows_each_runs_device(tmp_path):
 
     from helpers import make_run
 
-    make_run(tmp_path / "runs", "head-a", "head", "musicnn-msd", "lr", 0.8, 0, extra={"device": {"device": "cuda:0", "name": "NVIDIA H200", "precision": "bf16", "allow_tf32": True}})
+    make_run(
+        tmp_path / "runs",
+        "head-a",
+        "head",
+        "musicnn-msd",
+        "lr",
+        0.8,
+        0,
+        extra={"device": {"device": "cuda:0", "name": "NVIDIA H200", "precision": "bf16", "allow_tf32": True}},
+    )
     make_run(tmp_path / "runs", "head-b", "head", "melstats", "lr", 0.5, 1)  # recorded before devices were
     out, ctx = build_report([tmp_path / "runs"], tmp_path / "report.html")
     rows = {r.label: r.extra["spec_row"]["device"] for r in ctx["runs"]}
     assert sorted(rows.values()) == ["cuda:0 (NVIDIA H200), bf16, TF32", "—"]
     html = out.read_text(encoding="utf-8")
-    assert "<th class=\"l\">Device</th>" in html and "cuda:0 (NVIDIA H200), bf16, TF32" in html
+    assert '<th class="l">Device</th>' in html and "cuda:0 (NVIDIA H200), bf16, TF32" in html
 
 
 def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
@@ -259,7 +305,15 @@ def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
     from embedkit.fit import fit_head
     from embedkit.tagger import load_tagger
 
-    res = extract(tracks, "melstats", cache=tmp_path / "cache", prep=PREP, workers=1, device="auto", precision="bf16" if not HAS_CUDA else "fp32")
+    res = extract(
+        tracks,
+        "melstats",
+        cache=tmp_path / "cache",
+        prep=PREP,
+        workers=1,
+        device="auto",
+        precision="bf16" if not HAS_CUDA else "fp32",
+    )
     assert res.device["device"] == "cpu" and res.device["precision"] == "fp32"  # melstats has no network
     run = fit_head("melstats", "lr", cache=tmp_path / "cache", runs=tmp_path / "runs", name="lr").run_dir
     assert json.loads((run / "metrics.json").read_text())["device"]["device"] == "cpu"  # the store's extraction device
@@ -283,7 +337,9 @@ def test_reduced_precision_gets_a_store_of_its_own(tmp_path, synth_tracks):
     spec = a.store.meta()["backbone"]
     from embedkit.backbones import get_spec
 
-    assert a.store.root.name == store_key(a.store.meta()["weights_id"], prep, get_spec(spec["name"]))  # fp32: key unchanged
+    assert a.store.root.name == store_key(
+        a.store.meta()["weights_id"], prep, get_spec(spec["name"])
+    )  # fp32: key unchanged
     _, xa = a.store.read()
     _, xb = b.store.read()
     assert not np.array_equal(xa, xb)

@@ -77,7 +77,9 @@ def parity(tagger, path: Path, files: list[Path]) -> float:
         a, b = onnx_tagger.predict_segments(windows), tagger.predict_segments(windows)
         worst = max(worst, float(np.abs(a - b).max()))
         ta, tb = onnx_tagger.track_probabilities(a), tagger.track_probabilities(b)
-        assert ta.argmax() == tb.argmax(), f"{f.name}: top label {tagger.labels[ta.argmax()]} (onnx) vs {tagger.labels[tb.argmax()]} (torch)"
+        assert ta.argmax() == tb.argmax(), (
+            f"{f.name}: top label {tagger.labels[ta.argmax()]} (onnx) vs {tagger.labels[tb.argmax()]} (torch)"
+        )
     return worst
 
 
@@ -107,7 +109,9 @@ def test_head_module_matches_predict_proba(head, pca):
     y = np.array(["jazz", "rock", "blues"] * 40)
     model = make_head(head, pca=pca, params={"max_epochs": 5} if head == "mlp" else None).fit(X, y)
     # labels in another order than classes_, and one the head never saw (probability 0)
-    bundle = HeadBundle(model=model, labels=["rock", "pop", "blues", "jazz"], head=head, spec={}, preprocess={}, weights_id="none")
+    bundle = HeadBundle(
+        model=model, labels=["rock", "pop", "blues", "jazz"], head=head, spec={}, preprocess={}, weights_id="none"
+    )
     Xn = (rng.standard_normal((50, 20)) * 10).astype(np.float32)
     with torch.no_grad():
         got = head_module(bundle)(torch.from_numpy(Xn)).numpy()
@@ -122,7 +126,14 @@ def test_lightgbm_heads_are_not_torch_layers():
 
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((90, 5)).astype(np.float32), np.array(["a", "b", "c"] * 30)
-    bundle = HeadBundle(model=make_head("lgbm", params={"n_estimators": 5}).fit(X, y), labels=["a", "b", "c"], head="lgbm", spec={}, preprocess={}, weights_id="none")
+    bundle = HeadBundle(
+        model=make_head("lgbm", params={"n_estimators": 5}).fit(X, y),
+        labels=["a", "b", "c"],
+        head="lgbm",
+        spec={},
+        preprocess={},
+        weights_id="none",
+    )
     with pytest.raises(ExportError, match="LightGBM"):
         head_module(bundle)
 
@@ -140,7 +151,12 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert meta["labels"] == tagger.labels and meta["kind"] == "head"
     assert meta["sample_rate"] == 16000 and meta["window_samples"] == 80000
     assert (meta["segment_s"], meta["hop_s"]) == (tagger.segment.segment_s, tagger.segment.hop_s)
-    assert meta["audio"] == {"clip_s": tagger.audio.clip_s, "offset_s": tagger.audio.offset_s, "pad_mode": tagger.audio.pad_mode, "min_duration_s": tagger.audio.min_duration_s}
+    assert meta["audio"] == {
+        "clip_s": tagger.audio.clip_s,
+        "offset_s": tagger.audio.offset_s,
+        "pad_mode": tagger.audio.pad_mode,
+        "min_duration_s": tagger.audio.min_duration_s,
+    }
     assert meta["run_id"] == run.name and meta["source_model_id"] == tagger.model_id
     assert meta["calibration"] is None and meta["spec"]["name"] == "musicnn-msd"
     assert len(meta["preprocessing_hash"]) == 12 and meta["embedkit_version"]
@@ -187,7 +203,16 @@ def test_tiny_lgbm_parity(tracks, work, real_files):
 def test_cnn_parity(tracks, work, real_files):
     from embedkit.cnn.train import TrainConfig, train_cnn
 
-    res = train_cnn(tracks, train=TrainConfig(epochs=1, batch_size=4, patience=2), channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=work / "runs", cache=work / "cnn-cache", threads=1, workers=2)
+    res = train_cnn(
+        tracks,
+        train=TrainConfig(epochs=1, batch_size=4, patience=2),
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=work / "runs",
+        cache=work / "cnn-cache",
+        threads=1,
+        workers=2,
+    )
     _export_and_check(load_tagger(res.run_dir), work, "cnn", real_files)
 
 
@@ -195,7 +220,17 @@ def test_finetune_parity(tracks, work, real_files):
     from embedkit.cnn.finetune import FinetuneConfig, finetune
     from embedkit.cnn.train import TrainConfig
 
-    res = finetune(tracks, "tiny-test", train=TrainConfig(epochs=1, batch_size=4, patience=2), ft=FinetuneConfig("tiny-test", frozen_epochs=1), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=work / "runs", cache=work / "ft-cache", threads=1, workers=2)
+    res = finetune(
+        tracks,
+        "tiny-test",
+        train=TrainConfig(epochs=1, batch_size=4, patience=2),
+        ft=FinetuneConfig("tiny-test", frozen_epochs=1),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=work / "runs",
+        cache=work / "ft-cache",
+        threads=1,
+        workers=2,
+    )
     _export_and_check(load_tagger(res.run_dir), work, "finetune", real_files)
 
 
@@ -240,7 +275,16 @@ def test_finetuned_musicnn_parity(work, real_files):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = build_finetune_net(copy.deepcopy(bb.torch_module()), 200, 4, 0.1).eval()
-    tagger = FinetuneTagger(kind="finetune", labels=["a", "b", "c", "d"], sample_rate=16000, segment=SegmentConfig(5.0, 5.0), audio=AudioConfig(), model_id="ft", spec=bb.spec.to_dict(), net=net)
+    tagger = FinetuneTagger(
+        kind="finetune",
+        labels=["a", "b", "c", "d"],
+        sample_rate=16000,
+        segment=SegmentConfig(5.0, 5.0),
+        audio=AudioConfig(),
+        model_id="ft",
+        spec=bb.spec.to_dict(),
+        net=net,
+    )
     _export_and_check(tagger, work, "finetune-musicnn", real_files[:4])
 
 
@@ -255,7 +299,9 @@ def test_panns_cnn14_lr_parity(tracks, work, real_files, tmp_path_factory):
     tagger = load_tagger(run, checkpoint=str(ckpt))
     _export_and_check(tagger, work, "panns-cnn14-lr", real_files[:3])
     # the exported backbone alone: embeddings to float32 rounding
-    sess = ort.InferenceSession(_torch_export(_backbone_module(tagger.backbone), tagger.window_samples, 18).SerializeToString())
+    sess = ort.InferenceSession(
+        _torch_export(_backbone_module(tagger.backbone), tagger.window_samples, 18).SerializeToString()
+    )
     windows, _ = tagger.clip_windows(real_files[0])
     ref = tagger.backbone.embed(windows)
     assert np.abs(sess.run(None, {"waveform": windows})[0] - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -291,7 +337,11 @@ def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
     assert np.abs(track - tagger.track_probabilities(raw)).max() <= BOUND
     # the decision rule travels with the model: below the threshold (1.0), "uncertain" on both
     assert read_metadata(out)["thresholds"]["threshold"] == 1.0
-    assert onnx_tagger.calibration.decide(track) == str(tagger.calibration.decide(tagger.track_probabilities(raw))) == "uncertain"
+    assert (
+        onnx_tagger.calibration.decide(track)
+        == str(tagger.calibration.decide(tagger.track_probabilities(raw)))
+        == "uncertain"
+    )
 
 
 def test_calibration_without_temperature_is_refused(tiny_lr, work):
@@ -315,8 +365,25 @@ def test_melstats_is_refused_with_a_reason():
     bb = load_backbone("melstats")
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((30, bb.spec.embedding_dim)).astype(np.float32), np.array(["a", "b"] * 15)
-    bundle = HeadBundle(model=make_head("lr").fit(X, y), labels=["a", "b"], head="lr", spec=bb.spec.to_dict(), preprocess={}, weights_id=bb.weights_id)
-    t = HeadTagger(kind="head", labels=["a", "b"], sample_rate=bb.spec.sample_rate, segment=SegmentConfig(), audio=AudioConfig(), model_id="m", backbone=bb, predictor=bundle, _bundle=bundle)
+    bundle = HeadBundle(
+        model=make_head("lr").fit(X, y),
+        labels=["a", "b"],
+        head="lr",
+        spec=bb.spec.to_dict(),
+        preprocess={},
+        weights_id=bb.weights_id,
+    )
+    t = HeadTagger(
+        kind="head",
+        labels=["a", "b"],
+        sample_rate=bb.spec.sample_rate,
+        segment=SegmentConfig(),
+        audio=AudioConfig(),
+        model_id="m",
+        backbone=bb,
+        predictor=bundle,
+        _bundle=bundle,
+    )
     with pytest.raises(ExportError, match="melstats.*librosa"):
         export_onnx(t, "/nonexistent/never.onnx")
 
@@ -385,7 +452,9 @@ def test_onnx_tagger_runs_with_torch_blocked(tiny_lr, work, real_files):
     out = work / "torchfree.onnx"
     export_onnx(tagger, out)
     files = [str(f) for f in real_files[:3]]
-    res = subprocess.run([sys.executable, "-c", BLOCKED_RUNTIME, str(out), *files], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUNTIME, str(out), *files], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["blocked_loaded"] == [] and got["labels"] == tagger.labels
@@ -433,7 +502,9 @@ def test_ast_lr_parity(tracks, work, real_files, ast_dir):
     _export_and_check(load_tagger(run, checkpoint=str(ast_dir)), work, "ast-5s-lr", real_files[:5])
 
 
-BLOCKED_CLI = BLOCKED_RUNTIME.split("from embedkit.runtime")[0] + r"""
+BLOCKED_CLI = (
+    BLOCKED_RUNTIME.split("from embedkit.runtime")[0]
+    + r"""
 from embedkit.cli import main
 sys.argv = ["embedkit", *sys.argv[1:]]
 try:
@@ -442,6 +513,7 @@ finally:
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCK)
     print("BLOCKED_LOADED", json.dumps(loaded), file=sys.stderr)
 """
+)
 
 
 def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, real_files, tmp_path):
@@ -453,9 +525,30 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
     export_onnx(load_tagger(tiny_lr), model)
     files = [str(f) for f in real_files[:4]]
     onnx_out, torch_out = tmp_path / "onnx.jsonl", tmp_path / "torch.jsonl"
-    res = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "tag", "--runtime", "onnx", str(model), *files, "--out", str(onnx_out), "--db", str(tmp_path / "tags.sqlite"), "--workers", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKED_CLI,
+            "tag",
+            "--runtime",
+            "onnx",
+            str(model),
+            *files,
+            "--out",
+            str(onnx_out),
+            "--db",
+            str(tmp_path / "tags.sqlite"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert 'BLOCKED_LOADED []' in res.stderr
+    assert "BLOCKED_LOADED []" in res.stderr
     ref = CliRunner().invoke(app, ["tag", str(tiny_lr), *files, "--out", str(torch_out), "--workers", "1"])
     assert ref.exit_code == 0, ref.output
     a = {r["path"]: r for r in map(json.loads, onnx_out.read_text().splitlines())}
@@ -463,6 +556,9 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
     assert sorted(a) == sorted(b) and len(a) == len(files)
     for path in a:
         assert a[path]["top_label"] == b[path]["top_label"]
-        assert max(abs(a[path]["probabilities"][k] - b[path]["probabilities"][k]) for k in b[path]["probabilities"]) <= BOUND
+        assert (
+            max(abs(a[path]["probabilities"][k] - b[path]["probabilities"][k]) for k in b[path]["probabilities"])
+            <= BOUND
+        )
     wrong = CliRunner().invoke(app, ["tag", "--runtime", "onnx", str(tiny_lr), *files])
     assert wrong.exit_code == 1 and "embedkit export" in wrong.output

@@ -77,7 +77,9 @@ def test_readable_by_pandas_pyarrow_dataset_and_duckdb(tmp_path, tracks):
     table = ds.dataset(store.segments_dir, format="parquet").to_table()
     assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 32
     con = duckdb.connect()
-    n, dim = con.execute(f"select count(*), max(len(embedding)) from read_parquet('{store.segments_dir}/*.parquet')").fetchone()
+    n, dim = con.execute(
+        f"select count(*), max(len(embedding)) from read_parquet('{store.segments_dir}/*.parquet')"
+    ).fetchone()
     assert (n, dim) == (12, 32)
 
 
@@ -172,10 +174,14 @@ def test_unreadable_shard_is_set_aside_and_redone(tmp_path, tracks):
 def test_preprocessing_and_weights_key_the_store(tmp_path, tracks):
     sub = tracks.iloc[:2]
     a = extract(sub, "tiny-test", cache=tmp_path, prep=PREP10).store
-    b = extract(sub, "tiny-test", cache=tmp_path, prep=PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 2.5))).store
+    b = extract(
+        sub, "tiny-test", cache=tmp_path, prep=PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 2.5))
+    ).store
     assert a.root != b.root and len(b.read()[0]) == 2 * 3
     # ints and floats describe the same config: same store
-    c = extract(sub, "tiny-test", cache=tmp_path, prep=PreprocessConfig(AudioConfig(clip_s=10), SegmentConfig(5, 5))).store
+    c = extract(
+        sub, "tiny-test", cache=tmp_path, prep=PreprocessConfig(AudioConfig(clip_s=10), SegmentConfig(5, 5))
+    ).store
     assert c.root == a.root
     assert find_store(tmp_path, "tiny-test", PREP10).root == a.root
     with pytest.raises(StoreError, match="several stores"):
@@ -217,7 +223,14 @@ def bad_dataset(root: Path) -> pd.DataFrame:
     add("missing.wav", "file not found")
     add("empty.wav", "empty file (0 bytes)", lambda p: p.write_bytes(b""))
     add("garbage.mp3", "cannot decode audio", lambda p: p.write_bytes(os.urandom(3000)))
-    add("truncated.wav", "truncated", lambda p: (sf.write(d / "full.wav", tone(10, 8000), 8000), p.write_bytes((d / "full.wav").read_bytes()[:40000])))
+    add(
+        "truncated.wav",
+        "truncated",
+        lambda p: (
+            sf.write(d / "full.wav", tone(10, 8000), 8000),
+            p.write_bytes((d / "full.wav").read_bytes()[:40000]),
+        ),
+    )
     add("silent.wav", "silent", lambda p: sf.write(p, np.zeros(10 * 8000, np.float32), 8000))
     add("short.wav", "too short: 2.00 s < 5 s", lambda p: sf.write(p, tone(2, 22050), 22050))
     add("nan.wav", "NaN or infinite", lambda p: sf.write(p, tone(10, 8000, value=np.nan), 8000, subtype="FLOAT"))
@@ -247,7 +260,13 @@ def test_bad_files_are_skipped_recorded_and_summarised(tmp_path):
     table = res.store.failures()
     # a missing file has no content to record a failure against: reported, looked at again next run
     stored = sorted(n for n in failed if n != "missing.wav")
-    assert sorted(table.track_id) == stored and set(table.columns) == {"track_id", "path", "label", "reason", "fingerprint"}
+    assert sorted(table.track_id) == stored and set(table.columns) == {
+        "track_id",
+        "path",
+        "label",
+        "reason",
+        "fingerprint",
+    }
     assert res.notes == [f"{tmp_path / 'audio' / 'padded.wav'}: 7.00 s is shorter than 10 s; loop-padded"]
     # failures are remembered: not retried unless asked
     again = extract(df, "tiny-test", cache=tmp_path / "cache", prep=PREP10)
@@ -318,7 +337,15 @@ def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dask's own deprecation chatter
         with dask_client("local", n_workers=1, threads_per_worker=2, processes=False) as client:
-            res = extract(tracks, "tiny-test", cache=tmp_path / "dask", prep=PREP10, shard_size=4, executor=client, progress=lambda d, t: seen.append(d))
+            res = extract(
+                tracks,
+                "tiny-test",
+                cache=tmp_path / "dask",
+                prep=PREP10,
+                shard_size=4,
+                executor=client,
+                progress=lambda d, t: seen.append(d),
+            )
     assert (res.n_extracted, res.n_segments) == (20, 40)
     assert seen == [0, 4, 8, 12, 16, 20]
     assert_same_rows(rows(res.store), rows(local.store))
@@ -348,7 +375,11 @@ def test_gtzan_mini_melstats_600_rows_then_noop(tmp_path, monkeypatch):
     meta, X = res.store.read()
     assert X.shape == (600, 218) and np.isfinite(X).all() and X.std(axis=0).min() > 0
     assert meta.label.value_counts().tolist() == [60] * 10
-    n = duckdb.connect().execute(f"select count(*) from read_parquet('{res.store.segments_dir}/*.parquet')").fetchone()[0]
+    n = (
+        duckdb.connect()
+        .execute(f"select count(*) from read_parquet('{res.store.segments_dir}/*.parquet')")
+        .fetchone()[0]
+    )
     assert n == 600
     monkeypatch.setattr(extract_mod, "_decode_safe", lambda *a: pytest.fail("a no-op run decoded audio"))
     again = extract(df, "melstats", cache=tmp_path)
@@ -364,11 +395,13 @@ def test_melstats_blocks_match_librosa_and_do_not_depend_on_the_batch():
     sr = melstats.SR
     rng = np.random.default_rng(1)
     t = np.arange(5 * sr) / sr
-    y = np.stack([
-        0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)),
-        0.2 * rng.standard_normal(len(t)) * (t % 1 < 0.3),
-        np.zeros(len(t)),  # silence: finite features
-    ]).astype(np.float32)
+    y = np.stack(
+        [
+            0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)),
+            0.2 * rng.standard_normal(len(t)) * (t % 1 < 0.3),
+            np.zeros(len(t)),  # silence: finite features
+        ]
+    ).astype(np.float32)
     S = np.abs(librosa.stft(y, n_fft=2048, hop_length=512))
     mel = librosa.power_to_db(librosa.feature.melspectrogram(S=S**2, sr=sr, n_mels=64), ref=1.0, top_db=None)
     nyq = sr / 2
@@ -377,14 +410,17 @@ def test_melstats_blocks_match_librosa_and_do_not_depend_on_the_batch():
         librosa.feature.mfcc(S=mel, n_mfcc=20),
         librosa.feature.chroma_stft(S=S**2, sr=sr, tuning=0.0),
         np.stack([librosa.feature.spectral_contrast(S=s, sr=sr) for s in S]),  # per segment (its dB floor)
-        np.concatenate([
-            librosa.feature.spectral_centroid(S=S, sr=sr) / nyq,
-            librosa.feature.spectral_bandwidth(S=S, sr=sr) / nyq,
-            librosa.feature.spectral_rolloff(S=S, sr=sr) / nyq,
-            librosa.feature.spectral_flatness(S=S),
-            librosa.feature.zero_crossing_rate(y, frame_length=2048, hop_length=512),
-            librosa.feature.rms(S=S, frame_length=2048),
-        ], axis=-2),
+        np.concatenate(
+            [
+                librosa.feature.spectral_centroid(S=S, sr=sr) / nyq,
+                librosa.feature.spectral_bandwidth(S=S, sr=sr) / nyq,
+                librosa.feature.spectral_rolloff(S=S, sr=sr) / nyq,
+                librosa.feature.spectral_flatness(S=S),
+                librosa.feature.zero_crossing_rate(y, frame_length=2048, hop_length=512),
+                librosa.feature.rms(S=S, frame_length=2048),
+            ],
+            axis=-2,
+        ),
     ]
     for got, ref in zip(melstats.features(y), reference):
         # rtol 1e-3: librosa's float32 flatness of near-silent frames is itself off by 3e-4
@@ -408,7 +444,10 @@ def test_batches_are_consecutive_chunks_whatever_the_track_boundaries():
             seen.append(segments[:, 0].tolist())
             return segments[:, :1].copy()
 
-    tracks = [np.full((k, 3), float(i), np.float32) + np.arange(k, dtype=np.float32)[:, None] / 10 for i, k in enumerate([5, 0, 7, 1, 6])]
+    tracks = [
+        np.full((k, 3), float(i), np.float32) + np.arange(k, dtype=np.float32)[:, None] / 10
+        for i, k in enumerate([5, 0, 7, 1, 6])
+    ]
     allf = np.concatenate(tracks)
     out = extract_mod._embed_stream(Recorder(), iter(tracks), 4, ())
     assert seen == [allf[i : i + 4, 0].tolist() for i in range(0, len(allf), 4)]

@@ -65,7 +65,14 @@ def test_unfreeze_all_and_top_blocks():
     assert trainable_names(net) == {f"backbone.{n}" for n in used} | {"head.1.weight", "head.1.bias"}
     assert net.backbone.training
     apply_phase(net, FinetuneConfig("tiny-test", unfreeze="top:2"), "finetune", used)
-    assert trainable_names(net) == {"backbone.features.4.weight", "backbone.features.4.bias", "backbone.features.5.weight", "backbone.features.5.bias", "head.1.weight", "head.1.bias"}
+    assert trainable_names(net) == {
+        "backbone.features.4.weight",
+        "backbone.features.4.bias",
+        "backbone.features.5.weight",
+        "backbone.features.5.bias",
+        "head.1.weight",
+        "head.1.bias",
+    }
     assert net.backbone.features[5].training and not net.backbone.features[1].training  # frozen BN stays in eval
 
 
@@ -73,8 +80,12 @@ def test_optimizer_rates_per_phase(synth_dataset):
     from embedkit.cnn.data import Clips
 
     _, bb = _tiny_net()
-    task = FinetuneTask(FinetuneConfig("tiny-test", frozen_epochs=2)).bind(TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"])
-    task.clips = Clips(clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False)
+    task = FinetuneTask(FinetuneConfig("tiny-test", frozen_epochs=2)).bind(
+        TrainConfig(), AugmentConfig(), AudioConfig(), ["a", "b", "c"]
+    )
+    task.clips = Clips(
+        clean=[], labels=np.zeros(0, int), n_classes=3, hop=1, sr=16000, normalize=lambda x: x, spectrogram=False
+    )
     model = task.build_model()
     assert [task.phase(e) for e in range(4)] == ["frozen", "frozen", "finetune", "finetune"]
     frozen = task.make_optimizer(model, "frozen")
@@ -89,10 +100,15 @@ def test_optimizer_rates_per_phase(synth_dataset):
 
 def _ft(tracks, tmp_path, **kw):
     opts = dict(
-        train=TrainConfig(epochs=3, batch_size=4, patience=5), ft=FinetuneConfig("tiny-test", frozen_epochs=1, unfreeze="top:2"),
-        audio_cfg=AudioConfig(clip_s=12.0), augment=AugmentConfig.parse("noise,gain,mixup", p=0.7, wave_mode="online"),
-        runs_dir=tmp_path / "runs", cache=tmp_path.parent / "shared-cache", threads=1, workers=2,
-    )  # fmt: skip
+        train=TrainConfig(epochs=3, batch_size=4, patience=5),
+        ft=FinetuneConfig("tiny-test", frozen_epochs=1, unfreeze="top:2"),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        augment=AugmentConfig.parse("noise,gain,mixup", p=0.7, wave_mode="online"),
+        runs_dir=tmp_path / "runs",
+        cache=tmp_path.parent / "shared-cache",
+        threads=1,
+        workers=2,
+    )
     opts.update(kw)
     return finetune(tracks, "tiny-test", **opts)
 
@@ -111,7 +127,9 @@ def test_resume_across_the_unfreezing_boundary(synth_tracks, tmp_path):
     b = torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = full.metrics
-    assert m["kind"] == "finetune" and m["backbone"] == "tiny-test" and m["name"] == "finetune-tiny-test+noise+gain+mixup"
+    assert (
+        m["kind"] == "finetune" and m["backbone"] == "tiny-test" and m["name"] == "finetune-tiny-test+noise+gain+mixup"
+    )
     assert [r["phase"] for r in m["learning_curves"]["holdout"]] == ["frozen", "finetune", "finetune"]
     model = load_finetuned(full.run_dir / "model.pt")
     seg, mean = model.predict_proba_file(synth_tracks["path"].iloc[0])
@@ -134,12 +152,34 @@ def test_cli_finetune_end_to_end(synth_dataset, tmp_path):
     from embedkit.evaluate import load_runs
 
     runner = CliRunner()
-    base = ["finetune", str(synth_dataset), "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path.parent / "shared-cache"), "--clip", "12", "--threads", "1"]
-    res = runner.invoke(app, base + ["--backbone", "tiny-test", "--epochs", "2", "--frozen-epochs", "1", "--batch-size", "4"])
+    base = [
+        "finetune",
+        str(synth_dataset),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--cache",
+        str(tmp_path.parent / "shared-cache"),
+        "--clip",
+        "12",
+        "--threads",
+        "1",
+    ]
+    res = runner.invoke(
+        app, base + ["--backbone", "tiny-test", "--epochs", "2", "--frozen-epochs", "1", "--batch-size", "4"]
+    )
     assert res.exit_code == 0, res.output
     (run,) = load_runs([tmp_path / "runs"])
-    assert run["kind"] == "finetune" and run["name"] == "finetune-tiny-test" and len(run["learning_curves"]["holdout"]) == 2
-    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and set(run["calibration"]["after"]) == {"ece", "nll", "brier", "accuracy"}
+    assert (
+        run["kind"] == "finetune"
+        and run["name"] == "finetune-tiny-test"
+        and len(run["learning_curves"]["holdout"]) == 2
+    )
+    assert os.path.exists(os.path.join(run["run_dir"], "calibration.json")) and set(run["calibration"]["after"]) == {
+        "ece",
+        "nll",
+        "brier",
+        "accuracy",
+    }
     bad = runner.invoke(app, base + ["--backbone", "nope"])
     assert bad.exit_code == 1 and "unknown backbone 'nope'" in bad.output and "Traceback" not in bad.output
 
@@ -155,7 +195,12 @@ def test_musicnn_blocks_and_one_training_step():
     assert not any(n.startswith("tag_head") for n in used)  # the tag layer does not feed the embedding
     net = build_finetune_net(module, 200, 4, 0.25)
     body = apply_phase(net, FinetuneConfig("musicnn-msd", unfreeze="top:2"), "finetune", used)
-    assert {n for n in trainable_names(net) if n.startswith("backbone.")} == {"backbone.dense.weight", "backbone.dense.bias", "backbone.pen_bn.gamma", "backbone.pen_bn.beta"}
+    assert {n for n in trainable_names(net) if n.startswith("backbone.")} == {
+        "backbone.dense.weight",
+        "backbone.dense.bias",
+        "backbone.pen_bn.gamma",
+        "backbone.pen_bn.beta",
+    }
     opt = torch.optim.Adam([{"params": list(net.head.parameters())}, {"params": body, "lr": 5e-5}], 1e-4)
     w0 = net.backbone.dense.weight.clone()
     frozen0 = net.backbone.mid_w[0].clone()

@@ -23,13 +23,46 @@ from conftest import GTZAN, needs_shared
 runner = CliRunner()
 
 METRIC_FIELDS = [
-    "run_id", "kind", "name", "backbone", "head", "protocol", "dataset", "labels", "track_accuracy", "track_accuracy_vote",
-    "track_accuracy_mean_prob", "segment_accuracy", "per_class", "confusion", "misclassified", "folds", "train_seconds",
-    "inference_ms_per_track", "model_bytes", "n_params", "spec", "preprocess", "config", "versions", "created",
-]  # fmt: skip
+    "run_id",
+    "kind",
+    "name",
+    "backbone",
+    "head",
+    "protocol",
+    "dataset",
+    "labels",
+    "track_accuracy",
+    "track_accuracy_vote",
+    "track_accuracy_mean_prob",
+    "segment_accuracy",
+    "per_class",
+    "confusion",
+    "misclassified",
+    "folds",
+    "train_seconds",
+    "inference_ms_per_track",
+    "model_bytes",
+    "n_params",
+    "spec",
+    "preprocess",
+    "config",
+    "versions",
+    "created",
+]
 
 
-def write_store(cache, tracks, dim=32, seed=0, backbone="tiny-test", prep=PreprocessConfig(), weights_id="test", nan_track=None, shift=None, transform=None) -> Store:
+def write_store(
+    cache,
+    tracks,
+    dim=32,
+    seed=0,
+    backbone="tiny-test",
+    prep=PreprocessConfig(),
+    weights_id="test",
+    nan_track=None,
+    shift=None,
+    transform=None,
+) -> Store:
     """A store written directly: ``tracks`` rows (track_id, label[, split][, group][, n]);
     embeddings = class mean + track offset + noise (learnable, not separable)."""
     import pyarrow as pa
@@ -44,7 +77,18 @@ def write_store(cache, tracks, dim=32, seed=0, backbone="tiny-test", prep=Prepro
         n = getattr(r, "n", 3)
         off = rng.standard_normal(dim) * 0.5 + (shift.get(r.track_id, 0) if shift else 0)
         for s in range(n):
-            rows.append({"track_id": r.track_id, "path": f"/data/{r.label}/{r.track_id}.wav", "label": r.label, "split": getattr(r, "split", None), "group": getattr(r, "group", None), "segment": s, "start_s": 5.0 * s, "end_s": 5.0 * s + 5})
+            rows.append(
+                {
+                    "track_id": r.track_id,
+                    "path": f"/data/{r.label}/{r.track_id}.wav",
+                    "label": r.label,
+                    "split": getattr(r, "split", None),
+                    "group": getattr(r, "group", None),
+                    "segment": s,
+                    "start_s": 5.0 * s,
+                    "end_s": 5.0 * s + 5,
+                }
+            )
             X.append(means[r.label] + off + rng.standard_normal(dim))
     X = np.asarray(X, dtype=np.float32)
     if transform is not None:
@@ -66,7 +110,11 @@ def write_store(cache, tracks, dim=32, seed=0, backbone="tiny-test", prep=Prepro
 
 
 def tracks_table(n_per_class=6, classes=("blues", "jazz", "rock"), **extra):
-    return [{"track_id": f"{c}.{i:03d}", "label": c, **{k: f(c, i) for k, f in extra.items()}} for c in classes for i in range(n_per_class)]
+    return [
+        {"track_id": f"{c}.{i:03d}", "label": c, **{k: f(c, i) for k, f in extra.items()}}
+        for c in classes
+        for i in range(n_per_class)
+    ]
 
 
 def invoke(*args):
@@ -133,7 +181,14 @@ def test_cli_fit_writes_a_complete_run(tiny_cache, synth_dataset, tmp_path):
 @pytest.mark.parametrize("head", ["lr", "lgbm", "mlp"])
 def test_cv_every_head_per_fold_figures(head, tmp_path):
     st = write_store(tmp_path / "cache", tracks_table(n_per_class=6))
-    res = fit_head("tiny-test", head, cache=tmp_path / "cache", runs=tmp_path / "runs", cv=3, params={"n_estimators": 50} if head == "lgbm" else None)
+    res = fit_head(
+        "tiny-test",
+        head,
+        cache=tmp_path / "cache",
+        runs=tmp_path / "runs",
+        cv=3,
+        params={"n_estimators": 50} if head == "lgbm" else None,
+    )
     m = res.metrics
     assert [f["fold"] for f in m["folds"]] == ["fold0", "fold1", "fold2"]
     assert sum(f["n_test_tracks"] for f in m["folds"]) == 18
@@ -359,12 +414,24 @@ def test_nan_embeddings(tmp_path):
 def test_bundle_from_another_backbone_or_preprocessing(tmp_path):
     tiny = write_store(tmp_path / "cache", tracks_table(n_per_class=6))
     res = fit_head(store=tiny.root, head="lr", runs=tmp_path / "runs")
-    other = write_store(tmp_path / "cache", tracks_table(n_per_class=6), dim=get_spec("melstats").embedding_dim, backbone="melstats")
+    other = write_store(
+        tmp_path / "cache", tracks_table(n_per_class=6), dim=get_spec("melstats").embedding_dim, backbone="melstats"
+    )
     code, out = invoke("predict", res.run_dir, "--store", other.root)
-    assert code != 0 and out.strip().splitlines()[-1].startswith("error:") and "trained on tiny-test embeddings (name='tiny-test'), not melstats" in out
-    three = write_store(tmp_path / "cache", tracks_table(n_per_class=6), prep=PreprocessConfig(segments=SegmentConfig(3.0, 3.0)))
+    assert (
+        code != 0
+        and out.strip().splitlines()[-1].startswith("error:")
+        and "trained on tiny-test embeddings (name='tiny-test'), not melstats" in out
+    )
+    three = write_store(
+        tmp_path / "cache", tracks_table(n_per_class=6), prep=PreprocessConfig(segments=SegmentConfig(3.0, 3.0))
+    )
     code, out = invoke("predict", res.run_dir, "--store", three.root)
-    assert code != 0 and "other preprocessing (segments.hop_s: trained 5.0, given 3.0; segments.segment_s: trained 5.0, given 3.0)" in out
+    assert (
+        code != 0
+        and "other preprocessing (segments.hop_s: trained 5.0, given 3.0; segments.segment_s: trained 5.0, given 3.0)"
+        in out
+    )
     with pytest.raises(ConfigMismatchError):
         predict_store(res.run_dir, store=three.root)
     # the right store works, and says which tracks the head was trained on
@@ -420,7 +487,9 @@ def test_store_errors_are_store_errors(tmp_path):
     with pytest.raises(StoreError, match="not an embedkit store"):
         fit_head(store=tmp_path, runs=tmp_path / "runs")
     write_store(tmp_path / "cache", tracks_table(n_per_class=6))
-    tracks = pd.DataFrame({"track_id": ["x"], "path": ["/elsewhere/x.wav"], "label": ["a"], "split": [None], "group": [None]})
+    tracks = pd.DataFrame(
+        {"track_id": ["x"], "path": ["/elsewhere/x.wav"], "label": ["a"], "split": [None], "group": [None]}
+    )
     with pytest.raises(DatasetError, match="none of the 1 tracks"):
         fit_head("tiny-test", cache=tmp_path / "cache", tracks=tracks, runs=tmp_path / "runs")
 

@@ -35,11 +35,15 @@ def blobs(rng, n_tracks=60, seg=4, dim=16, n_classes=3, sep=2.0):
     yt = np.arange(n_tracks) % n_classes
     tracks = np.repeat(np.arange(n_tracks), seg)
     X = means[yt[tracks]] + 0.7 * rng.standard_normal((n_tracks, dim))[tracks] + rng.standard_normal((len(tracks), dim))
-    labels = np.array(["blues", "jazz", "rock", "pop", "metal"])[: n_classes]
+    labels = np.array(["blues", "jazz", "rock", "pop", "metal"])[:n_classes]
     return X.astype(np.float32), labels[yt[tracks]], np.array([f"t{t:03d}" for t in tracks])
 
 
-@pytest.mark.parametrize("est", [Float32LogisticRegression(), TorchMLP(max_epochs=5), LGBMHead(n_estimators=20), BlockScaler()], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "est",
+    [Float32LogisticRegression(), TorchMLP(max_epochs=5), LGBMHead(n_estimators=20), BlockScaler()],
+    ids=lambda e: type(e).__name__,
+)
 def test_heads_pass_sklearn_estimator_checks(est):
     from sklearn.utils.estimator_checks import check_estimator
 
@@ -158,11 +162,28 @@ def test_pca_and_param_counts(rng):
 # ---------------------------------------------------------------------------------------------
 # bundles
 
-SPEC = {"name": "tiny-test", "family": "tiny", "sample_rate": 16000, "embedding_dim": 16, "frontend": {"n_mels": 32}, "weights_sha256": None, "outputs": []}
+SPEC = {
+    "name": "tiny-test",
+    "family": "tiny",
+    "sample_rate": 16000,
+    "embedding_dim": 16,
+    "frontend": {"n_mels": 32},
+    "weights_sha256": None,
+    "outputs": [],
+}
 
 
 def _bundle(model, labels) -> HeadBundle:
-    return HeadBundle(model=model, labels=labels, head="lr", spec=SPEC, preprocess=PreprocessConfig().to_dict(), weights_id="abc123", scores={"track_accuracy": 0.9}, trained_on={"track_ids": ["t001"]})
+    return HeadBundle(
+        model=model,
+        labels=labels,
+        head="lr",
+        spec=SPEC,
+        preprocess=PreprocessConfig().to_dict(),
+        weights_id="abc123",
+        scores={"track_accuracy": 0.9},
+        trained_on={"track_ids": ["t001"]},
+    )
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -192,7 +213,9 @@ def test_bundle_refuses_other_backbone_preprocessing_weights(rng, tmp_path):
     save_bundle(tmp_path / "head.skops", _bundle(make_head("lr").fit(X, y), ["blues", "jazz", "rock"]))
     from embedkit.backbones import get_spec
 
-    with pytest.raises(ConfigMismatchError, match=r"trained on tiny-test embeddings \(name='tiny-test'\), not melstats"):
+    with pytest.raises(
+        ConfigMismatchError, match=r"trained on tiny-test embeddings \(name='tiny-test'\), not melstats"
+    ):
         load_bundle(tmp_path / "head.skops", expect_spec=get_spec("melstats"))
     with pytest.raises(ConfigMismatchError, match="embedding_dim=16"):
         load_bundle(tmp_path / "head.skops", expect_spec={**SPEC, "embedding_dim": 32})
@@ -212,7 +235,9 @@ class NotTrusted:
 def test_bundle_refuses_untrusted_or_foreign_files(tmp_path):
     import skops.io as sio
 
-    (tmp_path / "evil.skops").write_bytes(sio.dumps({"format": "embedkit-head-bundle", "meta": "{}", "model": NotTrusted()}))
+    (tmp_path / "evil.skops").write_bytes(
+        sio.dumps({"format": "embedkit-head-bundle", "meta": "{}", "model": NotTrusted()})
+    )
     with pytest.raises(ModelLoadingError, match="does not trust: .*NotTrusted"):
         load_bundle(tmp_path / "evil.skops")
     (tmp_path / "junk.skops").write_bytes(b"not a zip")
@@ -232,5 +257,8 @@ def test_a_bundle_written_by_embedkit_0_1_0_still_loads_and_predicts_the_same():
 
     b = load_bundle(DATA / "head-0.1.0-lr.skops")
     expected = np.load(DATA / "head-0.1.0-expected.npz")
-    assert type(b.model.named_steps["head"]) is Float32LogisticRegression and type(b.model.named_steps["scale"]) is BlockScaler
+    assert (
+        type(b.model.named_steps["head"]) is Float32LogisticRegression
+        and type(b.model.named_steps["scale"]) is BlockScaler
+    )
     np.testing.assert_allclose(b.predict_proba(expected["X"]), expected["lr"], rtol=0, atol=1e-12)

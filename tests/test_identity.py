@@ -102,7 +102,10 @@ def test_issue_reproduction_two_datasets_same_paths_different_audio(tmp_path):
     assert len(store.read()[0]) == 8  # two stores' worth of rows
     for data in (d1, d2):  # each dataset reads back its own audio, never the other's
         got = rows_of(store, data)
-        for tid, (kind, seed) in {"a/x": ("tone", 220 if data == d1 else 880), "b/y": ("noise", 1 if data == d1 else 2)}.items():
+        for tid, (kind, seed) in {
+            "a/x": ("tone", 220 if data == d1 else 880),
+            "b/y": ("noise", 1 if data == d1 else 2),
+        }.items():
             np.testing.assert_allclose(got[tid], reference(signal_of(kind, seed), tmp_path), atol=1e-5)
     assert not np.allclose(rows_of(store, d1)["a/x"], rows_of(store, d2)["a/x"])
 
@@ -127,7 +130,9 @@ def test_same_audio_under_two_names_and_moved_is_extracted_once(tmp_path):
     (d / "b").mkdir()
     (d / "b" / "copy.wav").write_bytes((d / "a" / "x.wav").read_bytes())
     res = cli("extract", d, *FAST, "--cache", cache)
-    assert "2 tracks extracted (2 segments)" in summary(res) and "2 share their audio with another track" in summary(res)
+    assert "2 tracks extracted (2 segments)" in summary(res) and "2 share their audio with another track" in summary(
+        res
+    )
     store = find_store(cache, "melstats")
     assert len(store.read()[0]) == 2  # one audio content, two segments
     got = rows_of(store, d)
@@ -143,10 +148,14 @@ def test_failure_is_retried_once_the_content_changes(tmp_path):
     d, cache = tmp_path / "d", tmp_path / "cache"
     write(d / "a" / "good.wav", signal_of("tone", 220))
     (d / "a" / "bad.wav").write_bytes(b"RIFF not really a wave file")
-    assert "1 tracks extracted (2 segments), 0 already done, 1 failed" in summary(cli("extract", d, *FAST, "--cache", cache))
+    assert "1 tracks extracted (2 segments), 0 already done, 1 failed" in summary(
+        cli("extract", d, *FAST, "--cache", cache)
+    )
     assert "(+1 failed in earlier runs" in summary(cli("extract", d, *FAST, "--cache", cache))
     write(d / "a" / "bad.wav", signal_of("noise", 3))  # fixed by the user
-    assert "1 tracks extracted (2 segments), 1 already done, 0 failed," in summary(cli("extract", d, *FAST, "--cache", cache))
+    assert "1 tracks extracted (2 segments), 1 already done, 0 failed," in summary(
+        cli("extract", d, *FAST, "--cache", cache)
+    )
 
 
 def synth(root: Path, seed: int) -> Path:
@@ -159,7 +168,11 @@ def fit_cli(runs: Path, *args) -> dict:
     res = cli("fit", *args, "--backbone", "melstats", "--cv", "3", "--runs", runs)
     assert res.exit_code == 0, res.stderr
     (run,) = [p for p in runs.iterdir() if (p / "metrics.json").exists()]
-    return {"metrics": json.loads((run / "metrics.json").read_text()), "pred": pd.read_csv(run / "predictions.csv"), "out": res.stderr}
+    return {
+        "metrics": json.loads((run / "metrics.json").read_text()),
+        "pred": pd.read_csv(run / "predictions.csv"),
+        "out": res.stderr,
+    }
 
 
 def test_two_datasets_in_one_cache_fit_as_in_separate_caches_and_fit_without_data_is_the_last(tmp_path):
@@ -186,7 +199,9 @@ def test_two_datasets_in_one_cache_fit_as_in_separate_caches_and_fit_without_dat
     p1 = pd.read_csv(out)
     assert cli("predict", run, "--cache", shared, "-o", out).exit_code == 0
     p2 = pd.read_csv(out)
-    assert sorted(p1.path) == sorted(str(p) for p in load_dataset(d1).path) and sorted(p2.path) == sorted(str(p) for p in load_dataset(d2).path)
+    assert sorted(p1.path) == sorted(str(p) for p in load_dataset(d1).path) and sorted(p2.path) == sorted(
+        str(p) for p in load_dataset(d2).path
+    )
     assert p1["in_training"].all() and not p2["in_training"].any()  # d2's x.00000 is not d1's x.00000
 
 
@@ -254,9 +269,15 @@ def test_0_1_0_store_is_refused_by_fit_and_upgraded_in_place_by_extract(tmp_path
     res = cli("fit", "--backbone", "melstats", "--cache", cache, "--runs", tmp_path / "runs")
     assert res.exit_code == 1
     (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
-    assert "written by embedkit 0.1.0" in line and "embedkit extract DATA --backbone melstats" in line and "upgrade it in place" in line
+    assert (
+        "written by embedkit 0.1.0" in line
+        and "embedkit extract DATA --backbone melstats" in line
+        and "upgrade it in place" in line
+    )
     time.sleep(0.01)
-    sf.write(d / "b" / "z.wav", signal_of("noise", 9), SR)  # edited after the shard was written: its rows cannot be trusted
+    sf.write(
+        d / "b" / "z.wav", signal_of("noise", 9), SR
+    )  # edited after the shard was written: its rows cannot be trusted
     res = cli("extract", d, *FAST, "--cache", cache)
     assert "1 tracks extracted (2 segments), 2 already done" in summary(res)
     assert not store.is_legacy() and all("fingerprint" in pq.read_schema(f).names for f in store.shard_files())

@@ -18,9 +18,15 @@ from embedkit.errors import ModelLoadingError
 from conftest import DATA, GOLDEN, needs_shared
 
 HAS_MUSICNN = importlib.util.find_spec("musicnn") is not None
-needs_musicnn = pytest.mark.skipif(not HAS_MUSICNN, reason="musicnn wheel not installed: pip install --no-deps musicnn==0.1.0")
+needs_musicnn = pytest.mark.skipif(
+    not HAS_MUSICNN, reason="musicnn wheel not installed: pip install --no-deps musicnn==0.1.0"
+)
 # Real clips from ../shared; the chord signal's cases come from tests/data (chord_golden).
-GOLDEN_FILES = sorted(p for p in (GOLDEN / "musicnn").glob("*_musicnn.npz") if not p.name.startswith("chord_")) if GOLDEN.exists() else []
+GOLDEN_FILES = (
+    sorted(p for p in (GOLDEN / "musicnn").glob("*_musicnn.npz") if not p.name.startswith("chord_"))
+    if GOLDEN.exists()
+    else []
+)
 needs_golden = pytest.mark.skipif(not GOLDEN_FILES, reason=f"golden files not found under {GOLDEN / 'musicnn'}")
 
 
@@ -138,7 +144,13 @@ def test_specs_registered():
 
     for name in ("musicnn-msd", "musicnn-mtt"):
         s = get_spec(name)
-        assert (s.sample_rate, s.embedding_dim, s.segment_s, s.license, s.outputs) == (16000, 200, 5.0, "ISC", ("taggram",))
+        assert (s.sample_rate, s.embedding_dim, s.segment_s, s.license, s.outputs) == (
+            16000,
+            200,
+            5.0,
+            "ISC",
+            ("taggram",),
+        )
         assert s.frontend["n_fft"] == 512 and s.frontend["hop_length"] == 256 and s.frontend["n_mels"] == 96
         assert s.requires == "pip install --no-deps musicnn==0.1.0"
 
@@ -201,7 +213,10 @@ def check_parity(g, bb) -> None:
                     out = {k: v.numpy() for k, v in net.forward_logmel(x).items()}
             finally:
                 net.use_pruned_plan = True
-            errs[tag, pruned] = (np.abs(out["taggram"] - g[f"taggram_{tag}"]).max(), np.abs(out["penultimate"] - g[f"penultimate_{tag}"]).max())
+            errs[tag, pruned] = (
+                np.abs(out["taggram"] - g[f"taggram_{tag}"]).max(),
+                np.abs(out["penultimate"] - g[f"penultimate_{tag}"]).max(),
+            )
             np.testing.assert_allclose(out["taggram"], g[f"taggram_{tag}"], atol=1e-4, rtol=0)
             np.testing.assert_allclose(out["penultimate"], g[f"penultimate_{tag}"], atol=1e-3, rtol=0)
             if tag == "3s":

@@ -24,7 +24,11 @@ def official_extras() -> dict:
     rng = np.random.RandomState(0)
     return {
         "iteration": 660000,
-        "sampler": {"indexes_per_class": [rng.permutation(7) for _ in range(3)], "queue": [2, 0, 1], "pointers_of_classes": [0, 3, 1]},
+        "sampler": {
+            "indexes_per_class": [rng.permutation(7) for _ in range(3)],
+            "queue": [2, 0, 1],
+            "pointers_of_classes": [0, 3, 1],
+        },
         "test_mAP": np.float64(0.431),
     }
 
@@ -66,7 +70,9 @@ def load_reference_models(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_parity_with_panns_inference_cnn14(cnn14_ckpt, cnn14, clean_home, monkeypatch, tmp_path):
     ref_models = load_reference_models(monkeypatch, tmp_path)
-    ref = ref_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
+    ref = ref_models.Cnn14(
+        sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527
+    )
     ref.load_state_dict(torch.load(cnn14_ckpt, weights_only=False)["model"])  # our own test file
     ref.eval()
     bb = cnn14
@@ -87,11 +93,25 @@ def test_parity_with_panns_inference_cnn14(cnn14_ckpt, cnn14, clean_home, monkey
 
 def test_frontend_matches_torchlibrosa():
     stft = pytest.importorskip("torchlibrosa.stft")
-    spec = stft.Spectrogram(n_fft=1024, hop_length=320, win_length=1024, window="hann", center=True, pad_mode="reflect", freeze_parameters=True)
-    mel = stft.LogmelFilterBank(sr=32000, n_fft=1024, n_mels=64, fmin=50, fmax=14000, ref=1.0, amin=1e-10, top_db=None, freeze_parameters=True)
+    spec = stft.Spectrogram(
+        n_fft=1024,
+        hop_length=320,
+        win_length=1024,
+        window="hann",
+        center=True,
+        pad_mode="reflect",
+        freeze_parameters=True,
+    )
+    mel = stft.LogmelFilterBank(
+        sr=32000, n_fft=1024, n_mels=64, fmin=50, fmax=14000, ref=1.0, amin=1e-10, top_db=None, freeze_parameters=True
+    )
     ours = panns.canonical_frontend()
-    np.testing.assert_allclose(ours["spectrogram_extractor.stft.conv_real.weight"], spec.stft.conv_real.weight.numpy(), atol=1e-6)
-    np.testing.assert_allclose(ours["spectrogram_extractor.stft.conv_imag.weight"], spec.stft.conv_imag.weight.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        ours["spectrogram_extractor.stft.conv_real.weight"], spec.stft.conv_real.weight.numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ours["spectrogram_extractor.stft.conv_imag.weight"], spec.stft.conv_imag.weight.numpy(), atol=1e-6
+    )
     np.testing.assert_array_equal(ours["logmel_extractor.melW"], mel.melW.numpy())
     # and the computation: same kernels -> identical log-mel
     net = panns.build_module("cnn10", seed=0)
@@ -99,7 +119,9 @@ def test_frontend_matches_torchlibrosa():
     with torch.inference_mode():
         net.spectrogram_extractor.stft.conv_real.weight.copy_(spec.stft.conv_real.weight)
         net.spectrogram_extractor.stft.conv_imag.weight.copy_(spec.stft.conv_imag.weight)
-        np.testing.assert_allclose(net.logmel_extractor(net.spectrogram_extractor(y)).numpy(), mel(spec(y)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            net.logmel_extractor(net.spectrogram_extractor(y)).numpy(), mel(spec(y)).numpy(), atol=1e-5
+        )
 
 
 def _rewrite_pickle_as_numpy1(src: Path, dst: Path) -> None:
@@ -153,7 +175,12 @@ def test_resolution_order_and_missing_message(cnn10_ckpt, clean_home, monkeypatc
         load_backbone("panns-cnn10")
     msg = str(e.value)
     assert "\n" not in msg
-    for part in (str(clean_home / "panns_data" / "Cnn10_mAP=0.380.pth"), "zenodo.org/record/3987831", "--checkpoint", "EMBEDKIT_PANNS_CNN10"):
+    for part in (
+        str(clean_home / "panns_data" / "Cnn10_mAP=0.380.pth"),
+        "zenodo.org/record/3987831",
+        "--checkpoint",
+        "EMBEDKIT_PANNS_CNN10",
+    ):
         assert part in msg
     monkeypatch.setenv("EMBEDKIT_PANNS_CNN10", str(cnn10_ckpt))
     assert load_backbone("panns-cnn10").path == cnn10_ckpt
@@ -192,7 +219,7 @@ def test_corrupt_checkpoints_give_one_line(kind, cnn10_ckpt, tmp_path):
     elif kind == "html":
         p.write_text("<html><body>Too many requests</body></html>")
     elif kind == "truncated":
-        p.write_bytes(cnn10_ckpt.read_bytes()[: 5_000_000])
+        p.write_bytes(cnn10_ckpt.read_bytes()[:5_000_000])
     elif kind == "directory":
         p.mkdir()
     else:
@@ -247,6 +274,7 @@ def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, mon
 
     calls = []
     real_decode = audio.decode
+
     def counting_decode(path, *args, **kwargs):
         calls.append(str(path))
         return real_decode(path, *args, **kwargs)
@@ -254,7 +282,15 @@ def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, mon
     monkeypatch.setattr(audio, "decode", counting_decode)
     tracks = load_dataset(synth_dataset).iloc[:4]
     prep = PreprocessConfig(AudioConfig(clip_s=6.0), SegmentConfig(3.0, 3.0))
-    res = extract(tracks, "panns-cnn10", cache=tmp_path / "cache", checkpoint=str(cnn10_ckpt), prep=prep, workers=1, outputs=("clipwise",))
+    res = extract(
+        tracks,
+        "panns-cnn10",
+        cache=tmp_path / "cache",
+        checkpoint=str(cnn10_ckpt),
+        prep=prep,
+        workers=1,
+        outputs=("clipwise",),
+    )
     assert res.n_extracted == 4 and res.n_segments == 8
     assert sorted(calls) == sorted(tracks.path)
 
@@ -267,7 +303,26 @@ def test_cli_extract_cnn14_end_to_end(cli, cnn14_ckpt, cnn14, synth_dataset, tmp
     from embedkit.store import Store
 
     cache = tmp_path / "cache"
-    r = cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--checkpoint", str(cnn14_ckpt), "--cache", str(cache), "--clip", "2", "--segment", "2", "--output", "clipwise", "--workers", "1"])
+    r = cli(
+        [
+            "extract",
+            str(synth_dataset),
+            "--backbone",
+            "panns-cnn14",
+            "--checkpoint",
+            str(cnn14_ckpt),
+            "--cache",
+            str(cache),
+            "--clip",
+            "2",
+            "--segment",
+            "2",
+            "--output",
+            "clipwise",
+            "--workers",
+            "1",
+        ]
+    )
     assert r.exit_code == 0, r.output
     (store_dir,) = [p for p in (cache / "panns-cnn14").iterdir() if p.is_dir()]
     meta, X = Store(store_dir).read()
@@ -290,7 +345,12 @@ def test_cli_extract_cnn14_end_to_end(cli, cnn14_ckpt, cnn14, synth_dataset, tmp
 def test_cli_checkpoint_errors_are_one_line(cli, case, cnn10_ckpt, synth_dataset, tmp_path, clean_home):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 1000)
-    ckpt = {"missing": ["--checkpoint", str(tmp_path / "nope.pth")], "corrupt": ["--checkpoint", str(bad)], "wrong-arch": ["--checkpoint", str(cnn10_ckpt)], "no-default": []}[case]
+    ckpt = {
+        "missing": ["--checkpoint", str(tmp_path / "nope.pth")],
+        "corrupt": ["--checkpoint", str(bad)],
+        "wrong-arch": ["--checkpoint", str(cnn10_ckpt)],
+        "no-default": [],
+    }[case]
     r = cli(["extract", str(synth_dataset), "--backbone", "panns-cnn14", "--cache", str(tmp_path / "c"), *ckpt])
     assert r.exit_code != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -36,7 +36,9 @@ def test_run_quick_end_to_end_and_reuse(tiny_data, tmp_path, monkeypatch):
     assert "--resume" not in res.output  # `run` resumes by itself; no train-cnn hint
     runs = _metrics(tmp_path / "runs")
     kinds = sorted((m["kind"], m.get("backbone"), m.get("head")) for m in runs.values())
-    assert [k for k in kinds if k[0] == "head"] == [("head", b, h) for b in ("melstats", "tiny-test") for h in ("lgbm", "lr", "mlp")]
+    assert [k for k in kinds if k[0] == "head"] == [
+        ("head", b, h) for b in ("melstats", "tiny-test") for h in ("lgbm", "lr", "mlp")
+    ]
     assert sum(k[0] == "cnn" for k in kinds) == 1 and len(kinds) == 7
     for m in runs.values():
         assert m["protocol"]["type"] == "cv" and m["protocol"]["k"] == 2
@@ -61,7 +63,9 @@ def test_run_quick_end_to_end_and_reuse(tiny_data, tmp_path, monkeypatch):
     # A different protocol is a different run: new directories beside the old ones.
     from embedkit.pipeline import RunPlan, run_all
 
-    out = run_all(tiny_data, RunPlan.quick_plan(backbones=("melstats",), heads=("lr",), cnn=False, cv=3), report=None, threads=1)
+    out = run_all(
+        tiny_data, RunPlan.quick_plan(backbones=("melstats",), heads=("lr",), cnn=False, cv=3), report=None, threads=1
+    )
     assert [r.reused for r in out.runs] == [False] and out.report is None
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 8
 

@@ -84,7 +84,10 @@ def test_deployment_section_per_run(built):
         assert part.count('class="rel-before"') == sum(1 for b in c["reliability_before"] if b["n"])
         assert part.count('class="rel-after"') == sum(1 for b in c["reliability_after"] if b["n"])
         th = c["threshold"]
-        assert f"At {th['threshold']:.2f}: {100 * th['coverage']:.0f} % of tracks tagged, {100 * th['accuracy']:.1f} % of them right" in part
+        assert (
+            f"At {th['threshold']:.2f}: {100 * th['coverage']:.0f} % of tracks tagged, {100 * th['accuracy']:.1f} % of them right"
+            in part
+        )
         assert f"{c['after']['ece']:.3f}" in sec and f"{c['before']['ece']:.3f}" in sec
     assert "No calibration recorded for: minimal &lt;run&gt; &amp; co" in sec
     assert 'href="#deployment"' in html
@@ -97,7 +100,10 @@ def test_written_comparison_follows_the_numbers(built):
     views = ctx["runs"]
     best = views[0]
     assert text.startswith(f"{best.label} ranks first with {100 * best.acc:.1f}")
-    pre = max((r for r in runs if r.get("kind") == "head" and r.get("backbone") == "musicnn-msd"), key=lambda r: r["track_accuracy"])
+    pre = max(
+        (r for r in runs if r.get("kind") == "head" and r.get("backbone") == "musicnn-msd"),
+        key=lambda r: r["track_accuracy"],
+    )
     gap = abs(100 * (pre["track_accuracy"] - by["r-cnn"]["track_accuracy"]))
     assert f"a gap of {gap:.1f} points" in text
     assert "hand-crafted baseline" in text and f"{100 * by['r-melstats-lr']['track_accuracy']:.1f} %" in text
@@ -123,15 +129,21 @@ def test_comparison_changes_with_data(tmp_path):
     # a run near the best without a recorded cost is named, not silently dropped
     best = ctx["runs"][0].acc
     (tmp_path / "a" / "nocost").mkdir()
-    (tmp_path / "a" / "nocost" / "metrics.json").write_text(json.dumps({"run_id": "nocost", "kind": "head", "name": "no-cost", "track_accuracy": best - 0.01}))
+    (tmp_path / "a" / "nocost" / "metrics.json").write_text(
+        json.dumps({"run_id": "nocost", "kind": "head", "name": "no-cost", "track_accuracy": best - 0.01})
+    )
     _, ctx = build_report([tmp_path / "a"], tmp_path / "r.html")
-    assert "Inference cost (including embedding extraction for head runs) is not recorded for no-cost" in " ".join(ctx["comparison"])
+    assert "Inference cost (including embedding extraction for head runs) is not recorded for no-cost" in " ".join(
+        ctx["comparison"]
+    )
 
 
 def test_single_run_synthetic(tmp_path):
     from embedkit.report import build_report
 
-    make_run(tmp_path / "runs", "only", "head", "melstats", "lr", 0.7, 0, labels=["drone", "pulse", "chime"], synthetic=True)
+    make_run(
+        tmp_path / "runs", "only", "head", "melstats", "lr", 0.7, 0, labels=["drone", "pulse", "chime"], synthetic=True
+    )
     out, ctx = build_report([tmp_path / "runs" / "only"], tmp_path / "out" / "r.html")
     html = out.read_text()
     check_html(html)
@@ -162,11 +174,30 @@ def test_learning_curve_shapes():
     from embedkit.report.build import normalise_curves
 
     a = normalise_curves({"train_loss": [1, 0.5], "val_accuracy": [0.5, 0.7]})
-    b = normalise_curves([{"epoch": 1, "train_loss": 1, "val_accuracy": 0.5}, {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7}])
+    b = normalise_curves(
+        [{"epoch": 1, "train_loss": 1, "val_accuracy": 0.5}, {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7}]
+    )
     c = normalise_curves({"fold0": {"train_loss": [1, 0.5], "val_accuracy": [0.5, 0.7]}})
-    d = normalise_curves([{"fold": "fold0", "epochs": [{"epoch": 1, "train_loss": 1, "val_accuracy": 0.5}, {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7}]}])
+    d = normalise_curves(
+        [
+            {
+                "fold": "fold0",
+                "epochs": [
+                    {"epoch": 1, "train_loss": 1, "val_accuracy": 0.5},
+                    {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7},
+                ],
+            }
+        ]
+    )
     # embedkit.cnn's layout: phase labels and timings are not curves
-    e = normalise_curves({"fold0": [{"epoch": 1, "phase": "head", "train_loss": 1, "val_accuracy": 0.5, "seconds": 2.0, "compute_s": 1.0}, {"epoch": 2, "phase": "all", "train_loss": 0.5, "val_accuracy": 0.7, "seconds": 2.0, "compute_s": 1.0}]})
+    e = normalise_curves(
+        {
+            "fold0": [
+                {"epoch": 1, "phase": "head", "train_loss": 1, "val_accuracy": 0.5, "seconds": 2.0, "compute_s": 1.0},
+                {"epoch": 2, "phase": "all", "train_loss": 0.5, "val_accuracy": 0.7, "seconds": 2.0, "compute_s": 1.0},
+            ]
+        }
+    )
     for got in (a, b, c, d, e):
         assert len(got) == 1 and got[0][1] == {"train_loss": [1.0, 0.5], "val_accuracy": [0.5, 0.7]}, got
     two = normalise_curves({"fold0": [{"val_loss": 1.0}], "fold1": [{"val_loss": None}, {"val_loss": 0.5}]})
@@ -195,7 +226,15 @@ def test_chart_helpers():
     t = charts.log_ticks(0.8, 950)
     assert t[0] <= 0.8 and t[-1] >= 950 and all(b > a for a, b in zip(t, t[1:]))
     # points that cannot sit on a log axis are left out, not drawn at -inf
-    svg = charts.scatter([{"x": 0.0, "y": 50, "color": "#000", "tag": 1, "name": "a"}, {"x": 12.0, "y": 70, "color": "#000", "tag": 2, "name": "b <b>"}], "t", "x", "y")
+    svg = charts.scatter(
+        [
+            {"x": 0.0, "y": 50, "color": "#000", "tag": 1, "name": "a"},
+            {"x": 12.0, "y": 70, "color": "#000", "tag": 2, "name": "b <b>"},
+        ],
+        "t",
+        "x",
+        "y",
+    )
     assert svg.count("<circle") == 1 and "b &lt;b&gt;" in svg
     assert charts.scatter([{"x": None, "y": 1, "color": "#000", "tag": 1, "name": "a"}], "t", "x", "y") == ""
     assert charts.heatmap([[1, 2]], ["a", "b"], "bad shape") == ""

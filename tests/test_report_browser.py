@@ -33,17 +33,35 @@ def _find_chromium() -> str | None:
 
 
 CHROMIUM = _find_chromium()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)"),
+]
 
 
 def chromium(tmp: Path, url: str, *args: str) -> subprocess.CompletedProcess:
     """One headless run, isolated profile, nothing fetched from the network."""
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-        "--no-first-run", "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
-        f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0", *args, url,
-    ]  # fmt: skip
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -92,7 +110,9 @@ def report(tmp_path_factory):
 def test_console_check_catches_errors(tmp_path):
     """The console check can fail: a page with a script error is caught."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!DOCTYPE html><html><body><p>x</p><script>console.error('boom'); notDefined();</script></body></html>")
+    bad.write_text(
+        "<!DOCTYPE html><html><body><p>x</p><script>console.error('boom'); notDefined();</script></body></html>"
+    )
     res = chromium(tmp_path, bad.as_uri(), "--dump-dom")
     assert res.returncode == 0, res.stderr[-2000:]
     msgs = console_messages(res.stderr)

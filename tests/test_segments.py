@@ -24,7 +24,15 @@ def test_default_gives_six_5s_windows_per_30s_clip():
 
 @pytest.mark.parametrize(
     "n, expected",
-    [(0, []), (4 * 100 - 1, []), (5 * 100 - 1, []), (5 * 100, [0]), (5 * 100 + 1, [0]), (10 * 100, [0, 500]), (10 * 100 - 1, [0])],
+    [
+        (0, []),
+        (4 * 100 - 1, []),
+        (5 * 100 - 1, []),
+        (5 * 100, [0]),
+        (5 * 100 + 1, [0]),
+        (10 * 100, [0, 500]),
+        (10 * 100 - 1, [0]),
+    ],
 )
 def test_short_and_exact_lengths(n, expected):
     np.testing.assert_array_equal(window_starts(n, 100, 5.0, 5.0), expected)

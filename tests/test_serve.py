@@ -86,7 +86,9 @@ def files(synth_dataset) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def url(tagger):
-    with running(create_app(tagger, ServeConfig(max_bytes=8 * 1024 * 1024, body_timeout_s=3.0, chunk_timeout_s=1.5))) as base:
+    with running(
+        create_app(tagger, ServeConfig(max_bytes=8 * 1024 * 1024, body_timeout_s=3.0, chunk_timeout_s=1.5))
+    ) as base:
         yield base
 
 
@@ -144,14 +146,25 @@ def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
 
 def test_threshold_multi_and_uncertain(url, files):
     data = files[0].read_bytes()
-    r = requests.post(f"{url}/v1/tag?threshold=1.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
-    assert r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["multi"] == []  # no probability reaches 1.0 here
-    r = requests.post(f"{url}/v1/tag?threshold=0.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    r = requests.post(
+        f"{url}/v1/tag?threshold=1.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120
+    ).json()
+    assert (
+        r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["multi"] == []
+    )  # no probability reaches 1.0 here
+    r = requests.post(
+        f"{url}/v1/tag?threshold=0.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120
+    ).json()
     assert r["decision"] == r["top_label"] and len(r["multi"]) == len(r["probabilities"])
 
 
 def test_excerpt_option(url, files):
-    r = requests.post(f"{url}/v1/tag?excerpt=spread:2", data=files[0].read_bytes(), headers={"Content-Type": "audio/flac"}, timeout=120).json()
+    r = requests.post(
+        f"{url}/v1/tag?excerpt=spread:2",
+        data=files[0].read_bytes(),
+        headers={"Content-Type": "audio/flac"},
+        timeout=120,
+    ).json()
     assert r["excerpt"] == "spread:2" and r["n_windows"] > 0
     msg = _error(requests.post(f"{url}/v1/tag?excerpt=loudest", data=b"x", timeout=30), 400, "bad_request")
     assert "excerpt" in msg
@@ -170,9 +183,20 @@ def test_model_health_and_metrics(url, tagger):
     requests.post(f"{url}/v1/tag", data=b"", timeout=30)
     text = requests.get(f"{url}/metrics", timeout=10).text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("embedkit_requests", "embedkit_request_seconds", "embedkit_decode_seconds", "embedkit_inference_seconds", "embedkit_uncertain", "embedkit_errors"):
+    for name in (
+        "embedkit_requests",
+        "embedkit_request_seconds",
+        "embedkit_decode_seconds",
+        "embedkit_inference_seconds",
+        "embedkit_uncertain",
+        "embedkit_errors",
+    ):
         assert name in fams, sorted(fams)
-    ok = sum(s.value for s in fams["embedkit_requests"].samples if s.labels.get("status") == "200" and s.name.endswith("_total"))
+    ok = sum(
+        s.value
+        for s in fams["embedkit_requests"].samples
+        if s.labels.get("status") == "200" and s.name.endswith("_total")
+    )
     assert ok >= 1
     assert any(s.labels.get("kind") == "empty" and s.value >= 1 for s in fams["embedkit_errors"].samples)
     count = [s.value for s in fams["embedkit_request_seconds"].samples if s.name.endswith("_count")][0]
@@ -185,22 +209,68 @@ def test_model_health_and_metrics(url, tagger):
 
 def test_bad_inputs_get_json_errors_and_the_server_keeps_serving(url):
     wav = _wav_bytes(6.0)
-    msg = _error(requests.post(f"{url}/v1/tag", data=b"this is not audio at all" * 100, headers={"Content-Type": "application/octet-stream"}, timeout=30), 422, "not_audio")
+    msg = _error(
+        requests.post(
+            f"{url}/v1/tag",
+            data=b"this is not audio at all" * 100,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        ),
+        422,
+        "not_audio",
+    )
     assert "cannot decode" in msg
-    _error(requests.post(f"{url}/v1/tag", data=wav[: len(wav) // 3], headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # truncated
+    _error(
+        requests.post(f"{url}/v1/tag", data=wav[: len(wav) // 3], headers={"Content-Type": "audio/wav"}, timeout=30),
+        422,
+        "not_audio",
+    )  # truncated
     _error(requests.post(f"{url}/v1/tag", data=b"", headers={"Content-Type": "audio/wav"}, timeout=30), 400, "empty")
     _error(requests.post(f"{url}/v1/tag", files={"file": ("a.wav", b"", "audio/wav")}, timeout=30), 400, "empty")
-    _error(requests.post(f"{url}/v1/tag", data=b"\x89PNG\r\n" + b"0" * 100, headers={"Content-Type": "image/png"}, timeout=30), 415, "unsupported_media_type")
-    _error(requests.post(f"{url}/v1/tag", data=b"\x00\x00\x00\x20ftypM4A " + b"0" * 100, headers={"Content-Type": "audio/mp4"}, timeout=30), 415, "unsupported_media_type")
-    _error(requests.post(f"{url}/v1/tag", files={"file": ("x.json", b"{}", "application/json")}, timeout=30), 415, "unsupported_media_type")
-    _error(requests.post(f"{url}/v1/tag", data=_wav_bytes(1.0), headers={"Content-Type": "audio/wav"}, timeout=30), 422, "not_audio")  # < one window
-    _error(requests.post(f"{url}/v1/tag", data=b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+    _error(
+        requests.post(
+            f"{url}/v1/tag", data=b"\x89PNG\r\n" + b"0" * 100, headers={"Content-Type": "image/png"}, timeout=30
+        ),
+        415,
+        "unsupported_media_type",
+    )
+    _error(
+        requests.post(
+            f"{url}/v1/tag",
+            data=b"\x00\x00\x00\x20ftypM4A " + b"0" * 100,
+            headers={"Content-Type": "audio/mp4"},
+            timeout=30,
+        ),
+        415,
+        "unsupported_media_type",
+    )
+    _error(
+        requests.post(f"{url}/v1/tag", files={"file": ("x.json", b"{}", "application/json")}, timeout=30),
+        415,
+        "unsupported_media_type",
+    )
+    _error(
+        requests.post(f"{url}/v1/tag", data=_wav_bytes(1.0), headers={"Content-Type": "audio/wav"}, timeout=30),
+        422,
+        "not_audio",
+    )  # < one window
+    _error(
+        requests.post(
+            f"{url}/v1/tag", data=b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "audio/wav"}, timeout=60
+        ),
+        413,
+        "too_large",
+    )
 
     def chunks():  # no Content-Length: the limit is enforced while streaming
         for _ in range(10):
             yield b"\0" * (1024 * 1024)
 
-    _error(requests.post(f"{url}/v1/tag", data=chunks(), headers={"Content-Type": "audio/wav"}, timeout=60), 413, "too_large")
+    _error(
+        requests.post(f"{url}/v1/tag", data=chunks(), headers={"Content-Type": "audio/wav"}, timeout=60),
+        413,
+        "too_large",
+    )
     _still_serving(url)
 
 
@@ -210,7 +280,9 @@ def test_stalled_body_times_out(url):
     host, port = url.rsplit("//", 1)[1].split(":")
     t0 = time.monotonic()
     with socket.create_connection((host, int(port)), timeout=20) as s:
-        s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n" + b"RIFF")
+        s.sendall(
+            b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n" + b"RIFF"
+        )
         data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
             part = s.recv(4096)
@@ -258,7 +330,9 @@ def test_full_server_answers_503_with_retry_after(tagger):
     with running(create_app(tagger, ServeConfig(max_pending=1, body_timeout_s=5.0, chunk_timeout_s=5.0))) as base:
         host, port = base.rsplit("//", 1)[1].split(":")
         with socket.create_connection((host, int(port)), timeout=20) as s:  # holds the one slot
-            s.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 1000\r\n\r\nRIFF")
+            s.sendall(
+                b"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 1000\r\n\r\nRIFF"
+            )
             time.sleep(0.3)
             r = requests.post(f"{base}/v1/tag", data=_wav_bytes(6.0), headers={"Content-Type": "audio/wav"}, timeout=30)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
@@ -276,9 +350,21 @@ def test_concurrent_requests_share_forwards(tagger):
 
     wavs = [_wav_bytes(10.0, freq=f) for f in (220, 330, 440, 550, 660, 880)]
     with running(create_app(tagger, ServeConfig(batch_wait_ms=300, max_batch_windows=64))) as base:
-        alone = [requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json()["probabilities"] for w in wavs]
+        alone = [
+            requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json()[
+                "probabilities"
+            ]
+            for w in wavs
+        ]
         with ThreadPoolExecutor(6) as pool:
-            together = list(pool.map(lambda w: requests.post(f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60).json(), wavs))
+            together = list(
+                pool.map(
+                    lambda w: requests.post(
+                        f"{base}/v1/tag", data=w, headers={"Content-Type": "audio/wav"}, timeout=60
+                    ).json(),
+                    wavs,
+                )
+            )
         text = requests.get(f"{base}/metrics", timeout=10).text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     s = {x.name: x.value for x in fams["embedkit_batch_requests"].samples if not x.labels}
@@ -298,7 +384,12 @@ def test_db_records_every_result(tagger, files, tmp_path):
     db = tmp_path / "served.sqlite"
     with running(create_app(tagger, ServeConfig(db=str(db)))) as base:
         for f in files[:2]:
-            assert requests.post(f"{base}/v1/tag", files={"file": (f.name, f.read_bytes(), "audio/flac")}, timeout=120).status_code == 200
+            assert (
+                requests.post(
+                    f"{base}/v1/tag", files={"file": (f.name, f.read_bytes(), "audio/flac")}, timeout=120
+                ).status_code
+                == 200
+            )
     with ResultsDB(str(db)) as d:
         rows = d.rows(tagger.model_id)
     assert sorted(r["path"] for r in rows) == sorted(f"upload:{f.name}" for f in files[:2])
@@ -354,7 +445,13 @@ def test_serving_an_onnx_model_imports_no_torch(tagger, files, tmp_path):
 
     model = tmp_path / "m.onnx"
     export_onnx(tagger, model)
-    res = subprocess.run([sys.executable, "-c", SERVE_BLOCKED, str(model), str(files[0])], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", SERVE_BLOCKED, str(model), str(files[0])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     status, label = res.stdout.splitlines()[-2].split()
     assert status == "200" and label == tagger.labels[int(tagger.predict_file(files[0])[1].argmax())]
@@ -410,13 +507,26 @@ class DevTools:
             os.dup2(b, 4)
 
         cmd = [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            "--no-default-browser-check", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank",
-        ]  # fmt: skip
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         self.log = open(profile.parent / "chromium.log", "wb")
         # pass_fds keeps 3 and 4 open through exec (fds are closed after preexec_fn runs)
-        self.proc = subprocess.Popen(cmd, preexec_fn=child_fds, pass_fds=(3, 4, to_r, from_w), stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            cmd, preexec_fn=child_fds, pass_fds=(3, 4, to_r, from_w), stdout=self.log, stderr=self.log
+        )
         os.close(to_r)
         os.close(from_w)
         self._buf = b""
@@ -477,7 +587,12 @@ def test_page_tags_a_chosen_file(tmp_path, request, tagger):
     else:
         audio_file = sorted(Path(request.getfixturevalue("synth_dataset")).glob("*/*.wav"))[0]
     with running(create_app(tagger)) as base:
-        want = requests.post(f"{base}/v1/tag", data=audio_file.read_bytes(), headers={"Content-Type": "application/octet-stream"}, timeout=120).json()
+        want = requests.post(
+            f"{base}/v1/tag",
+            data=audio_file.read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=120,
+        ).json()
         dt = DevTools(tmp_path / "profile")
         try:
             target = dt.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -487,10 +602,14 @@ def test_page_tags_a_chosen_file(tmp_path, request, tagger):
             dt.send("Page.navigate", {"url": f"{base}/"}, session=sid)
 
             def evaluate(expr: str):
-                return dt.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=sid)["result"].get("value")
+                return dt.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=sid)[
+                    "result"
+                ].get("value")
 
             deadline = time.monotonic() + 30
-            while evaluate("document.readyState") != "complete" or "genres" not in (evaluate("document.getElementById('model').textContent") or ""):
+            while evaluate("document.readyState") != "complete" or "genres" not in (
+                evaluate("document.getElementById('model').textContent") or ""
+            ):
                 assert time.monotonic() < deadline, "page did not load"
                 time.sleep(0.1)
             doc = dt.send("DOM.getDocument", session=sid)["root"]["nodeId"]
@@ -502,7 +621,9 @@ def test_page_tags_a_chosen_file(tmp_path, request, tagger):
                 time.sleep(0.2)
             state = evaluate("document.getElementById('result').dataset.state")
             decision = evaluate("document.getElementById('decision').textContent")
-            bars = evaluate("[...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.label, b.querySelector('.pct').textContent])")
+            bars = evaluate(
+                "[...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.label, b.querySelector('.pct').textContent])"
+            )
             timing = evaluate("document.getElementById('timing').textContent")
             n_before = len(dt.events)
             # the detector's own check: a console message the page did not write is seen
@@ -517,6 +638,9 @@ def test_page_tags_a_chosen_file(tmp_path, request, tagger):
         assert pct == f"{100 * want['probabilities'][label]:.1f}%"
     assert "total" in timing and "windows" in timing
     kinds = ("Runtime.exceptionThrown", "Runtime.consoleAPICalled", "Log.entryAdded")
-    assert any(e.get("method") == "Runtime.consoleAPICalled" and "embedkit-probe" in json.dumps(e) for e in dt.events[n_before:])
+    assert any(
+        e.get("method") == "Runtime.consoleAPICalled" and "embedkit-probe" in json.dumps(e)
+        for e in dt.events[n_before:]
+    )
     bad = [e for e in dt.events[:n_before] if e.get("method") in kinds]
     assert not bad, bad[:3]

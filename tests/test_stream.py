@@ -153,7 +153,9 @@ def test_three_genres_change_events_with_and_without_hysteresis(seed, order, mon
     assert all(summary["share"][g] > 0.15 for g in GENRES)
 
     raw = run_cli(["-", "--rate", "22050", *RAW], data, monkeypatch)
-    raw_changes = [(r["time_s"], r["change"]["to"]) for r in records(raw.stdout) if r["type"] == "window" and r["change"]]
+    raw_changes = [
+        (r["time_s"], r["change"]["to"]) for r in records(raw.stdout) if r["type"] == "window" and r["change"]
+    ]
     spurious = [(t, g) for t, g in raw_changes if g != truth[min(int((t - 1e-9) // PART_S), 2)]]
     assert len(raw_changes) > 3 and spurious  # the flicker that smoothing and hysteresis removed
 
@@ -189,7 +191,26 @@ def test_decider_invariants(ps, enter, gap, min_d):
 @pytest.mark.parametrize("rate", [22050, 44100, 48000])
 def test_stdin_formats_channels_rates(fmt, channels, rate, monkeypatch):
     y = three_genres(rate, part_s=12.0, seed=rate)
-    res = run_cli(["-", "--format", fmt, "--rate", str(rate), "--channels", str(channels), "--hop", "1", "--smooth", "ema:2", "--min-duration", "2"], pcm_bytes(y, fmt, channels), monkeypatch, noise=0.0)
+    res = run_cli(
+        [
+            "-",
+            "--format",
+            fmt,
+            "--rate",
+            str(rate),
+            "--channels",
+            str(channels),
+            "--hop",
+            "1",
+            "--smooth",
+            "ema:2",
+            "--min-duration",
+            "2",
+        ],
+        pcm_bytes(y, fmt, channels),
+        monkeypatch,
+        noise=0.0,
+    )
     assert res.exit_code == 0, res.output
     recs = records(res.stdout)
     summary = recs[-1]
@@ -210,7 +231,11 @@ def test_stdin_formats_channels_rates(fmt, channels, rate, monkeypatch):
     "data,args,message",
     [
         (pcm_bytes(np.zeros(40000), "f32le") + b"\x00\x01\x02", [], "stream ended inside a frame (3 trailing bytes"),
-        (pcm_bytes(np.zeros(40000), "s16le", 2) + b"\x00", ["--format", "s16le", "--channels", "2"], "(1 trailing bytes; a s16le frame of 2 channel(s) is 4 bytes)"),
+        (
+            pcm_bytes(np.zeros(40000), "s16le", 2) + b"\x00",
+            ["--format", "s16le", "--channels", "2"],
+            "(1 trailing bytes; a s16le frame of 2 channel(s) is 4 bytes)",
+        ),
         (b"hello, this is not audio at all, just a line of text\n" * 200, [], "is text, not raw f32le audio"),
         (b"RIFF\x24\x08\x00\x00WAVEfmt " + bytes(4000), [], "holds a WAV file, not raw PCM"),
         (b"fLaC" + bytes(4000), ["--format", "s16le"], "holds a FLAC file"),
@@ -326,7 +351,9 @@ def test_file_read_as_fast_as_possible_never_drops():
     clock = FakeClock()
     y = three_genres(8000, part_s=5.0)
     src = PcmSource(io.BytesIO(pcm_bytes(y, "f32le")), "f32le", 8000, 1, live=False)
-    summary = run_stream(slow_tagger(clock, 3.0), src, StreamConfig(hop_s=1.0, queue=2, batch=1), lambda r: None, clock=clock)
+    summary = run_stream(
+        slow_tagger(clock, 3.0), src, StreamConfig(hop_s=1.0, queue=2, batch=1), lambda r: None, clock=clock
+    )
     assert summary["dropped"] == 0 and summary["windows"] == 14
 
 
@@ -393,7 +420,9 @@ def test_microphone_without_sounddevice_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sounddevice", None)
     res = run_cli(["mic"], b"", monkeypatch)
     assert res.exit_code == 1
-    assert res.stderr.strip() == "error: sounddevice is required for microphone input: run `pip install 'embedkit[live]'`"
+    assert (
+        res.stderr.strip() == "error: sounddevice is required for microphone input: run `pip install 'embedkit[live]'`"
+    )
 
 
 # ------------------------------------------------------------------------------ live view
@@ -404,9 +433,25 @@ def test_live_view_renders_decision_bars_and_summary():
 
     buf = io.StringIO()
     view = LiveView(Console(file=buf, width=100, force_terminal=False))
-    rec = {"type": "window", "time_s": 75.0, "decision": "mid", "lagging": True, "smoothed": {"low": 0.1, "mid": 0.7, "high": 0.2}, "change": {"from": "low", "to": "mid"}}
+    rec = {
+        "type": "window",
+        "time_s": 75.0,
+        "decision": "mid",
+        "lagging": True,
+        "smoothed": {"low": 0.1, "mid": 0.7, "high": 0.2},
+        "change": {"from": "low", "to": "mid"},
+    }
     view(rec)
-    view({"type": "summary", "end": "eof", "audio_s": 90.0, "windows": 89, "changes": 3, "share": {"mid": 0.5, "low": 0.5}})
+    view(
+        {
+            "type": "summary",
+            "end": "eof",
+            "audio_s": 90.0,
+            "windows": 89,
+            "changes": 3,
+            "share": {"mid": 0.5, "low": 0.5},
+        }
+    )
     text = buf.getvalue()
     assert "0:01:15.0" in text and "mid" in text and "lagging" in text and "low -> mid" in text
     assert "█" * 28 in text  # 0.7 of a 40-character bar
@@ -418,7 +463,14 @@ def test_live_view_renders_decision_bars_and_summary():
 
 def child(args, **kw):
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{TESTS.parent}", OMP_NUM_THREADS="1", **kw.pop("env", {}))
-    return subprocess.Popen([sys.executable, str(TESTS / "stream_fixtures.py"), "stream", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "stream_fixtures.py"), "stream", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        **kw,
+    )
 
 
 def feed(proc, data: bytes, chunk=1 << 16, pause=0.0):
@@ -450,7 +502,9 @@ def test_broken_pipe_stops_quietly():
 
 def test_ctrl_c_writes_the_summary_and_exits_130():
     p = child(["tone", "-", "--format", "s16le", "--rate", "8000", "--hop", "1"])
-    feed(p, pcm_bytes(three_genres(8000, 20.0), "s16le"), chunk=8000, pause=0.25)  # 2x real time: still streaming at the signal
+    feed(
+        p, pcm_bytes(three_genres(8000, 20.0), "s16le"), chunk=8000, pause=0.25
+    )  # 2x real time: still streaming at the signal
     lines = [p.stdout.readline() for _ in range(3)]
     assert all(json.loads(line)["type"] == "window" for line in lines)
     p.send_signal(signal.SIGINT)
@@ -491,7 +545,12 @@ def test_one_hour_stream_in_bounded_memory():
 
 
 def test_cli_live_view(monkeypatch):
-    res = run_cli(["-", "--rate", "8000", "--hop", "1", "--view", "live"], pcm_bytes(three_genres(8000, 4.0), "f32le"), monkeypatch, noise=0.0)
+    res = run_cli(
+        ["-", "--rate", "8000", "--hop", "1", "--view", "live"],
+        pcm_bytes(three_genres(8000, 4.0), "f32le"),
+        monkeypatch,
+        noise=0.0,
+    )
     assert res.exit_code == 0, res.output
     assert "stream ended (eof)" in res.stdout and "uncertain" in res.stdout and '"type"' not in res.stdout
 
@@ -510,7 +569,9 @@ def test_mp3_read_in_blocks_equals_the_whole_decode():
 
 
 def test_stream_shorter_than_one_window_ends_cleanly(monkeypatch):
-    res = run_cli(["-", "--rate", "8000"], pcm_bytes(three_genres(8000, 0.5), "f32le"), monkeypatch)  # 1.5 s < 2 s window
+    res = run_cli(
+        ["-", "--rate", "8000"], pcm_bytes(three_genres(8000, 0.5), "f32le"), monkeypatch
+    )  # 1.5 s < 2 s window
     assert res.exit_code == 0
     (summary,) = records(res.stdout)
     assert summary["windows"] == 0 and summary["audio_s"] == 1.5 and summary["end"] == "eof" and summary["share"] == {}

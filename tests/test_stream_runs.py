@@ -27,7 +27,10 @@ def melstats_run(synth_dataset, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("streamrun")
     extract(load_dataset(synth_dataset), "melstats", cache=tmp / "cache", workers=2)
-    res = runner.invoke(app, ["fit", "--backbone", "melstats", "--head", "lr", "--cache", str(tmp / "cache"), "--runs", str(tmp / "runs")])
+    res = runner.invoke(
+        app,
+        ["fit", "--backbone", "melstats", "--head", "lr", "--cache", str(tmp / "cache"), "--runs", str(tmp / "runs")],
+    )
     assert res.exit_code == 0, res.output
     (run,) = list((tmp / "runs").iterdir())
     return run
@@ -59,7 +62,9 @@ def test_stream_equals_tag_excerpt_full(melstats_run, song, tmp_path):
     hop = t.segment.hop_s
     recs = stream_records(melstats_run, song, "--hop", hop)
     wins = [r for r in recs if r["type"] == "window"]
-    frames, starts, _ = read_excerpt(str(song), t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, hop)
+    frames, starts, _ = read_excerpt(
+        str(song), t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, hop
+    )
     ref = t.calibrate(t.predict_segments(frames))
     assert len(wins) == len(frames) == 7
     np.testing.assert_allclose([r["start_s"] for r in wins], starts, atol=1e-6)
@@ -67,7 +72,9 @@ def test_stream_equals_tag_excerpt_full(melstats_run, song, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
     out = tmp_path / "tags.jsonl"
-    res = runner.invoke(app, ["tag", str(melstats_run), str(song), "--excerpt", "full", "--out", str(out), "--workers", "1"])
+    res = runner.invoke(
+        app, ["tag", str(melstats_run), str(song), "--excerpt", "full", "--out", str(out), "--workers", "1"]
+    )
     assert res.exit_code == 0, res.output
     row = json.loads(out.read_text().splitlines()[0])
     track = t.calibrate(got.mean(axis=0))
@@ -81,7 +88,9 @@ def test_cli_stream_file_decisions_and_summary(melstats_run, song):
     assert len(labels) == 4 and all(r["type"] == "window" for r in wins)
     assert [r["k"] for r in wins] == list(range(len(wins))) and len(wins) == 32  # (36 - 5) / 1 + 1
     for r in wins:
-        assert sum(r["raw"].values()) == pytest.approx(1, abs=1e-4) and sum(r["smoothed"].values()) == pytest.approx(1, abs=1e-4)
+        assert sum(r["raw"].values()) == pytest.approx(1, abs=1e-4) and sum(r["smoothed"].values()) == pytest.approx(
+            1, abs=1e-4
+        )
         assert r["decision"] in labels | {"uncertain"} and r["lagging"] is False and r["dropped"] == 0
     assert summary["type"] == "summary" and summary["end"] == "eof" and summary["audio_s"] == 36.0
     assert summary["windows"] == 32 and summary["realtime_factor"] > 1
@@ -101,8 +110,28 @@ def test_cli_realtime_paces_the_file(melstats_run, tmp_path):
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_ffmpeg_pipe_like_the_readme(melstats_run, song):
     """`ffmpeg -i SONG -f f32le -ac 1 -ar 44100 - | embedkit stream RUN - --format f32le --rate 44100`."""
-    ff = subprocess.Popen(["ffmpeg", "-v", "error", "-i", str(song), "-f", "f32le", "-ac", "1", "-ar", "44100", "-"], stdout=subprocess.PIPE)
-    st = subprocess.run([sys.executable, "-m", "embedkit.cli", "stream", str(melstats_run), "-", "--format", "f32le", "--rate", "44100"], stdin=ff.stdout, capture_output=True, cwd=ROOT, timeout=120)
+    ff = subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-i", str(song), "-f", "f32le", "-ac", "1", "-ar", "44100", "-"],
+        stdout=subprocess.PIPE,
+    )
+    st = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedkit.cli",
+            "stream",
+            str(melstats_run),
+            "-",
+            "--format",
+            "f32le",
+            "--rate",
+            "44100",
+        ],
+        stdin=ff.stdout,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     ff.stdout.close()
     assert ff.wait() == 0 and st.returncode == 0, st.stderr
     recs = [json.loads(l) for l in st.stdout.splitlines()]
@@ -120,10 +149,23 @@ def test_stream_a_cnn_run(synth_dataset, song, tmp_path):
     from embedkit.tag import Excerpt, read_excerpt
     from embedkit.tagger import load_tagger
 
-    res = train_cnn(load_dataset(synth_dataset), train=TrainConfig(epochs=1, batch_size=4), channels=(4, 8), audio_cfg=AudioConfig(clip_s=12.0), runs_dir=tmp_path / "runs", cache=tmp_path / "cache", threads=1, workers=1)
+    res = train_cnn(
+        load_dataset(synth_dataset),
+        train=TrainConfig(epochs=1, batch_size=4),
+        channels=(4, 8),
+        audio_cfg=AudioConfig(clip_s=12.0),
+        runs_dir=tmp_path / "runs",
+        cache=tmp_path / "cache",
+        threads=1,
+        workers=1,
+    )
     t = load_tagger(res.run_dir)
     assert t.kind == "cnn"
     wins = [r for r in stream_records(res.run_dir, song, "--hop", "3") if r["type"] == "window"]
-    frames, _, _ = read_excerpt(str(song), t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, 3.0)
+    frames, _, _ = read_excerpt(
+        str(song), t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, 3.0
+    )
     assert len(wins) == len(frames) == 11
-    np.testing.assert_allclose([[r["raw"][l] for l in t.labels] for r in wins], t.calibrate(t.predict_segments(frames)), atol=1e-5)
+    np.testing.assert_allclose(
+        [[r["raw"][l] for l in t.labels] for r in wins], t.calibrate(t.predict_segments(frames)), atol=1e-5
+    )

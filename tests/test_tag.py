@@ -51,7 +51,9 @@ def test_excerpt_parse():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(0.5, 3600), st.floats(1, 60), st.integers(1, 9), st.sampled_from(["first", "middle", "spread", "full"]))
+@given(
+    st.floats(0.5, 3600), st.floats(1, 60), st.integers(1, 9), st.sampled_from(["first", "middle", "spread", "full"])
+)
 def test_clip_starts_lie_inside_the_song(duration, clip, n, mode):
     starts = Excerpt(mode, n).clip_starts(duration, clip)
     if mode == "full":
@@ -153,7 +155,20 @@ def _rows(db) -> list[dict]:
 def test_every_run_kind_tags_the_same_folder_through_the_cli(runs, tmp_path):
     db = tmp_path / "library.sqlite"
     for kind in ("head", "cnn", "finetune"):
-        res = runner.invoke(app, ["tag", str(runs[kind]), str(runs["data"]), "--db", str(db), "--out", str(tmp_path / f"{kind}.csv"), "--workers", "2"])
+        res = runner.invoke(
+            app,
+            [
+                "tag",
+                str(runs[kind]),
+                str(runs["data"]),
+                "--db",
+                str(db),
+                "--out",
+                str(tmp_path / f"{kind}.csv"),
+                "--workers",
+                "2",
+            ],
+        )
         assert res.exit_code == 0, res.output
         assert f"{N_SYNTH} tracks tagged (first, {2 * N_SYNTH} windows)" in " ".join(res.output.split())
         assert "genre" in res.output  # the table
@@ -177,7 +192,9 @@ def test_every_run_kind_tags_the_same_folder_through_the_cli(runs, tmp_path):
     by_path = {r["path"]: r for r in mid}
     for r in ref.itertuples():
         got = by_path[str(Path(r.path).absolute())]["probabilities"]
-        np.testing.assert_allclose([got[l] for l in sorted(got)], [getattr(r, f"p_{l}") for l in sorted(got)], atol=1e-6)
+        np.testing.assert_allclose(
+            [got[l] for l in sorted(got)], [getattr(r, f"p_{l}") for l in sorted(got)], atol=1e-6
+        )
 
 
 def test_full_excerpt_reports_window_shares_and_jsonl(runs, tmp_path, long_files):
@@ -188,7 +205,9 @@ def test_full_excerpt_reports_window_shares_and_jsonl(runs, tmp_path, long_files
 
     (row,) = [json.loads(l) for l in out.read_text().splitlines()]
     assert row["n_windows"] == 9 and row["window_starts_s"] == [5.0 * k for k in range(9)]
-    assert abs(sum(row["window_share"].values()) - 1) < 1e-9 and all(v * 9 == pytest.approx(round(v * 9)) for v in row["window_share"].values())
+    assert abs(sum(row["window_share"].values()) - 1) < 1e-9 and all(
+        v * 9 == pytest.approx(round(v * 9)) for v in row["window_share"].values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +269,12 @@ tag(sys.argv[1], [sys.argv[2]], db=sys.argv[3], batch_size=2, workers=1, out=sys
 def test_kill_9_then_resume_loses_and_duplicates_nothing(runs, tmp_path, kill_after):
     db, ref_db = tmp_path / "db.sqlite", tmp_path / "ref.sqlite"
     out = tmp_path / "out.csv"
-    p = subprocess.run([sys.executable, "-c", _KILL, str(runs["head"]), str(runs["data"]), str(db), str(kill_after), str(out)], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _KILL, str(runs["head"]), str(runs["data"]), str(db), str(kill_after), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     killed = _rows(db)
     assert kill_after <= len(killed) < N_SYNTH and not out.exists()  # the out file is all or nothing
@@ -272,8 +296,28 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(runs, tmp_path, kill_af
 def test_concurrent_tag_runs_share_one_sqlite_file(runs, tmp_path):
     db = tmp_path / "shared.sqlite"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmds = [[sys.executable, "-m", "embedkit.cli", "tag", str(runs[k]), str(runs["data"]), "--db", str(db), "--batch-size", "2", "--workers", "1", "--table", "0"] for k in ("head", "mlp", "head")]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "embedkit.cli",
+            "tag",
+            str(runs[k]),
+            str(runs["data"]),
+            "--db",
+            str(db),
+            "--batch-size",
+            "2",
+            "--workers",
+            "1",
+            "--table",
+            "0",
+        ]
+        for k in ("head", "mlp", "head")
+    ]
+    procs = [
+        subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
     con = sqlite3.connect(db)
@@ -307,7 +351,9 @@ def postgres_url():
     pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'embedkit[postgres]')")
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; scripts/test.sh installs Debian's postgresql")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found; scripts/test.sh installs Debian's postgresql"
+        )
     as_user: list[str] = []
     base = Path(tempfile.mkdtemp(prefix="embedkit-pg-"))
     if os.getuid() == 0:  # initdb refuses root: run the cluster as the postgres user
@@ -323,11 +369,30 @@ def postgres_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = base / "data"
-    r = subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], capture_output=True, text=True)
+    r = subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"initdb failed: {r.stderr.strip().splitlines()[-1:]}")
-    r = subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o", f"-k {base} -p {port} -c listen_addresses='' -c fsync=off", "start"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(base / "log"),
+            "-w",
+            "-o",
+            f"-k {base} -p {port} -c listen_addresses='' -c fsync=off",
+            "start",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"pg_ctl start failed: {r.stderr.strip()[-300:]}")
@@ -387,9 +452,13 @@ def test_bad_files_are_recorded_and_the_rest_finish(runs, messy, tmp_path):
     text = " ".join(res.output.split())
     assert "3 tracks tagged" in text and "6 failed" in text and "Traceback" not in res.output
     expect = {
-        "empty.wav": "empty file (0 bytes)", "notaudio.mp3": "cannot decode audio", "truncated.wav": "truncated",
-        "short.wav": "too short: 2.00 s is less than one 5 s window", "silent.wav": "silent", "gone.wav": "file not found",
-    }  # fmt: skip
+        "empty.wav": "empty file (0 bytes)",
+        "notaudio.mp3": "cannot decode audio",
+        "truncated.wav": "truncated",
+        "short.wav": "too short: 2.00 s is less than one 5 s window",
+        "silent.wav": "silent",
+        "gone.wav": "file not found",
+    }
     lines = [l for l in res.output.splitlines() if l.startswith("skipped ")]
     assert len(lines) == 6
     for name, reason in expect.items():
@@ -443,9 +512,15 @@ def _model_id(run) -> str:
 
 def test_cli_reads_paths_from_stdin_and_lists(runs, tmp_path):
     files = sorted(runs["data"].glob("*/*.wav"))[:3]
-    res = runner.invoke(app, ["tag", str(runs["head"]), "-", "--out", str(tmp_path / "a.jsonl")], input="".join(f"{f}\n" for f in files))
+    res = runner.invoke(
+        app, ["tag", str(runs["head"]), "-", "--out", str(tmp_path / "a.jsonl")], input="".join(f"{f}\n" for f in files)
+    )
     assert res.exit_code == 0, res.output
-    assert [__import__("json").loads(l)["path"] for l in (tmp_path / "a.jsonl").read_text().splitlines()] == [str(f) for f in files]
+    assert [__import__("json").loads(l)["path"] for l in (tmp_path / "a.jsonl").read_text().splitlines()] == [
+        str(f) for f in files
+    ]
     (tmp_path / "new-uploads.txt").write_text("\n".join(str(f) for f in files[:2]) + "\n")
-    res = runner.invoke(app, ["tag", str(runs["head"]), str(tmp_path / "new-uploads.txt"), "--excerpt", "spread:3", "--table", "0"])
+    res = runner.invoke(
+        app, ["tag", str(runs["head"]), str(tmp_path / "new-uploads.txt"), "--excerpt", "spread:3", "--table", "0"]
+    )
     assert res.exit_code == 0 and "2 tracks tagged (spread:3, 4 windows)" in " ".join(res.output.split()), res.output

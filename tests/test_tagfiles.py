@@ -43,7 +43,12 @@ def library(synth_dataset, tmp_path):
     for src, ext in zip(clips, ("flac", "mp3", "ogg", "wav"), strict=True):
         y, sr = sf.read(src)
         dst = out / f"{src.stem}.{ext}"
-        sf.write(dst, y, sr, **({"format": "MP3"} if ext == "mp3" else {"format": "OGG", "subtype": "VORBIS"} if ext == "ogg" else {}))
+        sf.write(
+            dst,
+            y,
+            sr,
+            **({"format": "MP3"} if ext == "mp3" else {"format": "OGG", "subtype": "VORBIS"} if ext == "ogg" else {}),
+        )
         files.append(dst)
     return files
 
@@ -114,7 +119,21 @@ def test_uncertain_and_multi_decisions(head_run, library, tmp_path):
 
     with ResultsDB(db) as d:
         assert {r["decision"] for r in d.rows()} == {"uncertain"}  # recorded under the command's rule
-    code, out = invoke("tag", head_run, *library, "--db", tmp_path / "b.sqlite", "--write-tags", "--multi", "--threshold", "0", "--multi-threshold", "0", "--max-genres", "2")
+    code, out = invoke(
+        "tag",
+        head_run,
+        *library,
+        "--db",
+        tmp_path / "b.sqlite",
+        "--write-tags",
+        "--multi",
+        "--threshold",
+        "0",
+        "--multi-threshold",
+        "0",
+        "--max-genres",
+        "2",
+    )
     assert code == 0 and "4 written" in out, out
     for p in library:
         g = tw.read_tags(p).genre
@@ -128,7 +147,9 @@ def test_default_threshold_comes_from_the_run(head_run):
     cal = load_calibration(head_run)
     rule, tagger = _decision_rule(head_run, None, False, 0.3, 0.1, 3)
     assert rule == cal.rule and tagger is None
-    assert json.loads((head_run / "metrics.json").read_text())["calibration"]["threshold"]["threshold"] == pytest.approx(rule.threshold, abs=1e-4)
+    assert json.loads((head_run / "metrics.json").read_text())["calibration"]["threshold"][
+        "threshold"
+    ] == pytest.approx(rule.threshold, abs=1e-4)
     rule, tagger = _decision_rule(head_run, 0.9, True, 0.2, 0.05, 2)
     assert (rule.threshold, rule.multi, rule.multi_threshold, rule.margin, rule.k) == (0.9, True, 0.2, 0.05, 2)
     assert tagger.calibration.rule == rule

@@ -57,7 +57,9 @@ def test_head_tagger_equals_predict_on_the_store(runs):
         t = load_tagger(run)
         for r in df.itertuples():
             _, p = t.predict_file(r.path)
-            np.testing.assert_allclose(p, t.calibrate([getattr(r, f"p_{l}") for l in b.labels]), atol=1e-6)  # track probabilities are calibrated
+            np.testing.assert_allclose(
+                p, t.calibrate([getattr(r, f"p_{l}") for l in b.labels]), atol=1e-6
+            )  # track probabilities are calibrated
 
 
 def test_finetune_tagger_reproduces_the_held_out_predictions(runs, tracks):
@@ -81,7 +83,11 @@ def test_cnn_tagger_per_window_rule_is_close_to_the_held_out_predictions(runs, t
         # the net's input: the window's own log-mel, frames whose STFT window lies inside it
         assert t.inside_frames == (2, 429)  # of 431 centred frames of 5 s at 44.1 kHz, n_fft 2048, hop 512
         mel = logmel(windows[1], t.features)[:, 2:429]
-        np.testing.assert_allclose(t.logmel(windows[1:2])[0], (mel - np.array(t.normalizer.mean)[:, None]) / np.array(t.normalizer.std)[:, None], atol=1e-4)
+        np.testing.assert_allclose(
+            t.logmel(windows[1:2])[0],
+            (mel - np.array(t.normalizer.mean)[:, None]) / np.array(t.normalizer.std)[:, None],
+            atol=1e-4,
+        )
         # ... which equal the frames of an STFT that never reads outside the window
         y = windows[1].astype(np.float64)
         w = np.hanning(2049)[:-1]  # periodic Hann, as torch.hann_window
@@ -100,7 +106,10 @@ def test_old_predict_proba_file_paths_go_through_the_tagger(runs):
     from embedkit.cnn.model import load_model
 
     path = next(runs["data"].glob("*/*.wav"))
-    for t, m in ((load_tagger(runs["cnn"]), load_model(runs["cnn"] / "model.pt")), (load_tagger(runs["finetune"]), load_finetuned(runs["finetune"] / "model.pt"))):
+    for t, m in (
+        (load_tagger(runs["cnn"]), load_model(runs["cnn"] / "model.pt")),
+        (load_tagger(runs["finetune"]), load_finetuned(runs["finetune"] / "model.pt")),
+    ):
         seg, mean = m.predict_proba_file(path)
         p, track = t.predict_file(path)
         np.testing.assert_allclose(seg, p, atol=1e-7)
@@ -111,7 +120,11 @@ def test_torch_modules_equal_predict_segments(runs):
     x = 0.1 * np.random.default_rng(1).standard_normal((2, 5 * 44100)).astype(np.float32)
     for kind in ("cnn", "finetune"):
         t = load_tagger(runs[kind])
-        x = x[:, : t.window_samples] if kind == "cnn" else 0.1 * np.random.default_rng(1).standard_normal((2, t.window_samples)).astype(np.float32)
+        x = (
+            x[:, : t.window_samples]
+            if kind == "cnn"
+            else 0.1 * np.random.default_rng(1).standard_normal((2, t.window_samples)).astype(np.float32)
+        )
         with torch.no_grad():
             m = t.torch_module()(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(m, t.predict_segments(x), atol=1e-5)
@@ -163,7 +176,13 @@ def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
         np.testing.assert_allclose(again.predictor.predict_proba(X), first.bundle.predict_proba(X), atol=1e-6)
         assert again.bundle.head == first.bundle.head  # the real bundle still loads on demand
     code = f"import sys; from embedkit.tagger import load_tagger; t = load_tagger({str(runs['head'])!r}); print(sorted(m for m in ('sklearn', 'skops', 'librosa', 'scipy.signal') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "EMBEDKIT_TAGGER_CACHE": str(tmp_path / "tc")})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "EMBEDKIT_TAGGER_CACHE": str(tmp_path / "tc")},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     # a corrupt cache entry is ignored (never trusted) and rewritten from the bundle
@@ -175,14 +194,25 @@ def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
     assert isinstance(headcache.load(mid), headcache.FastHead)
 
 
-@pytest.mark.parametrize("args", [(16000, 512, 96, 0.0, None, False, "slaney"), (44100, 2048, 128, 0.0, None, False, "slaney"), (16000, 512, 32, 0.0, None, False, "slaney"), (22050, 1024, 64, 50.0, 8000.0, True, None), (32000, 1024, 64, 50.0, 14000.0, False, "slaney")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (16000, 512, 96, 0.0, None, False, "slaney"),
+        (44100, 2048, 128, 0.0, None, False, "slaney"),
+        (16000, 512, 32, 0.0, None, False, "slaney"),
+        (22050, 1024, 64, 50.0, 8000.0, True, None),
+        (32000, 1024, 64, 50.0, 14000.0, False, "slaney"),
+    ],
+)
 def test_numpy_mel_filters_equal_librosa(args):
     import librosa
 
     from embedkit.melspec import mel_filters
 
     sr, n_fft, n_mels, fmin, fmax, htk, norm = args
-    ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm, dtype=np.float32)
+    ref = librosa.filters.mel(
+        sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm, dtype=np.float32
+    )
     np.testing.assert_array_equal(mel_filters(sr, n_fft, n_mels, fmin, fmax, htk=htk, norm=norm), ref)
 
 
@@ -194,7 +224,18 @@ def _save_finetune(tmp_path, bb, name: str, module=None):
     module = module if module is not None else bb.torch_module()
     net = build_finetune_net(module, bb.spec.embedding_dim, 3, 0.2).eval()
     spec = bb.spec.to_dict()
-    payload = {"kind": "finetune", "backbone": bb.spec.name, "weights_id": bb.weights_id, "spec": spec, "architecture": describe(spec, module), "finetune": {"head_dropout": 0.2}, "state_dict": net.state_dict(), "labels": ["a", "b", "c"], "audio": {}, "segment_s": 5.0}
+    payload = {
+        "kind": "finetune",
+        "backbone": bb.spec.name,
+        "weights_id": bb.weights_id,
+        "spec": spec,
+        "architecture": describe(spec, module),
+        "finetune": {"head_dropout": 0.2},
+        "state_dict": net.state_dict(),
+        "labels": ["a", "b", "c"],
+        "audio": {},
+        "segment_s": 5.0,
+    }
     save_model(tmp_path / name, payload)
     return net
 
@@ -245,7 +286,16 @@ def test_cnn_tagger_on_real_music_stays_close_to_the_held_out_predictions(tmp_pa
     from embedkit.datasets import load_dataset
 
     tracks = load_dataset(GTZAN)
-    run = train_cnn(tracks, cv=None, train=TrainConfig(epochs=8, batch_size=16, patience=8, crops_per_clip=2), channels=(8, 16, 32, 32), runs_dir=tmp_path / "runs", cache=tmp_path / "cache", threads=2, workers=2).run_dir
+    run = train_cnn(
+        tracks,
+        cv=None,
+        train=TrainConfig(epochs=8, batch_size=16, patience=8, crops_per_clip=2),
+        channels=(8, 16, 32, 32),
+        runs_dir=tmp_path / "runs",
+        cache=tmp_path / "cache",
+        threads=2,
+        workers=2,
+    ).run_dir
     t = load_tagger(run)
     ref = _heldout(run, tracks)
     got = {p: t.predict_file(p)[1] for p in ref}

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _signal(sr: int, seconds: float = 2.0) -> np.ndarray:
     t = np.arange(int(sr * seconds)) / sr
     rng = np.random.default_rng(0)
-    return np.stack([0.2 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t) + 0.01 * rng.standard_normal(len(t))], 1).astype(np.float32)
+    return np.stack(
+        [0.2 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t) + 0.01 * rng.standard_normal(len(t))], 1
+    ).astype(np.float32)
 
 
 def make_audio(path: Path) -> Path:
@@ -40,10 +42,18 @@ def make_audio(path: Path) -> Path:
             pytest.skip("M4A fixtures need ffmpeg (apt-get install -y ffmpeg); libsndfile cannot write AAC")
         wav = path.with_suffix(".src.wav")
         sf.write(wav, _signal(44100), 44100)
-        subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(wav), "-c:a", "aac", "-b:a", "96k", str(path)], check=True)
+        subprocess.run(
+            [FFMPEG, "-v", "error", "-y", "-i", str(wav), "-c:a", "aac", "-b:a", "96k", str(path)], check=True
+        )
         wav.unlink()
         return path
-    kw = {"mp3": dict(format="MP3"), "ogg": dict(format="OGG", subtype="VORBIS"), "opus": dict(format="OGG", subtype="OPUS"), "aiff": dict(format="AIFF"), "au": dict(format="AU")}.get(ext, {})
+    kw = {
+        "mp3": dict(format="MP3"),
+        "ogg": dict(format="OGG", subtype="VORBIS"),
+        "opus": dict(format="OGG", subtype="OPUS"),
+        "aiff": dict(format="AIFF"),
+        "au": dict(format="AU"),
+    }.get(ext, {})
     sr = 48000 if ext == "opus" else 44100
     sf.write(path, _signal(sr), sr, **kw)
     return path
@@ -52,7 +62,9 @@ def make_audio(path: Path) -> Path:
 def decode(path: Path) -> np.ndarray:
     """Every decoded sample (libsndfile; ffmpeg for M4A)."""
     if path.suffix == ".m4a":
-        out = subprocess.run([FFMPEG, "-v", "error", "-i", str(path), "-f", "f32le", "-"], check=True, capture_output=True).stdout
+        out = subprocess.run(
+            [FFMPEG, "-v", "error", "-i", str(path), "-f", "f32le", "-"], check=True, capture_output=True
+        ).stdout
         return np.frombuffer(out, dtype=np.float32)
     import soundfile as sf
 
@@ -83,7 +95,9 @@ def test_write_reads_back_and_audio_is_untouched(audio):
     st = tw.read_tags(audio)
     assert st.genre == ["Rock", "Pop"]  # one value per genre
     assert st.provenance["EMBEDKIT_GENRE_SCORE"] == ["0.9100", "0.4200"]
-    assert st.provenance["EMBEDKIT_MODEL"] == ["m123"] and st.provenance["EMBEDKIT_DATE"] == ["2026-12-01T09:00:00+00:00"]
+    assert st.provenance["EMBEDKIT_MODEL"] == ["m123"] and st.provenance["EMBEDKIT_DATE"] == [
+        "2026-12-01T09:00:00+00:00"
+    ]
     assert st.written_by_embedkit
     np.testing.assert_array_equal(decode(audio), before)
     assert not list(audio.parent.glob(".*.tmp"))
@@ -282,7 +296,9 @@ def test_batch_records_failures_and_goes_on(tmp_path):
     good = make_audio(tmp_path / "good.flac")
     ro = make_audio(tmp_path / "ro.mp3")
     os.chmod(ro, 0o444)
-    res = tw.write_many([(tmp_path / "gone.wav", ["Rock"], None), (ro, ["Rock"], None), (good, ["Jazz"], [0.8])], model="m")
+    res = tw.write_many(
+        [(tmp_path / "gone.wav", ["Rock"], None), (ro, ["Rock"], None), (good, ["Jazz"], [0.8])], model="m"
+    )
     assert [r.status for r in res] == ["failed", "failed", "written"]
     assert tw.read_tags(good).genre == ["Jazz"]
 

@@ -22,7 +22,11 @@ _REGISTRY: dict[str, tuple[BackboneSpec, Callable[..., Backbone]]] = {}
 _IDENTIFY: dict[str, Callable[..., "tuple[str, BackboneSpec] | None"]] = {}
 
 
-def register_backbone(spec: BackboneSpec, loader: Callable[..., Backbone], identify: Callable[..., "tuple[str, BackboneSpec] | None"] | None = None) -> None:
+def register_backbone(
+    spec: BackboneSpec,
+    loader: Callable[..., Backbone],
+    identify: Callable[..., "tuple[str, BackboneSpec] | None"] | None = None,
+) -> None:
     """Register ``loader(spec, checkpoint=None, **kw) -> Backbone`` under ``spec.name``.
 
     identify(spec, checkpoint): the ``weights_id`` and spec the loader would produce, computed
@@ -75,4 +79,12 @@ def identify_weights(name: str, checkpoint: str | None = None) -> tuple[str, Bac
     return fn(spec, checkpoint) if fn is not None else None
 
 
-__all__ = ["Backbone", "BackboneSpec", "register_backbone", "list_backbones", "get_spec", "load_backbone", "identify_weights"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "register_backbone",
+    "list_backbones",
+    "get_spec",
+    "load_backbone",
+    "identify_weights",
+]

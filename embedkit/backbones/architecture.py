@@ -32,7 +32,13 @@ def describe(spec, module) -> dict[str, Any]:
         fe = getattr(module, "feature_extractor", None)
         if fe is None:
             raise ModelLoadingError(f"{name}: the AST module does not carry its feature extractor settings")
-        return {"format": FORMAT, "family": "ast", "config": _plain(module.ast.config.to_dict()), "classifier": module.head is not None, "feature_extractor": _plain(fe.to_dict())}
+        return {
+            "format": FORMAT,
+            "family": "ast",
+            "config": _plain(module.ast.config.to_dict()),
+            "classifier": module.head is not None,
+            "feature_extractor": _plain(fe.to_dict()),
+        }
     return {"format": FORMAT, "family": "registry", "name": name}
 
 
@@ -40,7 +46,9 @@ def rebuild(record: dict[str, Any], where: str = "model file"):
     """A torch module with the recorded architecture (weights to be loaded over it)."""
     family = record.get("family")
     if record.get("format", 0) > FORMAT:
-        raise ModelLoadingError(f"{where}: architecture record format {record['format']} is newer than this embedkit understands ({FORMAT})")
+        raise ModelLoadingError(
+            f"{where}: architecture record format {record['format']} is newer than this embedkit understands ({FORMAT})"
+        )
     if family == "panns":
         from .panns import ARCHS, build_module
 

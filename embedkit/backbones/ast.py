@@ -39,7 +39,12 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 ENV_VAR = "EMBEDKIT_AST_MODEL"
 SR = 16000
 REQUIRES = "pip install 'embedkit[ast]'"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
 
 SPEC = BackboneSpec(
@@ -48,7 +53,14 @@ SPEC = BackboneSpec(
     sample_rate=SR,
     embedding_dim=768,
     segment_s=10.0,
-    frontend={"features": "ASTFeatureExtractor (kaldi fbank)", "n_mels": 128, "frame_ms": 25, "hop_ms": 10, "max_length": 1024, "normalise": "AudioSet mean/std"},
+    frontend={
+        "features": "ASTFeatureExtractor (kaldi fbank)",
+        "n_mels": 128,
+        "frame_ms": 25,
+        "hop_ms": 10,
+        "max_length": 1024,
+        "normalise": "AudioSet mean/std",
+    },
     weights=f"hub {DEFAULT_MODEL} (cache, or online) or a save_pretrained dir: --checkpoint / ${ENV_VAR}",
     license="BSD-3-Clause",
     description="Audio Spectrogram Transformer (AudioSet): 768-d pooled embedding; every input is padded to 10.24 s",
@@ -76,7 +88,9 @@ def resolve_model_dir(checkpoint: str | None = None) -> Path:
     p = Path(os.path.expanduser(ref))
     if p.exists():
         if not p.is_dir():
-            raise ModelLoadingError(f"{p}: expected a save_pretrained directory (config.json, preprocessor_config.json, model.safetensors), got a file")
+            raise ModelLoadingError(
+                f"{p}: expected a save_pretrained directory (config.json, preprocessor_config.json, model.safetensors), got a file"
+            )
         return p
     if not looks_like_hub_id(ref):
         raise ModelLoadingError(f"{ref}: AST model directory not found")
@@ -84,7 +98,11 @@ def resolve_model_dir(checkpoint: str | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     def complete(d: Path) -> bool:
-        return (d / "config.json").is_file() and (d / "preprocessor_config.json").is_file() and any((d / f).is_file() for f in WEIGHT_FILES)
+        return (
+            (d / "config.json").is_file()
+            and (d / "preprocessor_config.json").is_file()
+            and any((d / f).is_file() for f in WEIGHT_FILES)
+        )
 
     cached = None
     try:
@@ -119,9 +137,13 @@ def _check_dir(d: Path) -> tuple[dict, list[str]]:
     except (OSError, ValueError) as exc:
         raise ModelLoadingError(f"{cfg_path}: unreadable config ({exc})") from None
     if cfg.get("model_type") != "audio-spectrogram-transformer":
-        raise ModelLoadingError(f"{d}: config.json describes model_type {cfg.get('model_type')!r}, not an Audio Spectrogram Transformer")
+        raise ModelLoadingError(
+            f"{d}: config.json describes model_type {cfg.get('model_type')!r}, not an Audio Spectrogram Transformer"
+        )
     if not (d / "preprocessor_config.json").is_file():
-        raise ModelLoadingError(f"{d}: no preprocessor_config.json (save the ASTFeatureExtractor with save_pretrained too)")
+        raise ModelLoadingError(
+            f"{d}: no preprocessor_config.json (save the ASTFeatureExtractor with save_pretrained too)"
+        )
     weights = [f for f in WEIGHT_FILES if (d / f).is_file()]
     if not weights:
         raise ModelLoadingError(f"{d}: no weights file ({' / '.join(WEIGHT_FILES[::2])})")
@@ -146,7 +168,9 @@ def _resize_time_positions(model, max_length: int) -> None:
     if t_new <= t_old:
         grid = grid[:, :, :t_new]
     else:
-        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(f_dim, t_new), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        grid = F.interpolate(
+            grid.permute(0, 3, 1, 2), size=(f_dim, t_new), mode="bilinear", align_corners=False
+        ).permute(0, 2, 3, 1)
     new = torch.cat([pos[:, :2], grid.reshape(1, f_dim * t_new, -1)], dim=1).contiguous()
     emb.position_embeddings = torch.nn.Parameter(new, requires_grad=emb.position_embeddings.requires_grad)
     cfg.max_length = max_length
@@ -169,7 +193,11 @@ def _waveform_module(model, head, fe):
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                x = fe(list(y.detach().cpu().numpy().astype(np.float32)), sampling_rate=fe.sampling_rate, return_tensors="np")["input_values"]
+                x = fe(
+                    list(y.detach().cpu().numpy().astype(np.float32)),
+                    sampling_rate=fe.sampling_rate,
+                    return_tensors="np",
+                )["input_values"]
             return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(y.device)
 
         def forward_both(self, y):
@@ -194,7 +222,9 @@ def _fbank_module(fe):
 
     frame, hop, n_fft = 400, 160, 512
     if len(fe.window) != frame:
-        raise BackboneError(f"AST feature extractor with a {len(fe.window)}-sample window: only the 400-sample (25 ms) front end exports")
+        raise BackboneError(
+            f"AST feature extractor with a {len(fe.window)}-sample window: only the 400-sample (25 ms) front end exports"
+        )
     k = np.arange(n_fft // 2 + 1)
     n = np.arange(frame)[:, None]
     ang = 2 * np.pi * n * k / n_fft
@@ -245,7 +275,9 @@ def export_module(module):
 class AST(Backbone):
     """A loaded AST. embed: float32 [B, L] at 16 kHz (L <= max_samples) -> [B, hidden_size]."""
 
-    def __init__(self, spec: BackboneSpec, module, labels: list[str] | None, weights_id: str, max_length: int, path: Path):
+    def __init__(
+        self, spec: BackboneSpec, module, labels: list[str] | None, weights_id: str, max_length: int, path: Path
+    ):
         import torch
 
         self.spec, self.module, self.labels, self.weights_id = spec, module, labels, weights_id
@@ -258,12 +290,18 @@ class AST(Backbone):
         limit = max_samples(self.max_length)
         if y.shape[0] and not 400 <= y.shape[1] <= limit:
             # The reference would silently cut longer input; refuse instead of dropping audio.
-            raise BackboneError(f"{self.spec.name}: segments must be 0.025-{limit / SR:.3f} s ({self.max_length} frames); got {y.shape[1] / SR:.3f} s: use a shorter --segment")
+            raise BackboneError(
+                f"{self.spec.name}: segments must be 0.025-{limit / SR:.3f} s ({self.max_length} frames); got {y.shape[1] / SR:.3f} s: use a shorter --segment"
+            )
         if y.shape[0] == 0:
             return np.zeros((0, self.spec.embedding_dim), np.float32), np.zeros((0, len(self.labels or [])), np.float32)
         with self._torch.inference_mode(), self._autocast():
             pooled, logits = self.module.forward_both(self._input(y))
-            clip = self._torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32) if want_clip and logits is not None else None
+            clip = (
+                self._torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+                if want_clip and logits is not None
+                else None
+            )
         return pooled.float().cpu().numpy().astype(np.float32, copy=False), clip
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
@@ -316,12 +354,18 @@ def load(spec: BackboneSpec, checkpoint: str | None = None, max_length: int | No
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        what = f"{len(missing)} tensors missing (e.g. {sorted(missing)[0]})" if missing else f"shape mismatch ({sorted(mismatched)[0]})"
+        what = (
+            f"{len(missing)} tensors missing (e.g. {sorted(missing)[0]})"
+            if missing
+            else f"shape mismatch ({sorted(mismatched)[0]})"
+        )
         raise ModelLoadingError(f"{d}: weights do not match config.json: {what}")
     base = model.audio_spectrogram_transformer if has_head else model
     head = model.classifier if has_head else None
     if fe.num_mel_bins != base.config.num_mel_bins or fe.max_length != base.config.max_length:
-        raise ModelLoadingError(f"{d}: preprocessor_config.json ({fe.num_mel_bins} mels, {fe.max_length} frames) does not match config.json ({base.config.num_mel_bins}, {base.config.max_length})")
+        raise ModelLoadingError(
+            f"{d}: preprocessor_config.json ({fe.num_mel_bins} mels, {fe.max_length} frames) does not match config.json ({base.config.num_mel_bins}, {base.config.max_length})"
+        )
     max_length = max_length or MAX_LENGTH.get(spec.name) or base.config.max_length
     if max_length != base.config.max_length:
         _resize_time_positions(base, max_length)
@@ -362,7 +406,11 @@ def write_random_model(path: str | Path, seed: int = 0, tiny: bool = True, class
         model = (ASTForAudioClassification if classifier else ASTModel)(cfg).eval()
         with torch.no_grad():  # tokens/positions start at zero: randomise so every input matters
             base = model.audio_spectrogram_transformer if classifier else model
-            for p in (base.embeddings.cls_token, base.embeddings.distillation_token, base.embeddings.position_embeddings):
+            for p in (
+                base.embeddings.cls_token,
+                base.embeddings.distillation_token,
+                base.embeddings.position_embeddings,
+            ):
                 p.normal_(0.0, 0.02)
     path = Path(path)
     from transformers.utils import logging as hf_logging

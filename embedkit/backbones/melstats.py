@@ -64,7 +64,9 @@ def _banks() -> dict[str, np.ndarray]:
         "mel": librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32),  # [64, F]
         # librosa.feature.mfcc = DCT-II (orthonormal) of the dB mel bands, first 20 coefficients.
         "dct": scipy.fft.dct(np.eye(N_MELS), type=2, norm="ortho", axis=0)[:N_MFCC].astype(np.float32),  # [20, 64]
-        "chroma": librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=0.0, n_chroma=N_CHROMA).astype(np.float32),  # [12, F]
+        "chroma": librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=0.0, n_chroma=N_CHROMA).astype(
+            np.float32
+        ),  # [12, F]
         "freq": librosa.fft_frequencies(sr=SR, n_fft=N_FFT).astype(np.float64),  # [F] Hz
     }
 
@@ -145,7 +147,6 @@ class MelStats(Backbone):
             out = np.concatenate([self._stats(y[i : i + CHUNK]) for i in range(0, len(y), CHUNK)])
         # Silence gives constant features; guard against NaN from 0/0 in flatness/contrast.
         return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-
 
     @staticmethod
     def _stats(y: np.ndarray) -> np.ndarray:

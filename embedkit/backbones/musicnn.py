@@ -82,7 +82,15 @@ _COMMON = dict(
     sample_rate=SR,
     embedding_dim=200,
     segment_s=5.0,
-    frontend={"n_fft": N_FFT, "hop_length": HOP, "n_mels": N_MELS, "mel": "slaney", "center": True, "log": "log10(10000*S+1)", "patch": "whole segment"},
+    frontend={
+        "n_fft": N_FFT,
+        "hop_length": HOP,
+        "n_mels": N_MELS,
+        "mel": "slaney",
+        "center": True,
+        "log": "log10(10000*S+1)",
+        "patch": "whole segment",
+    },
     weights="musicnn 0.1.0 wheel (package data)",
     license="ISC",
     outputs=("taggram",),
@@ -112,7 +120,11 @@ _FRONT = [  # (conv, bn, kind, time kernel)
     ("conv2d_3", "batch_normalization_4", "temporal", 64),
     ("conv2d_4", "batch_normalization_5", "temporal", 32),
 ]
-_MID = [("conv2d_5", "batch_normalization_6"), ("conv2d_6", "batch_normalization_7"), ("conv2d_7", "batch_normalization_8")]
+_MID = [
+    ("conv2d_5", "batch_normalization_6"),
+    ("conv2d_6", "batch_normalization_7"),
+    ("conv2d_7", "batch_normalization_8"),
+]
 
 
 def package_dir() -> Path:
@@ -160,7 +172,9 @@ def read_weights(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
     names = [k for k in ckpt.keys() if "/Adam" not in k and not k.endswith("_power")]
     bns = [f"batch_normalization{'_%d' % i if i else ''}" for i in range(11)]
     convs = [c for c, *_ in _FRONT + _MID] + ["dense", "dense_1"]
-    needed = {f"{c}/{p}" for c in convs for p in ("kernel", "bias")} | {f"{b}/{p}" for b in bns for p in ("gamma", "beta", "moving_mean", "moving_variance")}
+    needed = {f"{c}/{p}" for c in convs for p in ("kernel", "bias")} | {
+        f"{b}/{p}" for b in bns for p in ("gamma", "beta", "moving_mean", "moving_variance")
+    }
     missing = sorted(needed - set(names))
     if missing:
         raise ModelLoadingError(f"{ckpt.index_path}: not a musicnn checkpoint (missing {missing[0]})")
@@ -350,7 +364,13 @@ def _torch_classes() -> dict:
             if use_plan and x.shape[0] and float(xh.abs().amax()) <= PRUNE_X_MAX:
                 front, mid1 = self._front_pruned(xh)
             else:
-                front = torch.cat([_branch(xh, w, b, bn, kind, k) for (kind, k), w, b, bn in zip(self.front_kind, self.front_w, self.front_b, self.front_bn)], 2)
+                front = torch.cat(
+                    [
+                        _branch(xh, w, b, bn, kind, k)
+                        for (kind, k), w, b, bn in zip(self.front_kind, self.front_w, self.front_b, self.front_bn)
+                    ],
+                    2,
+                )
                 front = front.transpose(1, 2).contiguous()  # [B, 561, T] for the conv1d mid end
                 mid1 = F.conv1d(front, self.mid_w[0], self.mid_b[0], padding=3)
             return self._rest(front, mid1)
@@ -368,7 +388,13 @@ def _torch_classes() -> dict:
             pooled = self.pool_bn(torch.cat([max_pool, mean_pool], 1))
             pen = self.pen_bn(torch.relu(self.dense(pooled)))
             logits = self.tag_head(pen)
-            return {"penultimate": pen, "logits": logits, "taggram": torch.sigmoid(logits), "max_pool": max_pool, "mean_pool": mean_pool}
+            return {
+                "penultimate": pen,
+                "logits": logits,
+                "taggram": torch.sigmoid(logits),
+                "max_pool": max_pool,
+                "mean_pool": mean_pool,
+            }
 
         def _weights_key(self) -> tuple:
             return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
@@ -414,7 +440,13 @@ def _torch_classes() -> dict:
             # Constant channels enter the first mid-end conv as const * (sum of the taps that
             # fall inside the zero-padded clip): a 1-channel conv of ones reproduces the edges.
             w_const = (w0[:, dead] * const[dead][:, None]).sum(1, keepdim=True)
-            return {"branches": branches, "live": live, "const": const, "w_live": w0[:, live].contiguous(), "w_const": w_const.contiguous()}
+            return {
+                "branches": branches,
+                "live": live,
+                "const": const,
+                "w_live": w0[:, live].contiguous(),
+                "w_const": w_const.contiguous(),
+            }
 
         def _front_pruned(self, xh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return _pruned_front(self.plan(), xh, self.mid_b[0], _temporal_toeplitz)
@@ -437,7 +469,9 @@ def _torch_classes() -> dict:
         live_feats = (torch.cat(parts, 2) if parts else xh.new_zeros(B, T, 0)).transpose(1, 2).contiguous()
         front = p["const"][None, :, None].expand(B, -1, T).clone()
         front[:, p["live"]] = live_feats
-        mid1 = F.conv1d(live_feats, p["w_live"], mid_b0, padding=3) + F.conv1d(xh.new_ones(1, 1, T), p["w_const"], padding=3)
+        mid1 = F.conv1d(live_feats, p["w_live"], mid_b0, padding=3) + F.conv1d(
+            xh.new_ones(1, 1, T), p["w_const"], padding=3
+        )
         return front, mid1
 
     def _temporal_toeplitz_whole(xh: torch.Tensor, wt: torch.Tensor, k: int, pad_before: int) -> torch.Tensor:
@@ -469,7 +503,13 @@ def _torch_classes() -> dict:
 
         def _full(self, xh):
             n = self.net
-            front = torch.cat([_branch(xh, w, b, bn, kind, k) for (kind, k), w, b, bn in zip(n.front_kind, n.front_w, n.front_b, n.front_bn)], 2)
+            front = torch.cat(
+                [
+                    _branch(xh, w, b, bn, kind, k)
+                    for (kind, k), w, b, bn in zip(n.front_kind, n.front_w, n.front_b, n.front_bn)
+                ],
+                2,
+            )
             front = front.transpose(1, 2).contiguous()
             return n._rest(front, F.conv1d(front, n.mid_w[0], n.mid_b[0], padding=3))["penultimate"]
 
@@ -504,10 +544,14 @@ class Musicnn(Backbone):
             prefix = pkg / _MODEL_DIR[spec.name]
             data = prefix / DATA_FILE
             if not data.exists():
-                raise ModelLoadingError(f"{data}: musicnn checkpoint missing from the installed wheel; reinstall with `{PIP}`")
+                raise ModelLoadingError(
+                    f"{data}: musicnn checkpoint missing from the installed wheel; reinstall with `{PIP}`"
+                )
             sha = file_sha256(data)
             if sha != spec.weights_sha256:
-                raise ModelLoadingError(f"{data}: SHA-256 {sha[:12]}... is not the musicnn 0.1.0 checkpoint ({spec.weights_sha256[:12]}...); reinstall with `{PIP}`")
+                raise ModelLoadingError(
+                    f"{data}: SHA-256 {sha[:12]}... is not the musicnn 0.1.0 checkpoint ({spec.weights_sha256[:12]}...); reinstall with `{PIP}`"
+                )
             # the bundle's files are named ".index"/".data-*" inside the folder: prefix = folder + "/"
             prefix_str = str(prefix) + os.sep
         else:
@@ -538,7 +582,10 @@ class Musicnn(Backbone):
         if y.ndim != 2:
             raise ValueError(f"segments must be [B, L], got shape {y.shape}")
         if y.shape[0] == 0:
-            return {"embedding": np.zeros((0, 200), np.float32), "taggram": np.zeros((0, len(self._labels)), np.float32)}
+            return {
+                "embedding": np.zeros((0, 200), np.float32),
+                "taggram": np.zeros((0, len(self._labels)), np.float32),
+            }
         torch = self._torch
         was_training = self.module.training
         self.module.eval()
@@ -547,7 +594,10 @@ class Musicnn(Backbone):
                 out = self.module.forward_logmel(self.module.logmel(self._input(y)))
         finally:
             self.module.train(was_training)
-        return {"embedding": out["penultimate"].float().cpu().numpy().copy(), "taggram": out["taggram"].float().cpu().numpy().copy()}
+        return {
+            "embedding": out["penultimate"].float().cpu().numpy().copy(),
+            "taggram": out["taggram"].float().cpu().numpy().copy(),
+        }
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)["embedding"]

@@ -42,9 +42,17 @@ N_CLASSES = 527
 MIN_SAMPLES = 31 * HOP
 
 FRONTEND = {
-    "n_fft": N_FFT, "hop_length": HOP, "window": "hann", "center": True, "pad_mode": "reflect",
-    "n_mels": N_MELS, "f_min": FMIN, "f_max": FMAX, "mel": "slaney", "log": "10*log10(max(S,1e-10))",
-}  # fmt: skip
+    "n_fft": N_FFT,
+    "hop_length": HOP,
+    "window": "hann",
+    "center": True,
+    "pad_mode": "reflect",
+    "n_mels": N_MELS,
+    "f_min": FMIN,
+    "f_max": FMAX,
+    "mel": "slaney",
+    "log": "10*log10(max(S,1e-10))",
+}
 
 ZENODO = "https://zenodo.org/record/3987831/files/"
 
@@ -68,20 +76,36 @@ class Arch:
 # independent projects that pin the same files); they cannot be checked here without the files.
 ARCHS = {
     "cnn14": Arch(
-        "cnn14", "Cnn14", (64, 128, 256, 512, 1024, 2048), (2, 2, 2, 2, 2, 1),
+        "cnn14",
+        "Cnn14",
+        (64, 128, 256, 512, 1024, 2048),
+        (2, 2, 2, 2, 2, 1),
         PublishedFile(
-            "PANNs Cnn14", "Cnn14_mAP=0.431.pth", "EMBEDKIT_PANNS_CNN14", "~/panns_data",
-            ZENODO + "Cnn14_mAP%3D0.431.pth", size=327_428_481, md5="541141fa2ee191a88f24a3219fff024e",
+            "PANNs Cnn14",
+            "Cnn14_mAP=0.431.pth",
+            "EMBEDKIT_PANNS_CNN14",
+            "~/panns_data",
+            ZENODO + "Cnn14_mAP%3D0.431.pth",
+            size=327_428_481,
+            md5="541141fa2ee191a88f24a3219fff024e",
         ),
     ),
     "cnn10": Arch(
-        "cnn10", "Cnn10", (64, 128, 256, 512), (2, 2, 2, 2),
+        "cnn10",
+        "Cnn10",
+        (64, 128, 256, 512),
+        (2, 2, 2, 2),
         PublishedFile(
-            "PANNs Cnn10", "Cnn10_mAP=0.380.pth", "EMBEDKIT_PANNS_CNN10", "~/panns_data",
-            ZENODO + "Cnn10_mAP%3D0.380.pth", size=25_237_595, md5="bfb1f1f9968938fa8ef4012b8471f5f6",
+            "PANNs Cnn10",
+            "Cnn10_mAP=0.380.pth",
+            "EMBEDKIT_PANNS_CNN10",
+            "~/panns_data",
+            ZENODO + "Cnn10_mAP%3D0.380.pth",
+            size=25_237_595,
+            md5="bfb1f1f9968938fa8ef4012b8471f5f6",
         ),
     ),
-}  # fmt: skip
+}
 
 
 def _spec(arch: Arch, description: str) -> BackboneSpec:
@@ -102,8 +126,13 @@ def _spec(arch: Arch, description: str) -> BackboneSpec:
 
 
 SPECS = {
-    "cnn14": _spec(ARCHS["cnn14"], "PANNs Cnn14 (AudioSet mAP 0.431): 2048-d fc1 embedding + 527 AudioSet probabilities"),
-    "cnn10": _spec(ARCHS["cnn10"], "PANNs Cnn10 (AudioSet mAP 0.380), ~1.7x cheaper than Cnn14: 512-d embedding + 527 AudioSet probabilities"),
+    "cnn14": _spec(
+        ARCHS["cnn14"], "PANNs Cnn14 (AudioSet mAP 0.431): 2048-d fc1 embedding + 527 AudioSet probabilities"
+    ),
+    "cnn10": _spec(
+        ARCHS["cnn10"],
+        "PANNs Cnn10 (AudioSet mAP 0.380), ~1.7x cheaper than Cnn14: 512-d embedding + 527 AudioSet probabilities",
+    ),
 }
 
 
@@ -257,7 +286,9 @@ def build_module(arch: str = "cnn14", seed: int | None = None):
     return net.eval()
 
 
-def write_random_checkpoint(path: str | Path, arch: str = "cnn14", seed: int = 0, numpy_state: bool = True, **extra) -> Path:
+def write_random_checkpoint(
+    path: str | Path, arch: str = "cnn14", seed: int = 0, numpy_state: bool = True, **extra
+) -> Path:
     """Save a seeded random model in the official checkpoint layout, for tests and benchmarks.
 
     The published files hold ``{"iteration", "model": state_dict, "sampler": ...}`` where the
@@ -268,10 +299,18 @@ def write_random_checkpoint(path: str | Path, arch: str = "cnn14", seed: int = 0
 
     net = build_module(arch, seed=seed)
     rng = np.random.RandomState(seed)
-    state = {
-        "sampler": {"indexes_per_class": [rng.permutation(7) for _ in range(3)], "queue": [2, 0, 1], "pointers_of_classes": [0, 3, 1]},
-        "test_mAP": np.float64(0.5),
-    } if numpy_state else {}  # fmt: skip
+    state = (
+        {
+            "sampler": {
+                "indexes_per_class": [rng.permutation(7) for _ in range(3)],
+                "queue": [2, 0, 1],
+                "pointers_of_classes": [0, 3, 1],
+            },
+            "test_mAP": np.float64(0.5),
+        }
+        if numpy_state
+        else {}
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -285,7 +324,11 @@ def _guess_arch(sd: dict) -> str | None:
     if w is None or getattr(w, "ndim", 0) != 2:
         return None
     for a in ARCHS.values():
-        if tuple(w.shape) == (a.embedding_dim, a.embedding_dim) and f"conv_block{len(a.channels)}.conv1.weight" in sd and f"conv_block{len(a.channels) + 1}.conv1.weight" not in sd:
+        if (
+            tuple(w.shape) == (a.embedding_dim, a.embedding_dim)
+            and f"conv_block{len(a.channels)}.conv1.weight" in sd
+            and f"conv_block{len(a.channels) + 1}.conv1.weight" not in sd
+        ):
             return a.key
     return None
 
@@ -314,18 +357,26 @@ def load_state(net, sd: dict, path: Path, backbone: str) -> None:
     wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         guess = _guess_arch(sd)
-        hint = f"it looks like a PANNs {ARCHS[guess].class_name} checkpoint: use --backbone panns-{guess}" if guess and f"panns-{guess}" != backbone else None
+        hint = (
+            f"it looks like a PANNs {ARCHS[guess].class_name} checkpoint: use --backbone panns-{guess}"
+            if guess and f"panns-{guess}" != backbone
+            else None
+        )
         detail = (
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing
-            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected
+            f"{len(missing)} missing (e.g. {missing[0]})"
+            if missing
+            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"
+            if unexpected
             else f"{wrong[0]} has shape {list(sd[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}"
-        )  # fmt: skip
+        )
         raise ModelLoadingError(f"{path}: not a {backbone} checkpoint ({detail}){'; ' + hint if hint else ''}")
     # The spec promises a 32 kHz, 50-14000 Hz front end: refuse a file whose kernels say otherwise.
     for key, ref in canonical_frontend().items():
         got = sd[key].detach().float().numpy()
         if np.max(np.abs(got - ref)) > 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
-            raise ModelLoadingError(f"{path}: front end {key} differs from {backbone}'s (32 kHz, 1024/320, 64 mels 50-14000 Hz)")
+            raise ModelLoadingError(
+                f"{path}: front end {key} differs from {backbone}'s (32 kHz, 1024/320, 64 mels 50-14000 Hz)"
+            )
     # assign=True adopts the loaded tensors instead of copying into freshly initialised ones, so
     # the module can be built on the meta device (skips ~1 s of pointless random init for Cnn14).
     full = {
@@ -352,13 +403,17 @@ class PANNs(Backbone):
         if y.ndim != 2:
             raise BackboneError(f"{self.spec.name}: segments must be [B, L], got shape {y.shape}")
         if y.shape[0] and y.shape[1] < MIN_SAMPLES:
-            raise BackboneError(f"{self.spec.name}: segments must be at least {MIN_SAMPLES / SR:.2f} s ({MIN_SAMPLES} samples at {SR} Hz), got {y.shape[1]}")
+            raise BackboneError(
+                f"{self.spec.name}: segments must be at least {MIN_SAMPLES / SR:.2f} s ({MIN_SAMPLES} samples at {SR} Hz), got {y.shape[1]}"
+            )
         d = self.spec.embedding_dim
         if y.shape[0] == 0:
             return np.zeros((0, d), np.float32), np.zeros((0, N_CLASSES), np.float32)
         with self._torch.inference_mode(), self._autocast():
             emb, clip = self.net.forward_both(self._input(y))
-        return emb.float().cpu().numpy().astype(np.float32, copy=False), clip.float().cpu().numpy().astype(np.float32, copy=False)
+        return emb.float().cpu().numpy().astype(np.float32, copy=False), clip.float().cpu().numpy().astype(
+            np.float32, copy=False
+        )
 
     def embed(self, segments: np.ndarray) -> np.ndarray:
         return self._run(segments)[0]

@@ -34,7 +34,20 @@ from ..errors import ModelLoadingError
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 # tensorflow/core/framework/types.proto DataType -> numpy (little-endian) dtype.
-_DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 17: "<u2", 19: "<f2", 22: "<u4", 23: "<u8"}
+_DTYPES = {
+    1: "<f4",
+    2: "<f8",
+    3: "<i4",
+    4: "u1",
+    5: "<i2",
+    6: "i1",
+    9: "<i8",
+    10: "?",
+    17: "<u2",
+    19: "<f2",
+    22: "<u4",
+    23: "<u8",
+}
 
 
 @dataclass(frozen=True)
@@ -285,10 +298,14 @@ class TFCheckpoint:
         e = self.entries[name]
         data = self._shard(e.shard_id)
         if e.offset + e.size > len(data):
-            raise ModelLoadingError(f"{self.data_paths[e.shard_id]}: tensor {name!r} runs past the end of the file (truncated?)")
+            raise ModelLoadingError(
+                f"{self.data_paths[e.shard_id]}: tensor {name!r} runs past the end of the file (truncated?)"
+            )
         raw = data[e.offset : e.offset + e.size]
         if self.verify and e.crc32c is not None and crc32c(raw) != unmask_crc(e.crc32c):
-            raise ModelLoadingError(f"{self.data_paths[e.shard_id]}: CRC32C mismatch for tensor {name!r} (corrupt checkpoint)")
+            raise ModelLoadingError(
+                f"{self.data_paths[e.shard_id]}: CRC32C mismatch for tensor {name!r} (corrupt checkpoint)"
+            )
         dt = np.dtype(e.dtype)
         if dt.itemsize * int(np.prod(e.shape, dtype=np.int64)) != e.size:
             raise ModelLoadingError(f"{self.index_path}: tensor {name!r} size {e.size} does not match shape {e.shape}")

@@ -36,9 +36,14 @@ def build_module(seed: int = 0):
             super().__init__()
             self.mel = MelSpectrogram(16000, 512, 256, 32)
             self.features = nn.Sequential(
-                nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            )  # fmt: skip
+                nn.Conv2d(1, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 32, 3, padding=1),
+                nn.BatchNorm2d(32),
+                nn.ReLU(),
+            )
 
         def forward(self, y):
             x = torch.log1p(1e4 * self.mel(y)).unsqueeze(1)

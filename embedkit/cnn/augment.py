@@ -49,7 +49,9 @@ class AugmentConfig:
     def __post_init__(self):
         bad = [a for a in self.enabled if a not in ALL_AUGS]
         if bad:
-            raise ConfigError(f"unknown augmentation {bad[0]!r}; choose from {', '.join(ALL_AUGS)}, all or none", field="augment")
+            raise ConfigError(
+                f"unknown augmentation {bad[0]!r}; choose from {', '.join(ALL_AUGS)}, all or none", field="augment"
+            )
         if self.wave_mode not in ("pool", "online"):
             raise ConfigError(f"wave_mode must be pool or online, got {self.wave_mode!r}", field="wave_mode")
         if not 0 <= self.p <= 1:
@@ -63,8 +65,16 @@ class AugmentConfig:
     def parse(cls, spec: str, **kw) -> "AugmentConfig":
         """'all', 'none', or a comma list such as 'noise,gain,specaugment'."""
         spec = (spec or "none").strip().lower()
-        names = ALL_AUGS if spec == "all" else () if spec in ("none", "") else tuple(s.strip() for s in spec.split(",") if s.strip())
-        return cls(enabled=tuple(a for a in ALL_AUGS if a in names) + tuple(a for a in names if a not in ALL_AUGS), **kw)
+        names = (
+            ALL_AUGS
+            if spec == "all"
+            else ()
+            if spec in ("none", "")
+            else tuple(s.strip() for s in spec.split(",") if s.strip())
+        )
+        return cls(
+            enabled=tuple(a for a in ALL_AUGS if a in names) + tuple(a for a in names if a not in ALL_AUGS), **kw
+        )
 
     def on(self, name: str) -> bool:
         return name in self.enabled

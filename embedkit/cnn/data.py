@@ -99,13 +99,19 @@ def n_batches(clips: Clips, idx: Sequence[int], crop: CropConfig) -> int:
     return len(_chunks(np.arange(n), crop.batch_size))
 
 
-def train_batches(clips: Clips, idx: Sequence[int], crop: CropConfig, aug: AugmentConfig, rng: np.random.Generator) -> Iterator[tuple[Any, Any]]:
+def train_batches(
+    clips: Clips, idx: Sequence[int], crop: CropConfig, aug: AugmentConfig, rng: np.random.Generator
+) -> Iterator[tuple[Any, Any]]:
     """One epoch of (x [B, ...], soft targets [B, C]) float32 torch tensors."""
     import torch
 
     idx = np.asarray(idx, dtype=np.int64)
     if crop.crop == "fixed":
-        items = [(int(i), int(s)) for i in idx for s in segment_starts(clips.clean[i].shape[-1], clips.hop, clips.sr, crop.segment_s)[0]]
+        items = [
+            (int(i), int(s))
+            for i in idx
+            for s in segment_starts(clips.clean[i].shape[-1], clips.hop, clips.sr, crop.segment_s)[0]
+        ]
     else:
         items = [(int(i), -1) for i in idx] * crop.crops_per_clip  # each draws its own crop
     online = aug.waveform and aug.wave_mode == "online"
@@ -122,8 +128,12 @@ def train_batches(clips: Clips, idx: Sequence[int], crop: CropConfig, aug: Augme
             if online:
                 wave = clips.waves[i]
                 src = min(len(wave), int(math.ceil(length * params.source_factor())))
-                s0 = min(start * clips.hop, len(wave) - src) if start >= 0 else int(rng.integers(0, len(wave) - src + 1))
-                xs.append(augment_wave(np.asarray(wave[s0 : s0 + src], dtype=np.float32), clips.sr, params, out_len=length))
+                s0 = (
+                    min(start * clips.hop, len(wave) - src) if start >= 0 else int(rng.integers(0, len(wave) - src + 1))
+                )
+                xs.append(
+                    augment_wave(np.asarray(wave[s0 : s0 + src], dtype=np.float32), clips.sr, params, out_len=length)
+                )
             else:
                 arr = clips.clean[i]
                 if pool:
@@ -145,7 +155,9 @@ def train_batches(clips: Clips, idx: Sequence[int], crop: CropConfig, aug: Augme
         yield x, t
 
 
-def eval_batches(clips: Clips, idx: Sequence[int], segment_s: float, batch_size: int = 32) -> Iterator[tuple[Any, np.ndarray]]:
+def eval_batches(
+    clips: Clips, idx: Sequence[int], segment_s: float, batch_size: int = 32
+) -> Iterator[tuple[Any, np.ndarray]]:
     """Fixed segments of the clean clips: (normalised x [B, ...], clip index [B])."""
     import torch
 
@@ -155,7 +167,9 @@ def eval_batches(clips: Clips, idx: Sequence[int], segment_s: float, batch_size:
         items += [(int(i), int(s), n) for s in starts]
     for b in range(0, len(items), batch_size):
         part = items[b : b + batch_size]
-        x = torch.from_numpy(np.stack([np.asarray(clips.clean[i][..., s : s + n], dtype=np.float32) for i, s, n in part]))
+        x = torch.from_numpy(
+            np.stack([np.asarray(clips.clean[i][..., s : s + n], dtype=np.float32) for i, s, n in part])
+        )
         yield clips.normalize(x), np.array([i for i, _, _ in part])
 
 
@@ -225,7 +239,19 @@ class Prefetch:
 # Waveform augmentation material: on-the-fly waveforms or a pre-augmented pool
 
 
-def build_pool(cache: str | os.PathLike, paths: Sequence[str], sample_rate: int, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent: Callable[[np.ndarray], np.ndarray], represent_id: dict[str, Any], workers: int | None = None, progress=None):
+def build_pool(
+    cache: str | os.PathLike,
+    paths: Sequence[str],
+    sample_rate: int,
+    audio_cfg: AudioConfig,
+    min_s: float,
+    aug: AugmentConfig,
+    seed: int,
+    represent: Callable[[np.ndarray], np.ndarray],
+    represent_id: dict[str, Any],
+    workers: int | None = None,
+    progress=None,
+):
     """A small pool of pre-augmented variants per clip, ``represent(waveform)`` stacked
     [pool_size, ...] (float16 log-mel for the scratch CNN, float32 waveform for fine-tuning),
     cached like the clean clips and keyed by the waveform-augmentation settings and seed.
@@ -235,14 +261,39 @@ def build_pool(cache: str | os.PathLike, paths: Sequence[str], sample_rate: int,
     def compute(path: str) -> np.ndarray:
         y = decode_for_training(path, sample_rate, audio_cfg, min_s)
         base = int(stable_hash(os.path.abspath(path), 8), 16)
-        return np.stack([represent(augment_wave(y, sample_rate, draw_params(aug, np.random.default_rng([seed, base, v])))) for v in range(aug.pool_size)])
+        return np.stack(
+            [
+                represent(augment_wave(y, sample_rate, draw_params(aug, np.random.default_rng([seed, base, v]))))
+                for v in range(aug.pool_size)
+            ]
+        )
 
-    ident = {"represent": represent_id, "sample_rate": sample_rate, "audio": asdict(audio_cfg), "min_s": min_s, "augment": aug.wave_identity(), "seed": seed}
+    ident = {
+        "represent": represent_id,
+        "sample_rate": sample_rate,
+        "audio": asdict(audio_cfg),
+        "min_s": min_s,
+        "augment": aug.wave_identity(),
+        "seed": seed,
+    }
     arrays, failures = ClipCache(cache, "cnn-pool", ident, compute).build(paths, workers, progress)
     return [None if a is None else [a[v] for v in range(len(a))] for a in arrays], failures
 
 
-def attach_augmentation(clips: Clips, tracks, folds, cache, audio_cfg: AudioConfig, min_s: float, aug: AugmentConfig, seed: int, represent, represent_id, workers=None, cache_progress=None) -> None:
+def attach_augmentation(
+    clips: Clips,
+    tracks,
+    folds,
+    cache,
+    audio_cfg: AudioConfig,
+    min_s: float,
+    aug: AugmentConfig,
+    seed: int,
+    represent,
+    represent_id,
+    workers=None,
+    cache_progress=None,
+) -> None:
     """Give the sampler what waveform augmentation needs: the waveforms (online mode) or the
     pre-augmented pool of every clip that is in some training part (pool mode)."""
     from .features import raise_failures, wave_cache
@@ -252,14 +303,28 @@ def attach_augmentation(clips: Clips, tracks, folds, cache, audio_cfg: AudioConf
         return
     if aug.wave_mode == "online":
         if clips.waves is None:
-            waves, failures = wave_cache(cache, clips.sr, audio_cfg, min_s).build(paths, workers, cache_progress("waveforms") if cache_progress else None)
+            waves, failures = wave_cache(cache, clips.sr, audio_cfg, min_s).build(
+                paths, workers, cache_progress("waveforms") if cache_progress else None
+            )
             raise_failures(failures, False)
             clips.waves = waves
         return
     in_train = sorted({t for f in folds for t in f.train})
     pos = {t: i for i, t in enumerate(tracks["track_id"])}
     variants: list = [None] * len(tracks)
-    arrays, failures = build_pool(cache, [paths[pos[t]] for t in in_train], clips.sr, audio_cfg, min_s, aug, seed, represent, represent_id, workers, cache_progress("augmented pool") if cache_progress else None)
+    arrays, failures = build_pool(
+        cache,
+        [paths[pos[t]] for t in in_train],
+        clips.sr,
+        audio_cfg,
+        min_s,
+        aug,
+        seed,
+        represent,
+        represent_id,
+        workers,
+        cache_progress("augmented pool") if cache_progress else None,
+    )
     raise_failures(failures, False)
     for t, a in zip(in_train, arrays):
         variants[pos[t]] = a

@@ -103,7 +103,9 @@ class ClipCache:
     the arrays) is hashed into the folder name so different configurations never mix.
     """
 
-    def __init__(self, root: str | os.PathLike, kind: str, identity: dict[str, Any], compute: Callable[[str], np.ndarray]):
+    def __init__(
+        self, root: str | os.PathLike, kind: str, identity: dict[str, Any], compute: Callable[[str], np.ndarray]
+    ):
         self.identity = {"version": CACHE_VERSION, **identity}
         self.dir = Path(root) / kind / stable_hash(self.identity)
         self.known_file = Path(root) / "fingerprints.json"
@@ -112,7 +114,9 @@ class ClipCache:
     def path_for(self, path: str) -> Path:
         return self.dir / f"{clip_key(path)}.npy"
 
-    def build(self, paths: Sequence[str], workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    def build(
+        self, paths: Sequence[str], workers: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
         """Compute missing clips (threads: decode, resampling and the STFT release the GIL).
 
         Returns (memmaps in ``paths`` order, None where a clip failed; failures [(path, problem)]).
@@ -133,7 +137,9 @@ class ClipCache:
         ids = identify_many(list(paths), known, workers)
         for i, r in enumerate(ids):
             if isinstance(r, AudioError):  # missing or unreadable: a bad file like any other
-                failures[i] = r.problem if r.problem.startswith("cannot read file") else f"cannot read file: {r.problem}"
+                failures[i] = (
+                    r.problem if r.problem.startswith("cannot read file") else f"cannot read file: {r.problem}"
+                )
                 targets.append(None)
             else:
                 targets.append(self.dir / f"{r[1]}.npy")
@@ -192,7 +198,9 @@ def logmel_cache(root, feat: FeatureConfig, audio_cfg: AudioConfig, min_s: float
         y = decode_for_training(path, feat.sample_rate, audio_cfg, min_s)
         return logmel(y, feat).astype(np.float16)
 
-    return ClipCache(root, "cnn-logmel", {"features": asdict(feat), "audio": asdict(audio_cfg), "min_s": min_s}, compute)
+    return ClipCache(
+        root, "cnn-logmel", {"features": asdict(feat), "audio": asdict(audio_cfg), "min_s": min_s}, compute
+    )
 
 
 def wave_cache(root, sample_rate: int, audio_cfg: AudioConfig, min_s: float) -> ClipCache:
@@ -202,14 +210,18 @@ def wave_cache(root, sample_rate: int, audio_cfg: AudioConfig, min_s: float) -> 
     def compute(path: str) -> np.ndarray:
         return decode_for_training(path, sample_rate, audio_cfg, min_s).astype(np.float32)
 
-    return ClipCache(root, "cnn-wave", {"sample_rate": sample_rate, "audio": asdict(audio_cfg), "min_s": min_s}, compute)
+    return ClipCache(
+        root, "cnn-wave", {"sample_rate": sample_rate, "audio": asdict(audio_cfg), "min_s": min_s}, compute
+    )
 
 
 def raise_failures(failures: list[tuple[str, str]], skip_bad: bool) -> None:
     """Unusable clips stop the run with one line (or are skipped with ``skip_bad``)."""
     if failures and not skip_bad:
         path, problem = failures[0]
-        more = f" (and {len(failures) - 1} more; --skip-bad drops them)" if len(failures) > 1 else " (--skip-bad drops it)"
+        more = (
+            f" (and {len(failures) - 1} more; --skip-bad drops them)" if len(failures) > 1 else " (--skip-bad drops it)"
+        )
         raise DatasetError(f"{path}: {problem}{more}")
 
 

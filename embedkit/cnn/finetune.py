@@ -58,7 +58,9 @@ class FinetuneConfig:
         if self.unfreeze != "all":
             ok = self.unfreeze.startswith("top:") and self.unfreeze[4:].isdigit() and int(self.unfreeze[4:]) >= 1
             if not ok:
-                raise ConfigError(f"unfreeze must be 'all' or 'top:N' (N >= 1), got {self.unfreeze!r}", field="unfreeze")
+                raise ConfigError(
+                    f"unfreeze must be 'all' or 'top:N' (N >= 1), got {self.unfreeze!r}", field="unfreeze"
+                )
         for name in ("head_lr", "backbone_lr", "finetune_head_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name):g}", field=name)
@@ -95,7 +97,9 @@ def used_parameters(module, sample_rate: int, seconds: float) -> set[str]:
         p.grad = None
     gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
-        module(0.1 * torch.randn(2, int(round(seconds * sample_rate)), generator=gen)).float().square().mean().backward()
+        module(
+            0.1 * torch.randn(2, int(round(seconds * sample_rate)), generator=gen)
+        ).float().square().mean().backward()
     used = {n for n, p in module.named_parameters() if p.grad is not None}
     for p in module.parameters():
         p.grad = None
@@ -118,16 +122,22 @@ def backbone_blocks(module, used: set[str] | None = None) -> list[tuple[str, Any
             prefix += kids[0][0][len(prefix) :] + "."
             module = kids[0][1]
             continue
-        own = [p for n, p in module.named_parameters(prefix=prefix.rstrip("."), recurse=False) if used is None or n in used]
+        own = [
+            p for n, p in module.named_parameters(prefix=prefix.rstrip("."), recurse=False) if used is None or n in used
+        ]
         return ([(prefix.rstrip(".") or "<root>", None, own)] if own else []) + kids
 
 
-def trainable_blocks(model, cfg: FinetuneConfig, phase: str, used: set[str] | None = None) -> list[tuple[str, Any, list]]:
+def trainable_blocks(
+    model, cfg: FinetuneConfig, phase: str, used: set[str] | None = None
+) -> list[tuple[str, Any, list]]:
     """The backbone blocks that train in ``phase`` (none while frozen)."""
     if phase == "frozen":
         return []
     if cfg.unfreeze == "all":
-        return [("<all>", model.backbone, [p for n, p in model.backbone.named_parameters() if used is None or n in used])]
+        return [
+            ("<all>", model.backbone, [p for n, p in model.backbone.named_parameters() if used is None or n in used])
+        ]
     return backbone_blocks(model.backbone, used)[-int(cfg.unfreeze[4:]) :]
 
 
@@ -169,7 +179,10 @@ class FinetuneTask(Task):
     def check(self, train, augment):
         self.ft.validate()
         if augment.on("specaugment"):
-            raise ConfigError("augment: specaugment needs a spectrogram input; fine-tuning feeds waveforms to the backbone's own front end (use the waveform augmentations and mixup)", field="augment")
+            raise ConfigError(
+                "augment: specaugment needs a spectrogram input; fine-tuning feeds waveforms to the backbone's own front end (use the waveform augmentations and mixup)",
+                field="augment",
+            )
         bb, module = resolve_backbone(self.ft.backbone)
         self.weights_id = bb.weights_id
         self._pristine = copy.deepcopy(module).cpu()  # every fold starts from the pretrained weights
@@ -184,7 +197,17 @@ class FinetuneTask(Task):
         return wave_cache(root, self.sample_rate, audio_cfg, min_s)
 
     def make_clips(self, clean, labels):
-        return Clips(clean=clean, labels=labels, n_classes=len(self.labels), hop=1, sr=self.sample_rate, normalize=lambda x: x, waves=clean, featurize=None, spectrogram=False)
+        return Clips(
+            clean=clean,
+            labels=labels,
+            n_classes=len(self.labels),
+            hop=1,
+            sr=self.sample_rate,
+            normalize=lambda x: x,
+            waves=clean,
+            featurize=None,
+            spectrogram=False,
+        )
 
     def represent(self, y):
         return y.astype(np.float32)
@@ -193,7 +216,9 @@ class FinetuneTask(Task):
         return {"waveform": True, "sample_rate": self.sample_rate}
 
     def build_model(self):
-        return build_finetune_net(copy.deepcopy(self._pristine), self.spec.embedding_dim, len(self.labels), self.ft.head_dropout)
+        return build_finetune_net(
+            copy.deepcopy(self._pristine), self.spec.embedding_dim, len(self.labels), self.ft.head_dropout
+        )
 
     def phase(self, epoch: int) -> str:
         return "frozen" if epoch < self.ft.frozen_epochs else "finetune"
@@ -207,7 +232,10 @@ class FinetuneTask(Task):
         body = apply_phase(model, self.ft, phase, self.used)
         if phase == "frozen":
             return torch.optim.Adam(model.head.parameters(), lr=self.ft.head_lr, weight_decay=self.cfg.weight_decay)
-        groups = [{"params": list(model.head.parameters()), "lr": self.ft.finetune_head_lr}, {"params": body, "lr": self.ft.backbone_lr}]
+        groups = [
+            {"params": list(model.head.parameters()), "lr": self.ft.finetune_head_lr},
+            {"params": body, "lr": self.ft.backbone_lr},
+        ]
         return torch.optim.Adam(groups, weight_decay=self.cfg.weight_decay)
 
     def model_payload(self, model):
@@ -215,9 +243,12 @@ class FinetuneTask(Task):
         from ..io import plain
 
         return {
-            "backbone": self.spec.name, "weights_id": self.weights_id, "spec": plain(self.spec.to_dict()), "finetune": asdict(self.ft),
+            "backbone": self.spec.name,
+            "weights_id": self.weights_id,
+            "spec": plain(self.spec.to_dict()),
+            "finetune": asdict(self.ft),
             "architecture": describe(self.spec, self._pristine),  # loads without the original checkpoint
-        }  # fmt: skip
+        }
 
     def load(self, path):
         return load_finetuned(path)
@@ -228,10 +259,16 @@ class FinetuneTask(Task):
         from .model import n_params
 
         return {
-            "backbone": self.spec.name, "head": "linear", "pretrained": self.spec.pretrained, "weights": self.spec.weights, "n_params": n_params(model.net),
+            "backbone": self.spec.name,
+            "head": "linear",
+            "pretrained": self.spec.pretrained,
+            "weights": self.spec.weights,
+            "n_params": n_params(model.net),
             "n_segments": sum(len(window_starts(len(w), self.sample_rate, segment_s, segment_s)) for w in clean),
-            "spec": plain(self.spec.to_dict()), "weights_id": self.weights_id, "config": {"finetune": asdict(self.ft)},
-        }  # fmt: skip
+            "spec": plain(self.spec.to_dict()),
+            "weights_id": self.weights_id,
+            "config": {"finetune": asdict(self.ft)},
+        }
 
 
 @dataclass
@@ -265,7 +302,9 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
 
     d = read_model_file(path)
     if d.get("kind") != "finetune":
-        raise ModelLoadingError(f"{path}: a {d.get('kind')!r} model; load scratch CNNs with embedkit.cnn.model.load_model")
+        raise ModelLoadingError(
+            f"{path}: a {d.get('kind')!r} model; load scratch CNNs with embedkit.cnn.model.load_model"
+        )
     if "architecture" in d:
         module = rebuild(d["architecture"], str(path))
     else:
@@ -273,14 +312,25 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
         if module is None:
             raise ModelLoadingError(f"{path}: backbone {d['backbone']!r} no longer provides a torch module")
     # a copy: load_state_dict below must not write into tensors a backbone loader may share
-    net = build_finetune_net(copy.deepcopy(module), int(d["spec"]["embedding_dim"]), len(d["labels"]), float(d["finetune"]["head_dropout"]))
+    net = build_finetune_net(
+        copy.deepcopy(module), int(d["spec"]["embedding_dim"]), len(d["labels"]), float(d["finetune"]["head_dropout"])
+    )
     try:
         net.load_state_dict(d["state_dict"])
     except RuntimeError as exc:
-        raise ModelLoadingError(f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadingError(
+            f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})"
+        ) from None
     net.eval()
     meta = {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")}
-    return FinetunedModel(net, list(d["labels"]), int(d["spec"]["sample_rate"]), from_dict(AudioConfig, d["audio"]), float(d["segment_s"]), meta)
+    return FinetunedModel(
+        net,
+        list(d["labels"]),
+        int(d["spec"]["sample_rate"]),
+        from_dict(AudioConfig, d["audio"]),
+        float(d["segment_s"]),
+        meta,
+    )
 
 
 def resolve_backbone(name: str):
@@ -290,7 +340,9 @@ def resolve_backbone(name: str):
     bb = load_backbone(name)  # unknown names raise BackboneError listing the valid ones
     module = bb.torch_module()
     if module is None:
-        raise BackboneError(f"backbone {name!r} has no PyTorch module (torch_module() is None) and cannot be fine-tuned; try one of the torch backbones, e.g. tiny-test or musicnn-msd")
+        raise BackboneError(
+            f"backbone {name!r} has no PyTorch module (torch_module() is None) and cannot be fine-tuned; try one of the torch backbones, e.g. tiny-test or musicnn-msd"
+        )
     return bb, module
 
 

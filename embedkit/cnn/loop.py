@@ -86,9 +86,17 @@ class TrainConfig:
             ("crop_min_s", 0 < self.crop_min_s <= self.crop_max_s, "must be > 0 and <= crop_max_s"),
             ("crops_per_clip", self.crops_per_clip >= 1, "must be >= 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("lr_schedule", self.lr_schedule in ("constant", "cosine"), f"must be constant or cosine, got {self.lr_schedule!r}"),
+            (
+                "lr_schedule",
+                self.lr_schedule in ("constant", "cosine"),
+                f"must be constant or cosine, got {self.lr_schedule!r}",
+            ),
             ("segment_s", self.segment_s > 0, "must be positive"),
-            ("normalize", self.normalize in ("standard", "minmax", "none"), f"must be standard, minmax or none, got {self.normalize!r}"),
+            (
+                "normalize",
+                self.normalize in ("standard", "minmax", "none"),
+                f"must be standard, minmax or none, got {self.normalize!r}",
+            ),
         ]
         for name, ok, problem in checks:
             if not ok:
@@ -102,7 +110,10 @@ class TrainConfig:
     def check_clip_length(self, clip_s: float | None) -> None:
         """Every clip is brought to ``clip_s``; refuse lengths no crop or segment fits in."""
         if clip_s is not None and clip_s < self.min_clip_s:
-            raise ConfigError(f"clip_s {clip_s:g} s is shorter than the {self.min_clip_s:g} s a training crop / evaluation segment needs", field="clip_s")
+            raise ConfigError(
+                f"clip_s {clip_s:g} s is shorter than the {self.min_clip_s:g} s a training crop / evaluation segment needs",
+                field="clip_s",
+            )
 
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of every parameter group's base rate in 0-based ``epoch``. A pure function
@@ -112,7 +123,9 @@ class TrainConfig:
         return 1.0
 
     def crop_config(self) -> CropConfig:
-        return CropConfig(self.batch_size, self.crop, self.crop_min_s, self.crop_max_s, self.segment_s, self.crops_per_clip)
+        return CropConfig(
+            self.batch_size, self.crop, self.crop_min_s, self.crop_max_s, self.segment_s, self.crops_per_clip
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +242,9 @@ def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | Non
     return {"loss": total / n, "acc": correct / n, "compute_s": sum(step_s), "step_s": step_s}
 
 
-def predict(model, clips: Clips, idx: Sequence[int], segment_s: float, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
+def predict(
+    model, clips: Clips, idx: Sequence[int], segment_s: float, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Fixed-segment class probabilities [S, C], the clip index of each segment [S], and the
     mean segment cross-entropy (the validation loss)."""
     import torch
@@ -328,11 +343,23 @@ def load_checkpoint(path: Path, identity: str) -> dict[str, Any]:
 
     c = read_torch_file(path, "unreadable checkpoint", EmbedkitError, "; delete it to redo the fold")
     if not isinstance(c, dict) or c.get("identity") != identity:
-        raise ConfigMismatchError(f"{path}: checkpoint from a different configuration; resume with the original options and data, or start a new run")
+        raise ConfigMismatchError(
+            f"{path}: checkpoint from a different configuration; resume with the original options and data, or start a new run"
+        )
     return c
 
 
-def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, ckpt_dir: Path, identity: str, progress: Progress | None = None) -> FoldFit:
+def fit_fold(
+    task: Task,
+    fold_index: int,
+    fold: str,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    ckpt_dir: Path,
+    identity: str,
+    progress: Progress | None = None,
+) -> FoldFit:
     """Train one fold with early stopping, checkpointing after every epoch (see module doc)."""
     import torch
 
@@ -369,18 +396,44 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
 
         def on_step(step, loss, epoch=epoch):
             if progress:
-                progress({"event": "step", "fold": fold, "fold_index": fold_index, "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": steps, "loss": loss})
+                progress(
+                    {
+                        "event": "step",
+                        "fold": fold,
+                        "fold_index": fold_index,
+                        "epoch": epoch + 1,
+                        "epochs": cfg.epochs,
+                        "step": step,
+                        "steps": steps,
+                        "loss": loss,
+                    }
+                )
 
         tr = train_epoch(model, opt, batches, on_step)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "lr": opt.param_groups[0]["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"]}
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "phase": phase,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+        }
         if len(val_idx):
             proba, owners, vloss = predict(model, task.clips, val_idx, cfg.segment_s)
-            rec.update(val_loss=vloss, val_acc=track_accuracy(proba, owners, task.clips.labels), val_segment_acc=float((proba.argmax(1) == task.clips.labels[owners]).mean()))
+            rec.update(
+                val_loss=vloss,
+                val_acc=track_accuracy(proba, owners, task.clips.labels),
+                val_segment_acc=float((proba.argmax(1) == task.clips.labels[owners]).mean()),
+            )
             monitor = vloss
         else:  # no validation part: keep the last epoch, never stop early
             rec.update(val_loss=None, val_acc=None)
             monitor = -float(epoch)
-        rec.update(seconds=time.perf_counter() - t0, compute_s=tr["compute_s"], data_busy_s=batches.busy_s, data_wait_s=batches.wait_s)
+        rec.update(
+            seconds=time.perf_counter() - t0,
+            compute_s=tr["compute_s"],
+            data_busy_s=batches.busy_s,
+            data_wait_s=batches.wait_s,
+        )
         st["history"].append(rec)
         if monitor < st["best_loss"]:
             st.update(best_loss=monitor, best_epoch=epoch + 1, bad=0)
@@ -391,13 +444,33 @@ def fit_fold(task: Task, fold_index: int, fold: str, train_idx: np.ndarray, val_
         st["epoch"] = epoch + 1
         # checkpoints hold CPU tensors (resume maps them to the run's device; the optimizer's
         # load_state_dict moves its state to the parameters' device)
-        ckpt = {"identity": identity, "model": _cpu(model.state_dict()), "optimizer": _cpu(opt.state_dict()), "phase": phase, "state": st, "best_state": _cpu(best_state), "rng": _rng_states(dev)}
+        ckpt = {
+            "identity": identity,
+            "model": _cpu(model.state_dict()),
+            "optimizer": _cpu(opt.state_dict()),
+            "phase": phase,
+            "state": st,
+            "best_state": _cpu(best_state),
+            "rng": _rng_states(dev),
+        }
         _atomic_torch_save(ckpt, ckpt_path)
         if progress:
-            progress({"event": "epoch", "fold": fold, "fold_index": fold_index, "epochs": cfg.epochs, **rec, "best_epoch": st["best_epoch"], "stopped": st["stopped"]})
+            progress(
+                {
+                    "event": "epoch",
+                    "fold": fold,
+                    "fold_index": fold_index,
+                    "epochs": cfg.epochs,
+                    **rec,
+                    "best_epoch": st["best_epoch"],
+                    "stopped": st["stopped"],
+                }
+            )
     if best_state is not None:
         model.load_state_dict(best_state)
-    return FoldFit(model, st["history"], st["best_epoch"], sum(r["seconds"] for r in st["history"]))  # resumed epochs included
+    return FoldFit(
+        model, st["history"], st["best_epoch"], sum(r["seconds"] for r in st["history"])
+    )  # resumed epochs included
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +485,16 @@ def check_folds(folds, val_size: float) -> None:
             raise DatasetError(f"{f.name}: no validation tracks for early stopping; use more clips or val_size 0")
 
 
-def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir: Path, identity: str, progress: Progress | None = None, n_fits: int | None = None):
+def run_folds(
+    task: Task,
+    tracks: pd.DataFrame,
+    folds,
+    cfg: TrainConfig,
+    run_dir: Path,
+    identity: str,
+    progress: Progress | None = None,
+    n_fits: int | None = None,
+):
     """Train every fold (skipping finished ones), evaluate on its test part with the track
     vote, write each fold's model. ``n_fits``: fits the progress total counts (the folds, plus
     a final model). Returns (Evaluation, learning curves, training seconds)."""
@@ -458,7 +540,20 @@ def run_folds(task: Task, tracks: pd.DataFrame, folds, cfg: TrainConfig, run_dir
             _atomic_torch_save(d, done_path)
             (ckpt_dir / f"{f.name}.pt").unlink(missing_ok=True)
         owner_ids = tracks["track_id"].to_numpy()[d["owners"].numpy()]
-        rec = ev.add_fold(f.name, owner_ids, d["proba"].numpy(), track_labels, paths, extra={"best_epoch": d["best_epoch"], "epochs_run": len(d["history"]), "train_seconds": d["seconds"], "n_train_tracks": d["n_train"], "n_val_tracks": d["n_val"]})
+        rec = ev.add_fold(
+            f.name,
+            owner_ids,
+            d["proba"].numpy(),
+            track_labels,
+            paths,
+            extra={
+                "best_epoch": d["best_epoch"],
+                "epochs_run": len(d["history"]),
+                "train_seconds": d["seconds"],
+                "n_train_tracks": d["n_train"],
+                "n_val_tracks": d["n_val"],
+            },
+        )
         curves[f.name] = d["history"]
         seconds += d["seconds"]
         if progress:
@@ -477,7 +572,16 @@ def deployable_epochs(best_epochs: Sequence[int]) -> int:
     return max(1, int(math.ceil(float(np.median(best_epochs)))))
 
 
-def fit_final(task: Task, tracks: pd.DataFrame, cfg: TrainConfig, epochs: int, fold_index: int, run_dir: Path, identity: str, progress: Progress | None = None) -> dict[str, Any]:
+def fit_final(
+    task: Task,
+    tracks: pd.DataFrame,
+    cfg: TrainConfig,
+    epochs: int,
+    fold_index: int,
+    run_dir: Path,
+    identity: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """After cross-validation: one model on every labelled track for ``epochs`` epochs (no
     validation part: the last epoch is kept), written as ``models/final.pt``. Resumable like a
     fold (``checkpoints/final.pt`` per epoch, ``final.done.pt`` when finished). Returns
@@ -567,12 +671,29 @@ def run_name(base: str, aug: AugmentConfig) -> str:
 
 
 @training_process_settings
-def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: AudioConfig, augment: AugmentConfig, opts: RunOptions, progress: Progress | None = None) -> TrainResult:
+def train_run(
+    task: Task,
+    tracks: pd.DataFrame,
+    train: TrainConfig,
+    audio_cfg: AudioConfig,
+    augment: AugmentConfig,
+    opts: RunOptions,
+    progress: Progress | None = None,
+) -> TrainResult:
     """Train and evaluate ``task`` on a track table; writes the run directory (module doc)."""
     from ..evaluate import dataset_summary, make_folds, protocol_dict, with_validation
     from ..runs import RunRecord, choose_protocol, dataset_fingerprint
     from .data import attach_augmentation
-    from .runs import cache_progress, checkpoint_identity, drop_failed, finish_run, inference_ms_per_track, inference_note, open_run_dir, set_threads
+    from .runs import (
+        cache_progress,
+        checkpoint_identity,
+        drop_failed,
+        finish_run,
+        inference_ms_per_track,
+        inference_note,
+        open_run_dir,
+        set_threads,
+    )
 
     train.validate()
     train.check_clip_length(audio_cfg.clip_s)
@@ -588,14 +709,24 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     folds = list(opts.folds) if opts.folds is not None else make_folds(tracks, protocol, k, opts.test_size, train.seed)
     name = opts.name or run_name(task.base_name, augment)
     identity = {
-        "kind": task.kind, "dataset": dataset_fingerprint(tracks), "protocol": protocol, "cv": opts.cv, "test_size": opts.test_size,
-        "train": asdict(train), **task.identity(), "audio": asdict(audio_cfg), "augment": augment.to_dict(), "skip_bad": opts.skip_bad,
-    }  # fmt: skip
+        "kind": task.kind,
+        "dataset": dataset_fingerprint(tracks),
+        "protocol": protocol,
+        "cv": opts.cv,
+        "test_size": opts.test_size,
+        "train": asdict(train),
+        **task.identity(),
+        "audio": asdict(audio_cfg),
+        "augment": augment.to_dict(),
+        "skip_bad": opts.skip_bad,
+    }
     run_dir = open_run_dir(opts.runs_dir, opts.run_dir, opts.resume, task.kind, name, identity, progress)
     progress_for = cache_progress(progress)
     t_cache = time.perf_counter()
     min_s = train.min_clip_s
-    clean, failures = task.clean_cache(opts.cache, audio_cfg, min_s).build(tracks["path"].tolist(), opts.workers, progress_for(task.cache_what))
+    clean, failures = task.clean_cache(opts.cache, audio_cfg, min_s).build(
+        tracks["path"].tolist(), opts.workers, progress_for(task.cache_what)
+    )
     tracks, clean, skipped = drop_failed(tracks, clean, failures, opts.skip_bad)
     ident_hash = checkpoint_identity(identity, tracks)
     folds = with_validation([f.restricted(tracks["track_id"]) for f in folds], tracks, train.val_size, train.seed)
@@ -603,23 +734,54 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     label_idx = {l: i for i, l in enumerate(task.labels)}
     task.clips = task.make_clips(clean, np.array([label_idx[l] for l in tracks["label"]]))
     attach_augmentation(
-        task.clips, tracks, folds, opts.cache, audio_cfg, min_s, augment, train.seed,
-        represent=task.represent, represent_id=task.represent_id(), workers=opts.workers, cache_progress=progress_for,
-    )  # fmt: skip
+        task.clips,
+        tracks,
+        folds,
+        opts.cache,
+        audio_cfg,
+        min_s,
+        augment,
+        train.seed,
+        represent=task.represent,
+        represent_id=task.represent_id(),
+        workers=opts.workers,
+        cache_progress=progress_for,
+    )
     cache_seconds = time.perf_counter() - t_cache
 
     final = protocol == "cv"  # the deployable model: every track, after the folds
     ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, progress, len(folds) + final)
     if final:
         epochs = deployable_epochs([f["best_epoch"] for f in ev.folds])
-        fin = fit_final(task, tracks, train, epochs, len(folds), run_dir, ident_hash, progress and (lambda e: progress({**e, "n_folds": len(folds) + 1})))
+        fin = fit_final(
+            task,
+            tracks,
+            train,
+            epochs,
+            len(folds),
+            run_dir,
+            ident_hash,
+            progress and (lambda e: progress({**e, "n_folds": len(folds) + 1})),
+        )
         deployed = {
-            "file": "model.pt", "source": f"models/{FINAL}.pt", "evaluated": False, "n_train_tracks": fin["n_train"], "epochs": fin["epochs"],
-            "epochs_rule": "median of the folds' best epochs", "train_seconds": fin["seconds"],
+            "file": "model.pt",
+            "source": f"models/{FINAL}.pt",
+            "evaluated": False,
+            "n_train_tracks": fin["n_train"],
+            "epochs": fin["epochs"],
+            "epochs_rule": "median of the folds' best epochs",
+            "train_seconds": fin["seconds"],
             "note": "trained on every labelled track after CV; the metrics are the CV estimate of this procedure (models/<fold>.pt are the evaluated fold models)",
-        }  # fmt: skip
+        }
     else:
-        deployed = {"file": "model.pt", "source": f"models/{folds[0].name}.pt", "evaluated": True, "n_train_tracks": len(folds[0].train), "n_val_tracks": len(folds[0].val), "note": f"the evaluated model of the {protocol}"}
+        deployed = {
+            "file": "model.pt",
+            "source": f"models/{folds[0].name}.pt",
+            "evaluated": True,
+            "n_train_tracks": len(folds[0].train),
+            "n_val_tracks": len(folds[0].val),
+            "note": f"the evaluated model of the {protocol}",
+        }
 
     # Inference cost from the file: decode + front end + fixed segments + forward + vote.
     model = task.load(run_dir / "models" / f"{folds[0].name}.pt")
@@ -627,18 +789,34 @@ def train_run(task: Task, tracks: pd.DataFrame, train: TrainConfig, audio_cfg: A
     facts = task.describe(model, clean, train.segment_s)
     n_segments = facts.pop("n_segments")
     record = RunRecord(
-        run_id=run_dir.name, kind=task.kind, name=name, backbone=facts.pop("backbone"), head=facts.pop("head"),
-        pretrained=facts.pop("pretrained"), weights=facts.pop("weights"), trains_backbone=True, needs_extraction=False,
+        run_id=run_dir.name,
+        kind=task.kind,
+        name=name,
+        backbone=facts.pop("backbone"),
+        head=facts.pop("head"),
+        pretrained=facts.pop("pretrained"),
+        weights=facts.pop("weights"),
+        trains_backbone=True,
+        needs_extraction=False,
         protocol={**protocol_dict(protocol, k, train.seed, opts.test_size, tracks), "val_size": train.val_size},
-        dataset=dataset_summary(tracks, n_segments), spec=facts.pop("spec"),
+        dataset=dataset_summary(tracks, n_segments),
+        spec=facts.pop("spec"),
         preprocess={"audio": asdict(audio_cfg), "segments": {"segment_s": train.segment_s, "hop_s": train.segment_s}},
         config={"train": asdict(train), **facts.pop("config"), "augment": augment.to_dict()},
-        train_seconds=train_seconds, inference_ms_per_track=infer_ms, n_params=facts.pop("n_params"),
-        weights_id=facts.pop("weights_id", None), device=provenance(task.device, "fp32", opts.allow_tf32),
-    )  # fmt: skip
+        train_seconds=train_seconds,
+        inference_ms_per_track=infer_ms,
+        n_params=facts.pop("n_params"),
+        weights_id=facts.pop("weights_id", None),
+        device=provenance(task.device, "fp32", opts.allow_tf32),
+    )
     metrics = {
-        **record.to_dict(), "cache_seconds": cache_seconds, "threads": n_threads, **facts,
-        "inference_note": inference_note(task.inference_steps, audio_cfg.clip_s, train.segment_s), "skipped": skipped,
-        "final_fit_seconds": deployed.get("train_seconds", 0.0), "deployed_model": deployed,
-    }  # fmt: skip
+        **record.to_dict(),
+        "cache_seconds": cache_seconds,
+        "threads": n_threads,
+        **facts,
+        "inference_note": inference_note(task.inference_steps, audio_cfg.clip_s, train.segment_s),
+        "skipped": skipped,
+        "final_fit_seconds": deployed.get("train_seconds", 0.0),
+        "deployed_model": deployed,
+    }
     return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, FINAL if final else folds[0].name))

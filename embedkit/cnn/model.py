@@ -57,7 +57,9 @@ def build_cnn(cfg: CNNConfig):
     from torch import nn
 
     if cfg.block_order not in ("conv-pool-bn-relu", "conv-bn-relu-pool"):
-        raise ConfigError(f"block_order must be conv-pool-bn-relu or conv-bn-relu-pool, got {cfg.block_order!r}", field="block_order")
+        raise ConfigError(
+            f"block_order must be conv-pool-bn-relu or conv-bn-relu-pool, got {cfg.block_order!r}", field="block_order"
+        )
     if not cfg.channels:
         raise ConfigError("channels needs at least one positive filter count", field="channels")
     if not 0 <= cfg.dropout < 1:
@@ -140,7 +142,9 @@ def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> int:
 
     from ..io import atomic_write
 
-    path = atomic_write(path, lambda fh: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, fh))
+    path = atomic_write(
+        path, lambda fh: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, fh)
+    )
     return path.stat().st_size
 
 
@@ -202,13 +206,17 @@ def load_model(path: str | os.PathLike) -> CNNModel:
 
     d = read_model_file(path)
     if d.get("kind") != "cnn":
-        raise ModelLoadingError(f"{path}: a {d.get('kind')!r} model; load fine-tuned models with embedkit.cnn.finetune.load_finetuned")
+        raise ModelLoadingError(
+            f"{path}: a {d.get('kind')!r} model; load fine-tuned models with embedkit.cnn.finetune.load_finetuned"
+        )
     cfg = CNNConfig.from_dict(d["model_config"])
     net = build_cnn(cfg)
     try:
         net.load_state_dict(d["state_dict"])
     except RuntimeError as exc:
-        raise ModelLoadingError(f"{path}: weights do not fit the stored architecture ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadingError(
+            f"{path}: weights do not fit the stored architecture ({str(exc).splitlines()[0]})"
+        ) from None
     net.eval()
     return CNNModel(
         net=net,

@@ -20,7 +20,15 @@ from ..errors import ConfigError, EmbedkitError
 from ..io import plain
 
 
-def open_run_dir(runs_dir: str | os.PathLike, run_dir: str | os.PathLike | None, resume: bool, kind: str, name: str, identity: dict[str, Any], progress=None) -> Path:
+def open_run_dir(
+    runs_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | None,
+    resume: bool,
+    kind: str,
+    name: str,
+    identity: dict[str, Any],
+    progress=None,
+) -> Path:
     """Create a new run directory, or reopen one to resume after checking its identity; tell
     ``progress`` where it is (so an interrupted run can be resumed)."""
     run_dir = _open_run_dir(runs_dir, run_dir, resume, kind, name, identity)
@@ -42,13 +50,20 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
         if not meta.exists():
             raise EmbedkitError(f"{run_dir}: not a resumable run (no run.json)")
         old = json.loads(meta.read_text())["identity"]
-        check_match(run_dir, "resume directory is from a different configuration", old, identity, labels=("run", "requested"))
+        check_match(
+            run_dir, "resume directory is from a different configuration", old, identity, labels=("run", "requested")
+        )
         return run_dir
     run_dir = Path(run_dir) if run_dir else Path(runs_dir) / run_id(kind, name)
     if (run_dir / "run.json").exists():
         raise EmbedkitError(f"{run_dir}: already holds a run; resume it or choose another directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "run.json", json.dumps({"kind": kind, "name": name, "identity": identity, "identity_hash": stable_hash(identity)}, indent=2))
+    atomic_write_text(
+        run_dir / "run.json",
+        json.dumps(
+            {"kind": kind, "name": name, "identity": identity, "identity_hash": stable_hash(identity)}, indent=2
+        ),
+    )
     return run_dir
 
 
@@ -62,7 +77,13 @@ def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str
 
     with open(run_dir / "models" / f"{deployed}.pt", "rb") as src:  # streamed: fine-tuned models run to 100s of MB
         atomic_write(run_dir / "model.pt", lambda fh: shutil.copyfileobj(src, fh))
-    m = {**metrics, **ev.metrics(), "learning_curves": curves, "model_file": "model.pt", "model_bytes": (run_dir / "model.pt").stat().st_size}
+    m = {
+        **metrics,
+        **ev.metrics(),
+        "learning_curves": curves,
+        "model_file": "model.pt",
+        "model_bytes": (run_dir / "model.pt").stat().st_size,
+    }
     m["calibration"] = calibrate_run(ev, run_dir)
     write_metrics(run_dir, m)
     return m
@@ -145,7 +166,9 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def drop_failed(tracks: pd.DataFrame, arrays: list, failures: list[tuple[str, str]], skip_bad: bool) -> tuple[pd.DataFrame, list, list[dict[str, str]]]:
+def drop_failed(
+    tracks: pd.DataFrame, arrays: list, failures: list[tuple[str, str]], skip_bad: bool
+) -> tuple[pd.DataFrame, list, list[dict[str, str]]]:
     """Apply ``--skip-bad`` to a cache build: stop on the first bad clip unless ``skip_bad``,
     else drop the failed clips. Returns (kept tracks, their arrays, skipped [{path, reason}])."""
     from .features import raise_failures
@@ -167,7 +190,9 @@ def checkpoint_identity(identity: dict[str, Any], tracks: pd.DataFrame) -> str:
 
 def cache_progress(progress):
     """Per cache stage, a (done, total) callback feeding the trainers' progress events."""
-    return lambda what: (lambda d, n: progress({"event": "cache", "what": what, "done": d, "total": n})) if progress else None
+    return lambda what: (
+        (lambda d, n: progress({"event": "cache", "what": what, "done": d, "total": n})) if progress else None
+    )
 
 
 def inference_note(steps: str, clip_s: float | None, segment_s: float) -> str:

@@ -48,7 +48,9 @@ class CNNTask(Task):
         return logmel_cache(root, self.feat, audio_cfg, min_s)
 
     def make_clips(self, clean, labels):
-        clips = Clips(clean=clean, labels=labels, n_classes=len(self.labels), hop=self.hop, sr=self.sample_rate, normalize=None)
+        clips = Clips(
+            clean=clean, labels=labels, n_classes=len(self.labels), hop=self.hop, sr=self.sample_rate, normalize=None
+        )
         if self.aug.waveform and self.aug.wave_mode == "online":
             from .features import logmel_module
 
@@ -80,7 +82,11 @@ class CNNTask(Task):
         return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def model_payload(self, model):
-        return {"model_config": self.model_cfg.to_dict(), "features": asdict(self.feat), "normalizer": self.normalizer.to_dict()}
+        return {
+            "model_config": self.model_cfg.to_dict(),
+            "features": asdict(self.feat),
+            "normalizer": self.normalizer.to_dict(),
+        }
 
     def load(self, path):
         from .model import load_model
@@ -93,11 +99,18 @@ class CNNTask(Task):
 
         n_frames = self.feat.n_frames(int(round(segment_s * self.feat.sample_rate)))
         return {
-            "backbone": "logmel", "head": "cnn", "pretrained": False, "weights": "trained from scratch", "n_params": n_params(model.net),
+            "backbone": "logmel",
+            "head": "cnn",
+            "pretrained": False,
+            "weights": "trained from scratch",
+            "n_params": n_params(model.net),
             "macs_per_segment": count_macs(model.net, (1, self.feat.n_mels, n_frames)),
-            "n_segments": sum(len(segment_starts(c.shape[-1], self.hop, self.sample_rate, segment_s)[0]) for c in clean),
-            "spec": {"features": asdict(self.feat)}, "config": {"model": self.model_cfg.to_dict()},
-        }  # fmt: skip
+            "n_segments": sum(
+                len(segment_starts(c.shape[-1], self.hop, self.sample_rate, segment_s)[0]) for c in clean
+            ),
+            "spec": {"features": asdict(self.feat)},
+            "config": {"model": self.model_cfg.to_dict()},
+        }
 
 
 def train_cnn(
@@ -119,5 +132,11 @@ def train_cnn(
     from .model import CNNConfig
 
     labels = sorted(tracks["label"].unique())
-    model_cfg = CNNConfig(n_classes=len(labels), n_mels=features.n_mels, channels=tuple(channels), dropout=dropout, block_order=block_order)
+    model_cfg = CNNConfig(
+        n_classes=len(labels),
+        n_mels=features.n_mels,
+        channels=tuple(channels),
+        dropout=dropout,
+        block_order=block_order,
+    )
     return train_run(CNNTask(model_cfg, features), tracks, train, audio_cfg, augment, RunOptions(**run), progress)

@@ -33,7 +33,26 @@ from .mlp import TorchMLP
 from .scaler import BlockScaler
 
 __all__ = [
-    "BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_VERSION", "DEFAULTS", "HEADS", "SEARCH_SPACE", "SMALL_PROBLEM", "TRUSTED_TYPES",
-    "BlockScaler", "Float32LogisticRegression", "HeadBundle", "LGBMHead", "TorchMLP",
-    "auto_threads", "default_pca", "head_config", "holdout_indices", "load_bundle", "make_head", "n_cpus", "n_params", "save_bundle",
-]  # fmt: skip
+    "BUNDLE_FILE",
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "DEFAULTS",
+    "HEADS",
+    "SEARCH_SPACE",
+    "SMALL_PROBLEM",
+    "TRUSTED_TYPES",
+    "BlockScaler",
+    "Float32LogisticRegression",
+    "HeadBundle",
+    "LGBMHead",
+    "TorchMLP",
+    "auto_threads",
+    "default_pca",
+    "head_config",
+    "holdout_indices",
+    "load_bundle",
+    "make_head",
+    "n_cpus",
+    "n_params",
+    "save_bundle",
+]

@@ -44,7 +44,9 @@ def _encode(y) -> tuple[np.ndarray, np.ndarray]:
     return classes, yi.astype(np.int64)
 
 
-def holdout_indices(y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_indices(
+    y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val) for early stopping. With ``groups`` (track or artist ids) no
     group is on both sides, so the validation score is not inflated by sibling segments."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit

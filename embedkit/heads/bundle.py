@@ -79,7 +79,9 @@ class HeadBundle:
         X = _as_float32(X)
         dim = int(self.spec.get("embedding_dim", X.shape[1])) if self.output == "embedding" else X.shape[1]
         if X.shape[1] != dim:
-            raise ConfigMismatchError(f"embeddings have {X.shape[1]} dimensions; the head expects {dim} ({self.spec.get('name')})")
+            raise ConfigMismatchError(
+                f"embeddings have {X.shape[1]} dimensions; the head expects {dim} ({self.spec.get('name')})"
+            )
         p = self.model.predict_proba(X)
         cols = self._columns()
         out = np.zeros((len(X), len(self.labels)), dtype=np.float64)
@@ -98,7 +100,14 @@ class HeadBundle:
 
         ids, mean, vote = aggregate(np.asarray(segment_track_ids), self.predict_proba(X))
         labels = np.asarray(self.labels)
-        df = pd.DataFrame({"track_id": ids, "pred": labels[mean.argmax(axis=1)], "pred_vote": labels[vote], "confidence": mean.max(axis=1)})
+        df = pd.DataFrame(
+            {
+                "track_id": ids,
+                "pred": labels[mean.argmax(axis=1)],
+                "pred_vote": labels[vote],
+                "confidence": mean.max(axis=1),
+            }
+        )
         for i, l in enumerate(self.labels):
             df[f"p_{l}"] = mean[:, i]
         return df
@@ -133,7 +142,9 @@ def _as_dict(obj) -> dict[str, Any]:
     return asdict(obj)
 
 
-def load_bundle(path: str | os.PathLike, expect_spec=None, expect_preprocess=None, expect_weights_id: str | None = None) -> HeadBundle:
+def load_bundle(
+    path: str | os.PathLike, expect_spec=None, expect_preprocess=None, expect_weights_id: str | None = None
+) -> HeadBundle:
     """Load a head bundle (a ``head.skops`` file or the run directory holding one).
 
     expect_spec (BackboneSpec or dict), expect_preprocess (PreprocessConfig or dict),
@@ -155,7 +166,9 @@ def load_bundle(path: str | os.PathLike, expect_spec=None, expect_preprocess=Non
         raise ModelLoadingError(f"{p}: not a head bundle (unreadable skops file: {type(exc).__name__})") from None
     extra = sorted(set(untrusted) - set(TRUSTED_TYPES))
     if extra:
-        raise ModelLoadingError(f"{p}: refusing to load; it contains types embedkit does not trust: {', '.join(extra[:5])}")
+        raise ModelLoadingError(
+            f"{p}: refusing to load; it contains types embedkit does not trust: {', '.join(extra[:5])}"
+        )
     try:
         obj = sio.loads(data, trusted=[t for t in untrusted])
     except Exception as exc:
@@ -164,7 +177,9 @@ def load_bundle(path: str | os.PathLike, expect_spec=None, expect_preprocess=Non
         raise ModelLoadingError(f"{p}: not an embedkit head bundle")
     meta = json.loads(obj["meta"])
     if meta.get("version", 0) > BUNDLE_VERSION:
-        raise ModelLoadingError(f"{p}: bundle version {meta['version']} is newer than this embedkit understands ({BUNDLE_VERSION})")
+        raise ModelLoadingError(
+            f"{p}: bundle version {meta['version']} is newer than this embedkit understands ({BUNDLE_VERSION})"
+        )
     names = {f for f in HeadBundle.__dataclass_fields__} - {"model", "path"}
     bundle = HeadBundle(model=obj["model"], path=str(p), **{k: v for k, v in meta.items() if k in names})
     from ..runs import check_match, diff
@@ -176,10 +191,16 @@ def load_bundle(path: str | os.PathLike, expect_spec=None, expect_preprocess=Non
             key, a, b = d[0]
             key = key.split(".")[0]
             a, b = plain(bundle.spec.get(key)), plain(spec.get(key))
-            raise ConfigMismatchError(f"{p}: head was trained on {bundle.spec.get('name')} embeddings ({key}={a!r}), not {spec.get('name')} ({key}={b!r})")
+            raise ConfigMismatchError(
+                f"{p}: head was trained on {bundle.spec.get('name')} embeddings ({key}={a!r}), not {spec.get('name')} ({key}={b!r})"
+            )
     if expect_weights_id is not None and expect_weights_id != bundle.weights_id:
-        raise ConfigMismatchError(f"{p}: head was trained on {bundle.spec.get('name')} weights {bundle.weights_id}, these embeddings come from weights {expect_weights_id}")
+        raise ConfigMismatchError(
+            f"{p}: head was trained on {bundle.spec.get('name')} weights {bundle.weights_id}, these embeddings come from weights {expect_weights_id}"
+        )
     prep = _as_dict(expect_preprocess)
     if prep is not None:
-        check_match(p, "head was trained with other preprocessing", bundle.preprocess, prep, labels=("trained", "given"))
+        check_match(
+            p, "head was trained with other preprocessing", bundle.preprocess, prep, labels=("trained", "given")
+        )
     return bundle

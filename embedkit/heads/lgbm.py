@@ -19,7 +19,21 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
     unpickled / loaded, so it serialises without pickle.
     """
 
-    def __init__(self, n_estimators: int = 300, learning_rate: float = 0.1, num_leaves: int = 15, min_child_samples: int = 10, subsample: float = 0.8, colsample_bytree: float = 0.5, reg_lambda: float = 1.0, max_bin: int = 63, early_stopping_rounds: int = 20, val_fraction: float = 0.1, n_jobs: int | None = None, random_state: int = 0):
+    def __init__(
+        self,
+        n_estimators: int = 300,
+        learning_rate: float = 0.1,
+        num_leaves: int = 15,
+        min_child_samples: int = 10,
+        subsample: float = 0.8,
+        colsample_bytree: float = 0.5,
+        reg_lambda: float = 1.0,
+        max_bin: int = 63,
+        early_stopping_rounds: int = 20,
+        val_fraction: float = 0.1,
+        n_jobs: int | None = None,
+        random_state: int = 0,
+    ):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -39,15 +53,26 @@ class LGBMHead(ClassifierMixin, BaseEstimator):
         X, y = _validate(self, X, y)
         self.classes_, yi = _encode(y)
         stop = self.early_stopping_rounds and self.val_fraction > 0
-        tr, va = holdout_indices(yi, None if groups is None else np.asarray(groups), self.val_fraction if stop else 0.0, self.random_state)
+        tr, va = holdout_indices(
+            yi, None if groups is None else np.asarray(groups), self.val_fraction if stop else 0.0, self.random_state
+        )
         if stop and (len(va) == 0 or len(np.unique(yi[tr])) < len(self.classes_)):
             tr, va, stop = np.arange(len(yi)), np.arange(0), False
         params = {
-            "objective": "multiclass", "num_class": len(self.classes_), "learning_rate": self.learning_rate,
-            "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_child_samples, "bagging_fraction": self.subsample,
-            "bagging_freq": 1 if self.subsample < 1 else 0, "feature_fraction": self.colsample_bytree, "lambda_l2": self.reg_lambda,
-            "max_bin": self.max_bin, "num_threads": auto_threads(*X.shape, self.n_jobs), "seed": self.random_state, "verbose": -1,
-        }  # fmt: skip
+            "objective": "multiclass",
+            "num_class": len(self.classes_),
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
+            "bagging_fraction": self.subsample,
+            "bagging_freq": 1 if self.subsample < 1 else 0,
+            "feature_fraction": self.colsample_bytree,
+            "lambda_l2": self.reg_lambda,
+            "max_bin": self.max_bin,
+            "num_threads": auto_threads(*X.shape, self.n_jobs),
+            "seed": self.random_state,
+            "verbose": -1,
+        }
         # X[tr] copies; skip it when every row trains (no early stopping).
         dtrain = lgb.Dataset(X if len(tr) == len(yi) else X[tr], label=yi[tr], free_raw_data=True)
         kw: dict[str, Any] = {}

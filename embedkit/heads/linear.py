@@ -82,7 +82,13 @@ class Float32LogisticRegression(_NumpyClassifier):
         pool = ThreadPoolExecutor(threads) if threads > 1 else None
         try:
             with threadpool_limits(1, user_api="blas"):
-                res = minimize(loss_grad, np.zeros(d * k + k), jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter, "gtol": self.tol})
+                res = minimize(
+                    loss_grad,
+                    np.zeros(d * k + k),
+                    jac=True,
+                    method="L-BFGS-B",
+                    options={"maxiter": self.max_iter, "gtol": self.tol},
+                )
         finally:
             if pool:
                 pool.shutdown()

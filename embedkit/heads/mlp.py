@@ -19,7 +19,19 @@ class TorchMLP(_NumpyClassifier):
     ``loss_curve_`` / ``val_loss_curve_`` / ``val_accuracy_curve_`` per epoch.
     """
 
-    def __init__(self, hidden: tuple[int, ...] = (256,), dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256, max_epochs: int = 60, patience: int = 3, val_fraction: float = 0.1, n_jobs: int | None = None, random_state: int = 0):
+    def __init__(
+        self,
+        hidden: tuple[int, ...] = (256,),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        max_epochs: int = 60,
+        patience: int = 3,
+        val_fraction: float = 0.1,
+        n_jobs: int | None = None,
+        random_state: int = 0,
+    ):
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
@@ -43,7 +55,9 @@ class TorchMLP(_NumpyClassifier):
 
         self.classes_, yi = _encode(y)
         n, d = X.shape
-        tr, va = holdout_indices(yi, None if groups is None else np.asarray(groups), self.val_fraction, self.random_state)
+        tr, va = holdout_indices(
+            yi, None if groups is None else np.asarray(groups), self.val_fraction, self.random_state
+        )
         with torch.random.fork_rng(devices=[]):  # seeded init and shuffling, global RNG untouched
             torch.manual_seed(self.random_state)
             sizes = [d, *map(int, self.hidden)]

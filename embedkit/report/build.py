@@ -279,7 +279,15 @@ class RunView:
         rows = []
         for lab in order:
             r = _dict(pc.get(lab))
-            rows.append({"label": lab, "precision": _num(r.get("precision")), "recall": _num(r.get("recall")), "f1": _num(r.get("f1")), "support": _num(r.get("support"))})
+            rows.append(
+                {
+                    "label": lab,
+                    "precision": _num(r.get("precision")),
+                    "recall": _num(r.get("recall")),
+                    "f1": _num(r.get("f1")),
+                    "support": _num(r.get("support")),
+                }
+            )
         return rows if pc else []
 
     def f1(self, label: str) -> float | None:
@@ -296,12 +304,16 @@ class RunView:
         out = []
         for r in _list(self.m.get("misclassified"))[:10]:
             r = _dict(r)
-            out.append({
-                "file": file_name(str(r.get("path") or ""), str(r.get("track_id") or "")),
-                "path": str(r.get("path") or r.get("track_id") or ""),
-                "true": str(r.get("true", DASH)), "pred": str(r.get("pred", DASH)),
-                "confidence": pct(r.get("confidence")), "fold": str(r.get("fold") or DASH),
-            })  # fmt: skip
+            out.append(
+                {
+                    "file": file_name(str(r.get("path") or ""), str(r.get("track_id") or "")),
+                    "path": str(r.get("path") or r.get("track_id") or ""),
+                    "true": str(r.get("true", DASH)),
+                    "pred": str(r.get("pred", DASH)),
+                    "confidence": pct(r.get("confidence")),
+                    "fold": str(r.get("fold") or DASH),
+                }
+            )
         return out
 
     @property
@@ -380,12 +392,22 @@ def normalise_curves(lc: Any) -> list[tuple[str, dict[str, list[float]]]]:
     def series(d: dict) -> dict[str, list[float]]:
         out = {}
         for k, v in d.items():
-            if _is_curve_key(str(k)) and isinstance(v, list) and v and all(x is None or _num(x) is not None for x in v) and any(_num(x) is not None for x in v):
+            if (
+                _is_curve_key(str(k))
+                and isinstance(v, list)
+                and v
+                and all(x is None or _num(x) is not None for x in v)
+                and any(_num(x) is not None for x in v)
+            ):
                 out[str(k)] = [val(x) for x in v]
         return out
 
     def is_records(rs: Any) -> bool:
-        return isinstance(rs, list) and bool(rs) and all(isinstance(r, dict) and not any(isinstance(v, (list, dict)) for v in r.values()) for r in rs)
+        return (
+            isinstance(rs, list)
+            and bool(rs)
+            and all(isinstance(r, dict) and not any(isinstance(v, (list, dict)) for v in r.values()) for r in rs)
+        )
 
     def records(rs: list) -> dict[str, list[float]]:
         keys: list[str] = []
@@ -435,7 +457,10 @@ def curve_charts(lc: Any, run_name: str) -> list:
         for k in s:
             if k not in metrics:
                 metrics.append(k)
-    panels = {"loss": [m for m in metrics if "loss" in m.lower()], "accuracy": [m for m in metrics if "acc" in m.lower()]}
+    panels = {
+        "loss": [m for m in metrics if "loss" in m.lower()],
+        "accuracy": [m for m in metrics if "acc" in m.lower()],
+    }
     panels["other"] = [m for m in metrics if m not in panels["loss"] and m not in panels["accuracy"]]
     out = []
     for panel, ms in panels.items():
@@ -448,13 +473,23 @@ def curve_charts(lc: Any, run_name: str) -> list:
             per_fold = [s[m] for _, s in folds if m in s]
             if len(per_fold) > 1:
                 for ys in per_fold:
-                    series.append({"name": m, "ys": ys, "color": col, "width": 1, "opacity": 0.3, "legend": False, "dash": dash})
+                    series.append(
+                        {"name": m, "ys": ys, "color": col, "width": 1, "opacity": 0.3, "legend": False, "dash": dash}
+                    )
             n = max(len(ys) for ys in per_fold)
             mean = []
             for e in range(n):
                 vals = [ys[e] for ys in per_fold if e < len(ys) and math.isfinite(ys[e])]
                 mean.append(sum(vals) / len(vals) if vals else float("nan"))
-            series.append({"name": m + (" (fold mean)" if len(per_fold) > 1 else ""), "ys": mean, "color": col, "width": 2.2, "dash": dash})
+            series.append(
+                {
+                    "name": m + (" (fold mean)" if len(per_fold) > 1 else ""),
+                    "ys": mean,
+                    "color": col,
+                    "width": 2.2,
+                    "dash": dash,
+                }
+            )
         y_range = None
         if panel == "accuracy":
             vals = [v for s in series for v in s["ys"] if math.isfinite(v)]
@@ -505,8 +540,14 @@ def deployment_view(v: RunView) -> dict[str, Any] | None:
         "cv_accuracy": _num(cf.get("accuracy")),
         "rule": str(th.get("note") or th.get("rule") or DASH),
         "sentence": sentence,
-        "reliability": charts.reliability_chart(_list(c.get("reliability_before")), _list(c.get("reliability_after")), f"{v.label}: reliability before and after calibration"),
-        "coverage_chart": charts.coverage_chart(_list(c.get("coverage_curve")), t, f"{v.label}: coverage and accuracy per threshold"),
+        "reliability": charts.reliability_chart(
+            _list(c.get("reliability_before")),
+            _list(c.get("reliability_after")),
+            f"{v.label}: reliability before and after calibration",
+        ),
+        "coverage_chart": charts.coverage_chart(
+            _list(c.get("coverage_curve")), t, f"{v.label}: coverage and accuracy per threshold"
+        ),
     }
 
 
@@ -521,7 +562,11 @@ def dataset_views(views: list[RunView]) -> list[dict]:
         d = _dict(v.m.get("dataset"))
         if not d:
             continue
-        key = (str(d.get("source") or ""), _num(d.get("n_tracks")), json.dumps(_dict(d.get("class_counts")), sort_keys=True))
+        key = (
+            str(d.get("source") or ""),
+            _num(d.get("n_tracks")),
+            json.dumps(_dict(d.get("class_counts")), sort_keys=True),
+        )
         groups.setdefault(key, []).append(v)
     out = []
     for (source, n_tracks, cc_json), vs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
@@ -534,20 +579,22 @@ def dataset_views(views: list[RunView]) -> list[dict]:
                 segs.setdefault(f"{n:,.0f}", set()).add(v.kind)
         protocols = Counter(v.protocol_text for v in vs)
         items = [(k, _num(c) or 0) for k, c in cc.items()]
-        out.append({
-            "source": source or DASH,
-            "name": Path(source).name if source else DASH,
-            "n_tracks": count(n_tracks),
-            "n_classes": len(cc) or len(vs[0].labels) or DASH,
-            "segments": "; ".join(f"{n} ({', '.join(sorted(k))})" for n, k in segs.items()) or DASH,
-            "class_counts": [(k, f"{c:,.0f}") for k, c in items],
-            "class_chart": charts.hbar_chart(items, "tracks per class") if items else "",
-            "protocols": [(p, c) for p, c in protocols.most_common()],
-            "synthetic": any(bool(_dict(v.m.get("dataset")).get("synthetic")) for v in vs),
-            "runs": [v.label for v in vs],
-            "grouped": any(bool(v.protocol.get("grouped")) for v in vs),
-            "raw": d,
-        })  # fmt: skip
+        out.append(
+            {
+                "source": source or DASH,
+                "name": Path(source).name if source else DASH,
+                "n_tracks": count(n_tracks),
+                "n_classes": len(cc) or len(vs[0].labels) or DASH,
+                "segments": "; ".join(f"{n} ({', '.join(sorted(k))})" for n, k in segs.items()) or DASH,
+                "class_counts": [(k, f"{c:,.0f}") for k, c in items],
+                "class_chart": charts.hbar_chart(items, "tracks per class") if items else "",
+                "protocols": [(p, c) for p, c in protocols.most_common()],
+                "synthetic": any(bool(_dict(v.m.get("dataset")).get("synthetic")) for v in vs),
+                "runs": [v.label for v in vs],
+                "grouped": any(bool(v.protocol.get("grouped")) for v in vs),
+                "raw": d,
+            }
+        )
     return out
 
 
@@ -587,26 +634,47 @@ def comparison(views: list[RunView]) -> list[str]:
     if pre and cnn:
         p, c = pre[0], cnn[0]
         gap = abs(100 * (p.acc - c.acc))
-        verdict = f"a gap of {gap:.1f} points in favour of " + ("the pretrained embeddings" if p.acc > c.acc else "the scratch CNN") if gap >= 0.05 else "no difference"
+        verdict = (
+            f"a gap of {gap:.1f} points in favour of "
+            + ("the pretrained embeddings" if p.acc > c.acc else "the scratch CNN")
+            if gap >= 0.05
+            else "no difference"
+        )
         out.append(
             f"Pretrained versus scratch: frozen {p.backbone} embeddings with the {p.head or 'best'} head ({p.label}) reach {pct(p.acc)}; "
             f"the best CNN trained from scratch ({c.label}) reaches {pct(c.acc)}: {verdict}."
         )
     else:
-        missing = "scratch CNN run" if pre else ("pretrained-embedding (frozen backbone + head) run" if cnn else "pretrained-embedding run and no scratch CNN run")
-        out.append(f"No {missing} is in this report, so the gap between pretrained embeddings and a CNN trained from scratch is not measured here.")
+        missing = (
+            "scratch CNN run"
+            if pre
+            else (
+                "pretrained-embedding (frozen backbone + head) run"
+                if cnn
+                else "pretrained-embedding run and no scratch CNN run"
+            )
+        )
+        out.append(
+            f"No {missing} is in this report, so the gap between pretrained embeddings and a CNN trained from scratch is not measured here."
+        )
 
     for ft in [v for v in views if v.fine_tuned][:1]:
         frozen = [v for v in pre if v.backbone == ft.backbone]
         if frozen:
-            out.append(f"Fine-tuning {ft.backbone} end to end ({ft.label}) reaches {pct(ft.acc)}, {pts(ft.acc, frozen[0].acc)} against its frozen embeddings with the best head ({frozen[0].label}, {pct(frozen[0].acc)}).")
+            out.append(
+                f"Fine-tuning {ft.backbone} end to end ({ft.label}) reaches {pct(ft.acc)}, {pts(ft.acc, frozen[0].acc)} against its frozen embeddings with the best head ({frozen[0].label}, {pct(frozen[0].acc)})."
+            )
         else:
-            out.append(f"Fine-tuning {ft.backbone or 'a backbone'} ({ft.label}) reaches {pct(ft.acc)}; no frozen-embedding run of the same backbone is here to compare with.")
+            out.append(
+                f"Fine-tuning {ft.backbone or 'a backbone'} ({ft.label}) reaches {pct(ft.acc)}; no frozen-embedding run of the same backbone is here to compare with."
+            )
 
     base = [v for v in views if v.hand_crafted]
     if base and pre:
         what = _dict(base[0].m.get("spec")).get("description")
-        out.append(f"The hand-crafted baseline ({base[0].label}{': ' + str(what) if what else ''}) reaches {pct(base[0].acc)}; the best pretrained embedding adds {pts(pre[0].acc, base[0].acc)}.")
+        out.append(
+            f"The hand-crafted baseline ({base[0].label}{': ' + str(what) if what else ''}) reaches {pct(base[0].acc)}; the best pretrained embedding adds {pts(pre[0].acc, base[0].acc)}."
+        )
 
     near = [v for v in views if v.acc >= best.acc - 0.02 - 1e-12]
     costed = [v for v in near if v.infer_ms_total is not None]
@@ -615,17 +683,25 @@ def comparison(views: list[RunView]) -> list[str]:
         if cheap is best:
             others = [v for v in costed if v is not best]
             if others:
-                out.append(f"No run within 2 points of the best is cheaper at inference: {best.label} is also the cheapest of the {len(costed)} runs in that band ({millis(best.infer_ms_total)} per track end to end).")
+                out.append(
+                    f"No run within 2 points of the best is cheaper at inference: {best.label} is also the cheapest of the {len(costed)} runs in that band ({millis(best.infer_ms_total)} per track end to end)."
+                )
             else:
-                out.append(f"No other run is within 2 points of the best; {best.label} costs {millis(best.infer_ms_total)} per track end to end.")
+                out.append(
+                    f"No other run is within 2 points of the best; {best.label} costs {millis(best.infer_ms_total)} per track end to end."
+                )
         else:
-            ratio = (best.infer_ms_total / cheap.infer_ms_total) if best.infer_ms_total and cheap.infer_ms_total else None
+            ratio = (
+                (best.infer_ms_total / cheap.infer_ms_total) if best.infer_ms_total and cheap.infer_ms_total else None
+            )
             s = f"The cheapest run within 2 points of the best is {cheap.label}: {pct(cheap.acc)} ({pts(cheap.acc, best.acc)}) at {millis(cheap.infer_ms_total)} per track end to end"
             s += f", {ratio:.1f}× cheaper than {best.label} ({millis(best.infer_ms_total)})." if ratio else "."
             out.append(s)
     if len(costed) < len(near):
         miss = [v.label for v in near if v.infer_ms_total is None]
-        out.append(f"Inference cost (including embedding extraction for head runs) is not recorded for {', '.join(miss)}, so {'it is' if len(miss) == 1 else 'they are'} left out of the cost comparison.")
+        out.append(
+            f"Inference cost (including embedding extraction for head runs) is not recorded for {', '.join(miss)}, so {'it is' if len(miss) == 1 else 'they are'} left out of the cost comparison."
+        )
 
     pcs = [r for r in best.per_class if r["f1"] is not None]
     if len(pcs) > 1:
@@ -634,13 +710,17 @@ def comparison(views: list[RunView]) -> list[str]:
         conf = _list(best.m.get("confusion"))
         labs = best.labels
         if conf and len(conf) == len(labs):
-            cells = [(conf[i][j], i, j) for i in range(len(labs)) for j in range(len(labs)) if i != j and _num(conf[i][j])]
+            cells = [
+                (conf[i][j], i, j) for i in range(len(labs)) for j in range(len(labs)) if i != j and _num(conf[i][j])
+            ]
             if cells:
                 c, i, j = max(cells)
                 s += f"; its most frequent confusion is {labs[i]} predicted as {labs[j]} ({c:g} track{'s' if c != 1 else ''})"
         out.append(s + ".")
     if n_test:
-        out.append(f"Precision of these numbers: one track is {100 / n_test:.1f} points of {best.label}'s accuracy ({n_test} test predictions in total); differences of a point or two between runs are within noise.")
+        out.append(
+            f"Precision of these numbers: one track is {100 / n_test:.1f} points of {best.label}'s accuracy ({n_test} test predictions in total); differences of a point or two between runs are within noise."
+        )
     return out
 
 
@@ -684,7 +764,8 @@ def _spec_row(v: RunView) -> dict:
         "dim": value(dim),
         "weights": value(spec.get("weights")) + (f" ({str(sha)[:12]})" if sha and str(sha) != "none" else ""),
         "clip": f"{audio['clip_s']:g} s" if _num(audio.get("clip_s")) is not None else DASH,
-        "segment": (f"{seg['segment_s']:g} s" if _num(seg.get("segment_s")) is not None else DASH) + (f" / hop {seg['hop_s']:g} s" if _num(seg.get("hop_s")) is not None else ""),
+        "segment": (f"{seg['segment_s']:g} s" if _num(seg.get("segment_s")) is not None else DASH)
+        + (f" / hop {seg['hop_s']:g} s" if _num(seg.get("hop_s")) is not None else ""),
         "device": _device_text(_dict(v.m.get("device"))),
     }
 
@@ -712,7 +793,13 @@ def _sources_text(sources: list[str]) -> str:
     return f"{len(sources)} locations"
 
 
-def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None, sources: list[str] | None = None, title: str | None = None, pending: list[str] | None = None) -> dict[str, Any]:
+def context(
+    runs: list[dict[str, Any]],
+    skipped: list[dict[str, str]] | None = None,
+    sources: list[str] | None = None,
+    title: str | None = None,
+    pending: list[str] | None = None,
+) -> dict[str, Any]:
     """Everything the template needs, computed once (the template only lays it out).
 
     pending: names of runs still in progress (``embedkit run`` rewrites the report after each
@@ -735,7 +822,15 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
         v.extra["confusion"] = charts.heatmap(conf, labs, f"{v.label}: confusion matrix") if conf and labs else ""
         v.extra["spec_row"] = _spec_row(v)
         v.extra["deployment"] = deployment_view(v)
-        v.extra["spec_tables"] = [(title, flatten(_dict(v.m.get(key)))) for title, key in (("Backbone spec", "spec"), ("Preprocessing", "preprocess"), ("Training config", "config"), ("Protocol", "protocol"))]
+        v.extra["spec_tables"] = [
+            (title, flatten(_dict(v.m.get(key))))
+            for title, key in (
+                ("Backbone spec", "spec"),
+                ("Preprocessing", "preprocess"),
+                ("Training config", "config"),
+                ("Protocol", "protocol"),
+            )
+        ]
         v.extra["spec_tables"] = [(t, rows) for t, rows in v.extra["spec_tables"] if rows]
 
     genres: list[str] = []
@@ -746,15 +841,33 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
     f1_rows = [{"label": g, "cells": [v.f1(g) for v in views]} for g in genres]
 
     inf_points = [
-        {"x": v.infer_ms_total, "y": 100 * v.acc, "yerr": 100 * v.acc_std if v.acc_std else None, "color": v.color, "tag": v.rank, "name": v.label}
+        {
+            "x": v.infer_ms_total,
+            "y": 100 * v.acc,
+            "yerr": 100 * v.acc_std if v.acc_std else None,
+            "color": v.color,
+            "tag": v.rank,
+            "name": v.label,
+        }
         for v in views
     ]
     build_points = [
-        {"x": v.build_s_total, "y": 100 * v.acc, "yerr": 100 * v.acc_std if v.acc_std else None, "color": v.color, "tag": v.rank, "name": v.label}
+        {
+            "x": v.build_s_total,
+            "y": 100 * v.acc,
+            "yerr": 100 * v.acc_std if v.acc_std else None,
+            "color": v.color,
+            "tag": v.rank,
+            "name": v.label,
+        }
         for v in views
     ]
-    scatter_inf = charts.scatter(inf_points, "accuracy versus inference cost", "inference per track, ms (log scale)", "track accuracy, %")
-    scatter_build = charts.scatter(build_points, "accuracy versus build cost", "extraction + training, s (log scale)", "track accuracy, %")
+    scatter_inf = charts.scatter(
+        inf_points, "accuracy versus inference cost", "inference per track, ms (log scale)", "track accuracy, %"
+    )
+    scatter_build = charts.scatter(
+        build_points, "accuracy versus build cost", "extraction + training, s (log scale)", "track accuracy, %"
+    )
     datasets = dataset_views(views)
     no_dataset = [v.label for v in views if not _dict(v.m.get("dataset"))]
     return {
@@ -785,12 +898,20 @@ def context(runs: list[dict[str, Any]], skipped: list[dict[str, str]] | None = N
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("embedkit.report", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("embedkit.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(pct=pct, pct_pm=pct_pm, seconds=seconds, millis=millis, nbytes=nbytes, count=count, value=value)
     env.filters["f1cell"] = lambda v: DASH if v is None else f"{v:.2f}"
     env.filters["f3"] = lambda v: DASH if _num(v) is None else f"{_num(v):.3f}"
     # Cell shade for scores in [0, 1]: light tint so dark text stays readable.
-    env.filters["shade"] = lambda v: "" if v is None else f"background-color: rgba(78, 121, 167, {0.08 + 0.5 * max(0.0, min(1.0, v)) ** 2:.2f})"
+    env.filters["shade"] = lambda v: (
+        "" if v is None else f"background-color: rgba(78, 121, 167, {0.08 + 0.5 * max(0.0, min(1.0, v)) ** 2:.2f})"
+    )
     return env
 
 
@@ -804,7 +925,12 @@ def render(ctx: dict[str, Any]) -> str:
     return env.get_template("report.html").render(css=Markup(css), **ctx)
 
 
-def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.PathLike = "reports/report.html", title: str | None = None, pending: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+def build_report(
+    paths: list[str | os.PathLike] | None = None,
+    out: str | os.PathLike = "reports/report.html",
+    title: str | None = None,
+    pending: list[str] | None = None,
+) -> tuple[Path, dict[str, Any]]:
     """Render every run under ``paths`` (default ``runs/``) into ``out``, atomically; returns
     (path, context). pending: runs still in progress, listed on the page (see ``context``).
 
@@ -815,7 +941,9 @@ def build_report(paths: list[str | os.PathLike] | None = None, out: str | os.Pat
     runs, skipped = load(paths)
     if not runs:
         why = f"; skipped {len(skipped)}: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
-        raise ReportError(f"no runs found in {', '.join(map(str, paths))} (no */metrics.json){why}: run `embedkit fit`, `embedkit train-cnn` or `embedkit run DATA` first")
+        raise ReportError(
+            f"no runs found in {', '.join(map(str, paths))} (no */metrics.json){why}: run `embedkit fit`, `embedkit train-cnn` or `embedkit run DATA` first"
+        )
     ctx = context(runs, skipped, [str(p) for p in paths], title, pending)
     html = render(ctx)
     out = Path(out)

@@ -30,7 +30,16 @@ def _f(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
-def _text(x: float, y: float, s: str, size: float = 11, anchor: str = "start", fill: str = INK, weight: str = "normal", extra: str = "") -> str:
+def _text(
+    x: float,
+    y: float,
+    s: str,
+    size: float = 11,
+    anchor: str = "start",
+    fill: str = INK,
+    weight: str = "normal",
+    extra: str = "",
+) -> str:
     return (
         f'<text x="{_f(x)}" y="{_f(y)}" font-size="{size:g}" text-anchor="{anchor}" fill="{fill}" '
         f'font-weight="{weight}"{(" " + extra) if extra else ""}>{escape(s)}</text>'
@@ -94,7 +103,13 @@ def fmt_tick(v: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def hbar_chart(items: Sequence[tuple[str, float]], title: str, value_fmt=lambda v: f"{v:,.0f}", bar_color: str = PALETTE[0], width: int = 520) -> Markup:
+def hbar_chart(
+    items: Sequence[tuple[str, float]],
+    title: str,
+    value_fmt=lambda v: f"{v:,.0f}",
+    bar_color: str = PALETTE[0],
+    width: int = 520,
+) -> Markup:
     """Horizontal bars, one per (label, value); e.g. tracks per class."""
     if not items:
         return Markup("")
@@ -108,7 +123,9 @@ def hbar_chart(items: Sequence[tuple[str, float]], title: str, value_fmt=lambda 
         y = top + i * row_h
         w = max(0.0, bar_w * v / vmax)
         body.append(_text(label_w - 8, y + 15, str(label), anchor="end"))
-        body.append(f'<rect x="{_f(label_w)}" y="{_f(y + 3)}" width="{_f(w)}" height="{row_h - 6}" rx="2" fill="{bar_color}"/>')
+        body.append(
+            f'<rect x="{_f(label_w)}" y="{_f(y + 3)}" width="{_f(w)}" height="{row_h - 6}" rx="2" fill="{bar_color}"/>'
+        )
         body.append(_text(label_w + w + 6, y + 15, value_fmt(v), fill=MUTED))
     return _svg(width, height, body, title)
 
@@ -136,12 +153,22 @@ def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], title: str
     width, height = left + size + 10, top + size + 12
     body = [
         _text(left + size / 2, 12, "predicted", anchor="middle", fill=MUTED, size=11),
-        _text(10, top + size / 2, "true", anchor="middle", fill=MUTED, size=11, extra=f'transform="rotate(-90 10 {_f(top + size / 2)})"'),
+        _text(
+            10,
+            top + size / 2,
+            "true",
+            anchor="middle",
+            fill=MUTED,
+            size=11,
+            extra=f'transform="rotate(-90 10 {_f(top + size / 2)})"',
+        ),
     ]
     fs = 11 if cell >= 30 else max(7, cell * 0.4)
     for j, lab in enumerate(labels):
         x = left + j * cell + cell / 2 + 4
-        body.append(_text(x, top - 6, str(lab), anchor="start", size=fs, extra=f'transform="rotate(-90 {_f(x)} {_f(top - 6)})"'))
+        body.append(
+            _text(x, top - 6, str(lab), anchor="start", size=fs, extra=f'transform="rotate(-90 {_f(x)} {_f(top - 6)})"')
+        )
     for i, lab in enumerate(labels):
         row = [float(v) for v in matrix[i]]
         total = sum(row) or 1.0
@@ -149,16 +176,40 @@ def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], title: str
         for j, v in enumerate(row):
             share = v / total
             x, y = left + j * cell, top + i * cell
-            body.append(f'<rect x="{_f(x)}" y="{_f(y)}" width="{cell}" height="{cell}" fill="{_heat(share)}" stroke="#ffffff" stroke-width="1"><title>{escape(f"true {lab}, predicted {labels[j]}: {v:g} ({share:.0%})")}</title></rect>')
+            body.append(
+                f'<rect x="{_f(x)}" y="{_f(y)}" width="{cell}" height="{cell}" fill="{_heat(share)}" stroke="#ffffff" stroke-width="1"><title>{escape(f"true {lab}, predicted {labels[j]}: {v:g} ({share:.0%})")}</title></rect>'
+            )
             if v and cell >= 18:
-                body.append(_text(x + cell / 2, y + cell / 2 + 4, f"{v:g}", anchor="middle", size=fs, fill="#ffffff" if share > 0.55 else INK, weight="bold" if i == j else "normal"))
-    body.append(f'<rect x="{_f(left)}" y="{_f(top)}" width="{size}" height="{size}" fill="none" stroke="{MUTED}" stroke-width="1"/>')
+                body.append(
+                    _text(
+                        x + cell / 2,
+                        y + cell / 2 + 4,
+                        f"{v:g}",
+                        anchor="middle",
+                        size=fs,
+                        fill="#ffffff" if share > 0.55 else INK,
+                        weight="bold" if i == j else "normal",
+                    )
+                )
+    body.append(
+        f'<rect x="{_f(left)}" y="{_f(top)}" width="{size}" height="{size}" fill="none" stroke="{MUTED}" stroke-width="1"/>'
+    )
     return _svg(width, height, body, title)
 
 
-def line_chart(series: Sequence[dict], title: str, xlabel: str, ylabel: str, width: int = 460, height: int = 250, y_range: tuple[float, float] | None = None) -> Markup:
+def line_chart(
+    series: Sequence[dict],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    width: int = 460,
+    height: int = 250,
+    y_range: tuple[float, float] | None = None,
+) -> Markup:
     """series: [{name, ys, color, [xs], [dash], [width], [opacity], [legend]}]; xs default 1..N."""
-    pts = [(s, list(s.get("xs") or range(1, len(s["ys"]) + 1)), [float(v) for v in s["ys"]]) for s in series if s.get("ys")]
+    pts = [
+        (s, list(s.get("xs") or range(1, len(s["ys"]) + 1)), [float(v) for v in s["ys"]]) for s in series if s.get("ys")
+    ]
     pts = [(s, xs, ys) for s, xs, ys in pts if any(math.isfinite(v) for v in ys)]
     if not pts:
         return Markup("")
@@ -193,7 +244,17 @@ def line_chart(series: Sequence[dict], title: str, xlabel: str, ylabel: str, wid
             body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
     body.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" stroke="{MUTED}"/>')
     body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(_text(12, mt + ph / 2, ylabel, anchor="middle", size=11, fill=MUTED, extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"'))
+    body.append(
+        _text(
+            12,
+            mt + ph / 2,
+            ylabel,
+            anchor="middle",
+            size=11,
+            fill=MUTED,
+            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
+        )
+    )
     for s, xs, ys in pts:
         segs, cur = [], []
         for x, y in zip(xs, ys):
@@ -208,7 +269,9 @@ def line_chart(series: Sequence[dict], title: str, xlabel: str, ylabel: str, wid
         for seg in segs:
             if len(seg) == 1:
                 cx, cy = seg[0].split(",")
-                body.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{s["color"]}" opacity="{s.get("opacity", 1)}"/>')
+                body.append(
+                    f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{s["color"]}" opacity="{s.get("opacity", 1)}"/>'
+                )
             else:
                 body.append(
                     f'<polyline points="{" ".join(seg)}" fill="none" stroke="{s["color"]}" stroke-width="{s.get("width", 2)}" '
@@ -216,15 +279,33 @@ def line_chart(series: Sequence[dict], title: str, xlabel: str, ylabel: str, wid
                 )
     for s, (lx, ly) in zip(legend, places):
         dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
-        body.append(f'<line x1="{_f(lx)}" x2="{_f(lx + 18)}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s["color"]}" stroke-width="2.5"{dash}/>')
+        body.append(
+            f'<line x1="{_f(lx)}" x2="{_f(lx + 18)}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s["color"]}" stroke-width="2.5"{dash}/>'
+        )
         body.append(_text(lx + 23, ly, s["name"], size=10.5))
     return _svg(width, height, body, title)
 
 
-def scatter(points: Sequence[dict], title: str, xlabel: str, ylabel: str, log_x: bool = True, width: int = 520, height: int = 320) -> Markup:
+def scatter(
+    points: Sequence[dict],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = True,
+    width: int = 520,
+    height: int = 320,
+) -> Markup:
     """points: [{x, y, [yerr], color, tag, name, [hollow]}]; points with x <= 0 (log) or
     missing coordinates are left out (the caller says so in the text)."""
-    pts = [p for p in points if p.get("x") is not None and p.get("y") is not None and math.isfinite(p["x"]) and math.isfinite(p["y"]) and (p["x"] > 0 or not log_x)]
+    pts = [
+        p
+        for p in points
+        if p.get("x") is not None
+        and p.get("y") is not None
+        and math.isfinite(p["x"])
+        and math.isfinite(p["y"])
+        and (p["x"] > 0 or not log_x)
+    ]
     if not pts:
         return Markup("")
     ml, mr, mt, mb = 56, 18, 16, 42
@@ -254,16 +335,40 @@ def scatter(points: Sequence[dict], title: str, xlabel: str, ylabel: str, log_x:
         body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
     body.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>')
     body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(_text(12, mt + ph / 2, ylabel, anchor="middle", size=11, fill=MUTED, extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"'))
+    body.append(
+        _text(
+            12,
+            mt + ph / 2,
+            ylabel,
+            anchor="middle",
+            size=11,
+            fill=MUTED,
+            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
+        )
+    )
     for p in sorted(pts, key=lambda p: -p["y"]):
         cx, cy = sx(p["x"]), sy(p["y"])
         if p.get("yerr"):  # clipped to the axis: accuracy cannot leave [0, 100] %
             e0, e1 = max(y0, p["y"] - p["yerr"]), min(y1, p["y"] + p["yerr"])
-            body.append(f'<line x1="{_f(cx)}" x2="{_f(cx)}" y1="{_f(sy(e0))}" y2="{_f(sy(e1))}" stroke="{p["color"]}" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{_f(cx)}" x2="{_f(cx)}" y1="{_f(sy(e0))}" y2="{_f(sy(e1))}" stroke="{p["color"]}" stroke-width="1.5"/>'
+            )
         fill = "#ffffff" if p.get("hollow") else p["color"]
         tip = escape(f"{p['name']}: {p['y']:.1f} % at {fmt_tick(p['x'])}")
-        body.append(f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="9" fill="{fill}" stroke="{p["color"]}" stroke-width="2"><title>{tip}</title></circle>')
-        body.append(_text(cx, cy + 3.5, str(p["tag"]), anchor="middle", size=9.5, weight="bold", fill=p["color"] if p.get("hollow") else "#ffffff"))
+        body.append(
+            f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="9" fill="{fill}" stroke="{p["color"]}" stroke-width="2"><title>{tip}</title></circle>'
+        )
+        body.append(
+            _text(
+                cx,
+                cy + 3.5,
+                str(p["tag"]),
+                anchor="middle",
+                size=9.5,
+                weight="bold",
+                fill=p["color"] if p.get("hollow") else "#ffffff",
+            )
+        )
     return _svg(width, height, body, title)
 
 
@@ -277,21 +382,37 @@ def _unit_frame(width: float, height: float, xlabel: str, ylabel: str, ml=48, mr
         body.append(f'<line x1="{ml}" x2="{_f(ml + pw)}" y1="{_f(sy(t))}" y2="{_f(sy(t))}" stroke="{GRID}"/>')
         body.append(_text(ml - 6, sy(t) + 4, fmt_tick(t), anchor="end", size=10, fill=MUTED))
         body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
-    body.append(f'<rect x="{ml}" y="{mt}" width="{_f(pw)}" height="{_f(ph)}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>')
+    body.append(
+        f'<rect x="{ml}" y="{mt}" width="{_f(pw)}" height="{_f(ph)}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>'
+    )
     body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(_text(12, mt + ph / 2, ylabel, anchor="middle", size=11, fill=MUTED, extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"'))
+    body.append(
+        _text(
+            12,
+            mt + ph / 2,
+            ylabel,
+            anchor="middle",
+            size=11,
+            fill=MUTED,
+            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
+        )
+    )
     return body, sx, sy, (ml, mt, pw, ph)
 
 
 def _legend(body: list[str], items: Sequence[tuple[str, str, str | None]], x: float, y: float) -> None:
     for name, col, dash in items:
         d = f' stroke-dasharray="{dash}"' if dash else ""
-        body.append(f'<line x1="{_f(x)}" x2="{_f(x + 18)}" y1="{_f(y - 4)}" y2="{_f(y - 4)}" stroke="{col}" stroke-width="2.5"{d}/>')
+        body.append(
+            f'<line x1="{_f(x)}" x2="{_f(x + 18)}" y1="{_f(y - 4)}" y2="{_f(y - 4)}" stroke="{col}" stroke-width="2.5"{d}/>'
+        )
         body.append(_text(x + 23, y, name, size=10.5))
         x += 34 + 6.2 * len(name)
 
 
-def reliability_chart(before: Sequence[dict], after: Sequence[dict], title: str, width: int = 380, height: int = 330) -> Markup:
+def reliability_chart(
+    before: Sequence[dict], after: Sequence[dict], title: str, width: int = 380, height: int = 330
+) -> Markup:
     """Reliability diagram: per confidence bin ({n, confidence, accuracy}), the accuracy of its
     tracks against their mean confidence, before (grey) and after calibration (blue); marker
     area proportional to the tracks in the bin; the diagonal is perfect calibration."""
@@ -299,36 +420,65 @@ def reliability_chart(before: Sequence[dict], after: Sequence[dict], title: str,
     if not any(x.get("n") for bins, *_ in series for x in bins):
         return Markup("")
     body, sx, sy, _ = _unit_frame(width, height, "confidence (top-class probability)", "accuracy")
-    body.append(f'<line x1="{_f(sx(0))}" y1="{_f(sy(0))}" x2="{_f(sx(1))}" y2="{_f(sy(1))}" stroke="{MUTED}" stroke-dasharray="2 3"/>')
+    body.append(
+        f'<line x1="{_f(sx(0))}" y1="{_f(sy(0))}" x2="{_f(sx(1))}" y2="{_f(sy(1))}" stroke="{MUTED}" stroke-dasharray="2 3"/>'
+    )
     total = max(sum(int(x.get("n") or 0) for x in after), 1)
     for bins, name, col, dash in series:
-        pts = [(float(x["confidence"]), float(x["accuracy"]), int(x["n"])) for x in bins if x.get("n") and x.get("confidence") is not None and x.get("accuracy") is not None]
+        pts = [
+            (float(x["confidence"]), float(x["accuracy"]), int(x["n"]))
+            for x in bins
+            if x.get("n") and x.get("confidence") is not None and x.get("accuracy") is not None
+        ]
         if len(pts) > 1:
             d = f' stroke-dasharray="{dash}"' if dash else ""
-            body.append(f'<polyline points="{" ".join(f"{_f(sx(c))},{_f(sy(a))}" for c, a, _ in pts)}" fill="none" stroke="{col}" stroke-width="1.8"{d}/>')
+            body.append(
+                f'<polyline points="{" ".join(f"{_f(sx(c))},{_f(sy(a))}" for c, a, _ in pts)}" fill="none" stroke="{col}" stroke-width="1.8"{d}/>'
+            )
         for c, a, n in pts:
             r = 2.5 + 9 * math.sqrt(n / total)
             tip = escape(f"{name}: {n} tracks at confidence {c:.2f}, {a:.0%} right")
-            body.append(f'<circle class="rel-{name}" cx="{_f(sx(c))}" cy="{_f(sy(a))}" r="{_f(r)}" fill="{col}" fill-opacity="0.55" stroke="{col}"><title>{tip}</title></circle>')
-    _legend(body, [("before calibration", "#9aa5b1", "4 3"), ("after", PALETTE[0], None), ("perfect", MUTED, "2 3")], 48, 14)
+            body.append(
+                f'<circle class="rel-{name}" cx="{_f(sx(c))}" cy="{_f(sy(a))}" r="{_f(r)}" fill="{col}" fill-opacity="0.55" stroke="{col}"><title>{tip}</title></circle>'
+            )
+    _legend(
+        body, [("before calibration", "#9aa5b1", "4 3"), ("after", PALETTE[0], None), ("perfect", MUTED, "2 3")], 48, 14
+    )
     return _svg(width, height, body, title)
 
 
-def coverage_chart(curve: Sequence[dict], threshold: float | None, title: str, width: int = 380, height: int = 330) -> Markup:
+def coverage_chart(
+    curve: Sequence[dict], threshold: float | None, title: str, width: int = 380, height: int = 330
+) -> Markup:
     """Coverage (share of tracks whose top probability >= t) and the accuracy of those tracks
     against the threshold t ({threshold, coverage, accuracy}); the default threshold marked."""
-    pts = [(float(r["threshold"]), r.get("coverage"), r.get("accuracy")) for r in curve if r.get("threshold") is not None]
+    pts = [
+        (float(r["threshold"]), r.get("coverage"), r.get("accuracy")) for r in curve if r.get("threshold") is not None
+    ]
     if not pts:
         return Markup("")
-    body, sx, sy, (ml, mt, pw, ph) = _unit_frame(width, height, "threshold on the calibrated top probability", "share of tracks")
+    body, sx, sy, (ml, mt, pw, ph) = _unit_frame(
+        width, height, "threshold on the calibrated top probability", "share of tracks"
+    )
     for idx, col in ((1, PALETTE[1]), (2, PALETTE[4])):
         line = [f"{_f(sx(p[0]))},{_f(sy(float(p[idx])))}" for p in pts if p[idx] is not None]
         if len(line) > 1:
             body.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="{col}" stroke-width="2"/>')
     if threshold is not None and math.isfinite(threshold):
         x = sx(threshold)
-        body.append(f'<line class="default-threshold" x1="{_f(x)}" x2="{_f(x)}" y1="{mt}" y2="{_f(mt + ph)}" stroke="{INK}" stroke-dasharray="5 3"/>')
+        body.append(
+            f'<line class="default-threshold" x1="{_f(x)}" x2="{_f(x)}" y1="{mt}" y2="{_f(mt + ph)}" stroke="{INK}" stroke-dasharray="5 3"/>'
+        )
         anchor = "end" if threshold > 0.6 else "start"
-        body.append(_text(x + (-5 if anchor == "end" else 5), mt + ph - 8, f"default {threshold:.2f}", anchor=anchor, size=10.5, weight="bold"))
+        body.append(
+            _text(
+                x + (-5 if anchor == "end" else 5),
+                mt + ph - 8,
+                f"default {threshold:.2f}",
+                anchor=anchor,
+                size=10.5,
+                weight="bold",
+            )
+        )
     _legend(body, [("coverage (tagged)", PALETTE[1], None), ("accuracy of tagged", PALETTE[4], None)], 48, 14)
     return _svg(width, height, body, title)
