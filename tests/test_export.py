@@ -142,6 +142,7 @@ def test_lightgbm_heads_are_not_torch_layers():
 # parity per kind on real audio
 
 
+@pytest.mark.slow
 def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     for head in ("lr", "mlp"):
         run = _head_run(tracks, work, "musicnn-msd", head)
@@ -168,11 +169,13 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated"]
 
 
+@pytest.mark.slow
 def test_musicnn_mtt_lr_parity(tracks, work, real_files):
     run = _head_run(tracks, work, "musicnn-mtt", "lr")
     _export_and_check(load_tagger(run), work, "musicnn-mtt-lr", real_files)
 
 
+@pytest.mark.slow
 def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
     """musicnn's torch module picks the pruned plan or the full network from the batch's
     normalised log-mel (|x| <= PRUNE_X_MAX); the exported graph makes the same choice (an ONNX
@@ -195,11 +198,13 @@ def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
         assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), scale
 
 
+@pytest.mark.slow
 def test_tiny_lgbm_parity(tracks, work, real_files):
     run = _head_run(tracks, work, "tiny-test", "lgbm", pca=8, params={"n_estimators": 30})
     _export_and_check(load_tagger(run), work, "tiny-lgbm", real_files)
 
 
+@pytest.mark.slow
 def test_cnn_parity(tracks, work, real_files):
     from embedkit.cnn.train import TrainConfig, train_cnn
 
@@ -216,6 +221,7 @@ def test_cnn_parity(tracks, work, real_files):
     _export_and_check(load_tagger(res.run_dir), work, "cnn", real_files)
 
 
+@pytest.mark.slow
 def test_finetune_parity(tracks, work, real_files):
     from embedkit.cnn.finetune import FinetuneConfig, finetune
     from embedkit.cnn.train import TrainConfig
@@ -259,6 +265,7 @@ def _calibrated_random_cnn14(path: Path, files: list[Path]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_finetuned_musicnn_parity(work, real_files):
     """A fine-tuned musicnn net (here: its pretrained weights and a random linear layer) exports
     with the backbone's pruned plan and fallback inside."""
@@ -447,6 +454,7 @@ print(json.dumps({"tracks": out, "blocked_loaded": loaded, "labels": read_metada
 """
 
 
+@pytest.mark.slow
 def test_onnx_tagger_runs_with_torch_blocked(tiny_lr, work, real_files):
     tagger = load_tagger(tiny_lr)
     out = work / "torchfree.onnx"
@@ -497,6 +505,7 @@ def test_ast_torch_fbank_matches_the_numpy_extractor(ast_dir, real_files):
     assert np.abs(ours - ref).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_ast_lr_parity(tracks, work, real_files, ast_dir):
     run = _head_run(tracks, work, "ast-5s", "lr", checkpoint=str(ast_dir))
     _export_and_check(load_tagger(run, checkpoint=str(ast_dir)), work, "ast-5s-lr", real_files[:5])
@@ -516,6 +525,7 @@ finally:
 )
 
 
+@pytest.mark.slow
 def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, real_files, tmp_path):
     from typer.testing import CliRunner
 

@@ -301,6 +301,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_second_dataset_resumes_without_duplicates(tmp_path):
     d1, d2, cache = synth(tmp_path / "d1", seed=1), synth(tmp_path / "d2", seed=2), tmp_path / "cache"
     extract(load_dataset(d1), "melstats", cache=cache, prep=PREP, workers=1)

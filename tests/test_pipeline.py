@@ -122,6 +122,7 @@ def test_run_argument_errors(args, message, tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_report_is_written_after_the_first_run_and_names_those_in_progress(tiny_data, tmp_path, monkeypatch):
     """`embedkit run` writes the report as soon as the heads are done and rewrites it after each
     later run: while the CNN trains, the page holds the head runs and says the CNN is still

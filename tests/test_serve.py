@@ -343,6 +343,7 @@ def test_full_server_answers_503_with_retry_after(tagger):
         _still_serving(base)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_forwards(tagger):
     """With a 300 ms gathering window, 6 simultaneous uploads run in fewer than 6 forwards, and
     each answer equals the one the request gets alone."""
@@ -396,6 +397,7 @@ def test_db_records_every_result(tagger, files, tmp_path):
     assert all(r["model_id"] == tagger.model_id and r["top_label"] in tagger.labels for r in rows)
 
 
+@pytest.mark.slow
 def test_onnx_model_serves_the_same_answers(tagger, files, tmp_path):
     pytest.importorskip("onnxruntime")
     from embedkit.export import export_onnx
@@ -435,6 +437,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCK))
 """
 
 
+@pytest.mark.slow
 def test_serving_an_onnx_model_imports_no_torch(tagger, files, tmp_path):
     import sys
 

@@ -500,6 +500,7 @@ def test_broken_pipe_stops_quietly():
     assert p.stderr.read() == b""
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_the_summary_and_exits_130():
     p = child(["tone", "-", "--format", "s16le", "--rate", "8000", "--hop", "1"])
     feed(
@@ -535,6 +536,7 @@ def _peak_rss_mb(minutes: float) -> tuple[float, dict]:
     return kb / 1024, json.loads(out.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_one_hour_stream_in_bounded_memory():
     """Peak RSS of a 6-minute and a 60-minute stdin stream (s16le 8 kHz, 2.5 s hop): the hour
     adds under 8 MB (measured: 65.4 MB for 6 min, 1 h and 3 h alike)."""

@@ -97,6 +97,7 @@ def test_cli_stream_file_decisions_and_summary(melstats_run, song):
     assert set(summary["share"]) <= labels | {"uncertain"}
 
 
+@pytest.mark.slow
 def test_cli_realtime_paces_the_file(melstats_run, tmp_path):
     path = tmp_path / "short.flac"
     sf.write(path, make_clip(1, 5, 22050, 5.5), 22050)
@@ -108,6 +109,7 @@ def test_cli_realtime_paces_the_file(melstats_run, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+@pytest.mark.slow
 def test_ffmpeg_pipe_like_the_readme(melstats_run, song):
     """`ffmpeg -i SONG -f f32le -ac 1 -ar 44100 - | embedkit stream RUN - --format f32le --rate 44100`."""
     ff = subprocess.Popen(

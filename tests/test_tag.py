@@ -293,6 +293,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(runs, tmp_path, kill_af
     assert len(out.read_text().splitlines()) == N_SYNTH + 1
 
 
+@pytest.mark.slow
 def test_concurrent_tag_runs_share_one_sqlite_file(runs, tmp_path):
     db = tmp_path / "shared.sqlite"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
