@@ -345,8 +345,30 @@ def _run_extract(
     return res, log_note
 
 
-def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) -> None:
+def _print_failures(c, failures: list[dict], max_lines: int) -> bool:
+    """One 'skipped PATH: reason' line per failure, at most ``max_lines``, then a count by
+    reason; returns True when some were left out."""
     from collections import Counter
+
+    from rich.markup import escape  # file names may contain [brackets]
+
+    for f in failures[:max_lines]:
+        c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
+    if len(failures) <= max_lines:
+        return False
+    reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in failures)
+    c.print(
+        escape(
+            f"... and {len(failures) - max_lines} more; by reason: "
+            + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    return True
+
+
+def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) -> None:
 
     from rich.markup import escape  # file names may contain [brackets]
 
@@ -365,18 +387,7 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
         highlight=False,
         soft_wrap=True,
     )
-    for f in res.failures[:max_lines]:
-        c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
-    if len(res.failures) > max_lines:
-        reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in res.failures)
-        c.print(
-            escape(
-                f"... and {len(res.failures) - max_lines} more; by reason: "
-                + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))
-            ),
-            highlight=False,
-            soft_wrap=True,
-        )
+    if _print_failures(c, res.failures, max_lines):
         c.print(
             escape(f"all failures: pandas.read_parquet('{res.store.failures_dir}')"), highlight=False, soft_wrap=True
         )
@@ -1358,7 +1369,6 @@ def _tag_progress():
 
 
 def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 20) -> None:
-    from collections import Counter
 
     from rich.markup import escape
     from rich.table import Table
@@ -1393,18 +1403,7 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
         highlight=False,
         soft_wrap=True,
     )
-    for f in res.failures[:max_lines]:
-        c.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False, soft_wrap=True)
-    if len(res.failures) > max_lines:
-        reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in res.failures)
-        c.print(
-            escape(
-                f"... and {len(res.failures) - max_lines} more; by reason: "
-                + ", ".join(f"{r} x{n}" for r, n in reasons.most_common(5))
-            ),
-            highlight=False,
-            soft_wrap=True,
-        )
+    _print_failures(c, res.failures, max_lines)
     if db:
         c.print(
             escape(f"results: {db} (table tags, model_id {res.model_id}; failures in tag_failures)"),

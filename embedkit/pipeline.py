@@ -337,6 +337,21 @@ def fit_head_run(
     return res.metrics
 
 
+def _trainer_options(plan: RunPlan, folds, cache: Path, threads, workers, progress) -> dict[str, Any]:
+    """The keyword arguments the pipeline passes alike to train_cnn and finetune."""
+    return {
+        "cv": plan.cv or None,
+        "test_size": plan.test_size,
+        "folds": folds,
+        "cache": cache,
+        "threads": threads,
+        "workers": workers,
+        "progress": progress,
+        "device": plan.device,
+        "allow_tf32": plan.allow_tf32,
+    }
+
+
 def cnn_stage(
     tracks: pd.DataFrame,
     plan: RunPlan,
@@ -354,6 +369,7 @@ def cnn_stage(
 
     train, aug = plan.train_config("cnn"), AugmentConfig.parse(plan.cnn_augment)
     audio = AudioConfig(clip_s=plan.clip_s)
+    common = _trainer_options(plan, folds, cache, threads, workers, progress)
     identity = {
         "kind": "cnn",
         "dataset": fp,
@@ -370,21 +386,7 @@ def cnn_stage(
         tracks,
         log,
         lambda run_dir, resume: train_cnn(
-            tracks,
-            cv=plan.cv or None,
-            test_size=plan.test_size,
-            folds=folds,
-            train=train,
-            audio_cfg=audio,
-            augment=aug,
-            run_dir=run_dir,
-            resume=resume,
-            cache=cache,
-            threads=threads,
-            workers=workers,
-            progress=progress,
-            device=plan.device,
-            allow_tf32=plan.allow_tf32,
+            tracks, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, **common
         ),
     )
 
@@ -412,6 +414,7 @@ def finetune_stage(
     unfreeze = "top:6" if get_spec(backbone).family == "musicnn" else "all"
     ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, train.epochs // 3)), unfreeze=unfreeze)
     audio = AudioConfig(clip_s=plan.clip_s)
+    common = _trainer_options(plan, folds, cache, threads, workers, progress)
     identity = {
         "kind": "finetune",
         "backbone": backbone,
@@ -429,23 +432,7 @@ def finetune_stage(
         tracks,
         log,
         lambda run_dir, resume: finetune(
-            tracks,
-            backbone,
-            cv=plan.cv or None,
-            test_size=plan.test_size,
-            folds=folds,
-            train=train,
-            ft=ft,
-            audio_cfg=audio,
-            augment=aug,
-            run_dir=run_dir,
-            resume=resume,
-            cache=cache,
-            threads=threads,
-            workers=workers,
-            progress=progress,
-            device=plan.device,
-            allow_tf32=plan.allow_tf32,
+            tracks, backbone, train=train, ft=ft, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, **common
         ),
     )
 

@@ -55,6 +55,15 @@ def _svg(width: float, height: float, body: list[str], title: str) -> Markup:
     )
 
 
+def _axis_labels(xlabel: str, ylabel: str, x_mid: float, x_base: float, y_mid: float) -> list[str]:
+    """The x label centred under the plot (baseline ``x_base``) and the y label rotated along its
+    left edge, centred at ``y_mid``: the same on every chart with axes."""
+    return [
+        _text(x_mid, x_base, xlabel, anchor="middle", size=11, fill=MUTED),
+        _text(12, y_mid, ylabel, anchor="middle", size=11, fill=MUTED, extra=f'transform="rotate(-90 12 {_f(y_mid)})"'),
+    ]
+
+
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """Round tick values covering [lo, hi] (1/2/5 × 10^k steps)."""
     if not math.isfinite(lo) or not math.isfinite(hi):
@@ -243,18 +252,7 @@ def line_chart(
         if x0 <= t <= x1:
             body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
     body.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" stroke="{MUTED}"/>')
-    body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(
-        _text(
-            12,
-            mt + ph / 2,
-            ylabel,
-            anchor="middle",
-            size=11,
-            fill=MUTED,
-            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
-        )
-    )
+    body.extend(_axis_labels(xlabel, ylabel, ml + pw / 2, height - 6, mt + ph / 2))
     for s, xs, ys in pts:
         segs, cur = [], []
         for x, y in zip(xs, ys):
@@ -334,18 +332,7 @@ def scatter(
         body.append(f'<line x1="{_f(sx(t))}" x2="{_f(sx(t))}" y1="{mt}" y2="{mt + ph}" stroke="{GRID}"/>')
         body.append(_text(sx(t), mt + ph + 15, fmt_tick(t), anchor="middle", size=10, fill=MUTED))
     body.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>')
-    body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(
-        _text(
-            12,
-            mt + ph / 2,
-            ylabel,
-            anchor="middle",
-            size=11,
-            fill=MUTED,
-            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
-        )
-    )
+    body.extend(_axis_labels(xlabel, ylabel, ml + pw / 2, height - 6, mt + ph / 2))
     for p in sorted(pts, key=lambda p: -p["y"]):
         cx, cy = sx(p["x"]), sy(p["y"])
         if p.get("yerr"):  # clipped to the axis: accuracy cannot leave [0, 100] %
@@ -385,18 +372,7 @@ def _unit_frame(width: float, height: float, xlabel: str, ylabel: str, ml=48, mr
     body.append(
         f'<rect x="{ml}" y="{mt}" width="{_f(pw)}" height="{_f(ph)}" fill="none" stroke="{MUTED}" stroke-width="0.8"/>'
     )
-    body.append(_text(ml + pw / 2, height - 6, xlabel, anchor="middle", size=11, fill=MUTED))
-    body.append(
-        _text(
-            12,
-            mt + ph / 2,
-            ylabel,
-            anchor="middle",
-            size=11,
-            fill=MUTED,
-            extra=f'transform="rotate(-90 12 {_f(mt + ph / 2)})"',
-        )
-    )
+    body.extend(_axis_labels(xlabel, ylabel, ml + pw / 2, height - 6, mt + ph / 2))
     return body, sx, sy, (ml, mt, pw, ph)
 
 
