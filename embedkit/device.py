@@ -218,3 +218,17 @@ def provenance(dev, precision: str | None = "fp32", allow_tf32: bool = False) ->
     if _torch().device(dev).type == "cuda":
         out["allow_tf32"] = bool(allow_tf32)
     return out
+
+
+def settle(model, device: str | None, allow_tf32: bool, precision: str | None, batch_size: int | None, remote: bool):
+    """(device name, precision, batch size) a batch job (extract, tag) runs ``model`` with:
+    the given device, else the device ``model`` (a loaded Backbone / Tagger, or None) is on, else
+    the CPU; checked here (``precheck``) unless shards run remotely, where workers resolve the
+    name. A remote job without a batch size gets the accelerator policy by the name alone."""
+    name = str(model.device) if device is None and model is not None else (device or "cpu")
+    if not remote:  # resolved for real when the network is used (a no-op re-run needs no torch)
+        precheck(name, allow_tf32, precision)
+    precision = check_precision(precision or (model.precision if model is not None else "fp32"))
+    if batch_size is None and remote:
+        batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if name.startswith(("cuda", "mps")) else 1)
+    return name, precision, batch_size

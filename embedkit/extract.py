@@ -398,15 +398,10 @@ def extract(
     DeviceError when the device or precision cannot be used here.
     """
     t0 = time.perf_counter()
-    from .device import ACCELERATOR_BATCH_FACTOR, check_precision, precheck
+    from .device import settle
 
     given = backbone if isinstance(backbone, Backbone) else None
-    device_name = str(given.device) if device is None and given is not None else (device or "cpu")
-    if executor is None:  # resolved for real when the backbone is loaded (a no-op re-run needs no torch)
-        precheck(device_name, allow_tf32, precision)
-    precision = check_precision(precision or (given.precision if given is not None else "fp32"))
-    if batch_size is None and executor is not None:  # the workers resolve the name: size by what it asks for
-        batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if device_name.startswith(("cuda", "mps")) else 1)
+    device_name, precision, batch_size = settle(given, device, allow_tf32, precision, batch_size, executor is not None)
     if (batch_size is not None and batch_size < 1) or shard_size < 1 or (workers is not None and workers < 1):
         raise EmbedkitError(
             f"batch_size, shard_size and workers must be >= 1 (got {batch_size}, {shard_size}, {workers})"

@@ -446,14 +446,9 @@ def tag(
     resolve the name themselves). None: the CPU, or where a given ``tagger`` already is.
     batch_size None: 32 windows on the CPU, 8x on an accelerator (``device.default_batch_size``).
     """
-    from .device import ACCELERATOR_BATCH_FACTOR, check_precision, default_batch_size, precheck, resolve
+    from .device import default_batch_size, resolve, settle
 
-    device_name = str(tagger.device) if device is None and tagger is not None else (device or "cpu")
-    if executor is None:  # resolved for real when the model is used (a no-op re-run needs no torch)
-        precheck(device_name, allow_tf32, precision)
-    precision = check_precision(precision or (tagger.precision if tagger is not None else "fp32"))
-    if batch_size is None and executor is not None:  # the workers resolve the name: size by what it asks for
-        batch_size = 32 * (ACCELERATOR_BATCH_FACTOR if device_name.startswith(("cuda", "mps")) else 1)
+    device_name, precision, batch_size = settle(tagger, device, allow_tf32, precision, batch_size, executor is not None)
     from .tagdb import ResultsDB
     from .tagger import model_id_of
 
