@@ -16,9 +16,11 @@ This module imports numpy, onnxruntime (inside functions) and embedkit's torch-f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,8 @@ class OnnxTagger(Tagger):
 
     session: Any = None
     path: Path | None = None
+    threads: int | None = None  # the session's intra-op threads (None: onnxruntime's default, one per core)
+    _lanes: dict = field(default_factory=dict, repr=False)  # the one-thread session of single_threaded()
     torch_backed = False  # (not a dataclass field) onnxruntime on the CPU: --device does not move it
 
     @classmethod
@@ -195,7 +199,30 @@ class OnnxTagger(Tagger):
             meta={**meta, "runtime": "onnxruntime", "model_path": str(p)},
             session=sess,
             path=p,
+            threads=threads,
         )
+
+    @contextlib.contextmanager
+    def single_threaded(self):
+        """Runs use a session with one intra-op thread while inside (the CPU lanes of
+        ``embedkit.lanes``); built once, on first use. Safe to overlap from several threads."""
+        if self.threads == 1 or self.path is None:
+            yield
+            return
+        lanes = self._lanes
+        with lanes.setdefault("lock", threading.Lock()):
+            if "session" not in lanes:
+                lanes["session"], lanes["users"], lanes["saved"] = _session(self.path, 1), 0, None
+            if lanes["users"] == 0:
+                lanes["saved"], self.session = self.session, lanes["session"]
+            lanes["users"] += 1
+        try:
+            yield
+        finally:
+            with lanes["lock"]:
+                lanes["users"] -= 1
+                if lanes["users"] == 0:
+                    self.session = lanes["saved"]
 
     def run(self, segments: np.ndarray) -> dict[str, np.ndarray]:
         """Windows [K, window_samples] -> {"probabilities" (calibrated), "uncalibrated"}

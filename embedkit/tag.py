@@ -36,7 +36,6 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -587,8 +586,51 @@ def _decode_item(item: _Item, sr: int, ex: Excerpt, clip_s, window_s: float, hop
 
 
 def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, on_batch) -> None:
-    """Decode threads run ahead (bounded), the main thread batches windows across files into
-    forwards of ``batch_size`` windows and hands finished tracks to ``on_batch``."""
+    """Tag ``todo`` here, handing finished tracks to ``on_batch`` in ``todo`` order, a
+    transaction's worth (``batch_size`` windows) at a time. On the CPU: ``workers`` lanes
+    (embedkit.lanes), each taking a track from file to row; on an accelerator: decode threads
+    feeding forwards batched across files (``_run_batched``)."""
+    from .device import is_accelerator
+
+    if tagger.torch_backed and is_accelerator(tagger.device):
+        return _run_batched(tagger, todo, ex, workers, batch_size, top_k, on_batch)
+    from .lanes import ordered_map
+
+    sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
+
+    def one(item: _Item) -> tuple[dict | None, dict | None]:
+        item, problem = _decode_item(item, sr, ex, clip_s, seg.segment_s, seg.hop_s)
+        if problem is not None:
+            return None, {"path": item.path, "fingerprint": item.fingerprint, "reason": problem}
+        w = item.windows
+        p = np.concatenate([tagger.predict_segments(w[i : i + batch_size]) for i in range(0, len(w), batch_size)])
+        row = _track_row(tagger, item, p, ex, top_k)
+        item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
+        return row, None
+
+    rows: list[dict] = []
+    fails: list[dict] = []
+    n_windows = 0
+    with tagger.single_threaded():
+        for row, fail in ordered_map(one, todo, workers):
+            if fail is not None:
+                fails.append(fail)
+            else:
+                rows.append(row)
+                n_windows += row["n_windows"]
+            if n_windows >= batch_size or len(fails) >= batch_size:
+                on_batch(rows, fails)
+                rows, fails, n_windows = [], [], 0
+    if rows or fails:
+        on_batch(rows, fails)
+
+
+def _run_batched(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, on_batch) -> None:
+    """Decode threads run ahead (bounded), this thread batches windows across files into
+    forwards of ``batch_size`` windows on the accelerator and hands finished tracks to
+    ``on_batch``."""
+    from .lanes import ordered_map
+
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
     # Decoded tracks kept ready: enough for two forwards while the decoders work on, bounded
     # in windows (a ``full`` excerpt of a long song is hundreds of windows, so only 2 / thread).
@@ -625,27 +667,19 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
         on_batch(rows, fails)
         pending, n_pending, fails = [], 0, []
 
-    with ThreadPoolExecutor(workers) as pool:
-        queue: deque = deque()
-        it = iter(todo)
-        for item in it:
-            queue.append(pool.submit(_decode_item, item, sr, ex, clip_s, seg.segment_s, seg.hop_s))
-            if len(queue) >= ahead:
-                break
-        while queue:
-            item, problem = queue.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append(pool.submit(_decode_item, nxt, sr, ex, clip_s, seg.segment_s, seg.hop_s))
-            if problem is not None:
-                fails.append({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
-            else:
-                pending.append(item)
-                n_pending += len(item.windows)
-            if n_pending >= batch_size or len(fails) >= batch_size:
-                flush()
-        if pending or fails:
+    def decode(item: _Item) -> tuple[_Item, str | None]:
+        return _decode_item(item, sr, ex, clip_s, seg.segment_s, seg.hop_s)
+
+    for item, problem in ordered_map(decode, todo, workers, ahead):
+        if problem is not None:
+            fails.append({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
+        else:
+            pending.append(item)
+            n_pending += len(item.windows)
+        if n_pending >= batch_size or len(fails) >= batch_size:
             flush()
+    if pending or fails:
+        flush()
 
 
 def _log_backoff(msg: str) -> None:

@@ -100,6 +100,13 @@ class Tagger(ABC):
         self._move(dev)
         return self
 
+    def single_threaded(self):
+        """Context in which this tagger's forwards run on the calling thread only (the CPU
+        lanes of ``embedkit.lanes``: one lane per core, no intra-op team)."""
+        from .lanes import torch_single_threaded
+
+        return torch_single_threaded()
+
     def _move(self, dev) -> None:
         net = getattr(self, "net", None)
         if net is not None:

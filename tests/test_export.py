@@ -572,3 +572,32 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
         )
     wrong = CliRunner().invoke(app, ["tag", "--runtime", "onnx", str(tiny_lr), *files])
     assert wrong.exit_code == 1 and "embedkit export" in wrong.output
+
+
+def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(tiny_lr, work, real_files):
+    from embedkit.tag import tag
+
+    model = work / "lanes.onnx"
+    export_onnx(load_tagger(tiny_lr), model)
+    t = OnnxTagger.load(model)
+    default = t.session
+    seen = []
+    real_run = OnnxTagger.run
+
+    def spy(self, segments):
+        seen.append(self.session)
+        return real_run(self, segments)
+
+    files = real_files[:4]
+    ref = [t.track_probabilities(t.predict_segments(t.clip_windows(f)[0])) for f in files]
+    OnnxTagger.run = spy
+    try:
+        rows = tag(model, files, tagger=t, workers=2).rows
+    finally:
+        OnnxTagger.run = real_run
+    assert t.session is default  # restored
+    lane = t._lanes["session"]
+    assert seen and set(map(id, seen)) == {id(lane)}
+    assert lane.get_session_options().intra_op_num_threads == 1
+    got = [np.array(list(r["probabilities"].values())) for r in rows]
+    np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -1,0 +1,131 @@
+"""embedkit.lanes: the ordered bounded map both batch jobs run on, torch's one-thread setting, and
+what lanes mean for results (a track's numbers do not depend on workers or on other tracks)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedkit import lanes
+from embedkit.lanes import ordered_map, torch_single_threaded
+from embedkit.tag import tag
+from embedkit.tagger import load_tagger
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 1000), max_size=40), st.integers(1, 4), st.integers(1, 6))
+def test_ordered_map_keeps_order_and_every_item(items, workers, ahead):
+    def slow_square(x):
+        time.sleep((x % 3) * 1e-4)  # results finish out of order
+        return x * x
+
+    assert list(ordered_map(slow_square, items, workers, ahead)) == [x * x for x in items]
+
+
+def test_ordered_map_keeps_none_items():
+    assert list(ordered_map(lambda x: x, [1, None, 2], 2)) == [1, None, 2]
+
+
+def test_ordered_map_is_bounded_and_lazy():
+    pulled = []
+
+    def source():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    gen = ordered_map(lambda x: x, source(), workers=2, ahead=3)
+    assert next(gen) == 0
+    assert len(pulled) <= 4  # ``ahead`` in flight plus the one handed out
+    gen.close()
+    assert len(pulled) <= 4
+
+
+def test_ordered_map_raises_at_the_items_turn_and_cancels_the_rest():
+    started = []
+
+    def fn(x):
+        started.append(x)
+        if x == 2:
+            raise ValueError("bad item 2")
+        time.sleep(0.01)
+        return x
+
+    out = []
+    with pytest.raises(ValueError, match="bad item 2"):
+        for r in ordered_map(fn, range(50), workers=2, ahead=4):
+            out.append(r)
+    assert out == [0, 1]
+    assert len(started) < 12  # the queue was cancelled, not drained
+
+
+def test_torch_single_threaded_nests_across_threads_and_restores():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside = []
+        gate = threading.Barrier(2)
+
+        def user():
+            with torch_single_threaded():
+                gate.wait()
+                inside.append(torch.get_num_threads())
+                gate.wait()  # both inside at once: the first to leave must not restore
+
+        ts = [threading.Thread(target=user) for _ in range(2)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        assert inside == [1, 1]
+        assert torch.get_num_threads() == 2 and lanes._users == 0
+        with torch_single_threaded(), torch_single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tagging_forwards_on_one_thread(runs, synth_dataset, tmp_path):
+    t = load_tagger(runs["head"])
+    seen = []
+    real = t.predict_segments
+
+    def spy(x):
+        seen.append(torch.get_num_threads())
+        return real(x)
+
+    t.predict_segments = spy
+    files = sorted(synth_dataset.rglob("*.wav"))[:4]
+    torch.set_num_threads(2)
+    res = tag(runs["head"], files, tagger=t, workers=2)
+    assert res.n_tagged == 4 and seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2  # restored afterwards
+
+
+@pytest.mark.parametrize("kind", ["head", "cnn"])
+def test_a_tracks_result_does_not_depend_on_workers_or_other_tracks(kind, runs, synth_dataset):
+    files = sorted(synth_dataset.rglob("*.wav"))
+    t = load_tagger(runs[kind])
+    alone = {files[3]: tag(runs[kind], [files[3]], tagger=t, workers=1).rows[0]}
+    many = tag(runs[kind], files, tagger=t, workers=2, batch_size=4).rows
+    row = next(r for r in many if r["path"] == str(files[3].absolute()))
+    assert row["probabilities"] == alone[files[3]]["probabilities"]  # bit for bit
+
+
+def test_lanes_match_the_batched_accelerator_path(runs, synth_dataset, monkeypatch):
+    """The accelerator design (decode threads + forwards batched across files), run on the CPU,
+    gives the same rows as the lanes."""
+    import embedkit.device as device
+
+    files = sorted(synth_dataset.rglob("*.wav"))
+    t = load_tagger(runs["head"])
+    lanes_rows = tag(runs["head"], files, tagger=t, workers=2).rows
+    monkeypatch.setattr(device, "is_accelerator", lambda dev: True)
+    batched_rows = tag(runs["head"], files, tagger=t, workers=2).rows
+    assert [r["path"] for r in lanes_rows] == [r["path"] for r in batched_rows]
+    a = np.array([list(r["probabilities"].values()) for r in lanes_rows])
+    b = np.array([list(r["probabilities"].values()) for r in batched_rows])
+    np.testing.assert_allclose(a, b, atol=1e-5)
