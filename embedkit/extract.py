@@ -5,12 +5,15 @@ Rows belong to audio content (``embedkit.identity``): each track's file is finge
 contents the store has not seen are extracted, once each, whatever their names. When nothing
 is left to do the backbone is never built.
 
-Work is cut into shards of ``shard_size`` contents (sorted by fingerprint). A pool of threads decodes
-two shards ahead while the backbone, in the main thread, embeds the tracks already decoded;
-each shard is written atomically, so an interrupted run resumes at the first missing shard. The same
+Work is cut into shards of ``shard_size`` contents (sorted by fingerprint); each shard is written
+atomically, so an interrupted run resumes at the first missing shard. On the CPU, ``workers``
+lanes (``embedkit.lanes``) each take one track from file to embeddings (decode, windows, its
+segments forwarded on their own in chunks of ``batch_size``, torch at one thread), and the main
+thread writes each shard as its last track finishes. On an accelerator a pool of threads decodes
+two shards ahead while the main thread forwards batches across each shard's tracks. The same
 ``extract_shard`` function runs a shard anywhere (pass any executor with ``submit``, e.g. a
-``dask.distributed.Client`` from ``embedkit.distributed.dask_client``); both paths cut the same
-shards and batches, so they produce identical rows.
+``dask.distributed.Client`` from ``embedkit.distributed.dask_client``; a worker thread is one
+lane); both paths cut the same shards and batches, so they produce identical rows.
 
     >>> from embedkit.datasets import load_dataset              # doctest: +SKIP
     >>> res = extract(load_dataset("gtzan_mini"), "melstats")    # doctest: +SKIP
@@ -38,12 +41,13 @@ from . import audio
 from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
-from .device import BackOff, default_batch_size
+from .device import BackOff, default_batch_size, is_accelerator
 from .device import provenance as device_provenance
 from .device import resolve as resolve_device
 from .errors import AudioError, EmbedkitError, StoreError
 from .identity import FileStat, identify_many
 from .io import atomic_write_text
+from .lanes import ordered_map, torch_single_threaded
 from .segments import segment
 from .store import Store
 
@@ -158,88 +162,102 @@ def _embed_stream(
     return {k: np.concatenate(v) for k, v in chunks.items()} if chunks else None
 
 
-def _build_tables(
-    rows: pd.DataFrame, decoded, backbone: Backbone, batch_size: int, prep: PreprocessConfig, outputs: tuple[str, ...]
-):
-    """Turn one shard's decode results (an iterable, in row order, consumed lazily) into
-    (segments table | None, failures table | None, failure dicts, notes)."""
+def _forward_track(backbone: Backbone, frames: np.ndarray, batch_size: int, outputs: tuple[str, ...]):
+    """One track's segments through the backbone on this thread, in chunks of ``batch_size``
+    (a CPU lane, embedkit.lanes): {output: [K, D]}."""
+    return _embed_stream(backbone, [frames], batch_size, outputs)
+
+
+def _lane_track(path: str, stat, backbone: Backbone, prep: PreprocessConfig, batch_size: int, outputs):
+    """A CPU lane's work on one track: decode, window, forward. (result | None, reason | None,
+    notes) with result = ({output: [K, D]}, start seconds [K], samples per segment)."""
+    fr, err, notes = _decode_safe(path, backbone.spec.sample_rate, prep, stat)
+    if err is not None:
+        return None, err, notes
+    frames, starts = fr
+    return (_forward_track(backbone, frames, batch_size, outputs), starts, frames.shape[1]), None, notes
+
+
+def _embed_batched(decoded, backbone: Backbone, batch_size: int, outputs: tuple[str, ...]) -> list:
+    """An accelerator's shard: decode results (row order, consumed lazily) -> the same per-track
+    results as ``_lane_track``, with forwards batched across the shard's tracks."""
+    metas = []
+
+    def frames():
+        for fr, err, notes in decoded:
+            metas.append((None if fr is None else (len(fr[0]), fr[1], fr[0].shape[1]), err, notes))
+            if fr is not None:
+                yield fr[0]
+
+    out = _embed_stream(backbone, frames(), batch_size, outputs)
+    results, at = [], 0
+    for meta, err, notes in metas:
+        if meta is None:
+            results.append((None, err, notes))
+            continue
+        k, starts, seg_len = meta
+        results.append((({n: v[at : at + k] for n, v in out.items()}, starts, seg_len), None, notes))
+        at += k
+    return results
+
+
+def _build_tables(rows: pd.DataFrame, results: list, backbone: Backbone, outputs: tuple[str, ...]):
+    """One shard's per-track results (row order; see ``_lane_track``) -> (segments table |
+    None, failures table | None, failure dicts, notes)."""
     import pyarrow as pa
 
     sr = backbone.spec.sample_rate
-    ok_idx, counts, starts, fails, notes = [], [], [], [], []
+    ok_idx, counts, starts, outs, fails, notes = [], [], [], [], [], []
     seg_len = 0
 
-    def frames_in_order():
-        nonlocal seg_len
-        for i, (fr, err, ns) in enumerate(decoded):
-            notes.extend(ns)
-            r = rows.iloc[i]
-            if err is not None:
-                fails.append(
-                    {
-                        "track_id": r.track_id,
-                        "path": r.path,
-                        "label": r.label,
-                        "reason": err,
-                        "fingerprint": r.fingerprint,
-                    }
-                )
-                continue
-            ok_idx.append(i)
-            counts.append(len(fr[0]))
-            starts.append(fr[1])
-            seg_len = fr[0].shape[1]
-            yield fr[0]
+    def fail(r, reason: str) -> None:
+        fails.append(
+            {"track_id": r.track_id, "path": r.path, "label": r.label, "reason": reason, "fingerprint": r.fingerprint}
+        )
 
-    out = _embed_stream(backbone, frames_in_order(), batch_size, outputs)
-    seg_table = None
-    if out is not None:
+    for i, (res, err, ns) in enumerate(results):
+        notes.extend(ns)
+        r = rows.iloc[i]
+        if err is not None:
+            fail(r, err)
+            continue
+        out, st, seg_len = res
         emb = out["embedding"]
-        if emb.shape != (sum(counts), backbone.spec.embedding_dim):
+        if emb.shape != (len(st), backbone.spec.embedding_dim):
             raise EmbedkitError(
-                f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({sum(counts)}, {backbone.spec.embedding_dim})"
+                f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({len(st)}, {backbone.spec.embedding_dim})"
             )
-        bad = ~np.all([np.isfinite(v).all(axis=1) for v in out.values()], axis=0)
-        if bad.any():  # a backbone producing NaN for a track: record it, keep the others
-            seg_track = np.repeat(np.arange(len(counts)), counts)
-            bad_tracks = set(seg_track[bad].tolist())
-            keep_tracks = [j for j in range(len(counts)) if j not in bad_tracks]
-            starts = [starts[j] for j in keep_tracks]
-            for j in sorted(bad_tracks):
-                r = rows.iloc[ok_idx[j]]
-                fails.append(
-                    {
-                        "track_id": r.track_id,
-                        "path": r.path,
-                        "label": r.label,
-                        "reason": f"backbone {backbone.spec.name} produced NaN/inf",
-                        "fingerprint": r.fingerprint,
-                    }
-                )
-            mask = np.isin(seg_track, keep_tracks)
-            out = {k: v[mask] for k, v in out.items()}
-            ok_idx = [ok_idx[j] for j in keep_tracks]
-            counts = [counts[j] for j in keep_tracks]
-        if ok_idx:
-            sub = rows.iloc[ok_idx]
-            seg_idx = np.concatenate([np.arange(c) for c in counts])
-            start_s = np.concatenate(starts)
+        if not all(
+            np.isfinite(v).all() for v in out.values()
+        ):  # a backbone producing NaN for a track: record it, keep the others
+            fail(r, f"backbone {backbone.spec.name} produced NaN/inf")
+            continue
+        ok_idx.append(i)
+        counts.append(len(st))
+        starts.append(st)
+        outs.append(out)
+    seg_table = None
+    if ok_idx:
+        sub = rows.iloc[ok_idx]
+        seg_idx = np.concatenate([np.arange(c) for c in counts])
+        start_s = np.concatenate(starts)
 
-            def rep(col: str):
-                # from_pandas: NaN (pandas' missing string) becomes null, like None
-                vals = np.repeat(sub[col].to_numpy(dtype=object), counts)
-                return pa.array(vals, pa.string(), from_pandas=True)
+        def rep(col: str):
+            # from_pandas: NaN (pandas' missing string) becomes null, like None
+            vals = np.repeat(sub[col].to_numpy(dtype=object), counts)
+            return pa.array(vals, pa.string(), from_pandas=True)
 
-            cols = {c: rep(c) for c in ("track_id", "path", "label", "split", "group", "fingerprint")}
-            cols["segment"] = pa.array(seg_idx.astype(np.int32))
-            cols["start_s"] = pa.array(start_s.astype(np.float64))
-            # Same end as segments.segment(): round(segment_s * sr) samples after the start.
-            cols["end_s"] = pa.array((start_s + seg_len / sr).astype(np.float64))
-            for k, v in out.items():
-                cols[k] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.ascontiguousarray(v).reshape(-1), pa.float32()), v.shape[1]
-                )
-            seg_table = pa.table(cols)
+        cols = {c: rep(c) for c in ("track_id", "path", "label", "split", "group", "fingerprint")}
+        cols["segment"] = pa.array(seg_idx.astype(np.int32))
+        cols["start_s"] = pa.array(start_s.astype(np.float64))
+        # Same end as segments.segment(): round(segment_s * sr) samples after the start.
+        cols["end_s"] = pa.array((start_s + seg_len / sr).astype(np.float64))
+        for k in ("embedding", *outputs):
+            v = np.concatenate([np.asarray(o[k], dtype=np.float32) for o in outs])
+            cols[k] = pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(v).reshape(-1), pa.float32()), v.shape[1]
+            )
+        seg_table = pa.table(cols)
     fail_table = (
         pa.Table.from_pylist(fails, schema=pa.schema([(c, pa.string()) for c in FAILURE_COLUMNS])) if fails else None
     )
@@ -313,8 +331,15 @@ def _extract_shard(
     prep = PreprocessConfig.from_dict(prep_dict)
     backbone = _cached_backbone(backbone_name, checkpoint, device, precision, allow_tf32)
     store = Store(Path(store_root))
-    decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
-    seg_table, fail_table, fails, notes = _build_tables(rows, decoded, backbone, batch_size, prep, outputs)
+    if is_accelerator(backbone.device):
+        decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
+        results = _embed_batched(decoded, backbone, batch_size, outputs)
+    else:  # this worker thread is one lane (embedkit.lanes)
+        with torch_single_threaded():
+            results = [
+                _lane_track(p, st, backbone, prep, batch_size, outputs) for p, st in zip(rows.path, _stats(rows))
+            ]
+    seg_table, fail_table, fails, notes = _build_tables(rows, results, backbone, outputs)
     info = device_provenance(backbone.device, backbone.precision, allow_tf32)
     return _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes, info
 
@@ -381,9 +406,10 @@ def extract(
         dataset, under any name) are skipped, the same content twice is extracted once. The
         table is recorded in the store as its last dataset (what ``fit`` uses without DATA).
     backbone: registry name or a loaded Backbone.
-    workers: decode threads for the local pipeline (default: CPU count).
-    batch_size: segments per forward pass. shard_size: tracks per written shard (the unit of
-        resumption); batches never span shards, so the output does not depend on ``workers``.
+    workers: lanes (CPU) or decode threads (accelerator) of the local pipeline (default: CPU count).
+    batch_size: segments per forward pass (on the CPU, of one track: results never depend on
+        ``workers`` or on the other tracks). shard_size: tracks per written shard (the unit of
+        resumption); batches never span shards.
     executor: run whole shards remotely instead (any object with ``submit`` returning futures,
         e.g. a ``dask.distributed.Client``); workers load the backbone by registry name.
     progress: callback(tracks_done_this_run, tracks_pending), called from this thread; an
@@ -587,7 +613,30 @@ def _run_executor(
 
 
 def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -> None:
+    """Every shard here, written in order as its last track finishes. On the CPU, ``workers``
+    lanes (embedkit.lanes) each take a track from file to embeddings; on an accelerator,
+    decode threads feed forwards batched across each shard's tracks (``_run_batched``)."""
     n_workers = max(1, workers or os.cpu_count() or 1)
+    if is_accelerator(bb.device):
+        return _run_batched(shards, store, bb, prep, batch_size, outputs, n_workers, account)
+
+    def work(job):
+        _, path, stat = job
+        return _lane_track(path, stat, bb, prep, batch_size, outputs)
+
+    jobs = ((k, p, st) for k, rows in enumerate(shards) for p, st in zip(rows.path, _stats(rows)))
+    k, results = 0, []
+    with torch_single_threaded():
+        for res in ordered_map(work, jobs, n_workers):
+            results.append(res)
+            while k < len(shards) and len(results) == len(shards[k]):  # shard k complete: write it
+                rows = shards[k]
+                seg_table, fail_table, fails, notes = _build_tables(rows, results, bb, outputs)
+                account(_write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes, rows)
+                k, results = k + 1, []
+
+
+def _run_batched(shards, store, bb, prep, batch_size, outputs, n_workers, account) -> None:
     sr = bb.spec.sample_rate
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="embedkit-decode")
     pending: deque = deque()
@@ -609,7 +658,8 @@ def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -
             rows, futs = pending.popleft()
             submit_next()
             decoded = (f.result() for f in futs)  # the model starts on the first decoded tracks
-            seg_table, fail_table, fails, notes = _build_tables(rows, decoded, bb, batch_size, prep, outputs)
+            results = _embed_batched(decoded, bb, batch_size, outputs)
+            seg_table, fail_table, fails, notes = _build_tables(rows, results, bb, outputs)
             nseg = _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table)
             account(nseg, fails, notes, rows)
     finally:

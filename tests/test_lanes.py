@@ -129,3 +129,38 @@ def test_lanes_match_the_batched_accelerator_path(runs, synth_dataset, monkeypat
     a = np.array([list(r["probabilities"].values()) for r in lanes_rows])
     b = np.array([list(r["probabilities"].values()) for r in batched_rows])
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _store_rows(res):
+    meta, X = res.store.read()
+    order = np.lexsort((meta["segment"].to_numpy(), meta["fingerprint"].to_numpy()))
+    return meta.iloc[order].reset_index(drop=True), X[order]
+
+
+def test_extraction_lanes_forward_on_one_thread_and_match_the_batched_path(tracks, tmp_path, monkeypatch):
+    from embedkit import extract as extract_mod
+    from embedkit.backbones import load_backbone
+    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+    from embedkit.extract import extract
+
+    prep = PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 5.0))
+    bb = load_backbone("tiny-test")
+    seen = []
+    real = bb.embed
+
+    def spy(x):
+        seen.append(torch.get_num_threads())
+        return real(x)
+
+    bb.embed = spy
+    torch.set_num_threads(2)
+    a = extract(tracks, bb, cache=tmp_path / "lanes", prep=prep, workers=2, shard_size=3)
+    assert a.n_extracted == len(tracks) and set(seen) == {1} and torch.get_num_threads() == 2
+    monkeypatch.setattr(extract_mod, "is_accelerator", lambda dev: True)
+    seen.clear()
+    b = extract(tracks, bb, cache=tmp_path / "batched", prep=prep, workers=2, shard_size=3)
+    assert b.n_extracted == len(tracks) and set(seen) == {2}  # the batched path leaves torch alone
+    ma, xa = _store_rows(a)
+    mb, xb = _store_rows(b)
+    assert ma[["fingerprint", "segment", "start_s"]].equals(mb[["fingerprint", "segment", "start_s"]])
+    np.testing.assert_allclose(xa, xb, atol=1e-5)
