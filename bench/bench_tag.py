@@ -2,7 +2,7 @@
 measured in the same run.
 
     python bench/bench_tag.py                 # 40 generated songs of 3-8 min (MP3/OGG/FLAC), 2 cores
-    python bench/bench_tag.py --quick         # 9 songs, memory 100 vs 1000 tracks
+    python bench/bench_tag.py --quick         # 9 songs, memory 1100 vs 2200 tracks
 
 Model: musicnn-msd + lr fitted on gtzan_mini (or on generated clips when ../shared is absent),
 or ``--run DIR``. Measured on ``--cores`` CPUs (process pinned, torch threads set to match):
@@ -20,7 +20,8 @@ or ``--run DIR``. Measured on ``--cores`` CPUs (process pinned, torch threads se
     backbone -> head -> sqlite3 INSERT, one file at a time, same tracks (``first``).
 (5) start-up: ``embedkit tag`` on one 30 s file in a fresh process (wall, CPU), and a re-run
     with nothing to do.
-(6) memory: peak RSS rise of ``tag()`` over N vs 10N distinct short tracks (fresh processes).
+(6) memory: peak RSS rise of ``tag()`` over N vs 5N distinct short tracks (fresh processes), both
+    above one planning chunk (``embedkit.tag.PLAN_CHUNK``), and the rise per extra track.
 (7) with ``--device cuda`` (mps, cuda:N; ``--precision``, ``--allow-tf32``): (1) again with the
     model on that device and its default batch (8x the CPU's), as a ratio to the same run's CPU
     figure of (1), and parity: the largest difference of track probabilities from the CPU's.
@@ -293,7 +294,7 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
 
     from embedkit.synth import make_clip
 
-    base = make_clip(0, 7, 16000, 6.0)
+    base = make_clip(0, 7, 16000, 3.5)  # one 3 s window: what is measured is per-track state
     out = {}
     for n in sizes:
         d = work / f"mem-{n}"
@@ -302,7 +303,7 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
             y = base.copy()
             y[0] = (i % 30000) / 1e6
             y[1] = (i // 30000) / 1e6
-            sf.write(d / f"{i:05d}.wav", y, 16000, subtype="FLOAT")
+            sf.write(d / f"{i:05d}.wav", y, 16000)
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(d), "--run", str(run), "--cores", str(cores)],
             capture_output=True,
@@ -318,11 +319,12 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
         )
     small, big = out[sizes[0]], out[sizes[-1]]
     ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
+    per_track_kb = 1024 * (big["rise_mb"] - small["rise_mb"]) / (sizes[-1] - sizes[0])
     print(
-        f"  rise at {sizes[-1]} / rise at {sizes[0]} tracks: {ratio:.2f} (flat: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more tracks)",
+        f"  rise at {sizes[-1]} / rise at {sizes[0]} tracks: {ratio:.2f} (flat: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more tracks = {per_track_kb:.2f} KiB per track: its path and fingerprint)",
         flush=True,
     )
-    return {"runs": out, "rise_ratio": ratio}
+    return {"runs": out, "rise_ratio": ratio, "kib_per_extra_track": per_track_kb}
 
 
 def on_device(args, run: Path, songs: list[Path], work: Path, cpu_e2e: dict) -> dict:
@@ -386,7 +388,7 @@ def main() -> None:
     ap.add_argument("--n-songs", type=int, default=None, help="default 40; --quick 9")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--memory-sizes", default=None, help="default 200,2000; --quick 100,1000")
+    ap.add_argument("--memory-sizes", default=None, help="default 1200,6000; --quick 1100,2200")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="also run (1) on this device (7): cuda | cuda:N | mps | auto")
@@ -403,7 +405,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     cpus = pin_cores(args.cores)
     n_songs = args.n_songs or (9 if args.quick else 40)
-    sizes = [int(s) for s in (args.memory_sizes or ("100,1000" if args.quick else "200,2000")).split(",")]
+    sizes = [int(s) for s in (args.memory_sizes or ("1100,2200" if args.quick else "1200,6000")).split(",")]
     from embedkit.tagger import load_tagger
 
     print(f"bench_tag: {args.cores} cores {cpus}, load average {load_average():.1f}", flush=True)

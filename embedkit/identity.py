@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,25 +68,36 @@ def hash_file(path: str | os.PathLike) -> str:
     return h.hexdigest()[:DIGITS]
 
 
-_cache: dict[FileStat, str] = {}
+#: fingerprints remembered by this process (the least recently used go first): enough for a dataset
+#: that one process extracts, then trains on; bounded so a long-running service stays flat
+CACHE_SIZE = 20_000
+_cache: OrderedDict[FileStat, str] = OrderedDict()
 _lock = threading.Lock()
 
 
-def identify(path: str | os.PathLike, known: dict[FileStat, str] | None = None) -> tuple[FileStat, str]:
+def identify(
+    path: str | os.PathLike, known: dict[FileStat, str] | None = None, remember: bool = True
+) -> tuple[FileStat, str]:
     """(stat, fingerprint) of ``path``; see ``fingerprint``. The stat is taken before hashing,
-    so a caller that records both and later sees the same stat may trust the fingerprint."""
+    so a caller that records both and later sees the same stat may trust the fingerprint.
+    remember=False: leave the process cache as it is (a job that sees each file once and keeps
+    its own record, like ``embedkit tag`` with its database)."""
     st = FileStat.of(path)
     if known is not None and st in known:
         return st, known[st]
     with _lock:
         hit = _cache.get(st)
+        if hit is not None:
+            _cache.move_to_end(st)
     if hit is not None:
         return st, hit
     digest = hash_file(st.path)
     # The file may have changed while it was read: only cache when the stat still matches.
-    if FileStat.of(path) == st:
+    if remember and FileStat.of(path) == st:
         with _lock:
             _cache[st] = digest
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
     return st, digest
 
 

@@ -50,6 +50,8 @@ LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
 #: native seconds decoded beyond each excerpt edge for the resampler (as audio.load does)
 MARGIN_S = 0.25
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
+#: input paths fingerprinted and planned at a time (bounds a run's memory)
+PLAN_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,29 +356,27 @@ class _Item:
 
 
 def _identify(path: str, known: dict | None) -> tuple[Any, str]:
-    from .identity import FileStat, fingerprint
+    from .identity import identify
 
-    st = FileStat.of(path)
-    return st, fingerprint(path, known)
+    return identify(path, known, remember=False)  # the database is this job's record
 
 
 def _plan(
-    paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int
+    paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int, seen: set[str]
 ) -> tuple[list[_Item], list[dict], dict[str, list[str]], list[dict], int]:
-    """Fingerprint every input (re-using the database's record for unchanged files) and split
-    them into (to tag, already done rows, duplicates {fingerprint: [other paths]}, failures, n
-    skipped as failed before)."""
-    done = db.done(model_id, str(excerpt)) if db is not None else {}
-    failed = db.failed(model_id) if db is not None and not retry_failed else {}
+    """Fingerprint a chunk of the inputs (re-using the database's record for unchanged files)
+    and split it into (to tag, already done rows, duplicates {fingerprint: [other paths]},
+    failures, n skipped as failed before). ``seen``: fingerprints met in earlier chunks of the
+    same run (updated); their paths are duplicates of a track already handled."""
     from .identity import FileStat
 
     known = {}
-    for r in done.values():
-        if r.get("inode") is not None and r.get("mtime_ns") is not None:
-            # FileStat holds the resolved path; rows keep the path as given
-            known[FileStat(str(Path(r["path"]).resolve()), int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))] = r[
-                "fingerprint"
-            ]
+    if db is not None:
+        for r in db.done(model_id, str(excerpt), paths=paths).values():
+            if r.get("inode") is not None and r.get("mtime_ns") is not None:
+                # FileStat holds the resolved path; rows keep the path as given
+                st = FileStat(str(Path(r["path"]).resolve()), int(r["size"]), int(r["mtime_ns"]), int(r["inode"]))
+                known[st] = r["fingerprint"]
 
     def ident(path):
         try:
@@ -384,27 +384,34 @@ def _plan(
         except AudioError as exc:
             return path, None, None, exc.problem
 
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        idents = list(pool.map(ident, paths))
+    fps = [fp for _, _, fp, _ in idents if fp is not None]
+    done = db.done(model_id, str(excerpt), fingerprints=fps) if db is not None and fps else {}
+    failed = db.failed(model_id, paths=paths) if db is not None and not retry_failed else {}
     todo: list[_Item] = []
     done_rows: list[dict] = []
     dups: dict[str, list[str]] = {}
     failures: list[dict] = []
-    seen: dict[str, str] = {}
     n_failed_before = 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for path, st, fp, problem in pool.map(ident, paths):
-            if problem is not None:
-                failures.append({"path": path, "fingerprint": None, "reason": problem})
-                continue
-            if fp in seen:
-                dups.setdefault(fp, []).append(path)
-                continue
-            seen[fp] = path
-            if fp in done:
-                done_rows.append({**done[fp], "path": path})
-            elif path in failed and failed[path].get("fingerprint") == fp:
-                n_failed_before += 1
-            else:
-                todo.append(_Item(path, st, fp))
+    earlier = set(fps) & seen  # contents handled in an earlier chunk of this run
+    for path, st, fp, problem in idents:
+        if problem is not None:
+            failures.append({"path": path, "fingerprint": None, "reason": problem})
+            continue
+        if fp in earlier and fp in done:  # its row was written by this run: a copy of it
+            done_rows.append({**done[fp], "path": path, "_duplicate": True})
+            continue
+        if fp in seen and fp not in earlier:
+            dups.setdefault(fp, []).append(path)
+            continue
+        seen.add(fp)
+        if fp in done:
+            done_rows.append({**done[fp], "path": path})
+        elif path in failed and failed[path].get("fingerprint") == fp:
+            n_failed_before += 1
+        else:
+            todo.append(_Item(path, st, fp))
     return todo, done_rows, dups, failures, n_failed_before
 
 
@@ -468,30 +475,37 @@ def tag(
     database = ResultsDB(db) if db is not None else None
     res = TagResult(model_id, n_inputs=len(paths))
     writer = None
-    try:
-        todo, done_rows, dups, failures, res.n_failed_before = _plan(
-            paths, model_id, ex, database, retry_failed, workers
-        )
-        res.n_done_before = len(done_rows)
-        total = len(paths) - sum(len(v) for v in dups.values())  # progress counts distinct audio
-        finished = res.n_failed_before
-        if failures:
-            res.failures.extend({"path": f["path"], "reason": f["reason"]} for f in failures)
-            if database is not None:
-                database.write([], [{**f, "model_id": model_id} for f in failures])
-            finished += len(failures)
-        if progress:
-            progress(finished, total)
-        if todo and tagger is None and executor is None:
+    finished = 0
+    total = len(paths)  # progress counts input paths (a duplicate finishes with its first copy)
+    seen: set[str] = set()
+    ready = False  # the model is loaded / placed (on the first chunk with work)
+
+    def emit(row: dict[str, Any], dups: dict[str, list[str]]) -> None:
+        nonlocal finished, writer
+        if not res.labels:
+            res.labels = list(row["probabilities"])
+        if writer is None and writer_path is not None:
+            writer = _Writer(writer_path, res.labels)
+        same = [row["path"], *dups.get(row["fingerprint"], [])]
+        for p in same:
+            if writer is not None:
+                writer.write(row, p)
+            if len(res.rows) < keep_rows:
+                res.rows.append({**row, "path": p})
+        finished += len(same)
+
+    def load() -> None:
+        nonlocal tagger, batch_size
+        if tagger is None and executor is None:
             from .tagger import load_tagger
 
             tagger = load_tagger(
                 model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32
             )
             res.model_loaded = True
-        elif todo and tagger is not None and executor is None and tagger.torch_backed:
+        elif tagger is not None and executor is None and tagger.torch_backed:
             tagger.to(resolve(device_name, allow_tf32), precision)
-        if todo and tagger is not None and executor is None:
+        if tagger is not None and executor is None:
             from .device import provenance
 
             res.device = (
@@ -501,60 +515,64 @@ def tag(
             )
             if batch_size is None:
                 batch_size = default_batch_size(tagger.device, 32)
-        if todo and tagger is not None and database is not None:
+        if tagger is not None and database is not None:
             database.register_model(
                 model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id")
             )
 
-        def emit(row: dict[str, Any]) -> None:
-            nonlocal finished, writer
-            if not res.labels:
-                res.labels = list(row["probabilities"])
-            if writer is None and writer_path is not None:
-                writer = _Writer(writer_path, res.labels)
-            same = [row["path"], *dups.get(row["fingerprint"], [])]
-            for p in same:
-                if writer is not None:
-                    writer.write(row, p)
-                if len(res.rows) < keep_rows:
-                    res.rows.append({**row, "path": p})
-            finished += 1
-
-        for row in done_rows:
-            emit(row)
-        if progress:
-            progress(finished, total)
-
-        def on_batch(rows: list[dict], fails: list[dict], stored: bool = False) -> None:
-            nonlocal finished
-            if database is not None and not stored:
-                database.write([_db_row(r) for r in rows], [{**f, "model_id": model_id} for f in fails])
-            for r in rows:
-                emit(r)
-                res.n_tagged += 1
-                res.windows += r["n_windows"]
-            for f in fails:
-                res.failures.append({"path": f["path"], "reason": f["reason"]})
-                finished += 1
+    try:
+        # The inputs are planned and tagged a chunk at a time: memory does not grow with the
+        # number of tracks (or with the database), only the paths and fingerprints are kept.
+        for at in range(0, len(paths), PLAN_CHUNK):
+            todo, done_rows, dups, failures, n_failed_before = _plan(
+                paths[at : at + PLAN_CHUNK], model_id, ex, database, retry_failed, workers, seen
+            )
+            res.n_failed_before += n_failed_before
+            finished += n_failed_before
+            res.n_done_before += sum(not r.pop("_duplicate", False) for r in done_rows)
+            if failures:
+                res.failures.extend({"path": f["path"], "reason": f["reason"]} for f in failures)
+                if database is not None:
+                    database.write([], [{**f, "model_id": model_id} for f in failures])
+                finished += len(failures)
+            for row in done_rows:
+                emit(row, dups)
             if progress:
                 progress(finished, total)
+            if todo and not ready:
+                load()
+                ready = True
 
-        if todo and executor is None:
-            _run_local(tagger, todo, ex, workers, batch_size, top_k, on_batch)
-        elif todo:
-            _run_remote(
-                executor,
-                model,
-                checkpoint,
-                todo,
-                ex,
-                db,
-                batch_size,
-                top_k,
-                shard_size,
-                on_batch,
-                (device or "cpu", precision, allow_tf32),
-            )
+            def on_batch(rows: list[dict], fails: list[dict], stored: bool = False, dups=dups) -> None:
+                nonlocal finished
+                if database is not None and not stored:
+                    database.write([_db_row(r) for r in rows], [{**f, "model_id": model_id} for f in fails])
+                for r in rows:
+                    emit(r, dups)
+                    res.n_tagged += 1
+                    res.windows += r["n_windows"]
+                for f in fails:
+                    res.failures.append({"path": f["path"], "reason": f["reason"]})
+                    finished += 1
+                if progress:
+                    progress(finished, total)
+
+            if todo and executor is None:
+                _run_local(tagger, todo, ex, workers, batch_size, top_k, on_batch)
+            elif todo:
+                _run_remote(
+                    executor,
+                    model,
+                    checkpoint,
+                    todo,
+                    ex,
+                    db,
+                    batch_size,
+                    top_k,
+                    shard_size,
+                    on_batch,
+                    (device or "cpu", precision, allow_tf32),
+                )
         if writer is None and writer_path is not None and res.labels:
             writer = _Writer(writer_path, res.labels)
         if writer is not None:

@@ -36,6 +36,10 @@ from .errors import DatabaseError
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
+#: values per IN (...) clause of a restricted query
+IN_CHUNK = 500
+
+
 def database_url(db: str | os.PathLike) -> str:
     """A SQLAlchemy URL for ``db``: URLs ("sqlite:///x", "postgresql+psycopg://...") pass
     through; anything else is a SQLite file path."""
@@ -95,6 +99,8 @@ class ResultsDB:
             sa.Column("embedkit_version", sa.String(32)),
             sa.Column("created_at", sa.DateTime(timezone=True)),
             sa.Column("updated_at", sa.DateTime(timezone=True)),
+            # re-runs look up a chunk of their inputs by path (the stat -> fingerprint shortcut)
+            sa.Index("ix_tags_model_path", "model_id", "path"),
         )
         self.failures = sa.Table(
             "tag_failures",
@@ -125,6 +131,8 @@ class ResultsDB:
         for attempt in range(5):
             try:
                 self.meta.create_all(self.engine)
+                for index in self.tags.indexes:  # a database made before the index existed gets it
+                    index.create(self.engine, checkfirst=True)
                 return
             except Exception as exc:
                 if attempt == 4 or not _is_race(exc):
@@ -144,25 +152,47 @@ class ResultsDB:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def done(self, model_id: str, excerpt: str | None = None) -> dict[str, dict[str, Any]]:
-        """{fingerprint: row} of the tracks ``model_id`` has tagged (with ``excerpt`` if given)."""
+    def done(
+        self,
+        model_id: str,
+        excerpt: str | None = None,
+        *,
+        paths: Iterable[str] | None = None,
+        fingerprints: Iterable[str] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """{fingerprint: row} of the tracks ``model_id`` has tagged (with ``excerpt`` if given).
+        paths / fingerprints: only rows with one of these paths or fingerprints (a batch job
+        asks for each chunk of its inputs, so its memory does not grow with the database)."""
         import sqlalchemy as sa
 
         q = sa.select(self.tags).where(self.tags.c.model_id == model_id)
         if excerpt is not None:
             q = q.where(self.tags.c.excerpt == excerpt)
-        with self.engine.connect() as c:
-            return {r.fingerprint: dict(r._mapping) for r in c.execute(q)}
+        return {r["fingerprint"]: r for r in self._select(q, self.tags, paths, fingerprints)}
 
-    def failed(self, model_id: str) -> dict[str, dict[str, Any]]:
-        """{path: row} of the files ``model_id`` could not tag."""
+    def failed(self, model_id: str, *, paths: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """{path: row} of the files ``model_id`` could not tag (only ``paths``, if given)."""
         import sqlalchemy as sa
 
+        q = sa.select(self.failures).where(self.failures.c.model_id == model_id)
+        return {r["path"]: r for r in self._select(q, self.failures, paths, None)}
+
+    def _select(self, q, table, paths, fingerprints) -> list[dict[str, Any]]:
+        """Rows of ``q``, restricted to ``paths`` / ``fingerprints`` when given, asked for in
+        groups of IN_CHUNK values (every database's limit on bound parameters is above it)."""
+        if paths is None and fingerprints is None:
+            with self.engine.connect() as c:
+                return [dict(r._mapping) for r in c.execute(q)]
+        out: dict[tuple, dict[str, Any]] = {}
+        keys = [k.name for k in table.primary_key.columns]
         with self.engine.connect() as c:
-            return {
-                r.path: dict(r._mapping)
-                for r in c.execute(sa.select(self.failures).where(self.failures.c.model_id == model_id))
-            }
+            for col, values in ((table.c.path, paths), (getattr(table.c, "fingerprint", None), fingerprints)):
+                values = sorted(set(values or ()))
+                for i in range(0, len(values), IN_CHUNK):
+                    for r in c.execute(q.where(col.in_(values[i : i + IN_CHUNK]))):
+                        row = dict(r._mapping)
+                        out[tuple(row[k] for k in keys)] = row
+        return list(out.values())
 
     def rows(self, model_id: str | None = None) -> list[dict[str, Any]]:
         import sqlalchemy as sa

@@ -438,3 +438,23 @@ def test_run_identity_follows_file_content(tmp_path):
     time.sleep(0.01)
     sf.write(tmp_path / "a" / "x.wav", signal_of("noise", 1), SR)
     assert dataset_fingerprint(load_dataset(tmp_path)) != before
+
+
+def test_the_process_cache_is_bounded_and_keeps_the_recently_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "CACHE_SIZE", 3)
+    identity._cache.clear()
+    files = []
+    for i in range(5):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(bytes([i]) * 10)
+        files.append(p)
+    first = identity.fingerprint(files[0])
+    for p in files[1:3]:
+        identity.fingerprint(p)
+    identity.fingerprint(files[0])  # used again: the least recently used is now files[1]
+    for p in files[3:]:
+        identity.fingerprint(p)
+    assert len(identity._cache) == 3
+    cached = {st.path for st in identity._cache}
+    assert str(files[0].resolve()) in cached and str(files[1].resolve()) not in cached
+    assert identity.fingerprint(files[0]) == first == identity.hash_file(files[0])

@@ -2,6 +2,7 @@
 database (re-runs, edits, second model, kill -9, concurrent writers, PostgreSQL), bad inputs."""
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from embedkit.errors import EmbedkitError
 from embedkit.synth import make_clip
 from embedkit.tag import Excerpt, expand_inputs, read_excerpt, tag
 from embedkit.tagdb import ResultsDB
+from embedkit.tagger import load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -525,3 +527,61 @@ def test_cli_reads_paths_from_stdin_and_lists(runs, tmp_path):
         app, ["tag", str(runs["head"]), str(tmp_path / "new-uploads.txt"), "--excerpt", "spread:3", "--table", "0"]
     )
     assert res.exit_code == 0 and "2 tracks tagged (spread:3, 4 windows)" in " ".join(res.output.split()), res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked planning (memory flat in the number of inputs)
+
+
+def _probs(rows) -> dict[str, list[float]]:
+    return {r["path"]: list(r["probabilities"].values()) for r in rows}
+
+
+def test_chunked_planning_gives_the_same_results_and_handles_copies_across_chunks(runs, tmp_path, monkeypatch):
+    import embedkit.tag as tag_mod
+    import embedkit.tagdb as tagdb_mod
+
+    lib = tmp_path / "lib"
+    shutil.copytree(runs["data"], lib)
+    first = sorted(lib.glob("*/*.wav"))[0]
+    shutil.copy(first, lib / "zz-copy-of-first.wav")  # sorted last: a chunk after its original
+    t = load_tagger(runs["head"])  # one tagger: a later load reads the head's numpy form (1e-8 apart)
+    whole = tag(runs["head"], [lib], db=tmp_path / "whole.sqlite", keep_rows=100, workers=2, tagger=t)
+    assert whole.n_tagged == N_SYNTH and len(whole.rows) == N_SYNTH + 1
+
+    monkeypatch.setattr(tag_mod, "PLAN_CHUNK", 3)
+    monkeypatch.setattr(tagdb_mod, "IN_CHUNK", 2)  # restricted queries span several IN clauses
+    db = tmp_path / "chunked.sqlite"
+    out = tmp_path / "chunked.jsonl"
+    seen = []
+    res = tag(
+        runs["head"], [lib], db=db, out=out, keep_rows=100, workers=2, tagger=t, progress=lambda *a: seen.append(a)
+    )
+    assert (res.n_tagged, res.n_done_before, res.n_failed) == (N_SYNTH, 0, 0)  # the copy is not tagged again
+    assert _probs(res.rows) == _probs(whole.rows)
+    assert seen[-1] == (N_SYNTH + 1, N_SYNTH + 1) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == N_SYNTH + 1 and {x["path"] for x in lines} == set(_probs(whole.rows))
+    assert ResultsDB(db).count() == N_SYNTH
+
+    again = tag(runs["head"], [lib], db=db, workers=2)
+    assert (again.n_tagged, again.n_done_before, again.model_loaded) == (0, N_SYNTH, False)
+
+
+def test_results_db_restricted_queries(runs, tmp_path, monkeypatch):
+    import embedkit.tagdb as tagdb_mod
+
+    db = tmp_path / "db.sqlite"
+    res = tag(runs["head"], [runs["data"]], db=db, keep_rows=100)
+    monkeypatch.setattr(tagdb_mod, "IN_CHUNK", 3)
+    d = ResultsDB(db)
+    everything = d.done(res.model_id, "first")
+    assert len(everything) == N_SYNTH
+    some = sorted(everything)[:7]
+    assert sorted(d.done(res.model_id, "first", fingerprints=some)) == some
+    paths = [everything[f]["path"] for f in some[:4]]
+    assert sorted(d.done(res.model_id, "first", paths=paths)) == sorted(some[:4])
+    both = d.done(res.model_id, "first", paths=paths, fingerprints=some[4:])
+    assert sorted(both) == some  # rows matching either, once each
+    assert d.done(res.model_id, "full", fingerprints=some) == {} and d.done("other", paths=paths) == {}
+    assert d.failed(res.model_id, paths=paths) == {}
