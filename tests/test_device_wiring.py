@@ -133,6 +133,8 @@ def test_out_of_memory_inside_extraction_backs_off_and_keeps_every_row(tracks, t
         return real(x)
 
     monkeypatch.setattr(bb, "embed", embed)
+    # the accelerator's path (forwards batched across a shard's tracks), run on the CPU
+    monkeypatch.setattr("embedkit.extract.is_accelerator", lambda dev: True)
     with pytest.warns(UserWarning, match="batch size lowered") as caught:
         res = extract(tracks, bb, cache=tmp_path / "oom", prep=PREP, workers=1, batch_size=8)
     # lowered once per halving (8 -> 4 -> 2), then remembered for the later batches of the shard
