@@ -144,7 +144,8 @@ def end_to_end(tagger, run: Path, songs: list[Path], excerpt: str, cores: int, w
             res = tag(run, songs, excerpt=excerpt, db=db, workers=cores, tagger=tagger)
         assert res.n_tagged == len(songs) and not res.failures, res.failures[:3]
         best, cpu = min(best, t.s), min(cpu, c.s)
-    b = bound(tagger, songs, Excerpt.parse(excerpt))
+    rounds = [bound(tagger, songs, Excerpt.parse(excerpt)) for _ in range(repeat)]  # best of each, like the pipeline
+    b = {k: min(r[k] for r in rounds) for k in ("decode_cpu_s", "forward_cpu_s")} | {"windows": rounds[0]["windows"]}
     bound_s = (b["decode_cpu_s"] + b["forward_cpu_s"]) / cores
     n = len(songs)
     work_cpu = b["decode_cpu_s"] + b["forward_cpu_s"]
@@ -294,15 +295,15 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
 
     from embedkit.synth import make_clip
 
-    base = make_clip(0, 7, 16000, 3.5)  # one 3 s window: what is measured is per-track state
+    base = make_clip(0, 7, 16000, 5.5)  # one window of the bench's model (5 s): the state measured is per track
     out = {}
     for n in sizes:
         d = work / f"mem-{n}"
         d.mkdir()
-        for i in range(n):  # distinct content (one sample differs): distinct fingerprints, real work
+        for i in range(n):  # distinct content (two 16-bit samples differ): distinct fingerprints, real work
             y = base.copy()
-            y[0] = (i % 30000) / 1e6
-            y[1] = (i // 30000) / 1e6
+            y[0] = (i % 256) / 32768
+            y[1] = (i // 256) / 32768
             sf.write(d / f"{i:05d}.wav", y, 16000)
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(d), "--run", str(run), "--cores", str(cores)],
@@ -312,6 +313,10 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
         if proc.returncode:
             raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if r["tagged"] != n:
+            raise SystemExit(
+                f"memory child tagged {r['tagged']} of {n} tracks: the measurement would not mean anything"
+            )
         out[n] = r
         print(
             f"  {n:5d} tracks: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
