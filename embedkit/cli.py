@@ -200,7 +200,9 @@ def extract_cmd(
     pad: str = typer.Option("loop", help="short clips: loop | zero"),
     segment: float = typer.Option(5.0, help="segment length, seconds"),
     hop: Optional[float] = typer.Option(None, help="segment hop, seconds (default: segment length)"),
-    workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
+    workers: Optional[int] = typer.Option(
+        None, help="lanes on the CPU (embedkit.lanes), decode threads on an accelerator (default: CPU count)"
+    ),
     batch_size: Optional[int] = typer.Option(
         None, help="segments per forward pass (default 32 on the CPU, 8x on an accelerator)"
     ),
@@ -782,7 +784,7 @@ def run_cmd(
     cache: Path = typer.Option(Path("cache"), help="embedding / feature cache root"),
     runs: Path = typer.Option(Path("runs"), help="folder for run directories"),
     out: Path = typer.Option(Path("reports/report.html"), "--out", "-o", help="report file"),
-    workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
+    workers: Optional[int] = typer.Option(None, help="extraction lanes / decode threads (default: CPU count)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder (fma_small/) for a tracks.csv"),
     subset: str = typer.Option("small", help="FMA subset"),
@@ -1136,7 +1138,9 @@ def tag_cmd(
         None, "--out", "-o", help="also write every track's row to a .csv or .jsonl file"
     ),
     top_k: int = typer.Option(3, help="genres listed per track"),
-    workers: Optional[int] = typer.Option(None, help="decode threads (default: CPU count)"),
+    workers: Optional[int] = typer.Option(
+        None, help="lanes on the CPU (embedkit.lanes), decode threads on an accelerator (default: CPU count)"
+    ),
     batch_size: Optional[int] = typer.Option(
         None, help="windows per forward pass (default 32 on the CPU, 8x on an accelerator)"
     ),

@@ -1,10 +1,11 @@
 """Tag a music library with a trained model: ``embedkit tag MODEL INPUT...``.
 
-    inputs (files, folders, path lists, stdin) -> content fingerprints -> skip what the results
-    database already holds for this model -> decode only the excerpt (threads, seeking) ->
-    windows (embedkit.segments) -> batched forwards across files (Tagger.predict_segments)
-    -> per track: top genre, top-k, all probabilities (+ window shares with ``full``)
-    -> database upserts / CSV / JSONL / terminal table
+    inputs (files, folders, path lists, stdin), a chunk of PLAN_CHUNK at a time -> content
+    fingerprints -> skip what the results database already holds for this model -> lanes
+    (embedkit.lanes, one per core): decode only the excerpt (seeking) -> windows
+    (embedkit.segments) -> the track's forwards (Tagger.predict_segments) -> per track: top
+    genre, top-k, all probabilities (+ window shares with ``full``) -> database upserts / CSV /
+    JSONL / terminal table (on an accelerator: forwards batched across files instead)
 
 Which audio is listened to (``--excerpt``), with clip = the run's clip length (``audio.clip_s``,
 30 s by default) and windows cut by the run's segment config:
@@ -442,7 +443,8 @@ def tag(
     excerpt: "first", "middle", "spread:N" or "full" (see the module doc). db: results
     database (SQLite path or SQLAlchemy URL); re-runs skip tracks it holds for this model and
     excerpt. out: also write the rows of every input track (new and already tagged) to a .csv or
-    .jsonl file. workers: decode threads (default: CPU count). batch_size: windows per forward.
+    .jsonl file. workers: lanes on the CPU (embedkit.lanes), decode threads on an accelerator
+    (default: CPU count). batch_size: windows per forward (on the CPU, of one track).
     executor: run shards of ``shard_size`` files elsewhere (a dask Client; each worker loads
     the model once and writes to ``db``, which it must be able to reach). tagger: an already
     loaded Tagger for ``model`` (saves the load). progress(done, total) is called from this
