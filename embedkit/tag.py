@@ -31,6 +31,7 @@ written (each batch is one transaction), and the next run redoes exactly the mis
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -631,8 +632,10 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
     rows: list[dict] = []
     fails: list[dict] = []
     n_windows = 0
-    with tagger.single_threaded():
-        for row, fail in ordered_map(one, todo, workers):
+    lanes = min(workers, len(todo))
+    # one track (a single file, the last of a library): one lane with the network's own threads
+    with tagger.single_threaded() if lanes > 1 else contextlib.nullcontext():
+        for row, fail in ordered_map(one, todo, lanes):
             if fail is not None:
                 fails.append(fail)
             else:
