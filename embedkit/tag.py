@@ -497,32 +497,6 @@ def tag(
                 res.rows.append({**row, "path": p})
         finished += len(same)
 
-    def load() -> None:
-        nonlocal tagger, batch_size
-        if tagger is None and executor is None:
-            from .tagger import load_tagger
-
-            tagger = load_tagger(
-                model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32
-            )
-            res.model_loaded = True
-        elif tagger is not None and executor is None and tagger.torch_backed:
-            tagger.to(resolve(device_name, allow_tf32), precision)
-        if tagger is not None and executor is None:
-            from .device import provenance
-
-            res.device = (
-                provenance(tagger.device, tagger.precision, allow_tf32)
-                if tagger.torch_backed
-                else {"device": "cpu", "name": str(tagger.meta.get("runtime", "cpu")), "precision": "fp32"}
-            )
-            if batch_size is None:
-                batch_size = default_batch_size(tagger.device, 32)
-        if tagger is not None and database is not None:
-            database.register_model(
-                model_id, tagger.kind, tagger.labels, str(tagger.meta.get("artefact", model)), tagger.meta.get("run_id")
-            )
-
     try:
         # The inputs are planned and tagged a chunk at a time: memory does not grow with the
         # number of tracks (or with the database), only the paths and fingerprints are kept.
@@ -542,8 +516,34 @@ def tag(
                 emit(row, dups)
             if progress:
                 progress(finished, total)
-            if todo and not ready:
-                load()
+            if todo and not ready:  # load / place the model on the first chunk with work
+                if tagger is None and executor is None:
+                    from .tagger import load_tagger
+
+                    tagger = load_tagger(
+                        model, checkpoint=checkpoint, device=device_name, precision=precision, allow_tf32=allow_tf32
+                    )
+                    res.model_loaded = True
+                elif tagger is not None and executor is None and tagger.torch_backed:
+                    tagger.to(resolve(device_name, allow_tf32), precision)
+                if tagger is not None and executor is None:
+                    from .device import provenance
+
+                    res.device = (
+                        provenance(tagger.device, tagger.precision, allow_tf32)
+                        if tagger.torch_backed
+                        else {"device": "cpu", "name": str(tagger.meta.get("runtime", "cpu")), "precision": "fp32"}
+                    )
+                    if batch_size is None:
+                        batch_size = default_batch_size(tagger.device, 32)
+                if tagger is not None and database is not None:
+                    database.register_model(
+                        model_id,
+                        tagger.kind,
+                        tagger.labels,
+                        str(tagger.meta.get("artefact", model)),
+                        tagger.meta.get("run_id"),
+                    )
                 ready = True
 
             def on_batch(rows: list[dict], fails: list[dict], stored: bool = False, dups=dups) -> None:
