@@ -227,9 +227,8 @@ def _build_tables(rows: pd.DataFrame, results: list, backbone: Backbone, outputs
             raise EmbedkitError(
                 f"backbone {backbone.spec.name} returned embeddings of shape {emb.shape}, expected ({len(st)}, {backbone.spec.embedding_dim})"
             )
-        if not all(
-            np.isfinite(v).all() for v in out.values()
-        ):  # a backbone producing NaN for a track: record it, keep the others
+        # a backbone producing NaN for a track: record it, keep the others
+        if not all(np.isfinite(v).all() for v in out.values()):
             fail(r, f"backbone {backbone.spec.name} produced NaN/inf")
             continue
         ok_idx.append(i)
