@@ -382,3 +382,31 @@ def test_extract_engine_writes_embeddings_and_taggram(models, tmp_path, synth_da
     # 12 s clips are looped to the 30 s clip length: 6 segments of 5 s each
     assert X.shape == (len(meta), 200) and T.shape == (len(meta), 50) and len(meta) == 3 * 6
     assert np.isfinite(X).all()
+
+
+@needs_musicnn
+def test_the_packaged_bundle_skips_the_crc_pass_only_when_both_files_are_the_published_bytes(tmp_path, monkeypatch):
+    from embedkit.backbones import load_backbone, musicnn, tfcheckpoint
+
+    src = _bundle("MSD_musicnn")
+    verified, unverified = musicnn.read_weights(str(src) + "/"), musicnn.read_weights(str(src) + "/", verify=False)
+    assert verified.keys() == unverified.keys() and all(np.array_equal(verified[k], unverified[k]) for k in verified)
+    calls = []
+    real = tfcheckpoint.crc32c
+    monkeypatch.setattr(tfcheckpoint, "crc32c", lambda b: calls.append(len(b)) or real(b))
+    load_backbone("musicnn-msd")
+    assert len(calls) <= 2  # the index's own blocks only (its block CRCs stay); no tensor pass
+    # a user checkpoint (same bytes, other place) is CRC-checked, and a flipped byte is refused
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    for f in (".index", ".data-00000-of-00001"):
+        shutil.copy(src / f, dst / f)
+    calls.clear()
+    load_backbone("musicnn-msd", checkpoint=str(dst))
+    assert len(calls) > 30  # every tensor
+    e = TFCheckpoint(str(dst) + "/").entries["dense/kernel"]
+    data = bytearray((dst / ".data-00000-of-00001").read_bytes())
+    data[e.offset + 10] ^= 0xFF
+    (dst / ".data-00000-of-00001").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadingError, match="CRC32C mismatch for tensor 'dense/kernel'"):
+        load_backbone("musicnn-msd", checkpoint=str(dst))
