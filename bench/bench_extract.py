@@ -43,7 +43,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuTimer, Timer, load_average, pin_cores, reset_peak_rss, rss_mb, write_results  # noqa: E402
+from common import (  # noqa: E402
+    CpuTimer,
+    Timer,
+    distinct_clips,
+    load_average,
+    memory_runs,
+    pin_cores,
+    reset_peak_rss,
+    rss_mb,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GTZAN = ROOT.parent / "shared" / "data" / "gtzan_mini"
@@ -274,21 +284,6 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
 
 
 # -- memory -----------------------------------------------------------------------------------
-def memory_dataset(root: Path, n: int, sources: list[np.ndarray], sr: int = 16000) -> Path:
-    """root/<label>/<i>.wav: n distinct contents (two 16-bit samples of a few generated clips
-    differ per file; copies or links of one file would be one track, extracted once)."""
-    import soundfile as sf
-
-    for i in range(n):
-        p = root / f"c{i % 4}" / f"{i:05d}.wav"
-        if not p.exists():
-            p.parent.mkdir(parents=True, exist_ok=True)
-            y = sources[i % len(sources)].copy()
-            y[0], y[1] = (i % 256) / 32768, (i // 256) / 32768
-            sf.write(p, y, sr)
-    return root
-
-
 def memory_child(data: str, backbone: str, cores: int, workers: int) -> None:
     """Run in a fresh process: peak RSS of one extract() over ``data``; prints JSON."""
     import gc
@@ -325,46 +320,27 @@ def memory_child(data: str, backbone: str, cores: int, workers: int) -> None:
 
 
 def memory(sizes: list[int], args, workdir: Path) -> dict:
-
     from embedkit.synth import make_clip
 
     sources = [make_clip(c, c, 16000, 5.0) for c in range(4)]
-    out = {}
-    for n in sizes:
-        data = memory_dataset(workdir / f"mem-{n}", n, sources)
-        cmd = [
+    return memory_runs(
+        sizes,
+        lambda n: [
             sys.executable,
             __file__,
             "--memory-child",
-            str(data),
+            str(distinct_clips(workdir / f"mem-{n}", n, sources)),
             "--memory-backbone",
             args.memory_backbone,
             "--cores",
             str(args.cores),
             "--workers",
             str(args.workers),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        if r["extracted"] != n:
-            raise SystemExit(
-                f"memory child extracted {r['extracted']} of {n} clips: the measurement would not mean anything"
-            )
-        out[n] = r
-        print(
-            f"  {n:5d} clips: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
-            flush=True,
-        )
-    small, big = out[sizes[0]], out[sizes[-1]]
-    ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
-    per_clip_kb = 1024 * (big["rise_mb"] - small["rise_mb"]) / (sizes[-1] - sizes[0])
-    print(
-        f"  rise at {sizes[-1]} / rise at {sizes[0]} clips: {ratio:.2f} (+{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more clips = {per_clip_kb:.1f} KiB per clip:"
-        " the dataset's table, fingerprints and record, held from the start; the audio work itself does not grow)"
+        ],
+        "extracted",
+        "clip",
+        "the dataset's table, fingerprints and record, held from the start; the audio work itself does not grow",
     )
-    return {"runs": out, "rise_ratio": ratio, "kib_per_extra_clip": per_clip_kb}
 
 
 def main() -> None:

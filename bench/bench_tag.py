@@ -47,7 +47,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuTimer, Timer, load_average, pin_cores, reset_peak_rss, rss_mb, write_results  # noqa: E402
+from common import (  # noqa: E402
+    CpuTimer,
+    Timer,
+    distinct_clips,
+    load_average,
+    memory_runs,
+    pin_cores,
+    reset_peak_rss,
+    rss_mb,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GTZAN = ROOT.parent / "shared" / "data" / "gtzan_mini"
@@ -277,7 +287,7 @@ def memory_child(run: str, data: str, cores: int) -> None:
     from embedkit.tagger import load_tagger
 
     tagger = load_tagger(run)
-    files = sorted(Path(data).glob("*.wav"))
+    files = sorted(Path(data).rglob("*.wav"))
     with tempfile.TemporaryDirectory() as tmp:
         tag(run, files[:8], db=Path(tmp) / "w.sqlite", tagger=tagger, workers=cores)  # warm-up
     gc.collect()
@@ -301,45 +311,25 @@ def memory_child(run: str, data: str, cores: int) -> None:
 
 
 def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
-    import soundfile as sf
-
     from embedkit.synth import make_clip
 
     base = make_clip(0, 7, 16000, 5.5)  # one window of the bench's model (5 s): the state measured is per track
-    out = {}
-    for n in sizes:
-        d = work / f"mem-{n}"
-        d.mkdir()
-        for i in range(n):  # distinct content (two 16-bit samples differ): distinct fingerprints, real work
-            y = base.copy()
-            y[0] = (i % 256) / 32768
-            y[1] = (i // 256) / 32768
-            sf.write(d / f"{i:05d}.wav", y, 16000)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(d), "--run", str(run), "--cores", str(cores)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode:
-            raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        if r["tagged"] != n:
-            raise SystemExit(
-                f"memory child tagged {r['tagged']} of {n} tracks: the measurement would not mean anything"
-            )
-        out[n] = r
-        print(
-            f"  {n:5d} tracks: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
-            flush=True,
-        )
-    small, big = out[sizes[0]], out[sizes[-1]]
-    ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
-    per_track_kb = 1024 * (big["rise_mb"] - small["rise_mb"]) / (sizes[-1] - sizes[0])
-    print(
-        f"  rise at {sizes[-1]} / rise at {sizes[0]} tracks: {ratio:.2f} (flat: ~1; +{big['rise_mb'] - small['rise_mb']:.1f} MiB for {sizes[-1] - sizes[0]} more tracks = {per_track_kb:.2f} KiB per track: its path and fingerprint)",
-        flush=True,
+    return memory_runs(
+        sizes,
+        lambda n: [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            str(distinct_clips(work / f"mem-{n}", n, [base])),
+            "--run",
+            str(run),
+            "--cores",
+            str(cores),
+        ],
+        "tagged",
+        "track",
+        "its path and fingerprint; flat: ~1",
     )
-    return {"runs": out, "rise_ratio": ratio, "kib_per_extra_track": per_track_kb}
 
 
 def on_device(args, run: Path, songs: list[Path], work: Path, cpu_e2e: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -49,6 +50,52 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def distinct_clips(root: Path, n: int, sources: list, sr: int = 16000) -> Path:
+    """root/c<i % 4>/<i>.wav for i < n: n distinct contents (two 16-bit samples of the
+    ``sources`` clips differ per file; copies or links of one file would be one track, done
+    once). Files already there are kept."""
+    import soundfile as sf
+
+    for i in range(n):
+        p = root / f"c{i % 4}" / f"{i:05d}.wav"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            y = sources[i % len(sources)].copy()
+            y[0], y[1] = (i % 256) / 32768, (i // 256) / 32768
+            sf.write(p, y, sr)
+    return root
+
+
+def memory_runs(sizes: list[int], child_cmd, done_key: str, unit: str, explain: str) -> dict:
+    """Peak-memory children (``child_cmd(n)``: a command printing the child's JSON last), one
+    fresh process per size; each must report ``done_key`` == n. Prints each size and the rise
+    per extra ``unit`` between the first and last size (``explain``: what that rise holds)."""
+    out = {}
+    for n in sizes:
+        proc = subprocess.run(child_cmd(n), capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"memory child failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if r[done_key] != n:
+            raise SystemExit(
+                f"memory child {done_key} {r[done_key]} of {n} {unit}s: the measurement would not mean anything"
+            )
+        out[n] = r
+        print(
+            f"  {n:5d} {unit}s: peak RSS {r['peak_mb']:.0f} MiB, rise over start {r['rise_mb']:.1f} MiB, {r['seconds']:.1f} s",
+            flush=True,
+        )
+    small, big = out[sizes[0]], out[sizes[-1]]
+    ratio = big["rise_mb"] / max(small["rise_mb"], 1.0)
+    per_item_kb = 1024 * (big["rise_mb"] - small["rise_mb"]) / (sizes[-1] - sizes[0])
+    print(
+        f"  rise at {sizes[-1]} / rise at {sizes[0]} {unit}s: {ratio:.2f} (+{big['rise_mb'] - small['rise_mb']:.1f} MiB for"
+        f" {sizes[-1] - sizes[0]} more {unit}s = {per_item_kb:.2f} KiB per {unit}: {explain})",
+        flush=True,
+    )
+    return {"runs": out, "rise_ratio": ratio, f"kib_per_extra_{unit}": per_item_kb}
 
 
 class Timer:
