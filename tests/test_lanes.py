@@ -88,18 +88,32 @@ def test_torch_single_threaded_nests_across_threads_and_restores():
         torch.set_num_threads(before)
 
 
-def test_tagging_forwards_on_one_thread(runs, synth_dataset, tmp_path):
-    t = load_tagger(runs["head"])
-    seen = []
-    real = t.predict_segments
+@pytest.fixture
+def two_torch_threads():
+    """torch at 2 intra-op threads for the test, the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _thread_spy(obj, name: str) -> list[int]:
+    """Wrap ``obj.name``: the returned list gets torch's thread count at each call."""
+    seen: list[int] = []
+    real = getattr(obj, name)
 
     def spy(x):
         seen.append(torch.get_num_threads())
         return real(x)
 
-    t.predict_segments = spy
+    setattr(obj, name, spy)
+    return seen
+
+
+def test_tagging_forwards_on_one_thread(runs, synth_dataset, two_torch_threads):
+    t = load_tagger(runs["head"])
+    seen = _thread_spy(t, "predict_segments")
     files = sorted(synth_dataset.rglob("*.wav"))[:4]
-    torch.set_num_threads(2)
     res = tag(runs["head"], files, tagger=t, workers=2)
     assert res.n_tagged == 4 and seen and set(seen) == {1}
     assert torch.get_num_threads() == 2  # restored afterwards
@@ -137,7 +151,9 @@ def _store_rows(res):
     return meta.iloc[order].reset_index(drop=True), X[order]
 
 
-def test_extraction_lanes_forward_on_one_thread_and_match_the_batched_path(tracks, tmp_path, monkeypatch):
+def test_extraction_lanes_forward_on_one_thread_and_match_the_batched_path(
+    tracks, tmp_path, monkeypatch, two_torch_threads
+):
     from embedkit import extract as extract_mod
     from embedkit.backbones import load_backbone
     from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -145,15 +161,7 @@ def test_extraction_lanes_forward_on_one_thread_and_match_the_batched_path(track
 
     prep = PreprocessConfig(AudioConfig(clip_s=10.0), SegmentConfig(5.0, 5.0))
     bb = load_backbone("tiny-test")
-    seen = []
-    real = bb.embed
-
-    def spy(x):
-        seen.append(torch.get_num_threads())
-        return real(x)
-
-    bb.embed = spy
-    torch.set_num_threads(2)
+    seen = _thread_spy(bb, "embed")
     a = extract(tracks, bb, cache=tmp_path / "lanes", prep=prep, workers=2, shard_size=3)
     assert a.n_extracted == len(tracks) and set(seen) == {1} and torch.get_num_threads() == 2
     monkeypatch.setattr(extract_mod, "is_accelerator", lambda dev: True)
