@@ -162,12 +162,6 @@ def _embed_stream(
     return {k: np.concatenate(v) for k, v in chunks.items()} if chunks else None
 
 
-def _forward_track(backbone: Backbone, frames: np.ndarray, batch_size: int, outputs: tuple[str, ...]):
-    """One track's segments through the backbone on this thread, in chunks of ``batch_size``
-    (a CPU lane, embedkit.lanes): {output: [K, D]}."""
-    return _embed_stream(backbone, [frames], batch_size, outputs)
-
-
 def _lane_track(path: str, stat, backbone: Backbone, prep: PreprocessConfig, batch_size: int, outputs):
     """A CPU lane's work on one track: decode, window, forward. (result | None, reason | None,
     notes) with result = ({output: [K, D]}, start seconds [K], samples per segment)."""
@@ -175,7 +169,8 @@ def _lane_track(path: str, stat, backbone: Backbone, prep: PreprocessConfig, bat
     if err is not None:
         return None, err, notes
     frames, starts = fr
-    return (_forward_track(backbone, frames, batch_size, outputs), starts, frames.shape[1]), None, notes
+    # the track's segments alone, in chunks of batch_size, on this thread
+    return (_embed_stream(backbone, [frames], batch_size, outputs), starts, frames.shape[1]), None, notes
 
 
 def _embed_batched(decoded, backbone: Backbone, batch_size: int, outputs: tuple[str, ...]) -> list:
@@ -269,15 +264,17 @@ def _log_backoff(msg: str) -> None:
     warnings.warn(msg, stacklevel=2)  # the CLI prints library warnings as one line each
 
 
-def _write(store: Store, key: str, seg_table, fail_table) -> int:
+def _write_shard(store: Store, rows: pd.DataFrame, results: list, backbone: Backbone, outputs: tuple[str, ...]):
+    """Write one shard's per-track results; (segments written, failure dicts, notes)."""
+    seg_table, fail_table, fails, notes = _build_tables(rows, results, backbone, outputs)
+    key = _shard_key(list(rows.fingerprint))
     # Failures first: if killed between the two writes, the shard's good tracks are redone,
     # never lost, and the failed ones are not retried needlessly.
     if fail_table is not None:
         store.write_shard("failures", fail_table, key)
     if seg_table is not None:
         store.write_shard("segments", seg_table, key)
-        return seg_table.num_rows
-    return 0
+    return (seg_table.num_rows if seg_table is not None else 0), fails, notes
 
 
 @lru_cache(maxsize=4)
@@ -338,9 +335,8 @@ def _extract_shard(
             results = [
                 _lane_track(p, st, backbone, prep, batch_size, outputs) for p, st in zip(rows.path, _stats(rows))
             ]
-    seg_table, fail_table, fails, notes = _build_tables(rows, results, backbone, outputs)
-    info = device_provenance(backbone.device, backbone.precision, allow_tf32)
-    return _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes, info
+    nseg, fails, notes = _write_shard(store, rows, results, backbone, outputs)
+    return nseg, fails, notes, device_provenance(backbone.device, backbone.precision, allow_tf32)
 
 
 def _stats(rows: pd.DataFrame) -> list[tuple[int, int, int] | None]:
@@ -629,9 +625,7 @@ def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -
         for res in ordered_map(work, jobs, n_workers):
             results.append(res)
             while k < len(shards) and len(results) == len(shards[k]):  # shard k complete: write it
-                rows = shards[k]
-                seg_table, fail_table, fails, notes = _build_tables(rows, results, bb, outputs)
-                account(_write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table), fails, notes, rows)
+                account(*_write_shard(store, shards[k], results, bb, outputs), shards[k])
                 k, results = k + 1, []
 
 
@@ -657,10 +651,7 @@ def _run_batched(shards, store, bb, prep, batch_size, outputs, n_workers, accoun
             rows, futs = pending.popleft()
             submit_next()
             decoded = (f.result() for f in futs)  # the model starts on the first decoded tracks
-            results = _embed_batched(decoded, bb, batch_size, outputs)
-            seg_table, fail_table, fails, notes = _build_tables(rows, results, bb, outputs)
-            nseg = _write(store, _shard_key(list(rows.fingerprint)), seg_table, fail_table)
-            account(nseg, fails, notes, rows)
+            account(*_write_shard(store, rows, _embed_batched(decoded, bb, batch_size, outputs), bb, outputs), rows)
     finally:
         # On Ctrl-C do not wait for a shard's worth of queued decodes.
         pool.shutdown(wait=True, cancel_futures=True)

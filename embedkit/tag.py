@@ -357,12 +357,6 @@ class _Item:
     duration_s: float = 0.0
 
 
-def _identify(path: str, known: dict | None) -> tuple[Any, str]:
-    from .identity import identify
-
-    return identify(path, known, remember=False)  # the database is this job's record
-
-
 def _plan(
     paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int, seen: set[str]
 ) -> tuple[list[_Item], list[dict], dict[str, list[str]], list[dict], int]:
@@ -370,7 +364,7 @@ def _plan(
     and split it into (to tag, already done rows, duplicates {fingerprint: [other paths]},
     failures, n skipped as failed before). ``seen``: fingerprints met in earlier chunks of the
     same run (updated); their paths are duplicates of a track already handled."""
-    from .identity import FileStat
+    from .identity import FileStat, identify
 
     known = {}
     if db is not None:
@@ -381,8 +375,8 @@ def _plan(
                 known[st] = r["fingerprint"]
 
     def ident(path):
-        try:
-            return path, *_identify(path, known), None
+        try:  # the database is this job's record: the process cache is left alone
+            return path, *identify(path, known, remember=False), None
         except AudioError as exc:
             return path, None, None, exc.problem
 
