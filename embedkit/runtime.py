@@ -172,7 +172,8 @@ class OnnxTagger(Tagger):
     session: Any = None
     path: Path | None = None
     threads: int | None = None  # the session's intra-op threads (None: onnxruntime's default, one per core)
-    _lanes: dict = field(default_factory=dict, repr=False)  # the one-thread session of single_threaded()
+    # the one-thread session of single_threaded(), its users and the session it stands in for
+    _lanes: dict = field(default_factory=lambda: {"lock": threading.Lock()}, repr=False)
     torch_backed = False  # (not a dataclass field) onnxruntime on the CPU: --device does not move it
 
     @classmethod
@@ -210,7 +211,7 @@ class OnnxTagger(Tagger):
             yield
             return
         lanes = self._lanes
-        with lanes.setdefault("lock", threading.Lock()):
+        with lanes["lock"]:
             if "session" not in lanes:
                 lanes["session"], lanes["users"], lanes["saved"] = _session(self.path, 1), 0, None
             if lanes["users"] == 0:
