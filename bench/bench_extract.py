@@ -13,7 +13,7 @@ Measured on ``--cores`` CPUs (process pinned, torch/BLAS threads set to match):
 (2) pipeline vs plain loop: ``librosa.load(path, sr=model rate)`` of each file, trim/pad to 30 s,
     the same windowing, one forward per clip. Target >= 1.0x (modest for compute-bound models).
 (3) both again on generated 44.1 kHz stereo MP3s (FMA's format: decoding costs more).
-(5) content fingerprinting (embedkit.identity): ``extract()`` with the real SHA-256 of every file
+(5) content fingerprinting (embedkit.identity): ``extract()`` with the real fingerprint (BLAKE3) of every file
     against ``extract()`` with hashing replaced by a stat-derived stand-in, same clips, same run,
     rounds alternated; plus the hashing alone and the wall time of a no-op re-run of the CLI
     (``embedkit extract DATA`` on the extracted store, a fresh process). Targets: <= 3 % cost,
@@ -195,9 +195,9 @@ def identity_cost(tracks, bb, args, workdir: Path, data: Path | None) -> dict:
     paths = list(tracks.path)
     real_hash = identity.hash_file
 
-    def stand_in(path):  # distinct per file, reads no bytes
+    def stand_in(path, scheme=identity.SCHEME):  # distinct per file, reads no bytes, of the scheme asked for
         st = FileStat.of(path)
-        return f"{st.inode:016x}{st.mtime_ns:016x}"[: identity.DIGITS]
+        return identity._PREFIX[scheme] + f"{st.inode:016x}{st.mtime_ns:016x}"[: identity.DIGITS]
 
     for p in paths:  # page cache warm for both variants; imports and first calls not timed
         Path(p).read_bytes()

@@ -14,6 +14,9 @@ or ``--run DIR``. Measured on ``--cores`` CPUs (process pinned, torch threads se
     one thread, summed and shared by the cores. A pipeline that hides decoding behind compute
     and uses every core reaches 1.0x; target >= 0.9x. The pipeline's other work counts against
     it: fingerprinting every file (hashing all its bytes), the database, the rows.
+(2b) fingerprinting alone (``embedkit.identity.hash_file``, every byte of every song, one thread,
+    CPU, best of 3): the scheme in use (BLAKE3) against SHA-256 (what artefacts made before
+    schemes keep), and its share of (1)'s CPU per track with ``first``.
 (3) excerpt-only decode (seeking, ``read_excerpt``) vs decoding the whole file and cutting the
     same windows, one thread, per excerpt mode.
 (4) tagger vs the plain loop: ``librosa.load`` of the whole file -> first 30 s -> windows ->
@@ -178,6 +181,28 @@ def end_to_end(tagger, run: Path, songs: list[Path], excerpt: str, cores: int, w
         flush=True,
     )
     return out
+
+
+def fingerprint_cost(songs: list[Path], first: dict) -> dict:
+    from embedkit.identity import LEGACY, SCHEME, hash_file
+
+    per_track = {}
+    for scheme in (SCHEME, LEGACY):
+        best = np.inf
+        for _ in range(3):
+            with CpuTimer() as c:
+                for p in songs:
+                    hash_file(p, scheme)
+            best = min(best, c.s)
+        per_track[scheme] = best / len(songs)
+    mb = np.mean([p.stat().st_size for p in songs]) / 1e6
+    share = per_track[SCHEME] / (first["pipeline_cpu_s"] / first["tracks"])
+    print(
+        f"  {SCHEME} {1000 * per_track[SCHEME]:.1f} ms/track vs {LEGACY} {1000 * per_track[LEGACY]:.1f} ms/track "
+        f"({mb:.1f} MB mean) -> {per_track[LEGACY] / per_track[SCHEME]:.2f}x less; {100 * share:.1f} % of (1)'s CPU with first",
+        flush=True,
+    )
+    return {"s_per_track": per_track, "mb_per_track": mb, "share_of_first_cpu": share}
 
 
 def excerpt_vs_full_decode(tagger, songs: list[Path]) -> dict:
@@ -435,6 +460,8 @@ def main() -> None:
             ex: end_to_end(tagger, run, songs, ex, args.cores, work, args.repeat)
             for ex in ("first", "spread:3", "full")
         }
+        print("(2b) fingerprinting alone (one thread, CPU):", flush=True)
+        results["fingerprint"] = fingerprint_cost(songs, results["end_to_end"]["first"])
         print("(3) decoding only the excerpt:", flush=True)
         results["excerpt_decode"] = excerpt_vs_full_decode(tagger, songs)
         print("(4) tagger vs the plain loop (first):", flush=True)

@@ -538,7 +538,7 @@ def _fingerprint(tracks: pd.DataFrame, store: Store, workers: int | None) -> tup
     """Tracks with fingerprint, size, mtime_ns and inode columns, and a failure dict for each
     file that cannot be read at all (those are not recorded in the store: they have no content,
     and the next run looks at them again)."""
-    res = identify_many(list(tracks.path), store.known_fingerprints(), workers)
+    res = identify_many(list(tracks.path), store.known_fingerprints(), workers, store.scheme)
     ok = [not isinstance(r, AudioError) for r in res]
     bad = [
         {"track_id": t.track_id, "path": t.path, "label": t.label, "reason": r.problem, "fingerprint": None}

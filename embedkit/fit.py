@@ -81,9 +81,7 @@ def dataset_tracks(st, tracks: pd.DataFrame | None = None) -> pd.DataFrame:
     splits and groups as they were then; no audio is read)."""
     if tracks is None:
         return st.dataset_tracks()
-    from .identity import with_fingerprints
-
-    return with_fingerprints(tracks, None if "fingerprint" in tracks else st.known_fingerprints())
+    return st.fingerprinted(tracks)
 
 
 def read_embeddings(

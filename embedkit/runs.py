@@ -75,11 +75,11 @@ def run_id(kind: str, name: str, identity: dict[str, Any] | None = None) -> str:
 
 def dataset_fingerprint(tracks: pd.DataFrame) -> str:
     """Hash of what a run learns from: track ids, paths, labels, splits, groups and the content
-    of every file (its ``fingerprint`` column, or ``embedkit.identity`` when the table has none),
-    so a file replaced in place makes a new dataset, never a reused run."""
+    of every file (its ``fingerprint`` column in whatever scheme, or ``embedkit.identity`` when
+    the table has none), so a file replaced in place makes a new dataset, never a reused run."""
     from .identity import with_fingerprints
 
-    t = with_fingerprints(tracks).sort_values("track_id")
+    t = with_fingerprints(tracks, scheme=None).sort_values("track_id")
     return stable_hash([[r.track_id, r.path, r.label, r.split, r.group, r.fingerprint] for r in t.itertuples()], 16)
 
 

@@ -183,7 +183,7 @@ class OnnxTagger(Tagger):
         sess = _session(p, threads)
         cal = meta.get("calibration")
         rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
-        from .identity import fingerprint
+        from .identity import LEGACY, fingerprint
 
         return cls(
             kind=meta["kind"],
@@ -191,7 +191,9 @@ class OnnxTagger(Tagger):
             sample_rate=int(meta["sample_rate"]),
             segment=SegmentConfig(float(meta["segment_s"]), float(meta["hop_s"])),
             audio=from_dict(AudioConfig, meta.get("audio") or {}),
-            model_id=fingerprint(p),  # this file's identity (the source run's is source_model_id)
+            model_id=fingerprint(
+                p, scheme=LEGACY
+            ),  # this file's identity, SHA-256 like every model id (the source run's is source_model_id)
             run_dir=None,
             spec=meta.get("spec") or {},
             calibration=None

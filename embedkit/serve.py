@@ -626,7 +626,7 @@ def _store(database, tagger, sink: _Sink, p_windows, starts, duration, ex, top_k
     item = _Item(
         path=f"upload:{sink.filename or 'body'}",
         stat=stat,
-        fingerprint=fingerprint(sink.path),
+        fingerprint=fingerprint(sink.path, scheme=database.scheme),
         starts=starts,
         duration_s=duration,
     )

@@ -43,6 +43,7 @@ import numpy as np
 from .backbones.base import BackboneSpec
 from .config import PreprocessConfig, stable_hash
 from .errors import EmbedkitError, StoreError
+from .identity import SCHEME, artefact_scheme
 from .io import atomic_write_text, tmp_name, versions
 
 META_KEY = b"embedkit"
@@ -152,6 +153,12 @@ class Store:
         return self.meta()["backbone"]
 
     @property
+    def scheme(self) -> str:
+        """The fingerprint scheme of this store's rows (``embedkit.identity``): every file is
+        compared against them in it, whatever scheme is the default now."""
+        return artefact_scheme(self.meta().get("fingerprints"))
+
+    @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta()["preprocess"])
 
@@ -173,6 +180,7 @@ class Store:
             "precision": precision,
             "versions": versions(),
             "layout": LAYOUT,
+            "fingerprints": SCHEME,  # a store made before schemes records none: embedkit.identity.LEGACY
         }
         if store.meta_path.exists():
             from .runs import check_match
@@ -315,7 +323,7 @@ class Store:
                     if p not in seen:
                         try:
                             st = FileStat.of(p)
-                            seen[p] = identify(p) if st.mtime_ns <= written_ns else None
+                            seen[p] = identify(p, scheme=self.scheme) if st.mtime_ns <= written_ns else None
                         except EmbedkitError:
                             seen[p] = None
                         counts["kept" if seen[p] else "dropped"] += 1
@@ -418,6 +426,19 @@ class Store:
         ).get("source", "")
         return t
 
+    def fingerprinted(self, tracks):
+        """``tracks`` with a ``fingerprint`` column in this store's scheme: as given when it has
+        one, else computed (files unchanged since the store's record are not read; unreadable
+        ones get None). A table fingerprinted in another scheme (a pipeline's, on a store made
+        before blake3) is fingerprinted again, so it finds this store's rows."""
+        from .identity import has_scheme, with_fingerprints
+
+        return (
+            tracks
+            if has_scheme(tracks, self.scheme)
+            else with_fingerprints(tracks, self.known_fingerprints(), self.scheme)
+        )
+
     def known_fingerprints(self) -> dict:
         """{FileStat: fingerprint} of every recorded dataset's files: a re-run over unchanged
         files (same size, mtime_ns and inode) reads none of their bytes."""
@@ -506,6 +527,7 @@ class Store:
         import pyarrow.compute as pc
 
         self.check_layout()
+        tracks = self.fingerprinted(tracks)
         fps = [f for f in tracks["fingerprint"].dropna().unique()]
         table = self.read_table(columns=None)
         if output not in table.column_names:

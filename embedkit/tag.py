@@ -364,9 +364,10 @@ def _plan(
     and split it into (to tag, already done rows, duplicates {fingerprint: [other paths]},
     failures, n skipped as failed before). ``seen``: fingerprints met in earlier chunks of the
     same run (updated); their paths are duplicates of a track already handled."""
-    from .identity import FileStat, identify
+    from .identity import SCHEME, FileStat, identify
 
     known = {}
+    scheme = db.scheme if db is not None else SCHEME  # an older database keeps its own
     if db is not None:
         for r in db.done(model_id, str(excerpt), paths=paths).values():
             if r.get("inode") is not None and r.get("mtime_ns") is not None:
@@ -376,7 +377,7 @@ def _plan(
 
     def ident(path):
         try:  # the database is this job's record: the process cache is left alone
-            return path, *identify(path, known, remember=False), None
+            return path, *identify(path, known, remember=False, scheme=scheme), None
         except AudioError as exc:
             return path, None, None, exc.problem
 

@@ -11,6 +11,9 @@ SQLAlchemy Core over any database URL; a plain file path means SQLite (the defau
 - ``tag_failures``: (path, model_id) -> fingerprint, reason, timestamps: files that could not be
   tagged by that model. A later success removes the file's failure row.
 - ``tag_models``: model_id -> kind, labels, artefact path, run id: what each model id means.
+- ``tag_meta``: name -> value; ``fingerprints``: the scheme of the database's fingerprints
+  (``embedkit.identity``), recorded when it is created. A database made before schemes (rows,
+  no record) is ``sha256`` and stays so: its rows keep matching the files they came from.
 
 Writes are idempotent upserts (``INSERT ... ON CONFLICT DO UPDATE`` on SQLite and PostgreSQL, a
 delete + insert in one transaction elsewhere), each batch one transaction: a run killed at any
@@ -122,7 +125,15 @@ class ResultsDB:
             sa.Column("run_id", sa.Text),
             sa.Column("created_at", sa.DateTime(timezone=True)),
         )
+        self.info = sa.Table(
+            "tag_meta",
+            self.meta,
+            sa.Column("name", sa.String(64), primary_key=True),
+            sa.Column("value", sa.Text),
+        )
         self._create()
+        #: the fingerprint scheme of this database's rows: files are identified in it
+        self.scheme = self._scheme()
 
     # -- schema --------------------------------------------------------------------------
 
@@ -140,6 +151,35 @@ class ResultsDB:
                         f"{_safe(self.url)}: cannot create the results tables ({_first(exc)})"
                     ) from None
                 time.sleep(0.05 * (attempt + 1))
+
+    def _scheme(self) -> str:
+        """The recorded fingerprint scheme; recorded now when absent: LEGACY for a database that
+        already holds fingerprints (made before schemes), identity.SCHEME for an empty one.
+        Concurrent openers agree: the loser of the insert race retries and reads the winner's."""
+        import sqlalchemy as sa
+
+        from .identity import LEGACY, SCHEME, artefact_scheme
+
+        found: list[str] = []
+
+        def tx(c):
+            found.clear()
+            row = c.execute(sa.select(self.info.c.value).where(self.info.c.name == "fingerprints")).first()
+            if row is not None:
+                found.append(row[0])
+                return
+            old = any(
+                c.execute(sa.select(t.c.fingerprint).where(t.c.fingerprint.is_not(None)).limit(1)).first()
+                for t in (self.tags, self.failures)
+            )
+            found.append(LEGACY if old else SCHEME)
+            c.execute(sa.insert(self.info), [{"name": "fingerprints", "value": found[0]}])
+
+        self._retry(tx)
+        try:
+            return artefact_scheme(found[0])
+        except Exception as exc:
+            raise DatabaseError(f"{_safe(self.url)}: {exc}") from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -148,7 +148,7 @@ def _refingerprint(db, row: dict[str, Any]) -> None:
 
     try:
         st = FileStat.of(row["path"])
-        fp = fingerprint(row["path"])
+        fp = fingerprint(row["path"], scheme=db.scheme)
     except EmbedkitError:
         return
     if fp == row.get("fingerprint"):

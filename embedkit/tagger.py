@@ -30,7 +30,8 @@ Three kinds, one contract:
   rule; tests/test_tagger.py bounds the difference against the run's held-out predictions.
 - ``FinetuneTagger`` ("finetune"): the fine-tuned network (``.net``, waveform -> logits).
 
-``model_id`` is the SHA-256 (32 hex digits, ``embedkit.identity.hash_file``) of the run's model
+``model_id`` is the SHA-256 (32 hex digits, ``embedkit.identity.hash_file(path, "sha256")``: a
+model id is stored in results databases, so it keeps the scheme it always had) of the run's model
 artefact (``head.skops`` or ``model.pt``); ``model_id_of(path)`` computes it without loading
 anything, so a tagging re-run with nothing to do never builds the model.
 """
@@ -422,9 +423,9 @@ def resolve_artefact(path) -> Path:
 
 def model_id_of(path) -> str:
     """``Tagger.model_id`` of the run / model file at ``path``, without loading the model."""
-    from .identity import fingerprint
+    from .identity import LEGACY, fingerprint
 
-    return fingerprint(resolve_artefact(path))
+    return fingerprint(resolve_artefact(path), scheme=LEGACY)  # model ids are SHA-256 (see the module docstring)
 
 
 def load_tagger(

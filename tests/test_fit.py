@@ -97,14 +97,16 @@ def write_store(
         X[[i for i, r in enumerate(rows) if r["track_id"] == nan_track][0], 3] = np.nan
     st = Store.create(cache, spec, weights_id, prep)
     cols = {k: pa.array([r[k] for r in rows], pa.string()) for k in ("track_id", "path", "label", "split", "group")}
-    cols["fingerprint"] = pa.array([f"fp-{r['track_id']}" for r in rows], pa.string())  # stands in for the content hash
+    cols["fingerprint"] = pa.array(
+        [f"b3-fp-{r['track_id']}" for r in rows], pa.string()
+    )  # stands in for the content hash (identity.SCHEME)
     cols["segment"] = pa.array([r["segment"] for r in rows], pa.int32())
     cols["start_s"] = pa.array([r["start_s"] for r in rows], pa.float64())
     cols["end_s"] = pa.array([r["end_s"] for r in rows], pa.float64())
     cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), dim)
     st.write_shard("segments", pa.table(cols), "0000")
     ds = pd.DataFrame(rows).drop_duplicates("track_id")[["track_id", "path", "label", "split", "group"]]
-    ds = ds.assign(fingerprint="fp-" + ds.track_id, real_path=ds.path, size=0, mtime_ns=0, inode=0)
+    ds = ds.assign(fingerprint="b3-fp-" + ds.track_id, real_path=ds.path, size=0, mtime_ns=0, inode=0)
     st.record_dataset(ds, "/data")  # what extract records: the dataset `fit` without DATA uses
     return st
 

@@ -455,6 +455,6 @@ def test_the_process_cache_is_bounded_and_keeps_the_recently_used(tmp_path, monk
     for p in files[3:]:
         identity.fingerprint(p)
     assert len(identity._cache) == 3
-    cached = {st.path for st in identity._cache}
+    cached = {st.path for st, _ in identity._cache}
     assert str(files[0].resolve()) in cached and str(files[1].resolve()) not in cached
     assert identity.fingerprint(files[0]) == first == identity.hash_file(files[0])

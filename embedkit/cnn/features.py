@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import AudioConfig, stable_hash
 from ..errors import AudioError, ConfigError, DatasetError
+from ..identity import SCHEME
 
 CACHE_VERSION = 2  # 2: clip keys are content fingerprints (1: path, size and mtime)
 
@@ -89,18 +90,21 @@ def logmel(y: np.ndarray, cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:
 # Per-clip array caches
 
 
-def clip_key(path: str | os.PathLike, known: dict | None = None) -> str:
-    """Identity of a file's contents for caching: its content fingerprint."""
+def clip_key(path: str | os.PathLike, known: dict | None = None, scheme: str | None = None) -> str:
+    """Identity of a file's contents for caching: its content fingerprint (in ``scheme``, by
+    default identity.SCHEME)."""
     from ..identity import fingerprint
 
-    return fingerprint(path, known)
+    return fingerprint(path, known, scheme or SCHEME)
 
 
 class ClipCache:
     """One memory-mapped array per clip, computed once by ``compute(path) -> ndarray``.
 
     ``kind`` names the folder (cnn-logmel, cnn-wave, cnn-pool); ``identity`` (the config that determines
-    the arrays) is hashed into the folder name so different configurations never mix.
+    the arrays) is hashed into the folder name so different configurations never mix. The arrays
+    are named by content fingerprint, in the scheme the folder's cache.json records (a folder
+    made before schemes: identity.LEGACY, so its arrays keep being found).
     """
 
     def __init__(
@@ -110,9 +114,20 @@ class ClipCache:
         self.dir = Path(root) / kind / stable_hash(self.identity)
         self.known_file = Path(root) / "fingerprints.json"
         self.compute = compute
+        self.meta_file = self.dir / "cache.json"
+        self.scheme = SCHEME
+        if self.meta_file.exists():
+            import json
+
+            from ..identity import artefact_scheme
+
+            try:
+                self.scheme = artefact_scheme(json.loads(self.meta_file.read_text()).get("fingerprints"))
+            except ValueError:  # unreadable record (JSON): only a cache; rewritten by build()
+                self.meta_file.unlink(missing_ok=True)
 
     def path_for(self, path: str) -> Path:
-        return self.dir / f"{clip_key(path)}.npy"
+        return self.dir / f"{clip_key(path, scheme=self.scheme)}.npy"
 
     def build(
         self, paths: Sequence[str], workers: int | None = None, progress: Callable[[int, int], None] | None = None
@@ -126,15 +141,16 @@ class ClipCache:
         from ..io import atomic_write, atomic_write_text
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "cache.json"
-        if not meta.exists():
-            atomic_write_text(meta, json.dumps(self.identity, indent=2, default=str))
+        if not self.meta_file.exists():
+            atomic_write_text(
+                self.meta_file, json.dumps({**self.identity, "fingerprints": self.scheme}, indent=2, default=str)
+            )
         from ..identity import identify_many, load_known, save_known
 
         failures: dict[int, str] = {}
         targets: list[Path | None] = []
         known = load_known(self.known_file)
-        ids = identify_many(list(paths), known, workers)
+        ids = identify_many(list(paths), known, workers, self.scheme)
         for i, r in enumerate(ids):
             if isinstance(r, AudioError):  # missing or unreadable: a bad file like any other
                 failures[i] = (
