@@ -245,6 +245,37 @@ def extract_stage(
     }
 
 
+@dataclass(eq=False)
+class DatasetId:
+    """The fingerprint of the pipeline's dataset (``runs.dataset_fingerprint``) that its run ids
+    hash, and, computed the first time it is asked for, the one runs finished before BLAKE3
+    fingerprints have (the same table fingerprinted in identity.LEGACY, SHA-256)."""
+
+    tracks: pd.DataFrame
+    current: str
+    _legacy: str | None = None
+
+    def legacy(self) -> str:
+        if self._legacy is None:
+            from .identity import LEGACY, with_fingerprints
+
+            self._legacy = dataset_fingerprint(with_fingerprints(self.tracks, scheme=LEGACY))
+        return self._legacy
+
+
+def _run_dir(runs: Path, kind: str, name: str, identity: dict[str, Any], ds: DatasetId) -> Path:
+    """The folder of the run with this identity: the current one, or the same run finished
+    before BLAKE3 fingerprints (its dataset hashed in SHA-256), which is reused rather than
+    made again. The SHA-256 pass is only paid when the current run is not finished and a
+    finished run of the same kind and name exists."""
+    run_dir = runs / run_id(kind, name, {**identity, "dataset": ds.current})
+    prefix = run_dir.name.rsplit("-", 1)[0]
+    if _finished(run_dir) is not None or not any(runs.glob(f"{prefix}-*/metrics.json")):
+        return run_dir
+    old = runs / run_id(kind, name, {**identity, "dataset": ds.legacy()})
+    return old if _finished(old) is not None else run_dir
+
+
 def _patch_metrics(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Add pipeline-known facts (extraction cost, synthetic flag) to a run's metrics.json."""
     from .io import atomic_write_text
@@ -273,7 +304,7 @@ def head_stage(
     ext: dict[str, Any],
     plan: RunPlan,
     runs: Path,
-    fp: str,
+    fp: DatasetId,
     log: Log,
     threads: int | None,
     folds=None,
@@ -282,13 +313,13 @@ def head_stage(
         "kind": "head",
         "backbone": backbone,
         "head": head,
-        "dataset": fp,
+        "dataset": fp.current,
         "protocol": plan.protocol,
         "prep": plan.prep.to_dict(),
         "weights": ext["store"].root.name,
     }
     name = f"{backbone}+{head}"
-    run_dir = runs / run_id("head", name, identity)
+    run_dir = _run_dir(runs, "head", name, identity, fp)
     extra = {
         "extract_ms_per_track": ext["extract_ms_per_track"],
         "extract_seconds": ext["extract_seconds"],
@@ -357,7 +388,7 @@ def cnn_stage(
     plan: RunPlan,
     runs: Path,
     cache: Path,
-    fp: str,
+    fp: DatasetId,
     log: Log,
     threads,
     workers,
@@ -372,7 +403,7 @@ def cnn_stage(
     common = _trainer_options(plan, folds, cache, threads, workers, progress)
     identity = {
         "kind": "cnn",
-        "dataset": fp,
+        "dataset": fp.current,
         "protocol": plan.protocol,
         "train": asdict(train),
         "augment": aug.to_dict(),
@@ -382,6 +413,7 @@ def cnn_stage(
         "cnn",
         "cnn-scratch",
         identity,
+        fp,
         runs,
         tracks,
         log,
@@ -397,7 +429,7 @@ def finetune_stage(
     plan: RunPlan,
     runs: Path,
     cache: Path,
-    fp: str,
+    fp: DatasetId,
     log: Log,
     threads,
     workers,
@@ -418,7 +450,7 @@ def finetune_stage(
     identity = {
         "kind": "finetune",
         "backbone": backbone,
-        "dataset": fp,
+        "dataset": fp.current,
         "protocol": plan.protocol,
         "train": asdict(train),
         "finetune": asdict(ft),
@@ -428,6 +460,7 @@ def finetune_stage(
         "finetune",
         f"finetune-{backbone}",
         identity,
+        fp,
         runs,
         tracks,
         log,
@@ -437,8 +470,10 @@ def finetune_stage(
     )
 
 
-def _trained(kind: str, name: str, identity: dict, runs: Path, tracks: pd.DataFrame, log: Log, train_fn) -> RunOutcome:
-    run_dir = runs / run_id(kind, name, identity)
+def _trained(
+    kind: str, name: str, identity: dict, fp: DatasetId, runs: Path, tracks: pd.DataFrame, log: Log, train_fn
+) -> RunOutcome:
+    run_dir = _run_dir(runs, kind, name, identity, fp)
     extra = {"dataset": {"synthetic": bool(tracks.attrs.get("synthetic"))}}
     done = _finished(run_dir)
     if done is not None:
@@ -496,7 +531,7 @@ def run_all(
     from .runs import choose_protocol
 
     folds = make_folds(tracks, choose_protocol(tracks, plan.cv or None), plan.cv or 5, plan.test_size, plan.seed)
-    fp = dataset_fingerprint(tracks)
+    fp = DatasetId(tracks, dataset_fingerprint(tracks))
     result = PipelineResult(str(source), synthetic)
     # Every run this plan makes, in order: the report is written as soon as the first one is
     # done and rewritten (atomically) after each later one, naming those still in progress, so

@@ -222,3 +222,34 @@ def test_model_ids_stay_sha256(runs):
     artefact = resolve_artefact(runs["head"])
     want = hashlib.sha256(Path(artefact).read_bytes()).hexdigest()[:32]
     assert model_id_of(runs["head"]) == want == load_tagger(runs["head"]).model_id
+
+
+def test_runs_finished_before_blake3_are_reused_by_the_pipeline(tmp_path, monkeypatch):
+    import embedkit.pipeline as pipeline
+    from embedkit.pipeline import RunPlan, run_all
+    from embedkit.runs import dataset_fingerprint
+    from embedkit.synth import make_dataset
+
+    data = make_dataset(tmp_path / "clips", n_classes=3, per_class=4, duration_s=6.0)
+    plan = RunPlan.quick_plan(backbones=("melstats",), heads=("lr",), cnn=False, cv=2)
+    kw = dict(cache=tmp_path / "cache", report=None, threads=1)
+    with monkeypatch.context() as m:  # a new runs folder: the SHA-256 pass is never paid
+        m.setattr(pipeline.DatasetId, "legacy", lambda self: pytest.fail("no earlier run to look for"))
+        fresh = run_all(data, plan, runs=tmp_path / "fresh", **kw)
+    assert [r.reused for r in fresh.runs] == [False]
+    with monkeypatch.context() as m:  # what embedkit did before: run ids over SHA-256 fingerprints
+        m.setattr(
+            pipeline,
+            "dataset_fingerprint",
+            lambda t: dataset_fingerprint(identity.with_fingerprints(t.drop(columns="fingerprint"), scheme="sha256")),
+        )
+        old = run_all(data, plan, runs=tmp_path / "runs", **kw)
+    assert old.runs[0].run_dir.name != fresh.runs[0].run_dir.name  # another dataset fingerprint, another id
+    again = run_all(data, plan, runs=tmp_path / "runs", **kw)
+    assert [r.reused for r in again.runs] == [True] and again.runs[0].run_dir == old.runs[0].run_dir
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 1
+    # a different protocol still makes a new run (the old one is not a match for it)
+    other = run_all(
+        data, RunPlan.quick_plan(backbones=("melstats",), heads=("lr",), cnn=False, cv=3), runs=tmp_path / "runs", **kw
+    )
+    assert [r.reused for r in other.runs] == [False]
