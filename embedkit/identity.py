@@ -39,8 +39,9 @@ from .errors import AudioError
 #: hex digits kept of the hash (128 bits: collisions are not a practical concern).
 DIGITS = 32
 _CHUNK = 1 << 20
-#: the scheme of every artefact made now, and of those that record none (made before schemes)
+#: the scheme of every artefact made now
 SCHEME = "blake3"
+#: the scheme of artefacts that record none (made before schemes existed), and of model ids
 LEGACY = "sha256"
 SCHEMES = ("blake3", "sha256")
 _PREFIX = {"blake3": "b3-", "sha256": ""}
