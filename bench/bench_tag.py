@@ -458,6 +458,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--memory-sizes", default=None, help="default 1200,6000; --quick 1100,2200")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--only-memory", action="store_true", help="run (6) alone")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="also run (1) on this device (7): cuda | cuda:N | mps | auto")
     ap.add_argument("--precision", default="fp32", help="the device's inference precision: fp32 | fp16 | bf16")
@@ -491,6 +492,11 @@ def main() -> None:
         )
         results["songs"] = {"n": n_songs, "minutes_mean": float(np.mean(minutes)), "formats": FORMATS}
         run = args.run or build_run(work, args.cores)
+        if args.only_memory:
+            print("(6) memory:", flush=True)
+            results["memory"] = memory(run, sizes, args.cores, work)
+            print(f"results: {write_results('bench_tag_memory', results)}", flush=True)
+            return
         tagger = load_tagger(run)
         print(f"model: {run.name} ({tagger.kind}, {tagger.spec.get('name')}, {len(tagger.labels)} labels)", flush=True)
         print("(1)+(2) end to end (file -> database row), model loaded, vs the true bound:", flush=True)
