@@ -1484,7 +1484,7 @@ def entry():  # the console script
     """``main()``, then end the process without the interpreter's teardown.
 
     Once torch is imported, the teardown (clearing every module, collecting torch's objects,
-    libtorch's static destructors) costs 0.3-0.4 s of wall time on a 2-core machine
+    libtorch's static destructors) costs 0.3-0.6 s of wall time on a 2-core machine
     (``python -c "import torch"`` 1.56-1.68 s vs 1.19-1.26 s with os._exit): a fifth of a
     one-file ``embedkit tag``. The command is finished by then: the atexit handlers still run
     (multiprocessing, weakref finalizers, temporary folders), the standard streams are flushed,

@@ -191,9 +191,8 @@ class OnnxTagger(Tagger):
             sample_rate=int(meta["sample_rate"]),
             segment=SegmentConfig(float(meta["segment_s"]), float(meta["hop_s"])),
             audio=from_dict(AudioConfig, meta.get("audio") or {}),
-            model_id=fingerprint(
-                p, scheme=LEGACY
-            ),  # this file's identity, SHA-256 like every model id (the source run's is source_model_id)
+            # this file's identity, SHA-256 like every model id (the source run's is source_model_id)
+            model_id=fingerprint(p, scheme=LEGACY),
             run_dir=None,
             spec=meta.get("spec") or {},
             calibration=None
