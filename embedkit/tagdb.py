@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DatabaseError
+from .errors import DatabaseError, EmbedkitError
 
 #: seconds a SQLite writer waits for another writer's lock before giving up
 SQLITE_BUSY_TIMEOUT_S = 120
@@ -178,7 +178,7 @@ class ResultsDB:
         self._retry(tx)
         try:
             return artefact_scheme(found[0])
-        except Exception as exc:
+        except EmbedkitError as exc:  # a scheme this embedkit does not know
             raise DatabaseError(f"{_safe(self.url)}: {exc}") from None
 
     def close(self) -> None:
