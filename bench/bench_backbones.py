@@ -54,8 +54,8 @@ def best_time(fn, repeat: int, warmup: bool = True) -> float:
 
 
 def clip_windows(sr: int, segment_s: float, seed: int = 0) -> np.ndarray:
+    from embedkit.audio.segments import segment
     from embedkit.config import SegmentConfig
-    from embedkit.segments import segment
     from embedkit.synth import make_clip
 
     y = make_clip(seed % 8, seed, sr=sr, duration_s=CLIP_S)

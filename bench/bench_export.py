@@ -91,9 +91,9 @@ def main() -> None:
     cpus = pin_cores(args.cores)
     repeats = 3 if args.quick else 7
 
-    from embedkit.export import export_onnx
-    from embedkit.runtime import OnnxTagger
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.onnx_export import export_onnx
+    from embedkit.deploy.onnx_runtime import OnnxTagger
+    from embedkit.deploy.tagger import load_tagger
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:

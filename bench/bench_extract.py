@@ -92,9 +92,9 @@ def throughput(name: str, tracks, bb, args, workdir: Path) -> dict:
     import librosa
 
     from embedkit import identity
+    from embedkit.audio.segments import segment
     from embedkit.config import PreprocessConfig
     from embedkit.extract import decode_track, extract
-    from embedkit.segments import segment
 
     prep = PreprocessConfig()
     sr, bs = bb.spec.sample_rate, args.batch_size
@@ -103,7 +103,7 @@ def throughput(name: str, tracks, bb, args, workdir: Path) -> dict:
     bb.embed(decode_track(paths[0], sr, prep)[0][:2])  # warm-up (lazy init, first-call costs)
     librosa.load(paths[0], sr=sr)  # warm-up of librosa's lazy imports, not counted
 
-    from embedkit.lanes import torch_single_threaded
+    from embedkit.jobs import torch_single_threaded
 
     # The true bound: decode (+ resample + windows) and forward CPU time of exactly the
     # pipeline's work, each on one thread (a track's segments in chunks of bs, as the lanes

@@ -35,7 +35,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def load_clip() -> tuple[np.ndarray, str]:
     """30 s at 16 kHz: a real GTZAN clip when ../shared exists, else a generated chord."""
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
     from embedkit.config import AudioConfig
 
     path = SHARED / "data" / "gtzan_mini" / "blues" / "blues.00000.flac"
@@ -147,10 +147,10 @@ def main() -> None:
 
     import torch
 
+    from embedkit.audio.segments import segment
     from embedkit.backbones import load_backbone
     from embedkit.backbones.musicnn import _MODEL_DIR, package_dir
     from embedkit.config import SegmentConfig
-    from embedkit.segments import segment
 
     torch.set_num_threads(args.threads)
     clip, source = load_clip()

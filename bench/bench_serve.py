@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     import requests
 
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.tagger import load_tagger
 
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

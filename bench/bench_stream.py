@@ -103,10 +103,10 @@ def make_song(work: Path, seconds: float) -> tuple[Path, np.ndarray]:
 
 
 def rtf(tagger, path: Path, hop: float) -> dict:
-    from embedkit.audio import load
+    from embedkit.audio.decoding import load
+    from embedkit.audio.segments import segment
     from embedkit.config import AudioConfig, SegmentConfig
-    from embedkit.segments import segment
-    from embedkit.stream import FileSource, JsonLinesWriter, StreamConfig, run_stream
+    from embedkit.deploy.stream import FileSource, JsonLinesWriter, StreamConfig, run_stream
 
     sink = open(os.devnull, "w")
     # warm-up (first torch call, caches), not timed
@@ -134,7 +134,7 @@ def rtf(tagger, path: Path, hop: float) -> dict:
 
 
 def latency(tagger, y: np.ndarray, hop: float, chunk_s: float = 0.02) -> dict:
-    from embedkit.stream import PcmSource, StreamConfig, run_stream
+    from embedkit.deploy.stream import PcmSource, StreamConfig, run_stream
 
     sr = 44100
     r, w = os.pipe()
@@ -206,7 +206,7 @@ def main():
     runs = make_runs(args.work, args.models)
     path, _ = make_song(args.work, args.seconds)
     _, y_lat = make_song(args.work, args.latency_seconds)
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.tagger import load_tagger
 
     out = {}
     for name in args.models:

@@ -28,7 +28,7 @@ or ``--run DIR``. Measured on ``--cores`` CPUs (process pinned, torch threads se
     console script ends), the same command ended by the interpreter's teardown (``cli.main``
     instead of ``cli.entry``), and a re-run with nothing to do.
 (6) memory: peak RSS rise of ``tag()`` over N vs 5N distinct short tracks (fresh processes), both
-    above one planning chunk (``embedkit.tag.PLAN_CHUNK``), and the rise per extra track.
+    above one planning chunk (``embedkit.deploy.batch.PLAN_CHUNK``), and the rise per extra track.
 (7) with ``--device cuda`` (mps, cuda:N; ``--precision``, ``--allow-tf32``): (1) again with the
     model on that device and its default batch (8x the CPU's), as a ratio to the same run's CPU
     figure of (1), and parity: the largest difference of track probabilities from the CPU's.
@@ -124,8 +124,8 @@ def build_run(work: Path, cores: int) -> Path:
 def bound(tagger, songs: list[Path], excerpt, batch_size: int = 32) -> dict:
     """One-thread decode CPU and forward CPU of exactly what tag() computes for ``excerpt``:
     each track's excerpt decoded and cut into windows, its windows forwarded in chunks of
-    ``batch_size`` (the lanes of embedkit.lanes forward a track's windows on their own)."""
-    from embedkit.tag import read_excerpt
+    ``batch_size`` (the lanes of embedkit.jobs forward a track's windows on their own)."""
+    from embedkit.deploy.batch import read_excerpt
 
     seg, clip_s = tagger.segment, tagger.audio.clip_s
     dec = fwd = 0.0
@@ -148,7 +148,7 @@ def bound(tagger, songs: list[Path], excerpt, batch_size: int = 32) -> dict:
 
 def end_to_end(tagger, run: Path, songs: list[Path], excerpt: str, cores: int, work: Path, repeat: int) -> dict:
     from embedkit import identity
-    from embedkit.tag import Excerpt, tag
+    from embedkit.deploy.batch import Excerpt, tag
 
     tag(
         run, songs[:1], excerpt=excerpt, db=work / "warm-up.sqlite", workers=cores, tagger=tagger
@@ -225,9 +225,9 @@ def fingerprint_cost(songs: list[Path], first: dict) -> dict:
 
 
 def excerpt_vs_full_decode(tagger, songs: list[Path]) -> dict:
-    from embedkit import audio
-    from embedkit.segments import segment
-    from embedkit.tag import Excerpt, read_excerpt
+    from embedkit.audio import decoding as audio
+    from embedkit.audio.segments import segment
+    from embedkit.deploy.batch import Excerpt, read_excerpt
 
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
     out = {}
@@ -257,7 +257,7 @@ def plain_loop(tagger, songs: list[Path], work: Path) -> float:
     """librosa.load(whole file) -> first clip -> windows -> model -> sqlite3 row, per file."""
     import librosa
 
-    from embedkit.segments import segment
+    from embedkit.audio.segments import segment
 
     sr, clip = tagger.sample_rate, int(round(tagger.audio.clip_s * tagger.sample_rate))
     con = sqlite3.connect(work / "plain.sqlite")
@@ -346,8 +346,8 @@ def memory_child(run: str, data: str, cores: int) -> None:
     import gc
 
     pin_cores(cores)
-    from embedkit.tag import tag
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.tagger import load_tagger
 
     tagger = load_tagger(run)
     files = sorted(Path(data).rglob("*.wav"))
@@ -397,9 +397,9 @@ def memory(run: Path, sizes: list[int], cores: int, work: Path) -> dict:
 
 def on_device(args, run: Path, songs: list[Path], work: Path, cpu_e2e: dict) -> dict:
     """(7): end to end on ``args.device`` vs this run's CPU figures, and probability parity."""
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.tagger import load_tagger
     from embedkit.device import describe, resolve
-    from embedkit.tag import tag
-    from embedkit.tagger import load_tagger
 
     dev = resolve(args.device, args.allow_tf32)
     info = describe(dev)
@@ -475,7 +475,7 @@ def main() -> None:
     cpus = pin_cores(args.cores)
     n_songs = args.n_songs or (9 if args.quick else 40)
     sizes = [int(s) for s in (args.memory_sizes or ("1100,2200" if args.quick else "1200,6000")).split(",")]
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.tagger import load_tagger
 
     print(f"bench_tag: {args.cores} cores {cpus}, load average {load_average():.1f}", flush=True)
     results: dict = {"cores": args.cores, "quick": args.quick, "load_avg_1m_at_start": load_average()}
@@ -483,7 +483,7 @@ def main() -> None:
         work = Path(tmp)
         with Timer() as t:
             songs = make_songs(args.songs, n_songs)
-        from embedkit import audio
+        from embedkit.audio import decoding as audio
 
         minutes = [audio.probe(p)["duration_s"] / 60 for p in songs]
         print(

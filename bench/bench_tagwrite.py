@@ -1,4 +1,4 @@
-"""Tag-writing speed per file: ``embedkit.tagwrite.write_genres`` (copy, tag, verify, fsync,
+"""Tag-writing speed per file: ``embedkit.deploy.filetags.write_genres`` (copy, tag, verify, fsync,
 atomic replace) against mutagen saving the same tags in place (no copy, no verification, no
 fsync: the unsafe baseline), measured in the same run on the same files.
 
@@ -39,7 +39,7 @@ def make(path: Path, seconds: float = 30.0, sr: int = 44100) -> Path:
 
 
 def bench(fmt: str, n: int, root: Path) -> dict:
-    from embedkit import tagwrite as tw
+    from embedkit.deploy import filetags as tw
 
     src = make(root / f"src.{fmt}")
     files = []

@@ -196,7 +196,51 @@ class DecisionRule:
         if not 0.0 <= self.margin <= 1.0:
             raise EmbedkitError(f"the multi-genre margin must be between 0 and 1, got {self.margin}")
         if self.k < 1:
-            raise EmbedkitError(f"the multi-genre limit k must be >= 1, got {self.k}")
+            raise EmbedkitError(f"the multi-genre limit (max_genres) must be >= 1, got {self.k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as stored with results (database rows, JSON records, exported models)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "DecisionRule":
+        """Inverse of ``to_dict``; unknown keys are refused, ``max_genres`` is accepted for ``k``."""
+        d = dict(d or {})
+        if "max_genres" in d:
+            d["k"] = d.pop("max_genres")
+        return cls(**d)
+
+    def with_overrides(
+        self,
+        threshold: float | None = None,
+        multi: bool | None = None,
+        multi_threshold: float | None = None,
+        margin: float | None = None,
+        max_genres: int | None = None,
+    ) -> "DecisionRule":
+        """This rule with a caller's overrides; None keeps the stored value. The one place where
+        every door (CLI flags, HTTP query parameters, library arguments) turns its options into
+        the rule applied, under the same names: ``threshold``, ``multi``, ``multi_threshold``,
+        ``margin``, ``max_genres`` (the field ``k``)."""
+        from dataclasses import replace
+
+        over = {
+            k: v
+            for k, v in (
+                ("threshold", threshold),
+                ("multi", multi),
+                ("multi_threshold", multi_threshold),
+                ("margin", margin),
+                ("k", max_genres),
+            )
+            if v is not None
+        }
+        return replace(self, **over) if over else self
+
+
+#: the names of a rule's overrides at every door (CLI ``--multi-threshold`` <-> HTTP
+#: ``?multi_threshold=`` <-> ``DecisionRule.with_overrides(multi_threshold=)``)
+RULE_OPTIONS = ("threshold", "multi", "multi_threshold", "margin", "max_genres")
 
 
 @dataclass
@@ -290,7 +334,7 @@ class Calibration:
         try:
             t = float(d["temperature"]) if d["method"] == "temperature" else 1.0
             labels = [str(x) for x in d["labels"]]
-            rule = DecisionRule(**d.get("rule", {}))
+            rule = DecisionRule.from_dict(d.get("rule"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"malformed calibration ({type(exc).__name__}: {exc})") from None
         if not (np.isfinite(t) and t > 0):

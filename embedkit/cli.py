@@ -116,6 +116,37 @@ _TF32_HELP = (
 _PRECISION_HELP = "inference precision: fp32 | bf16 | fp16 (autocast; fp16 on accelerators only; changes results slightly, see README)"
 
 
+def threshold_option():
+    return typer.Option(
+        None,
+        help="below this calibrated probability a track is 'uncertain' (default: the model's, chosen on its held-out tracks)",
+    )
+
+
+def multi_option():
+    return typer.Option(
+        None,
+        "--multi/--single",
+        help="several genres per track: those at or above --multi-threshold or within --margin of the top one (default: the model's rule)",
+    )
+
+
+def multi_threshold_option():
+    return typer.Option(
+        None, help="with --multi: also keep genres at or above this probability (default: the model's, 0.3)"
+    )
+
+
+def margin_option():
+    return typer.Option(
+        None, help="with --multi: also keep genres within this of the top probability (default: the model's, 0.1)"
+    )
+
+
+def max_genres_option():
+    return typer.Option(None, help="with --multi: at most this many genres (default: the model's, 3)")
+
+
 def device_option():
     return typer.Option("auto", "--device", help=_DEVICE_HELP)
 
@@ -201,7 +232,7 @@ def extract_cmd(
     segment: float = typer.Option(5.0, help="segment length, seconds"),
     hop: Optional[float] = typer.Option(None, help="segment hop, seconds (default: segment length)"),
     workers: Optional[int] = typer.Option(
-        None, help="lanes on the CPU (embedkit.lanes), decode threads on an accelerator (default: CPU count)"
+        None, help="lanes on the CPU (embedkit.jobs), decode threads on an accelerator (default: CPU count)"
     ),
     batch_size: Optional[int] = typer.Option(
         None, help="segments per forward pass (default 32 on the CPU, 8x on an accelerator)"
@@ -279,7 +310,7 @@ def _run_extract(
     import os
     import tempfile
 
-    from .audio import native_stderr_to
+    from .audio.decoding import native_stderr_to
     from .device import precheck
     from .extract import extract
 
@@ -294,7 +325,7 @@ def _run_extract(
         with contextlib.ExitStack() as stack:
             executor = None
             if dask:
-                from .distributed import dask_client
+                from .jobs import dask_client
 
                 executor = stack.enter_context(dask_client(dask))
             model = backbone
@@ -1027,6 +1058,11 @@ def stream_cmd(
         None, help="live sources: seconds behind real time before windows are dropped (default: one hop)"
     ),
     view: str = typer.Option("auto", help="auto (live view on a terminal, else JSON Lines) | json | live"),
+    threshold: Optional[float] = threshold_option(),
+    multi: Optional[bool] = multi_option(),
+    multi_threshold: Optional[float] = multi_threshold_option(),
+    margin: Optional[float] = margin_option(),
+    max_genres: Optional[int] = max_genres_option(),
     checkpoint: Optional[str] = typer.Option(
         None, help="backbone weights of a head run on PANNs / AST (as in extract)"
     ),
@@ -1036,8 +1072,8 @@ def stream_cmd(
     """Genre of a live stream as it plays: a window every hop, smoothed probabilities, the
     decision with hysteresis and change events, as JSON Lines on stdout (a final summary line
     ends it). Stops cleanly at end of stream, Ctrl-C or a closed pipe."""
+    from .deploy.stream import JsonLinesWriter, LiveView, StreamConfig, stream
     from .device import precheck
-    from .stream import JsonLinesWriter, LiveView, StreamConfig, stream
 
     precheck(device, allow_tf32)  # an unusable device: one line before the source is opened
     if view not in ("auto", "json", "live"):
@@ -1062,6 +1098,11 @@ def stream_cmd(
             checkpoint=checkpoint,
             device=device,
             allow_tf32=allow_tf32,
+            threshold=threshold,
+            multi=multi,
+            multi_threshold=multi_threshold,
+            margin=margin,
+            max_genres=max_genres,
         )
     except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
         _fail("interrupted before the stream started", 130)
@@ -1091,13 +1132,13 @@ def export_cmd(
     parity: bool = typer.Option(True, help="check onnxruntime against the torch model on generated windows"),
 ):
     """Export a run as one ONNX graph: waveform windows -> calibrated probabilities, with the
-    preprocessing contract in the file's metadata (read it with embedkit.runtime.read_metadata)."""
+    preprocessing contract in the file's metadata (read it with embedkit.deploy.onnx_runtime.read_metadata)."""
     from .errors import EmbedkitError
 
     if fmt.lower() != "onnx":
         _fail(f"unknown --format {fmt!r}; the one export format is onnx")
-    from .export import export_onnx, parity_check
-    from .tagger import load_tagger
+    from .deploy.onnx_export import export_onnx, parity_check
+    from .deploy.tagger import load_tagger
 
     tagger = load_tagger(run, checkpoint=checkpoint)
     info = export_onnx(tagger, out)
@@ -1139,7 +1180,7 @@ def tag_cmd(
     ),
     top_k: int = typer.Option(3, help="genres listed per track"),
     workers: Optional[int] = typer.Option(
-        None, help="lanes on the CPU (embedkit.lanes), decode threads on an accelerator (default: CPU count)"
+        None, help="lanes on the CPU (embedkit.jobs), decode threads on an accelerator (default: CPU count)"
     ),
     batch_size: Optional[int] = typer.Option(
         None, help="windows per forward pass (default 32 on the CPU, 8x on an accelerator)"
@@ -1149,16 +1190,11 @@ def tag_cmd(
     strict: bool = typer.Option(False, help="exit non-zero if any file failed"),
     dask: Optional[str] = typer.Option(None, help="run shards on a Dask cluster: scheduler address, or 'local'"),
     table: int = typer.Option(20, help="tracks shown in the terminal table (0: none)"),
-    threshold: Optional[float] = typer.Option(
-        None,
-        help="below this calibrated probability a track is 'uncertain' (default: the model's, chosen on its held-out tracks)",
-    ),
-    multi: bool = typer.Option(
-        False, help="several genres per track: those above --multi-threshold or within --margin of the top one"
-    ),
-    multi_threshold: float = typer.Option(0.3, help="with --multi: also keep genres at or above this probability"),
-    margin: float = typer.Option(0.1, help="with --multi: also keep genres within this of the top probability"),
-    max_genres: int = typer.Option(3, help="with --multi: at most this many genres"),
+    threshold: Optional[float] = threshold_option(),
+    multi: Optional[bool] = multi_option(),
+    multi_threshold: Optional[float] = multi_threshold_option(),
+    margin: Optional[float] = margin_option(),
+    max_genres: Optional[int] = max_genres_option(),
     write_tags: bool = typer.Option(
         False,
         "--write-tags",
@@ -1179,9 +1215,9 @@ def tag_cmd(
     import contextlib
     import tempfile
 
-    from .audio import native_stderr_to
+    from .audio.decoding import native_stderr_to
+    from .deploy.batch import Excerpt, tag
     from .device import precheck
-    from .tag import Excerpt, tag
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
     is_onnx = model.suffix.lower() == ".onnx"
@@ -1203,14 +1239,15 @@ def tag_cmd(
         _fail("--dry-run and --overwrite apply to --write-tags")
     if write_tags and not dry_run and not db:
         _fail("--write-tags needs --db: the database records the previous genres so `embedkit untag` can restore them")
-    rule, tagger = _decision_rule(model, threshold, multi, multi_threshold, margin, max_genres)
+    from .deploy.writeback import FileTagOptions
+
     fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
     os.close(fd)
     try:
         with contextlib.ExitStack() as stack:
             executor = None
             if dask:
-                from .distributed import dask_client
+                from .jobs import dask_client
 
                 executor = stack.enter_context(dask_client(dask))
             stack.enter_context(native_stderr_to(log_path))
@@ -1223,92 +1260,48 @@ def tag_cmd(
                     db=db,
                     out=out,
                     top_k=top_k,
+                    threshold=threshold,
+                    multi=multi,
+                    multi_threshold=multi_threshold,
+                    margin=margin,
+                    max_genres=max_genres,
+                    file_tags=FileTagOptions(
+                        dry_run=dry_run, overwrite=overwrite, id3_version=3 if id3v23 else 4, separator=separator
+                    )
+                    if write_tags
+                    else None,
                     workers=workers,
                     batch_size=batch_size,
                     checkpoint=checkpoint,
                     executor=executor,
                     retry_failed=retry_failed,
-                    keep_rows=sys.maxsize if write_tags else max(table, 0),
-                    tagger=tagger,
+                    keep_rows=max(table, 0),
                     progress=cb,
                     device=device,
                     precision=precision,
                     allow_tf32=allow_tf32,
-                )
-            if write_tags and res.rows:
-                from .tagdb import ResultsDB
-                from .tagfiles import write_tags as write_file_tags
-
-                database = stack.enter_context(ResultsDB(db)) if db else None
-                changes = write_file_tags(
-                    res.rows,
-                    res.labels,
-                    rule,
-                    model_id=res.model_id,
-                    db=database,
-                    dry_run=dry_run,
-                    overwrite=overwrite,
-                    id3_version=3 if id3v23 else 4,
-                    separator=separator,
                 )
     finally:
         if os.path.exists(log_path):
             os.unlink(log_path)
     _summarise_tag(res, ex, db, out, table, strict)
     if write_tags:
-        _summarise_changes(changes if res.rows else [], dry_run)
+        _summarise_changes(res.file_tags)
 
 
-def _decision_rule(model, threshold, multi, multi_threshold, margin, max_genres):
-    """(the decision rule: the model's stored default with the command's overrides, a Tagger
-    carrying it when the command overrides the default, else None: tag loads it if needed)."""
-    from .calibration import Calibration, DecisionRule, load_calibration
-    from .tagger import resolve_artefact
-
-    run_dir = resolve_artefact(model).parent
-    cal = load_calibration(run_dir) if (run_dir / "metrics.json").exists() else None
-    base = cal.rule if cal is not None else DecisionRule()
-    over = {"threshold": threshold} if threshold is not None else {}
-    if multi:
-        over.update(multi=True, multi_threshold=multi_threshold, margin=margin, k=max_genres)
-    if not over:
-        return base, None
-    from dataclasses import replace
-
-    from .tagger import load_tagger
-
-    rule = replace(base, **over)
-    tagger = load_tagger(model)  # the results rows then record decisions under this rule
-    tagger.calibration = (
-        replace(tagger.calibration, rule=rule)
-        if tagger.calibration is not None
-        else Calibration(labels=tagger.labels, method="none", rule=rule)
-    )
-    return rule, tagger
-
-
-def _summarise_changes(changes, dry_run: bool, max_lines: int = 20) -> None:
-    """What --write-tags did (or would do), one line per file that was not simply written."""
-    from collections import Counter
-
+def _summarise_changes(report, max_lines: int = 20) -> None:
+    """What --write-tags / untag did (or would do): one line per file not simply written."""
     from rich.markup import escape
 
     c = console()
-    shown = 0
-    for ch in changes:
-        if ch.status in ("written", "unchanged") or shown >= max_lines:
-            continue
-        shown += 1
-        c.print(f"[yellow]{ch.status}[/] {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
-    if dry_run:
-        for ch in [x for x in changes if x.status == "would-write"][:max_lines]:
-            c.print(f"would write {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
-    counts = Counter(ch.status for ch in changes)
+    for ch in report.notes[:max_lines]:
+        status = "would write" if ch.status == "would-write" else f"[yellow]{ch.status}[/]"
+        c.print(f"{status} {escape(ch.path)}: {escape(ch.reason)}", highlight=False, soft_wrap=True)
     c.print(
         "tags in files"
-        + (" (dry run, nothing written)" if dry_run else "")
+        + (" (dry run, nothing written)" if report.dry_run else "")
         + ": "
-        + (", ".join(f"{n} {s}" for s, n in counts.most_common()) or "no files"),
+        + (", ".join(f"{n} {s}" for s, n in report.counts.most_common()) or "no files"),
         highlight=False,
         soft_wrap=True,
     )
@@ -1326,9 +1319,9 @@ def untag_cmd(
     force: bool = typer.Option(False, "--force", help="restore even where a person changed the genre since"),
 ):
     """Undo `embedkit tag --write-tags`: put back the genres the files held before."""
-    from .tagdb import ResultsDB
-    from .tagfiles import untag
-    from .tagger import model_id_of
+    from .deploy.resultsdb import ResultsDB
+    from .deploy.tagger import model_id_of
+    from .deploy.writeback import untag
 
     mid = model_id_of(model)
     with ResultsDB(db) as database:
@@ -1337,7 +1330,12 @@ def untag_cmd(
         )
     if not changes:
         _fail(f"{db}: no files recorded as tagged by model {mid}")
-    _summarise_changes(changes, dry_run)
+    from .deploy.writeback import FileTagReport
+
+    report = FileTagReport(dry_run=dry_run)
+    for ch in changes:
+        report.add(ch)
+    _summarise_changes(report)
 
 
 def _tag_progress():
@@ -1383,12 +1381,13 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
         for col in ("track", "genre", "p", "top-k", *(("windows",) if ex.mode == "full" else ())):
             t.add_column(col)
         for r in res.rows[:table]:
-            topk = ", ".join(f"{l} {p:.2f}" for l, p in r["topk"][1:])
+            topk = ", ".join(f"{l} {p:.2f}" for l, p in r.topk[1:])
             extra = ()
-            if ex.mode == "full" and r.get("window_share"):
-                share = sorted(r["window_share"].items(), key=lambda kv: -kv[1])[:2]
+            if ex.mode == "full" and r.window_share:
+                share = sorted(r.window_share.items(), key=lambda kv: -kv[1])[:2]
                 extra = (", ".join(f"{l} {v:.0%}" for l, v in share),)
-            t.add_row(escape(Path(r["path"]).name), escape(r["decision"]), f"{r['top_p']:.2f}", escape(topk), *extra)
+            genre = ", ".join(r.genres) if r.genres else r.decision
+            t.add_row(escape(Path(r.path).name), escape(genre), f"{r.top_p:.2f}", escape(topk), *extra)
         from rich.console import Console
 
         Console().print(t)  # the table is the command's output: stdout
@@ -1396,7 +1395,9 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
             c.print(f"(first {table} of {res.n_inputs} tracks; --out x.csv / --db for all)", highlight=False)
     rate = f", {res.n_tagged / res.seconds:.1f} tracks/s" if res.n_tagged and res.seconds > 0 else ""
     c.print(
-        f"{res.n_tagged} tracks tagged ({ex}, {res.windows} windows), {res.n_done_before} already in the database, {res.n_failed} failed"
+        f"{res.n_tagged} tracks tagged ({ex}, {res.windows} windows), {res.n_done_before} already in the database"
+        + (f" ({res.n_redecided} decided again under this rule)" if res.n_redecided else "")
+        + f", {res.n_failed} failed"
         + (
             f" (+{res.n_failed_before} failed in earlier runs; --retry-failed retries them)"
             if res.n_failed_before
@@ -1432,7 +1433,11 @@ def serve_cmd(
     port: int = typer.Option(8000, help="TCP port"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs"),
     excerpt: str = typer.Option("first", help="default excerpt: first | middle | spread:N | full"),
-    threshold: Optional[float] = typer.Option(None, help="default decision threshold: 'uncertain' below it"),
+    threshold: Optional[float] = threshold_option(),
+    multi: Optional[bool] = multi_option(),
+    multi_threshold: Optional[float] = multi_threshold_option(),
+    margin: Optional[float] = margin_option(),
+    max_genres: Optional[int] = max_genres_option(),
     max_mb: float = typer.Option(100.0, help="largest upload in MB (413 above)"),
     body_timeout: float = typer.Option(30.0, help="seconds an upload may take (408 after)"),
     max_pending: int = typer.Option(32, help="requests in progress before 503 + Retry-After"),
@@ -1446,17 +1451,18 @@ def serve_cmd(
     allow_tf32: bool = tf32_option(),
 ):
     """Serve a model over HTTP: POST /v1/tag, GET /v1/model, /healthz, /metrics, and a page at /."""
+    from .audio.excerpts import Excerpt
+    from .deploy.serve import ServeConfig, serve
     from .device import precheck
-    from .serve import ServeConfig, serve
-    from .tag import Excerpt
 
     precheck(device, allow_tf32, "fp32")  # an unusable device fails before the model loads
 
     Excerpt.parse(excerpt)
     if max_mb <= 0 or body_timeout <= 0 or max_pending < 1 or max_batch_windows < 1 or decode_workers < 1:
         _fail("--max-mb, --body-timeout must be positive; --max-pending, --max-batch-windows, --decode-workers >= 1")
-    if threshold is not None and not 0 <= threshold <= 1:
-        _fail(f"--threshold must be in [0, 1], got {threshold}")
+    from .calibration import DecisionRule
+
+    DecisionRule().with_overrides(threshold, multi, multi_threshold, margin, max_genres)  # bad values: one line
     cfg = ServeConfig(
         max_bytes=int(max_mb * 1024 * 1024),
         body_timeout_s=body_timeout,
@@ -1466,6 +1472,10 @@ def serve_cmd(
         decode_workers=decode_workers,
         excerpt=excerpt,
         threshold=threshold,
+        multi=multi,
+        multi_threshold=multi_threshold,
+        margin=margin,
+        max_genres=max_genres,
         db=db,
     )
     console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)

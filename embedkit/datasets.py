@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .audio import AUDIO_EXTENSIONS
+from .audio.decoding import AUDIO_EXTENSIONS
 from .errors import DatasetError, EmbedkitWarning
 
 COLUMNS = ["track_id", "path", "label", "split", "group"]

@@ -7,7 +7,7 @@ is left to do the backbone is never built.
 
 Work is cut into shards of ``shard_size`` contents (sorted by fingerprint); each shard is written
 atomically, so an interrupted run resumes at the first missing shard. On the CPU, ``workers``
-lanes (``embedkit.lanes``) each take one track from file to embeddings (decode, windows, its
+lanes (``embedkit.jobs``) each take one track from file to embeddings (decode, windows, its
 segments forwarded on their own in chunks of ``batch_size``, torch at one thread), and the main
 thread writes each shard as its last track finishes. On an accelerator a pool of threads decodes
 two shards ahead while the main thread forwards batches across each shard's tracks. The same
@@ -37,7 +37,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import audio
+from .audio import decoding as audio
+from .audio.segments import segment
 from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
@@ -47,8 +48,7 @@ from .device import resolve as resolve_device
 from .errors import AudioError, EmbedkitError, StoreError
 from .identity import FileStat, identify_many
 from .io import atomic_write_text
-from .lanes import ordered_map, torch_single_threaded
-from .segments import segment
+from .jobs import ordered_map, torch_single_threaded
 from .store import Store
 
 FAILURE_COLUMNS = ("track_id", "path", "label", "reason", "fingerprint")
@@ -330,7 +330,7 @@ def _extract_shard(
     if is_accelerator(backbone.device):
         decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
         results = _embed_batched(decoded, backbone, batch_size, outputs)
-    else:  # this worker thread is one lane (embedkit.lanes)
+    else:  # this worker thread is one lane (embedkit.jobs)
         with torch_single_threaded():
             results = [
                 _lane_track(p, st, backbone, prep, batch_size, outputs) for p, st in zip(rows.path, _stats(rows))
@@ -609,7 +609,7 @@ def _run_executor(
 
 def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -> None:
     """Every shard here, written in order as its last track finishes. On the CPU, ``workers``
-    lanes (embedkit.lanes) each take a track from file to embeddings; on an accelerator,
+    lanes (embedkit.jobs) each take a track from file to embeddings; on an accelerator,
     decode threads feed forwards batched across each shard's tracks (``_run_batched``)."""
     n_workers = max(1, workers or os.cpu_count() or 1)
     if is_accelerator(bb.device):

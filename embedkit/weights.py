@@ -13,15 +13,32 @@ SHA-256 identifies the exact weights in store keys.
 Checkpoints are read with ``torch.load(weights_only=True)``; the official PANNs files also hold
 NumPy arrays/scalars (training-sampler state), so only the NumPy types needed to rebuild plain
 arrays are allow-listed, for the duration of the call (never a blanket ``weights_only=False``).
+
+Weights shipped inside a wheel whose metadata we do not want in the environment (musicnn 0.1.0
+pins numpy<1.17 and TensorFlow) are unpacked from the wheel file instead of pip-installing it:
+:func:`install_wheel_files` / :func:`install_musicnn`, also as a command that
+``scripts/install.sh`` runs after ``pip download``::
+
+    python -m embedkit.weights install-musicnn WHEEL_OR_DIR [--dest DIR]
+    python -m embedkit.weights check-musicnn      # where embedkit finds them, SHA-256s checked
+
+Neither downloads anything: only the install script does.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
+import io
 import os
 import re
+import shutil
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ModelLoadingError
@@ -224,3 +241,183 @@ def dir_sha256(path: Path, names: list[str]) -> str:
         h.update(name.encode())
         h.update(bytes.fromhex(file_digests(path / name)[1]))
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- files from a wheel
+
+
+def find_wheel(source: str | os.PathLike, project: str) -> Path:
+    """``source`` itself when it is a file, else the one ``<project>-*.whl`` in the folder
+    ``source`` (what ``pip download --no-deps <project>==X -d DIR`` leaves in DIR)."""
+    p = Path(os.path.expanduser(str(source)))
+    if p.is_file():
+        return p
+    if p.is_dir():
+        wheels = sorted(p.glob(f"{project}-*.whl"))
+        if len(wheels) == 1:
+            return wheels[0]
+        raise ModelLoadingError(f"{p}: expected one {project}-*.whl in this folder, found {len(wheels)}")
+    raise ModelLoadingError(f"{p}: no such file or folder")
+
+
+def _wheel_record(z: zipfile.ZipFile) -> dict[str, tuple[str, int]]:
+    """member -> (sha256 hex, size) from the wheel's ``*.dist-info/RECORD`` ({} without one)."""
+    names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith(".dist-info/RECORD")]
+    if len(names) != 1:
+        return {}
+    out = {}
+    for row in csv.reader(io.TextIOWrapper(z.open(names[0]), encoding="utf-8")):
+        if len(row) >= 3 and row[1].startswith("sha256=") and row[2].isdigit():
+            b64 = row[1].removeprefix("sha256=")
+            out[row[0]] = (base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex(), int(row[2]))
+    return out
+
+
+def install_wheel_files(
+    wheel: str | os.PathLike, dest: str | os.PathLike, members: dict[str, str], sha256: dict[str, str]
+) -> list[Path]:
+    """Unpack selected files of a wheel (a zip) into ``dest`` without installing the wheel.
+
+    members: wheel member -> path under ``dest``; a member ending in "/" is a folder taken whole
+    (its target ends in "/" too). Each must be in the wheel.
+    sha256: path under ``dest`` -> expected SHA-256; each must be unpacked and match. Every other
+    file is checked against the wheel's RECORD (when it lists it), against a damaged download.
+
+    Everything is unpacked and checked in a staging folder next to ``dest`` first; only then is
+    each top-level entry of ``dest`` that the wheel provides replaced, so a bad wheel leaves
+    ``dest`` as it was and other files in ``dest`` are never touched. Returns the files written.
+    Every failure is one ModelLoadingError line.
+    """
+    wheel, dest = Path(wheel), Path(os.path.expanduser(str(dest)))
+    try:
+        z = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelLoadingError(f"{wheel}: not a readable wheel ({exc})") from None
+    with z:
+        record = _wheel_record(z)
+        plan: dict[str, str] = {}  # member -> path under dest
+        for member, target in members.items():
+            if member.endswith("/"):
+                hits = {n: target + n[len(member) :] for n in z.namelist() if n.startswith(member) and n[-1] != "/"}
+            else:
+                hits = {member: target} if member in z.NameToInfo else {}
+            if not hits:
+                raise ModelLoadingError(f"{wheel}: has no {member}; not the expected wheel, nothing installed")
+            plan.update(hits)
+        for rel in plan.values():
+            pp = PurePosixPath(rel)
+            if pp.is_absolute() or ".." in pp.parts or "\\" in rel:
+                raise ModelLoadingError(f"{wheel}: unsafe member path {rel!r}; nothing installed")
+        missing = sorted(set(sha256) - set(plan.values()))
+        if missing:
+            raise ModelLoadingError(f"{wheel}: has no file for {missing[0]}; not the expected wheel, nothing installed")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            new, old = stage / "new", stage / "old"
+            for member, rel in plan.items():
+                out = new / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                h, size = hashlib.sha256(), 0
+                try:
+                    with z.open(member) as src, open(out, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            h.update(chunk)
+                            dst.write(chunk)
+                            size += len(chunk)
+                except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                    raise ModelLoadingError(f"{wheel}: cannot read {member} ({exc}); nothing installed") from None
+                digest = h.hexdigest()
+                want = sha256.get(rel)
+                if want is not None and digest != want:
+                    raise ModelLoadingError(
+                        f"{wheel}: {member} has SHA-256 {digest[:12]}..., not the published "
+                        f"{want[:12]}... (corrupt or different wheel); nothing installed"
+                    )
+                if member in record and record[member] != (digest, size):
+                    raise ModelLoadingError(
+                        f"{wheel}: {member} does not match the wheel's RECORD (damaged download); nothing installed"
+                    )
+            dest.mkdir(parents=True, exist_ok=True)
+            old.mkdir()
+            for entry in sorted(new.iterdir()):
+                target = dest / entry.name
+                if target.exists() or target.is_symlink():
+                    target.rename(old / entry.name)
+                entry.rename(target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return sorted(dest / rel for rel in plan.values())
+
+
+def install_musicnn(source: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Unpack the musicnn checkpoints from the musicnn 0.1.0 wheel (``source``: the .whl or a
+    folder holding it) into ``dest`` (default: the first writable folder of embedkit's lookup
+    order, see ``embedkit.backbones.musicnn.package_dir``), each file embedkit reads checked
+    against its published SHA-256. Returns the folder. Never downloads."""
+    from .backbones import musicnn as m
+
+    wheel = find_wheel(source, "musicnn")
+    root = Path(os.path.expanduser(str(dest))) if dest else m.default_install_dir()
+    install_wheel_files(wheel, root, m.WHEEL_MEMBERS, m.published_sha256())
+    return root
+
+
+def check_musicnn() -> dict[str, Path]:
+    """backbone name -> the folder its checkpoint loads from, after checking every file embedkit
+    reads there against its published SHA-256. ModelLoadingError when one is missing or differs."""
+    from .backbones import musicnn as m
+
+    published = m.published_sha256()
+    out = {}
+    for name, folder in m._MODEL_DIR.items():
+        root = m.package_dir(name)
+        for rel in (f"{folder}/{m.DATA_FILE}", f"{folder}/.index", "configuration.py"):
+            p = root / rel
+            if not p.is_file():
+                raise ModelLoadingError(f"{p}: missing; reinstall the musicnn checkpoints with `{m.INSTALL}`")
+            if file_digests(p)[1] != published[rel]:
+                raise ModelLoadingError(
+                    f"{p}: not the published musicnn 0.1.0 file (SHA-256 differs); reinstall with `{m.INSTALL}`"
+                )
+        out[name] = root
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m embedkit.weights install-musicnn WHEEL_OR_DIR [--dest DIR] | check-musicnn``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m embedkit.weights",
+        description="Install or check weights that embedkit loads from outside its package. Nothing is downloaded.",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    inst = sub.add_parser(
+        "install-musicnn", help="unpack and verify the musicnn checkpoints from the musicnn 0.1.0 wheel"
+    )
+    inst.add_argument("source", help="musicnn-0.1.0-py3-none-any.whl, or a folder holding it (pip download -d DIR)")
+    inst.add_argument(
+        "--dest",
+        help="target folder (default: $EMBEDKIT_MUSICNN_DIR, <sys.prefix>/share/embedkit/musicnn "
+        "when writable, else ~/.cache/embedkit/musicnn)",
+    )
+    sub.add_parser(
+        "check-musicnn", help="print where the musicnn checkpoints load from, SHA-256s checked; exit 1 if none"
+    )
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "install-musicnn":
+            root = install_musicnn(args.source, args.dest)
+            print(f"musicnn checkpoints verified and unpacked into {root}")
+        else:
+            for name, root in check_musicnn().items():
+                print(f"{name}: {root}")
+    except ModelLoadingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

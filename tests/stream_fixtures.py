@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedkit.config import AudioConfig, SegmentConfig
-from embedkit.tagger import Tagger
+from embedkit.deploy.tagger import Tagger
 
 GENRES = ("low", "mid", "high")
 CENTRES = (300.0, 700.0, 1500.0)
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     """Run the embedkit CLI with MODEL 'tone' / 'tone-noisy' meaning a ToneTagger."""
     import os
 
-    import embedkit.stream as st
+    import embedkit.deploy.stream as st
 
     if os.environ.get("STREAM_TEST_RSS"):  # peak resident memory, for the bounded-memory test
         import atexit

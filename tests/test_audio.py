@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from embedkit import audio
+from embedkit.audio import decoding as audio
 from embedkit.config import AudioConfig
 from embedkit.errors import AudioError, EmbedkitWarning
 

@@ -1,7 +1,7 @@
 """The backbone contract, checked on EVERY registered backbone (new ones are picked up
 automatically from the registry): float32 output of the declared size, no NaN (noise and
 silence), deterministic, batched equals one-at-a-time, extra outputs match their label lists,
-and the windows of embedkit.segments cover a clip of awkward length without drift.
+and the windows of embedkit.audio.segments cover a clip of awkward length without drift.
 
 Backbones whose real weights are not available here are built from random weights in the
 official formats (PANNs: checkpoint files; AST: a tiny save_pretrained directory). musicnn's
@@ -13,9 +13,9 @@ import importlib.util
 import numpy as np
 import pytest
 
+from embedkit.audio.segments import segment
 from embedkit.backbones import get_spec, list_backbones, load_backbone
 from embedkit.config import SegmentConfig
-from embedkit.segments import segment
 
 NAMES = [s.name for s in list_backbones()]
 #: the contract over every backbone; the largest network (Cnn14, 80 M parameters) in the slow tier
@@ -110,10 +110,10 @@ def test_every_torch_backbone_fine_tunes(name, loaded):
         FinetuneConfig,
         apply_phase,
         backbone_blocks,
-        build_finetune_net,
         trainable_names,
         used_parameters,
     )
+    from embedkit.cnn.finetuned import build_finetune_net
 
     bb = loaded(name)
     module = bb.torch_module()

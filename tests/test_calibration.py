@@ -175,7 +175,7 @@ def test_decide_threshold_and_multi():
     assert d.genres == ["blues"]
     with pytest.raises(EmbedkitError, match="threshold"):
         C.DecisionRule(threshold=1.5)
-    with pytest.raises(EmbedkitError, match="k must be"):
+    with pytest.raises(EmbedkitError, match="max_genres"):
         C.DecisionRule(k=0)
 
 
@@ -240,7 +240,7 @@ def test_fit_run_carries_its_calibration(synth_dataset, tmp_path):
     assert block["before"]["accuracy"] == pytest.approx(res.metrics["track_accuracy_mean_prob"], abs=1e-9)
     assert block["ece_bins"] == 15 and 0 <= block["threshold"]["threshold"] <= 1
     assert not list(res.run_dir.parent.glob(".*tmp*"))  # written inside the temporary run dir
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.tagger import load_tagger
 
     t = load_tagger(res.run_dir)  # the Tagger carries it: probabilities and default decisions
     assert t.calibration == cal

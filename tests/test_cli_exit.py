@@ -17,14 +17,23 @@ SCRIPT = textwrap.dedent(
         real(code)
     os._exit = spy
     atexit.register(lambda: print("ATEXIT_RAN", file=sys.stderr, flush=True))
+    sys.argv = ["embedkit", *sys.argv[1:]]
+    import embedkit.cli as cli
     if os.environ.get("WORKER"):  # a non-daemon thread still working when the command returns
-        def work():
-            time.sleep(0.5)
+        returned = threading.Event()
+        real_main = cli.main
+        def main():
+            try:
+                real_main()
+            finally:
+                returned.set()
+        cli.main = main
+        def work():  # still working when main() returns, however long the command took
+            returned.wait()
+            time.sleep(0.3)
             print("WORKER_DONE", file=sys.stderr, flush=True)
         threading.Thread(target=work).start()
-    sys.argv = ["embedkit", *sys.argv[1:]]
-    from embedkit.cli import entry
-    entry()
+    cli.entry()
     """
 )
 

@@ -194,8 +194,8 @@ def test_training_records_its_device_and_checkpoints_hold_cpu_tensors(cnn_run):
 
 
 def test_load_tagger_on_cpu_and_tag_report_the_device(cnn_run, tracks, tmp_path):
-    from embedkit.tag import tag
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.tagger import load_tagger
 
     t = load_tagger(cnn_run.run_dir)
     on = load_tagger(cnn_run.run_dir, device="cpu")
@@ -254,7 +254,7 @@ def test_cuda_extraction_matches_cpu_store(tracks, tmp_path):
 @needs_cuda
 def test_cuda_tagger_matches_cpu_and_training_runs_there(cnn_run, tracks, tmp_path):
     from embedkit.cnn.train import TrainConfig, train_cnn
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.tagger import load_tagger
 
     w = load_tagger(cnn_run.run_dir).clip_windows(tracks.path.iloc[0])[0]
     np.testing.assert_allclose(
@@ -303,9 +303,9 @@ def test_report_provenance_shows_each_runs_device(tmp_path):
 
 
 def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
+    from embedkit.deploy.tagger import load_tagger
     from embedkit.extract import extract
     from embedkit.fit import fit_head
-    from embedkit.tagger import load_tagger
 
     res = extract(
         tracks,

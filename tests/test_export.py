@@ -26,9 +26,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from embedkit.config import AudioConfig  # noqa: E402
-from embedkit.export import ExportError, export_onnx, head_module  # noqa: E402
-from embedkit.runtime import OnnxTagger, read_metadata  # noqa: E402
-from embedkit.tagger import load_tagger  # noqa: E402
+from embedkit.deploy.onnx_export import ExportError, export_onnx, head_module  # noqa: E402
+from embedkit.deploy.onnx_runtime import OnnxTagger, read_metadata  # noqa: E402
+from embedkit.deploy.tagger import load_tagger  # noqa: E402
 
 #: the parity bound the issue sets
 BOUND = 1e-4
@@ -183,7 +183,7 @@ def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
     import onnxruntime as ort
 
     from embedkit.backbones import load_backbone
-    from embedkit.export import _backbone_module, _torch_export
+    from embedkit.deploy.onnx_export import _backbone_module, _torch_export
 
     bb = load_backbone("musicnn-msd")
     model = _torch_export(_backbone_module(bb), 80000, 18)
@@ -249,7 +249,7 @@ def _calibrated_random_cnn14(path: Path, files: list[Path]) -> Path:
     (measured). Measured statistics make the comparison about the export, as with real weights."""
     import torch
 
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
     from embedkit.backbones import panns
 
     net = panns.build_module("cnn14", seed=0)
@@ -274,9 +274,9 @@ def test_finetuned_musicnn_parity(work, real_files):
     import torch
 
     from embedkit.backbones import load_backbone
-    from embedkit.cnn.finetune import build_finetune_net
+    from embedkit.cnn.finetuned import build_finetune_net
     from embedkit.config import SegmentConfig
-    from embedkit.tagger import FinetuneTagger
+    from embedkit.deploy.tagger import FinetuneTagger
 
     bb = load_backbone("musicnn-msd")
     with torch.random.fork_rng():
@@ -299,7 +299,7 @@ def test_finetuned_musicnn_parity(work, real_files):
 def test_panns_cnn14_lr_parity(tracks, work, real_files, tmp_path_factory):
     import onnxruntime as ort
 
-    from embedkit.export import _backbone_module, _torch_export
+    from embedkit.deploy.onnx_export import _backbone_module, _torch_export
 
     ckpt = _calibrated_random_cnn14(tmp_path_factory.mktemp("panns") / "Cnn14_random.pth", real_files)
     run = _head_run(tracks, work, "panns-cnn14", "lr", checkpoint=str(ckpt))
@@ -345,8 +345,8 @@ def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
     # the decision rule travels with the model: below the threshold (1.0), "uncertain" on both
     assert read_metadata(out)["thresholds"]["threshold"] == 1.0
     assert (
-        onnx_tagger.calibration.decide(track)
-        == str(tagger.calibration.decide(tagger.track_probabilities(raw)))
+        onnx_tagger.calibration.decide(track).label
+        == tagger.calibration.decide(tagger.track_probabilities(raw)).label
         == "uncertain"
     )
 
@@ -366,8 +366,8 @@ def test_calibration_without_temperature_is_refused(tiny_lr, work):
 def test_melstats_is_refused_with_a_reason():
     from embedkit.backbones import load_backbone
     from embedkit.config import SegmentConfig
+    from embedkit.deploy.tagger import HeadTagger
     from embedkit.heads import HeadBundle, make_head
-    from embedkit.tagger import HeadTagger
 
     bb = load_backbone("melstats")
     rng = np.random.default_rng(0)
@@ -442,7 +442,7 @@ except ImportError:
 else:
     raise SystemExit("the import blocker does not work")
 
-from embedkit.runtime import OnnxTagger, read_metadata
+from embedkit.deploy.onnx_runtime import OnnxTagger, read_metadata
 
 tagger = OnnxTagger.load(sys.argv[1])
 out = {}
@@ -472,7 +472,7 @@ def test_onnx_tagger_runs_with_torch_blocked(tiny_lr, work, real_files):
 
 
 def test_torch_free_modules_import_no_torch_at_module_level():
-    code = "import sys; import embedkit.tagger, embedkit.config, embedkit.segments, embedkit.audio, embedkit.runtime; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn', 'librosa')))"
+    code = "import sys; import embedkit.deploy.tagger, embedkit.config, embedkit.audio.segments, embedkit.audio.decoding, embedkit.deploy.onnx_runtime; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn', 'librosa')))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -491,7 +491,7 @@ def test_ast_torch_fbank_matches_the_numpy_extractor(ast_dir, real_files):
     of the `ast` backbones) to float32 rounding, on real audio and past max_length (cut)."""
     import torch
 
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
     from embedkit.backbones import load_backbone
     from embedkit.backbones.ast import _fbank_module
 
@@ -512,7 +512,7 @@ def test_ast_lr_parity(tracks, work, real_files, ast_dir):
 
 
 BLOCKED_CLI = (
-    BLOCKED_RUNTIME.split("from embedkit.runtime")[0]
+    BLOCKED_RUNTIME.split("from embedkit.deploy.onnx_runtime")[0]
     + r"""
 from embedkit.cli import main
 sys.argv = ["embedkit", *sys.argv[1:]]
@@ -575,7 +575,7 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
 
 
 def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(tiny_lr, work, real_files):
-    from embedkit.tag import tag
+    from embedkit.deploy.batch import tag
 
     model = work / "lanes.onnx"
     export_onnx(load_tagger(tiny_lr), model)
@@ -599,5 +599,5 @@ def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(tiny_lr, wor
     lane = t._lanes["session"]
     assert seen and set(map(id, seen)) == {id(lane)}
     assert lane.get_session_options().intra_op_num_threads == 1
-    got = [np.array(list(r["probabilities"].values())) for r in rows]
+    got = [r.p for r in rows]
     np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -330,7 +330,7 @@ def test_argument_errors(tmp_path, tracks):
 @pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_rows(tmp_path, tracks):
     pytest.importorskip("distributed")
-    from embedkit.distributed import dask_client
+    from embedkit.jobs import dask_client
 
     local = extract(tracks, "tiny-test", cache=tmp_path / "local", prep=PREP10, shard_size=4)
     seen = []

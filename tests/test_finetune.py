@@ -17,12 +17,11 @@ from embedkit.cnn.finetune import (
     FinetuneTask,
     apply_phase,
     backbone_blocks,
-    build_finetune_net,
     finetune,
-    load_finetuned,
     trainable_names,
     used_parameters,
 )
+from embedkit.cnn.finetuned import build_finetune_net, load_finetuned
 from embedkit.cnn.train import TrainConfig
 from embedkit.config import AudioConfig
 from embedkit.errors import BackboneError, ConfigError

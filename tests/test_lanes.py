@@ -1,4 +1,4 @@
-"""embedkit.lanes: the ordered bounded map both batch jobs run on, torch's one-thread setting, and
+"""embedkit.jobs: the ordered bounded map both batch jobs run on, torch's one-thread setting, and
 what lanes mean for results (a track's numbers do not depend on workers or on other tracks)."""
 
 import threading
@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedkit import lanes
-from embedkit.lanes import ordered_map, torch_single_threaded
-from embedkit.tag import tag
-from embedkit.tagger import load_tagger
+from embedkit import jobs as lanes
+from embedkit.deploy.batch import tag
+from embedkit.deploy.tagger import load_tagger
+from embedkit.jobs import ordered_map, torch_single_threaded
 
 
 @settings(max_examples=50, deadline=None)
@@ -125,8 +125,8 @@ def test_a_tracks_result_does_not_depend_on_workers_or_other_tracks(kind, runs, 
     t = load_tagger(runs[kind])
     alone = {files[3]: tag(runs[kind], [files[3]], tagger=t, workers=1).rows[0]}
     many = tag(runs[kind], files, tagger=t, workers=2, batch_size=4).rows
-    row = next(r for r in many if r["path"] == str(files[3].absolute()))
-    assert row["probabilities"] == alone[files[3]]["probabilities"]  # bit for bit
+    row = next(r for r in many if r.path == str(files[3].absolute()))
+    assert row.probabilities == alone[files[3]].probabilities  # bit for bit
 
 
 def test_lanes_match_the_batched_accelerator_path(runs, synth_dataset, monkeypatch):
@@ -139,9 +139,9 @@ def test_lanes_match_the_batched_accelerator_path(runs, synth_dataset, monkeypat
     lanes_rows = tag(runs["head"], files, tagger=t, workers=2).rows
     monkeypatch.setattr(device, "is_accelerator", lambda dev: True)
     batched_rows = tag(runs["head"], files, tagger=t, workers=2).rows
-    assert [r["path"] for r in lanes_rows] == [r["path"] for r in batched_rows]
-    a = np.array([list(r["probabilities"].values()) for r in lanes_rows])
-    b = np.array([list(r["probabilities"].values()) for r in batched_rows])
+    assert [r.path for r in lanes_rows] == [r.path for r in batched_rows]
+    a = np.array([r.p for r in lanes_rows])
+    b = np.array([r.p for r in batched_rows])
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

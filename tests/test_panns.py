@@ -267,7 +267,7 @@ def test_packaged_labels_equal_shared_copy():
 
 @pytest.mark.slow
 def test_extract_decodes_each_file_once(cnn10_ckpt, synth_dataset, tmp_path, monkeypatch):
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
     from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
     from embedkit.datasets import load_dataset
     from embedkit.extract import extract

@@ -18,12 +18,12 @@ from test_identity import FAST, cli, signal_of, summary, write
 
 from embedkit import identity
 from embedkit.datasets import load_dataset
+from embedkit.deploy.batch import tag
+from embedkit.deploy.resultsdb import ResultsDB
 from embedkit.errors import EmbedkitError
 from embedkit.fit import read_embeddings
 from embedkit.store import find_store
 from embedkit.synth import make_clip
-from embedkit.tag import tag
-from embedkit.tagdb import ResultsDB
 
 N_SYNTH = 20  # conftest's synth_dataset
 
@@ -217,7 +217,7 @@ def test_a_clip_cache_made_before_schemes_finds_its_arrays(tmp_path):
 
 
 def test_model_ids_stay_sha256(runs):
-    from embedkit.tagger import load_tagger, model_id_of, resolve_artefact
+    from embedkit.deploy.tagger import load_tagger, model_id_of, resolve_artefact
 
     artefact = resolve_artefact(runs["head"])
     want = hashlib.sha256(Path(artefact).read_bytes()).hexdigest()[:32]

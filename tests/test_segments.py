@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embedkit.audio.segments import segment, window_starts
 from embedkit.config import SegmentConfig
-from embedkit.segments import segment, window_starts
 
 
 def test_default_gives_six_5s_windows_per_30s_clip():

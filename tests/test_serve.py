@@ -32,8 +32,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 requests = pytest.importorskip("requests")
 
-from embedkit.serve import ServeConfig, create_app  # noqa: E402
-from embedkit.tagger import load_tagger  # noqa: E402
+from embedkit.deploy.serve import ServeConfig, create_app  # noqa: E402
+from embedkit.deploy.tagger import load_tagger  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def _still_serving(url):
 
 
 def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
-    from embedkit.tag import tag
+    from embedkit.deploy.batch import tag
 
     out = tmp_path / "ref.jsonl"
     tag(run_dir, [str(f) for f in files], out=out, workers=1)
@@ -134,10 +134,12 @@ def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
             r = requests.post(f"{url}/v1/tag?top_k=2", files={"file": (f.name, data, "audio/flac")}, timeout=120)
         assert r.status_code == 200, r.text
         got, want = r.json(), ref[f.name]
-        assert got["top_label"] == want["top_label"] and got["decision"] == want["top_label"]
+        assert got["top_label"] == want["top_label"] and got["decision"] == want["decision"]
+        assert [g["label"] for g in got["genres"]] == [g["label"] for g in want["genres"]]
+        assert got["rule"] == want["rule"]
         assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
         assert got["n_windows"] == want["n_windows"] and got["window_starts_s"] == want["window_starts_s"]
-        assert [g["label"] for g in got["genres"]] == [l for l, _ in want["topk"][:2]]
+        assert [g["label"] for g in got["topk"]] == [g["label"] for g in want["topk"][:2]]
         assert got["model_id"] == want["model_id"]
         assert set(got["timings_ms"]) == {"upload", "decode", "queue", "inference", "total"}
         assert got["timings_ms"]["total"] >= got["timings_ms"]["decode"] > 0
@@ -150,12 +152,16 @@ def test_threshold_multi_and_uncertain(url, files):
         f"{url}/v1/tag?threshold=1.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120
     ).json()
     assert (
-        r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["multi"] == []
+        r["decision"] == "uncertain" and r["threshold"] == 1.0 and r["genres"] == [] and r["rule"]["multi"]
     )  # no probability reaches 1.0 here
     r = requests.post(
-        f"{url}/v1/tag?threshold=0.0&multi=true", data=data, headers={"Content-Type": "audio/flac"}, timeout=120
+        f"{url}/v1/tag?threshold=0.0&multi=true&multi_threshold=0&max_genres=100",
+        data=data,
+        headers={"Content-Type": "audio/flac"},
+        timeout=120,
     ).json()
-    assert r["decision"] == r["top_label"] and len(r["multi"]) == len(r["probabilities"])
+    assert r["decision"] == r["top_label"] and len(r["genres"]) == len(r["probabilities"])
+    assert r["genres"][0]["label"] == r["top_label"] and r["rule"]["k"] == 100
 
 
 def test_excerpt_option(url, files):
@@ -380,7 +386,7 @@ def test_concurrent_requests_share_forwards(tagger):
 
 
 def test_db_records_every_result(tagger, files, tmp_path):
-    from embedkit.tagdb import ResultsDB
+    from embedkit.deploy.resultsdb import ResultsDB
 
     db = tmp_path / "served.sqlite"
     with running(create_app(tagger, ServeConfig(db=str(db)))) as base:
@@ -400,8 +406,8 @@ def test_db_records_every_result(tagger, files, tmp_path):
 @pytest.mark.slow
 def test_onnx_model_serves_the_same_answers(tagger, files, tmp_path):
     pytest.importorskip("onnxruntime")
-    from embedkit.export import export_onnx
-    from embedkit.runtime import OnnxTagger
+    from embedkit.deploy.onnx_export import export_onnx
+    from embedkit.deploy.onnx_runtime import OnnxTagger
 
     model = tmp_path / "m.onnx"
     export_onnx(tagger, model)
@@ -427,8 +433,8 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 from fastapi.testclient import TestClient
-from embedkit.serve import create_app
-from embedkit.tagger import load_tagger
+from embedkit.deploy.serve import create_app
+from embedkit.deploy.tagger import load_tagger
 
 with TestClient(create_app(load_tagger(sys.argv[1]))) as c:
     r = c.post("/v1/tag", content=open(sys.argv[2], "rb").read(), headers={"Content-Type": "application/octet-stream"})
@@ -444,7 +450,7 @@ def test_serving_an_onnx_model_imports_no_torch(tagger, files, tmp_path):
     from conftest import ROOT
 
     pytest.importorskip("onnxruntime")
-    from embedkit.export import export_onnx
+    from embedkit.deploy.onnx_export import export_onnx
 
     model = tmp_path / "m.onnx"
     export_onnx(tagger, model)
@@ -583,7 +589,7 @@ class DevTools:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
 def test_page_tags_a_chosen_file(tmp_path, request, tagger):
-    from embedkit.serve import create_app
+    from embedkit.deploy.serve import create_app
 
     if GTZAN.exists():
         audio_file = sorted((GTZAN / "jazz").glob("*.flac"))[0]

@@ -1,4 +1,4 @@
-"""`embedkit stream`: windows identical to embedkit.segments over long streams, streaming
+"""`embedkit stream`: windows identical to embedkit.audio.segments over long streams, streaming
 resampling, smoothing and hysteresis on three concatenated synthetic genres, raw PCM formats
 and rates, the drop policy, bounded memory over an hour, and every way a stream can end."""
 
@@ -21,12 +21,21 @@ from hypothesis import strategies as st
 from stream_fixtures import GENRES, pcm_bytes, recording_tagger, three_genres, tone_tagger
 from typer.testing import CliRunner
 
-import embedkit.stream as stream_mod
-from embedkit.audio import load, resample
+import embedkit.deploy.stream as stream_mod
+from embedkit.audio.decoding import load, resample
+from embedkit.audio.segments import segment, window_starts
 from embedkit.cli import app
 from embedkit.config import AudioConfig, SegmentConfig
-from embedkit.segments import segment, window_starts
-from embedkit.stream import Decider, FileSource, LiveView, PcmSource, Resampler, StreamConfig, Windower, run_stream
+from embedkit.deploy.stream import (
+    Decider,
+    FileSource,
+    LiveView,
+    PcmSource,
+    Resampler,
+    StreamConfig,
+    Windower,
+    run_stream,
+)
 
 from conftest import FMA_SAMPLE, needs_shared
 
@@ -110,7 +119,7 @@ def test_streaming_resampler_equals_whole_file_resampling(sr_in, sr_out):
 
 def test_file_stream_matches_whole_file_segments(tmp_path):
     """The per-window probabilities of a stream are those of the whole decoded file cut by
-    embedkit.segments (stereo 44.1 kHz file, model at 8 kHz, hop not a multiple of the block)."""
+    embedkit.audio.segments (stereo 44.1 kHz file, model at 8 kHz, hop not a multiple of the block)."""
     tagger = tone_tagger(noise=1.0)
     y = three_genres(44100, part_s=8.0)
     path = tmp_path / "song.flac"
@@ -590,7 +599,7 @@ def test_stdin_on_a_terminal_is_refused(monkeypatch):
 
 
 def test_smoother_ema_follows_stream_time_and_last_n():
-    from embedkit.stream import Smoother
+    from embedkit.deploy.stream import Smoother
 
     ema = Smoother("ema:5")
     a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])

@@ -55,8 +55,8 @@ def test_stream_equals_tag_excerpt_full(melstats_run, song, tmp_path):
     """Per-window probabilities: stream vs the windows `tag --excerpt full` reads (read_excerpt)
     through the same Tagger; track probabilities: stream's mean window vs the row that
     `embedkit tag --excerpt full` writes."""
-    from embedkit.tag import Excerpt, read_excerpt
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.batch import Excerpt, read_excerpt
+    from embedkit.deploy.tagger import load_tagger
 
     t = load_tagger(melstats_run)
     hop = t.segment.hop_s
@@ -148,8 +148,8 @@ def test_stream_a_cnn_run(synth_dataset, song, tmp_path):
     from embedkit.cnn.train import TrainConfig, train_cnn
     from embedkit.config import AudioConfig
     from embedkit.datasets import load_dataset
-    from embedkit.tag import Excerpt, read_excerpt
-    from embedkit.tagger import load_tagger
+    from embedkit.deploy.batch import Excerpt, read_excerpt
+    from embedkit.deploy.tagger import load_tagger
 
     res = train_cnn(
         load_dataset(synth_dataset),

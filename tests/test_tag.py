@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from embedkit.cli import app
+from embedkit.deploy.batch import Excerpt, expand_inputs, read_excerpt, tag
+from embedkit.deploy.resultsdb import ResultsDB
+from embedkit.deploy.tagger import load_tagger
 from embedkit.errors import EmbedkitError
 from embedkit.synth import make_clip
-from embedkit.tag import Excerpt, expand_inputs, read_excerpt, tag
-from embedkit.tagdb import ResultsDB
-from embedkit.tagger import load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -99,7 +99,7 @@ EXPECTED_STARTS = {  # (file, excerpt) -> window starts (s), clip 30 s, windows 
 
 @pytest.mark.parametrize("name, excerpt", sorted(EXPECTED_STARTS))
 def test_each_excerpt_covers_the_windows_it_claims(long_files, name, excerpt):
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
 
     path = long_files[name]
     windows, starts, duration = read_excerpt(str(path), 16000, Excerpt.parse(excerpt), 30.0, 5.0, 5.0)
@@ -115,7 +115,7 @@ def test_each_excerpt_covers_the_windows_it_claims(long_files, name, excerpt):
 
 
 def test_only_the_excerpt_is_decoded(long_files, monkeypatch):
-    from embedkit import audio
+    from embedkit.audio import decoding as audio
 
     calls = []
     real = audio.decode
@@ -258,7 +258,7 @@ def test_nothing_to_do_does_not_load_a_model(runs, tmp_path):
 
 _KILL = """
 import os, signal, sys
-from embedkit.tag import tag
+from embedkit.deploy.batch import tag
 n = int(sys.argv[4])
 def progress(done, total):
     if done >= n:
@@ -508,7 +508,7 @@ def test_bad_arguments_are_one_line(runs, tmp_path):
 
 
 def _model_id(run) -> str:
-    from embedkit.tagger import model_id_of
+    from embedkit.deploy.tagger import model_id_of
 
     return model_id_of(run)
 
@@ -534,12 +534,12 @@ def test_cli_reads_paths_from_stdin_and_lists(runs, tmp_path):
 
 
 def _probs(rows) -> dict[str, list[float]]:
-    return {r["path"]: list(r["probabilities"].values()) for r in rows}
+    return {r.path: list(r.probabilities) for r in rows}
 
 
 def test_chunked_planning_gives_the_same_results_and_handles_copies_across_chunks(runs, tmp_path, monkeypatch):
-    import embedkit.tag as tag_mod
-    import embedkit.tagdb as tagdb_mod
+    import embedkit.deploy.batch as tag_mod
+    import embedkit.deploy.resultsdb as tagdb_mod
 
     lib = tmp_path / "lib"
     shutil.copytree(runs["data"], lib)
@@ -569,7 +569,7 @@ def test_chunked_planning_gives_the_same_results_and_handles_copies_across_chunk
 
 
 def test_results_db_restricted_queries(runs, tmp_path, monkeypatch):
-    import embedkit.tagdb as tagdb_mod
+    import embedkit.deploy.resultsdb as tagdb_mod
 
     db = tmp_path / "db.sqlite"
     res = tag(runs["head"], [runs["data"]], db=db, keep_rows=100)

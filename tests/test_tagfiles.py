@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 pytest.importorskip("mutagen")
 
-from embedkit import tagwrite as tw  # noqa: E402
 from embedkit.cli import app  # noqa: E402
+from embedkit.deploy import filetags as tw  # noqa: E402
 
 runner = CliRunner()
 
@@ -80,7 +80,7 @@ def test_write_tags_then_untag(head_run, library, tmp_path):
     code, out = invoke("tag", head_run, *library, "--db", db, "--write-tags", "--threshold", "0")
     assert code == 0, out
     assert "3 written" in out and "1 kept" in out and "set by a person" in out
-    from embedkit.tagdb import ResultsDB
+    from embedkit.deploy.resultsdb import ResultsDB
 
     with ResultsDB(db) as d:
         rows = {r["path"]: r for r in d.rows()}
@@ -115,7 +115,7 @@ def test_uncertain_and_multi_decisions(head_run, library, tmp_path):
     code, out = invoke("tag", head_run, *library, "--db", db, "--write-tags", "--threshold", "1")
     assert code == 0 and "4 uncertain" in out, out
     assert all(p.read_bytes() == raw[p] for p in library)
-    from embedkit.tagdb import ResultsDB
+    from embedkit.deploy.resultsdb import ResultsDB
 
     with ResultsDB(db) as d:
         assert {r["decision"] for r in d.rows()} == {"uncertain"}  # recorded under the command's rule
@@ -142,17 +142,19 @@ def test_uncertain_and_multi_decisions(head_run, library, tmp_path):
 
 def test_default_threshold_comes_from_the_run(head_run):
     from embedkit.calibration import load_calibration
-    from embedkit.cli import _decision_rule
+    from embedkit.deploy.records import applied_rule, model_rule
 
     cal = load_calibration(head_run)
-    rule, tagger = _decision_rule(head_run, None, False, 0.3, 0.1, 3)
-    assert rule == cal.rule and tagger is None
+    rule = model_rule(head_run)  # read from the run, no model loaded
+    assert rule == cal.rule == applied_rule(head_run)
     assert json.loads((head_run / "metrics.json").read_text())["calibration"]["threshold"][
         "threshold"
     ] == pytest.approx(rule.threshold, abs=1e-4)
-    rule, tagger = _decision_rule(head_run, 0.9, True, 0.2, 0.05, 2)
+    rule = applied_rule(head_run, threshold=0.9, multi=True, multi_threshold=0.2, margin=0.05, max_genres=2)
     assert (rule.threshold, rule.multi, rule.multi_threshold, rule.margin, rule.k) == (0.9, True, 0.2, 0.05, 2)
-    assert tagger.calibration.rule == rule
+    # an override of one field keeps the others stored
+    assert applied_rule(head_run, multi=True) == cal.rule.with_overrides(multi=True)
+    assert applied_rule(head_run, multi=True).threshold == cal.rule.threshold
 
 
 def test_write_tags_needs_a_database(head_run, library):

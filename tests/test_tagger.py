@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
+from embedkit.deploy.tagger import CNNTagger, FinetuneTagger, HeadTagger, load_tagger, model_id_of
 from embedkit.errors import ConfigMismatchError, ModelLoadingError
-from embedkit.tagger import CNNTagger, FinetuneTagger, HeadTagger, load_tagger, model_id_of
 
 from conftest import GTZAN, needs_shared
 
@@ -93,7 +93,7 @@ def test_cnn_tagger_per_window_rule_is_close_to_the_held_out_predictions(runs, t
         w = np.hanning(2049)[:-1]  # periodic Hann, as torch.hann_window
         frame = y[512 * 5 : 512 * 5 + 2048] * w  # frame 7 of the centred grid = frame 5 from the window start + 1024
         power = np.abs(np.fft.rfft(frame)) ** 2
-        from embedkit.melspec import mel_filters
+        from embedkit.audio.melspec import mel_filters
 
         db = 10 * np.log10(np.maximum(mel_filters(44100, 2048, 128) @ power, 1e-10))
         np.testing.assert_allclose(mel[:, 5], db, atol=2e-2)
@@ -102,7 +102,7 @@ def test_cnn_tagger_per_window_rule_is_close_to_the_held_out_predictions(runs, t
 
 
 def test_old_predict_proba_file_paths_go_through_the_tagger(runs):
-    from embedkit.cnn.finetune import load_finetuned
+    from embedkit.cnn.finetuned import load_finetuned
     from embedkit.cnn.model import load_model
 
     path = next(runs["data"].glob("*/*.wav"))
@@ -163,7 +163,7 @@ def test_refusals_are_one_line(runs, tmp_path, tracks):
 
 
 def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
-    from embedkit import headcache
+    from embedkit.deploy import headcache
 
     monkeypatch.setenv("EMBEDKIT_TAGGER_CACHE", str(tmp_path / "tc"))
     for run in (runs["head"], runs["mlp"]):
@@ -175,7 +175,7 @@ def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
         X = np.random.default_rng(0).standard_normal((20, 32)).astype(np.float32)
         np.testing.assert_allclose(again.predictor.predict_proba(X), first.bundle.predict_proba(X), atol=1e-6)
         assert again.bundle.head == first.bundle.head  # the real bundle still loads on demand
-    code = f"import sys; from embedkit.tagger import load_tagger; t = load_tagger({str(runs['head'])!r}); print(sorted(m for m in ('sklearn', 'skops', 'librosa', 'scipy.signal') if m in sys.modules))"
+    code = f"import sys; from embedkit.deploy.tagger import load_tagger; t = load_tagger({str(runs['head'])!r}); print(sorted(m for m in ('sklearn', 'skops', 'librosa', 'scipy.signal') if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -207,7 +207,7 @@ def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
 def test_numpy_mel_filters_equal_librosa(args):
     import librosa
 
-    from embedkit.melspec import mel_filters
+    from embedkit.audio.melspec import mel_filters
 
     sr, n_fft, n_mels, fmin, fmax, htk, norm = args
     ref = librosa.filters.mel(
@@ -218,7 +218,7 @@ def test_numpy_mel_filters_equal_librosa(args):
 
 def _save_finetune(tmp_path, bb, name: str, module=None):
     from embedkit.backbones.architecture import describe
-    from embedkit.cnn.finetune import build_finetune_net
+    from embedkit.cnn.finetuned import build_finetune_net
     from embedkit.cnn.model import save_model
 
     module = module if module is not None else bb.torch_module()

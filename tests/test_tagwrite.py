@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("mutagen")
 
-from embedkit import tagwrite as tw  # noqa: E402
+from embedkit.deploy import filetags as tw  # noqa: E402
 
 FFMPEG = shutil.which("ffmpeg")
 FORMATS = ["mp3", "flac", "ogg", "opus", "wav", "aiff", "m4a"]
@@ -183,7 +183,7 @@ KILLER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
-    from embedkit import tagwrite as tw
+    from embedkit.deploy import filetags as tw
     def pause(tmp):
         Path(sys.argv[2]).write_text(str(tmp))
         time.sleep(60)

@@ -2,7 +2,10 @@
 
 Weights are read from the TensorFlow checkpoint bundles that the ``musicnn`` 0.1.0 wheel ships as
 package data (``musicnn/MSD_musicnn/``, ``musicnn/MTT_musicnn/``) by :mod:`.tfcheckpoint`, without
-TensorFlow. The network is a transcription of ``musicnn/models.py`` (``build_musicnn``):
+TensorFlow. ``scripts/install.sh`` unpacks them from the wheel into a data folder without
+installing the wheel; :func:`package_dir` documents where they are looked for (an installed
+``musicnn`` package, the old way, still counts). The network is a transcription of
+``musicnn/models.py`` (``build_musicnn``):
 
 * front end: log-mel [T, 96] -> batch-norm -> 5 branches, each conv -> ReLU -> batch-norm -> max
   over frequency: two timbral convs (204 filters of 7x38 and 7x67 over time x mel, time padded
@@ -52,6 +55,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,6 +70,8 @@ N_FFT = 512
 HOP = 256
 N_MELS = 96
 BN_EPS = 1e-3  # tf.compat.v1.layers.batch_normalization default
+#: the old way to get the checkpoints (installs the wheel's metadata, which pins numpy<1.17 and
+#: TensorFlow, so every later pip run reports a conflict); still found, no longer recommended
 PIP = "pip install --no-deps musicnn==0.1.0"
 DATA_FILE = ".data-00000-of-00001"
 # Pruned plan: a filter is constant-folded when |gamma / std| * ||w||_1 * PRUNE_X_MAX <= PRUNE_TOL.
@@ -133,13 +139,118 @@ _MID = [
 ]
 
 
-def package_dir() -> Path:
-    """Folder of the installed ``musicnn`` package, found without importing it (its models.py
-    imports TensorFlow). Raises ModelLoadingError naming the pip command when missing."""
-    spec = importlib.util.find_spec("musicnn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadingError(f"the musicnn weights come from the musicnn wheel, which is not installed: run `{PIP}`")
-    return Path(list(spec.submodule_search_locations)[0])
+# ---------------------------------------------------------------------------------------------
+# Where the checkpoints are. Lookup order, first folder that holds ``<MSD|MTT>_musicnn/`` with its
+# data file wins (each folder has the wheel's layout: MSD_musicnn/, MTT_musicnn/,
+# configuration.py for the tag names, LICENSE.md):
+#
+#   1. $EMBEDKIT_MUSICNN_DIR when set, and then only there (a wrong path is an error, not a
+#      silent fall-back);
+#   2. <sys.prefix>/share/embedkit/musicnn: where scripts/install.sh unpacks them (per
+#      environment, like the package data it replaces; gone with the virtual environment);
+#   3. ~/.cache/embedkit/musicnn: per user (install.sh's target when the environment is read-only);
+#   4. an importable ``musicnn`` package (the old ``pip install --no-deps musicnn==0.1.0``), found
+#      without importing it (its models.py imports TensorFlow).
+#
+# Nothing here downloads: scripts/install.sh runs ``pip download`` and
+# ``python -m embedkit.weights install-musicnn`` (embedkit.weights.install_musicnn), which
+# verifies the files below against their published SHA-256s.
+
+DIR_ENV = "EMBEDKIT_MUSICNN_DIR"
+WHEEL = "musicnn==0.1.0"
+#: the one command that downloads and unpacks the checkpoints (in a checkout of embedkit)
+INSTALL = "bash scripts/install.sh"
+#: the same without the script (the folder only holds the downloaded wheel)
+FETCH = (
+    f"python -m pip download --no-deps {WHEEL} -d /tmp/musicnn-wheel"
+    " && python -m embedkit.weights install-musicnn /tmp/musicnn-wheel"
+)
+#: wheel member (folder if it ends in "/") -> path in the checkpoint folder
+WHEEL_MEMBERS = {
+    "musicnn/MSD_musicnn/": "MSD_musicnn/",
+    "musicnn/MTT_musicnn/": "MTT_musicnn/",
+    "musicnn/configuration.py": "configuration.py",
+    "musicnn-0.1.0.dist-info/LICENSE.md": "LICENSE.md",  # ISC: the notice travels with the copy
+}
+_CONFIG_SHA256 = "00fd595eb16bad3a605e10bb6eaf0152cb8125bed6e2c884a636f679ae100419"
+
+
+def published_sha256() -> dict[str, str]:
+    """Path in the checkpoint folder -> published SHA-256, for every file embedkit reads."""
+    out = {"configuration.py": _CONFIG_SHA256}
+    for name, folder in _MODEL_DIR.items():
+        out[f"{folder}/{DATA_FILE}"] = SPECS[name].weights_sha256
+        out[f"{folder}/.index"] = _INDEX_SHA256[name]
+    return out
+
+
+def search_path() -> list[tuple[str, Path]]:
+    """(origin, folder) in lookup order (see above); only $EMBEDKIT_MUSICNN_DIR when it is set."""
+    env = os.environ.get(DIR_ENV, "").strip()
+    if env:
+        return [(f"${DIR_ENV}", Path(os.path.expanduser(env)))]
+    found = [
+        ("environment data folder", Path(sys.prefix) / "share" / "embedkit" / "musicnn"),
+        ("user data folder", Path.home() / ".cache" / "embedkit" / "musicnn"),
+    ]
+    try:
+        spec = importlib.util.find_spec("musicnn")
+    except (ImportError, ValueError):  # a broken or half-removed installation
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        found.append(("installed musicnn package", Path(list(spec.submodule_search_locations)[0])))
+    return found
+
+
+def default_install_dir() -> Path:
+    """Where ``python -m embedkit.weights install-musicnn`` puts the checkpoints by default:
+    $EMBEDKIT_MUSICNN_DIR, else the environment's data folder when writable, else the user's."""
+    dirs = [p for origin, p in search_path() if origin != "installed musicnn package"]
+    if len(dirs) == 1:
+        return dirs[0]
+    env_dir, user_dir = dirs
+    probe = env_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return env_dir if os.access(probe, os.W_OK) else user_dir
+
+
+def _model_data(root: Path, name: str) -> Path:
+    return root / _MODEL_DIR[name] / DATA_FILE
+
+
+def package_dir(name: str = "musicnn-msd") -> Path:
+    """The folder holding ``<MSD|MTT>_musicnn/`` and ``configuration.py`` for backbone ``name``,
+    the first in lookup order (see above). Raises ModelLoadingError, one line naming every place
+    looked at and how to get the files, when none has them. (Named for the installed package it
+    used to be; any folder with the wheel's layout qualifies.)"""
+    looked = search_path()
+    for _origin, root in looked:
+        if _model_data(root, name).is_file():
+            return root
+    need = f"{_MODEL_DIR[name]}/{DATA_FILE}"
+    if looked[0][0] == f"${DIR_ENV}":
+        raise ModelLoadingError(
+            f"{name} checkpoint not found: ${DIR_ENV}={looked[0][1]} has no {need}; unpack the "
+            f"checkpoints there with `{FETCH}`, or unset {DIR_ENV}"
+        )
+    places = "; ".join(str(root) for _o, root in looked)
+    if not any(o == "installed musicnn package" for o, _r in looked):
+        places += "; an installed musicnn package (none)"
+    raise ModelLoadingError(
+        f"{name} checkpoint ({need}) not found; looked in, in order: {places}. Get it with `{INSTALL}` "
+        f"or `{FETCH}` (unpacks into {default_install_dir()}), or set {DIR_ENV} to a folder holding "
+        f"{_MODEL_DIR[name]}/ and configuration.py (the old `{PIP}` also still works)"
+    )
+
+
+def checkpoints_available(name: str = "musicnn-msd") -> bool:
+    """True when ``package_dir(name)`` finds a checkpoint folder (for tests; nothing verified)."""
+    try:
+        package_dir(name)
+        return True
+    except ModelLoadingError:
+        return False
 
 
 def _labels(name: str, pkg: Path) -> list[str]:
@@ -153,7 +264,9 @@ def _labels(name: str, pkg: Path) -> list[str]:
                 return [str(x) for x in ast.literal_eval(node.value)]
         raise KeyError(_LABEL_ATTR[name])
     except (OSError, KeyError, SyntaxError, ValueError) as exc:
-        raise ModelLoadingError(f"{path}: cannot read the tag names ({exc!r}); reinstall with `{PIP}`") from exc
+        raise ModelLoadingError(
+            f"{path}: cannot read the tag names ({exc!r}); reinstall the checkpoints with `{INSTALL}` or `{FETCH}`"
+        ) from exc
 
 
 @lru_cache(maxsize=8)
@@ -207,7 +320,7 @@ def _torch_classes() -> dict:
     import torch.nn.functional as F
     from torch import nn
 
-    from ..melspec import MelSpectrogram
+    from ..audio.melspec import MelSpectrogram
 
     class LogMel(nn.Module):
         """waveform [B, N] float32 @ 16 kHz -> log10(10000 * mel power + 1) [B, T, 96],
@@ -546,18 +659,14 @@ class Musicnn(Backbone):
         import torch
 
         self.spec = spec
-        pkg = package_dir()
+        pkg = package_dir(spec.name)  # the first folder in lookup order (see package_dir)
         if checkpoint is None:
             prefix = pkg / _MODEL_DIR[spec.name]
             data = prefix / DATA_FILE
-            if not data.exists():
-                raise ModelLoadingError(
-                    f"{data}: musicnn checkpoint missing from the installed wheel; reinstall with `{PIP}`"
-                )
             sha = file_sha256(data)
             if sha != spec.weights_sha256:
                 raise ModelLoadingError(
-                    f"{data}: SHA-256 {sha[:12]}... is not the musicnn 0.1.0 checkpoint ({spec.weights_sha256[:12]}...); reinstall with `{PIP}`"
+                    f"{data}: SHA-256 {sha[:12]}... is not the musicnn 0.1.0 checkpoint ({spec.weights_sha256[:12]}...); reinstall it with `{INSTALL}` or `{FETCH}`"
                 )
             # the bundle's files are named ".index"/".data-*" inside the folder: prefix = folder + "/"
             prefix_str = str(prefix) + os.sep
@@ -633,7 +742,7 @@ def _identify(spec: BackboneSpec, checkpoint: str | None = None) -> tuple[str, B
     alone; None when loading would fail (it then reports why)."""
     try:
         if checkpoint is None:
-            data = package_dir() / _MODEL_DIR[spec.name] / DATA_FILE
+            data = _model_data(package_dir(spec.name), spec.name)
             sha = file_sha256(data)
             return (sha[:12], spec) if sha == spec.weights_sha256 else None
         prefix_str = os.path.join(str(checkpoint), "") if os.path.isdir(str(checkpoint)) else str(checkpoint)

@@ -29,7 +29,7 @@ def build_module(seed: int = 0):
     import torch
     from torch import nn
 
-    from ..melspec import MelSpectrogram
+    from ..audio.melspec import MelSpectrogram
 
     class TinyNet(nn.Module):
         def __init__(self):

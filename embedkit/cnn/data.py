@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..audio.segments import window_starts
 from ..config import AudioConfig, stable_hash
-from ..segments import window_starts
 from .augment import AugmentConfig, augment_wave, draw_params, mixup, spec_augment
 
 

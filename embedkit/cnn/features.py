@@ -1,6 +1,6 @@
 """Log-mel features for the scratch CNN, the per-clip caches and the train-only normaliser.
 
-Features: 44.1 kHz, n_fft 2048, hop 512, 128 Slaney mel bands (``embedkit.melspec``, which
+Features: 44.1 kHz, n_fft 2048, hop 512, 128 Slaney mel bands (``embedkit.audio.melspec``, which
 matches librosa), power to dB against a fixed reference of 1.0. A fixed reference (not the
 per-example maximum) makes a crop of the cached clip spectrogram and the spectrogram of the
 same cropped waveform agree, so cached and on-the-fly features are interchangeable.
@@ -57,7 +57,7 @@ def logmel_module(cfg: FeatureConfig):
     import torch
     from torch import nn
 
-    from ..melspec import MelSpectrogram
+    from ..audio.melspec import MelSpectrogram
 
     class LogMel(nn.Module):
         def __init__(self):
@@ -197,9 +197,9 @@ class ClipCache:
 
 
 def decode_for_training(path: str, sample_rate: int, audio_cfg: AudioConfig, min_s: float) -> np.ndarray:
-    """The one ingestion path (embedkit.audio.load) with a minimum duration: clips shorter than
+    """The one ingestion path (embedkit.audio.decoding.load) with a minimum duration: clips shorter than
     ``min_s`` (the training crop / evaluation segment) raise AudioError instead of being padded."""
-    from .. import audio
+    from ..audio import decoding as audio
 
     # Padding notes are collected, not warned: warnings from worker threads are not thread-safe
     # to silence, and loop-padding a 10 s clip to the canonical 30 s is the configured policy.

@@ -18,22 +18,26 @@ Blocks are the backbone's top-level child modules that hold parameters, in defin
 per-backbone table. Data, augmentation, early stopping, resume and the run artefacts are the
 training engine's (loop.py), as for the scratch CNN: crops come from a cached waveform at the
 backbone's rate.
+
+The network and the model file this task writes (``build_finetune_net``, ``FinetunedModel``,
+``load_finetuned``) live in ``embedkit.cnn.finetuned``, which inference loads without importing
+this training task or the engine.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..config import AudioConfig
-from ..errors import BackboneError, ConfigError, ModelLoadingError
+from ..errors import BackboneError, ConfigError
 from .augment import AugmentConfig
 from .data import Clips
+from .finetuned import build_finetune_net, load_finetuned
 from .loop import Progress, RunOptions, Task, TrainConfig, TrainResult, train_run
 
 
@@ -66,22 +70,6 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name):g}", field=name)
         if not 0 <= self.head_dropout < 1:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout:g}", field="head_dropout")
-
-
-def build_finetune_net(backbone_module, embedding_dim: int, n_classes: int, dropout: float):
-    """nn.Module: waveform [B, N] -> logits [B, n_classes]; ``.backbone`` and ``.head``."""
-    from torch import nn
-
-    class FinetuneNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone_module
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(embedding_dim, n_classes))
-
-        def forward(self, y):
-            return self.head(self.backbone(y))
-
-    return FinetuneNet()
 
 
 def used_parameters(module, sample_rate: int, seconds: float) -> set[str]:
@@ -254,8 +242,8 @@ class FinetuneTask(Task):
         return load_finetuned(path)
 
     def describe(self, model, clean, segment_s):
+        from ..audio.segments import window_starts
         from ..io import plain
-        from ..segments import window_starts
         from .model import n_params
 
         return {
@@ -269,68 +257,6 @@ class FinetuneTask(Task):
             "weights_id": self.weights_id,
             "config": {"finetune": asdict(self.ft)},
         }
-
-
-@dataclass
-class FinetunedModel:
-    """A fine-tuned backbone + head; ``predict_proba_file(path)`` -> (segments [K, C], mean [C])."""
-
-    net: Any
-    labels: list[str]
-    sample_rate: int
-    audio: AudioConfig
-    segment_s: float = 5.0
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def predict_proba_file(self, path) -> tuple[np.ndarray, np.ndarray]:
-        """The one inference path (``embedkit.tagger.FinetuneTagger``)."""
-        from ..tagger import FinetuneTagger
-
-        p, _ = FinetuneTagger.from_model(self).predict_file(path)
-        return p, p.mean(axis=0)
-
-
-def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
-    """Rebuild from the file alone: the architecture record stored beside the weights
-    (``embedkit.backbones.architecture``) + the stored weights (all of them, backbone included),
-    so PANNs / AST fine-tunes load without the original checkpoint. Files written before the
-    record existed are rebuilt from the registered backbone (which then needs its weights)."""
-    from ..backbones import load_backbone
-    from ..backbones.architecture import rebuild
-    from ..config import from_dict
-    from .model import read_model_file
-
-    d = read_model_file(path)
-    if d.get("kind") != "finetune":
-        raise ModelLoadingError(
-            f"{path}: a {d.get('kind')!r} model; load scratch CNNs with embedkit.cnn.model.load_model"
-        )
-    if "architecture" in d:
-        module = rebuild(d["architecture"], str(path))
-    else:
-        module = load_backbone(d["backbone"]).torch_module()
-        if module is None:
-            raise ModelLoadingError(f"{path}: backbone {d['backbone']!r} no longer provides a torch module")
-    # a copy: load_state_dict below must not write into tensors a backbone loader may share
-    net = build_finetune_net(
-        copy.deepcopy(module), int(d["spec"]["embedding_dim"]), len(d["labels"]), float(d["finetune"]["head_dropout"])
-    )
-    try:
-        net.load_state_dict(d["state_dict"])
-    except RuntimeError as exc:
-        raise ModelLoadingError(
-            f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})"
-        ) from None
-    net.eval()
-    meta = {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")}
-    return FinetunedModel(
-        net,
-        list(d["labels"]),
-        int(d["spec"]["sample_rate"]),
-        from_dict(AudioConfig, d["audio"]),
-        float(d["segment_s"]),
-        meta,
-    )
 
 
 def resolve_backbone(name: str):

@@ -2,9 +2,9 @@
 
 Tagging a library, streaming, ONNX export and the HTTP service are thin layers over this class,
 so a model behaves the same wherever it runs. A Tagger takes fixed-length mono windows at its
-own sample rate (cut by ``embedkit.segments``, the one windowing function) and returns class
+own sample rate (cut by ``embedkit.audio.segments``, the one windowing function) and returns class
 probabilities; decoding files and choosing which part of a song to listen to belong to the
-callers (``embedkit.tag``), not to the model.
+callers (``embedkit.deploy.batch``), not to the model.
 
     >>> tagger = load_tagger("runs/<run-id>")                         # doctest: +SKIP
     >>> frames, starts, _ = segment(y, tagger.sample_rate, tagger.segment)  # doctest: +SKIP
@@ -28,7 +28,13 @@ Three kinds, one contract:
   0.012), the same top genre on 18 of 20 tracks, accuracy 0.45. The frames left differ from the crop's by under half a hop of
   alignment. Per-window is what a stream or a song excerpt can compute, so it is the inference
   rule; tests/test_tagger.py bounds the difference against the run's held-out predictions.
-- ``FinetuneTagger`` ("finetune"): the fine-tuned network (``.net``, waveform -> logits).
+  The rule lives with the model (``embedkit.cnn.model.CNNModel.predict_windows``, which training's
+  inference timing uses too); ``CNNTagger`` wraps it.
+- ``FinetuneTagger`` ("finetune"): the fine-tuned network (``.net``, waveform -> logits), a
+  wrapper of ``embedkit.cnn.finetuned.FinetunedModel.predict_windows``.
+
+Which kind an artefact is: the run-kind registry (``register_run_kind``), which ``load_tagger``
+dispatches through.
 
 ``model_id`` is the SHA-256 (32 hex digits, ``embedkit.identity.hash_file(path, "sha256")``: a
 model id is stored in results databases, so it keeps the scheme it always had) of the run's model
@@ -41,12 +47,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .config import AudioConfig, SegmentConfig
-from .errors import ConfigMismatchError, ModelLoadingError
+from ..config import AudioConfig, SegmentConfig
+from ..errors import ConfigMismatchError, ModelLoadingError
 
 
 @dataclass
@@ -78,10 +84,10 @@ class Tagger(ABC):
     calibration: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     #: where the network runs (a torch.device after ``to``) and at which precision; heads
-    #: cached as numpy (``embedkit.headcache``) and calibration always run on the CPU.
+    #: cached as numpy (``embedkit.deploy.headcache``) and calibration always run on the CPU.
     device: Any = "cpu"
     precision: str = "fp32"
-    #: False for taggers that run without torch (``embedkit.runtime.OnnxTagger``: onnxruntime
+    #: False for taggers that run without torch (``embedkit.deploy.onnx_runtime.OnnxTagger``: onnxruntime
     #: on the CPU): ``to`` leaves them where they are and nothing imports torch for them.
     torch_backed = True  # a plain class attribute (no annotation): not a dataclass field
 
@@ -92,7 +98,7 @@ class Tagger(ABC):
             return self
         import torch
 
-        from .device import check_precision
+        from ..device import check_precision
 
         dev = torch.device(device)
         if precision is not None:
@@ -103,8 +109,8 @@ class Tagger(ABC):
 
     def single_threaded(self):
         """Context in which this tagger's forwards run on the calling thread only (the CPU
-        lanes of ``embedkit.lanes``: one lane per core, no intra-op team)."""
-        from .lanes import torch_single_threaded
+        lanes of ``embedkit.jobs``: one lane per core, no intra-op team)."""
+        from ..jobs import torch_single_threaded
 
         return torch_single_threaded()
 
@@ -114,19 +120,34 @@ class Tagger(ABC):
             net.to(dev)
 
     def _autocast(self):
-        from .device import autocast
+        from ..device import autocast
 
         return autocast(self.device, self.precision)
 
     @property
     def window_samples(self) -> int:
-        """Samples in one window: round(segment_s * sample_rate), as embedkit.segments cuts them."""
+        """Samples in one window: round(segment_s * sample_rate), as embedkit.audio.segments cuts them."""
         return int(round(self.segment.segment_s * self.sample_rate))
 
     def calibrate(self, probabilities: np.ndarray) -> np.ndarray:
         """Probabilities [..., C] -> calibrated probabilities [..., C] (identity without calibration)."""
         p = np.asarray(probabilities, dtype=np.float64)
         return p if self.calibration is None else np.asarray(self.calibration.apply(p), dtype=np.float64)
+
+    @property
+    def rule(self):
+        """The model's default decision rule (``embedkit.calibration.DecisionRule``): the
+        calibration's, else threshold 0 (always the top genre)."""
+        from ..calibration import DecisionRule
+
+        return getattr(self.calibration, "rule", None) or DecisionRule()
+
+    def decide(self, probabilities: np.ndarray, rule=None):
+        """Calibrated track probabilities [C] -> ``embedkit.calibration.Decision`` under ``rule``
+        (default: the model's): the one decision every door applies."""
+        from ..calibration import decide
+
+        return decide(probabilities, self.labels, rule or self.rule)
 
     @abstractmethod
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
@@ -150,9 +171,9 @@ class Tagger(ABC):
         """The windows of ``path`` exactly as the run's evaluation saw them: the clip policy
         (``audio``), this sample rate, then ``segment``. Returns (windows [K, L] float32,
         start_s [K]). Raises AudioError naming the file (shorter than one window included)."""
-        from . import audio
-        from .errors import AudioError
-        from .segments import segment
+        from ..audio import decoding as audio
+        from ..audio.segments import segment
+        from ..errors import AudioError
 
         y = audio.load(
             path,
@@ -181,18 +202,11 @@ class Tagger(ABC):
         return x
 
 
-def _softmax_rows(logits) -> np.ndarray:
-    import torch
-
-    # float64 on the host (MPS has no float64; fp16/bf16 logits are widened first)
-    return torch.softmax(logits.detach().float().cpu().double(), dim=1).numpy()
-
-
 @dataclass
 class HeadTagger(Tagger):
     """Backbone embeddings + a fitted head. ``backbone``: the run's Backbone; ``bundle``: the
     HeadBundle (loaded on first access when the tagger started from the numpy form of
-    ``embedkit.headcache``); ``predictor``: what ``predict_segments`` uses (that form or the
+    ``embedkit.deploy.headcache``); ``predictor``: what ``predict_segments`` uses (that form or the
     bundle). ``meta["output"]`` names the backbone output the head was fitted on."""
 
     backbone: Any = None  # embedkit.backbones.base.Backbone
@@ -217,7 +231,7 @@ class HeadTagger(Tagger):
     def bundle(self):
         """The run's ``embedkit.heads.HeadBundle``."""
         if self._bundle is None:
-            from .heads import load_bundle
+            from ..heads import load_bundle
 
             self._bundle = load_bundle(self.artefact)
         return self._bundle
@@ -233,11 +247,27 @@ class HeadTagger(Tagger):
 
 @dataclass
 class CNNTagger(Tagger):
-    """Scratch CNN: per-window log-mel (``features``) -> ``normalizer`` -> ``net`` -> softmax."""
+    """Scratch CNN: a thin wrapper of ``embedkit.cnn.model.CNNModel`` (``model``), which holds the
+    inference rule: per-window log-mel (``features``) -> ``normalizer`` -> ``net`` -> softmax."""
 
     net: Any = None
     features: Any = None  # embedkit.cnn.features.FeatureConfig
     normalizer: Any = None  # embedkit.cnn.features.Normalizer
+
+    @property
+    def model(self):
+        """The ``embedkit.cnn.model.CNNModel`` of these fields (a view, built on each access)."""
+        from ..cnn.model import CNNModel
+
+        return CNNModel(
+            net=self.net,
+            labels=self.labels,
+            features=self.features,
+            audio=self.audio,
+            normalizer=self.normalizer,
+            segment_s=self.segment.segment_s,
+            meta=self.meta,
+        )
 
     @property
     def inside_frames(self) -> tuple[int, int]:
@@ -247,26 +277,16 @@ class CNNTagger(Tagger):
     def logmel(self, segments: np.ndarray) -> np.ndarray:
         """Windows [K, L] -> normalised log-mel float32 [K, n_mels, T] (the net's input), T the
         frames inside the window (see the module doc; 427 for 5 s at 44.1 kHz / hop 512)."""
-        import torch
-
-        from .cnn.features import logmel
-
-        x = self._check_windows(segments)
-        a, b = self.inside_frames
-        with torch.inference_mode():
-            return self.normalizer(torch.from_numpy(np.ascontiguousarray(logmel(x, self.features)[..., a:b]))).numpy()
+        return self.model.logmel(self._check_windows(segments))
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        x = self._check_windows(segments)
         # the front end in fp32 on the host, whatever the precision; the net on the tagger's device
-        return _net_probabilities(
-            self.net, self.logmel(x) if len(x) else x, len(self.labels), self.device, self.precision
-        )
+        return self.model.predict_windows(self._check_windows(segments), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return probability_module(cnn_front_module(self), self.net)
+        return self.model.torch_module()
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "CNNTagger":
@@ -292,23 +312,36 @@ class CNNTagger(Tagger):
 
 @dataclass
 class FinetuneTagger(Tagger):
-    """A fine-tuned backbone + linear layer: ``net`` maps waveform windows to logits."""
+    """A fine-tuned backbone + linear layer: a thin wrapper of
+    ``embedkit.cnn.finetuned.FinetunedModel`` (``model``); ``net`` maps waveform windows to logits."""
 
     net: Any = None
 
-    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
-        return _net_probabilities(
-            self.net, self._check_windows(segments), len(self.labels), self.device, self.precision
+    @property
+    def model(self):
+        """The ``embedkit.cnn.finetuned.FinetunedModel`` of these fields (a view, built on each access)."""
+        from ..cnn.finetuned import FinetunedModel
+
+        return FinetunedModel(
+            net=self.net,
+            labels=self.labels,
+            sample_rate=self.sample_rate,
+            audio=self.audio,
+            segment_s=self.segment.segment_s,
+            meta=self.meta,
         )
+
+    def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        return self.model.predict_windows(self._check_windows(segments), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
             return None  # calibration applies to the track mean, not to each window
-        return probability_module(None, self.net)
+        return self.model.torch_module()
 
     @classmethod
     def from_model(cls, model, model_id: str = "", run_dir: Path | None = None) -> "FinetuneTagger":
-        """Wrap an ``embedkit.cnn.finetune.FinetunedModel``."""
+        """Wrap an ``embedkit.cnn.finetuned.FinetunedModel``."""
         seg = SegmentConfig(model.segment_s, model.segment_s)
         return cls(
             kind="finetune",
@@ -324,65 +357,35 @@ class FinetuneTagger(Tagger):
         )
 
 
+# The inference rules live with the models (``embedkit.cnn.model``, ``embedkit.cnn.finetuned``);
+# these names stay for the callers of this module (``embedkit.deploy.onnx_export``).
+
+
 def cnn_front_module(t: CNNTagger):
     """torch module: windows [B, L] -> normalised log-mel of the frames inside each window
-    [B, M, T], the torch form of ``CNNTagger.logmel`` (used by ``torch_module`` and the export)."""
-    from torch import nn
-
-    from .cnn.features import logmel_module
-
-    class Front(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.logmel = logmel_module(t.features)
-            self.normalize = t.normalizer.module()
-
-        def forward(self, y):
-            a, b = _inside_frames(y.shape[-1], t.features)
-            return self.normalize(self.logmel(y)[..., a:b])
-
-    return Front()
+    [B, M, T], the torch form of ``CNNTagger.logmel`` (``embedkit.cnn.model.CNNModel.front_module``)."""
+    return t.model.front_module()
 
 
 def _inside_frames(n_samples: int, features) -> tuple[int, int]:
-    half, hop = features.n_fft // 2, features.hop_length
-    return -(-half // hop), (n_samples - half) // hop + 1
+    from ..cnn.model import inside_frames
+
+    return inside_frames(n_samples, features)
 
 
 def _net_probabilities(net, inputs: np.ndarray, n_classes: int, device="cpu", precision: str = "fp32") -> np.ndarray:
-    """A torch classifier's softmax over a batch of numpy inputs, float64 [K, C] (K may be 0).
-    The inputs go to ``device`` (the net's; pinned, non-blocking on CUDA), the net runs under
-    ``precision``'s autocast, the probabilities come back to the host."""
-    if len(inputs) == 0:
-        return np.zeros((0, n_classes))
-    import torch
+    """``embedkit.cnn.model.net_probabilities``: a torch classifier's softmax, float64 [K, C]."""
+    from ..cnn.model import net_probabilities
 
-    from .device import autocast
-
-    dev = torch.device(device)
-    x = torch.from_numpy(np.ascontiguousarray(inputs))
-    if dev.type != "cpu":
-        x = (x.pin_memory() if dev.type == "cuda" else x).to(dev, non_blocking=True)
-    net.eval()
-    with torch.inference_mode(), autocast(dev, precision):
-        return _softmax_rows(net(x))
+    return net_probabilities(net, inputs, n_classes, device, precision)
 
 
 def probability_module(front, net):
     """torch module: windows [B, L] -> ``net(front(windows))`` softmaxed to probabilities [B, C]
-    (``front`` None: the identity)."""
-    from torch import nn
+    (``front`` None: the identity); ``embedkit.cnn.model.probability_module``."""
+    from ..cnn.model import probability_module
 
-    class Probabilities(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.front = front if front is not None else nn.Identity()
-            self.net = net
-
-        def forward(self, y):
-            return self.net(self.front(y)).softmax(dim=1)
-
-    return Probabilities().eval()
+    return probability_module(front, net)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,9 +426,76 @@ def resolve_artefact(path) -> Path:
 
 def model_id_of(path) -> str:
     """``Tagger.model_id`` of the run / model file at ``path``, without loading the model."""
-    from .identity import LEGACY, fingerprint
+    from ..identity import LEGACY, fingerprint
 
     return fingerprint(resolve_artefact(path), scheme=LEGACY)  # model ids are SHA-256 (see the module docstring)
+
+
+# Run kinds: how each kind of artefact becomes a Tagger (as backbones register, ``embedkit.backbones``)
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A kind of finished run ``load_tagger`` can load.
+
+    name: the kind (``Tagger.kind``; for model files, the ``kind`` they record).
+    load: ``load(artefact, checkpoint, model_id) -> Tagger``, on the CPU, without calibration.
+    suffixes: artefact suffixes (lower case) that are this kind outright; a kind without any is
+        chosen by the ``kind`` a ``.pt`` model file records (``embedkit.cnn.model.read_model_file``).
+    self_contained: the artefact carries everything and runs without torch (an ONNX export):
+        its loader gets model_id None and its Tagger is returned as loaded: no device, precision,
+        run directory or calibration applied, and nothing imports torch.
+    """
+
+    name: str
+    load: Callable[..., Tagger]
+    suffixes: tuple[str, ...] = ()
+    self_contained: bool = False
+
+
+_RUN_KINDS: dict[str, RunKind] = {}
+
+
+def register_run_kind(name: str, *, suffixes: tuple[str, ...] = (), self_contained: bool = False):
+    """Decorator: register ``load(artefact, checkpoint, model_id) -> Tagger`` as run kind ``name``
+    (see ``RunKind``). Loaders import what they need inside, so registering costs nothing."""
+
+    def register(load: Callable[..., Tagger]) -> Callable[..., Tagger]:
+        if name in _RUN_KINDS:
+            raise ValueError(f"run kind {name!r} registered twice")
+        _RUN_KINDS[name] = RunKind(name, load, tuple(s.lower() for s in suffixes), self_contained)
+        return load
+
+    return register
+
+
+def run_kinds() -> list[RunKind]:
+    """The registered run kinds, by name."""
+    return [_RUN_KINDS[k] for k in sorted(_RUN_KINDS)]
+
+
+def _known_kinds() -> str:
+    return ", ".join(f"{k.name} ({'/'.join(k.suffixes) or 'model file'})" for k in run_kinds())
+
+
+def _kind_by_suffix(artefact: Path) -> RunKind | None:
+    suffix = artefact.suffix.lower()
+    return next((k for k in run_kinds() if suffix in k.suffixes), None)
+
+
+def run_kind_of(artefact: Path) -> RunKind:
+    """The run kind of a model artefact: by its suffix, else by the kind its model file records.
+    ModelLoadingError (one line listing the known kinds) for a kind nobody registered."""
+    by_suffix = _kind_by_suffix(artefact)
+    if by_suffix is not None:
+        return by_suffix
+    from ..cnn.model import read_model_file
+
+    kind = read_model_file(artefact).get("kind")
+    found = _RUN_KINDS.get(kind) if isinstance(kind, str) else None
+    if found is None or found.suffixes:
+        raise ModelLoadingError(f"{artefact}: unknown model kind {kind!r}; known kinds: {_known_kinds()}")
+    return found
 
 
 def load_tagger(
@@ -433,7 +503,9 @@ def load_tagger(
 ) -> Tagger:
     """A Tagger for a finished run directory, a head bundle (``.skops``), a CNN / fine-tune
     model file (``.pt``) or a model exported by ``embedkit export`` (``.onnx``: an
-    ``embedkit.runtime.OnnxTagger``, which imports no torch).
+    ``embedkit.deploy.onnx_runtime.OnnxTagger``, which imports no torch). The loader comes from
+    the run-kind registry (``register_run_kind``): by the artefact's suffix, else by the kind a
+    ``.pt`` model file records (``run_kind_of``).
 
     checkpoint: backbone weights for head runs on backbones whose weights are not packaged
     (PANNs, AST), as ``embedkit extract --checkpoint``. device: "cpu" | "auto" | "cuda[:N]" |
@@ -444,36 +516,19 @@ def load_tagger(
     recorded) or DeviceError (the device cannot be used here), one line each.
     """
     artefact = resolve_artefact(path)
-    if artefact.suffix.lower() == ".onnx":  # an exported model: onnxruntime on the CPU, no torch (device ignored)
-        from .runtime import OnnxTagger
-
-        return OnnxTagger.load(artefact)
-    from .device import check_precision, resolve
+    kind = _kind_by_suffix(artefact)
+    if kind is not None and kind.self_contained:  # an exported model: onnxruntime on the CPU, no torch (device ignored)
+        return kind.load(artefact, checkpoint, None)
+    from ..device import check_precision, resolve
 
     dev = resolve(device, allow_tf32)  # an unusable device fails before the model is loaded
     precision = check_precision(precision, dev)
     model_id = model_id_of(artefact)
     run_dir = artefact.parent if (artefact.parent / "metrics.json").exists() else None
-    if artefact.suffix == ".skops":
-        t = _load_head(artefact, checkpoint, model_id)
-    else:
-        from .cnn.model import read_model_file
-
-        kind = read_model_file(artefact).get("kind")
-        if kind == "cnn":
-            from .cnn.model import load_model
-
-            t = CNNTagger.from_model(load_model(artefact), model_id)
-        elif kind == "finetune":
-            from .cnn.finetune import load_finetuned
-
-            t = FinetuneTagger.from_model(load_finetuned(artefact), model_id)
-        else:
-            raise ModelLoadingError(f"{artefact}: unknown model kind {kind!r}")
-        _check_cnn_contract(t, artefact)
+    t = (kind or run_kind_of(artefact)).load(artefact, checkpoint, model_id)
     t.run_dir = run_dir
     if run_dir is not None:  # the run's calibration and default decisions (embedkit.calibration)
-        from .calibration import load_calibration
+        from ..calibration import load_calibration
 
         t.calibration = load_calibration(run_dir, t.labels)
     t.meta.setdefault("artefact", str(artefact))
@@ -482,15 +537,16 @@ def load_tagger(
     return t.to(dev, precision)
 
 
+@register_run_kind("head", suffixes=(".skops",))
 def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTagger:
+    from ..backbones import load_backbone
+    from ..config import PreprocessConfig
     from . import headcache
-    from .backbones import load_backbone
-    from .config import PreprocessConfig
 
     info = headcache.load(model_id)  # numpy form of this very file: no sklearn / skops import
     bundle = None
     if info is None:
-        from .heads import load_bundle
+        from ..heads import load_bundle
 
         bundle = info = load_bundle(artefact)
         fast = headcache.build(bundle)
@@ -530,6 +586,31 @@ def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTag
         artefact=artefact,
         _bundle=bundle,
     )
+
+
+@register_run_kind("cnn")
+def _load_cnn(artefact: Path, checkpoint: str | None, model_id: str) -> CNNTagger:
+    from ..cnn.model import load_model
+
+    t = CNNTagger.from_model(load_model(artefact), model_id)
+    _check_cnn_contract(t, artefact)
+    return t
+
+
+@register_run_kind("finetune")
+def _load_finetune(artefact: Path, checkpoint: str | None, model_id: str) -> FinetuneTagger:
+    from ..cnn.finetuned import load_finetuned  # the model file alone: not the training task
+
+    t = FinetuneTagger.from_model(load_finetuned(artefact), model_id)
+    _check_cnn_contract(t, artefact)
+    return t
+
+
+@register_run_kind("onnx", suffixes=(".onnx",), self_contained=True)
+def _load_onnx(artefact: Path, checkpoint: str | None, model_id: None) -> Tagger:
+    from .onnx_runtime import OnnxTagger  # onnxruntime, never torch
+
+    return OnnxTagger.load(artefact)
 
 
 #: backbone spec fields a head's embeddings depend on (as heads.load_bundle checks them)

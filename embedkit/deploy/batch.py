@@ -2,8 +2,8 @@
 
     inputs (files, folders, path lists, stdin), a chunk of PLAN_CHUNK at a time -> content
     fingerprints -> skip what the results database already holds for this model -> lanes
-    (embedkit.lanes, one per core): decode only the excerpt (seeking) -> windows
-    (embedkit.segments) -> the track's forwards (Tagger.predict_segments) -> per track: top
+    (embedkit.jobs, one per core): decode only the excerpt (seeking) -> windows
+    (embedkit.audio.segments) -> the track's forwards (Tagger.predict_segments) -> per track: top
     genre, top-k, all probabilities (+ window shares with ``full``) -> database upserts / CSV /
     JSONL / terminal table (on an accelerator: forwards batched across files instead)
 
@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
-import sys
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,156 +43,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .device import BackOff
-from .errors import AudioError, EmbedkitError
+from ..audio.excerpts import Excerpt, read_excerpt
+from ..calibration import DecisionRule
+from ..device import BackOff
+from ..errors import AudioError, EmbedkitError
+from .inputs import expand_inputs
+from .records import TrackResult, applied_rule, track_result
 
-LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
-#: native seconds decoded beyond each excerpt edge for the resampler (as audio.load does)
-MARGIN_S = 0.25
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 #: input paths fingerprinted and planned at a time (bounds a run's memory)
 PLAN_CHUNK = 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Excerpts
-
-
-@dataclass(frozen=True)
-class Excerpt:
-    """Which part of a song is listened to: mode "first", "middle", "spread" (n clips) or "full"."""
-
-    mode: str = "first"
-    n: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> "Excerpt":
-        s = str(text).strip().lower()
-        if s in ("first", "middle", "full"):
-            return cls(s)
-        if s.startswith("spread:"):
-            n = s[7:]
-            if n.isdigit() and int(n) >= 1:
-                return cls("spread", int(n))
-        raise EmbedkitError(f"--excerpt must be first, middle, spread:N (N >= 1) or full; got {text!r}")
-
-    def __str__(self) -> str:
-        return f"spread:{self.n}" if self.mode == "spread" else self.mode
-
-    def clip_starts(self, duration_s: float, clip_s: float | None) -> list[float] | None:
-        """Start times (s) of the clips listened to in a song of ``duration_s``; None: the
-        whole song (``full``, or a run without a clip length)."""
-        if self.mode == "full" or clip_s is None:
-            return None
-        room = max(0.0, duration_s - clip_s)
-        if self.mode == "first" or room == 0:
-            return [0.0]
-        if self.mode == "middle":
-            return [room / 2]
-        return [float(s) for s in np.linspace(0.0, room, self.n)] if self.n > 1 else [0.0]
-
-
-def read_excerpt(
-    path: str, sample_rate: int, excerpt: Excerpt, clip_s: float | None, window_s: float, hop_s: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Decode only what ``excerpt`` listens to and cut it into windows.
-
-    Returns (windows float32 [K, L] at ``sample_rate``, start_s [K] in song time, duration_s
-    of the song (the decoded length when the whole file was decoded; else the header's)).
-    Raises AudioError naming the file (unreadable, silent, shorter than one window...).
-    """
-    from . import audio
-    from .audio import SILENCE_PEAK
-    from .config import SegmentConfig
-    from .segments import segment
-
-    seg = SegmentConfig(window_s, hop_s)
-    if excerpt.mode == "full" or clip_s is None:
-        y, sr = audio.decode(path)
-        regions = [(0.0, audio.resample(y, sr, sample_rate))]
-        duration = len(y) / sr
-    elif excerpt.mode == "first":
-        y, sr = audio.decode(path, max_seconds=clip_s + MARGIN_S)
-        kept = audio.resample(y, sr, sample_rate)[: int(round(clip_s * sample_rate))]
-        # a file that ended inside the read is that long; a longer one: its header says (cheap)
-        duration = (
-            len(y) / sr if len(y) < int(np.ceil((clip_s + MARGIN_S) * sr)) else float(audio.probe(path)["duration_s"])
-        )
-        regions = [(0.0, kept)]
-    else:
-        duration = float(audio.probe(path)["duration_s"])
-        regions = []
-        for start in excerpt.clip_starts(duration, clip_s):
-            left = min(start, MARGIN_S)
-            y, sr = audio.decode(path, max_seconds=left + clip_s + MARGIN_S, start_s=start - left)
-            r = audio.resample(y, sr, sample_rate)
-            off = int(round(left * sample_rate))
-            regions.append((start, r[off : off + int(round(clip_s * sample_rate))]))
-    frames, starts = [], []
-    for start, y in regions:
-        f, s, _ = segment(y, sample_rate, seg)
-        frames.append(f)
-        starts.append(start + s)
-    windows = np.concatenate(frames) if frames else np.zeros((0, int(round(window_s * sample_rate))), np.float32)
-    if len(windows) == 0:
-        raise AudioError(path, f"too short: {duration:.2f} s is less than one {window_s:g} s window")
-    if float(np.max(np.abs(windows))) < SILENCE_PEAK:
-        raise AudioError(path, "silent (every sample listened to is zero)")
-    return windows, np.concatenate(starts), duration
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def expand_inputs(inputs: Iterable[str | os.PathLike], stdin=None) -> list[str]:
-    """Audio paths from files, folders (recursive, audio extensions), path lists (.txt, .m3u,
-    .csv with a ``path`` column or paths in the first column; relative entries are relative to
-    the list) and ``-`` (one path per line on stdin). Order kept, duplicates dropped. A path
-    that does not exist is kept: it becomes a recorded failure, not an abort."""
-    from .audio import AUDIO_EXTENSIONS
-
-    out: dict[str, None] = {}
-
-    def add(p: Path) -> None:
-        out.setdefault(str(p.absolute()), None)
-
-    for item in inputs:
-        s = str(item)
-        if s == "-":
-            for line in stdin or sys.stdin:
-                if line.strip():
-                    add(Path(line.strip()).expanduser())
-            continue
-        p = Path(s).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS and q.is_file())
-            for q in found:
-                add(q)
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            for q in _read_list(p):
-                add(q)
-        else:
-            add(p)
-    return list(out)
-
-
-def _read_list(p: Path) -> list[Path]:
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EmbedkitError(f"{p}: cannot read the path list ({exc})") from None
-    entries: list[str] = []
-    if p.suffix.lower() in (".csv", ".tsv"):
-        rows = list(csv.reader(io.StringIO(text), delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
-        if rows:
-            header = [h.strip().lower() for h in rows[0]]
-            col = header.index("path") if "path" in header else 0
-            body = rows[1:] if "path" in header else rows
-            entries = [r[col].strip() for r in body if len(r) > col and r[col].strip()]
-    else:
-        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    return [q if q.is_absolute() else p.parent / q for q in (Path(e).expanduser() for e in entries)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,62 +65,44 @@ class TagResult:
     n_inputs: int = 0
     n_tagged: int = 0  # by this run
     n_done_before: int = 0  # already in the database for this model and excerpt
+    n_redecided: int = 0  # of those, rows decided again under this run's rule (and rewritten)
     n_failed_before: int = 0  # recorded as failed earlier (skipped without retry_failed)
     failures: list[dict[str, str]] = field(default_factory=list)  # this run's: path, reason
-    rows: list[dict[str, Any]] = field(default_factory=list)  # up to ``keep_rows`` result rows (terminal table)
+    rows: list[TrackResult] = field(default_factory=list)  # the first ``keep_rows`` results (terminal table)
     seconds: float = 0.0
     model_loaded: bool = False
     windows: int = 0
     labels: list[str] = field(default_factory=list)
+    rule: DecisionRule | None = None  # the decision rule applied to every row
     device: dict[str, Any] = field(default_factory=dict)  # embedkit.device.provenance of the run (local path)
+    file_tags: Any = None  # writeback.FileTagReport with --write-tags
 
     @property
     def n_failed(self) -> int:
         return len(self.failures)
 
 
-def _track_row(tagger, item: "_Item", p_windows: np.ndarray, excerpt: Excerpt, top_k: int) -> dict[str, Any]:
-    from . import __version__
-
-    p = tagger.track_probabilities(p_windows)
-    labels = tagger.labels
-    order = np.argsort(-p, kind="stable")
-    top = int(order[0])
-    share = None
-    if excerpt.mode == "full":
-        counts = np.bincount(p_windows.argmax(axis=1), minlength=len(labels))
-        share = {l: float(counts[i] / len(p_windows)) for i, l in enumerate(labels)}
-    decide = getattr(tagger.calibration, "decide", None)  # embedkit.calibration: top label or "uncertain"
-    return {
-        "fingerprint": item.fingerprint,
-        "model_id": tagger.model_id,
-        "path": item.path,
-        "size": item.stat.size,
-        "mtime": item.stat.mtime_ns / 1e9,
-        "mtime_ns": item.stat.mtime_ns,
-        "inode": item.stat.inode,
-        "duration_s": float(item.duration_s),
-        "excerpt": str(excerpt),
-        "n_windows": int(len(p_windows)),
-        "top_label": labels[top],
-        "top_p": float(p[top]),
-        "decision": str(decide(p)) if decide else labels[top],
-        "topk": [[labels[i], float(p[i])] for i in order[:top_k]],
-        "probabilities": {l: float(p[i]) for i, l in enumerate(labels)},
-        "window_share": share,
-        "model_kind": tagger.kind,
-        "run_id": tagger.meta.get("run_id"),
-        "embedkit_version": __version__,
-        "window_starts_s": [float(s) for s in item.starts],
-    }
+def _result(tagger, item: "_Item", p_windows: np.ndarray, ex: Excerpt, top_k: int, rule: DecisionRule) -> TrackResult:
+    return track_result(
+        tagger,
+        p_windows,
+        rule,
+        path=item.path,
+        fingerprint=item.fingerprint,
+        excerpt=str(ex),
+        top_k=top_k,
+        duration_s=item.duration_s,
+        window_starts_s=item.starts,
+        stat=item.stat,
+    )
 
 
 class _Writer:
-    """Streams result rows to a CSV or JSONL file under a temporary name; ``commit`` renames it
+    """Streams results to a CSV or JSONL file under a temporary name; ``commit`` renames it
     into place (atomic: readers see the previous file or the complete new one)."""
 
     def __init__(self, path: str | os.PathLike, labels: list[str]):
-        from .io import tmp_name
+        from ..io import tmp_name
 
         self.path = Path(path)
         self.kind = self.path.suffix.lower()
@@ -271,65 +111,15 @@ class _Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_name(self.path)
         self.fh = open(self.tmp, "w", encoding="utf-8", newline="")
-        self.labels = labels
         if self.kind == ".csv":
             self.csv = csv.writer(self.fh)
-            self.csv.writerow(
-                [
-                    "path",
-                    "fingerprint",
-                    "model_id",
-                    "excerpt",
-                    "n_windows",
-                    "top_label",
-                    "top_p",
-                    "decision",
-                    "topk",
-                    *[f"p_{l}" for l in labels],
-                    *[f"share_{l}" for l in labels],
-                ]
-            )
+            self.csv.writerow(TrackResult.csv_header(labels))
 
-    def write(self, row: dict[str, Any], path: str | None = None) -> None:
-        path = path or row["path"]
+    def write(self, r: TrackResult) -> None:
         if self.kind == ".jsonl":
-            keep = {
-                k: row.get(k)
-                for k in (
-                    "path",
-                    "fingerprint",
-                    "model_id",
-                    "excerpt",
-                    "duration_s",
-                    "n_windows",
-                    "top_label",
-                    "top_p",
-                    "decision",
-                    "topk",
-                    "probabilities",
-                    "window_share",
-                    "window_starts_s",
-                )
-            }
-            self.fh.write(json.dumps({**keep, "path": path}) + "\n")
-            return
-        share = row.get("window_share") or {}
-        topk = ";".join(f"{l}:{p:.4f}" for l, p in row["topk"])
-        self.csv.writerow(
-            [
-                path,
-                row["fingerprint"],
-                row["model_id"],
-                row["excerpt"],
-                row["n_windows"],
-                row["top_label"],
-                f"{row['top_p']:.6f}",
-                row["decision"],
-                topk,
-                *[f"{row['probabilities'][l]:.6f}" for l in self.labels],
-                *[f"{share[l]:.6f}" if l in share else "" for l in self.labels],
-            ]
-        )
+            self.fh.write(json.dumps(r.to_json()) + "\n")
+        else:
+            self.csv.writerow(r.csv_row())
 
     def commit(self) -> None:
         self.fh.flush()
@@ -358,13 +148,21 @@ class _Item:
 
 
 def _plan(
-    paths: list[str], model_id: str, excerpt: Excerpt, db, retry_failed: bool, workers: int, seen: set[str]
-) -> tuple[list[_Item], list[dict], dict[str, list[str]], list[dict], int]:
+    paths: list[str],
+    model_id: str,
+    excerpt: Excerpt,
+    db,
+    retry_failed: bool,
+    workers: int,
+    seen: set[str],
+    top_k: int,
+) -> tuple[list[_Item], list[tuple[TrackResult, bool]], dict[str, list[str]], list[dict], int]:
     """Fingerprint a chunk of the inputs (re-using the database's record for unchanged files)
-    and split it into (to tag, already done rows, duplicates {fingerprint: [other paths]},
-    failures, n skipped as failed before). ``seen``: fingerprints met in earlier chunks of the
-    same run (updated); their paths are duplicates of a track already handled."""
-    from .identity import SCHEME, FileStat, identify
+    and split it into (to tag, already done [(stored result, is a copy of a track of this run)],
+    duplicates {fingerprint: [other paths]}, failures, n skipped as failed before). ``seen``:
+    fingerprints met in earlier chunks of the same run (updated); their paths are duplicates of
+    a track already handled."""
+    from ..identity import SCHEME, FileStat, identify
 
     known = {}
     scheme = db.scheme if db is not None else SCHEME  # an older database keeps its own
@@ -387,24 +185,30 @@ def _plan(
     done = db.done(model_id, str(excerpt), fingerprints=fps) if db is not None and fps else {}
     failed = db.failed(model_id, paths=paths) if db is not None and not retry_failed else {}
     todo: list[_Item] = []
-    done_rows: list[dict] = []
+    done_rows: list[tuple[TrackResult, bool]] = []
     dups: dict[str, list[str]] = {}
     failures: list[dict] = []
     n_failed_before = 0
     earlier = set(fps) & seen  # contents handled in an earlier chunk of this run
+
+    def stored(fp: str, path: str) -> TrackResult:
+        row = done[fp]
+        # the probabilities JSON keeps the model's label order (SQLite text, PostgreSQL json)
+        return TrackResult.from_db_row({**row, "path": path}, list(row["probabilities"]), top_k)
+
     for path, st, fp, problem in idents:
         if problem is not None:
             failures.append({"path": path, "fingerprint": None, "reason": problem})
             continue
         if fp in earlier and fp in done:  # its row was written by this run: a copy of it
-            done_rows.append({**done[fp], "path": path, "_duplicate": True})
+            done_rows.append((stored(fp, path), True))
             continue
         if fp in seen and fp not in earlier:
             dups.setdefault(fp, []).append(path)
             continue
         seen.add(fp)
         if fp in done:
-            done_rows.append({**done[fp], "path": path})
+            done_rows.append((stored(fp, path), False))
         elif path in failed and failed[path].get("fingerprint") == fp:
             n_failed_before += 1
         else:
@@ -420,6 +224,13 @@ def tag(
     db: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     top_k: int = 3,
+    rule: DecisionRule | None = None,
+    threshold: float | None = None,
+    multi: bool | None = None,
+    multi_threshold: float | None = None,
+    margin: float | None = None,
+    max_genres: int | None = None,
+    file_tags=None,
     workers: int | None = None,
     batch_size: int | None = 32,
     checkpoint: str | None = None,
@@ -438,22 +249,29 @@ def tag(
 
     excerpt: "first", "middle", "spread:N" or "full" (see the module doc). db: results
     database (SQLite path or SQLAlchemy URL); re-runs skip tracks it holds for this model and
-    excerpt. out: also write the rows of every input track (new and already tagged) to a .csv or
-    .jsonl file. workers: lanes on the CPU (embedkit.lanes), decode threads on an accelerator
-    (default: CPU count). batch_size: windows per forward (on the CPU, of one track).
-    executor: run shards of ``shard_size`` files elsewhere (a dask Client; each worker loads
-    the model once and writes to ``db``, which it must be able to reach). tagger: an already
-    loaded Tagger for ``model`` (saves the load). progress(done, total) is called from this
-    thread as tracks finish. Bad files are recorded (``failures``, and in the database), never
-    raised; EmbedkitError is raised for an unusable model, database or argument.
-    device / precision / allow_tf32: where the network runs (``embedkit.device``; Dask workers
-    resolve the name themselves). None: the CPU, or where a given ``tagger`` already is.
-    batch_size None: 32 windows on the CPU, 8x on an accelerator (``device.default_batch_size``).
+    excerpt. out: also write the results of every input track (new and already tagged) to a
+    .csv or .jsonl file. rule: the decision rule (default: the model's stored rule,
+    ``records.model_rule``) with the overrides threshold / multi / multi_threshold / margin /
+    max_genres (None keeps the stored value; the same names as the CLI flags and the HTTP
+    query parameters). Rows already in the database are decided again under this rule (the same
+    probabilities; a row whose recorded rule differs is rewritten). file_tags: a
+    ``writeback.FileTagOptions`` to write each track's decided genres into its file as results
+    arrive (needs ``db`` unless a dry run; memory stays flat whatever the library size).
+    workers: lanes on the CPU (embedkit.jobs), decode threads on an accelerator (default: CPU
+    count). batch_size: windows per forward (on the CPU, of one track). executor: run shards of
+    ``shard_size`` files elsewhere (a dask Client; each worker loads the model once and writes
+    to ``db``, which it must be able to reach). tagger: an already loaded Tagger for ``model``
+    (saves the load). progress(done, total) is called from this thread as tracks finish. Bad
+    files are recorded (``failures``, and in the database), never raised; EmbedkitError is
+    raised for an unusable model, database or argument. device / precision / allow_tf32: where
+    the network runs (``embedkit.device``; Dask workers resolve the name themselves). None: the
+    CPU, or where a given ``tagger`` already is. batch_size None: 32 windows on the CPU, 8x on
+    an accelerator (``device.default_batch_size``).
     """
-    from .device import default_batch_size, resolve, settle
+    from ..device import default_batch_size, resolve, settle
 
     device_name, precision, batch_size = settle(tagger, device, allow_tf32, precision, batch_size, executor is not None)
-    from .tagdb import ResultsDB
+    from .resultsdb import ResultsDB
     from .tagger import model_id_of
 
     t0 = time.perf_counter()
@@ -466,30 +284,45 @@ def tag(
     writer_path = Path(out) if out is not None else None
     if writer_path is not None and writer_path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise EmbedkitError(f"--out {writer_path}: use a .csv or .jsonl file name")
+    rule = (rule or applied_rule(tagger if tagger is not None else model)).with_overrides(
+        threshold, multi, multi_threshold, margin, max_genres
+    )
+    if file_tags is not None and not file_tags.dry_run and db is None:
+        raise EmbedkitError(
+            "writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them"
+        )
     paths = expand_inputs(inputs, stdin)
     if not paths:
         raise EmbedkitError("no audio files found in the inputs")
     model_id = tagger.model_id if tagger is not None else model_id_of(model)
     database = ResultsDB(db) if db is not None else None
-    res = TagResult(model_id, n_inputs=len(paths))
+    res = TagResult(model_id, n_inputs=len(paths), rule=rule)
     writer = None
+    files = None
+    if file_tags is not None:
+        from .writeback import FileTagWriter
+
+        files = FileTagWriter(database, model_id, file_tags)
+        res.file_tags = files.report
     finished = 0
     total = len(paths)  # progress counts input paths (a duplicate finishes with its first copy)
     seen: set[str] = set()
     ready = False  # the model is loaded / placed (on the first chunk with work)
 
-    def emit(row: dict[str, Any], dups: dict[str, list[str]]) -> None:
+    def emit(r: TrackResult, dups: dict[str, list[str]]) -> None:
         nonlocal finished, writer
         if not res.labels:
-            res.labels = list(row["probabilities"])
+            res.labels = list(r.labels)
         if writer is None and writer_path is not None:
             writer = _Writer(writer_path, res.labels)
-        same = [row["path"], *dups.get(row["fingerprint"], [])]
-        for p in same:
+        same = [r, *(r.at(p) for p in dups.get(r.fingerprint, []))]
+        for one in same:
             if writer is not None:
-                writer.write(row, p)
+                writer.write(one)
             if len(res.rows) < keep_rows:
-                res.rows.append({**row, "path": p})
+                res.rows.append(one)
+            if files is not None:
+                files.write(one)
         finished += len(same)
 
     try:
@@ -497,18 +330,29 @@ def tag(
         # number of tracks (or with the database), only the paths and fingerprints are kept.
         for at in range(0, len(paths), PLAN_CHUNK):
             todo, done_rows, dups, failures, n_failed_before = _plan(
-                paths[at : at + PLAN_CHUNK], model_id, ex, database, retry_failed, workers, seen
+                paths[at : at + PLAN_CHUNK], model_id, ex, database, retry_failed, workers, seen, top_k
             )
             res.n_failed_before += n_failed_before
             finished += n_failed_before
-            res.n_done_before += sum(not r.pop("_duplicate", False) for r in done_rows)
+            res.n_done_before += sum(not copy for _, copy in done_rows)
             if failures:
                 res.failures.extend({"path": f["path"], "reason": f["reason"]} for f in failures)
                 if database is not None:
                     database.write([], [{**f, "model_id": model_id} for f in failures])
                 finished += len(failures)
-            for row in done_rows:
-                emit(row, dups)
+            # Stored rows decided under another rule: the same probabilities decided again, and
+            # the row rewritten, so the database says what this run decided.
+            again = []
+            for i, (r, copy) in enumerate(done_rows):
+                if r.rule != rule:
+                    done_rows[i] = (r.redecide(rule), copy)
+                    if not copy:
+                        again.append(done_rows[i][0])
+            if again and database is not None:
+                database.write([r.db_row() for r in again])
+            res.n_redecided += len(again)
+            for r, _ in done_rows:
+                emit(r, dups)
             if progress:
                 progress(finished, total)
             if todo and not ready:  # load / place the model on the first chunk with work
@@ -522,7 +366,7 @@ def tag(
                 elif tagger is not None and executor is None and tagger.torch_backed:
                     tagger.to(resolve(device_name, allow_tf32), precision)
                 if tagger is not None and executor is None:
-                    from .device import provenance
+                    from ..device import provenance
 
                     res.device = (
                         provenance(tagger.device, tagger.precision, allow_tf32)
@@ -541,14 +385,14 @@ def tag(
                     )
                 ready = True
 
-            def on_batch(rows: list[dict], fails: list[dict], stored: bool = False, dups=dups) -> None:
+            def on_batch(rows: list[TrackResult], fails: list[dict], stored: bool = False, dups=dups) -> None:
                 nonlocal finished
                 if database is not None and not stored:
-                    database.write([_db_row(r) for r in rows], [{**f, "model_id": model_id} for f in fails])
+                    database.write([r.db_row() for r in rows], [{**f, "model_id": model_id} for f in fails])
                 for r in rows:
                     emit(r, dups)
                     res.n_tagged += 1
-                    res.windows += r["n_windows"]
+                    res.windows += r.n_windows
                 for f in fails:
                     res.failures.append({"path": f["path"], "reason": f["reason"]})
                     finished += 1
@@ -556,7 +400,7 @@ def tag(
                     progress(finished, total)
 
             if todo and executor is None:
-                _run_local(tagger, todo, ex, workers, batch_size, top_k, on_batch)
+                _run_local(tagger, todo, ex, workers, batch_size, top_k, rule, on_batch)
             elif todo:
                 _run_remote(
                     executor,
@@ -567,6 +411,7 @@ def tag(
                     db,
                     batch_size,
                     top_k,
+                    rule,
                     shard_size,
                     on_batch,
                     (device or "cpu", precision, allow_tf32),
@@ -585,12 +430,8 @@ def tag(
     return res
 
 
-def _db_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "window_starts_s"}
-
-
 def _decode_item(item: _Item, sr: int, ex: Excerpt, clip_s, window_s: float, hop_s: float) -> tuple[_Item, str | None]:
-    from .identity import FileStat
+    from ..identity import FileStat
 
     try:
         if FileStat.of(item.path) != item.stat:  # edited or replaced since it was fingerprinted
@@ -601,30 +442,32 @@ def _decode_item(item: _Item, sr: int, ex: Excerpt, clip_s, window_s: float, hop
         return item, exc.problem
 
 
-def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, on_batch) -> None:
+def _run_local(
+    tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, rule: DecisionRule, on_batch
+) -> None:
     """Tag ``todo`` here, handing finished tracks to ``on_batch`` in ``todo`` order, a
     transaction's worth (``batch_size`` windows) at a time. On the CPU: ``workers`` lanes
-    (embedkit.lanes), each taking a track from file to row; on an accelerator: decode threads
+    (embedkit.jobs), each taking a track from file to row; on an accelerator: decode threads
     feeding forwards batched across files (``_run_batched``)."""
-    from .device import is_accelerator
+    from ..device import is_accelerator
 
     if tagger.torch_backed and is_accelerator(tagger.device):
-        return _run_batched(tagger, todo, ex, workers, batch_size, top_k, on_batch)
-    from .lanes import ordered_map
+        return _run_batched(tagger, todo, ex, workers, batch_size, top_k, rule, on_batch)
+    from ..jobs import ordered_map
 
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
 
-    def one(item: _Item) -> tuple[dict | None, dict | None]:
+    def one(item: _Item) -> tuple[TrackResult | None, dict | None]:
         item, problem = _decode_item(item, sr, ex, clip_s, seg.segment_s, seg.hop_s)
         if problem is not None:
             return None, {"path": item.path, "fingerprint": item.fingerprint, "reason": problem}
         w = item.windows
         p = np.concatenate([tagger.predict_segments(w[i : i + batch_size]) for i in range(0, len(w), batch_size)])
-        row = _track_row(tagger, item, p, ex, top_k)
+        row = _result(tagger, item, p, ex, top_k, rule)
         item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
         return row, None
 
-    rows: list[dict] = []
+    rows: list[TrackResult] = []
     fails: list[dict] = []
     n_windows = 0
     lanes = min(workers, len(todo))
@@ -635,7 +478,7 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
                 fails.append(fail)
             else:
                 rows.append(row)
-                n_windows += row["n_windows"]
+                n_windows += row.n_windows
             if n_windows >= batch_size or len(fails) >= batch_size:
                 on_batch(rows, fails)
                 rows, fails, n_windows = [], [], 0
@@ -643,11 +486,13 @@ def _run_local(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size:
         on_batch(rows, fails)
 
 
-def _run_batched(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, on_batch) -> None:
+def _run_batched(
+    tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, rule: DecisionRule, on_batch
+) -> None:
     """Decode threads run ahead (bounded), this thread batches windows across files into
     forwards of ``batch_size`` windows on the accelerator and hands finished tracks to
     ``on_batch``."""
-    from .lanes import ordered_map
+    from ..jobs import ordered_map
 
     sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
     # Decoded tracks kept ready: enough for two forwards while the decoders work on, bounded
@@ -679,7 +524,7 @@ def _run_batched(tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_siz
             at = 0
             for it in pending:
                 k = len(it.windows)
-                rows.append(_track_row(tagger, it, p[at : at + k], ex, top_k))
+                rows.append(_result(tagger, it, p[at : at + k], ex, top_k, rule))
                 at += k
                 it.windows = it.starts = None  # memory stays flat: nothing of a finished track is kept
         on_batch(rows, fails)
@@ -717,10 +562,11 @@ def tag_shard(
     db: str | None,
     batch_size: int,
     top_k: int,
+    rule: DecisionRule,
     device: str = "cpu",
     precision: str = "fp32",
     allow_tf32: bool = False,
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[TrackResult], list[dict]]:
     """Tag one shard (runs on a Dask worker: the model is loaded once per worker process, on
     ``device`` as resolved on that worker). items: (path, FileStat, fingerprint). Writes to
     ``db`` when given; returns (rows, failures)."""
@@ -735,7 +581,7 @@ def tag_shard(
     rows_out, fails_out = [], []
     database = None
     if db is not None:
-        from .tagdb import ResultsDB
+        from .resultsdb import ResultsDB
 
         database = ResultsDB(db)
         database.register_model(
@@ -748,13 +594,20 @@ def tag_shard(
 
     def on_batch(rows, fails):
         if database is not None:
-            database.write([_db_row(r) for r in rows], [{**f, "model_id": tagger.model_id} for f in fails])
+            database.write([r.db_row() for r in rows], [{**f, "model_id": tagger.model_id} for f in fails])
         rows_out.extend(rows)
         fails_out.extend(fails)
 
     try:
         _run_local(
-            tagger, [_Item(p, st, fp) for p, st, fp in items], Excerpt.parse(excerpt), 1, batch_size, top_k, on_batch
+            tagger,
+            [_Item(p, st, fp) for p, st, fp in items],
+            Excerpt.parse(excerpt),
+            1,
+            batch_size,
+            top_k,
+            rule,
+            on_batch,
         )
     finally:
         if database is not None:
@@ -771,13 +624,14 @@ def _run_remote(
     db,
     batch_size: int,
     top_k: int,
+    rule: DecisionRule,
     shard_size: int,
     on_batch,
     device=("cpu", "fp32", False),
 ) -> None:
     """Shards on ``executor`` (a dask Client or any concurrent.futures Executor); the workers
     write the database themselves, so ``on_batch`` only reports."""
-    from .tagdb import database_url
+    from .resultsdb import database_url
 
     url = database_url(db) if db is not None else None
     kw = {"pure": False} if _is_dask(executor) else {}
@@ -792,6 +646,7 @@ def _run_remote(
             url,
             batch_size,
             top_k,
+            rule,
             *device,
             **kw,
         )

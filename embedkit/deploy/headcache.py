@@ -42,7 +42,7 @@ class FastHead:
         X = np.array(X, dtype=np.float32, order="C")  # a copy: transformed in place below
         dim = a["scale_mean"].shape[0]
         if X.ndim != 2 or X.shape[1] != dim:
-            from .errors import ConfigMismatchError
+            from ..errors import ConfigMismatchError
 
             raise ConfigMismatchError(
                 f"embeddings have shape {X.shape}; the head expects {dim} dimensions ({self.spec.get('name')})"
@@ -132,7 +132,7 @@ def verified(fast: FastHead, bundle, dim: int, seed: int = 0) -> bool:
 
 def save(fast: FastHead, model_id: str) -> Path | None:
     """Write the form atomically under ``cache_dir()``; None when the folder is not writable."""
-    from .io import atomic_write
+    from ..io import atomic_write
 
     meta = json.dumps({**fast.meta, "format": FORMAT, "model_id": model_id}, default=str)
     try:

@@ -5,7 +5,7 @@ smoothing, hysteresis decisions and change events, on one ``Tagger``.
       -> down-mix -> soxr.ResampleStream -> Windower (window k at round(k * hop_s * sr))
       -> bounded queue -> tagger.predict_segments -> calibrate -> Smoother -> Decider -> records
 
-The windows are the ones ``embedkit.segments.segment`` cuts from the same whole signal: the
+The windows are the ones ``embedkit.audio.segments.segment`` cuts from the same whole signal: the
 resampled stream keeps its own sample count and window k starts at round(k * hop_s * sr) of it,
 computed from k (never by adding a rounded hop), so nothing drifts over hours; and soxr's
 streaming resampler gives the same samples as the one-shot resampling of a whole file.
@@ -42,12 +42,11 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from .errors import AudioError, EmbedkitError
+from ..calibration import UNCERTAIN  # the decision when no genre is clear enough
+from ..errors import AudioError, EmbedkitError
 
 #: raw PCM formats accepted on stdin: numpy dtype and bytes per sample.
 PCM_FORMATS = {"f32le": ("<f4", 4), "s16le": ("<i2", 2)}
-#: the decision when no genre is clear enough (hysteresis thresholds not met).
-UNCERTAIN = "uncertain"
 #: f32 samples beyond this are not audio (nominal range is [-1, 1]; 16x headroom for hot
 #: masters): bytes of another format read as f32le land far outside it or on NaN.
 F32_LIMIT = 16.0
@@ -158,7 +157,7 @@ class FileSource(Source):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        from .audio import open_audio
+        from ..audio.decoding import open_audio
 
         p = Path(path)
         self._fh = open_audio(p)
@@ -299,7 +298,7 @@ class MicSource(Source):
         block_frames: int = 1024,
         buffer_s: float = 30.0,
     ):
-        from .errors import require
+        from ..errors import require
 
         try:
             self._sd = require("sounddevice", "pip install 'embedkit[live]'", "microphone input")
@@ -412,7 +411,7 @@ def open_source(
 
 
 class Resampler:
-    """Streaming band-limited resampling (soxr HQ, as ``embedkit.audio.resample``); the
+    """Streaming band-limited resampling (soxr HQ, as ``embedkit.audio.decoding.resample``); the
     concatenated output equals the one-shot resampling of the whole signal."""
 
     def __init__(self, sr_in: int, sr_out: int):
@@ -429,12 +428,12 @@ class Resampler:
 
 
 class Windower:
-    """Cuts a sample stream into the windows ``embedkit.segments.segment`` cuts from the whole
+    """Cuts a sample stream into the windows ``embedkit.audio.segments.segment`` cuts from the whole
     signal: window k covers [round(k * hop_s * sr), + round(segment_s * sr)) of the stream's own
     sample count. Keeps only the samples a future window still needs."""
 
     def __init__(self, sr: int, segment_s: float, hop_s: float):
-        from .segments import _check
+        from ..audio.segments import _check
 
         self.length = _check(sr, segment_s, hop_s)
         self.sr, self.hop_s = sr, hop_s
@@ -563,7 +562,7 @@ def _reader(
         return False
 
     try:
-        from .audio import _downmix
+        from ..audio.decoding import _downmix
 
         rs = Resampler(source.sample_rate, sr)
         for block in source.blocks():
@@ -592,7 +591,12 @@ def _probs(labels: list[str], p: np.ndarray) -> dict[str, float]:
 
 
 def run_stream(
-    tagger, source: Source, cfg: StreamConfig, emit: Callable[[dict], None], clock: Callable[[], float] = time.monotonic
+    tagger,
+    source: Source,
+    cfg: StreamConfig,
+    emit: Callable[[dict], None],
+    clock: Callable[[], float] = time.monotonic,
+    rule=None,
 ) -> dict:
     """Tag ``source`` window by window; call ``emit(record)`` once per tagged window and once
     with the final summary, which is also returned.
@@ -601,16 +605,22 @@ def run_stream(
     "raw" {label: calibrated window probability}, "smoothed" {label: p}, "decision",
     "change" ({"from", "to", "since_s"} or null), "lagging", "dropped" (windows dropped since
     the previous record), "delay_ms" (wall time from the window's last sample arriving to its
-    record)}. Summary: {"type": "summary", "end" ("eof" | "interrupted" | "broken pipe" |
+    record), "window" ({"decision", "genres", "confidence"}: the one decision,
+    ``embedkit.calibration.decide``, of this window's calibrated probabilities under ``rule``,
+    what ``embedkit tag`` decides for a track with these probabilities)}. Summary: {"type": "summary", "end" ("eof" | "interrupted" | "broken pipe" |
     "error"), "error", "audio_s", "windows", "dropped", "changes", "share" {decision: fraction of
     the decided stream time}, "seconds" {decision: s}, "final_decision", "wall_s", "compute_s",
-    "realtime_factor" (audio_s / wall_s), "max_delay_ms"}.
+    "realtime_factor" (audio_s / wall_s), "max_delay_ms", "rule" (the rule of the window
+    decisions)}. rule: ``embedkit.calibration.DecisionRule`` (default: the model's).
 
     Errors of the source (malformed input) are raised after the summary is emitted, so the
     windows before the error are not lost. KeyboardInterrupt and a broken pipe on ``emit`` end
     the stream cleanly with the summary's "end" saying why.
     """
+    from .records import decision_json
+
     labels = list(tagger.labels)
+    rule = rule or tagger.rule
     sr = int(tagger.sample_rate)
     windower = Windower(sr, tagger.segment.segment_s, cfg.hop_s)
     smoother = Smoother(cfg.smooth)
@@ -702,6 +712,9 @@ def run_stream(
                         "smoothed": _probs(labels, s),
                         "decision": decider.state,
                         "change": change,
+                        "window": {
+                            k: v for k, v in decision_json(tagger.decide(praw, rule), rule).items() if k != "rule"
+                        },
                         "lagging": bool(lag),
                         "dropped": dropped_since,
                         "delay_ms": round(delay * 1e3, 1),
@@ -739,6 +752,7 @@ def run_stream(
         "compute_s": round(compute_s, 3),
         "realtime_factor": round(audio_s / wall, 2) if wall > 0 else None,
         "max_delay_ms": round(max_delay * 1e3, 1),
+        "rule": rule.to_dict(),
     }
     if getattr(source, "overflows", 0):
         summary["input_overflows"] = source.overflows
@@ -859,7 +873,7 @@ def load_model(
     precision: str = "fp32",
     allow_tf32: bool = False,
 ):
-    """A run directory or model file -> its Tagger (``embedkit.tagger.load_tagger``) on ``device``."""
+    """A run directory or model file -> its Tagger (``embedkit.deploy.tagger.load_tagger``) on ``device``."""
     from .tagger import load_tagger
 
     return load_tagger(model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32)
@@ -879,16 +893,24 @@ def stream(
     device: str | None = None,
     precision: str | None = None,
     allow_tf32: bool = False,
+    threshold: float | None = None,
+    multi: bool | None = None,
+    multi_threshold: float | None = None,
+    margin: float | None = None,
+    max_genres: int | None = None,
 ) -> dict:
     """``embedkit stream MODEL SOURCE``: load the model (a run directory, or a Tagger), open
     the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default.
     device / precision: where the network runs (``embedkit.device``; None: the CPU, or where a
-    given Tagger already is). One window per forward, so no batch policy applies."""
-    from .device import resolve
+    given Tagger already is). One window per forward, so no batch policy applies. threshold ...
+    max_genres: overrides of the model's decision rule for each window's decision (the names
+    and meanings of ``embedkit tag``'s)."""
+    from ..device import resolve
     from .tagger import Tagger
 
     tagger = model if isinstance(model, Tagger) else load_model(model, checkpoint)  # loaded on the CPU
     if tagger.torch_backed and (device is not None or precision is not None):  # an ONNX model stays on onnxruntime
         tagger = tagger.to(resolve(device, allow_tf32) if device is not None else tagger.device, precision)
     src = open_source(source, fmt=fmt, rate=rate, channels=channels, realtime=realtime, stdin=stdin)
-    return run_stream(tagger, src, cfg, emit or JsonLinesWriter())
+    rule = tagger.rule.with_overrides(threshold, multi, multi_threshold, margin, max_genres)
+    return run_stream(tagger, src, cfg, emit or JsonLinesWriter(), rule=rule)

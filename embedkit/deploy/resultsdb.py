@@ -5,8 +5,9 @@ SQLAlchemy Core over any database URL; a plain file path means SQLite (the defau
 - ``tags``: primary key (``fingerprint``, ``model_id``): the content fingerprint of
   ``embedkit.identity`` (so a renamed or copied file is the same audio, an edited one is new
   audio) and ``Tagger.model_id`` (a hash of the model artefact). Columns: path, size, mtime (+ mtime_ns, inode),
-  duration_s, excerpt, n_windows, top_label, top_p, decision (the top label, or "uncertain" once
-  a calibrated threshold says so), topk / probabilities / window_share (JSON), model_kind,
+  duration_s, excerpt, n_windows, top_label, top_p, decision (the top label, or "uncertain" below
+  the rule's threshold), genres ([[genre, p], ...] decided, several with a multi-genre rule),
+  rule (the DecisionRule applied, JSON), topk / probabilities / window_share (JSON), model_kind,
   run_id, embedkit_version, created_at, updated_at (UTC).
 - ``tag_failures``: (path, model_id) -> fingerprint, reason, timestamps: files that could not be
   tagged by that model. A later success removes the file's failure row.
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DatabaseError, EmbedkitError
+from ..errors import DatabaseError, EmbedkitError
 
 #: seconds a SQLite writer waits for another writer's lock before giving up
 SQLITE_BUSY_TIMEOUT_S = 120
@@ -94,6 +95,8 @@ class ResultsDB:
             sa.Column("top_label", sa.Text),
             sa.Column("top_p", sa.Float),
             sa.Column("decision", sa.Text),
+            sa.Column("genres", sa.JSON),  # [[genre, p], ...] decided under ``rule`` (empty: uncertain)
+            sa.Column("rule", sa.JSON),  # the DecisionRule applied (embedkit.calibration)
             sa.Column("topk", sa.JSON),
             sa.Column("probabilities", sa.JSON),
             sa.Column("window_share", sa.JSON),
@@ -144,6 +147,7 @@ class ResultsDB:
                 self.meta.create_all(self.engine)
                 for index in self.tags.indexes:  # a database made before the index existed gets it
                     index.create(self.engine, checkfirst=True)
+                self._add_columns()
                 return
             except Exception as exc:
                 if attempt == 4 or not _is_race(exc):
@@ -152,13 +156,32 @@ class ResultsDB:
                     ) from None
                 time.sleep(0.05 * (attempt + 1))
 
+    def _add_columns(self) -> None:
+        """Columns added since a database was made (``genres``, ``rule``): added empty. Its rows
+        then have no recorded rule, and ``embedkit tag`` decides them again from their stored
+        probabilities under the rule it applies (and rewrites them)."""
+        import sqlalchemy as sa
+
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}
+        missing = [c for c in self.tags.columns if c.name not in have]
+        for col in missing:
+            kind = col.type.compile(dialect=self.engine.dialect)
+            try:
+                with self.engine.begin() as c:
+                    c.execute(sa.text(f'ALTER TABLE tags ADD COLUMN "{col.name}" {kind}'))
+            except Exception as exc:  # another process added it first
+                if col.name not in {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}:
+                    raise DatabaseError(
+                        f"{_safe(self.url)}: cannot add column tags.{col.name} ({_first(exc)})"
+                    ) from None
+
     def _scheme(self) -> str:
         """The recorded fingerprint scheme; recorded now when absent: LEGACY for a database that
         already holds fingerprints (made before schemes), identity.SCHEME for an empty one.
         Concurrent openers agree: the loser of the insert race retries and reads the winner's."""
         import sqlalchemy as sa
 
-        from .identity import LEGACY, SCHEME, artefact_scheme
+        from ..identity import LEGACY, SCHEME, artefact_scheme
 
         found: list[str] = []
 

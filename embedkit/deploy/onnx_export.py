@@ -6,10 +6,10 @@ dynamic batch axis: the front end (log-mel or the backbone's own features), the 
 head and the calibration are all inside. What a consumer must do before the graph (decode,
 down-mix, resample to ``sample_rate``, bring the clip to the ``audio`` policy, cut windows of
 ``segment_s`` every ``hop_s``) is written into the file's ``metadata_props`` and read back by
-:func:`embedkit.runtime.read_metadata`, so the file is all another program needs.
+:func:`embedkit.deploy.onnx_runtime.read_metadata`, so the file is all another program needs.
 
     >>> info = export_onnx(load_tagger("runs/<id>"), "model.onnx")   # doctest: +SKIP
-    >>> from embedkit.runtime import OnnxTagger                        # doctest: +SKIP
+    >>> from embedkit.deploy.onnx_runtime import OnnxTagger                        # doctest: +SKIP
     >>> OnnxTagger.load("model.onnx").predict_segments(windows)       # doctest: +SKIP
 
 What exports (``tagger_module``): heads on torch backbones (musicnn, PANNs, AST, tiny-test)
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import stable_hash
-from .errors import EmbedkitError
-from .runtime import (
+from .. import __version__
+from ..config import stable_hash
+from ..errors import EmbedkitError
+from .onnx_runtime import (
     FORMAT,
     INPUT_NAME,
     LOG_FLOOR,
@@ -61,7 +61,7 @@ def _step_modules(model) -> list:
     import torch
     from torch import nn
 
-    from .heads import Float32LogisticRegression, LGBMHead, TorchMLP
+    from ..heads import Float32LogisticRegression, LGBMHead, TorchMLP
 
     def buf(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -188,7 +188,7 @@ def _backbone_module(backbone):
     if hasattr(module, "export_module"):  # musicnn: its data-dependent plan choice as torch.cond
         module = module.export_module()
     if family == "ast":  # its NumPy fbank becomes the same computation in torch ops
-        from .backbones.ast import export_module
+        from ..backbones.ast import export_module
 
         module = export_module(module)
     return module
@@ -243,7 +243,7 @@ def tagger_module(tagger):
         if hasattr(getattr(net, "backbone", None), "export_module"):  # musicnn: one static graph
             net.backbone = net.backbone.export_module()
         if hasattr(getattr(net, "backbone", None), "feature_extractor"):  # AST: torch fbank
-            from .backbones.ast import export_module
+            from ..backbones.ast import export_module
 
             net.backbone = export_module(net.backbone)
         from .tagger import probability_module
@@ -266,7 +266,7 @@ def _lgbm_onnx(bundle, n_features: int, calibration: dict | None):
     import onnx
     from onnx import TensorProto, helper
 
-    from .errors import require
+    from ..errors import require
 
     require("onnxmltools", "pip install 'embedkit[export]'", "exporting LightGBM heads")
     import lightgbm as lgb
@@ -333,7 +333,7 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
     """The ``metadata_props`` of an exported model (values JSON-encoded in the file)."""
     from dataclasses import asdict
 
-    from .io import versions
+    from ..io import versions
 
     contract = preprocessing_contract(tagger)
     meta = tagger.meta or {}
@@ -419,13 +419,13 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
     Returns {"path", "bytes", "seconds", "metadata"}. Raises ExportError naming why a model
     cannot be exported, MissingDependencyError without onnx / onnxscript.
     """
-    from .errors import require
+    from ..errors import require
 
     require("onnx", EXPORT_INSTALL, "ONNX export")
     require("onnxscript", EXPORT_INSTALL, "ONNX export")
     import onnx
 
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     t0 = time.perf_counter()
     calibration = calibration_params(getattr(tagger, "calibration", None), error=ExportError)
@@ -476,7 +476,7 @@ def _merge(front, trees):
 def parity_check(tagger, path: str | os.PathLike, n: int = 3, seed: int = 0) -> float:
     """Max |onnxruntime - torch| of the probabilities of ``n`` generated windows (noise plus
     tones at the model's rate): the check ``embedkit export`` runs after writing."""
-    from .runtime import OnnxTagger
+    from .onnx_runtime import OnnxTagger
 
     rng = np.random.default_rng(seed)
     L, sr = tagger.window_samples, tagger.sample_rate

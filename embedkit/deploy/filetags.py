@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import EmbedkitError, require
+from ..errors import EmbedkitError, require
 
 PROVENANCE = ("EMBEDKIT_GENRE", "EMBEDKIT_GENRE_SCORE", "EMBEDKIT_MODEL", "EMBEDKIT_DATE", "EMBEDKIT_VERSION")
 WRITABLE = {
@@ -411,7 +411,7 @@ def write_genres(
     genre a person set. id3_version 3 joins several genres with ``separator`` (ID3v2.3 has no
     multi-value frames); 4 (default) stores one value each. Never raises for a bad file: the
     returned TagChange says what happened ("failed" with the reason)."""
-    from . import __version__
+    from .. import __version__
 
     genres = [str(g) for g in genres]
     if scores is not None and len(scores) != len(genres):

@@ -1,8 +1,8 @@
 """Genres decided by ``embedkit tag`` written into the files, and undone: ``tag --write-tags``
 and ``embedkit untag``.
 
-    rows (embedkit.tag results: path, probabilities) -> decide (embedkit.calibration: the model's
-    default rule or the command's --threshold / --multi) -> embedkit.tagwrite.write_genres
+    results (embedkit.deploy.records.TrackResult: the genres decided under the rule applied, the
+    model's default or the command's --threshold / --multi ...) -> embedkit.deploy.filetags.write_genres
     -> the results database's ``tag_writes`` table: what each file held before, for ``untag``
 
 ``tag_writes`` (one row per file path and model id): genres written, the file's tag state
@@ -16,13 +16,12 @@ decode the file again.
 from __future__ import annotations
 
 import datetime as _dt
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-import numpy as np
-
-from .calibration import DecisionRule, decide
-from .errors import EmbedkitError
-from .tagwrite import TagChange, read_tags, restore, write_genres
+from ..errors import EmbedkitError
+from .filetags import TagChange, read_tags, restore, write_genres
 
 WRITES_TABLE = "tag_writes"
 
@@ -53,71 +52,98 @@ def writes_table(db):
     return t
 
 
-def decisions(rows: Iterable[dict[str, Any]], labels: Sequence[str], rule: DecisionRule):
-    """(row, Decision) for result rows carrying ``probabilities`` {label: p} (calibrated)."""
-    for r in rows:
-        probs = r["probabilities"]
-        yield r, decide(np.array([float(probs[lab]) for lab in labels]), labels, rule)
+@dataclass(frozen=True)
+class FileTagOptions:
+    """How ``tag --write-tags`` writes: dry_run (show, write nothing), overwrite (replace a
+    genre a person set), id3_version (4: one frame value per genre; 3: joined with
+    ``separator``)."""
+
+    dry_run: bool = False
+    overwrite: bool = False
+    id3_version: int = 4
+    separator: str = "; "
 
 
-def write_tags(
-    rows: Iterable[dict[str, Any]],
-    labels: Sequence[str],
-    rule: DecisionRule,
-    *,
-    model_id: str,
-    db=None,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    id3_version: int = 4,
-    separator: str = "; ",
-) -> list[TagChange]:
-    """Write each row's decided genres into its file (``tagwrite.write_genres`` rules: a
-    person's genre kept unless ``overwrite``, nothing for "uncertain", copy-verify-replace).
+@dataclass
+class FileTagReport:
+    """What writing tags did: counts per status and the first ``max_notes`` changes worth
+    showing (neither "written" nor "unchanged"; with a dry run, "would-write" too), so memory
+    does not grow with the library."""
 
-    db: a ``tagdb.ResultsDB``; every file written is recorded in ``tag_writes`` (the state
-    before, for ``untag``) and its results row copied under the file's new fingerprint.
-    Required unless ``dry_run``: without it a write could not be undone."""
-    if db is None and not dry_run:
-        raise EmbedkitError(
-            "writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them"
-        )
-    table = writes_table(db) if db is not None else None
-    known = _recorded(db, table, model_id) if db is not None else {}
-    out = []
-    seen: set[str] = set()
-    for row, d in decisions(rows, labels, rule):
-        path = str(row["path"])
-        if path in seen:
-            continue
-        seen.add(path)
+    dry_run: bool = False
+    counts: Counter = field(default_factory=Counter)
+    notes: list[TagChange] = field(default_factory=list)
+    max_notes: int = 20
+
+    def add(self, ch: TagChange) -> None:
+        self.counts[ch.status] += 1
+        if ch.status not in ("written", "unchanged") and len(self.notes) < self.max_notes:
+            self.notes.append(ch)
+
+
+class FileTagWriter:
+    """Writes each result's decided genres (``TrackResult.genres`` / ``scores``: the one
+    decision, never taken again here) into its file as results arrive (``tagwrite`` rules: a
+    person's genre kept unless ``overwrite``, nothing for "uncertain", copy-verify-replace), and
+    records every write in ``tag_writes`` (the state before, for ``untag``) with the results row
+    copied under the file's new fingerprint. db: a ``resultsdb.ResultsDB``, required unless a
+    dry run (without it a write could not be undone)."""
+
+    def __init__(self, db, model_id: str, options: FileTagOptions | None = None):
+        self.options = options or FileTagOptions()
+        if db is None and not self.options.dry_run:
+            raise EmbedkitError(
+                "writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them"
+            )
+        self.db, self.model_id = db, model_id
+        self.table = writes_table(db) if db is not None else None
+        self.report = FileTagReport(dry_run=self.options.dry_run)
+        self._seen: set[str] = set()
+
+    def write(self, r) -> TagChange | None:
+        """Write one ``records.TrackResult`` (a path met before in this run is skipped)."""
+        path = str(r.path)
+        if path in self._seen:
+            return None
+        self._seen.add(path)
+        o = self.options
         ch = write_genres(
             path,
-            d.genres,
-            scores=d.scores,
-            model=model_id,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            id3_version=id3_version,
-            separator=separator,
+            r.genres,
+            scores=r.scores,
+            model=self.model_id,
+            dry_run=o.dry_run,
+            overwrite=o.overwrite,
+            id3_version=o.id3_version,
+            separator=o.separator,
         )
-        out.append(ch)
-        if ch.status == "written" and db is not None:
-            first = known.get(path)
+        self.report.add(ch)
+        if ch.status == "written" and self.db is not None:
+            first = _recorded(self.db, self.table, self.model_id, [path]).get(path)
             _record(
-                db,
-                table,
+                self.db,
+                self.table,
                 {
                     "path": path,
-                    "model_id": model_id,
+                    "model_id": self.model_id,
                     "genres": ch.genres,
                     "before": first["before"] if first else ch.before,
                     "status": "written",
                     "reason": ch.reason,
                 },
             )
-            _refingerprint(db, row)
-    return out
+            _refingerprint(self.db, r.db_row())
+        return ch
+
+
+def write_tags(
+    results: Iterable[Any], *, model_id: str, db=None, options: FileTagOptions | None = None
+) -> FileTagReport:
+    """Write the decided genres of ``results`` (``records.TrackResult``) into their files."""
+    w = FileTagWriter(db, model_id, options)
+    for r in results:
+        w.write(r)
+    return w.report
 
 
 def _recorded(db, table, model_id: str, paths: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -144,7 +170,7 @@ def _record(db, table, row: dict[str, Any]) -> None:
 
 def _refingerprint(db, row: dict[str, Any]) -> None:
     """The results row again under the tagged file's fingerprint (same audio, new bytes)."""
-    from .identity import FileStat, fingerprint
+    from ..identity import FileStat, fingerprint
 
     try:
         st = FileStat.of(row["path"])

@@ -14,7 +14,7 @@ Endpoints (FastAPI; OpenAPI docs at /docs and /openapi.json):
 How a request runs. The body is streamed to a temporary file (never held in memory), with a
 size limit (413, checked against Content-Length first and while streaming) and a body timeout
 (408: a client that stops sending, or sends too slowly, cannot hold a worker). Decoding runs in
-a thread pool off the event loop and decodes only the excerpt (``embedkit.tag.read_excerpt``,
+a thread pool off the event loop and decodes only the excerpt (``embedkit.deploy.batch.read_excerpt``,
 the same code as ``embedkit tag``), so a 3-hour upload costs its 30 s excerpt. The model is
 loaded once and shared.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AudioError, EmbedkitError
+from ..errors import AudioError, EmbedkitError
 
 SERVE_INSTALL = "pip install 'embedkit[serve]'"
 #: Content-Types accepted for a raw body or an upload part (besides audio/*)
@@ -78,7 +78,13 @@ class ServeConfig:
     decode_workers: int = 2
     excerpt: str = "first"
     top_k: int = 3
-    threshold: float | None = None  # default decision threshold (None: the model's, else none)
+    # the server's decision rule: the model's with these overrides (None keeps the model's);
+    # a request's query parameters of the same names override it again
+    threshold: float | None = None
+    multi: bool | None = None
+    multi_threshold: float | None = None
+    margin: float | None = None
+    max_genres: int | None = None
     retry_after_s: int = 1
     db: str | None = None
 
@@ -92,7 +98,7 @@ class HTTPProblem(Exception):
 
 
 def _require_serve():
-    from .errors import require
+    from ..errors import require
 
     for mod in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
         require(mod, SERVE_INSTALL, "embedkit serve")
@@ -389,21 +395,11 @@ async def receive_body(request, cfg: ServeConfig, directory: str | None = None) 
 # the app
 
 
-def _decide(p: np.ndarray, labels: list[str], threshold: float | None, calibration) -> str:
-    top = int(np.argmax(p))
-    if threshold is not None:
-        return labels[top] if p[top] >= threshold else "uncertain"
-    decide = getattr(calibration, "decide", None)  # embedkit.calibration: top label or "uncertain"
-    return str(decide(p)) if decide else labels[top]
+def server_rule(tagger, cfg: ServeConfig):
+    """The rule a request gets without overrides: the model's, with ``serve --threshold``."""
+    from .records import applied_rule
 
-
-def _default_threshold(tagger, cfg: ServeConfig) -> float | None:
-    if cfg.threshold is not None:
-        return cfg.threshold
-    t = (tagger.meta or {}).get("thresholds")
-    if isinstance(t, dict):
-        t = t.get("default", t.get("uncertain"))
-    return float(t) if isinstance(t, (int, float)) else None
+    return applied_rule(tagger, cfg.threshold, cfg.multi, cfg.multi_threshold, cfg.margin, cfg.max_genres)
 
 
 def model_info(tagger, cfg: ServeConfig) -> dict[str, Any]:
@@ -421,7 +417,8 @@ def model_info(tagger, cfg: ServeConfig) -> dict[str, Any]:
         "segment": asdict(tagger.segment),
         "audio": asdict(tagger.audio),
         "spec": tagger.spec,
-        "threshold": _default_threshold(tagger, cfg),
+        "threshold": server_rule(tagger, cfg).threshold,
+        "rule": server_rule(tagger, cfg).to_dict(),
         "calibrated": tagger.calibration is not None,
         "runtime": meta.get("runtime", "torch"),
         "excerpt": cfg.excerpt,
@@ -440,17 +437,19 @@ def create_app(tagger, cfg: ServeConfig | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from .tag import Excerpt, read_excerpt
+    from ..audio.excerpts import Excerpt, read_excerpt
+    from .records import track_result
 
     cfg = cfg or ServeConfig()
     Excerpt.parse(cfg.excerpt)
+    default_rule = server_rule(tagger, cfg)
     metrics = Metrics()
     decode_pool = ThreadPoolExecutor(max(1, cfg.decode_workers), thread_name_prefix="embedkit-decode")
     state: dict[str, Any] = {"pending": 0, "started": time.time()}
     lock = threading.Lock()
     database = None
     if cfg.db:
-        from .tagdb import ResultsDB
+        from .resultsdb import ResultsDB
 
         database = ResultsDB(cfg.db)
         database.register_model(
@@ -502,14 +501,27 @@ def create_app(tagger, cfg: ServeConfig | None = None):
         request: Request,
         excerpt: str = Query(cfg.excerpt, description="first | middle | spread:N | full"),
         threshold: float | None = Query(
-            None, ge=0.0, le=1.0, description="decision is 'uncertain' below this top probability"
+            None,
+            ge=0.0,
+            le=1.0,
+            description="decision is 'uncertain' below this top probability (default: the model's)",
         ),
-        top_k: int = Query(cfg.top_k, ge=1, le=1000, description="genres listed"),
-        multi: bool = Query(False, description="also list every genre whose probability is at least the threshold"),
+        top_k: int = Query(cfg.top_k, ge=1, le=1000, description="most probable genres listed (topk)"),
+        multi: bool | None = Query(
+            None, description="several genres: those at or above multi_threshold or within margin of the top one"
+        ),
+        multi_threshold: float | None = Query(
+            None, ge=0.0, le=1.0, description="with multi: keep genres at or above this"
+        ),
+        margin: float | None = Query(
+            None, ge=0.0, le=1.0, description="with multi: keep genres within this of the top one"
+        ),
+        max_genres: int | None = Query(None, ge=1, le=1000, description="with multi: at most this many genres"),
     ):
         t0 = time.perf_counter()
         try:
             ex = Excerpt.parse(excerpt)
+            rule = default_rule.with_overrides(threshold, multi, multi_threshold, margin, max_genres)
         except EmbedkitError as exc:
             return problem(400, "bad_request", str(exc).replace("--excerpt", "excerpt"))
         with lock:
@@ -541,26 +553,24 @@ def create_app(tagger, cfg: ServeConfig | None = None):
             t_decode = time.perf_counter()
             metrics.decode.observe(t_decode - t_upload)
             p_windows, queue_s, model_s = await request.app.state.batcher.submit(windows)
-            p = tagger.track_probabilities(p_windows)
-            labels = list(tagger.labels)
-            order = np.argsort(-p, kind="stable")
-            thr = threshold if threshold is not None else _default_threshold(tagger, cfg)
-            decision = _decide(p, labels, thr, tagger.calibration)
+            result = track_result(
+                tagger,
+                p_windows,
+                rule,
+                path=f"upload:{sink.filename or 'body'}",
+                excerpt=str(ex),
+                top_k=top_k,
+                duration_s=duration,
+                window_starts_s=starts,
+            )
             metrics.tagged.inc()
-            if decision == "uncertain":
+            if result.uncertain:
                 metrics.uncertain.inc()
+            if database is not None:
+                await asyncio.get_running_loop().run_in_executor(decode_pool, _store, database, sink, result)
             body = {
-                "model_id": tagger.model_id,
-                "decision": decision,
-                "top_label": labels[int(order[0])],
-                "top_p": float(p[order[0]]),
-                "threshold": thr,
-                "genres": [{"label": labels[i], "p": float(p[i])} for i in order[:top_k]],
-                "probabilities": {l: float(p[i]) for i, l in enumerate(labels)},
-                "excerpt": str(ex),
-                "n_windows": int(len(windows)),
-                "window_starts_s": [float(s) for s in starts],
-                "duration_s": float(duration),
+                **result.to_json(),
+                "threshold": rule.threshold,
                 "filename": sink.filename,
                 "timings_ms": {
                     "upload": 1e3 * (t_upload - t0),
@@ -570,13 +580,6 @@ def create_app(tagger, cfg: ServeConfig | None = None):
                     "total": 1e3 * (time.perf_counter() - t0),
                 },
             }
-            if multi:
-                cut = thr if thr is not None else 0.5
-                body["multi"] = [{"label": labels[i], "p": float(p[i])} for i in order if p[i] >= cut]
-            if database is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    decode_pool, _store, database, tagger, sink, p_windows, starts, duration, ex, top_k
-                )
             metrics.latency.observe(time.perf_counter() - t0)
             metrics.requests.labels("/v1/tag", "200").inc()
             return JSONResponse(body)
@@ -617,20 +620,16 @@ def create_app(tagger, cfg: ServeConfig | None = None):
     return app
 
 
-def _store(database, tagger, sink: _Sink, p_windows, starts, duration, ex, top_k: int) -> None:
-    """Write one result into the results database (the row ``embedkit tag`` writes)."""
-    from .identity import FileStat, fingerprint
-    from .tag import _db_row, _Item, _track_row
+def _store(database, sink: _Sink, result) -> None:
+    """Write one answer into the results database: the row ``embedkit tag`` writes for the same
+    audio and rule (keyed on the upload's content fingerprint)."""
+    from dataclasses import replace
+
+    from ..identity import FileStat, fingerprint
 
     stat = FileStat.of(sink.path)
-    item = _Item(
-        path=f"upload:{sink.filename or 'body'}",
-        stat=stat,
-        fingerprint=fingerprint(sink.path, scheme=database.scheme),
-        starts=starts,
-        duration_s=duration,
-    )
-    database.write([_db_row(_track_row(tagger, item, p_windows, ex, top_k))], [])
+    fp = fingerprint(sink.path, scheme=database.scheme)
+    database.write([replace(result, fingerprint=fp, size=stat.size, mtime_ns=stat.mtime_ns, inode=stat.inode).db_row()])
 
 
 def load_model(

@@ -2,10 +2,10 @@
 
 ``read_metadata(path)`` returns the contract written into the file by ``embedkit export``
 (labels, sample rate, window and hop, clip policy, preprocessing hash, calibration, thresholds,
-versions, source run); ``OnnxTagger.load(path)`` is a :class:`~embedkit.tagger.Tagger` like any
+versions, source run); ``OnnxTagger.load(path)`` is a :class:`~embedkit.deploy.tagger.Tagger` like any
 other, so batch tagging, streaming and the HTTP service run on it unchanged.
 
-    >>> from embedkit.runtime import OnnxTagger, read_metadata     # doctest: +SKIP
+    >>> from embedkit.deploy.onnx_runtime import OnnxTagger, read_metadata     # doctest: +SKIP
     >>> read_metadata("model.onnx")["labels"]                      # doctest: +SKIP
     >>> t = OnnxTagger.load("model.onnx")                          # doctest: +SKIP
     >>> t.track_probabilities(t.predict_segments(windows))         # doctest: +SKIP
@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import AudioConfig, SegmentConfig, from_dict
-from .errors import EmbedkitError, ModelLoadingError
+from ..calibration import EPS
+from ..config import AudioConfig, SegmentConfig, from_dict
+from ..errors import EmbedkitError, ModelLoadingError
 from .tagger import Tagger
 
 FORMAT = "embedkit-onnx/1"
@@ -35,7 +36,7 @@ INPUT_NAME = "waveform"
 #: calibrated probabilities per window, and the head's own (uncalibrated) probabilities
 OUTPUT_NAMES = ("probabilities", "uncalibrated")
 #: probabilities are floored here before the log of temperature scaling (float32-safe)
-LOG_FLOOR = 1e-12  # as embedkit.calibration (EPS)
+LOG_FLOOR = EPS  # the same floor as embedkit.calibration
 RUNTIME_INSTALL = "pip install onnxruntime"
 #: windows per onnxruntime call (bounds the activation memory of long files)
 MAX_BATCH = 16
@@ -77,37 +78,27 @@ def decision_rule(calibration) -> dict[str, Any] | None:
     return asdict(rule) if is_dataclass(rule) else dict(rule)
 
 
-@dataclass
-class TemperatureCalibration:
-    """p -> softmax(log(max(p, LOG_FLOOR)) / T): the calibration the exported graph applies,
-    in numpy (Tagger.calibrate uses it on track means); ``rule``: the decision rule stored with
-    the model ({"threshold": ...}); ``decide(p)`` -> the top label, or "uncertain" when the top
-    probability is below the rule's threshold."""
+def calibration_from_metadata(meta: dict[str, Any]):
+    """The ``embedkit.calibration.Calibration`` an exported model carries (its temperature and
+    default decision rule), or None when the file records neither: the same object a run
+    directory's ``calibration.json`` loads into, so both runtimes decide alike."""
+    from ..calibration import Calibration, DecisionRule
 
-    temperature: float = 1.0
-    rule: dict[str, Any] | None = None
-
-    def apply(self, p: np.ndarray) -> np.ndarray:
-        p = np.asarray(p, dtype=np.float64)
-        if self.temperature == 1.0:
-            return p.copy()
-        z = np.log(np.maximum(p, LOG_FLOOR)) / self.temperature
-        z -= z.max(axis=-1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=-1, keepdims=True)
-
-    def decide_index(self, p: np.ndarray) -> int | None:
-        """Index of the decided label, None when uncertain."""
-        top = int(np.argmax(p))
-        threshold = float((self.rule or {}).get("threshold", 0.0) or 0.0)
-        return None if p[top] < threshold else top
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "temperature", "temperature": self.temperature, "rule": self.rule}
+    cal = meta.get("calibration")
+    rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
+    if not (cal or rule):
+        return None
+    t = float((cal or {}).get("temperature", 1.0))
+    return Calibration(
+        labels=[str(x) for x in meta["labels"]],
+        temperature=t,
+        method="temperature" if cal else "none",
+        rule=DecisionRule.from_dict(rule),
+    )
 
 
 def _ort():
-    from .errors import require
+    from ..errors import require
 
     return require("onnxruntime", RUNTIME_INSTALL, "running exported models")
 
@@ -181,9 +172,7 @@ class OnnxTagger(Tagger):
         p = Path(path)
         meta = read_metadata(p)
         sess = _session(p, threads)
-        cal = meta.get("calibration")
-        rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
-        from .identity import LEGACY, fingerprint
+        from ..identity import LEGACY, fingerprint
 
         return cls(
             kind=meta["kind"],
@@ -195,9 +184,7 @@ class OnnxTagger(Tagger):
             model_id=fingerprint(p, scheme=LEGACY),
             run_dir=None,
             spec=meta.get("spec") or {},
-            calibration=None
-            if not (cal or rule)
-            else TemperatureCalibration(float((cal or {}).get("temperature", 1.0)), rule),
+            calibration=calibration_from_metadata(meta),
             meta={**meta, "runtime": "onnxruntime", "model_path": str(p)},
             session=sess,
             path=p,
@@ -207,7 +194,7 @@ class OnnxTagger(Tagger):
     @contextlib.contextmanager
     def single_threaded(self):
         """Runs use a session with one intra-op thread while inside (the CPU lanes of
-        ``embedkit.lanes``); built once, on first use. Safe to overlap from several threads."""
+        ``embedkit.jobs``); built once, on first use. Safe to overlap from several threads."""
         if self.threads == 1 or self.path is None:
             yield
             return
@@ -240,14 +227,3 @@ class OnnxTagger(Tagger):
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         return self.run(segments)["uncalibrated"]
-
-    def __post_init__(self):
-        if isinstance(self.calibration, TemperatureCalibration):
-            labels = list(self.labels)
-            cal = self.calibration
-
-            def decide(p):  # as embedkit.calibration.Calibration.decide: a label or "uncertain"
-                i = cal.decide_index(np.asarray(p, dtype=np.float64))
-                return "uncertain" if i is None else labels[i]
-
-            cal.decide = decide

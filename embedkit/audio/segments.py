@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SegmentConfig
-from .errors import SegmentError
+from ..config import SegmentConfig
+from ..errors import SegmentError
 
 
 def _check(sr: int, segment_s: float, hop_s: float) -> int:

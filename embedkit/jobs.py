@@ -23,11 +23,15 @@ across files): a GPU needs large batches, and its forwards do not take a CPU cor
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
+
+from .errors import EmbedkitError, require
 
 _lock = threading.Lock()
 _users = 0
@@ -86,3 +90,43 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, ah
             yield fut.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dask: shards of extract and tag on a cluster (each worker loads the model once)
+
+DASK_INSTALL = "pip install 'embedkit[distributed]'"
+
+
+def dask_client(
+    address_or_local: str, n_workers: int | None = None, threads_per_worker: int = 1, processes: bool = True
+):
+    """A ``dask.distributed.Client``: ``"local"`` starts a LocalCluster on this machine (closed
+    with the client), anything else is a scheduler address such as ``tcp://host:8786``.
+
+    n_workers / threads_per_worker / processes apply to "local" only (default: one
+    single-threaded worker process per CPU, so the backbones' own threads do not oversubscribe).
+    Raises MissingDependencyError naming the pip command when dask is absent, EmbedkitError when
+    the scheduler cannot be reached.
+    """
+    require("dask.distributed", DASK_INSTALL, "--dask")
+    from distributed import Client
+
+    if address_or_local.strip().lower() == "local":
+        n = n_workers or max(1, os.cpu_count() or 1)
+        try:
+            return Client(
+                n_workers=n,
+                threads_per_worker=threads_per_worker,
+                processes=processes,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        except Exception as exc:
+            raise EmbedkitError(f"cannot start a local Dask cluster ({type(exc).__name__}: {exc})") from None
+    try:
+        return Client(address_or_local, timeout="10s")
+    except Exception as exc:  # OSError / TimeoutError / ValueError for a malformed address
+        raise EmbedkitError(
+            f"cannot reach Dask scheduler at {address_or_local!r} ({type(exc).__name__}: {exc})"
+        ) from None

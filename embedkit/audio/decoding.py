@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import AudioConfig
-from .errors import AudioError, EmbedkitWarning
+from ..config import AudioConfig
+from ..errors import AudioError, EmbedkitWarning
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".aifc", ".mp3", ".au", ".opus")
 
@@ -30,7 +30,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".aifc", "
 SILENCE_PEAK = 1e-6
 #: extra native audio decoded past offset + clip so the resampler's filter sees real samples
 #: at the end of the kept part (soxr HQ's support is a few ms; 0.25 s is ample).
-_DECODE_MARGIN_S = 0.25
+MARGIN_S = 0.25
 
 # libsndfile reports chunk sizes that disagree with the file in its log ("data : 132300 (should
 # be 66128)"); that is the only place a truncated WAV/AIFF shows, since it then silently decodes
@@ -206,7 +206,7 @@ def load(
         raise ValueError("at least one sample rate is needed")
     max_s = None
     if cfg.clip_s is not None:
-        max_s = max(cfg.offset_s + cfg.clip_s, min_duration_s) + _DECODE_MARGIN_S
+        max_s = max(cfg.offset_s + cfg.clip_s, min_duration_s) + MARGIN_S
     y, sr = decode(path, max_seconds=max_s)
     duration = len(y) / sr
     if duration < min_duration_s:
