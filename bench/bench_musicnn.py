@@ -187,7 +187,11 @@ def main() -> None:
             raise SystemExit(f"variant {name} disagrees with the plan ({err:.1e}): benchmark invalid")
 
     tf_res = measure_tf(
-        logmel.numpy(), str(package_dir() / _MODEL_DIR[args.backbone]), args.threads, repeats, args.tf_python
+        logmel.numpy(),
+        str(package_dir(args.backbone) / _MODEL_DIR[args.backbone]),
+        args.threads,
+        repeats,
+        args.tf_python,
     )
     if tf_res is not None:
         results["tensorflow"] = (tf_res["min"], tf_res["median"])

@@ -1,6 +1,6 @@
 """musicnn-msd / musicnn-mtt: checkpoint reader, golden parity with the TensorFlow graph, the
-Backbone contract and the torch module. Needs the musicnn wheel (`pip install --no-deps
-musicnn==0.1.0`). Parity on the synthetic chord signal runs everywhere (its golden outputs are
+Backbone contract and the torch module. Needs the musicnn checkpoints (`bash scripts/install.sh`
+unpacks them; an installed musicnn package also counts). Parity on the synthetic chord signal runs everywhere (its golden outputs are
 in tests/data, the signal is regenerated from its formula); on real clips it needs
 ../shared/golden/musicnn."""
 
@@ -12,15 +12,14 @@ import shutil
 import numpy as np
 import pytest
 
+from embedkit.backbones.musicnn import checkpoints_available
 from embedkit.backbones.tfcheckpoint import TFCheckpoint, crc32c, unmask_crc
 from embedkit.errors import ModelLoadingError
 
 from conftest import DATA, GOLDEN, needs_shared
 
-HAS_MUSICNN = importlib.util.find_spec("musicnn") is not None
-needs_musicnn = pytest.mark.skipif(
-    not HAS_MUSICNN, reason="musicnn wheel not installed: pip install --no-deps musicnn==0.1.0"
-)
+HAS_MUSICNN = checkpoints_available("musicnn-msd") and checkpoints_available("musicnn-mtt")
+needs_musicnn = pytest.mark.skipif(not HAS_MUSICNN, reason="musicnn checkpoints not found: bash scripts/install.sh")
 # Real clips from ../shared; the chord signal's cases come from tests/data (chord_golden).
 GOLDEN_FILES = (
     sorted(p for p in (GOLDEN / "musicnn").glob("*_musicnn.npz") if not p.name.startswith("chord_"))
@@ -130,12 +129,16 @@ def test_corrupt_and_truncated_bundles_are_refused(tmp_path):
         TFCheckpoint(str(tmp_path / "nothing") + "/")
 
 
-def test_missing_wheel_names_the_pip_command(monkeypatch):
+def test_missing_checkpoints_name_the_install_command(monkeypatch, tmp_path):
+    import sys
+
     from embedkit.backbones import load_backbone
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "musicnn" else real(name, *a))
-    with pytest.raises(ModelLoadingError, match=r"pip install --no-deps musicnn==0\.1\.0"):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))  # no checkpoints in the environment...
+    monkeypatch.delenv("EMBEDKIT_MUSICNN_DIR", raising=False)  # ...nor elsewhere (HOME is isolated)
+    with pytest.raises(ModelLoadingError, match=r"bash scripts/install\.sh.*install-musicnn"):
         load_backbone("musicnn-msd")
 
 
@@ -152,7 +155,7 @@ def test_specs_registered():
             ("taggram",),
         )
         assert s.frontend["n_fft"] == 512 and s.frontend["hop_length"] == 256 and s.frontend["n_mels"] == 96
-        assert s.requires == "pip install --no-deps musicnn==0.1.0"
+        assert "python -m embedkit.weights install-musicnn" in s.requires
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_specs_registered():
 @pytest.fixture(scope="module")
 def models():
     if not HAS_MUSICNN:
-        pytest.skip("musicnn wheel not installed: pip install --no-deps musicnn==0.1.0")
+        pytest.skip("musicnn checkpoints not found: bash scripts/install.sh")
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

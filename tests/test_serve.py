@@ -10,14 +10,12 @@ database; an exported ONNX model serves the same answers.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import select
 import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,30 +33,7 @@ requests = pytest.importorskip("requests")
 from embedkit.deploy.serve import ServeConfig, create_app  # noqa: E402
 from embedkit.deploy.tagger import load_tagger  # noqa: E402
 
-
-@contextlib.contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+from servers import running  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,8 @@ BN_EPS = 1e-3  # tf.compat.v1.layers.batch_normalization default
 #: the old way to get the checkpoints (installs the wheel's metadata, which pins numpy<1.17 and
 #: TensorFlow, so every later pip run reports a conflict); still found, no longer recommended
 PIP = "pip install --no-deps musicnn==0.1.0"
+#: how a fresh environment gets them (scripts/install.sh does this)
+FETCH = "bash scripts/install.sh (or: pip download --no-deps musicnn==0.1.0; python -m embedkit.weights install-musicnn musicnn-0.1.0-py3-none-any.whl)"
 DATA_FILE = ".data-00000-of-00001"
 # Pruned plan: a filter is constant-folded when |gamma / std| * ||w||_1 * PRUNE_X_MAX <= PRUNE_TOL.
 # PRUNE_X_MAX bounds the batch-normalised log-mel; audio in [-1, 1] stays below ~2.1 (MSD).
@@ -100,7 +102,7 @@ _COMMON = dict(
     weights="musicnn 0.1.0 wheel (package data)",
     license="ISC",
     outputs=("taggram",),
-    requires=PIP,
+    requires=FETCH,
 )
 SPECS = {
     "musicnn-msd": BackboneSpec(
