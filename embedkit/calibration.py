@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EmbedkitError
+from .errors import CalibrationError, EmbedkitError, first_line
 
 CALIBRATION_FILE = "calibration.json"
 ECE_BINS = 15
@@ -57,10 +57,6 @@ MIN_FIT_TRACKS = 20
 #: temperature search range; T outside it means the probabilities carry no usable ranking.
 T_BOUNDS = (0.01, 100.0)
 UNCERTAIN = "uncertain"
-
-
-class CalibrationError(EmbedkitError):
-    """A calibration file that cannot be used (wrong labels, unknown method, malformed)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +332,7 @@ class Calibration:
             labels = [str(x) for x in d["labels"]]
             rule = DecisionRule.from_dict(d.get("rule"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CalibrationError(f"malformed calibration ({type(exc).__name__}: {exc})") from None
+            raise CalibrationError(f"malformed calibration ({first_line(exc, with_type=True)})") from None
         if not (np.isfinite(t) and t > 0):
             raise CalibrationError(f"calibration temperature must be > 0, got {t}")
         return cls(labels=labels, temperature=t, method=d["method"], rule=rule, fitted_on=dict(d.get("fitted_on", {})))
@@ -363,7 +359,7 @@ def load_calibration(run_dir: str | os.PathLike, labels: Sequence[str] | None = 
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CalibrationError(f"{path}: unreadable calibration ({type(exc).__name__}: {exc})") from None
+        raise CalibrationError(f"{path}: unreadable calibration ({first_line(exc, with_type=True)})") from None
     try:
         cal = Calibration.from_dict(d)
     except CalibrationError as exc:

@@ -72,6 +72,26 @@ class ReportError(EmbedkitError):
     """No usable runs, or the report cannot be written."""
 
 
+class CalibrationError(EmbedkitError):
+    """A calibration file that cannot be used (wrong labels, unknown method, malformed)."""
+
+
+class ExportError(EmbedkitError):
+    """A model that cannot be expressed as an ONNX graph (the message says why)."""
+
+
+class StreamError(EmbedkitError):
+    """A stream that cannot be read as audio: bad flags, malformed or non-audio bytes."""
+
+
+class TagWriteError(EmbedkitError):
+    """One file could not be tagged (the batch records it and goes on)."""
+
+    def __init__(self, path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
 class EmbedkitWarning(UserWarning):
     """Warnings about data that was used but altered (padded, trimmed, resampled...)."""
 
@@ -84,3 +104,27 @@ def require(module: str, install: str, why: str = ""):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - exercised via monkeypatch in tests
         raise MissingDependencyError(module, install, why) from exc
+
+
+def first_line(exc: BaseException, limit: int | None = 300, with_type: bool = False) -> str:
+    """An exception as one line for a one-line message: the first non-blank line of ``str(exc)``
+    (stripped), else the exception type's name; the line is cut to ``limit`` characters (None: no
+    limit). ``with_type`` prefixes the type name (``ValueError: bad value``; just ``ValueError``
+    when the message is empty), for exceptions nobody anticipated, whose type says what failed.
+
+        >>> first_line(ValueError("\\nbad value\\n  details"))
+        'bad value'
+        >>> first_line(KeyError("labels"), with_type=True)
+        "KeyError: 'labels'"
+    """
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the error being reported
+        text = ""
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    if limit is not None:
+        line = line[:limit]
+    if not line:
+        return name
+    return f"{name}: {line}" if with_type else line

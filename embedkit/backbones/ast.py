@@ -32,8 +32,8 @@ import numpy as np
 
 from ..errors import BackboneError, ModelLoadingError
 from ..weights import dir_sha256, hf_offline, hub_reachable, looks_like_hub_id
-from . import register_backbone
 from .base import Backbone, BackboneSpec
+from .registry import register_backbone
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 ENV_VAR = "EMBEDKIT_AST_MODEL"

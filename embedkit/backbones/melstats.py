@@ -19,8 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import register_backbone
 from .base import Backbone, BackboneSpec
+from .registry import register_backbone
 
 SR = 22050
 N_FFT = 2048

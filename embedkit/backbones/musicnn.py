@@ -62,8 +62,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelLoadingError
-from . import register_backbone
 from .base import Backbone, BackboneSpec
+from .registry import register_backbone
 
 SR = 16000
 N_FFT = 512

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import BackboneError, ModelLoadingError
 from ..weights import PublishedFile, load_torch_checkpoint, resolve_file, verify_file
-from . import register_backbone
 from .base import Backbone, BackboneSpec
+from .registry import register_backbone
 
 SR = 32000
 N_FFT = 1024

@@ -8,8 +8,8 @@ import hashlib
 
 import numpy as np
 
-from . import register_backbone
 from .base import Backbone, BackboneSpec
+from .registry import register_backbone
 
 SPEC = BackboneSpec(
     name="tiny-test",

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import EmbedkitError, require
+from ..errors import EmbedkitError, TagWriteError, require
 
 PROVENANCE = ("EMBEDKIT_GENRE", "EMBEDKIT_GENRE_SCORE", "EMBEDKIT_MODEL", "EMBEDKIT_DATE", "EMBEDKIT_VERSION")
 WRITABLE = {
@@ -58,14 +58,6 @@ MP4_GENRE = "\xa9gen"
 _VERIFY_FRAMES = 4096
 #: test hook: called with the temporary path just before it replaces the original
 _before_replace: Callable[[Path], None] | None = None
-
-
-class TagWriteError(EmbedkitError):
-    """One file could not be tagged (the batch records it and goes on)."""
-
-    def __init__(self, path, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import stable_hash
-from ..errors import EmbedkitError
+from ..errors import ExportError, first_line
 from .onnx_runtime import (
     FORMAT,
     INPUT_NAME,
@@ -46,10 +46,6 @@ from .onnx_runtime import (
 #: ONNX opset of the exported graphs (STFT is an ONNX op from 17 on)
 OPSET = 18
 EXPORT_INSTALL = "pip install 'embedkit[export]'"
-
-
-class ExportError(EmbedkitError):
-    """A model that cannot be expressed as an ONNX graph (the message says why)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +387,7 @@ def _torch_export(module, window: int, opset: int):
                 report=False,
             )
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from None
+            raise ExportError(f"torch.onnx.export failed: {first_line(exc, with_type=True)}") from None
         finally:
             registration.setLevel(level)
     buf = io.BytesIO()
@@ -453,7 +448,7 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:
-            raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
+            raise ExportError(f"the exported graph fails onnx.checker: {first_line(exc)}") from None
     data = model.SerializeToString()
     atomic_write_bytes(path, data)
     return {"path": str(path), "bytes": len(data), "seconds": time.perf_counter() - t0, "metadata": meta}

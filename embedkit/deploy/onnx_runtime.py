@@ -29,7 +29,7 @@ import numpy as np
 from ..calibration import EPS
 from ..config import AudioConfig, SegmentConfig, from_dict
 from ..errors import EmbedkitError, ModelLoadingError
-from .tagger import Tagger
+from .base import Tagger
 
 FORMAT = "embedkit-onnx/1"
 INPUT_NAME = "waveform"

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from ..calibration import UNCERTAIN  # the decision when no genre is clear enough
-from ..errors import AudioError, EmbedkitError
+from ..errors import AudioError, EmbedkitError, StreamError, first_line
 
 #: raw PCM formats accepted on stdin: numpy dtype and bytes per sample.
 PCM_FORMATS = {"f32le": ("<f4", 4), "s16le": ("<i2", 2)}
@@ -59,10 +59,6 @@ _MAGIC = {
     b"FORM": "an AIFF file",
     b"\x1aE\xdf\xa3": "a Matroska/WebM file",
 }
-
-
-class StreamError(EmbedkitError):
-    """A stream that cannot be read as audio: bad flags, malformed or non-audio bytes."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,7 +764,7 @@ def run_stream(
         if isinstance(error, KeyboardInterrupt):
             summary["end"] = "interrupted"
             return summary
-        raise StreamError(f"{source.name}: {type(error).__name__}: {error}") from error
+        raise StreamError(f"{source.name}: {first_line(error, with_type=True)}") from error
     return summary
 
 
