@@ -84,6 +84,7 @@ def weights_for(name: str, family: str, tmp: Path) -> str | None:
 
 def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
     from embedkit.backbones import list_backbones, load_backbone
+    from embedkit.errors import first_line
 
     rows, loaded = [], {}
     names = [s.name for s in list_backbones()]
@@ -109,7 +110,7 @@ def per_clip(args, tmp: Path) -> tuple[list[dict], dict]:
         try:
             bb = load_backbone(spec.name, checkpoint=weights_for(spec.name, spec.family, tmp))
         except Exception as exc:  # e.g. an optional weights package is missing
-            print(f"{spec.name:<14}{'-':>8}{'-':>10}{'-':>12}  skipped: {str(exc).splitlines()[0][:70]}")
+            print(f"{spec.name:<14}{'-':>8}{'-':>10}{'-':>12}  skipped: {first_line(exc, 70)}")
             continue
         loaded[spec.name] = bb
         modes = [(5.0, "")]

@@ -68,8 +68,9 @@ def handle_errors(fn):
         except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
             if os.environ.get("EMBEDKIT_DEBUG"):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _fail(f"internal error: {type(exc).__name__}: {first} (set EMBEDKIT_DEBUG=1 for the traceback)")
+            from .errors import first_line
+
+            _fail(f"internal error: {first_line(exc, with_type=True)} (set EMBEDKIT_DEBUG=1 for the traceback)")
 
     return wrapper
 
@@ -285,7 +286,9 @@ def _print_warnings(caught) -> None:
     for w in caught:
         if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
             continue  # addressed to developers, not to the person running the command
-        msg = str(w.message).splitlines()[0] if str(w.message).strip() else w.category.__name__
+        from .errors import first_line
+
+        msg = first_line(w.message, limit=None) if str(w.message).strip() else w.category.__name__
         if msg not in seen:
             seen.add(msg)
             c.print(f"[yellow]warning[/] {escape(msg)}", highlight=False, soft_wrap=True)
@@ -306,76 +309,49 @@ def _run_extract(
     dask,
     device_kw=None,
 ):
-    import contextlib
-    import os
-    import tempfile
-
-    from .audio.decoding import native_stderr_to
     from .device import precheck
     from .extract import extract
+    from .jobs import job_environment
 
     device_kw = dict(device_kw or {})
     if not dask:  # an unusable device or precision: one line before the dataset is read
         precheck(device_kw.get("device"), device_kw.get("allow_tf32", False), device_kw.get("precision"))
     tracks = _load_tracks(data, audio_dir, subset)
-    fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
-    os.close(fd)
-    log_note = ""
-    try:
-        with contextlib.ExitStack() as stack:
-            executor = None
-            if dask:
-                from .jobs import dask_client
+    # MP3 decoders print warnings straight to fd 2 ("Xing stream size off ..."), once per file:
+    # they go to a decoder log (kept next to the store) instead of between progress lines.
+    with job_environment(dask) as env:
+        # extract() builds the model only when there is work (a no-op re-run loads nothing)
+        # and reports progress once it is loaded: the bar starts then, so a missing or
+        # corrupt checkpoint is one error line rather than an error under an empty bar.
+        prog, bar = track_progress(f"extract {backbone}")
 
-                executor = stack.enter_context(dask_client(dask))
-            model = backbone
-            # MP3 decoders print warnings straight to fd 2 ("Xing stream size off ..."), once
-            # per file; keep them in a log next to the store instead of between progress lines.
-            stack.enter_context(native_stderr_to(log_path))
-            # extract() builds the model only when there is work (a no-op re-run loads nothing)
-            # and reports progress once it is loaded: the bar starts then, so a missing or
-            # corrupt checkpoint is one error line rather than an error under an empty bar.
-            prog, bar = track_progress(f"extract {backbone}")
+        def cb(done: int, total: int) -> None:
+            if total:  # no bar for a run with nothing to do
+                prog.start()  # idempotent
+            bar(done, total)
 
-            def cb(done: int, total: int) -> None:
-                if total:  # no bar for a run with nothing to do
-                    prog.start()  # idempotent
-                bar(done, total)
-
+        try:
             try:
-                try:
-                    res = extract(
-                        tracks,
-                        model,
-                        cache=cache,
-                        checkpoint=checkpoint,
-                        prep=prep,
-                        workers=workers,
-                        batch_size=batch_size,
-                        outputs=tuple(outputs),
-                        executor=executor,
-                        retry_failed=retry_failed,
-                        progress=cb,
-                        **device_kw,
-                    )
-                except OSError as exc:  # disk full, permissions on --cache, ...
-                    _fail(f"{getattr(exc, 'filename', None) or cache}: {exc.strerror or exc}")
-            finally:
-                prog.stop()
-        if os.path.getsize(log_path):
-            dest = res.store.root / "decoder.log"
-            with open(log_path, "rb") as src, open(dest, "ab") as out:
-                out.write(src.read())
-            log_note = f"decoder messages: {dest}"
-        os.unlink(log_path)
-    except BaseException:
-        # A failed run keeps what native code said (it may explain the failure).
-        if os.path.exists(log_path) and os.path.getsize(log_path):
-            typer.echo(f"native library messages: {log_path}", err=True)
-        elif os.path.exists(log_path):
-            os.unlink(log_path)
-        raise
-    return res, log_note
+                res = extract(
+                    tracks,
+                    backbone,
+                    cache=cache,
+                    checkpoint=checkpoint,
+                    prep=prep,
+                    workers=workers,
+                    batch_size=batch_size,
+                    outputs=tuple(outputs),
+                    executor=env.executor,
+                    retry_failed=retry_failed,
+                    progress=cb,
+                    **device_kw,
+                )
+            except OSError as exc:  # disk full, permissions on --cache, ...
+                _fail(f"{getattr(exc, 'filename', None) or cache}: {exc.strerror or exc}")
+        finally:
+            prog.stop()
+        env.log_home = res.store.root / "decoder.log"
+    return res, env.note
 
 
 def _print_failures(c, failures: list[dict], max_lines: int) -> bool:
@@ -432,10 +408,10 @@ def _summarise_extract(res, log_note: str, strict: bool, max_lines: int = 20) ->
         )
     if log_note:
         c.print(escape(log_note), highlight=False, soft_wrap=True)
-    if res.n_available == 0:
-        _fail(f"nothing could be extracted: {res.n_failed + res.n_failed_before} of {res.n_tracks} files failed")
-    if strict and (res.n_failed or res.n_failed_before):
-        _fail(f"--strict: {res.n_failed + res.n_failed_before} of {res.n_tracks} files failed")
+    if res.nothing_done:
+        _fail(f"nothing could be extracted: {res.n_failed_total} of {res.n_inputs} files failed")
+    if strict and res.n_failed_total:
+        _fail(f"--strict: {res.n_failed_total} of {res.n_inputs} files failed")
 
 
 @app.command("report")
@@ -1212,12 +1188,9 @@ def tag_cmd(
 ):
     """Put genres on music nobody labelled: tag files with a trained model (one row per track;
     bad files are recorded and skipped)."""
-    import contextlib
-    import tempfile
-
-    from .audio.decoding import native_stderr_to
     from .deploy.batch import Excerpt, tag
     from .device import precheck
+    from .jobs import job_environment
 
     ex = Excerpt.parse(excerpt)  # bad values fail before anything is read
     is_onnx = model.suffix.lower() == ".onnx"
@@ -1241,52 +1214,48 @@ def tag_cmd(
         _fail("--write-tags needs --db: the database records the previous genres so `embedkit untag` can restore them")
     from .deploy.writeback import FileTagOptions
 
-    fd, log_path = tempfile.mkstemp(prefix="embedkit-decoder-", suffix=".log")
-    os.close(fd)
-    try:
-        with contextlib.ExitStack() as stack:
-            executor = None
-            if dask:
-                from .jobs import dask_client
-
-                executor = stack.enter_context(dask_client(dask))
-            stack.enter_context(native_stderr_to(log_path))
-            prog, cb = _tag_progress()
-            with prog:
-                res = tag(
-                    model,
-                    inputs,
-                    excerpt=ex,
-                    db=db,
-                    out=out,
-                    top_k=top_k,
-                    threshold=threshold,
-                    multi=multi,
-                    multi_threshold=multi_threshold,
-                    margin=margin,
-                    max_genres=max_genres,
-                    file_tags=FileTagOptions(
-                        dry_run=dry_run, overwrite=overwrite, id3_version=3 if id3v23 else 4, separator=separator
-                    )
-                    if write_tags
-                    else None,
-                    workers=workers,
-                    batch_size=batch_size,
-                    checkpoint=checkpoint,
-                    executor=executor,
-                    retry_failed=retry_failed,
-                    keep_rows=max(table, 0),
-                    progress=cb,
-                    device=device,
-                    precision=precision,
-                    allow_tf32=allow_tf32,
+    # decoder chatter goes to a decoder log (jobs.job_environment: kept, and named below, when
+    # native code said something), the Dask client is closed with the run
+    with job_environment(dask) as env:
+        prog, cb = _tag_progress()
+        with prog:
+            res = tag(
+                model,
+                inputs,
+                excerpt=ex,
+                db=db,
+                out=out,
+                top_k=top_k,
+                threshold=threshold,
+                multi=multi,
+                multi_threshold=multi_threshold,
+                margin=margin,
+                max_genres=max_genres,
+                file_tags=FileTagOptions(
+                    dry_run=dry_run, overwrite=overwrite, id3_version=3 if id3v23 else 4, separator=separator
                 )
+                if write_tags
+                else None,
+                workers=workers,
+                batch_size=batch_size,
+                checkpoint=checkpoint,
+                executor=env.executor,
+                retry_failed=retry_failed,
+                keep_rows=max(table, 0),
+                progress=cb,
+                device=device,
+                precision=precision,
+                allow_tf32=allow_tf32,
+            )
+    try:
+        _summarise_tag(res, ex, db, out, table, strict)
+        if write_tags:
+            _summarise_changes(res.file_tags)
     finally:
-        if os.path.exists(log_path):
-            os.unlink(log_path)
-    _summarise_tag(res, ex, db, out, table, strict)
-    if write_tags:
-        _summarise_changes(res.file_tags)
+        if env.note:
+            from rich.markup import escape
+
+            console().print(escape(env.note), highlight=False, soft_wrap=True)
 
 
 def _summarise_changes(report, max_lines: int = 20) -> None:
@@ -1417,7 +1386,7 @@ def _summarise_tag(res, ex, db, out, table: int, strict: bool, max_lines: int = 
         )
     if out:
         c.print(escape(f"wrote {out}"), highlight=False, soft_wrap=True)
-    if res.n_tagged + res.n_done_before == 0:
+    if res.nothing_done:
         _fail(f"nothing could be tagged: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")
     if strict and (res.n_failed or res.n_failed_before):
         _fail(f"--strict: {res.n_failed + res.n_failed_before} of {res.n_inputs} files failed")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .audio.decoding import AUDIO_EXTENSIONS
-from .errors import DatasetError, EmbedkitWarning
+from .errors import DatasetError, EmbedkitWarning, first_line
 
 COLUMNS = ["track_id", "path", "label", "split", "group"]
 _SPLIT_NAMES = {
@@ -87,8 +87,7 @@ def from_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(csv_path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetError(f"{csv_path}: cannot read manifest ({msg})") from None
+        raise DatasetError(f"{csv_path}: cannot read manifest ({first_line(exc)})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:

@@ -10,10 +10,12 @@ atomically, so an interrupted run resumes at the first missing shard. On the CPU
 lanes (``embedkit.jobs``) each take one track from file to embeddings (decode, windows, its
 segments forwarded on their own in chunks of ``batch_size``, torch at one thread), and the main
 thread writes each shard as its last track finishes. On an accelerator a pool of threads decodes
-two shards ahead while the main thread forwards batches across each shard's tracks. The same
-``extract_shard`` function runs a shard anywhere (pass any executor with ``submit``, e.g. a
-``dask.distributed.Client`` from ``embedkit.distributed.dask_client``; a worker thread is one
-lane); both paths cut the same shards and batches, so they produce identical rows.
+two shards ahead while the main thread forwards batches across each shard's tracks. Both are
+``embedkit.jobs.run_tracks`` with each shard a group (one write per shard; batches never span
+shards). The same ``extract_shard`` function runs a shard anywhere (pass any executor with
+``submit``, e.g. a ``dask.distributed.Client`` from ``embedkit.jobs.dask_client``; a worker
+thread is one lane; ``jobs.run_shards``); both paths cut the same shards and batches, so they
+produce identical rows.
 
     >>> from embedkit.datasets import load_dataset              # doctest: +SKIP
     >>> res = extract(load_dataset("gtzan_mini"), "melstats")    # doctest: +SKIP
@@ -27,10 +29,8 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -42,45 +42,49 @@ from .audio.segments import segment
 from .backbones import get_spec, identify_weights, load_backbone
 from .backbones.base import Backbone
 from .config import PreprocessConfig
-from .device import BackOff, default_batch_size, is_accelerator
+from .device import default_batch_size, is_accelerator
 from .device import provenance as device_provenance
 from .device import resolve as resolve_device
 from .errors import AudioError, EmbedkitError, StoreError
 from .identity import FileStat, identify_many
 from .io import atomic_write_text
-from .jobs import ordered_map, torch_single_threaded
+from .jobs import (
+    Decoded,
+    Failure,
+    JobResult,
+    WindowBatcher,
+    cached_model,
+    concat_outputs,
+    run_shards,
+    run_tracks,
+    torch_single_threaded,
+)
 from .store import Store
 
 FAILURE_COLUMNS = ("track_id", "path", "label", "reason", "fingerprint")
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(JobResult):
+    """What ``extract`` did. The counters every job reports (n_done_before, n_failed_before,
+    failures, seconds, device; n_failed, n_available, nothing_done) are ``jobs.JobResult``'s."""
+
     store: Store
     n_tracks: int  # tracks in the dataset
-    n_skipped: (
-        int  # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
-    )
+    # tracks whose audio was already in the store (done or failed earlier) = n_done_before + n_failed_before
+    n_skipped: int
     n_extracted: int  # dataset tracks whose embeddings this run produced (tracks sharing one audio count each)
     n_segments: int  # segments written by this run
-    failures: list[dict] = field(default_factory=list)  # this run's failures
-    seconds: float = 0.0
-    n_done_before: int = 0  # dataset tracks whose embeddings were already in the store
-    n_failed_before: int = 0  # dataset tracks recorded as failed by an earlier run
     notes: list[str] = field(default_factory=list)  # this run's length adjustments (padding...)
     n_shared: int = 0  # dataset tracks whose audio is the same as another track's of the dataset
-    device: dict = field(
-        default_factory=dict
-    )  # embedkit.device.provenance of this run's forwards (empty: none ran here)
 
     @property
-    def n_failed(self) -> int:
-        return len(self.failures)
+    def n_inputs(self) -> int:
+        return self.n_tracks
 
     @property
-    def n_available(self) -> int:
-        """Dataset tracks that now have embeddings in the store."""
-        return self.n_done_before + self.n_extracted
+    def n_done(self) -> int:
+        return self.n_extracted
 
 
 def _shard_key(fingerprints: list[str]) -> str:
@@ -125,79 +129,65 @@ def _decode_safe(path: str, sample_rate: int, prep: PreprocessConfig, stat: tupl
         return None, f"unexpected decode error: {type(exc).__name__}: {first}", notes
 
 
+def _forward(backbone: Backbone, outputs: tuple[str, ...], batch: np.ndarray) -> dict[str, np.ndarray]:
+    """One forward: {"embedding": [B, D], output: [B, ...]} in float32."""
+    out = backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
+    return {k: np.asarray(out[k], dtype=np.float32) for k in ("embedding", *outputs)}
+
+
+class _Extraction:
+    """Extraction as a ``jobs.Job``: items (row in its shard, path, stat); a result or a
+    failure is (row, (outputs, start seconds, samples per segment) | None, reason | None,
+    notes)."""
+
+    def __init__(self, backbone: Backbone, prep: PreprocessConfig, outputs: tuple[str, ...]):
+        self.backbone, self.prep, self.outputs = backbone, prep, outputs
+
+    def decode(self, item):
+        i, path, stat = item
+        fr, err, notes = _decode_safe(path, self.backbone.spec.sample_rate, self.prep, stat)
+        if err is not None:
+            return Failure((i, None, err, notes))
+        frames, starts = fr
+        return Decoded(frames, (i, starts, notes))
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return _forward(self.backbone, self.outputs, batch)
+
+    def finish(self, item, decoded: Decoded, out):
+        i, starts, notes = decoded.info
+        return i, (out, starts, decoded.windows.shape[1]), None, notes
+
+    def single_threaded(self):
+        return torch_single_threaded()
+
+
+def _items(rows: pd.DataFrame) -> list[tuple[int, str, tuple[int, int, int] | None]]:
+    return [(i, p, st) for i, (p, st) in enumerate(zip(rows.path, _stats(rows)))]
+
+
+def _in_row_order(results: list, failures: list) -> list:
+    """A shard's results and failures (``_Extraction``) -> [(result | None, reason | None,
+    notes)] in row order."""
+    return [r[1:] for r in sorted(results + failures, key=lambda r: r[0])]
+
+
 def _embed_stream(
     backbone: Backbone, frame_iter, batch_size: int, outputs: tuple[str, ...]
 ) -> dict[str, np.ndarray] | None:
-    """Embed the segments of consecutive tracks in batches of ``batch_size``, starting as soon as
-    the first tracks are decoded instead of after the whole shard. The batches are the same
-    consecutive chunks as splitting the concatenation of all tracks, so the output does not
-    depend on how fast decoding went. Returns {output: [N, D]} or None when no segments."""
-    chunks: dict[str, list[np.ndarray]] = {}
-
-    backoff = BackOff(log=_log_backoff)
-
-    def forward(batch: np.ndarray) -> dict[str, np.ndarray]:
-        return backbone.outputs(batch) if outputs else {"embedding": backbone.embed(batch)}
-
-    def run(batch: np.ndarray) -> None:
-        # one forward per batch; an accelerator out of memory halves it (logged), the rows
-        # are the same (a CPU never takes the back-off path)
-        for out in backoff(forward, batch):
-            for k in ("embedding", *outputs):
-                chunks.setdefault(k, []).append(np.asarray(out[k], dtype=np.float32))
-
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    for frames in frame_iter:
-        pending.append(frames)
-        n_pending += len(frames)
-        if n_pending >= batch_size:
-            buf = np.concatenate(pending)
-            full = (len(buf) // batch_size) * batch_size
-            for i in range(0, full, batch_size):
-                run(buf[i : i + batch_size])
-            pending, n_pending = [buf[full:]], len(buf) - full
-    if n_pending:
-        run(np.concatenate(pending))
-    return {k: np.concatenate(v) for k, v in chunks.items()} if chunks else None
-
-
-def _lane_track(path: str, stat, backbone: Backbone, prep: PreprocessConfig, batch_size: int, outputs):
-    """A CPU lane's work on one track: decode, window, forward. (result | None, reason | None,
-    notes) with result = ({output: [K, D]}, start seconds [K], samples per segment)."""
-    fr, err, notes = _decode_safe(path, backbone.spec.sample_rate, prep, stat)
-    if err is not None:
-        return None, err, notes
-    frames, starts = fr
-    # the track's segments alone, in chunks of batch_size, on this thread
-    return (_embed_stream(backbone, [frames], batch_size, outputs), starts, frames.shape[1]), None, notes
-
-
-def _embed_batched(decoded, backbone: Backbone, batch_size: int, outputs: tuple[str, ...]) -> list:
-    """An accelerator's shard: decode results (row order, consumed lazily) -> the same per-track
-    results as ``_lane_track``, with forwards batched across the shard's tracks."""
-    metas = []
-
-    def frames():
-        for fr, err, notes in decoded:
-            metas.append((None if fr is None else (len(fr[0]), fr[1], fr[0].shape[1]), err, notes))
-            if fr is not None:
-                yield fr[0]
-
-    out = _embed_stream(backbone, frames(), batch_size, outputs)
-    results, at = [], 0
-    for meta, err, notes in metas:
-        if meta is None:
-            results.append((None, err, notes))
-            continue
-        k, starts, seg_len = meta
-        results.append((({n: v[at : at + k] for n, v in out.items()}, starts, seg_len), None, notes))
-        at += k
-    return results
+    """The segments of consecutive tracks embedded as extraction batches them on an
+    accelerator (``jobs.WindowBatcher``: the consecutive ``batch_size`` chunks of all the
+    tracks' segments, whatever the track boundaries). {output: [N, D]} or None when no
+    segments."""
+    batcher = WindowBatcher(lambda x: _forward(backbone, outputs, x), batch_size)
+    parts = [out for frames in frame_iter for _, out in batcher.add(None, frames)]
+    parts += [out for _, out in batcher.flush()]
+    parts = [p for p in parts if p is not None]
+    return concat_outputs(parts) if parts else None
 
 
 def _build_tables(rows: pd.DataFrame, results: list, backbone: Backbone, outputs: tuple[str, ...]):
-    """One shard's per-track results (row order; see ``_lane_track``) -> (segments table |
+    """One shard's per-track results (row order; see ``_in_row_order``) -> (segments table |
     None, failures table | None, failure dicts, notes)."""
     import pyarrow as pa
 
@@ -258,12 +248,6 @@ def _build_tables(rows: pd.DataFrame, results: list, backbone: Backbone, outputs
     return seg_table, fail_table, fails, notes
 
 
-def _log_backoff(msg: str) -> None:
-    import warnings
-
-    warnings.warn(msg, stacklevel=2)  # the CLI prints library warnings as one line each
-
-
 def _write_shard(store: Store, rows: pd.DataFrame, results: list, backbone: Backbone, outputs: tuple[str, ...]):
     """Write one shard's per-track results; (segments written, failure dicts, notes)."""
     seg_table, fail_table, fails, notes = _build_tables(rows, results, backbone, outputs)
@@ -277,16 +261,11 @@ def _write_shard(store: Store, rows: pd.DataFrame, results: list, backbone: Back
     return (seg_table.num_rows if seg_table is not None else 0), fails, notes
 
 
-@lru_cache(maxsize=4)
-def _cached_backbone(
-    name: str, checkpoint: str | None, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False
+def _backbone_on(
+    name: str, checkpoint: str | None = None, device: str = "cpu", precision: str = "fp32", allow_tf32: bool = False
 ) -> Backbone:
-    return _loaded_backbone(name, checkpoint).to(resolve_device(device, allow_tf32), precision)
-
-
-@lru_cache(maxsize=4)
-def _loaded_backbone(name: str, checkpoint: str | None) -> Backbone:
-    return load_backbone(name, checkpoint=checkpoint)
+    """A backbone loaded by name and placed (``jobs.cached_model``'s loader)."""
+    return load_backbone(name, checkpoint=checkpoint).to(resolve_device(device, allow_tf32), precision)
 
 
 def extract_shard(
@@ -325,17 +304,18 @@ def _extract_shard(
     allow_tf32=False,
 ):
     prep = PreprocessConfig.from_dict(prep_dict)
-    backbone = _cached_backbone(backbone_name, checkpoint, device, precision, allow_tf32)
-    store = Store(Path(store_root))
-    if is_accelerator(backbone.device):
-        decoded = (_decode_safe(p, backbone.spec.sample_rate, prep, st) for p, st in zip(rows.path, _stats(rows)))
-        results = _embed_batched(decoded, backbone, batch_size, outputs)
-    else:  # this worker thread is one lane (embedkit.jobs)
-        with torch_single_threaded():
-            results = [
-                _lane_track(p, st, backbone, prep, batch_size, outputs) for p, st in zip(rows.path, _stats(rows))
-            ]
-    nseg, fails, notes = _write_shard(store, rows, results, backbone, outputs)
+    backbone = cached_model(_backbone_on, backbone_name, checkpoint, device, precision, allow_tf32)
+    done: list = []
+    run_tracks(
+        _Extraction(backbone, prep, outputs),
+        [_items(rows)],
+        lambda results, failures: done.append(_in_row_order(results, failures)),
+        accelerator=is_accelerator(backbone.device),
+        batch_size=batch_size,
+        grouped=True,
+        one_thread=True,  # this worker thread is one lane of the cluster
+    )
+    nseg, fails, notes = _write_shard(Store(Path(store_root)), rows, done[0], backbone, outputs)
     return nseg, fails, notes, device_provenance(backbone.device, backbone.precision, allow_tf32)
 
 
@@ -449,7 +429,7 @@ def extract(
             bb = (
                 load_backbone(backbone, checkpoint=checkpoint)
                 if executor is None
-                else _cached_backbone(backbone, checkpoint)
+                else cached_model(_backbone_on, backbone, checkpoint)
             )
             weights_id, spec = bb.weights_id, bb.spec
         else:
@@ -580,78 +560,46 @@ def record_timing(store_root: Path, seconds: float, n_tracks: int) -> dict[str, 
 def _run_executor(
     executor, shards, store, name, checkpoint, prep, batch_size, outputs, account, device=("cpu", "fp32", False)
 ) -> None:
-    # Dask hashes arguments into task keys; pure=False makes every shard a fresh task even if
-    # an identical one was submitted earlier in the same session.
-    extra = {"pure": False} if type(executor).__module__.split(".")[0] == "distributed" else {}
+    """Every shard on ``executor`` (``jobs.run_shards``: each worker loads the backbone once
+    and writes its shards; ``account`` as each finishes)."""
     root = str(store.root.resolve())
-    futures = [
-        (
-            executor.submit(
-                _extract_shard, root, rows, name, checkpoint, prep.to_dict(), batch_size, outputs, *device, **extra
-            ),
-            rows,
-        )
-        for rows in shards
-    ]
+    prep_dict = prep.to_dict()
     seen: list[dict] = []
-    try:
-        for fut, n in futures:
-            nseg, fails, notes, info = fut.result()
-            if info not in seen:  # each worker's device, once
-                seen.append(info)
-                store.record_device(info)
-            account(nseg, fails, notes, n)
-    except BaseException:
-        for fut, _ in futures:
-            fut.cancel()
-        raise
+
+    def done(rows: pd.DataFrame, out) -> None:
+        nseg, fails, notes, info = out
+        if info not in seen:  # each worker's device, once
+            seen.append(info)
+            store.record_device(info)
+        account(nseg, fails, notes, rows)
+
+    run_shards(
+        executor,
+        _extract_shard,
+        ((rows, (root, rows, name, checkpoint, prep_dict, batch_size, outputs, *device)) for rows in shards),
+        done,
+    )
 
 
 def _run_local(shards, store, bb, prep, batch_size, outputs, workers, account) -> None:
-    """Every shard here, written in order as its last track finishes. On the CPU, ``workers``
-    lanes (embedkit.jobs) each take a track from file to embeddings; on an accelerator,
-    decode threads feed forwards batched across each shard's tracks (``_run_batched``)."""
+    """Every shard here (``jobs.run_tracks``, a shard per group), written in order as its last
+    track finishes. On the CPU, ``workers`` lanes each take a track from file to embeddings; on
+    an accelerator, decode threads run up to two shards ahead of forwards batched across each
+    shard's tracks."""
     n_workers = max(1, workers or os.cpu_count() or 1)
-    if is_accelerator(bb.device):
-        return _run_batched(shards, store, bb, prep, batch_size, outputs, n_workers, account)
+    pending = iter(shards)
 
-    def work(job):
-        _, path, stat = job
-        return _lane_track(path, stat, bb, prep, batch_size, outputs)
+    def write(results: list, failures: list) -> None:
+        rows = next(pending)
+        account(*_write_shard(store, rows, _in_row_order(results, failures), bb, outputs), rows)
 
-    jobs = ((k, p, st) for k, rows in enumerate(shards) for p, st in zip(rows.path, _stats(rows)))
-    k, results = 0, []
-    with torch_single_threaded():
-        for res in ordered_map(work, jobs, n_workers):
-            results.append(res)
-            while k < len(shards) and len(results) == len(shards[k]):  # shard k complete: write it
-                account(*_write_shard(store, shards[k], results, bb, outputs), shards[k])
-                k, results = k + 1, []
-
-
-def _run_batched(shards, store, bb, prep, batch_size, outputs, n_workers, account) -> None:
-    sr = bb.spec.sample_rate
-    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="embedkit-decode")
-    pending: deque = deque()
-    it = iter(shards)
-
-    def submit_next():
-        rows = next(it, None)
-        if rows is not None:
-            pending.append(
-                (rows, [pool.submit(_decode_safe, p, sr, prep, st) for p, st in zip(rows.path, _stats(rows))])
-            )
-
-    try:
-        # Two shards in flight: decoding of shard i+1 overlaps the model on shard i, and memory
-        # stays bounded by two shards of audio whatever the dataset size.
-        for _ in range(2):
-            submit_next()
-        while pending:
-            rows, futs = pending.popleft()
-            submit_next()
-            decoded = (f.result() for f in futs)  # the model starts on the first decoded tracks
-            account(*_write_shard(store, rows, _embed_batched(decoded, bb, batch_size, outputs), bb, outputs), rows)
-    finally:
-        # On Ctrl-C do not wait for a shard's worth of queued decodes.
-        pool.shutdown(wait=True, cancel_futures=True)
+    run_tracks(
+        _Extraction(bb, prep, outputs),
+        [_items(rows) for rows in shards],
+        write,
+        accelerator=is_accelerator(bb.device),
+        workers=n_workers,
+        batch_size=batch_size,
+        grouped=True,
+        ahead=max(2 * n_workers, 2 * max(len(rows) for rows in shards)),
+    )

@@ -232,7 +232,7 @@ def extract_stage(
     )
     for f in res.failures[:5]:
         log(f"  skipped {f['path']}: {f['reason']}")
-    if res.n_extracted + res.n_skipped - len(res.failures) <= 0:
+    if res.nothing_done:  # jobs.JobResult's rule, the one `embedkit extract` exits on
         raise EmbedkitError(f"{backbone}: no track could be extracted")
     return {
         "store": res.store,

@@ -42,7 +42,7 @@ import numpy as np
 
 from .backbones.base import BackboneSpec
 from .config import PreprocessConfig, stable_hash
-from .errors import EmbedkitError, StoreError
+from .errors import EmbedkitError, StoreError, first_line
 from .identity import SCHEME, artefact_scheme
 from .io import atomic_write_text, tmp_name, versions
 
@@ -501,8 +501,7 @@ class Store:
         try:
             table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-            msg = str(exc).strip().splitlines()[0]
-            raise StoreError(f"{self.root}: cannot read the segment shards ({msg})") from None
+            raise StoreError(f"{self.root}: cannot read the segment shards ({first_line(exc)})") from None
         sort = [(c, "ascending") for c in ("track_id", "segment") if columns is None or c in columns]
         return table.sort_by(sort) if sort else table
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ModelLoadingError
+from .errors import ModelLoadingError, first_line
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
             ) from None
         raise ModelLoadingError(f"{path}: not a PyTorch checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelLoadingError(f"{path}: unreadable PyTorch checkpoint, truncated or corrupt ({first})") from None
+        raise ModelLoadingError(
+            f"{path}: unreadable PyTorch checkpoint, truncated or corrupt ({first_line(exc, 160)})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- Hugging Face hub

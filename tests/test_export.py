@@ -26,9 +26,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from embedkit.config import AudioConfig  # noqa: E402
-from embedkit.deploy.onnx_export import ExportError, export_onnx, head_module  # noqa: E402
+from embedkit.deploy.onnx_export import export_onnx, head_module  # noqa: E402
 from embedkit.deploy.onnx_runtime import OnnxTagger, read_metadata  # noqa: E402
 from embedkit.deploy.tagger import load_tagger  # noqa: E402
+from embedkit.errors import ExportError  # noqa: E402
 
 #: the parity bound the issue sets
 BOUND = 1e-4

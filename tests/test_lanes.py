@@ -172,3 +172,28 @@ def test_extraction_lanes_forward_on_one_thread_and_match_the_batched_path(
     mb, xb = _store_rows(b)
     assert ma[["fingerprint", "segment", "start_s"]].equals(mb[["fingerprint", "segment", "start_s"]])
     np.testing.assert_allclose(xa, xb, atol=1e-5)
+
+
+def test_ordered_map_keeps_nothing_it_handed_out():
+    """A result handed out is the consumer's: the map holds no reference to it (a finished
+    track's audio is freed as soon as the consumer is done with it)."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    refs = []
+
+    def make(i):
+        b = Big()
+        refs.append(weakref.ref(b))
+        return b
+
+    gen = ordered_map(make, range(6), workers=2, ahead=2)
+    first = next(gen)
+    del first
+    next(gen)
+    gc.collect()
+    assert refs[0]() is None
+    gen.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelLoadingError
+from ..errors import ModelLoadingError, first_line
 
 FORMAT = 1
 
@@ -82,7 +82,9 @@ def _rebuild_ast(record: dict[str, Any], where: str):
             warnings.simplefilter("ignore")  # the 128-band Kaldi filterbank's empty band (see ast.py)
             fe = ASTFeatureExtractor.from_dict(record["feature_extractor"])
     except Exception as exc:
-        raise ModelLoadingError(f"{where}: unusable AST architecture record ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadingError(
+            f"{where}: unusable AST architecture record ({first_line(exc, with_type=True)})"
+        ) from None
     if record.get("classifier"):
         model = ASTForAudioClassification(cfg)
         base, head = model.audio_spectrogram_transformer, model.classifier

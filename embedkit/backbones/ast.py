@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackboneError, ModelLoadingError
+from ..errors import BackboneError, ModelLoadingError, first_line
 from ..weights import dir_sha256, hf_offline, hub_reachable, looks_like_hub_id
 from .base import Backbone, BackboneSpec
 from .registry import register_backbone
@@ -123,8 +123,7 @@ def resolve_model_dir(checkpoint: str | None = None) -> Path:
             d = Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS + ["pytorch_model.bin*"]))
         return d
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelLoadingError(f"{ref}: download from the Hugging Face hub failed ({first})") from None
+        raise ModelLoadingError(f"{ref}: download from the Hugging Face hub failed ({first_line(exc, 200)})") from None
 
 
 def _check_dir(d: Path) -> tuple[dict, list[str]]:
@@ -345,8 +344,7 @@ def load(spec: BackboneSpec, checkpoint: str | None = None, max_length: int | No
             cls = ASTForAudioClassification if has_head else ASTModel
             model, info = cls.from_pretrained(d, local_files_only=True, output_loading_info=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelLoadingError(f"{d}: cannot load the AST weights ({first})") from None
+        raise ModelLoadingError(f"{d}: cannot load the AST weights ({first_line(exc, 200)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:

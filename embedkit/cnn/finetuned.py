@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..config import AudioConfig
-from ..errors import ModelLoadingError
+from ..errors import ModelLoadingError, first_line
 from .model import check_windows, file_windows, net_probabilities, probability_module, read_model_file
 
 
@@ -102,9 +102,7 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     try:
         net.load_state_dict(d["state_dict"])
     except RuntimeError as exc:
-        raise ModelLoadingError(
-            f"{path}: weights do not fit backbone {d['backbone']!r} ({str(exc).splitlines()[0]})"
-        ) from None
+        raise ModelLoadingError(f"{path}: weights do not fit backbone {d['backbone']!r} ({first_line(exc)})") from None
     net.eval()
     meta = {"backbone": d["backbone"], "fold": d.get("fold"), "spec": d["spec"], "weights_id": d.get("weights_id")}
     return FinetunedModel(

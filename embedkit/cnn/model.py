@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ModelLoadingError
+from ..errors import ConfigError, ModelLoadingError, first_line
 
 FORMAT = "embedkit-cnn"
 FORMAT_VERSION = 1
@@ -357,9 +357,7 @@ def load_model(path: str | os.PathLike) -> CNNModel:
     try:
         net.load_state_dict(d["state_dict"])
     except RuntimeError as exc:
-        raise ModelLoadingError(
-            f"{path}: weights do not fit the stored architecture ({str(exc).splitlines()[0]})"
-        ) from None
+        raise ModelLoadingError(f"{path}: weights do not fit the stored architecture ({first_line(exc)})") from None
     net.eval()
     return CNNModel(
         net=net,

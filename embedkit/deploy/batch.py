@@ -31,7 +31,6 @@ written (each batch is one transaction), and the next run redoes exactly the mis
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -39,14 +38,14 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..audio.excerpts import Excerpt, read_excerpt
 from ..calibration import DecisionRule
-from ..device import BackOff
 from ..errors import AudioError, EmbedkitError
+from ..jobs import Decoded, Failure, JobResult, cached_model, run_shards, run_tracks
 from .inputs import expand_inputs
 from .records import TrackResult, applied_rule, track_result
 
@@ -60,26 +59,27 @@ PLAN_CHUNK = 1024
 
 
 @dataclass
-class TagResult:
+class TagResult(JobResult):
+    """What ``tag`` did. The counters every job reports are ``jobs.JobResult``'s: n_done_before
+    (already in the database for this model and excerpt), n_failed_before (recorded as failed
+    earlier, skipped without retry_failed), failures (this run's: path, reason), seconds,
+    device (embedkit.device.provenance of the local path); n_failed, n_available,
+    nothing_done."""
+
     model_id: str
     n_inputs: int = 0
     n_tagged: int = 0  # by this run
-    n_done_before: int = 0  # already in the database for this model and excerpt
-    n_redecided: int = 0  # of those, rows decided again under this run's rule (and rewritten)
-    n_failed_before: int = 0  # recorded as failed earlier (skipped without retry_failed)
-    failures: list[dict[str, str]] = field(default_factory=list)  # this run's: path, reason
+    n_redecided: int = 0  # of the rows done before, those decided again under this run's rule (and rewritten)
     rows: list[TrackResult] = field(default_factory=list)  # the first ``keep_rows`` results (terminal table)
-    seconds: float = 0.0
     model_loaded: bool = False
     windows: int = 0
     labels: list[str] = field(default_factory=list)
     rule: DecisionRule | None = None  # the decision rule applied to every row
-    device: dict[str, Any] = field(default_factory=dict)  # embedkit.device.provenance of the run (local path)
     file_tags: Any = None  # writeback.FileTagReport with --write-tags
 
     @property
-    def n_failed(self) -> int:
-        return len(self.failures)
+    def n_done(self) -> int:
+        return self.n_tagged
 
 
 def _result(tagger, item: "_Item", p_windows: np.ndarray, ex: Excerpt, top_k: int, rule: DecisionRule) -> TrackResult:
@@ -442,116 +442,75 @@ def _decode_item(item: _Item, sr: int, ex: Excerpt, clip_s, window_s: float, hop
         return item, exc.problem
 
 
+class _Tagging:
+    """Tagging as a ``jobs.Job``: items are ``_Item``s; a result is a ``TrackResult``, a
+    failure {path, fingerprint, reason}."""
+
+    def __init__(self, tagger, ex: Excerpt, top_k: int, rule: DecisionRule):
+        self.tagger, self.ex, self.top_k, self.rule = tagger, ex, top_k, rule
+
+    def decode(self, item: _Item):
+        seg = self.tagger.segment
+        item, problem = _decode_item(
+            item, self.tagger.sample_rate, self.ex, self.tagger.audio.clip_s, seg.segment_s, seg.hop_s
+        )
+        if problem is not None:
+            return Failure({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
+        return Decoded(item.windows, item)
+
+    def forward(self, windows: np.ndarray) -> np.ndarray:
+        return self.tagger.predict_segments(windows)
+
+    def finish(self, item: _Item, decoded: Decoded, p_windows: np.ndarray) -> TrackResult:
+        row = _result(self.tagger, item, p_windows, self.ex, self.top_k, self.rule)
+        item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
+        return row
+
+    def single_threaded(self):
+        return self.tagger.single_threaded()
+
+
 def _run_local(
-    tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, rule: DecisionRule, on_batch
+    tagger,
+    todo: list[_Item],
+    ex: Excerpt,
+    workers: int,
+    batch_size: int,
+    top_k: int,
+    rule: DecisionRule,
+    on_batch,
+    one_thread: bool | None = None,
 ) -> None:
-    """Tag ``todo`` here, handing finished tracks to ``on_batch`` in ``todo`` order, a
-    transaction's worth (``batch_size`` windows) at a time. On the CPU: ``workers`` lanes
-    (embedkit.jobs), each taking a track from file to row; on an accelerator: decode threads
-    feeding forwards batched across files (``_run_batched``)."""
+    """Tag ``todo`` here (``jobs.run_tracks``), handing finished tracks to ``on_batch`` in
+    ``todo`` order, a transaction's worth (``batch_size`` windows) at a time. On the CPU:
+    ``workers`` lanes, each taking a track from file to row; on an accelerator: decode threads
+    feeding forwards batched across files."""
     from ..device import is_accelerator
 
-    if tagger.torch_backed and is_accelerator(tagger.device):
-        return _run_batched(tagger, todo, ex, workers, batch_size, top_k, rule, on_batch)
-    from ..jobs import ordered_map
-
-    sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
-
-    def one(item: _Item) -> tuple[TrackResult | None, dict | None]:
-        item, problem = _decode_item(item, sr, ex, clip_s, seg.segment_s, seg.hop_s)
-        if problem is not None:
-            return None, {"path": item.path, "fingerprint": item.fingerprint, "reason": problem}
-        w = item.windows
-        p = np.concatenate([tagger.predict_segments(w[i : i + batch_size]) for i in range(0, len(w), batch_size)])
-        row = _result(tagger, item, p, ex, top_k, rule)
-        item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
-        return row, None
-
-    rows: list[TrackResult] = []
-    fails: list[dict] = []
-    n_windows = 0
-    lanes = min(workers, len(todo))
-    # one track (a single file, the last of a library): one lane with the network's own threads
-    with tagger.single_threaded() if lanes > 1 else contextlib.nullcontext():
-        for row, fail in ordered_map(one, todo, lanes):
-            if fail is not None:
-                fails.append(fail)
-            else:
-                rows.append(row)
-                n_windows += row.n_windows
-            if n_windows >= batch_size or len(fails) >= batch_size:
-                on_batch(rows, fails)
-                rows, fails, n_windows = [], [], 0
-    if rows or fails:
-        on_batch(rows, fails)
+    accelerator = tagger.torch_backed and is_accelerator(tagger.device)
+    run_tracks(
+        _Tagging(tagger, ex, top_k, rule),
+        todo,
+        on_batch,
+        accelerator=accelerator,
+        workers=workers,
+        batch_size=batch_size,
+        ahead=_ahead(tagger, ex, workers, batch_size) if accelerator else None,
+        one_thread=one_thread,
+    )
 
 
-def _run_batched(
-    tagger, todo: list[_Item], ex: Excerpt, workers: int, batch_size: int, top_k: int, rule: DecisionRule, on_batch
-) -> None:
-    """Decode threads run ahead (bounded), this thread batches windows across files into
-    forwards of ``batch_size`` windows on the accelerator and hands finished tracks to
-    ``on_batch``."""
-    from ..jobs import ordered_map
-
-    sr, seg, clip_s = tagger.sample_rate, tagger.segment, tagger.audio.clip_s
-    # Decoded tracks kept ready: enough for two forwards while the decoders work on, bounded
-    # in windows (a ``full`` excerpt of a long song is hundreds of windows, so only 2 / thread).
+def _ahead(tagger, ex: Excerpt, workers: int, batch_size: int) -> int:
+    """Decoded tracks kept ready on an accelerator: enough for two forwards while the decoders
+    work on, bounded in windows (a ``full`` excerpt of a long song is hundreds of windows, so
+    only 2 / thread)."""
+    seg, clip_s = tagger.segment, tagger.audio.clip_s
     per_track = (
         None
         if ex.mode == "full" or clip_s is None
         else (ex.n if ex.mode == "spread" else 1) * max(1, int(clip_s // seg.hop_s))
     )
-    ahead = max(2 * workers, 4, -(-2 * batch_size // per_track) if per_track else 0)
-    pending: list[_Item] = []
-    n_pending = 0
-    fails: list[dict] = []
-    backoff = BackOff(log=_log_backoff)
-
-    def flush() -> None:
-        nonlocal pending, n_pending, fails
-        rows = []
-        if pending:
-            x = np.concatenate([it.windows for it in pending])
-            # forwards of batch_size windows; an accelerator out of memory halves them (logged)
-            p = np.concatenate(
-                [
-                    q
-                    for i in range(0, len(x), batch_size)
-                    for q in backoff(tagger.predict_segments, x[i : i + batch_size])
-                ]
-            )
-            at = 0
-            for it in pending:
-                k = len(it.windows)
-                rows.append(_result(tagger, it, p[at : at + k], ex, top_k, rule))
-                at += k
-                it.windows = it.starts = None  # memory stays flat: nothing of a finished track is kept
-        on_batch(rows, fails)
-        pending, n_pending, fails = [], 0, []
-
-    def decode(item: _Item) -> tuple[_Item, str | None]:
-        return _decode_item(item, sr, ex, clip_s, seg.segment_s, seg.hop_s)
-
-    for item, problem in ordered_map(decode, todo, workers, ahead):
-        if problem is not None:
-            fails.append({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
-        else:
-            pending.append(item)
-            n_pending += len(item.windows)
-        if n_pending >= batch_size or len(fails) >= batch_size:
-            flush()
-    if pending or fails:
-        flush()
-
-
-def _log_backoff(msg: str) -> None:
-    import warnings
-
-    warnings.warn(msg, stacklevel=2)
-
-
-_TAGGERS: dict[tuple, Any] = {}
+    return max(2 * workers, 4, -(-2 * batch_size // per_track) if per_track else 0)
 
 
 def tag_shard(
@@ -572,12 +531,7 @@ def tag_shard(
     ``db`` when given; returns (rows, failures)."""
     from .tagger import load_tagger
 
-    key = (str(model), checkpoint, device, precision, allow_tf32)
-    if key not in _TAGGERS:
-        _TAGGERS[key] = load_tagger(
-            model, checkpoint=checkpoint, device=device, precision=precision, allow_tf32=allow_tf32
-        )
-    tagger = _TAGGERS[key]
+    tagger = cached_model(load_tagger, model, checkpoint, device, precision, allow_tf32)
     rows_out, fails_out = [], []
     database = None
     if db is not None:
@@ -608,6 +562,7 @@ def tag_shard(
             top_k,
             rule,
             on_batch,
+            one_thread=True,  # this worker thread is one lane of the cluster
         )
     finally:
         if database is not None:
@@ -629,43 +584,28 @@ def _run_remote(
     on_batch,
     device=("cpu", "fp32", False),
 ) -> None:
-    """Shards on ``executor`` (a dask Client or any concurrent.futures Executor); the workers
-    write the database themselves, so ``on_batch`` only reports."""
+    """Shards on ``executor`` (``jobs.run_shards``: a dask Client or any concurrent.futures
+    Executor; each worker loads the model once); the workers write the database themselves,
+    so ``on_batch`` only reports."""
     from .resultsdb import database_url
 
     url = database_url(db) if db is not None else None
-    kw = {"pure": False} if _is_dask(executor) else {}
     target = str(Path(model).absolute())
-    futures = [
-        executor.submit(
-            tag_shard,
-            target,
-            checkpoint,
-            [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]],
-            str(ex),
-            url,
-            batch_size,
-            top_k,
-            rule,
-            *device,
-            **kw,
+    shards = (
+        (
+            None,
+            (
+                target,
+                checkpoint,
+                [(it.path, it.stat, it.fingerprint) for it in todo[i : i + shard_size]],
+                str(ex),
+                url,
+                batch_size,
+                top_k,
+                rule,
+                *device,
+            ),
         )
         for i in range(0, len(todo), shard_size)
-    ]
-    for fut in _as_completed(executor, futures):
-        rows, fails = fut.result()
-        on_batch(rows, fails, stored=url is not None)
-
-
-def _is_dask(executor) -> bool:
-    return type(executor).__module__.startswith("distributed")
-
-
-def _as_completed(executor, futures) -> Iterator:
-    if _is_dask(executor):
-        from distributed import as_completed
-
-        return iter(as_completed(futures))
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
+    )
+    run_shards(executor, tag_shard, shards, lambda _, out: on_batch(*out, stored=url is not None))

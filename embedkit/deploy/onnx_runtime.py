@@ -28,7 +28,7 @@ import numpy as np
 
 from ..calibration import EPS
 from ..config import AudioConfig, SegmentConfig, from_dict
-from ..errors import EmbedkitError, ModelLoadingError
+from ..errors import EmbedkitError, ModelLoadingError, first_line
 from .base import Tagger
 
 FORMAT = "embedkit-onnx/1"
@@ -148,8 +148,7 @@ def _session(path: Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelLoadingError(f"{path}: onnxruntime cannot load it ({first})") from None
+        raise ModelLoadingError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from None
 
 
 @dataclass

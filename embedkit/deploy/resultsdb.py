@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import DatabaseError, EmbedkitError
+from ..errors import DatabaseError, EmbedkitError, first_line
 
 #: seconds a SQLite writer waits for another writer's lock before giving up
 SQLITE_BUSY_TIMEOUT_S = 120
@@ -75,7 +75,7 @@ class ResultsDB:
         try:
             self.engine = sa.create_engine(self.url, **kw)
         except Exception as exc:  # unknown dialect, missing driver, malformed URL
-            raise DatabaseError(f"{_safe(self.url)}: cannot open database ({_first(exc)})") from None
+            raise DatabaseError(f"{_safe(self.url)}: cannot open database ({first_line(_driver_error(exc))})") from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.meta = sa.MetaData()
@@ -152,7 +152,7 @@ class ResultsDB:
             except Exception as exc:
                 if attempt == 4 or not _is_race(exc):
                     raise DatabaseError(
-                        f"{_safe(self.url)}: cannot create the results tables ({_first(exc)})"
+                        f"{_safe(self.url)}: cannot create the results tables ({first_line(_driver_error(exc))})"
                     ) from None
                 time.sleep(0.05 * (attempt + 1))
 
@@ -172,7 +172,7 @@ class ResultsDB:
             except Exception as exc:  # another process added it first
                 if col.name not in {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}:
                     raise DatabaseError(
-                        f"{_safe(self.url)}: cannot add column tags.{col.name} ({_first(exc)})"
+                        f"{_safe(self.url)}: cannot add column tags.{col.name} ({first_line(_driver_error(exc))})"
                     ) from None
 
     def _scheme(self) -> str:
@@ -339,7 +339,7 @@ class ResultsDB:
                 return
             except Exception as exc:
                 if attempt == attempts - 1 or not _is_race(exc):
-                    raise DatabaseError(f"{_safe(self.url)}: write failed ({_first(exc)})") from None
+                    raise DatabaseError(f"{_safe(self.url)}: write failed ({first_line(_driver_error(exc))})") from None
                 time.sleep(0.05 * 2**attempt)
 
 
@@ -366,9 +366,9 @@ def _is_race(exc: Exception) -> bool:
     )
 
 
-def _first(exc: Exception) -> str:
-    s = str(getattr(exc, "orig", None) or exc).strip()
-    return (s.splitlines()[0] if s else type(exc).__name__)[:300]
+def _driver_error(exc: Exception) -> BaseException:
+    """The database driver's own exception that SQLAlchemy wraps (its message without the SQL)."""
+    return getattr(exc, "orig", None) or exc
 
 
 def _safe(url: str) -> str:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioError, EmbedkitError
+from ..errors import AudioError, EmbedkitError, first_line
 
 SERVE_INSTALL = "pip install 'embedkit[serve]'"
 #: Content-Types accepted for a raw body or an upload part (besides audio/*)
@@ -320,7 +320,7 @@ class _Sink:
                 self.parser.write(chunk)
             except Exception as exc:  # python-multipart raises its own errors on bad framing
                 raise HTTPProblem(
-                    400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})"
+                    400, "bad_request", f"malformed multipart body ({first_line(exc, with_type=True)})"
                 ) from None
         else:
             self.fh.write(chunk)
@@ -332,7 +332,7 @@ class _Sink:
                 self.parser.finalize()
             except Exception as exc:
                 raise HTTPProblem(
-                    400, "bad_request", f"malformed multipart body ({type(exc).__name__}: {exc})"
+                    400, "bad_request", f"malformed multipart body ({first_line(exc, with_type=True)})"
                 ) from None
         self.fh.close()
 
@@ -493,8 +493,8 @@ def create_app(tagger, cfg: ServeConfig | None = None):
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return problem(500, "internal", f"internal error: {type(exc).__name__}: {first}", endpoint=request.url.path)
+        message = f"internal error: {first_line(exc, 200, with_type=True)}"
+        return problem(500, "internal", message, endpoint=request.url.path)
 
     @app.post("/v1/tag", summary="Tag one audio file (multipart upload or raw body)")
     async def tag_endpoint(

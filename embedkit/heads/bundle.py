@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigMismatchError, ModelLoadingError
+from ..errors import ConfigMismatchError, ModelLoadingError, first_line
 from ..io import jsonable, plain
 from .base import _as_float32
 
@@ -172,7 +172,7 @@ def load_bundle(
     try:
         obj = sio.loads(data, trusted=[t for t in untrusted])
     except Exception as exc:
-        raise ModelLoadingError(f"{p}: cannot load head bundle ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadingError(f"{p}: cannot load head bundle ({first_line(exc, with_type=True)})") from None
     if not isinstance(obj, dict) or obj.get("format") != BUNDLE_FORMAT:
         raise ModelLoadingError(f"{p}: not an embedkit head bundle")
     meta = json.loads(obj["meta"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReportError
+from ..errors import ReportError, first_line
 from . import charts
 
 DASH = "—"
@@ -57,7 +57,7 @@ def load(paths: list[str | os.PathLike]) -> tuple[list[dict[str, Any]], list[dic
         try:
             (m,) = load_runs([f])
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as exc:
-            skipped.append({"path": str(f), "reason": f"unreadable metrics.json ({type(exc).__name__}: {exc})"})
+            skipped.append({"path": str(f), "reason": f"unreadable metrics.json ({first_line(exc, with_type=True)})"})
             continue
         if not isinstance(m, dict):
             skipped.append({"path": str(f), "reason": "metrics.json is not a JSON object"})
