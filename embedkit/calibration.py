@@ -185,6 +185,19 @@ class DecisionRule:
     k: int = 3
 
     def __post_init__(self):
+        # plain Python values whatever the caller passed (numpy scalars, JSON): rules compare
+        # and serialise exactly
+        for name in ("threshold", "multi_threshold", "margin"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise CalibrationError(f"decision rule: {name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not isinstance(self.multi, (bool, np.bool_)):
+            raise CalibrationError(f"decision rule: multi must be true or false, got {self.multi!r}")
+        self.multi = bool(self.multi)
+        if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, (int, np.integer)):
+            raise CalibrationError(f"decision rule: max_genres (k) must be an integer, got {self.k!r}")
+        self.k = int(self.k)
         if not 0.0 <= self.threshold <= 1.0:
             raise EmbedkitError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if not 0.0 <= self.multi_threshold <= 1.0:
@@ -200,11 +213,27 @@ class DecisionRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "DecisionRule":
-        """Inverse of ``to_dict``; unknown keys are refused, ``max_genres`` is accepted for ``k``."""
+        """Inverse of ``to_dict`` (``max_genres`` is accepted for ``k``); CalibrationError for
+        unknown fields or values of the wrong type (a rule is never half-read)."""
+        if d is not None and not isinstance(d, dict):
+            raise CalibrationError(f"decision rule must be a mapping, got {d!r}")
         d = dict(d or {})
         if "max_genres" in d:
             d["k"] = d.pop("max_genres")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CalibrationError(f"decision rule: unknown field(s) {', '.join(map(str, unknown))}")
         return cls(**d)
+
+    def normal(self) -> "DecisionRule":
+        """The rule with the multi-genre settings at their defaults when ``multi`` is off (they
+        decide nothing then): two rules that decide alike compare equal in this form."""
+        from dataclasses import replace
+
+        if self.multi:
+            return self
+        d = DecisionRule()
+        return replace(self, multi_threshold=d.multi_threshold, margin=d.margin, k=d.k)
 
     def with_overrides(
         self,
@@ -237,6 +266,11 @@ class DecisionRule:
 #: the names of a rule's overrides at every door (CLI ``--multi-threshold`` <-> HTTP
 #: ``?multi_threshold=`` <-> ``DecisionRule.with_overrides(multi_threshold=)``)
 RULE_OPTIONS = ("threshold", "multi", "multi_threshold", "margin", "max_genres")
+
+
+def rule_of(calibration) -> DecisionRule:
+    """The default decision rule a model's calibration carries (threshold 0 without one)."""
+    return getattr(calibration, "rule", None) or DecisionRule()
 
 
 @dataclass

@@ -247,6 +247,7 @@ def fit_head(
     store=None,
     tracks: pd.DataFrame | None = None,
     data: str | os.PathLike | None = None,
+    audio_dir: str | os.PathLike | None = None,
     runs: str | os.PathLike = "runs",
     run_dir: str | os.PathLike | None = None,
     name: str | None = None,
@@ -265,8 +266,9 @@ def fit_head(
     """Train ``head`` on a backbone's stored embeddings, evaluate per track, write a run.
 
     backbone / store / cache: which embeddings (``open_store``).
-    tracks (a track table) or data (a dataset path): the tracks to use, with their labels; by
-        default the dataset extracted last into the store (never a mixture of datasets).
+    tracks (a track table) or data (a dataset path; audio_dir: FMA's audio folder for a
+        tracks.csv): the tracks to use, with their labels; by default the dataset extracted
+        last into the store (never a mixture of datasets).
     protocol: "auto" (dataset split when present, else holdout), "holdout" (``test_size``),
         "split"; ``cv=K`` for stratified K-fold. Groups (artists) are respected when known.
     pca: components (None: the head's default, 0: none). search: pick hyper-parameters from
@@ -295,7 +297,7 @@ def fit_head(
     if data is not None and tracks is None:
         from .datasets import load_dataset
 
-        tracks = load_dataset(data)
+        tracks = load_dataset(data, audio_dir=audio_dir)
     seg, X = read_embeddings(st, output, tracks)
     source = str(seg.attrs.get("source") or os.path.commonpath(list(seg["path"].unique())))
     table = _track_table(seg, source)
@@ -471,12 +473,15 @@ def predict_store(
     cache: str | os.PathLike = "cache",
     store=None,
     tracks: pd.DataFrame | None = None,
+    data: str | os.PathLike | None = None,
+    audio_dir: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, HeadBundle]:
     """Per-track predictions of a saved head on a store's embeddings (the bundle's backbone
-    store under ``cache`` unless ``store`` is given) for ``tracks``, by default the dataset
-    extracted last into the store (``read_embeddings``). Refuses a store made with another
-    backbone, weights or preprocessing. Returns (DataFrame track_id, path, label, pred,
-    pred_vote, confidence, p_<label>..., in_training), bundle)."""
+    store under ``cache`` unless ``store`` is given) for ``tracks`` (or the dataset at
+    ``data``, as in ``fit_head``), by default the dataset extracted last into the store
+    (``read_embeddings``). Refuses a store made with another backbone, weights or
+    preprocessing. Returns (DataFrame track_id, path, label, pred, pred_vote, confidence,
+    p_<label>..., in_training), bundle)."""
     b = load_bundle(bundle_path)
     st = open_store(None if store is not None else b.spec["name"], cache, store)
     smeta = st.meta()
@@ -486,6 +491,10 @@ def predict_store(
         expect_preprocess=smeta["preprocess"],
         expect_weights_id=smeta.get("weights_id", "none"),
     )
+    if data is not None and tracks is None:
+        from .datasets import load_dataset
+
+        tracks = load_dataset(data, audio_dir=audio_dir)
     seg, X = read_embeddings(st, b.output, tracks)
     df = b.predict_tracks(seg["track_id"].to_numpy(), X)
     info = seg.drop_duplicates("track_id").set_index("track_id")

@@ -87,6 +87,29 @@ class RunPlan:
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
+    @classmethod
+    def from_options(
+        cls, *, quick: bool = False, cnn_epochs: int | None = None, finetune: bool | str = False, **overrides
+    ) -> "RunPlan":
+        """The plan `embedkit run`'s options describe: the default plan (``quick``: the
+        smoke-test plan) with the fields in ``overrides`` that are not None; cnn_epochs: the
+        scratch CNN's epoch budget; finetune: a backbone to fine-tune, or True for the first of
+        the plan's backbones that is not melstats."""
+        over = {k: v for k, v in overrides.items() if v is not None}
+        plan = cls.quick_plan(**over) if quick else replace(cls(), **over)
+        if cnn_epochs is not None:
+            if cnn_epochs < 1:
+                raise ConfigError("cnn_epochs must be >= 1", field="cnn_epochs")
+            plan = replace(plan, cnn_train=replace(plan.cnn_train, epochs=cnn_epochs))
+        if finetune:
+            ft = finetune if isinstance(finetune, str) else next((b for b in plan.backbones if b != "melstats"), None)
+            if ft is None:
+                raise ConfigError(
+                    "finetune needs a pretrained backbone: pass --finetune-backbone NAME", field="finetune"
+                )
+            plan = replace(plan, finetune=ft)
+        return plan
+
     def train_config(self, which: str) -> TrainConfig:
         """The ``cnn`` or ``finetune`` TrainConfig with the plan's seed and segment length."""
         base = self.cnn_train if which == "cnn" else self.finetune_train

@@ -11,6 +11,7 @@ against the windows `tag --excerpt full` reads). The model carries a stored cali
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -193,11 +194,15 @@ def test_every_door_gives_the_same_answer(model, clips, tmp_path):
             from embedkit.deploy.batch import tag
 
             for door, path in (("write-tags torch", run), ("write-tags onnx", onnx)):
-                res = tag(path, clips, file_tags=FileTagOptions(dry_run=True), workers=1, **over)
-                genres = {ch.path: ch.genres for ch in res.file_tags.notes}
-                # what a file would receive: the decided genres, nothing for "uncertain"
-                doors[door] = {f: (want[f][0], genres.get(f, []) if want[f][0] != "uncertain" else []) for f in clips}
-                assert all(genres.get(f, []) == [] for f in clips if want[f][0] == "uncertain"), door
+                res = tag(path, clips, file_tags=FileTagOptions(dry_run=True), workers=1, keep_rows=100, **over)
+                changes = {ch.path: ch for ch in res.file_tags.notes}
+                decided = {r.path: r.decision for r in res.rows}
+                # what a file would receive: the decided genres; nothing at all for "uncertain"
+                doors[door] = {
+                    f: (decided[f], changes[f].genres if changes[f].status == "would-write" else []) for f in clips
+                }
+                assert {changes[f].status for f in clips} <= {"would-write", "uncertain"}, door
+                assert all((changes[f].status == "uncertain") == (decided[f] == "uncertain") for f in clips), door
                 assert res.rule == rule, door
             for door, got in doors.items():
                 assert got == want, f"{door} under {name} ({rule}): {got} != {want}"
@@ -262,10 +267,11 @@ def test_stream_windows_decide_as_tag_full(model, clips, runtime):
         f, t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, t.segment.hop_s
     )
     ref = load_tagger(run).calibrate(load_tagger(run).predict_segments(frames))  # torch reference
+    own = t.calibrate(t.predict_segments(frames))  # this runtime's, for the decisions (no rounding flips)
     assert len(wins) == len(frames) > 1 and summary["rule"] == rule.to_dict()
-    for w, p in zip(wins, ref):
+    for w, p, q in zip(wins, ref, own):
         np.testing.assert_allclose([w["raw"][l] for l in t.labels], p, atol=ONNX_TOL)
-        d = decide(p, t.labels, rule)
+        d = decide(q, t.labels, rule)
         assert w["window"]["decision"] == d.label and [g["label"] for g in w["window"]["genres"]] == d.genres
 
 
@@ -345,3 +351,105 @@ def test_a_rerun_under_another_rule_decides_stored_rows_again(model, clips, tmp_
     assert all(r["decision"] == "uncertain" and r["genres"] == [] and r["rule"]["threshold"] == 1.0 for r in rows)
     back = tag(run, clips, db=db, workers=1)
     assert [r.decision for r in back.rows] == [r.decision for r in first.rows] and back.n_redecided == len(clips)
+    same = tag(run, clips, db=db, workers=1)  # the same rule again: nothing to rewrite
+    assert same.n_redecided == 0 and same.n_done_before == len(clips)
+    # --margin without --multi decides nothing differently: no row is rewritten for it
+    assert tag(run, clips, db=db, workers=1, margin=0.42).n_redecided == 0
+
+
+def test_rows_of_an_older_database_are_decided_again(model, clips, tmp_path):
+    """A database made before rows recorded their genres and rule: the new columns are added,
+    its rows are decided under the rule applied from their stored probabilities (no model
+    load), in the model's label order, and rewritten once."""
+    import sqlite3
+
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.resultsdb import ResultsDB
+
+    run, _ = model
+    db = tmp_path / "old.sqlite"
+    first = tag(run, clips, db=db, workers=1)
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE tags DROP COLUMN genres")
+    con.execute("ALTER TABLE tags DROP COLUMN rule")
+    con.commit()
+    con.close()
+    again = tag(run, clips, db=db, workers=1)
+    assert (again.model_loaded, again.n_redecided, again.n_done_before) == (False, len(clips), len(clips))
+    assert [(r.decision, r.genres) for r in again.rows] == [(r.decision, r.genres) for r in first.rows]
+    assert again.labels == first.labels
+    with ResultsDB(db) as d:
+        assert all(r["rule"] == first.rule.to_dict() and r["genres"] is not None for r in d.rows())
+    assert tag(run, clips, db=db, workers=1).n_redecided == 0
+
+
+def test_a_file_uncertain_under_a_stricter_rule_loses_the_genre_embedkit_wrote(model, clips, tmp_path):
+    """--write-tags then a re-run under which the track is uncertain: the file gets back what it
+    held before embedkit's write (no door would write that genre now), and untag has nothing
+    left to undo."""
+    pytest.importorskip("mutagen")
+    import soundfile as sf
+
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.filetags import read_tags
+    from embedkit.deploy.writeback import FileTagOptions
+
+    run, _ = model
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    files = []
+    for i, f in enumerate(clips[:3]):
+        y, sr = sf.read(f)
+        files.append(lib / f"t{i}.flac")
+        sf.write(files[-1], y, sr)
+    before = {f: f.read_bytes() for f in files}
+    db = tmp_path / "w.sqlite"
+    w = tag(run, files, db=db, workers=1, threshold=0.0, file_tags=FileTagOptions())
+    assert w.file_tags.counts["written"] == 3 and all(read_tags(f).genre for f in files)
+    dry = tag(run, files, db=db, workers=1, threshold=1.0, file_tags=FileTagOptions(dry_run=True))
+    assert dry.file_tags.counts["would-clear"] == 3 and all(read_tags(f).genre for f in files)
+    strict = tag(run, files, db=db, workers=1, threshold=1.0, file_tags=FileTagOptions())
+    assert strict.file_tags.counts["cleared"] == 3
+    for f in files:
+        assert read_tags(f).genre is None and not read_tags(f).written_by_embedkit
+        np.testing.assert_array_equal(sf.read(f)[0], sf.read(io.BytesIO(before[f]))[0])  # the audio untouched
+    res = CliRunner().invoke(app, ["untag", str(run), "--db", str(db)])
+    assert res.exit_code == 1 and "no files recorded" in res.output
+
+
+def test_copies_of_a_bad_file_are_each_recorded(model, tmp_path):
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.resultsdb import ResultsDB
+
+    run, _ = model
+    bad = [tmp_path / "bad1.wav", tmp_path / "bad2.wav"]
+    for b in bad:
+        b.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    res = tag(run, bad, db=tmp_path / "b.sqlite", workers=1)
+    assert sorted(f["path"] for f in res.failures) == sorted(str(b.absolute()) for b in bad)
+    with ResultsDB(tmp_path / "b.sqlite") as d:
+        assert len(d.failed(res.model_id)) == 2
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ({"threshold": 0.5, "target": 0.97}, "unknown field"),
+        ({"threshold": "0.5"}, "must be a number"),
+        ({"multi": "false"}, "true or false"),
+        ({"k": 2.5}, "must be an integer"),
+    ],
+)
+def test_a_malformed_stored_rule_is_one_line(model, tmp_path, rule, message):
+    from embedkit.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match=message):
+        DecisionRule.from_dict(rule)
+    run, _ = model
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    cal = json.loads((bad / CALIBRATION_FILE).read_text())
+    cal["rule"] = rule
+    (bad / CALIBRATION_FILE).write_text(json.dumps(cal))
+    res = CliRunner().invoke(app, ["tag", str(bad), __file__])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output

@@ -101,11 +101,11 @@ class Tagger(ABC):
 
     @property
     def rule(self):
-        """The model's default decision rule (``embedkit.calibration.DecisionRule``): the
-        calibration's, else threshold 0 (always the top genre)."""
-        from ..calibration import DecisionRule
+        """The model's default decision rule (``embedkit.calibration.rule_of`` its calibration:
+        the stored rule, else threshold 0, always the top genre)."""
+        from ..calibration import rule_of
 
-        return getattr(self.calibration, "rule", None) or DecisionRule()
+        return rule_of(self.calibration)
 
     def decide(self, probabilities: np.ndarray, rule=None):
         """Calibrated track probabilities [C] -> ``embedkit.calibration.Decision`` under ``rule``

@@ -156,12 +156,15 @@ def _plan(
     workers: int,
     seen: set[str],
     top_k: int,
-) -> tuple[list[_Item], list[tuple[TrackResult, bool]], dict[str, list[str]], list[dict], int]:
+    rule: DecisionRule,
+    labels: list[str] | None,
+) -> tuple[list[_Item], list[tuple[TrackResult, bool, bool]], dict[str, list[str]], list[dict], int]:
     """Fingerprint a chunk of the inputs (re-using the database's record for unchanged files)
-    and split it into (to tag, already done [(stored result, is a copy of a track of this run)],
-    duplicates {fingerprint: [other paths]}, failures, n skipped as failed before). ``seen``:
-    fingerprints met in earlier chunks of the same run (updated); their paths are duplicates of
-    a track already handled."""
+    and split it into (to tag, already done [(stored result decided under ``rule``, is a copy of
+    a track of this run, its row must be rewritten)], duplicates {fingerprint: [other paths]}, failures, n skipped as failed
+    before). ``seen``: fingerprints met in earlier chunks of the same run (updated); their paths
+    are duplicates of a track already handled. labels: the model's label order (None: the
+    stored probabilities' own order, for a model the database never registered)."""
     from ..identity import SCHEME, FileStat, identify
 
     known = {}
@@ -185,30 +188,30 @@ def _plan(
     done = db.done(model_id, str(excerpt), fingerprints=fps) if db is not None and fps else {}
     failed = db.failed(model_id, paths=paths) if db is not None and not retry_failed else {}
     todo: list[_Item] = []
-    done_rows: list[tuple[TrackResult, bool]] = []
+    done_rows: list[tuple[TrackResult, bool, bool]] = []
     dups: dict[str, list[str]] = {}
     failures: list[dict] = []
     n_failed_before = 0
     earlier = set(fps) & seen  # contents handled in an earlier chunk of this run
 
-    def stored(fp: str, path: str) -> TrackResult:
+    def stored(fp: str, path: str, copy: bool) -> tuple[TrackResult, bool, bool]:
         row = done[fp]
-        # the probabilities JSON keeps the model's label order (SQLite text, PostgreSQL json)
-        return TrackResult.from_db_row({**row, "path": path}, list(row["probabilities"]), top_k)
+        r, changed = TrackResult.from_db_row({**row, "path": path}, labels or _keys(row), rule, top_k)
+        return r, copy, changed and not copy  # a copy's row is its original's, rewritten already
 
     for path, st, fp, problem in idents:
         if problem is not None:
             failures.append({"path": path, "fingerprint": None, "reason": problem})
             continue
         if fp in earlier and fp in done:  # its row was written by this run: a copy of it
-            done_rows.append((stored(fp, path), True))
+            done_rows.append(stored(fp, path, True))
             continue
         if fp in seen and fp not in earlier:
             dups.setdefault(fp, []).append(path)
             continue
         seen.add(fp)
         if fp in done:
-            done_rows.append((stored(fp, path), False))
+            done_rows.append(stored(fp, path, False))
         elif path in failed and failed[path].get("fingerprint") == fp:
             n_failed_before += 1
         else:
@@ -296,6 +299,7 @@ def tag(
         raise EmbedkitError("no audio files found in the inputs")
     model_id = tagger.model_id if tagger is not None else model_id_of(model)
     database = ResultsDB(db) if db is not None else None
+    labels = list(tagger.labels) if tagger is not None else database.model_labels(model_id) if database else None
     res = TagResult(model_id, n_inputs=len(paths), rule=rule)
     writer = None
     files = None
@@ -330,28 +334,33 @@ def tag(
         # number of tracks (or with the database), only the paths and fingerprints are kept.
         for at in range(0, len(paths), PLAN_CHUNK):
             todo, done_rows, dups, failures, n_failed_before = _plan(
-                paths[at : at + PLAN_CHUNK], model_id, ex, database, retry_failed, workers, seen, top_k
+                paths[at : at + PLAN_CHUNK],
+                model_id,
+                ex,
+                database,
+                retry_failed,
+                workers,
+                seen,
+                top_k,
+                rule,
+                labels,
             )
             res.n_failed_before += n_failed_before
             finished += n_failed_before
-            res.n_done_before += sum(not copy for _, copy in done_rows)
+            res.n_done_before += sum(not copy for _, copy, _ in done_rows)
             if failures:
                 res.failures.extend({"path": f["path"], "reason": f["reason"]} for f in failures)
                 if database is not None:
                     database.write([], [{**f, "model_id": model_id} for f in failures])
                 finished += len(failures)
-            # Stored rows decided under another rule: the same probabilities decided again, and
-            # the row rewritten, so the database says what this run decided.
-            again = []
-            for i, (r, copy) in enumerate(done_rows):
-                if r.rule != rule:
-                    done_rows[i] = (r.redecide(rule), copy)
-                    if not copy:
-                        again.append(done_rows[i][0])
+            # Stored rows are decided again under this run's rule (from their probabilities, so
+            # never trusted from the row) and rewritten where the decision, the genres or the
+            # rule differ: the database says what this run decided.
+            again = [r for r, _, changed in done_rows if changed]
             if again and database is not None:
                 database.write([r.db_row() for r in again])
             res.n_redecided += len(again)
-            for r, _ in done_rows:
+            for r, _, _ in done_rows:
                 emit(r, dups)
             if progress:
                 progress(finished, total)
@@ -387,15 +396,20 @@ def tag(
 
             def on_batch(rows: list[TrackResult], fails: list[dict], stored: bool = False, dups=dups) -> None:
                 nonlocal finished
-                if database is not None and not stored:
-                    database.write([r.db_row() for r in rows], [{**f, "model_id": model_id} for f in fails])
+                # every path of a bad content is a failure (its copies were planned with it)
+                copies = [{**f, "path": q} for f in fails for q in dups.get(f.get("fingerprint"), [])]
+                if database is not None:  # shards elsewhere (stored) wrote their own rows already
+                    database.write(
+                        [] if stored else [r.db_row() for r in rows],
+                        [{**f, "model_id": model_id} for f in (copies if stored else fails + copies)],
+                    )
+                fails = fails + copies
                 for r in rows:
                     emit(r, dups)
                     res.n_tagged += 1
                     res.windows += r.n_windows
-                for f in fails:
-                    res.failures.append({"path": f["path"], "reason": f["reason"]})
-                    finished += 1
+                res.failures.extend({"path": f["path"], "reason": f["reason"]} for f in fails)
+                finished += len(fails)
                 if progress:
                     progress(finished, total)
 
@@ -428,6 +442,13 @@ def tag(
             database.close()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _keys(row: dict[str, Any]) -> list[str]:
+    """The labels of a stored row, in its probabilities' order (a model the database never
+    registered: rows of an older embedkit)."""
+    probs = row["probabilities"]
+    return list(json.loads(probs) if isinstance(probs, str) else probs)
 
 
 def _decode_item(item: _Item, sr: int, ex: Excerpt, clip_s, window_s: float, hop_s: float) -> tuple[_Item, str | None]:

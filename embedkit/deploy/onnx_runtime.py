@@ -88,6 +88,18 @@ def calibration_from_metadata(meta: dict[str, Any]):
     rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
     if not (cal or rule):
         return None
+    if cal and rule is None:  # exported by an embedkit that did not record the rule
+        import warnings
+
+        from ..errors import EmbedkitWarning
+
+        warnings.warn(
+            EmbedkitWarning(
+                "this model file records a calibration but no decision rule: threshold 0 (every track gets its top"
+                " genre) unless --threshold is given; export the run again to carry its rule"
+            ),
+            stacklevel=2,
+        )
     t = float((cal or {}).get("temperature", 1.0))
     return Calibration(
         labels=[str(x) for x in meta["labels"]],

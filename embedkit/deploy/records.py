@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..calibration import CALIBRATION_FILE, UNCERTAIN, Calibration, Decision, DecisionRule, decide
+from ..errors import EmbedkitError
 
 __all__ = ["TrackResult", "track_result", "model_rule", "applied_rule", "decision_json", "UNCERTAIN"]
 
@@ -60,8 +61,9 @@ def model_calibration(model) -> Calibration | None:
 
 def model_rule(model) -> DecisionRule:
     """The default decision rule of ``model`` (a Tagger, a run directory or a model file)."""
-    cal = model_calibration(model)
-    return cal.rule if cal is not None else DecisionRule()
+    from ..calibration import rule_of
+
+    return rule_of(model_calibration(model))
 
 
 def applied_rule(
@@ -103,7 +105,7 @@ class TrackResult:
     model_id: str
     labels: list[str]
     probabilities: list[float]
-    rule: DecisionRule | None  # None: a stored row whose rule was not recorded (redecide it)
+    rule: DecisionRule
     decision: str
     genres: list[str]
     scores: list[float]
@@ -150,8 +152,6 @@ class TrackResult:
 
     def redecide(self, rule: DecisionRule) -> "TrackResult":
         """This result under ``rule`` (the same probabilities, the decision taken again)."""
-        if rule == self.rule:
-            return self
         from dataclasses import replace
 
         d = decide(self.p, self.labels, rule)
@@ -212,25 +212,21 @@ class TrackResult:
         }
 
     @classmethod
-    def from_db_row(cls, row: dict[str, Any], labels: Sequence[str], top_k: int = 3) -> "TrackResult":
-        """A stored row back as a record (its decision as stored; ``redecide`` for another rule).
+    def from_db_row(
+        cls, row: dict[str, Any], labels: Sequence[str], rule: DecisionRule, top_k: int = 3
+    ) -> "tuple[TrackResult, bool]":
+        """A stored row as a record decided under ``rule`` (from its stored probabilities: the
+        decision is always taken again, never trusted from the row), and whether the row must
+        be rewritten to say so: its decision, genres or (normal form of the) rule differ, or it
+        has none recorded (a row written before they were, or by an older embedkit).
         labels: the model's label order (the probabilities JSON is keyed by label)."""
         probs = row["probabilities"]
         if isinstance(probs, str):
             probs = json.loads(probs)
-        stored_rule = row.get("rule")
-        genres = row.get("genres")
-        if stored_rule is None or genres is None:  # a row written before rules were recorded
-            rule = None
-        else:
-            rule = DecisionRule.from_dict(stored_rule)
         p = [float(probs[l]) for l in labels]
-        if rule is None:  # rule unknown: the caller decides it again (redecide) before using it
-            d = Decision(str(row.get("decision") or ""), [], [], max(p))
-        else:
-            d = Decision(str(row["decision"]), [g for g, _ in genres], [float(s) for _, s in genres], max(p))
+        d = decide(np.asarray(p), labels, rule)
         known = set(cls.__dataclass_fields__)
-        return cls(
+        r = cls(
             path=str(row["path"]),
             fingerprint=row.get("fingerprint"),
             model_id=row["model_id"],
@@ -254,6 +250,19 @@ class TrackResult:
             embedkit_version=row.get("embedkit_version"),
             extra={k: v for k, v in row.items() if k not in known},
         )
+        try:
+            stored_rule = DecisionRule.from_dict(row.get("rule")) if row.get("rule") is not None else None
+            stored_genres = [str(g) for g, _ in (row.get("genres") or [])] if row.get("genres") is not None else None
+        except (EmbedkitError, TypeError, ValueError):  # unreadable: rewritten under this rule
+            stored_rule = stored_genres = None
+        changed = (
+            stored_rule is None
+            or stored_genres is None
+            or stored_rule.normal() != rule.normal()
+            or stored_genres != d.genres
+            or row.get("decision") != d.label
+        )
+        return r, changed
 
     @staticmethod
     def csv_header(labels: Sequence[str]) -> list[str]:

@@ -168,7 +168,8 @@ class ResultsDB:
             kind = col.type.compile(dialect=self.engine.dialect)
             try:
                 with self.engine.begin() as c:
-                    c.execute(sa.text(f'ALTER TABLE tags ADD COLUMN "{col.name}" {kind}'))
+                    name = self.engine.dialect.identifier_preparer.quote(col.name)
+                    c.execute(sa.text(f"ALTER TABLE tags ADD COLUMN {name} {kind}"))
             except Exception as exc:  # another process added it first
                 if col.name not in {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}:
                     raise DatabaseError(
@@ -273,6 +274,14 @@ class ResultsDB:
             return int(c.execute(sa.select(sa.func.count()).select_from(self.meta.tables[table])).scalar_one())
 
     # -- writes --------------------------------------------------------------------------
+
+    def model_labels(self, model_id: str) -> list[str] | None:
+        """The label order registered for ``model_id`` (None: never registered here)."""
+        import sqlalchemy as sa
+
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(self.models.c.labels).where(self.models.c.model_id == model_id)).first()
+        return None if row is None or not row[0] else [str(x) for x in row[0]]
 
     def register_model(self, model_id: str, kind: str, labels: list[str], artefact: str, run_id: str | None) -> None:
         row = {

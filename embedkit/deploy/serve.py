@@ -4,17 +4,19 @@ Endpoints (FastAPI; OpenAPI docs at /docs and /openapi.json):
 
 - ``POST /v1/tag``: an audio file as a multipart upload (any field name; the first part with a
   file name, else the first part) or as the raw request body. Query options: ``excerpt``
-  (first | middle | spread:N | full, as ``embedkit tag``), ``threshold`` (decision is
-  "uncertain" when the top probability is below it), ``top_k``, ``multi`` (also list every
-  genre at or above the threshold). Answer: genres (top-k), probabilities, decision, model id,
-  timings (ms) and what was listened to.
-- ``GET /v1/model``: labels, kind, spec, window / clip contract, thresholds, metadata.
+  (first | middle | spread:N | full, as ``embedkit tag``), ``top_k``, and the decision rule's
+  overrides with ``embedkit tag``'s names and meanings: ``threshold``, ``multi``,
+  ``multi_threshold``, ``margin``, ``max_genres`` (``embedkit.calibration.DecisionRule``).
+  Answer: the track's record (``embedkit.deploy.records.TrackResult.to_json``: decision, genres
+  decided, topk, probabilities, the rule applied, model id, what was listened to), the file
+  name and timings (ms).
+- ``GET /v1/model``: labels, kind, spec, window / clip contract, the default rule, metadata.
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text format); ``GET /``: a page for people.
 
 How a request runs. The body is streamed to a temporary file (never held in memory), with a
 size limit (413, checked against Content-Length first and while streaming) and a body timeout
 (408: a client that stops sending, or sends too slowly, cannot hold a worker). Decoding runs in
-a thread pool off the event loop and decodes only the excerpt (``embedkit.deploy.batch.read_excerpt``,
+a thread pool off the event loop and decodes only the excerpt (``embedkit.audio.excerpts.read_excerpt``,
 the same code as ``embedkit tag``), so a 3-hour upload costs its 30 s excerpt. The model is
 loaded once and shared.
 

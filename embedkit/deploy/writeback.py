@@ -98,15 +98,23 @@ class FileTagWriter:
         self.db, self.model_id = db, model_id
         self.table = writes_table(db) if db is not None else None
         self.report = FileTagReport(dry_run=self.options.dry_run)
-        self._seen: set[str] = set()
 
-    def write(self, r) -> TagChange | None:
-        """Write one ``records.TrackResult`` (a path met before in this run is skipped)."""
+    def write(self, r) -> TagChange:
+        """Write one ``records.TrackResult`` into its file. An uncertain result in a file this
+        model wrote genres into before (a re-run under a stricter rule) takes them back out:
+        the file gets what it held before that write ("cleared"), so no file keeps a genre that
+        no door would decide now."""
         path = str(r.path)
-        if path in self._seen:
-            return None
-        self._seen.add(path)
         o = self.options
+        if not r.genres and self.db is not None:
+            rec = _recorded(self.db, self.table, self.model_id, [path]).get(path)
+            if rec is not None:
+                ch = _undo(self.db, self.table, self.model_id, path, rec, dry_run=o.dry_run)
+                if ch.status in ("written", "would-write"):
+                    ch.status = "would-clear" if o.dry_run else "cleared"
+                    ch.reason = f"uncertain under the rule applied: {ch.reason}"
+                self.report.add(ch)
+                return ch
         ch = write_genres(
             path,
             r.genres,
@@ -133,6 +141,7 @@ class FileTagWriter:
                 },
             )
             _refingerprint(self.db, r.db_row())
+        return ch
         return ch
 
 
@@ -200,35 +209,34 @@ def untag(
     """Restore what the files held before ``model_id`` wrote genres into them (all files it
     wrote, or ``paths``). A file whose genre a person (or another model) changed since is
     "kept" unless ``force``; a restored file's record is removed."""
-    import sqlalchemy as sa
 
     table = writes_table(db)
     recs = _recorded(db, table, model_id, paths)
-    out = []
-    for path, rec in sorted(recs.items()):
-        if not force:
-            try:
-                now = read_tags(path)
-            except EmbedkitError as exc:
-                out.append(TagChange(path, "failed", getattr(exc, "problem", str(exc))))
-                continue
-            if now.written_by_embedkit and now.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
-                out.append(
-                    TagChange(
-                        path,
-                        "kept",
-                        f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first",
-                        genres=now.genre or [],
-                    )
-                )
-                continue
-        ch = restore(path, rec["before"], dry_run=dry_run, force=force)
-        out.append(ch)
-        if ch.status in ("written", "unchanged") and not dry_run:
-            db._retry(
-                lambda c, p=path: c.execute(sa.delete(table).where(table.c.path == p, table.c.model_id == model_id))
+    return [_undo(db, table, model_id, path, rec, dry_run=dry_run, force=force) for path, rec in sorted(recs.items())]
+
+
+def _undo(db, table, model_id: str, path: str, rec: dict[str, Any], *, dry_run: bool, force: bool = False) -> TagChange:
+    """Put back what ``path`` held before ``model_id``'s write (``rec``: its ``tag_writes``
+    row); the record is removed once the file holds it again. A file whose genre a person or
+    another model changed since is "kept" unless ``force``."""
+    import sqlalchemy as sa
+
+    if not force:
+        try:
+            now = read_tags(path)
+        except EmbedkitError as exc:
+            return TagChange(path, "failed", getattr(exc, "problem", str(exc)))
+        if now.written_by_embedkit and now.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
+            return TagChange(
+                path,
+                "kept",
+                f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first",
+                genres=now.genre or [],
             )
-    return out
+    ch = restore(path, rec["before"], dry_run=dry_run, force=force)
+    if ch.status in ("written", "unchanged") and not dry_run:
+        db._retry(lambda c: c.execute(sa.delete(table).where(table.c.path == path, table.c.model_id == model_id)))
+    return ch
 
 
 def summary(changes: Sequence[TagChange]) -> dict[str, int]:

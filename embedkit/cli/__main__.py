@@ -1,0 +1,5 @@
+"""`python -m embedkit.cli`: the console script."""
+
+from . import entry
+
+entry()
