@@ -406,13 +406,24 @@ def test_read_metadata_refuses_foreign_files(tmp_path):
         read_metadata(tmp_path / "missing.onnx")
 
 
-def test_cli_export(tiny_lr, work):
+@pytest.fixture(scope="module")
+def cli_onnx(tiny_lr, work):
+    """(CLI result, model): ``embedkit export RUN --format onnx`` of tiny_lr, done once (an export
+    costs seconds); test_cli_export checks the command, the lanes test runs the model."""
     from typer.testing import CliRunner
 
     from embedkit.cli import app
 
     out = work / "cli.onnx"
-    res = CliRunner().invoke(app, ["export", str(tiny_lr), "--format", "onnx", "-o", str(out)])
+    return CliRunner().invoke(app, ["export", str(tiny_lr), "--format", "onnx", "-o", str(out)]), out
+
+
+def test_cli_export(tiny_lr, work, cli_onnx):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    res, out = cli_onnx
     assert res.exit_code == 0, res.output
     assert "parity: max |onnxruntime - torch|" in res.output and out.exists()
     bad = CliRunner().invoke(app, ["export", str(tiny_lr), "--format", "tflite", "-o", str(work / "x.tflite")])
@@ -575,11 +586,11 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
     assert wrong.exit_code == 1 and "embedkit export" in wrong.output
 
 
-def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(tiny_lr, work, real_files):
+def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(cli_onnx, real_files):
     from embedkit.deploy.batch import tag
 
-    model = work / "lanes.onnx"
-    export_onnx(load_tagger(tiny_lr), model)
+    res, model = cli_onnx  # tiny_lr exported (test_cli_export checks the export itself)
+    assert res.exit_code == 0, res.output
     t = OnnxTagger.load(model)
     default = t.session
     seen = []

@@ -267,7 +267,9 @@ tag(sys.argv[1], [sys.argv[2]], db=sys.argv[3], batch_size=2, workers=1, out=sys
 """
 
 
-@pytest.mark.parametrize("kill_after", [1, 9])
+# killed once 1 track is done in the fast tier, once 9 are (a longer prefix) in the slow one: the
+# same resume rule, one more tagging subprocess (~2 s)
+@pytest.mark.parametrize("kill_after", [1, pytest.param(9, marks=pytest.mark.slow)])
 def test_kill_9_then_resume_loses_and_duplicates_nothing(runs, tmp_path, kill_after):
     db, ref_db = tmp_path / "db.sqlite", tmp_path / "ref.sqlite"
     out = tmp_path / "out.csv"

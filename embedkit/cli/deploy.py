@@ -326,21 +326,9 @@ def untag_cmd(
     force: bool = typer.Option(False, "--force", help="restore even where a person changed the genre since"),
 ):
     """Undo `embedkit tag --write-tags`: put back the genres the files held before."""
-    from ..deploy.resultsdb import ResultsDB
-    from ..deploy.tagger import model_id_of
-    from ..deploy.writeback import FileTagReport, untag
+    from ..deploy.writeback import untag_files
 
-    mid = model_id_of(model)
-    with ResultsDB(db) as database:
-        changes = untag(
-            mid, database, [os.path.abspath(p) for p in paths] if paths else None, dry_run=dry_run, force=force
-        )
-    if not changes:
-        fail(f"{db}: no files recorded as tagged by model {mid}")
-    report = FileTagReport(dry_run=dry_run)
-    for ch in changes:
-        report.add(ch)
-    _summarise_changes(report)
+    _summarise_changes(untag_files(model, db, paths, dry_run=dry_run, force=force))
 
 
 def serve_cmd(

@@ -215,6 +215,30 @@ def untag(
     return [_undo(db, table, model_id, path, rec, dry_run=dry_run, force=force) for path, rec in sorted(recs.items())]
 
 
+def untag_files(
+    model, db: str, paths: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False
+) -> FileTagReport:
+    """``embedkit untag``: restore the files ``model`` (a run directory or model file) wrote
+    genres into, as recorded in the results database ``db`` (all, or ``paths``). Raises
+    EmbedkitError when the database records none."""
+    import os
+
+    from .resultsdb import ResultsDB
+    from .tagger import model_id_of
+
+    mid = model_id_of(model)
+    with ResultsDB(db) as database:
+        changes = untag(
+            mid, database, [os.path.abspath(p) for p in paths] if paths else None, dry_run=dry_run, force=force
+        )
+    if not changes:
+        raise EmbedkitError(f"{db}: no files recorded as tagged by model {mid}")
+    report = FileTagReport(dry_run=dry_run, max_notes=len(changes))
+    for ch in changes:
+        report.add(ch)
+    return report
+
+
 def _undo(db, table, model_id: str, path: str, rec: dict[str, Any], *, dry_run: bool, force: bool = False) -> TagChange:
     """Put back what ``path`` held before ``model_id``'s write (``rec``: its ``tag_writes``
     row); the record is removed once the file holds it again. A file whose genre a person or
