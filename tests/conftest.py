@@ -17,8 +17,8 @@ _SHM = Path("/dev/shm")
 if "PYTEST_DEBUG_TEMPROOT" not in os.environ and _SHM.is_dir() and os.access(_SHM, os.W_OK | os.X_OK):
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_SHM)
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402 (after the environment set above)
+import pytest  # noqa: E402
 
 
 # The cyclic garbage collector: with torch, scikit-learn, transformers and onnxscript imported the
@@ -41,6 +41,7 @@ def pytest_runtest_setup(item):
         _frozen_for[0] = item.module
         gc.collect()
         gc.freeze()
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBEDKIT_SHARED", ROOT.parent / "shared"))
@@ -203,3 +204,24 @@ def runs(tracks, tmp_path_factory, synth_dataset):
         workers=1,
     ).run_dir
     return {"head": head, "mlp": mlp, "cnn": cnn, "finetune": ft, "cache": tmp / "cache", "data": synth_dataset}
+
+
+@pytest.fixture(scope="session")
+def tiny_store(synth_dataset, tmp_path_factory):
+    """The cache folder holding ``synth_dataset`` extracted with the tiny-test backbone at the
+    default preprocessing. Shared (fit, export, serve tests): read it, never extract into it."""
+    from embedkit.datasets import load_dataset
+    from embedkit.extract import extract
+
+    cache = tmp_path_factory.mktemp("tiny-store")
+    extract(load_dataset(synth_dataset), "tiny-test", cache=cache, workers=2)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_holdout_run(tiny_store, tmp_path_factory):
+    """A tiny-test + lr head run on ``tiny_store``, holdout protocol (export and serve tests)."""
+    from embedkit.fit import fit_head
+
+    runs = tmp_path_factory.mktemp("tiny-runs")
+    return fit_head("tiny-test", "lr", cache=tiny_store, runs=runs, protocol="holdout").run_dir

@@ -222,16 +222,12 @@ def test_calibrate_run_writes_file_and_honest_scores(tmp_path, n_folds):
     json.dumps(block)  # JSON-plain
 
 
-def test_fit_run_carries_its_calibration(synth_dataset, tmp_path):
+def test_fit_run_carries_its_calibration(runs, tmp_path):
     """A head run writes calibration.json beside its bundle and the scores in metrics.json."""
-    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
-    from embedkit.datasets import load_dataset
-    from embedkit.extract import extract
     from embedkit.fit import fit_head
 
-    prep = PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0))
-    extract(load_dataset(synth_dataset), "tiny-test", cache=tmp_path / "cache", prep=prep, workers=1)
-    res = fit_head("tiny-test", "lr", cache=tmp_path / "cache", runs=tmp_path / "runs", cv=5)
+    # runs["cache"]: the synthetic set extracted with tiny-test (12 s clips, 5 s segments), shared
+    res = fit_head("tiny-test", "lr", cache=runs["cache"], runs=tmp_path / "runs", cv=5)
     cal = C.load_calibration(res.run_dir, res.bundle.labels)
     block = res.metrics["calibration"]
     assert cal is not None and cal.temperature == pytest.approx(block["temperature"])

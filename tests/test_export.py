@@ -320,8 +320,10 @@ def test_panns_cnn14_lr_parity(tracks, work, real_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_lr(tracks, work):
-    return _head_run(tracks, work, "tiny-test", "lr")
+def tiny_lr(tiny_holdout_run):
+    """tiny-test + lr, holdout (``_head_run(tracks, work, "tiny-test", "lr")``): conftest's, shared
+    with test_serve."""
+    return tiny_holdout_run
 
 
 def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):

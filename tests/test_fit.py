@@ -133,14 +133,10 @@ def assert_clean_failure(code, out, runs: Path, pattern: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(synth_dataset, tmp_path_factory):
-    """The synthetic dataset (4 classes x 5 clips) extracted with the tiny-test backbone."""
-    from embedkit.datasets import load_dataset
-    from embedkit.extract import extract
-
-    cache = tmp_path_factory.mktemp("cache")
-    extract(load_dataset(synth_dataset), "tiny-test", cache=cache, workers=2)
-    return cache
+def tiny_cache(tiny_store):
+    """The synthetic dataset (4 classes x 5 clips) extracted with the tiny-test backbone (conftest's
+    tiny_store, shared with the export and serve tests' run)."""
+    return tiny_store
 
 
 # ---------------------------------------------------------------------------------------------

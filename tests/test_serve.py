@@ -37,14 +37,9 @@ from servers import running  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run_dir(synth_dataset, tmp_path_factory):
-    from embedkit.datasets import load_dataset
-    from embedkit.extract import extract
-    from embedkit.fit import fit_head
-
-    work = tmp_path_factory.mktemp("serve")
-    extract(load_dataset(synth_dataset), "tiny-test", cache=work / "cache", workers=2)
-    return fit_head("tiny-test", "lr", cache=work / "cache", runs=work / "runs", protocol="holdout").run_dir
+def run_dir(tiny_holdout_run):
+    """tiny-test + lr on the synthetic set, holdout: conftest's, shared with test_export."""
+    return tiny_holdout_run
 
 
 @pytest.fixture(scope="module")

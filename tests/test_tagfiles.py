@@ -21,16 +21,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def head_run(synth_dataset, tmp_path_factory):
-    from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
-    from embedkit.datasets import load_dataset
-    from embedkit.extract import extract
-    from embedkit.fit import fit_head
-
-    tmp = tmp_path_factory.mktemp("tagfiles")
-    prep = PreprocessConfig(AudioConfig(clip_s=12.0), SegmentConfig(5.0, 5.0))
-    extract(load_dataset(synth_dataset), "tiny-test", cache=tmp / "cache", prep=prep, workers=1)
-    return fit_head("tiny-test", "lr", cache=tmp / "cache", runs=tmp / "runs", name="lr").run_dir
+def head_run(runs):
+    """tiny-test + lr on the synthetic set (12 s clips, 5 s segments): conftest's runs["head"],
+    the same extract and fit this module used to repeat."""
+    return runs["head"]
 
 
 @pytest.fixture
