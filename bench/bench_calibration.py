@@ -48,7 +48,7 @@ def run_one(backbone: str, head: str, cache: Path, data: Path, cv: int) -> None:
 
     captured = []
     real = C.calibrate_run
-    C.calibrate_run = lambda ev, d: (captured.append(ev), real(ev, d))[1]
+    C.calibrate_run = lambda ev, d, *a, **k: (captured.append(ev), real(ev, d, *a, **k))[1]
     try:
         with tempfile.TemporaryDirectory() as runs:
             fit_head(backbone, head, cache=cache, data=data, runs=runs, cv=cv)

@@ -27,13 +27,25 @@ still reported); with ``multi`` every genre at or above ``multi_threshold`` or w
 own held-out data by ``select_threshold``: the smallest threshold whose tagged tracks reach the
 target precision (accuracy among the tracks at or above it), see its docstring; on fewer
 than ``MIN_THRESHOLD_TRACKS`` held-out tracks none is chosen (0).
+
+"Not music" (``NotMusicDetector``, ``fit_not_music``): a track unlike anything the model was
+trained on (speech, noise, tones, hum) gets a score, the mean over its windows of each window's
+squared Mahalanobis distance (divided by the dimension) to the training windows in the model's
+own embedding space (the head's input for head runs, the penultimate layer of the scratch CNN,
+the fine-tuned backbone's output), on a signed-log scale with a shrunk covariance. The threshold
+(``DecisionRule.not_music``) is chosen on held-out training tracks: each CV fold's tracks (without CV folds: each of
+``NOT_MUSIC_PARTS`` interleaved parts of all the tracks) are scored against the other parts'
+windows only, and the threshold is the ``NOT_MUSIC_QUANTILE`` quantile of those held-out music
+scores times ``NOT_MUSIC_MARGIN`` (bench/bench_notmusic.py measured this choice and the
+alternatives). At or above it the decision is ``NOT_MUSIC`` (no genre; nothing is written into the
+file). A run without a stored threshold (made before it existed) never decides "not-music".
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +69,17 @@ MIN_FIT_TRACKS = 20
 #: temperature search range; T outside it means the probabilities carry no usable ranking.
 T_BOUNDS = (0.01, 100.0)
 UNCERTAIN = "uncertain"
+#: the decision for audio unlike the model's training music (not a genre, not "uncertain")
+NOT_MUSIC = "not-music"
+#: covariance shrinkage of the not-music detector; embeddings wider than this are projected
+#: onto their top principal directions first
+NOT_MUSIC_SHRINKAGE = 0.1
+NOT_MUSIC_MAX_DIM = 256
+#: the not-music threshold: this quantile of the held-out music tracks' scores, times the margin
+NOT_MUSIC_QUANTILE = 0.99
+NOT_MUSIC_MARGIN = 1.0
+#: parts the tracks of a run without CV folds are held out in, one part at a time
+NOT_MUSIC_PARTS = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +206,8 @@ class DecisionRule:
     multi_threshold: float = 0.3
     margin: float = 0.1
     k: int = 3
+    #: not-music score at or above which the decision is NOT_MUSIC (None: never)
+    not_music: float | None = None
 
     def __post_init__(self):
         # plain Python values whatever the caller passed (numpy scalars, JSON): rules compare
@@ -206,6 +231,13 @@ class DecisionRule:
             raise EmbedkitError(f"the multi-genre margin must be between 0 and 1, got {self.margin}")
         if self.k < 1:
             raise EmbedkitError(f"the multi-genre limit (max_genres) must be >= 1, got {self.k}")
+        if self.not_music is not None:
+            v = self.not_music
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise CalibrationError(f"decision rule: not_music must be a number or null, got {v!r}")
+            if not (np.isfinite(v) and v >= 0):
+                raise EmbedkitError(f"the not-music threshold must be >= 0, got {v}")
+            self.not_music = float(v)
 
     def to_dict(self) -> dict[str, Any]:
         """The rule as stored with results (database rows, JSON records, exported models)."""
@@ -242,11 +274,12 @@ class DecisionRule:
         multi_threshold: float | None = None,
         margin: float | None = None,
         max_genres: int | None = None,
+        not_music: float | None = None,
     ) -> "DecisionRule":
         """This rule with a caller's overrides; None keeps the stored value. The one place where
         every door (CLI flags, HTTP query parameters, library arguments) turns its options into
         the rule applied, under the same names: ``threshold``, ``multi``, ``multi_threshold``,
-        ``margin``, ``max_genres`` (the field ``k``)."""
+        ``margin``, ``max_genres`` (the field ``k``), ``not_music``."""
         from dataclasses import replace
 
         over = {
@@ -257,6 +290,7 @@ class DecisionRule:
                 ("multi_threshold", multi_threshold),
                 ("margin", margin),
                 ("k", max_genres),
+                ("not_music", not_music),
             )
             if v is not None
         }
@@ -265,7 +299,7 @@ class DecisionRule:
 
 #: the names of a rule's overrides at every door (CLI ``--multi-threshold`` <-> HTTP
 #: ``?multi_threshold=`` <-> ``DecisionRule.with_overrides(multi_threshold=)``)
-RULE_OPTIONS = ("threshold", "multi", "multi_threshold", "margin", "max_genres")
+RULE_OPTIONS = ("threshold", "multi", "multi_threshold", "margin", "max_genres", "not_music")
 
 
 def rule_of(calibration) -> DecisionRule:
@@ -283,25 +317,38 @@ class Decision:
     genres: list[str]
     scores: list[float]
     confidence: float
+    #: the track's not-music score (None: the model has no detector)
+    not_music: float | None = None
 
     @property
     def uncertain(self) -> bool:
         return self.label == UNCERTAIN
 
+    @property
+    def is_not_music(self) -> bool:
+        return self.label == NOT_MUSIC
+
     def __str__(self) -> str:  # what a results row records as the decision
         return self.label
 
 
-def decide(p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = None) -> Decision:
-    """Calibrated probabilities of one track [C] -> Decision under ``rule``."""
+def decide(
+    p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = None, not_music: float | None = None
+) -> Decision:
+    """Calibrated probabilities of one track [C] (and its not-music score, None when the model
+    has no detector) -> Decision under ``rule``. The not-music test comes first: audio unlike
+    the training music gets no genre however confident the classifier is."""
     rule = rule or DecisionRule()
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1 or len(p) != len(labels):
         raise ValueError(f"expected probabilities [{len(labels)}], got shape {p.shape}")
     order = np.argsort(-p, kind="stable")
     top = float(p[order[0]])
+    nm = None if not_music is None else float(not_music)
+    if rule.not_music is not None and nm is not None and nm >= rule.not_music:
+        return Decision(NOT_MUSIC, [], [], top, nm)
     if top < rule.threshold:
-        return Decision(UNCERTAIN, [], [], top)
+        return Decision(UNCERTAIN, [], [], top, nm)
     keep = [int(order[0])]
     if rule.multi:
         for j in order[1:]:
@@ -309,7 +356,7 @@ def decide(p: np.ndarray, labels: Sequence[str], rule: DecisionRule | None = Non
                 break
             if p[j] >= rule.multi_threshold or p[j] >= top - rule.margin:
                 keep.append(int(j))
-    return Decision(str(labels[order[0]]), [str(labels[j]) for j in keep], [float(p[j]) for j in keep], top)
+    return Decision(str(labels[order[0]]), [str(labels[j]) for j in keep], [float(p[j]) for j in keep], top, nm)
 
 
 @dataclass
@@ -326,6 +373,8 @@ class Calibration:
     method: str = "temperature"
     rule: DecisionRule = field(default_factory=DecisionRule)
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    #: the not-music score of this model's embeddings (None: a run made before it existed)
+    detector: "NotMusicDetector | None" = None
 
     @property
     def is_identity(self) -> bool:
@@ -353,6 +402,7 @@ class Calibration:
             "labels": list(self.labels),
             "rule": asdict(self.rule),
             "fitted_on": self.fitted_on,
+            "not_music": None if self.detector is None else self.detector.to_dict(),
         }
 
     @classmethod
@@ -365,11 +415,28 @@ class Calibration:
             t = float(d["temperature"]) if d["method"] == "temperature" else 1.0
             labels = [str(x) for x in d["labels"]]
             rule = DecisionRule.from_dict(d.get("rule"))
+            detector = NotMusicDetector.from_dict(d["not_music"]) if d.get("not_music") is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"malformed calibration ({first_line(exc, with_type=True)})") from None
         if not (np.isfinite(t) and t > 0):
             raise CalibrationError(f"calibration temperature must be > 0, got {t}")
-        return cls(labels=labels, temperature=t, method=d["method"], rule=rule, fitted_on=dict(d.get("fitted_on", {})))
+        if detector is None and rule.not_music is not None:
+            raise CalibrationError("malformed calibration (a not-music threshold without its detector)")
+        return cls(
+            labels=labels,
+            temperature=t,
+            method=d["method"],
+            rule=rule,
+            fitted_on=dict(d.get("fitted_on", {})),
+            detector=detector,
+        )
+
+    def not_music_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        """Window embeddings [K, D] -> each window's not-music score [K] (None without a
+        detector or features)."""
+        if self.detector is None or features is None:
+            return None
+        return self.detector.score(features)
 
     def save(self, path: str | os.PathLike) -> Path:
         from .io import atomic_write_text
@@ -401,6 +468,188 @@ def load_calibration(run_dir: str | os.PathLike, labels: Sequence[str] | None = 
     if labels is not None and list(labels) != cal.labels:
         raise CalibrationError(f"{path}: calibration labels {cal.labels} differ from the model's {list(labels)}")
     return cal
+
+
+# ---------------------------------------------------------------------------------------------
+# Not music: distance to the training music in the model's embedding space
+
+
+def _b64(a: np.ndarray, dtype) -> dict[str, Any]:
+    import base64
+
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return {
+        "dtype": np.dtype(dtype).name,
+        "shape": list(a.shape),
+        "data": base64.b64encode(a.tobytes()).decode("ascii"),
+    }
+
+
+def _unb64(d: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    a = np.frombuffer(base64.b64decode(d["data"]), dtype=np.dtype(d["dtype"]))
+    return a.reshape([int(x) for x in d["shape"]]).astype(np.float32)
+
+
+def slog(x: np.ndarray) -> np.ndarray:
+    """sign(x) log(1 + |x|): embeddings are mostly post-ReLU and heavy-tailed; on the log scale
+    their windows are closer to Gaussian, which the Mahalanobis distance assumes."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+@dataclass(eq=False)
+class NotMusicDetector:
+    """How unlike the training music a window is: the squared Mahalanobis distance of its
+    embedding (``slog``-transformed, centred on ``center`` [D], projected on ``proj`` [D, d] when
+    the embedding has more than ``NOT_MUSIC_MAX_DIM`` dimensions) under the training windows'
+    covariance shrunk towards its mean variance by ``shrinkage`` (``precision`` [d, d] is its
+    inverse), divided by the dimension d: about 1 for a typical training window. ``score``
+    (features [K, D]) -> [K]; a track's score is the mean of its windows'. ``fitted_on``:
+    windows, tracks, the embedding it reads."""
+
+    center: np.ndarray
+    precision: np.ndarray
+    proj: np.ndarray | None = None
+    shrinkage: float = NOT_MUSIC_SHRINKAGE
+    method: str = "mahalanobis-slog"
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def __eq__(self, other) -> bool:  # arrays compare by value (Calibrations compare equal after a reload)
+        if not isinstance(other, NotMusicDetector):
+            return NotImplemented
+        same = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))  # noqa: E731
+        return (self.shrinkage, self.method, self.fitted_on) == (
+            other.shrinkage,
+            other.method,
+            other.fitted_on,
+        ) and all(same(getattr(self, n), getattr(other, n)) for n in ("center", "precision", "proj"))
+
+    @property
+    def dim(self) -> int:
+        return int(self.center.shape[0])
+
+    def _reduced(self, features: np.ndarray) -> np.ndarray:
+        y = slog(features) - self.center
+        return y if self.proj is None else y @ self.proj
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Window embeddings [K, D] -> not-music score per window float64 [K]."""
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise CalibrationError(f"the not-music detector takes embeddings [K, {self.dim}], got shape {x.shape}")
+        y = self._reduced(x).astype(np.float64)
+        return ((y @ self.precision) * y).sum(axis=1) / self.precision.shape[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "shrinkage": self.shrinkage,
+            "center": _b64(self.center, np.float32),
+            "precision": _b64(self.precision, np.float32),
+            "proj": None if self.proj is None else _b64(self.proj, np.float32),
+            "fitted_on": self.fitted_on,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NotMusicDetector":
+        if not isinstance(d, dict) or d.get("method") != "mahalanobis-slog":
+            raise CalibrationError(
+                f"unknown not-music method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'mahalanobis-slog'"
+            )
+        center, prec = _unb64(d["center"]), _unb64(d["precision"])
+        proj = None if d.get("proj") is None else _unb64(d["proj"])
+        k = prec.shape[0] if prec.ndim == 2 else -1
+        if (
+            center.ndim != 1
+            or prec.shape != (k, k)
+            or (proj is not None and proj.shape != (len(center), k))
+            or (proj is None and k != len(center))
+        ):
+            raise CalibrationError("malformed not-music detector (shapes of center, precision and proj disagree)")
+        return cls(center, prec, proj, float(d["shrinkage"]), d["method"], dict(d.get("fitted_on") or {}))
+
+    @classmethod
+    def fit(cls, windows: np.ndarray, shrinkage: float = NOT_MUSIC_SHRINKAGE, max_dim: int = NOT_MUSIC_MAX_DIM):
+        """Training window embeddings [N, D] -> a detector."""
+        x = np.asarray(windows, dtype=np.float32)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"expected training embeddings [N >= 2, D], got shape {x.shape}")
+        z = slog(x)
+        center = z.mean(axis=0)
+        y = (z - center).astype(np.float64)
+        proj = None
+        if y.shape[1] > max_dim:  # large embeddings (PANNs: 2048): their top principal directions
+            _, _, vt = np.linalg.svd(y, full_matrices=False)
+            proj = vt[:max_dim].T.astype(np.float32)
+            y = y @ proj
+        cov = y.T @ y / len(y)
+        d = cov.shape[0]
+        mu = float(np.trace(cov)) / d
+        shrunk = (1 - shrinkage) * cov + shrinkage * max(mu, 1e-12) * np.eye(d)
+        prec = np.linalg.inv(shrunk).astype(np.float32)
+        return cls(center.astype(np.float32), prec, proj, float(shrinkage))
+
+
+def select_not_music_threshold(
+    scores_held_out: np.ndarray, quantile: float = NOT_MUSIC_QUANTILE, margin: float = NOT_MUSIC_MARGIN
+) -> float:
+    """The not-music threshold from held-out music tracks' scores: their ``quantile`` times
+    ``margin`` (rounded to 4 decimals)."""
+    s = np.asarray(scores_held_out, dtype=np.float64)
+    if len(s) == 0:
+        raise ValueError("no held-out tracks to choose a not-music threshold on")
+    return round(float(np.quantile(s, quantile)) * margin, 4)
+
+
+def held_out_not_music_scores(features: dict[str, np.ndarray], parts: dict[str, str]) -> dict[str, float]:
+    """Each held-out track's score from a detector fitted on the windows of every track outside
+    its part. features: track id -> window embeddings [K, D] (every track the run has, training
+    tracks included); parts: held-out track id -> its part (fold). Tracks of no part are only
+    references."""
+    out: dict[str, float] = {}
+    ids = list(features)
+    for g in dict.fromkeys(parts.values()):
+        ref = [t for t in ids if parts.get(t) != g]
+        if not ref:
+            continue
+        det = NotMusicDetector.fit(np.concatenate([features[t] for t in ref]))
+        for t in (t for t in ids if parts.get(t) == g):
+            out[t] = float(det.score(features[t]).mean())
+    return out
+
+
+def fit_not_music(
+    features: dict[str, np.ndarray], parts: dict[str, str], what: str = "embedding"
+) -> tuple[NotMusicDetector | None, float | None, dict[str, Any]]:
+    """The run's not-music detector (every track's windows as references) and its threshold,
+    chosen on held-out scores (``held_out_not_music_scores``, ``select_not_music_threshold``).
+    Returns (detector, threshold, the metrics.json "not_music" block); (None, None, block with
+    the reason) when there is nothing held out to choose on."""
+    feats = {t: np.asarray(f, dtype=np.float32) for t, f in features.items() if len(f)}
+    held = held_out_not_music_scores(feats, {t: g for t, g in parts.items() if t in feats})
+    if not held or not feats:
+        return None, None, {"why_none": "no held-out tracks with embeddings"}
+    det = NotMusicDetector.fit(np.concatenate(list(feats.values())))
+    det.fitted_on = {"n_tracks": len(feats), "n_windows": int(sum(len(f) for f in feats.values())), "embedding": what}
+    s = np.array(list(held.values()))
+    t = select_not_music_threshold(s)
+    block = {
+        "method": det.method,
+        "shrinkage": det.shrinkage,
+        "embedding": what,
+        "threshold": t,
+        "rule": f"{NOT_MUSIC_QUANTILE:.0%} quantile of the held-out music tracks' scores x {NOT_MUSIC_MARGIN}",
+        "held_out": {
+            "n_tracks": len(s),
+            "flagged": float((s >= t).mean()),
+            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.99")},
+            "max": float(s.max()),
+        },
+        "dimensions": int(det.precision.shape[0]),
+    }
+    return det, t, block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,12 +856,35 @@ def evaluate_calibration(
     return cal, block
 
 
-def calibrate_run(ev, run_dir: str | os.PathLike) -> dict[str, Any]:
+def calibrate_run(
+    ev, run_dir: str | os.PathLike, features: dict[str, np.ndarray] | None = None, what: str = "embedding"
+) -> dict[str, Any]:
     """The one call a trainer makes when its run is finished: fit the calibration on the
     Evaluation's out-of-fold tracks, write ``run_dir/calibration.json``, and return the
     metrics.json "calibration" block (scores before / after on tracks the calibration never saw,
-    the default threshold with its coverage and accuracy, the charts' data)."""
+    the default threshold with its coverage and accuracy, the charts' data).
+
+    features: track id -> the model's window embeddings [K, D] of every track of the run (the
+    training ones too): the not-music detector and its threshold (``fit_not_music``, the block's
+    "not_music"); None: no detector."""
     df, p = ev.track_probabilities()
     cal, block = evaluate_calibration(p, df["true"].to_numpy(), df["fold"].to_numpy(), ev.labels)
+    # the genre mix the model was trained on: `embedkit monitor` measures drift against it
+    counts = np.bincount(df["true"].to_numpy(), minlength=len(ev.labels))
+    cal.fitted_on["prior"] = {l: float(c / max(counts.sum(), 1)) for l, c in zip(ev.labels, counts)}
+    if features is not None:
+        feats = {str(k): v for k, v in features.items()}
+        parts = dict(zip(df["track_id"].astype(str), df["fold"].astype(str)))
+        if len(set(parts.values())) < 2 or set(feats) - set(parts):
+            # a holdout or split run: its test part alone is a small sample of held-out music;
+            # the detector never sees labels, so every track is held out once, over
+            # NOT_MUSIC_PARTS interleaved parts (a head's backbone saw none of them; a CNN's
+            # deployed network saw them all either way)
+            ids = sorted(feats)
+            parts = {t: f"part{i % NOT_MUSIC_PARTS}" for i, t in enumerate(ids)}
+        det, t, block["not_music"] = fit_not_music(feats, parts, what)
+        if det is not None:
+            cal.detector = det
+            cal.rule = replace(cal.rule, not_music=t)
     cal.save(Path(run_dir) / CALIBRATION_FILE)
     return block

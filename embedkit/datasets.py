@@ -14,11 +14,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .audio.decoding import AUDIO_EXTENSIONS
 from .errors import DatasetError, EmbedkitWarning, first_line
+
+if TYPE_CHECKING:
+    from .taxonomy import TagLabels
 
 COLUMNS = ["track_id", "path", "label", "split", "group"]
 _SPLIT_NAMES = {
@@ -194,13 +198,107 @@ def _id_str(v) -> str | None:
     return str(v)
 
 
+def audio_files(root: Path) -> list[Path]:
+    """Every audio file under ``root`` (any depth), dot files and dot folders left out."""
+    return sorted(
+        f
+        for f in root.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in AUDIO_EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(root).parts)
+    )
+
+
+def from_tags(root: str | os.PathLike, labels: "TagLabels | None" = None) -> pd.DataFrame:
+    """A folder of music in any layout, labelled by the files' own genre tags (``embedkit.tags``)
+    through the taxonomy of ``labels`` (``embedkit.taxonomy``: normalising, genre map,
+    ``min_tracks`` floor). group = the artist (else album artist) key, so splits never cut an
+    artist; a track with neither is a group of its own.
+
+    Only labelled tracks are rows. ``attrs``: ``taxonomy`` (the record: mapping, classes, what
+    was dropped and why), ``untagged`` (paths without a genre tag, whose tags cannot be read, or
+    whose genre embedkit wrote, a prediction rather than a label: what gets tagged next),
+    ``not_used`` ([path, reason] of tagged tracks left out).
+    """
+    from .errors import TagWriteError
+    from .tags import read_library_tags
+    from .taxonomy import TagLabels, Taxonomy, artist_key
+
+    labels = labels or TagLabels()
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: --labels-from-tags needs a folder of music")
+    files = audio_files(root)
+    if not files:
+        raise DatasetError(f"{root}: no audio files (extensions {', '.join(AUDIO_EXTENSIONS)})")
+    genre_map = labels.load_map()  # a bad map fails before any file is read
+    values: list[list[str] | None] = []
+    artists: list[str | None] = []
+    predicted = set()  # genres embedkit wrote (`tag --write-tags`): its own predictions, not labels
+    for f in files:
+        try:
+            t = read_library_tags(f)
+        except TagWriteError:  # unreadable tags, or a format without tags: not training data
+            values.append(None)
+            artists.append(None)
+            continue
+        if t.written_by_embedkit:
+            predicted.add(str(f))
+        values.append(None if t.written_by_embedkit else t.genres)
+        artists.append(artist_key(t.artist) or artist_key(t.album_artist))
+    if not any(values):
+        raise DatasetError(
+            f"{root}: none of its {len(files)} audio file(s) has a genre tag; tag some, or use a <label>/<file> folder or a CSV manifest"
+        )
+    tax = Taxonomy.build(values, genre_map, labels.min_tracks)
+    rows, untagged, not_used = [], [], []
+    for f, v, a in zip(files, values, artists):
+        label, why = tax.label_of(v)
+        if label is None:
+            if why == "untagged":
+                untagged.append(str(f))
+            else:
+                not_used.append([str(f), why])
+            continue
+        tid = f.relative_to(root).with_suffix("").as_posix()
+        rows.append({"track_id": tid, "path": str(f), "label": label, "group": f"artist:{a}" if a else f"track:{tid}"})
+    record = tax.record(values)
+    if predicted:
+        n_untagged = record["tracks_not_used"].pop("untagged", 0) - len(predicted)
+        record["tracks_not_used"] = dict(
+            sorted(
+                {
+                    **record["tracks_not_used"],
+                    **({"untagged": n_untagged} if n_untagged else {}),
+                    "genre written by embedkit (a prediction, not a label)": len(predicted),
+                }.items()
+            )
+        )
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root}: {len(classes)} class(es) left after the genre map and --min-tracks {labels.min_tracks} "
+            f"({', '.join(f'{k}: {n}' for k, n in record['classes'].items()) or 'none'}); a classifier needs 2"
+        )
+    df = _finish(pd.DataFrame(rows), str(root))
+    df.attrs.update(taxonomy=record, untagged=untagged, not_used=not_used, group_by="artist")
+    return df
+
+
 def load_dataset(
-    data: str | os.PathLike, audio_dir: str | os.PathLike | None = None, subset: str = "small"
+    data: str | os.PathLike,
+    audio_dir: str | os.PathLike | None = None,
+    subset: str = "small",
+    labels_from_tags: "TagLabels | None" = None,
 ) -> pd.DataFrame:
-    """Dispatch on the form of ``data``: folder, FMA tracks.csv (needs audio_dir), or manifest."""
+    """Dispatch on the form of ``data``: folder, FMA tracks.csv (needs audio_dir), or manifest;
+    ``labels_from_tags`` (a ``taxonomy.TagLabels``): a folder in any layout labelled by its
+    files' genre tags (``from_tags``)."""
     p = Path(data)
     if not p.exists():
         raise DatasetError(f"{p}: no such file or directory")
+    if labels_from_tags is not None:
+        return from_tags(p, labels_from_tags)
     if p.is_dir():
         return from_folder(p)
     if p.suffix.lower() in (".csv", ".tsv", ".tab"):

@@ -211,6 +211,8 @@ def protocol_dict(protocol: str, k: int, seed: int, test_size: float, tracks: pd
         "seed": seed,
         "test_size": test_size if protocol == "holdout" else None,
         "grouped": bool(_grouped(t)),
+        # what the groups are, when the dataset says (a library labelled by its tags: artists)
+        **({"group_by": str(tracks.attrs["group_by"])} if _grouped(t) and tracks.attrs.get("group_by") else {}),
     }
 
 
@@ -347,6 +349,8 @@ def dataset_summary(tracks: pd.DataFrame, n_segments: int | None = None, synthet
         "n_segments": int(n_segments) if n_segments is not None else None,
         "class_counts": {str(k): int(v) for k, v in t["label"].value_counts().sort_index().items()},
         "synthetic": bool(synthetic or tracks.attrs.get("synthetic", False)),
+        # labels from the files' own genre tags: the taxonomy record (embedkit.taxonomy)
+        **({"taxonomy": tracks.attrs["taxonomy"]} if tracks.attrs.get("taxonomy") else {}),
     }
 
 

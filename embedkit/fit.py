@@ -248,6 +248,7 @@ def fit_head(
     tracks: pd.DataFrame | None = None,
     data: str | os.PathLike | None = None,
     audio_dir: str | os.PathLike | None = None,
+    labels_from_tags=None,
     runs: str | os.PathLike = "runs",
     run_dir: str | os.PathLike | None = None,
     name: str | None = None,
@@ -267,8 +268,9 @@ def fit_head(
 
     backbone / store / cache: which embeddings (``open_store``).
     tracks (a track table) or data (a dataset path; audio_dir: FMA's audio folder for a
-        tracks.csv): the tracks to use, with their labels; by default the dataset extracted
-        last into the store (never a mixture of datasets).
+        tracks.csv; labels_from_tags: a ``taxonomy.TagLabels``, labels from the files' genre
+        tags): the tracks to use, with their labels; by default the dataset extracted last into
+        the store (never a mixture of datasets).
     protocol: "auto" (dataset split when present, else holdout), "holdout" (``test_size``),
         "split"; ``cv=K`` for stratified K-fold. Groups (artists) are respected when known.
     pca: components (None: the head's default, 0: none). search: pick hyper-parameters from
@@ -297,10 +299,12 @@ def fit_head(
     if data is not None and tracks is None:
         from .datasets import load_dataset
 
-        tracks = load_dataset(data, audio_dir=audio_dir)
+        tracks = load_dataset(data, audio_dir=audio_dir, labels_from_tags=labels_from_tags)
     seg, X = read_embeddings(st, output, tracks)
     source = str(seg.attrs.get("source") or os.path.commonpath(list(seg["path"].unique())))
     table = _track_table(seg, source)
+    if tracks is not None:  # what the dataset says of itself (a tag library: taxonomy, artist groups)
+        table.attrs.update({k: tracks.attrs[k] for k in ("taxonomy", "group_by") if k in tracks.attrs})
     if tracks is not None and tracks.attrs.get("synthetic"):
         table.attrs["synthetic"] = True
     proto = choose_protocol(table, cv, protocol)
@@ -436,11 +440,23 @@ def fit_head(
     }
     if head == "lgbm":
         metrics["n_leaves"] = model.named_steps["head"].n_leaves_
-    out = _write_run(Path(run_dir) if run_dir is not None else Path(runs) / run_id, bundle, metrics, ev, write_metrics)
+    # the not-music detector reads what the head reads: each track's windows of X
+    features = {str(t): X[r] for t, r in rows_of.items()}
+    out = _write_run(
+        Path(run_dir) if run_dir is not None else Path(runs) / run_id,
+        bundle,
+        metrics,
+        ev,
+        write_metrics,
+        features,
+        output,
+    )
     return FitResult(out, json.loads((out / "metrics.json").read_text()), bundle)
 
 
-def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, write_metrics) -> Path:
+def _write_run(
+    final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, write_metrics, features=None, output="embedding"
+) -> Path:
     """Build the run directory under a temporary name, then rename it into place."""
     from .calibration import calibrate_run
 
@@ -451,7 +467,7 @@ def _write_run(final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, wri
         tmp.mkdir()
         metrics["model_bytes"] = save_bundle(tmp / BUNDLE_FILE, bundle)
         ev.predictions().to_csv(tmp / "predictions.csv", index=False)
-        metrics["calibration"] = calibrate_run(ev, tmp)
+        metrics["calibration"] = calibrate_run(ev, tmp, features, what=f"backbone {output} (the head's input)")
         write_metrics(tmp, metrics)
         if final.exists():  # an unfinished run of the same id (the caller decided to redo it)
             shutil.rmtree(final)

@@ -23,7 +23,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"embedkit": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "torch", "librosa", "soundfile", "soxr", "pyarrow", "scikit-learn", "lightgbm"):
+    for dist in ("numpy", "torch", "librosa", "soundfile", "av", "soxr", "pyarrow", "scikit-learn", "lightgbm"):
         try:
             out["sklearn" if dist == "scikit-learn" else dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

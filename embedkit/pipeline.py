@@ -163,6 +163,7 @@ class PipelineResult:
     extraction: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: Path | None = None
     seconds: float = 0.0
+    tracks: pd.DataFrame | None = None  # the track table the runs used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,16 +200,17 @@ def load_tracks(
     audio_dir=None,
     subset: str = "small",
     demo_size: tuple[int, int, float] | None = None,
+    labels_from_tags=None,
 ) -> tuple[pd.DataFrame, bool]:
     """The track table of ``data`` ('demo' or None: see ``demo_data``), with
     ``attrs['synthetic']`` set for generated sets (a folder made by embedkit.synth carries a
-    SYNTHETIC marker file)."""
+    SYNTHETIC marker file). labels_from_tags: a ``taxonomy.TagLabels`` (``datasets.from_tags``)."""
     from .datasets import load_dataset
 
     synthetic = False
     if data is None or str(data) == "demo":
         data, synthetic = demo_data(cache, *(demo_size or ()))
-    tracks = load_dataset(data, audio_dir=audio_dir, subset=subset)
+    tracks = load_dataset(data, audio_dir=audio_dir, subset=subset, labels_from_tags=labels_from_tags)
     p = Path(data)
     synthetic = synthetic or (p.is_dir() and (p / "SYNTHETIC").exists())
     tracks.attrs["synthetic"] = bool(synthetic)
@@ -528,18 +530,22 @@ def run_all(
     log: Log | None = None,
     progress: Callable[[dict], None] | None = None,
     demo_size: tuple[int, int, float] | None = None,
+    labels_from_tags=None,
 ) -> PipelineResult:
     """Run the whole comparison on ``data`` and write the report; see the module doc.
 
     log: receives one line per stage. progress: the CNN trainers' event callback.
     demo_size: (classes, clips per class, seconds) of a generated demo set (tests use tiny ones).
+    labels_from_tags: a ``taxonomy.TagLabels``: DATA is a music folder labelled by its files'
+    genre tags (``datasets.from_tags``); ``result.tracks`` is the track table (its attrs list the
+    untagged files: the ones to tag next).
     Returns the outcome of every run (new or reused) and the report path (None if report=None).
     """
     plan.validate()
     log = log or (lambda s: None)
     cache, runs = Path(cache), Path(runs)
     t0 = time.perf_counter()
-    tracks, synthetic = load_tracks(data, cache, audio_dir, subset, demo_size)
+    tracks, synthetic = load_tracks(data, cache, audio_dir, subset, demo_size, labels_from_tags)
     from .identity import with_fingerprints
 
     tracks = with_fingerprints(tracks)  # once: every stage and the run ids see the same contents
@@ -555,7 +561,7 @@ def run_all(
 
     folds = make_folds(tracks, choose_protocol(tracks, plan.cv or None), plan.cv or 5, plan.test_size, plan.seed)
     fp = DatasetId(tracks, dataset_fingerprint(tracks))
-    result = PipelineResult(str(source), synthetic)
+    result = PipelineResult(str(source), synthetic, tracks=tracks)
     # Every run this plan makes, in order: the report is written as soon as the first one is
     # done and rewritten (atomically) after each later one, naming those still in progress, so
     # a newcomer sees the heads' results in minutes while the CNN trains.

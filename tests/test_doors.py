@@ -453,3 +453,203 @@ def test_a_malformed_stored_rule_is_one_line(model, tmp_path, rule, message):
     (bad / CALIBRATION_FILE).write_text(json.dumps(cal))
     res = CliRunner().invoke(app, ["tag", str(bad), __file__])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# "not-music": the third kind of decision, through every door
+
+
+def _noise_files(root: Path) -> list[str]:
+    """Non-music clips at the synthetic set's rate: white / brown noise, a tone, mains hum."""
+    import soundfile as sf
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    sr, n = 22050, 22050 * 12
+    t = np.arange(n) / sr
+    brown = np.cumsum(rng.standard_normal(n))
+    sigs = {
+        "white": rng.standard_normal(n),
+        "brown": brown - np.convolve(brown, np.ones(2205) / 2205, mode="same"),
+        "tone": np.sin(2 * np.pi * 1000 * t),
+        "hum": sum(np.sin(2 * np.pi * 50 * k * t) / k for k in (1, 2, 3)),
+    }
+    out = []
+    for name, y in sigs.items():
+        f = root / f"{name}.wav"
+        sf.write(f, (0.3 * y / np.abs(y).max()).astype(np.float32), sr)
+        out.append(str(f.absolute()))
+    return out
+
+
+def _scored(tagger, files, rule):
+    """The library API with the not-music score: {path: (decision, genres, score)}."""
+    out = {}
+    for f in files:
+        w, starts, dur = read_excerpt(
+            f, tagger.sample_rate, Excerpt(), tagger.audio.clip_s, tagger.segment.segment_s, tagger.segment.hop_s
+        )
+        p, nm = tagger.score_segments(w)
+        r = track_result(tagger, p, rule, path=f, duration_s=dur, window_starts_s=starts, not_music=nm)
+        out[f] = (r.decision, r.genres, r.not_music)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nm_model(runs, clips, tmp_path_factory):
+    """(run directory whose stored rule puts some of ``files`` above the not-music threshold,
+    its .onnx, the files: synthetic clips and generated noise / tone / hum)."""
+    from embedkit.deploy.onnx_export import export_onnx
+
+    tmp = tmp_path_factory.mktemp("doors-nm")
+    run = tmp / "run"
+    shutil.copytree(runs["head"], run)
+    files = clips[:4] + _noise_files(tmp / "noise")
+    t = load_tagger(run)
+    assert t.has_not_music and t.rule.not_music is not None  # fitted by `fit`, stored with the model
+    scores = sorted(s for _, _, s in _scored(t, files, t.rule).values())
+    cal = json.loads((run / CALIBRATION_FILE).read_text())
+    cal["rule"]["not_music"] = _between(scores, len(scores) // 2)
+    (run / CALIBRATION_FILE).write_text(json.dumps(cal))
+    onnx = tmp / "model.onnx"
+    export_onnx(load_tagger(run), onnx)
+    return run, onnx, files
+
+
+def test_not_music_through_every_door(nm_model, tmp_path):
+    """The same decisions (not-music included) and scores from the library (torch, ONNX), `tag`
+    (torch, ONNX), `serve` (run, .onnx) and `--write-tags --dry-run`, which writes nothing for it;
+    under the stored rule and under an override of the not-music threshold (`--not-music`,
+    `?not_music=`, ``not_music=``)."""
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.onnx_runtime import OnnxTagger
+    from embedkit.deploy.serve import ServeConfig, create_app
+    from embedkit.deploy.writeback import FileTagOptions
+
+    run, onnx, files = nm_model
+    torch_tagger, onnx_tagger = load_tagger(run), OnnxTagger.load(onnx)
+    stored = applied_rule(run)
+    assert stored == torch_tagger.rule == onnx_tagger.rule and stored.not_music is not None
+    scores = sorted(s for _, _, s in _scored(torch_tagger, files, stored).values())
+    cases = {"stored": {}, "override": {"not_music": _between(scores, len(scores) // 4)}}
+    with (
+        running(create_app(torch_tagger, ServeConfig())) as url_t,
+        running(create_app(onnx_tagger, ServeConfig())) as url_o,
+    ):
+        for name, over in cases.items():
+            rule = stored.with_overrides(**over)
+            ref = _scored(torch_tagger, files, rule)
+            want = {f: (d, g) for f, (d, g, _) in ref.items()}
+            assert {d == "not-music" for d, _ in want.values()} == {True, False}, name  # both kinds of answer
+            assert all(g == [] for d, g in want.values() if d == "not-music")
+            got_o = _scored(onnx_tagger, files, rule)
+            for f in files:
+                assert got_o[f][:2] == want[f], name
+                np.testing.assert_allclose(got_o[f][2], ref[f][2], rtol=1e-4)
+            doors = {
+                "tag torch": _tag_cli(run, files, over, tmp_path, f"nm-{name}-t"),
+                "tag onnx": _tag_cli(onnx, files, over, tmp_path, f"nm-{name}-o"),
+                "serve run": _http(url_t, files, over),
+                "serve onnx": _http(url_o, files, over),
+            }
+            for door, rows in doors.items():
+                assert _decided(rows) == want, f"{door} under {name}"
+                for f in files:  # the score is in every record, and so is the threshold applied
+                    assert rows[f]["not_music"] == pytest.approx(ref[f][2], rel=1e-4), door
+                    assert rows[f]["rule"]["not_music"] == rule.not_music, door
+            for door, path in (("write-tags torch", run), ("write-tags onnx", onnx)):
+                res = tag(path, files, file_tags=FileTagOptions(dry_run=True), workers=1, keep_rows=100, **over)
+                status = {ch.path: ch.status for ch in res.file_tags.notes}
+                assert res.rule == rule, door
+                for f in files:
+                    assert (status[f] == "not-music") == (want[f][0] == "not-music"), f"{door} under {name}"
+
+
+def test_not_music_score_in_every_output_form(nm_model, tmp_path):
+    """JSONL, CSV and the database row carry the score; a re-run under an override of the
+    not-music threshold decides the stored rows again from their stored scores."""
+    import csv
+
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.resultsdb import ResultsDB
+
+    run, _, files = nm_model
+    csv_out, db = tmp_path / "x.csv", tmp_path / "x.sqlite"
+    _cli("tag", run, *files, "--out", csv_out, "--db", db, "--workers", "1")
+    jsonl = _tag_cli(run, files, {}, tmp_path, "forms")
+    with open(csv_out) as fh:
+        rows_csv = {r["path"]: r for r in csv.DictReader(fh)}
+    with ResultsDB(db) as d:
+        rows_db = {r["path"]: r for r in d.rows()}
+    rule = applied_rule(run)
+    for f in files:
+        j = jsonl[f]
+        assert float(rows_csv[f]["not_music"]) == pytest.approx(j["not_music"], rel=1e-5)
+        assert float(rows_csv[f]["not_music_threshold"]) == rule.not_music
+        assert rows_db[f]["not_music"] == pytest.approx(j["not_music"]) and rows_db[f]["decision"] == j["decision"]
+    # every track not-music under a threshold of 0: decided again from the stored scores
+    again = tag(run, files, db=db, workers=1, not_music=0.0)
+    assert again.model_loaded is False and all(r.decision == "not-music" for r in again.rows)
+
+
+def test_nothing_is_written_into_a_non_music_file(nm_model, tmp_path):
+    pytest.importorskip("mutagen")
+    import soundfile as sf
+
+    from embedkit.deploy.batch import tag
+    from embedkit.deploy.writeback import FileTagOptions
+
+    run, _, files = nm_model
+    decided = {f: d for f, (d, _, _) in _scored(load_tagger(run), files, applied_rule(run)).items()}
+    noise = [f for f in files if decided[f] == "not-music"]
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    copies = []
+    for i, f in enumerate(noise):
+        y, sr = sf.read(f)
+        copies.append(lib / f"n{i}.flac")
+        sf.write(copies[-1], y, sr)
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in copies}
+    res = tag(run, copies, db=tmp_path / "w.sqlite", workers=1, file_tags=FileTagOptions())
+    assert res.file_tags.counts["not-music"] == len(copies) and not res.file_tags.counts["written"]
+    for f in copies:
+        assert (f.read_bytes(), f.stat().st_mtime_ns) == before[f]
+
+
+def test_stream_windows_carry_the_not_music_decision(nm_model):
+    """Each stream window's record: its own not-music score and the one rule's decision on it."""
+    from embedkit.calibration import decide
+    from embedkit.deploy.stream import StreamConfig, stream
+
+    run, onnx, files = nm_model
+    # an override between the two files' window scores (the stored threshold is for track means)
+    t0 = load_tagger(run)
+    window_scores = [
+        s
+        for f in (files[0], files[-4])
+        for s in t0.score_segments(
+            read_excerpt(
+                f, t0.sample_rate, Excerpt.parse("full"), t0.audio.clip_s, t0.segment.segment_s, t0.segment.hop_s
+            )[0]
+        )[1]
+    ]
+    over = _between(window_scores, len(window_scores) // 2)
+    decided = set()
+    for path in (run, onnx):
+        t = load_tagger(path)
+        for f in (files[0], files[-4]):  # a synthetic clip and white noise
+            recs: list[dict] = []
+            summary = stream(path, f, StreamConfig(hop_s=t.segment.hop_s), emit=recs.append, not_music=over)
+            wins = [r for r in recs if r["type"] == "window"]
+            frames, _, _ = read_excerpt(
+                f, t.sample_rate, Excerpt.parse("full"), t.audio.clip_s, t.segment.segment_s, t.segment.hop_s
+            )
+            p, nm = t.score_segments(frames)
+            assert len(wins) == len(frames)
+            rule = t.rule.with_overrides(not_music=over)
+            assert summary["rule"] == rule.to_dict()
+            for w, q, s in zip(wins, t.calibrate(p), nm):
+                assert w["window"]["not_music"] == pytest.approx(s, rel=1e-6)
+                assert w["window"]["decision"] == decide(q, t.labels, rule, s).label
+            decided |= {w["window"]["decision"] == "not-music" for w in wins}
+    assert decided == {True, False}  # windows of both kinds

@@ -167,7 +167,9 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     m = onnx.load(str(work / "musicnn-mlp.onnx"))
     dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and dims[1] == 80000  # dynamic batch, fixed window
-    assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated"]
+    # + the window embeddings the run's not-music detector reads (its threshold in the rule)
+    assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated", "embedding"]
+    assert meta["not_music"]["method"] == "mahalanobis-slog" and meta["thresholds"]["not_music"] > 0
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def _thread_spy(obj, name: str) -> list[int]:
 
 def test_tagging_forwards_on_one_thread(runs, synth_dataset, two_torch_threads):
     t = load_tagger(runs["head"])
-    seen = _thread_spy(t, "predict_segments")
+    seen = _thread_spy(t, "score_segments")  # what every door forwards (Tagger.score_segments)
     files = sorted(synth_dataset.rglob("*.wav"))[:4]
     res = tag(runs["head"], files, tagger=t, workers=2)
     assert res.n_tagged == 4 and seen and set(seen) == {1}

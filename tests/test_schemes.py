@@ -135,6 +135,9 @@ def _to_legacy_db(db: Path) -> None:
     con = sqlite3.connect(db)
     for fp, path in con.execute("SELECT fingerprint, path FROM tags").fetchall():
         con.execute("UPDATE tags SET fingerprint = ? WHERE fingerprint = ?", (sha(path), fp))
+        # its track vectors too (a database from before vectors gets them on its next run:
+        # tests/test_similar.py; here only the fingerprint scheme is under test)
+        con.execute("UPDATE tag_vectors SET fingerprint = ? WHERE fingerprint = ?", (sha(path), fp))
     con.execute("DROP TABLE tag_meta")
     con.commit()
     con.close()

@@ -275,7 +275,10 @@ def test_truncated_final_frame_keeps_the_windows_before_it(monkeypatch):
     "args,message",
     [
         (["-", "--format", "mp3"], "--format must be f32le or s16le"),
-        (["-", "--rate", "0"], "--rate must be a positive integer"),
+        (["-", "--rate", "0"], "--rate must be 8000..384000 Hz, got 0"),
+        (["-", "--rate", "1"], "--rate must be 8000..384000 Hz, got 1"),  # grew to 6.5 GB before (issue 27)
+        (["-", "--rate", "2147483647"], "--rate must be 8000..384000 Hz"),  # "uncertain", exit 0 before
+        (["-", "--channels", "65"], "--channels must be between 1 and 64"),
         (["-", "--channels", "0"], "--channels must be between 1 and 64"),
         (["-", "--realtime"], "--realtime paces a file"),
         (["-", "--hop", "0"], "hop must be positive"),
@@ -513,8 +516,8 @@ def test_broken_pipe_stops_quietly():
 def test_ctrl_c_writes_the_summary_and_exits_130():
     p = child(["tone", "-", "--format", "s16le", "--rate", "8000", "--hop", "1"])
     feed(
-        p, pcm_bytes(three_genres(8000, 20.0), "s16le"), chunk=8000, pause=0.25
-    )  # 2x real time: still streaming at the signal
+        p, pcm_bytes(np.tile(three_genres(8000, 20.0), 10), "s16le"), chunk=8000, pause=0.25
+    )  # 2x real time for 5 minutes: still streaming at the signal, however loaded the machine
     lines = [p.stdout.readline() for _ in range(3)]
     assert all(json.loads(line)["type"] == "window" for line in lines)
     p.send_signal(signal.SIGINT)
@@ -611,3 +614,113 @@ def test_smoother_ema_follows_stream_time_and_last_n():
     last.update(b, 1.0)
     np.testing.assert_allclose(last.update(b, 1.0), b)
     np.testing.assert_allclose(Smoother("none").update(a, 1.0), a)
+
+
+# ------------------------------------------------------------------ issue 27: sane rates, abnormal ends
+
+
+def test_a_file_whose_header_rate_is_not_audio_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "odd.wav"
+    sf.write(path, np.zeros(4000, np.float32), 1000)  # a valid WAV at 1 kHz: no audio has that rate
+    res = run_cli([str(path)], b"", monkeypatch)
+    assert res.exit_code == 1 and "sample rate 1000 Hz is outside 8000..384000 Hz" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+class _PipeFromWriter:
+    """stdin from a writer process (this process is its parent, so its exit stays visible):
+    at the second read, ``act(proc)`` ends the writer mid-stream."""
+
+    WRITER = (
+        "import sys; sys.stdout.buffer.write(bytes(4 * 8000 * 12)); sys.stdout.buffer.flush(); "
+        "sys.stdin.readline(); sys.exit(int(sys.argv[1]))"
+    )
+
+    def __init__(self, exit_code: int, act):
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.WRITER, str(exit_code)], stdout=w, stdin=subprocess.PIPE
+        )
+        os.close(w)
+        self.fd, self.reads, self.act = r, 0, act
+
+    def read1(self, n: int) -> bytes:
+        self.reads += 1
+        if self.reads == 2:
+            self.act(self.proc)
+        return os.read(self.fd, n)
+
+    def close(self):
+        os.close(self.fd)
+        self.proc.wait(10)
+
+
+def _quit(proc):
+    proc.stdin.write(b"\n")
+    proc.stdin.close()
+
+
+@pytest.mark.parametrize(
+    "exit_code,act,message",
+    [
+        (0, lambda p: p.kill(), "the program writing it (python"),
+        (3, _quit, "failed with exit status 3"),
+        (0, _quit, None),
+    ],
+)
+def test_an_input_that_ended_abnormally_is_an_error_not_an_end(exit_code, act, message):
+    """ffmpeg killed mid-stream read as a normal end (exit 0); now the writer's death or failure
+    is reported with the windows before it kept (issue 27 #10)."""
+    from embedkit.errors import StreamError
+
+    fh = _PipeFromWriter(exit_code, act)
+    out: list[dict] = []
+    try:
+        src = PcmSource(fh, "f32le", 8000, 1, live=False)
+        if message is None:
+            summary = run_stream(tone_tagger(), src, StreamConfig(hop_s=1.0), out.append)
+            assert summary["end"] == "eof" and summary["audio_s"] == 12.0
+        else:
+            with pytest.raises(StreamError) as err:
+                run_stream(tone_tagger(), src, StreamConfig(hop_s=1.0), out.append)
+            msg = str(err.value)
+            assert message in msg and "ended abnormally" in msg, msg
+            if exit_code == 0:  # killed while it still had audio to write
+                assert "killed by SIGKILL after " in msg and "after 12.00 s" not in msg, msg
+            else:
+                assert "after 12.00 s of audio" in msg, msg
+            assert out[-1]["type"] == "summary" and out[-1]["end"] == "error"
+            assert sum(r["type"] == "window" for r in out) > 0  # the windows before the end are kept
+    finally:
+        fh.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="ffmpeg not installed")
+def test_cli_reports_ffmpeg_killed_mid_stream():
+    """`ffmpeg ... | embedkit stream RUN -` with ffmpeg killed (kill -9) after the first windows:
+    exit 1 and one line naming it, instead of exit 0."""
+    ff = subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "sine=f=440:r=8000", "-f", "f32le", "-ac", "1", "-"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{TESTS.parent}", OMP_NUM_THREADS="1")
+    p = subprocess.Popen(
+        [sys.executable, str(TESTS / "stream_fixtures.py"), "stream", "tone", "-", "--rate", "8000", "--hop", "0.5"],
+        stdin=ff.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    ff.stdout.close()
+    try:
+        assert json.loads(p.stdout.readline())["type"] == "window"
+        ff.kill()  # this process is ffmpeg's parent and does not reap it yet: as a supervisor would
+        out, err = p.communicate(timeout=60)
+    finally:
+        ff.wait(10)
+    lines = err.decode().strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, err
+    assert "ended abnormally" in lines[0] and "(ffmpeg, pid" in lines[0] and "SIGKILL" in lines[0]
+    assert json.loads(out.splitlines()[-1])["end"] == "error"

@@ -1,9 +1,9 @@
 """Which part of a song is listened to, decoded alone and cut into windows.
 
 ``Excerpt`` names it (``first``, ``middle``, ``spread:N``, ``full``; see ``embedkit tag --help``)
-and ``read_excerpt`` decodes only that part (libsndfile seeks), resamples it with the decoder's
-margin (``decoding.MARGIN_S``) so the resampler sees real samples at the edges, and cuts it with
-the one windowing function (``embedkit.audio.segments``). Batch tagging, the HTTP service and the
+and ``read_excerpt`` decodes only that part (every format seeks: ``decoding.open_audio``),
+resamples it with the decoder's margin (``decoding.MARGIN_S``) so the resampler sees real
+samples at the edges, and cuts it with the one windowing function (``embedkit.audio.segments``). Batch tagging, the HTTP service and the
 contract tests all read audio through it.
 """
 

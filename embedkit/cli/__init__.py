@@ -3,7 +3,8 @@ and prints a summary. Heavy libraries are imported inside commands so `--help` i
 Errors raised on purpose (EmbedkitError) become one line on stderr and exit code 1.
 
 The commands live by group (``data``: models, extract, fit, predict, report; ``train``:
-train-cnn, finetune, run; ``deploy``: tag, untag, stream, export, serve) and share ``common``
+train-cnn, finetune, run; ``deploy``: tag, untag, stream, export, serve; ``monitor``; ``similar``: similar, playlist, index; ``library``: review,
+labels export|import, retrain, audit) and share ``common``
 (errors, console, the progress bar, the end-of-job summary, the shared options); this module
 registers them on ``app``, in the order ``embedkit --help`` lists them."""
 
@@ -14,7 +15,7 @@ import sys
 
 import typer
 
-from . import data, deploy, train
+from . import data, deploy, library, monitor, similar, train
 from .common import handle_errors
 
 app = typer.Typer(
@@ -38,8 +39,18 @@ for _name, _command in (
     ("tag", deploy.tag_cmd),
     ("untag", deploy.untag_cmd),
     ("serve", deploy.serve_cmd),
+    ("monitor", monitor.monitor_cmd),
+    ("similar", similar.similar_cmd),
+    ("playlist", similar.playlist_cmd),
+    ("index", similar.index_cmd),
+    ("audit", library.audit_cmd),
+    ("retrain", library.retrain_cmd),
+    ("review", library.review_cmd),
 ):
     app.command(_name)(handle_errors(_command))
+for _name, _command in (("export", library.labels_export_cmd), ("import", library.labels_import_cmd)):
+    library.labels_app.command(_name)(handle_errors(_command))
+app.add_typer(library.labels_app, name="labels")
 del _name, _command
 
 

@@ -80,10 +80,10 @@ def say(c, text: str, **kw) -> None:
     c.print(text, highlight=False, soft_wrap=True, **kw)
 
 
-def load_tracks(data: Path, audio_dir: Optional[Path], subset: str = "small"):
+def load_tracks(data: Path, audio_dir: Optional[Path], subset: str = "small", labels_from_tags=None):
     from ..datasets import load_dataset
 
-    return load_dataset(data, audio_dir=audio_dir, subset=subset)
+    return load_dataset(data, audio_dir=audio_dir, subset=subset, labels_from_tags=labels_from_tags)
 
 
 # -- the one progress bar ----------------------------------------------------------------------
@@ -294,3 +294,47 @@ def margin_option():
 
 def max_genres_option():
     return typer.Option(None, help="with --multi: at most this many genres (default: the model's, 3)")
+
+
+def not_music_option():
+    return typer.Option(
+        None,
+        "--not-music",
+        help="at or above this not-music score a track is 'not-music' (default: the model's, chosen on its held-out tracks)",
+    )
+
+
+# -- labels from a library's own genre tags (embedkit.taxonomy) --------------------------------
+
+
+def labels_from_tags_option():
+    return typer.Option(
+        False,
+        "--labels-from-tags",
+        help="DATA is a music folder in any layout: labels from the files' genre tags, artists as CV groups; untagged files are not training data",
+    )
+
+
+def genre_map_option():
+    return typer.Option(
+        None, "--genre-map", help="with --labels-from-tags: a TOML genre map ([map] raw = class, drop = [...])"
+    )
+
+
+def min_tracks_option():
+    return typer.Option(
+        None, "--min-tracks", help="with --labels-from-tags: drop classes with fewer tracks (default 5)"
+    )
+
+
+def tag_labels(labels_from_tags: bool, genre_map: Optional[Path], min_tracks: Optional[int]):
+    """The ``taxonomy.TagLabels`` the three options describe (None without --labels-from-tags)."""
+    if not labels_from_tags:
+        if genre_map is not None or min_tracks is not None:
+            fail("--genre-map and --min-tracks go with --labels-from-tags")
+        return None
+    from ..taxonomy import DEFAULT_MIN_TRACKS, TagLabels
+
+    if min_tracks is not None and min_tracks < 1:
+        fail("--min-tracks must be >= 1")
+    return TagLabels(str(genre_map) if genre_map else None, DEFAULT_MIN_TRACKS if min_tracks is None else min_tracks)

@@ -11,13 +11,17 @@ from .common import (
     console,
     device_option,
     fail,
+    genre_map_option,
     job_exit,
+    labels_from_tags_option,
+    min_tracks_option,
     precision_option,
     print_warnings,
     progress_bar,
     run_job,
     say,
     summarise_job,
+    tag_labels,
     tf32_option,
 )
 
@@ -89,6 +93,9 @@ def extract_cmd(
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
     precision: str = precision_option(),
+    labels_from_tags: bool = labels_from_tags_option(),
+    genre_map: Optional[Path] = genre_map_option(),
+    min_tracks: Optional[int] = min_tracks_option(),
 ):
     """Extract per-segment embeddings into a resumable Parquet store."""
     import warnings
@@ -100,6 +107,7 @@ def extract_cmd(
     from ..extract import extract
 
     prep = _prep(clip, offset, pad, segment, hop)
+    labels = tag_labels(labels_from_tags, genre_map, min_tracks)
     if batch_size is not None and batch_size < 1:
         fail("--batch-size must be >= 1")
     if workers is not None and workers < 1:
@@ -131,7 +139,7 @@ def extract_cmd(
         try:  # errors become one line in handle_errors
             if not dask:  # an unusable device or precision: one line before the dataset is read
                 precheck(device, allow_tf32, precision)
-            tracks = load_dataset(data, audio_dir=audio_dir, subset=subset)
+            tracks = load_dataset(data, audio_dir=audio_dir, subset=subset, labels_from_tags=labels)
             # extract() builds the model only when there is work (a no-op re-run loads nothing)
             # and reports progress once it is loaded: the bar starts then, so a missing or
             # corrupt checkpoint is one error line rather than an error under an empty bar.
@@ -196,6 +204,9 @@ def fit_cmd(
     seed: int = typer.Option(0, help="seed of the splits and the head"),
     audio_dir: Optional[Path] = typer.Option(None, help="FMA audio folder, when DATA is a tracks.csv"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    labels_from_tags: bool = labels_from_tags_option(),
+    genre_map: Optional[Path] = genre_map_option(),
+    min_tracks: Optional[int] = min_tracks_option(),
 ):
     """Train a head on stored embeddings and evaluate it per track (default protocol: the
     dataset's split when it has one, else a stratified 80/20 holdout by track)."""
@@ -205,6 +216,9 @@ def fit_cmd(
         fail("choose one protocol: --cv K, --holdout FRACTION or --split")
     if holdout is not None and not 0 < holdout < 1:
         fail("--holdout needs a fraction between 0 and 1")
+    labels = tag_labels(labels_from_tags, genre_map, min_tracks)
+    if labels is not None and data is None:
+        fail("--labels-from-tags needs DATA, the music folder")
     from ..fit import fit_head
 
     prog, cb = progress_bar(f"fit {backbone or store}+{head}")
@@ -216,6 +230,7 @@ def fit_cmd(
             store=store,
             data=data,
             audio_dir=audio_dir,
+            labels_from_tags=labels,
             runs=runs,
             protocol="split" if split else "holdout" if holdout is not None else "auto",
             cv=cv,

@@ -18,6 +18,7 @@ from .common import (
     max_genres_option,
     multi_option,
     multi_threshold_option,
+    not_music_option,
     precision_option,
     run_job,
     say,
@@ -55,6 +56,7 @@ def stream_cmd(
     multi_threshold: Optional[float] = multi_threshold_option(),
     margin: Optional[float] = margin_option(),
     max_genres: Optional[int] = max_genres_option(),
+    not_music: Optional[float] = not_music_option(),
     checkpoint: Optional[str] = typer.Option(
         None, help="backbone weights of a head run on PANNs / AST (as in extract)"
     ),
@@ -95,6 +97,7 @@ def stream_cmd(
             multi_threshold=multi_threshold,
             margin=margin,
             max_genres=max_genres,
+            not_music=not_music,
         )
     except KeyboardInterrupt:  # before the stream started (loading the model): nothing to keep
         fail("interrupted before the stream started", 130)
@@ -182,6 +185,7 @@ def tag_cmd(
     multi_threshold: Optional[float] = multi_threshold_option(),
     margin: Optional[float] = margin_option(),
     max_genres: Optional[int] = max_genres_option(),
+    not_music: Optional[float] = not_music_option(),
     write_tags: bool = typer.Option(
         False,
         "--write-tags",
@@ -190,7 +194,9 @@ def tag_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="with --write-tags: show what would change, write nothing"),
     overwrite: bool = typer.Option(False, "--overwrite", help="with --write-tags: replace genres a person set"),
     id3v23: bool = typer.Option(
-        False, "--id3v23", help="MP3/WAV/AIFF: write ID3v2.3 (several genres joined with --separator) instead of v2.4"
+        False,
+        "--id3v23",
+        help="MP3/WAV/AIFF without an ID3v2 tag: create ID3v2.3 (several genres joined with --separator) instead of v2.4; a file with one keeps its version",
     ),
     separator: str = typer.Option("; ", help="ID3v2.3 genre separator"),
     device: str = device_option(),
@@ -245,6 +251,7 @@ def tag_cmd(
             multi_threshold=multi_threshold,
             margin=margin,
             max_genres=max_genres,
+            not_music=not_music,
             file_tags=file_tags,
             workers=workers,
             batch_size=batch_size,
@@ -266,6 +273,7 @@ def tag_cmd(
         lines=[
             escape(f"results: {db} (table tags, model_id {res.model_id}; failures in tag_failures)") if db else "",
             escape(f"wrote {out}") if out else "",
+            *(escape(line) for line in res.inputs.summary()),
         ],
     )
     if write_tags:
@@ -307,6 +315,9 @@ def _summarise_changes(report, max_lines: int = 20) -> None:
     for ch in report.notes[:max_lines]:
         status = "would write" if ch.status == "would-write" else f"[yellow]{ch.status}[/]"
         say(c, f"{status} {escape(ch.path)}: {escape(ch.reason)}")
+    if getattr(report, "n_removed", 0):
+        shown = ", ".join(report.removed[:3]) + (", ..." if report.n_removed > 3 else "")
+        say(c, escape(f"removed {report.n_removed} temporary copies left by a killed tag writer: {shown}"))
     say(
         c,
         "tags in files"
@@ -319,7 +330,9 @@ def _summarise_changes(report, max_lines: int = 20) -> None:
 def untag_cmd(
     model: Path = typer.Argument(..., help="the run directory / model file whose genres to remove"),
     paths: Optional[List[str]] = typer.Argument(
-        None, help="only these files (default: every file the model wrote genres into)"
+        None,
+        help="only these files or folders (default: every file the model wrote genres into); a moved or "
+        "renamed file is found there by its content",
     ),
     db: str = typer.Option(..., help="the results database `tag --write-tags` recorded the previous genres in"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be restored, write nothing"),
@@ -344,9 +357,34 @@ def serve_cmd(
     multi_threshold: Optional[float] = multi_threshold_option(),
     margin: Optional[float] = margin_option(),
     max_genres: Optional[int] = max_genres_option(),
-    max_mb: float = typer.Option(100.0, help="largest upload in MB (413 above)"),
+    not_music: Optional[float] = not_music_option(),
+    max_mb: Optional[float] = typer.Option(
+        None, help="largest upload in MB (413 above; default: --max-audio-s of CD audio as WAV, 106 MB for 600 s)"
+    ),
+    max_audio_s: float = typer.Option(600.0, help="seconds of audio one request may decode (excerpt=full: 413 above)"),
+    max_windows: int = typer.Option(256, help="windows one request may tag (spread:N beyond: 422)"),
     body_timeout: float = typer.Option(30.0, help="seconds an upload may take (408 after)"),
-    max_pending: int = typer.Option(32, help="requests in progress before 503 + Retry-After"),
+    chunk_timeout: float = typer.Option(10.0, help="seconds an upload may send nothing (408 after)"),
+    max_pending: int = typer.Option(32, help="complete requests in progress before 503 + Retry-After"),
+    max_uploads: int = typer.Option(64, help="uploads received at once; when full, the longest-idle one gives way"),
+    max_uploads_per_client: int = typer.Option(16, help="uploads received at once from one client address"),
+    spool_dir: Optional[str] = typer.Option(
+        None, help="directory for upload spool files (default: <temp>/embedkit-serve-<uid>; cleaned at start)"
+    ),
+    token: Optional[str] = typer.Option(
+        None,
+        envvar="EMBEDKIT_SERVE_TOKEN",
+        help="require Authorization: Bearer TOKEN (env EMBEDKIT_SERVE_TOKEN); needed for a non-loopback --host",
+    ),
+    insecure_no_token: bool = typer.Option(
+        False, "--insecure-no-token", help="serve a non-loopback --host without a token (anyone reaching the port)"
+    ),
+    allow_host: Optional[List[str]] = typer.Option(
+        None, "--allow-host", help="another Host name the server answers to (repeatable; '*': any)"
+    ),
+    allow_origin: Optional[List[str]] = typer.Option(
+        None, "--allow-origin", help="another web page origin allowed to POST, e.g. https://app.example (repeatable)"
+    ),
     batch_wait_ms: float = typer.Option(5.0, help="how long the first request of a batch waits for others"),
     max_batch_windows: int = typer.Option(64, help="windows per forward"),
     decode_workers: int = typer.Option(2, help="decode threads"),
@@ -359,19 +397,31 @@ def serve_cmd(
     """Serve a model over HTTP: POST /v1/tag, GET /v1/model, /healthz, /metrics, and a page at /."""
     from ..audio.excerpts import Excerpt
     from ..calibration import DecisionRule
-    from ..deploy.serve import ServeConfig, serve
+    from ..deploy.serve import LOOPBACK_HOSTS, ServeConfig, bind_config, is_loopback, serve
     from ..device import precheck
 
     precheck(device, allow_tf32, "fp32")  # an unusable device fails before the model loads
 
     Excerpt.parse(excerpt)
-    if max_mb <= 0 or body_timeout <= 0 or max_pending < 1 or max_batch_windows < 1 or decode_workers < 1:
-        fail("--max-mb, --body-timeout must be positive; --max-pending, --max-batch-windows, --decode-workers >= 1")
-    DecisionRule().with_overrides(threshold, multi, multi_threshold, margin, max_genres)  # bad values: one line
+    if (max_mb is not None and max_mb <= 0) or body_timeout <= 0 or chunk_timeout <= 0 or max_audio_s <= 0:
+        fail("--max-mb, --max-audio-s, --body-timeout and --chunk-timeout must be positive")
+    if min(max_pending, max_batch_windows, decode_workers, max_windows, max_uploads, max_uploads_per_client) < 1:
+        fail("--max-pending, --max-batch-windows, --decode-workers, --max-windows and --max-uploads* must be >= 1")
+    # bad values: one line
+    DecisionRule().with_overrides(threshold, multi, multi_threshold, margin, max_genres, not_music)
     cfg = ServeConfig(
-        max_bytes=int(max_mb * 1024 * 1024),
+        max_bytes=None if max_mb is None else int(max_mb * 1024 * 1024),
+        max_audio_s=max_audio_s,
+        max_windows=max_windows,
         body_timeout_s=body_timeout,
+        chunk_timeout_s=chunk_timeout,
         max_pending=max_pending,
+        max_uploads=max_uploads,
+        max_uploads_per_client=max_uploads_per_client,
+        spool_dir=spool_dir,
+        token=token or None,
+        allowed_hosts=LOOPBACK_HOSTS + tuple(allow_host or ()),
+        allowed_origins=tuple(allow_origin or ()),
         batch_wait_ms=batch_wait_ms,
         max_batch_windows=max_batch_windows,
         decode_workers=decode_workers,
@@ -381,7 +431,27 @@ def serve_cmd(
         multi_threshold=multi_threshold,
         margin=margin,
         max_genres=max_genres,
+        not_music=not_music,
         db=db,
     )
+    bind_config(host, cfg, insecure_no_token)  # a refused --host: one line before the model loads
+    if not is_loopback(host) and cfg.token is None:
+        print(
+            f"embedkit serve: WARNING: --insecure-no-token: {host}:{port} answers ANYONE who can reach it, with no "
+            "token"
+            + (" and any Host name" if host in ("0.0.0.0", "::") else "")
+            + "; they can tag audio"
+            + (" and write rows into --db" if db else ""),
+            file=sys.stderr,
+        )
     console().print(f"embedkit serve: loading {model}; then http://{host}:{port}/ (docs at /docs)", highlight=False)
-    serve(model, host=host, port=port, cfg=cfg, checkpoint=checkpoint, device=device, allow_tf32=allow_tf32)
+    serve(
+        model,
+        host=host,
+        port=port,
+        cfg=cfg,
+        checkpoint=checkpoint,
+        device=device,
+        allow_tf32=allow_tf32,
+        insecure_no_token=insecure_no_token,
+    )

@@ -9,7 +9,19 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .common import console, device_option, fail, load_tracks, progress_bar, say, tf32_option
+from .common import (
+    console,
+    device_option,
+    fail,
+    genre_map_option,
+    labels_from_tags_option,
+    load_tracks,
+    min_tracks_option,
+    progress_bar,
+    say,
+    tag_labels,
+    tf32_option,
+)
 
 
 def training_progress(title: str, announce_run_dir: bool = True):
@@ -118,6 +130,9 @@ def _shared_training_options(
     ),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
+    labels_from_tags: bool = labels_from_tags_option(),
+    genre_map: Optional[Path] = genre_map_option(),
+    min_tracks: Optional[int] = min_tracks_option(),
 ):
     """The options train-cnn and finetune share (one block: a new training option is one
     parameter here and one field of TrainConfig / AugmentConfig / RunOptions)."""
@@ -146,6 +161,7 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
     from ..device import precheck
 
     precheck(o["device"], o["allow_tf32"])  # an unusable device: one line before the dataset is read
+    labels = tag_labels(o["labels_from_tags"], o["genre_map"], o["min_tracks"])
 
     train = TrainConfig(
         epochs=o["epochs"],
@@ -181,7 +197,11 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
         "allow_tf32": o["allow_tf32"],
     }
     return TrainingArgs(
-        train, aug, AudioConfig(clip_s=o["clip"]), run, lambda: load_tracks(o["data"], o["audio_dir"], o["subset"])
+        train,
+        aug,
+        AudioConfig(clip_s=o["clip"]),
+        run,
+        lambda: load_tracks(o["data"], o["audio_dir"], o["subset"], labels),
     )
 
 
@@ -353,10 +373,18 @@ def run_cmd(
     subset: str = typer.Option("small", help="FMA subset"),
     device: str = device_option(),
     allow_tf32: bool = tf32_option(),
+    labels_from_tags: bool = labels_from_tags_option(),
+    genre_map: Optional[Path] = genre_map_option(),
+    min_tracks: Optional[int] = min_tracks_option(),
+    db: Path = typer.Option(
+        Path("library.sqlite"), "--db", help="with --labels-from-tags: where the untagged files' genres go"
+    ),
 ):
     """The main job: extract, fit every head, train the CNN, (fine-tune), write the report.
 
-    Finished runs and cached embeddings are reused: a second invocation redoes only what changed."""
+    Finished runs and cached embeddings are reused: a second invocation redoes only what changed.
+    With --labels-from-tags, DATA is a library labelled by its own genre tags; the best run then
+    tags its untagged files into --db."""
     from ..device import precheck
     from ..pipeline import RunPlan, run_all
 
@@ -379,25 +407,49 @@ def run_cmd(
         device=device,
         allow_tf32=allow_tf32,
     )
+    labels = tag_labels(labels_from_tags, genre_map, min_tracks)
+    if labels is not None and data is None:
+        fail("--labels-from-tags needs DATA, the music folder")
     prog, cb = training_progress("training", announce_run_dir=False)
+    kw = dict(
+        cache=cache,
+        runs=runs,
+        report=out,
+        audio_dir=audio_dir,
+        subset=subset,
+        workers=workers,
+        threads=threads,
+        log=lambda line: prog.console.print(line, highlight=False),
+        progress=cb,
+    )
+    lib = None
     try:
-        res = run_all(
-            None if demo else data,
-            plan,
-            cache=cache,
-            runs=runs,
-            report=out,
-            audio_dir=audio_dir,
-            subset=subset,
-            workers=workers,
-            threads=threads,
-            log=lambda line: prog.console.print(line, highlight=False),
-            progress=cb,
-        )
+        if labels is None:
+            res = run_all(None if demo else data, plan, **kw)
+        else:  # the same job on the tagged files, then the untagged ones are tagged
+            from ..deploy.library import run_library
+
+            lib = run_library(data, plan, labels=labels, db=db, tag_workers=workers, **kw)
+            res = lib.pipeline
     finally:
         prog.stop()
     _print_comparison(res)
+    if lib is not None:
+        _print_library(lib, db)
     typer.echo(str(res.report))
+
+
+def _print_library(lib, db: Path) -> None:
+    """What --labels-from-tags learned and dropped, and where the untagged files' genres went."""
+    tax, c = lib.taxonomy, console()
+    say(c, "classes: " + ", ".join(f"{k} ({n})" for k, n in tax.get("classes", {}).items()))
+    for name, why in {**tax.get("dropped_values", {}), **tax.get("dropped_classes", {})}.items():
+        say(c, f"[yellow]dropped[/] {name}: {why}")
+    for why, n in tax.get("tracks_not_used", {}).items():
+        say(c, f"not training data: {n} track(s): {why}")
+    if lib.tagged is not None:
+        t = lib.tagged
+        say(c, f"tagged {t.n_tagged} untagged file(s) with {lib.best.name} into {db} ({t.n_failed} failed)")
 
 
 def _print_comparison(res) -> None:

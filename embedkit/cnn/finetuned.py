@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import AudioConfig
 from ..errors import ModelLoadingError, first_line
-from .model import check_windows, file_windows, net_probabilities, probability_module, read_model_file
+from .model import check_windows, file_windows, net_embeddings, net_probabilities, probability_module, read_model_file
 
 
 def build_finetune_net(backbone_module, embedding_dim: int, n_classes: int, dropout: float):
@@ -63,6 +63,12 @@ class FinetunedModel:
         it is) under ``precision``'s autocast."""
         x = check_windows(windows, self.window_samples, self.sample_rate)
         return net_probabilities(self.net, x, len(self.labels), device, precision)
+
+    def embed_windows(self, windows: np.ndarray, device=None, precision: str = "fp32"):
+        """Windows [K, L] -> (probabilities [K, C] as ``predict_windows``, the embedding the
+        not-music detector reads [K, D]: the fine-tuned backbone's output)."""
+        x = check_windows(windows, self.window_samples, self.sample_rate)
+        return net_embeddings(self.net, self.net.backbone, self.net.head, x, len(self.labels), device, precision)
 
     def torch_module(self):
         """torch module: windows [B, L] -> probabilities [B, C], the torch form of ``predict_windows``."""

@@ -819,4 +819,4 @@ def train_run(
         "final_fit_seconds": deployed.get("train_seconds", 0.0),
         "deployed_model": deployed,
     }
-    return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, FINAL if final else folds[0].name))
+    return TrainResult(run_dir, finish_run(run_dir, ev, curves, metrics, FINAL if final else folds[0].name, tracks))

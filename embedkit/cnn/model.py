@@ -220,6 +220,25 @@ def net_probabilities(net, inputs: np.ndarray, n_classes: int, device=None, prec
         return torch.softmax(net(x).detach().float().cpu().double(), dim=1).numpy()
 
 
+def net_embeddings(net, embed, classify, inputs: np.ndarray, n_classes: int, device=None, precision: str = "fp32"):
+    """(softmax(classify(embed(x))) float64 [K, C], embed(x) float32 [K, D]) in one forward in
+    eval mode (dropout off: the probabilities are ``net_probabilities``'s); (zeros [0, C], None)
+    for no inputs. embed / classify: the network's two halves (``embed_windows``)."""
+    if len(inputs) == 0:
+        return np.zeros((0, n_classes)), None
+    import torch
+
+    from ..device import autocast
+
+    dev = torch.device(device if device is not None else next(iter(net.parameters())).device)
+    x = torch.from_numpy(np.ascontiguousarray(inputs)).to(dev)
+    net.eval()
+    with torch.inference_mode(), autocast(dev, precision):
+        e = embed(x)
+        logits = classify(e)
+    return torch.softmax(logits.detach().float().cpu().double(), dim=1).numpy(), e.detach().float().cpu().numpy()
+
+
 def probability_module(front, net):
     """torch module: windows [B, L] -> ``net(front(windows))`` softmaxed to probabilities [B, C]
     (``front`` None: the identity)."""
@@ -309,6 +328,15 @@ class CNNModel:
         whatever the precision; the net on ``device`` (None: where it is) under ``precision``."""
         x = check_windows(windows, self.window_samples, self.sample_rate)
         return net_probabilities(self.net, self.logmel(x) if len(x) else x, len(self.labels), device, precision)
+
+    def embed_windows(self, windows: np.ndarray, device=None, precision: str = "fp32"):
+        """Windows [K, L] -> (probabilities [K, C] as ``predict_windows``, the embedding the
+        not-music detector reads [K, D]: the pooled output of the last convolution block)."""
+        x = check_windows(windows, self.window_samples, self.sample_rate)
+        inputs = self.logmel(x) if len(x) else x
+        return net_embeddings(
+            self.net, self.net.embed, self.net.classifier, inputs, len(self.labels), device, precision
+        )
 
     def front_module(self):
         """torch module: windows [B, L] -> normalised log-mel of the frames inside each window

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..config import stable_hash
@@ -67,10 +68,11 @@ def _open_run_dir(runs_dir, run_dir, resume: bool, kind: str, name: str, identit
     return run_dir
 
 
-def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str) -> dict[str, Any]:
+def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str, tracks=None) -> dict[str, Any]:
     """Copy ``models/<deployed>.pt`` (the final model after CV, else the only fold's) to
     model.pt, fit the calibration on the out-of-fold tracks (calibration.json) and write
-    metrics.json (the completion mark)."""
+    metrics.json (the completion mark). tracks: the run's track table; the not-music detector
+    is fitted on the deployed model's window embeddings of its tracks (``model_embeddings``)."""
     from ..calibration import calibrate_run
     from ..evaluate import write_metrics
     from ..io import atomic_write
@@ -84,9 +86,35 @@ def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str
         "model_file": "model.pt",
         "model_bytes": (run_dir / "model.pt").stat().st_size,
     }
-    m["calibration"] = calibrate_run(ev, run_dir)
+    features, what = (None, "") if tracks is None else model_embeddings(run_dir / "model.pt", tracks)
+    m["calibration"] = calibrate_run(ev, run_dir, features, what)
     write_metrics(run_dir, m)
     return m
+
+
+def model_embeddings(model_file: Path, tracks: pd.DataFrame) -> tuple[dict[str, np.ndarray], str]:
+    """track id -> the model's window embeddings [K, D] of the track's clip, decoded as the run
+    evaluated it (``model.file_windows``; unreadable tracks left out), and what they are.
+    The network saw these tracks in training, so their distances are smaller than unseen
+    music's: the held-out threshold is a lower bound there (bench/bench_notmusic.py)."""
+    from ..errors import AudioError
+    from .model import file_windows, load_model, read_model_file
+
+    if read_model_file(model_file).get("kind") == "finetune":
+        from .finetuned import load_finetuned
+
+        model, what = load_finetuned(model_file), "fine-tuned backbone output"
+    else:
+        model, what = load_model(model_file), "penultimate layer (pooled convolution output)"
+    out: dict[str, np.ndarray] = {}
+    for tid, path in zip(tracks["track_id"], tracks["path"]):
+        try:
+            e = model.embed_windows(file_windows(path, model.sample_rate, model.audio, model.segment_s))[1]
+        except AudioError:
+            continue
+        if e is not None:
+            out[str(tid)] = e
+    return out, what
 
 
 def inference_ms_per_track(model, tracks: pd.DataFrame, test_ids: list[str], n: int = 3) -> float:

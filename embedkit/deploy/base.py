@@ -107,17 +107,44 @@ class Tagger(ABC):
 
         return rule_of(self.calibration)
 
-    def decide(self, probabilities: np.ndarray, rule=None):
-        """Calibrated track probabilities [C] -> ``embedkit.calibration.Decision`` under ``rule``
-        (default: the model's): the one decision every door applies."""
+    def decide(self, probabilities: np.ndarray, rule=None, not_music: float | None = None):
+        """Calibrated track probabilities [C] (and the not-music score, None: none) ->
+        ``embedkit.calibration.Decision`` under ``rule`` (default: the model's): the one decision
+        every door applies."""
         from ..calibration import decide
 
-        return decide(probabilities, self.labels, rule or self.rule)
+        return decide(probabilities, self.labels, rule or self.rule, not_music)
 
     @abstractmethod
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         """Windows float32 [K, window_samples] (mono, at ``sample_rate``) -> uncalibrated
         probabilities float64 [K, len(labels)], rows summing to 1. K may be 0."""
+
+    def embed_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Windows [K, window_samples] -> (uncalibrated probabilities [K, C], the window
+        embeddings [K, D] the not-music detector reads, or None when this kind exposes none).
+        One forward: the probabilities are computed from those embeddings."""
+        return self.predict_segments(segments), None
+
+    @property
+    def has_not_music(self) -> bool:
+        """True when the model carries a not-music detector (``embedkit.calibration``)."""
+        return getattr(self.calibration, "detector", None) is not None
+
+    def score_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Windows -> (uncalibrated probabilities [K, C], not-music score per window [K] or None
+        without a detector): what every door forwards; ``track_result`` takes both."""
+        if not self.has_not_music:
+            return self.predict_segments(segments), None
+        p, e = self.embed_segments(segments)
+        return p, (None if e is None else self.calibration.not_music_scores(e))
+
+    @property
+    def vector_space(self) -> str | None:
+        """What ``embed_segments``' embeddings are, stored with each track vector
+        (``embedkit.deploy.vectors``) so vectors of different spaces are never compared; None:
+        this kind gives no embeddings (an ONNX export)."""
+        return None if type(self).embed_segments is Tagger.embed_segments else f"{self.kind}:penultimate"
 
     def track_probabilities(self, segment_probabilities: np.ndarray) -> np.ndarray:
         """Segment probabilities [K, C] -> the track's calibrated probabilities [C]: the mean

@@ -46,8 +46,9 @@ from ..audio.excerpts import Excerpt, read_excerpt
 from ..calibration import DecisionRule
 from ..errors import AudioError, EmbedkitError
 from ..jobs import Decoded, Failure, JobResult, cached_model, run_shards, run_tracks
-from .inputs import expand_inputs
+from .inputs import InputReport, expand_inputs
 from .records import TrackResult, applied_rule, track_result
+from .vectors import vector_rows
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 #: input paths fingerprinted and planned at a time (bounds a run's memory)
@@ -76,13 +77,16 @@ class TagResult(JobResult):
     labels: list[str] = field(default_factory=list)
     rule: DecisionRule | None = None  # the decision rule applied to every row
     file_tags: Any = None  # writeback.FileTagReport with --write-tags
+    inputs: InputReport = field(default_factory=InputReport)  # files not audio, unreadable folders, URLs
 
     @property
     def n_done(self) -> int:
         return self.n_tagged
 
 
-def _result(tagger, item: "_Item", p_windows: np.ndarray, ex: Excerpt, top_k: int, rule: DecisionRule) -> TrackResult:
+def _result(
+    tagger, item: "_Item", p_windows: np.ndarray, ex: Excerpt, top_k: int, rule: DecisionRule, not_music=None
+) -> TrackResult:
     return track_result(
         tagger,
         p_windows,
@@ -94,6 +98,7 @@ def _result(tagger, item: "_Item", p_windows: np.ndarray, ex: Excerpt, top_k: in
         duration_s=item.duration_s,
         window_starts_s=item.starts,
         stat=item.stat,
+        not_music=not_music,
     )
 
 
@@ -158,6 +163,7 @@ def _plan(
     top_k: int,
     rule: DecisionRule,
     labels: list[str] | None,
+    vectors: bool = False,
 ) -> tuple[list[_Item], list[tuple[TrackResult, bool, bool]], dict[str, list[str]], list[dict], int]:
     """Fingerprint a chunk of the inputs (re-using the database's record for unchanged files)
     and split it into (to tag, already done [(stored result decided under ``rule``, is a copy of
@@ -186,6 +192,9 @@ def _plan(
         idents = list(pool.map(ident, paths))
     fps = [fp for _, _, fp, _ in idents if fp is not None]
     done = db.done(model_id, str(excerpt), fingerprints=fps) if db is not None and fps else {}
+    if vectors and done:  # rows tagged before vectors were kept: tagged again to get theirs
+        have = db.vector_fingerprints(model_id, done)
+        done = {fp: row for fp, row in done.items() if fp in have}
     failed = db.failed(model_id, paths=paths) if db is not None and not retry_failed else {}
     todo: list[_Item] = []
     done_rows: list[tuple[TrackResult, bool, bool]] = []
@@ -233,6 +242,7 @@ def tag(
     multi_threshold: float | None = None,
     margin: float | None = None,
     max_genres: int | None = None,
+    not_music: float | None = None,
     file_tags=None,
     workers: int | None = None,
     batch_size: int | None = 32,
@@ -255,7 +265,7 @@ def tag(
     excerpt. out: also write the results of every input track (new and already tagged) to a
     .csv or .jsonl file. rule: the decision rule (default: the model's stored rule,
     ``records.model_rule``) with the overrides threshold / multi / multi_threshold / margin /
-    max_genres (None keeps the stored value; the same names as the CLI flags and the HTTP
+    max_genres / not_music (None keeps the stored value; the same names as the CLI flags and the HTTP
     query parameters). Rows already in the database are decided again under this rule (the same
     probabilities; a row whose recorded rule differs is rewritten). file_tags: a
     ``writeback.FileTagOptions`` to write each track's decided genres into its file as results
@@ -288,19 +298,21 @@ def tag(
     if writer_path is not None and writer_path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise EmbedkitError(f"--out {writer_path}: use a .csv or .jsonl file name")
     rule = (rule or applied_rule(tagger if tagger is not None else model)).with_overrides(
-        threshold, multi, multi_threshold, margin, max_genres
+        threshold, multi, multi_threshold, margin, max_genres, not_music
     )
     if file_tags is not None and not file_tags.dry_run and db is None:
         raise EmbedkitError(
             "writing tags needs a results database (--db): it records the previous genres so `embedkit untag` can restore them"
         )
-    paths = expand_inputs(inputs, stdin)
+    scan = InputReport()
+    paths = expand_inputs(inputs, stdin, report=scan)
     if not paths:
-        raise EmbedkitError("no audio files found in the inputs")
+        raise EmbedkitError("; ".join(["no audio files found in the inputs", *scan.summary()]))
     model_id = tagger.model_id if tagger is not None else model_id_of(model)
     database = ResultsDB(db) if db is not None else None
     labels = list(tagger.labels) if tagger is not None else database.model_labels(model_id) if database else None
-    res = TagResult(model_id, n_inputs=len(paths), rule=rule)
+    keep_vectors = database is not None and _embeds(tagger, model)
+    res = TagResult(model_id, n_inputs=len(paths), rule=rule, inputs=scan)
     writer = None
     files = None
     if file_tags is not None:
@@ -344,6 +356,7 @@ def tag(
                 top_k,
                 rule,
                 labels,
+                vectors=keep_vectors,
             )
             res.n_failed_before += n_failed_before
             finished += n_failed_before
@@ -402,6 +415,7 @@ def tag(
                     database.write(
                         [] if stored else [r.db_row() for r in rows],
                         [{**f, "model_id": model_id} for f in (copies if stored else fails + copies)],
+                        vectors=[] if stored else vector_rows(rows),
                     )
                 fails = fails + copies
                 for r in rows:
@@ -414,7 +428,7 @@ def tag(
                     progress(finished, total)
 
             if todo and executor is None:
-                _run_local(tagger, todo, ex, workers, batch_size, top_k, rule, on_batch)
+                _run_local(tagger, todo, ex, workers, batch_size, top_k, rule, on_batch, vectors=keep_vectors)
             elif todo:
                 _run_remote(
                     executor,
@@ -444,6 +458,16 @@ def tag(
     return res
 
 
+def _embeds(tagger, model) -> bool:
+    """Does the model give track vectors (``embedkit.deploy.vectors``)? Every torch-backed run
+    kind does; an ONNX export does not. Known without loading the model."""
+    if tagger is not None:
+        return tagger.torch_backed and tagger.vector_space is not None
+    from .tagger import resolve_artefact
+
+    return resolve_artefact(model).suffix.lower() != ".onnx"
+
+
 def _keys(row: dict[str, Any]) -> list[str]:
     """The labels of a stored row, in its probabilities' order (a model the database never
     registered: rows of an older embedkit)."""
@@ -467,8 +491,9 @@ class _Tagging:
     """Tagging as a ``jobs.Job``: items are ``_Item``s; a result is a ``TrackResult``, a
     failure {path, fingerprint, reason}."""
 
-    def __init__(self, tagger, ex: Excerpt, top_k: int, rule: DecisionRule):
+    def __init__(self, tagger, ex: Excerpt, top_k: int, rule: DecisionRule, vectors: bool = False):
         self.tagger, self.ex, self.top_k, self.rule = tagger, ex, top_k, rule
+        self.vectors = vectors and tagger.torch_backed and tagger.vector_space is not None
 
     def decode(self, item: _Item):
         seg = self.tagger.segment
@@ -479,11 +504,32 @@ class _Tagging:
             return Failure({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
         return Decoded(item.windows, item)
 
-    def forward(self, windows: np.ndarray) -> np.ndarray:
-        return self.tagger.predict_segments(windows)
+    def forward(self, windows: np.ndarray):
+        """Probabilities [K, C], or with a not-music detector {"p": [K, C], "not_music": [K]};
+        with track vectors to keep (``vectors``), also "e": the window embeddings [K, D]."""
+        if self.vectors:  # one forward gives both (embedkit.deploy.vectors)
+            p, e = self.tagger.embed_segments(windows)
+            out = {"p": p}
+            if e is not None:
+                out["e"] = np.asarray(e, dtype=np.float32).reshape(len(p), -1)
+            if self.tagger.has_not_music and e is not None:
+                out["not_music"] = self.tagger.calibration.not_music_scores(e)
+            return out
+        p, nm = self.tagger.score_segments(windows)
+        return p if nm is None else {"p": p, "not_music": nm}
 
-    def finish(self, item: _Item, decoded: Decoded, p_windows: np.ndarray) -> TrackResult:
-        row = _result(self.tagger, item, p_windows, self.ex, self.top_k, self.rule)
+    def finish(self, item: _Item, decoded: Decoded, out) -> TrackResult:
+        p_windows, nm = (out["p"], out.get("not_music")) if isinstance(out, dict) else (out, None)
+        row = _result(self.tagger, item, p_windows, self.ex, self.top_k, self.rule, nm)
+        if isinstance(out, dict) and "e" in out and len(out["e"]):
+            from .vectors import TrackVector, library_tags, sketch, track_vector
+
+            row.vector = TrackVector(
+                track_vector(out["e"]),
+                self.tagger.vector_space,
+                library_tags(item.path),
+                None if item.windows is None else sketch(item.windows, self.tagger.sample_rate),
+            )
         item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
         return row
 
@@ -501,6 +547,7 @@ def _run_local(
     rule: DecisionRule,
     on_batch,
     one_thread: bool | None = None,
+    vectors: bool = False,
 ) -> None:
     """Tag ``todo`` here (``jobs.run_tracks``), handing finished tracks to ``on_batch`` in
     ``todo`` order, a transaction's worth (``batch_size`` windows) at a time. On the CPU:
@@ -510,7 +557,7 @@ def _run_local(
 
     accelerator = tagger.torch_backed and is_accelerator(tagger.device)
     run_tracks(
-        _Tagging(tagger, ex, top_k, rule),
+        _Tagging(tagger, ex, top_k, rule, vectors),
         todo,
         on_batch,
         accelerator=accelerator,
@@ -569,7 +616,11 @@ def tag_shard(
 
     def on_batch(rows, fails):
         if database is not None:
-            database.write([r.db_row() for r in rows], [{**f, "model_id": tagger.model_id} for f in fails])
+            database.write(
+                [r.db_row() for r in rows],
+                [{**f, "model_id": tagger.model_id} for f in fails],
+                vectors=vector_rows(rows),
+            )
         rows_out.extend(rows)
         fails_out.extend(fails)
 
@@ -584,6 +635,7 @@ def tag_shard(
             rule,
             on_batch,
             one_thread=True,  # this worker thread is one lane of the cluster
+            vectors=database is not None,
         )
     finally:
         if database is not None:

@@ -3,7 +3,10 @@
 The graph maps mono waveform windows float32 [B, window_samples] at the model's sample rate to
 two outputs, ``probabilities`` (calibrated, per window) and ``uncalibrated`` [B, C], with a
 dynamic batch axis: the front end (log-mel or the backbone's own features), the backbone, the
-head and the calibration are all inside. What a consumer must do before the graph (decode,
+head and the calibration are all inside. A run with a not-music detector (``embedkit.calibration``)
+gets a third output, ``embedding`` [B, D] (what the detector reads; heads on embeddings, the CNN,
+fine-tuned backbones; LightGBM heads export without it and without the not-music threshold), and
+the detector travels in the metadata (``not_music``). What a consumer must do before the graph (decode,
 down-mix, resample to ``sample_rate``, bring the clip to the ``audio`` policy, cut windows of
 ``segment_s`` every ``hop_s``) is written into the file's ``metadata_props`` and read back by
 :func:`embedkit.deploy.onnx_runtime.read_metadata`, so the file is all another program needs.
@@ -35,6 +38,7 @@ from .. import __version__
 from ..config import stable_hash
 from ..errors import ExportError, first_line
 from .onnx_runtime import (
+    EMBEDDING_NAME,
     FORMAT,
     INPUT_NAME,
     LOG_FLOOR,
@@ -194,6 +198,25 @@ class _Calibrated:
     """Factory of the final wrapper: probabilities -> (calibrated, uncalibrated)."""
 
     @staticmethod
+    def wrap_split(embed, head, calibration: dict | None):
+        """(embed, head) -> module waveform -> (calibrated, uncalibrated, embedding)."""
+        from torch import nn
+
+        inner = _Calibrated.wrap(head, calibration)
+
+        class WithEmbedding(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed, self.inner = embed, inner
+
+            def forward(self, waveform):
+                e = self.embed(waveform)
+                q, p = self.inner(e)
+                return q, p, e
+
+        return WithEmbedding().eval()
+
+    @staticmethod
     def wrap(model, calibration: dict | None):
         import torch
         from torch import nn
@@ -213,6 +236,58 @@ class _Calibrated:
                 return q, p
 
         return Wrapped().eval()
+
+
+def embedding_split(tagger):
+    """(torch module waveform [B, L] -> the embedding [B, D] the not-music detector reads, module
+    embedding -> uncalibrated probabilities [B, C]) of a tagger, or None where the graph has no
+    such split (LightGBM heads, heads on other outputs, melstats)."""
+    import torch
+    from torch import nn
+
+    kind = tagger.kind
+    if kind == "head":
+        bundle = tagger.bundle
+        if getattr(bundle, "output", "embedding") != "embedding" or bundle.head == "lgbm":
+            return None
+        if any(m is None for m in _step_modules(bundle.model)):
+            return None
+        return _backbone_module(tagger.backbone), head_module(bundle)
+    if kind == "cnn":
+        from .tagger import cnn_front_module
+
+        net = copy.deepcopy(tagger.net).eval()
+
+        class Embed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.front, self.net = cnn_front_module(tagger), net
+
+            def forward(self, y):
+                return self.net.embed(self.front(y))
+
+        class Classify(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.classifier = net.classifier
+
+            def forward(self, e):
+                return torch.softmax(self.classifier(e), dim=1)
+
+        return Embed().eval(), Classify().eval()
+    if kind == "finetune":
+        net = tagger_module(tagger)[0].net  # the export forms of the backbone
+
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = net.head
+
+            def forward(self, e):
+                return torch.softmax(self.head(e), dim=1)
+
+        return net.backbone, Head().eval()
+    return None
 
 
 def tagger_module(tagger):
@@ -325,8 +400,10 @@ def preprocessing_contract(tagger) -> dict[str, Any]:
     }
 
 
-def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
-    """The ``metadata_props`` of an exported model (values JSON-encoded in the file)."""
+def build_metadata(tagger, calibration: dict | None, with_embedding: bool = False) -> dict[str, Any]:
+    """The ``metadata_props`` of an exported model (values JSON-encoded in the file).
+    with_embedding: the graph has the ``embedding`` output, so the not-music detector travels
+    in "not_music" and the rule keeps its not-music threshold (else both are left out)."""
     from dataclasses import asdict
 
     from ..io import versions
@@ -334,6 +411,11 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
     contract = preprocessing_contract(tagger)
     meta = tagger.meta or {}
     run_id = meta.get("run_id") or (Path(tagger.run_dir).name if tagger.run_dir else None)
+    cal = getattr(tagger, "calibration", None)
+    detector = getattr(cal, "detector", None) if with_embedding else None
+    rule = decision_rule(cal) or meta.get("thresholds")
+    if rule is not None and detector is None:
+        rule = {**rule, "not_music": None}
     return {
         "format": FORMAT,
         "kind": tagger.kind,
@@ -346,14 +428,15 @@ def build_metadata(tagger, calibration: dict | None) -> dict[str, Any]:
         "preprocessing": contract,
         "preprocessing_hash": stable_hash(contract),
         "calibration": calibration,
-        "thresholds": decision_rule(getattr(tagger, "calibration", None)) or meta.get("thresholds"),
+        "thresholds": rule,
+        "not_music": None if detector is None else detector.to_dict(),
         "embedkit_version": __version__,
         "versions": {k: v for k, v in versions().items() if k in ("embedkit", "torch", "numpy", "sklearn", "lightgbm")},
         "run_id": run_id,
         "source_model_id": tagger.model_id,
         "spec": tagger.spec or {},
         "input": INPUT_NAME,
-        "outputs": list(OUTPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES) + ([EMBEDDING_NAME] if detector is not None else []),
         "opset": OPSET,
     }
 
@@ -426,7 +509,11 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
     calibration = calibration_params(getattr(tagger, "calibration", None), error=ExportError)
     module, lgbm_bundle = tagger_module(tagger)
     window = int(tagger.window_samples)
-    if lgbm_bundle is None:
+    split = embedding_split(tagger) if getattr(tagger, "has_not_music", False) else None
+    if split is not None:  # the not-music detector reads the graph's embedding output
+        model = _torch_export(_Calibrated.wrap_split(*split, calibration), window, opset)
+        model = _rename_outputs(model, [*OUTPUT_NAMES, EMBEDDING_NAME])
+    elif lgbm_bundle is None:
         model = _torch_export(_Calibrated.wrap(module, calibration), window, opset)
         model = _rename_outputs(model, list(OUTPUT_NAMES))
     else:
@@ -437,7 +524,7 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
         front = _rename_outputs(_torch_export(module, window, opset), ["features"])
         trees = _lgbm_onnx(lgbm_bundle, n_features, calibration)
         model = _merge(front, trees)
-    meta = build_metadata(tagger, calibration)
+    meta = build_metadata(tagger, calibration, with_embedding=split is not None)
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()

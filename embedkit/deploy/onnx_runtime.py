@@ -35,6 +35,8 @@ FORMAT = "embedkit-onnx/1"
 INPUT_NAME = "waveform"
 #: calibrated probabilities per window, and the head's own (uncalibrated) probabilities
 OUTPUT_NAMES = ("probabilities", "uncalibrated")
+#: the window embeddings [B, D] the not-music detector reads (graphs of runs with a detector)
+EMBEDDING_NAME = "embedding"
 #: probabilities are floored here before the log of temperature scaling (float32-safe)
 LOG_FLOOR = EPS  # the same floor as embedkit.calibration
 RUNTIME_INSTALL = "pip install onnxruntime"
@@ -82,10 +84,11 @@ def calibration_from_metadata(meta: dict[str, Any]):
     """The ``embedkit.calibration.Calibration`` an exported model carries (its temperature and
     default decision rule), or None when the file records neither: the same object a run
     directory's ``calibration.json`` loads into, so both runtimes decide alike."""
-    from ..calibration import Calibration, DecisionRule
+    from ..calibration import Calibration, DecisionRule, NotMusicDetector
 
     cal = meta.get("calibration")
     rule = meta.get("thresholds") if isinstance(meta.get("thresholds"), dict) else None
+    detector = NotMusicDetector.from_dict(meta["not_music"]) if meta.get("not_music") else None
     if not (cal or rule):
         return None
     if cal and rule is None:  # exported by an embedkit that did not record the rule
@@ -106,6 +109,7 @@ def calibration_from_metadata(meta: dict[str, Any]):
         temperature=t,
         method="temperature" if cal else "none",
         rule=DecisionRule.from_dict(rule),
+        detector=detector,
     )
 
 
@@ -224,17 +228,31 @@ class OnnxTagger(Tagger):
                 if lanes["users"] == 0:
                     self.session = lanes["saved"]
 
+    @property
+    def output_names(self) -> list[str]:
+        """The graph outputs read: probabilities, uncalibrated (+ embedding when exported)."""
+        have = list(self.meta.get("outputs") or OUTPUT_NAMES)
+        return list(OUTPUT_NAMES) + ([EMBEDDING_NAME] if EMBEDDING_NAME in have else [])
+
     def run(self, segments: np.ndarray) -> dict[str, np.ndarray]:
         """Windows [K, window_samples] -> {"probabilities" (calibrated), "uncalibrated"}
-        float64 [K, C], in batches of MAX_BATCH windows."""
+        float64 [K, C] (and "embedding" [K, D] float32 when the graph has it), in batches of
+        MAX_BATCH windows."""
         x = self._check_windows(segments)
         C = len(self.labels)
-        outs: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUT_NAMES}
+        names = self.output_names
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for a in range(0, len(x), MAX_BATCH):
-            res = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[a : a + MAX_BATCH]})
-            for n, r in zip(OUTPUT_NAMES, res):
-                outs[n].append(np.asarray(r, dtype=np.float64))
+            res = self.session.run(names, {INPUT_NAME: x[a : a + MAX_BATCH]})
+            for n, r in zip(names, res):
+                outs[n].append(np.asarray(r, dtype=np.float32 if n == EMBEDDING_NAME else np.float64))
         return {n: (np.concatenate(v) if v else np.zeros((0, C))) for n, v in outs.items()}
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         return self.run(segments)["uncalibrated"]
+
+    def embed_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The graph's ``embedding`` output (None for files exported without one)."""
+        out = self.run(segments)
+        e = out.get(EMBEDDING_NAME)
+        return out["uncalibrated"], (e if e is not None and len(out["uncalibrated"]) else None)

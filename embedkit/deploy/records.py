@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..calibration import CALIBRATION_FILE, UNCERTAIN, Calibration, Decision, DecisionRule, decide
+from ..calibration import CALIBRATION_FILE, NOT_MUSIC, UNCERTAIN, Calibration, Decision, DecisionRule, decide
 from ..errors import EmbedkitError
 
-__all__ = ["TrackResult", "track_result", "model_rule", "applied_rule", "decision_json", "UNCERTAIN"]
+__all__ = ["TrackResult", "track_result", "model_rule", "applied_rule", "decision_json", "UNCERTAIN", "NOT_MUSIC"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,9 +73,10 @@ def applied_rule(
     multi_threshold: float | None = None,
     margin: float | None = None,
     max_genres: int | None = None,
+    not_music: float | None = None,
 ) -> DecisionRule:
     """``model``'s stored rule with the caller's overrides (None keeps the stored value)."""
-    return model_rule(model).with_overrides(threshold, multi, multi_threshold, margin, max_genres)
+    return model_rule(model).with_overrides(threshold, multi, multi_threshold, margin, max_genres, not_music)
 
 
 def decision_json(d: Decision, rule: DecisionRule) -> dict[str, Any]:
@@ -84,6 +85,7 @@ def decision_json(d: Decision, rule: DecisionRule) -> dict[str, Any]:
         "decision": d.label,
         "genres": [{"label": g, "p": float(s)} for g, s in zip(d.genres, d.scores)],
         "confidence": float(d.confidence),
+        "not_music": None if d.not_music is None else float(d.not_music),
         "rule": rule.to_dict(),
     }
 
@@ -95,7 +97,8 @@ def decision_json(d: Decision, rule: DecisionRule) -> dict[str, Any]:
 @dataclass
 class TrackResult:
     """One track's answer. probabilities: calibrated, in the model's label order; decision: the
-    top genre or "uncertain" under ``rule``; genres / scores: the genres decided (what a file's
+    top genre, "uncertain" or "not-music" under ``rule``; not_music: the track's not-music score
+    (the mean of its windows'; None when the model has no detector); genres / scores: the genres decided (what a file's
     tags receive; empty when uncertain) and their probabilities; topk: the ``top_k`` most
     probable genres whatever the decision; window_share: with ``excerpt`` "full", the share of
     windows whose top genre is each label."""
@@ -121,7 +124,11 @@ class TrackResult:
     mtime_ns: int | None = None
     inode: int | None = None
     embedkit_version: str | None = None
+    not_music: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # kept from a database row (timestamps...)
+    #: the track vector for similarity (``embedkit.deploy.vectors.TrackVector``), set by tagging
+    #: when the model gives embeddings; stored in ``tag_vectors``, never in the record's forms
+    vector: Any = field(default=None, repr=False, compare=False)
 
     # -- derived ----------------------------------------------------------------------------
 
@@ -142,19 +149,23 @@ class TrackResult:
         return self.decision == UNCERTAIN
 
     @property
+    def is_not_music(self) -> bool:
+        return self.decision == NOT_MUSIC
+
+    @property
     def topk(self) -> list[tuple[str, float]]:
         p = self.p
         order = np.argsort(-p, kind="stable")[: self.top_k]
         return [(self.labels[i], float(p[i])) for i in order]
 
     def as_decision(self) -> Decision:
-        return Decision(self.decision, list(self.genres), list(self.scores), self.top_p)
+        return Decision(self.decision, list(self.genres), list(self.scores), self.top_p, self.not_music)
 
     def redecide(self, rule: DecisionRule) -> "TrackResult":
         """This result under ``rule`` (the same probabilities, the decision taken again)."""
         from dataclasses import replace
 
-        d = decide(self.p, self.labels, rule)
+        d = decide(self.p, self.labels, rule, self.not_music)
         return replace(self, rule=rule, decision=d.label, genres=d.genres, scores=d.scores)
 
     def at(self, path: str) -> "TrackResult":
@@ -201,6 +212,7 @@ class TrackResult:
             "top_label": self.top_label,
             "top_p": self.top_p,
             "decision": self.decision,
+            "not_music": self.not_music,
             "genres": [[g, float(s)] for g, s in zip(self.genres, self.scores)],
             "rule": self.rule.to_dict(),
             "topk": [[l, v] for l, v in self.topk],
@@ -224,7 +236,9 @@ class TrackResult:
         if isinstance(probs, str):
             probs = json.loads(probs)
         p = [float(probs[l]) for l in labels]
-        d = decide(np.asarray(p), labels, rule)
+        nm = row.get("not_music")
+        nm = None if nm is None or not np.isfinite(float(nm)) else float(nm)
+        d = decide(np.asarray(p), labels, rule, nm)
         known = set(cls.__dataclass_fields__)
         r = cls(
             path=str(row["path"]),
@@ -248,6 +262,7 @@ class TrackResult:
             mtime_ns=row.get("mtime_ns"),
             inode=row.get("inode"),
             embedkit_version=row.get("embedkit_version"),
+            not_music=nm,
             extra={k: v for k, v in row.items() if k not in known},
         )
         try:
@@ -277,6 +292,8 @@ class TrackResult:
             "decision",
             "genres",
             "threshold",
+            "not_music",
+            "not_music_threshold",
             "topk",
             *[f"p_{l}" for l in labels],
             *[f"share_{l}" for l in labels],
@@ -295,6 +312,8 @@ class TrackResult:
             self.decision,
             ";".join(f"{g}:{s:.4f}" for g, s in zip(self.genres, self.scores)),
             f"{self.rule.threshold:g}",
+            "" if self.not_music is None else f"{self.not_music:.6f}",
+            "" if self.rule.not_music is None else f"{self.rule.not_music:g}",
             ";".join(f"{l}:{v:.4f}" for l, v in self.topk),
             *[f"{v:.6f}" for v in self.probabilities],
             *[f"{share[l]:.6f}" if l in share else "" for l in self.labels],
@@ -313,17 +332,20 @@ def track_result(
     duration_s: float | None = None,
     window_starts_s: Sequence[float] | None = None,
     stat=None,
+    not_music: np.ndarray | None = None,
 ) -> TrackResult:
     """Window probabilities [K, C] (uncalibrated, from ``tagger.predict_segments``) -> the
     track's record: mean over windows, calibration (``Tagger.track_probabilities``), then the
     one decision (``embedkit.calibration.decide``) under ``rule``. stat: the file's
-    ``identity.FileStat`` (size, mtime_ns, inode), when there is a file."""
+    ``identity.FileStat`` (size, mtime_ns, inode), when there is a file. not_music: the
+    windows' not-music scores [K] (``Tagger.score_segments``); the track's is their mean."""
     from .. import __version__
 
     p_windows = np.asarray(p_windows, dtype=np.float64)
     p = tagger.track_probabilities(p_windows)
     labels = list(tagger.labels)
-    d = decide(p, labels, rule)
+    nm = None if not_music is None or len(not_music) == 0 else float(np.mean(not_music))
+    d = decide(p, labels, rule, nm)
     share = None
     if excerpt == "full":
         counts = np.bincount(p_windows.argmax(axis=1), minlength=len(labels))
@@ -350,4 +372,5 @@ def track_result(
         mtime_ns=None if stat is None else int(stat.mtime_ns),
         inode=None if stat is None else int(stat.inode),
         embedkit_version=__version__,
+        not_music=nm,
     )

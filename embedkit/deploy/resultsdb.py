@@ -5,13 +5,20 @@ SQLAlchemy Core over any database URL; a plain file path means SQLite (the defau
 - ``tags``: primary key (``fingerprint``, ``model_id``): the content fingerprint of
   ``embedkit.identity`` (so a renamed or copied file is the same audio, an edited one is new
   audio) and ``Tagger.model_id`` (a hash of the model artefact). Columns: path, size, mtime (+ mtime_ns, inode),
-  duration_s, excerpt, n_windows, top_label, top_p, decision (the top label, or "uncertain" below
-  the rule's threshold), genres ([[genre, p], ...] decided, several with a multi-genre rule),
+  duration_s, excerpt, n_windows, top_label, top_p, decision (the top label, "uncertain" below
+  the rule's threshold, or "not-music" at or above its not-music threshold), not_music (the
+  track's not-music score; NULL for models without a detector and rows of older embedkits), genres ([[genre, p], ...] decided, several with a multi-genre rule),
   rule (the DecisionRule applied, JSON), topk / probabilities / window_share (JSON), model_kind,
   run_id, embedkit_version, created_at, updated_at (UTC).
 - ``tag_failures``: (path, model_id) -> fingerprint, reason, timestamps: files that could not be
   tagged by that model. A later success removes the file's failure row.
 - ``tag_models``: model_id -> kind, labels, artefact path, run id: what each model id means.
+- ``tag_vectors``: (fingerprint, model_id) -> the track vector, its space, a loudness sketch and
+  the file's artist / album / title, for similarity (``embedkit.deploy.vectors``; written in the
+  same transaction as the ``tags`` row).
+- ``labels``: (fingerprint, source, reviewer) -> label, path, model_id and decision shown,
+  timestamps: a person's labels (``embedkit.deploy.library``); the latest row of a fingerprint
+  is its label, whatever path the audio has now.
 - ``tag_meta``: name -> value; ``fingerprints``: the scheme of the database's fingerprints
   (``embedkit.identity``), recorded when it is created. A database made before schemes (rows,
   no record) is ``sha256`` and stays so: its rows keep matching the files they came from.
@@ -20,7 +27,10 @@ Writes are idempotent upserts (``INSERT ... ON CONFLICT DO UPDATE`` on SQLite an
 delete + insert in one transaction elsewhere), each batch one transaction: a run killed at any
 point leaves every committed batch and nothing partial, and re-running upserts the same rows.
 SQLite files are opened in WAL mode with a busy timeout, so concurrent ``tag`` processes on one
-file wait for each other instead of failing or corrupting it.
+file wait for each other instead of failing or corrupting it; commits use ``synchronous=NORMAL``
+(a killed process loses nothing committed) except the write-ahead intents of ``tag
+--write-tags`` (table ``tag_journal``, ``embedkit.deploy.writeback``), committed with ``FULL``
+so they survive power loss too.
 
     >>> db = ResultsDB("library.sqlite")                                   # doctest: +SKIP
     >>> db.done("3f2a...", model_id)        # fingerprints already tagged  # doctest: +SKIP
@@ -95,6 +105,7 @@ class ResultsDB:
             sa.Column("top_label", sa.Text),
             sa.Column("top_p", sa.Float),
             sa.Column("decision", sa.Text),
+            sa.Column("not_music", sa.Float),  # the track's not-music score (None: the model has no detector)
             sa.Column("genres", sa.JSON),  # [[genre, p], ...] decided under ``rule`` (empty: uncertain)
             sa.Column("rule", sa.JSON),  # the DecisionRule applied (embedkit.calibration)
             sa.Column("topk", sa.JSON),
@@ -134,6 +145,26 @@ class ResultsDB:
             sa.Column("name", sa.String(64), primary_key=True),
             sa.Column("value", sa.Text),
         )
+        # A person's labels (review, import, audit): one per (audio content, source, reviewer), so
+        # two reviewers never overwrite each other and a re-import changes nothing; the label of
+        # a fingerprint is its latest row (``current_labels``).
+        self.labels = sa.Table(
+            "labels",
+            self.meta,
+            sa.Column("fingerprint", sa.String(64), primary_key=True),
+            sa.Column("source", sa.String(32), primary_key=True),  # review | audit-sample | import | tags
+            sa.Column("reviewer", sa.String(128), primary_key=True),
+            sa.Column("label", sa.Text, nullable=False),
+            sa.Column("path", sa.Text),  # where the audio was when labelled (the fingerprint is what counts)
+            sa.Column("model_id", sa.String(64)),  # the model whose decision was shown, if any
+            sa.Column("decision", sa.Text),  # that decision
+            sa.Column("created_at", sa.DateTime(timezone=True)),
+            sa.Column("updated_at", sa.DateTime(timezone=True)),
+        )
+        from .vectors import vector_table
+
+        #: track vectors for similarity (``embedkit.deploy.vectors``): one per (fingerprint, model_id)
+        self.vectors = vector_table(self.meta)
         self._create()
         #: the fingerprint scheme of this database's rows: files are identified in it
         self.scheme = self._scheme()
@@ -162,19 +193,21 @@ class ResultsDB:
         probabilities under the rule it applies (and rewrites them)."""
         import sqlalchemy as sa
 
-        have = {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}
-        missing = [c for c in self.tags.columns if c.name not in have]
-        for col in missing:
-            kind = col.type.compile(dialect=self.engine.dialect)
-            try:
-                with self.engine.begin() as c:
-                    name = self.engine.dialect.identifier_preparer.quote(col.name)
-                    c.execute(sa.text(f"ALTER TABLE tags ADD COLUMN {name} {kind}"))
-            except Exception as exc:  # another process added it first
-                if col.name not in {c["name"] for c in sa.inspect(self.engine).get_columns("tags")}:
-                    raise DatabaseError(
-                        f"{_safe(self.url)}: cannot add column tags.{col.name} ({first_line(_driver_error(exc))})"
-                    ) from None
+        for table in (self.tags, self.vectors):  # tag_vectors: columns added since (``sketch``) too
+            tname = table.name
+            have = {c["name"] for c in sa.inspect(self.engine).get_columns(tname)}
+            missing = [c for c in table.columns if c.name not in have]
+            for col in missing:
+                kind = col.type.compile(dialect=self.engine.dialect)
+                try:
+                    with self.engine.begin() as c:
+                        name = self.engine.dialect.identifier_preparer.quote(col.name)
+                        c.execute(sa.text(f"ALTER TABLE {tname} ADD COLUMN {name} {kind}"))
+                except Exception as exc:  # another process added it first
+                    if col.name not in {c["name"] for c in sa.inspect(self.engine).get_columns(tname)}:
+                        raise DatabaseError(
+                            f"{_safe(self.url)}: cannot add column {tname}.{col.name} ({first_line(_driver_error(exc))})"
+                        ) from None
 
     def _scheme(self) -> str:
         """The recorded fingerprint scheme; recorded now when absent: LEGACY for a database that
@@ -267,6 +300,28 @@ class ResultsDB:
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q)]
 
+    def vector_fingerprints(self, model_id: str, fingerprints: Iterable[str]) -> set[str]:
+        """Those of ``fingerprints`` that have a track vector of ``model_id``."""
+        import sqlalchemy as sa
+
+        q = sa.select(self.vectors.c.fingerprint).where(self.vectors.c.model_id == model_id)
+        values, out = sorted(set(fingerprints)), set()
+        with self.engine.connect() as c:
+            for i in range(0, len(values), IN_CHUNK):
+                out.update(r[0] for r in c.execute(q.where(self.vectors.c.fingerprint.in_(values[i : i + IN_CHUNK]))))
+        return out
+
+    def vector_rows(self, model_id: str, fingerprint: str) -> list[dict[str, Any]]:
+        """The ``tag_vectors`` row of (``fingerprint``, ``model_id``), as a list (empty: none)."""
+        import sqlalchemy as sa
+
+        v = self.vectors.c
+        q = sa.select(self.vectors).where(v.model_id == model_id, v.fingerprint == fingerprint)
+        with self.engine.connect() as c:
+            return [
+                {k: x for k, x in r._mapping.items() if k not in ("created_at", "updated_at")} for r in c.execute(q)
+            ]
+
     def count(self, table: str = "tags") -> int:
         import sqlalchemy as sa
 
@@ -294,15 +349,52 @@ class ResultsDB:
         }
         self._retry(lambda c: self._upsert(c, self.models, [row], ("model_id",), keep=("created_at",)))
 
-    def write(self, results: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> None:
-        """Upsert ``results`` (rows of ``tags``) and ``failures`` (path, model_id, fingerprint,
-        reason) in one transaction. created_at of an existing row is kept."""
+    def put_labels(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Upsert label rows (fingerprint, label, source, reviewer[, path, model_id, decision]) in
+        one transaction; the row of the same (fingerprint, source, reviewer) is replaced, its
+        created_at kept. Returns the number of rows written."""
+        now = _now()
+        rows = [
+            {"path": None, "model_id": None, "decision": None, **r, "created_at": now, "updated_at": now} for r in rows
+        ]
+        if rows:
+            key = ("fingerprint", "source", "reviewer")
+            self._retry(lambda c: self._upsert(c, self.labels, rows, key, keep=("created_at",)))
+        return len(rows)
+
+    def label_rows(self) -> list[dict[str, Any]]:
+        """Every label row, oldest change first."""
+        import sqlalchemy as sa
+
+        q = sa.select(self.labels).order_by(self.labels.c.updated_at, self.labels.c.fingerprint)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
+    def current_labels(self, sources: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """{fingerprint: its latest label row} (only rows of ``sources`` when given)."""
+        keep = None if sources is None else set(sources)
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.label_rows():
+            if keep is None or r["source"] in keep:
+                out[r["fingerprint"]] = r
+        return out
+
+    def write(
+        self,
+        results: Iterable[dict[str, Any]],
+        failures: Iterable[dict[str, Any]] = (),
+        vectors: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """Upsert ``results`` (rows of ``tags``), ``failures`` (path, model_id, fingerprint,
+        reason) and ``vectors`` (rows of ``tag_vectors``) in one transaction. created_at of an
+        existing row is kept."""
         import sqlalchemy as sa
 
         now = _now()
         results = [{**r, "created_at": now, "updated_at": now} for r in results]
         failures = [{**f, "created_at": now, "updated_at": now} for f in failures]
-        if not results and not failures:
+        vectors = [{**v, "created_at": now, "updated_at": now} for v in vectors]
+        if not results and not failures and not vectors:
             return
 
         def tx(c):
@@ -315,6 +407,8 @@ class ResultsDB:
                     )
             if failures:
                 self._upsert(c, self.failures, failures, ("path", "model_id"), keep=("created_at",))
+            if vectors:
+                self._upsert(c, self.vectors, vectors, ("fingerprint", "model_id"), keep=("created_at",))
 
         self._retry(tx)
 
@@ -338,11 +432,18 @@ class ResultsDB:
             conn.execute(sa.delete(table).where(*[table.c[k] == r[k] for k in key]))
         conn.execute(sa.insert(table), rows)
 
-    def _retry(self, tx, attempts: int = 8) -> None:
+    def _retry(self, tx, attempts: int = 8, durable: bool = False) -> None:
         """Run ``tx(conn)`` in a transaction; retry when a concurrent writer raced us (SQLite
-        'database is locked' past the busy timeout, PostgreSQL serialisation / unique races)."""
+        'database is locked' past the busy timeout, PostgreSQL serialisation / unique races).
+        durable: the commit must survive power loss, not only a killed process (the write-ahead
+        intents of ``writeback``): SQLite commits it with ``synchronous=FULL`` (the WAL is
+        fsynced at the commit); other databases' commits are durable already (PostgreSQL's
+        default ``synchronous_commit=on``)."""
         for attempt in range(attempts):
             try:
+                if durable and self.engine.dialect.name == "sqlite":
+                    self._durable(tx)
+                    return
                 with self.engine.begin() as c:
                     tx(c)
                 return
@@ -351,12 +452,27 @@ class ResultsDB:
                     raise DatabaseError(f"{_safe(self.url)}: write failed ({first_line(_driver_error(exc))})") from None
                 time.sleep(0.05 * 2**attempt)
 
+    def _durable(self, tx) -> None:
+        """``tx`` in one SQLite transaction committed with synchronous=FULL; the connection
+        goes back to the pool at NORMAL."""
+        with self.engine.connect() as c:
+            c.exec_driver_sql("PRAGMA synchronous=FULL")  # set before the transaction begins
+            c.commit()
+            try:
+                with c.begin():
+                    tx(c)
+            finally:
+                c.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                c.commit()
+
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
-    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed batch survives a process kill
+    # WAL + NORMAL: a committed batch survives a process kill (and power loss may lose the last
+    # commits: results are recomputed). Write-ahead intents commit with FULL (ResultsDB._retry).
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 

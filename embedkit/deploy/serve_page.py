@@ -2,7 +2,11 @@
 fonts, nothing fetched but the service's own endpoints). Drop or choose an audio file; the
 page POSTs it to /v1/tag as the raw body and shows the genres as probability bars, the decision
 ("uncertain" shown as such) and the timings. ``#result[data-state]`` is "idle", "busy",
-"done" or "error" (the browser test waits on it)."""
+"done" or "error" (the browser test waits on it). A server with a results database (``--db``)
+also lists the library's tracks most similar to the file (``POST /v1/similar``) under
+``#similar`` (``page(similar=True)`` marks the body; without a database the page never asks). A server started with ``--token`` answers
+401: the page then shows a token field and sends ``Authorization: Bearer`` with what is typed
+(kept in this tab's sessionStorage only)."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -32,10 +36,12 @@ PAGE = """<!doctype html>
   #error { color: #b00020; }
 </style>
 </head>
-<body>
+<body data-similar="{similar}">
 <main>
   <h1>What genre is this?</h1>
   <p class="sub" id="model">loading model&hellip;</p>
+  <form id="auth" hidden><label>This server needs its token:
+    <input id="token" type="password" autocomplete="off"></label> <button>Use</button></form>
   <label id="drop" for="file">Drop an audio file here, or choose one
     <input id="file" type="file" accept="audio/*,.wav,.flac,.ogg,.mp3,.aif,.aiff">
   </label>
@@ -44,6 +50,10 @@ PAGE = """<!doctype html>
     <div id="bars"></div>
     <p id="timing"></p>
     <p id="error"></p>
+  </section>
+  <section id="similar" data-state="idle" hidden>
+    <h2>Similar in the library</h2>
+    <ol id="similar-list"></ol>
   </section>
 </main>
 <script>
@@ -79,16 +89,43 @@ function render(r) {
   show("done");
 }
 
+function auth() {
+  const t = sessionStorage.getItem("embedkit-token");
+  return t ? { "Authorization": "Bearer " + t } : {};
+}
+
 async function tagFile(file) {
   clear(); show("busy"); $("decision").textContent = "listening to " + file.name + "\\u2026";
   try {
-    const resp = await fetch("/v1/tag", { method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" } });
+    const headers = Object.assign({ "Content-Type": file.type || "application/octet-stream" }, auth());
+    const resp = await fetch("/v1/tag", { method: "POST", body: file, headers: headers });
+    if (resp.status === 401) $("auth").hidden = false;
     const body = await resp.json();
     if (!resp.ok) { clear(); $("error").textContent = body.error ? body.error.message : ("HTTP " + resp.status); show("error"); return; }
     render(body);
+    if (document.body.dataset.similar === "yes") similarTo(file);
   } catch (e) {
     clear(); $("error").textContent = String(e); show("error");
   }
+}
+
+// A server started with --db also answers POST /v1/similar: the library's tracks most like the file.
+async function similarTo(file) {
+  const box = $("similar"), list = $("similar-list");
+  list.replaceChildren(); box.hidden = true; box.dataset.state = "busy";
+  try {
+    const headers = Object.assign({ "Content-Type": file.type || "application/octet-stream" }, auth());
+    const resp = await fetch("/v1/similar?k=10", { method: "POST", body: file, headers: headers });
+    const body = await resp.json();
+    if (!resp.ok) { box.dataset.state = "none"; return; }
+    for (const h of body.results) {
+      const li = document.createElement("li");
+      li.textContent = (h.artist ? h.artist + " \u2013 " : "") + (h.title || h.path.split("/").pop()) +
+        " (" + (h.decision || "?") + ", " + h.score.toFixed(2) + ")";
+      li.title = h.path; list.appendChild(li);
+    }
+    box.hidden = false; box.dataset.state = "done";
+  } catch (e) { box.dataset.state = "none"; }
 }
 
 $("file").addEventListener("change", (e) => { if (e.target.files.length) tagFile(e.target.files[0]); });
@@ -100,10 +137,25 @@ drop.addEventListener("drop", (e) => {
   if (e.dataTransfer.files.length) tagFile(e.dataTransfer.files[0]);
 });
 
-fetch("/v1/model").then((r) => r.json()).then((m) => {
-  $("model").textContent = m.kind + " model " + m.model_id.slice(0, 12) + ": " + m.labels.length + " genres (" + m.labels.join(", ") + ")";
-}).catch((e) => { $("model").textContent = "model unavailable: " + e; });
+function loadModel() {
+  fetch("/v1/model", { headers: auth() }).then(async (r) => {
+    const m = await r.json();
+    if (r.status === 401) { $("auth").hidden = false; $("model").textContent = m.error.message; return; }
+    if (!r.ok) { $("model").textContent = "model unavailable: " + (m.error ? m.error.message : r.status); return; }
+    $("auth").hidden = true;
+    $("model").textContent = m.kind + " model " + m.model_id.slice(0, 12) + ": " + m.labels.length + " genres (" + m.labels.join(", ") + ")";
+  }).catch((e) => { $("model").textContent = "model unavailable: " + e; });
+}
+$("auth").addEventListener("submit", (e) => {
+  e.preventDefault(); sessionStorage.setItem("embedkit-token", $("token").value.trim()); loadModel();
+});
+loadModel();
 </script>
 </body>
 </html>
 """
+
+
+def page(similar: bool) -> str:
+    """The page, with the similar-tracks list switched on when the server answers /v1/similar."""
+    return PAGE.replace('data-similar="{similar}"', f'data-similar="{"yes" if similar else "no"}"', 1)

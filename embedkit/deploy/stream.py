@@ -47,6 +47,12 @@ from ..errors import AudioError, EmbedkitError, StreamError, first_line
 
 #: raw PCM formats accepted on stdin: numpy dtype and bytes per sample.
 PCM_FORMATS = {"f32le": ("<f4", 4), "s16le": ("<i2", 2)}
+#: sample rates of audio embedkit streams and serves, Hz: 8 kHz telephone audio to 384 kHz
+#: studio masters. Outside, an option or a header is wrong, and resampling it would cost memory
+#: out of all proportion (--rate 1 -> 16 kHz makes 16,000 samples of each one: 6.5 GB before).
+RATE_RANGE = (8000, 384000)
+#: most interleaved channels (7.1.4 immersive mixes have 12; 64 leaves room, and bounds a frame)
+MAX_CHANNELS = 64
 #: f32 samples beyond this are not audio (nominal range is [-1, 1]; 16x headroom for hot
 #: masters): bytes of another format read as f32le land far outside it or on NaN.
 F32_LIMIT = 16.0
@@ -122,6 +128,16 @@ def parse_smooth(spec: str) -> tuple[str, float]:
 # sources: iterators of float32 blocks [n, channels] at source.sample_rate
 
 
+def check_format(rate, channels, where: str) -> None:
+    """Refuse (StreamError, one line) a sample rate or channel count no audio has (see
+    RATE_RANGE, MAX_CHANNELS): the whole signal path's memory is bounded by them."""
+    lo, hi = RATE_RANGE
+    if isinstance(rate, bool) or not isinstance(rate, int) or not lo <= rate <= hi:
+        raise StreamError(f"{where}: sample rate {rate!r} Hz is outside {lo}..{hi} Hz")
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+        raise StreamError(f"{where}: {channels!r} channels (1..{MAX_CHANNELS} accepted)")
+
+
 class Source:
     """A progressive audio source. ``blocks()`` yields float32 [n, channels]; ``live`` says
     whether the audio arrives in real time (then late windows are dropped, see the module doc)."""
@@ -160,6 +176,11 @@ class FileSource(Source):
         self.name = str(p)
         self.sample_rate = int(self._fh.samplerate)
         self.channels = int(self._fh.channels)
+        try:
+            check_format(self.sample_rate, self.channels, self.name)
+        except StreamError:
+            self._fh.close()
+            raise
         self.live = realtime
         # Small blocks when paced (a sample waits at most one block to be delivered), large ones
         # when reading as fast as possible (fewer Python round trips).
@@ -210,10 +231,10 @@ class PcmSource(Source):
     ):
         if fmt not in PCM_FORMATS:
             raise StreamError(f"--format {fmt!r}: raw PCM must be one of {', '.join(PCM_FORMATS)}")
-        if not isinstance(rate, int) or rate <= 0:
-            raise StreamError(f"--rate must be a positive integer (Hz), got {rate!r}")
-        if not isinstance(channels, int) or not 1 <= channels <= 64:
-            raise StreamError(f"--channels must be between 1 and 64, got {channels!r}")
+        if isinstance(rate, bool) or not isinstance(rate, int) or not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+            raise StreamError(f"--rate must be {RATE_RANGE[0]}..{RATE_RANGE[1]} Hz, got {rate!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+            raise StreamError(f"--channels must be between 1 and {MAX_CHANNELS}, got {channels!r}")
         self._fh, self.fmt, self.sample_rate, self.channels, self.name, self.live = fh, fmt, rate, channels, name, live
         self._dtype, width = PCM_FORMATS[fmt]
         self.frame_bytes = width * channels
@@ -223,13 +244,26 @@ class PcmSource(Source):
         read1 = getattr(self._fh, "read1", None)
         return read1(self._read_bytes) if read1 is not None else self._fh.read(self._read_bytes)
 
+    def _fileno(self) -> int | None:
+        fd = getattr(self._fh, "fd", None)
+        if fd is None:
+            try:
+                fd = self._fh.fileno()
+            except (AttributeError, OSError, ValueError):
+                return None
+        return fd
+
     def blocks(self) -> Iterator[np.ndarray]:
         pending, frames, first = b"", 0, True
+        writers: list = []
         while True:
             chunk = self._read()
             if not chunk:
                 break
             if first:
+                # The writers of a pipe, while they write: at the end, whether one was killed.
+                fd = self._fileno()
+                writers = pipe_writers(fd) if fd is not None else []
                 # Enough bytes to recognise a container or text (a pipe may deliver a few first).
                 while len(chunk) < 64:
                     more = self._read()
@@ -257,6 +291,12 @@ class PcmSource(Source):
                     )
             frames += len(x)
             yield x
+        why = ended_abnormally(writers)
+        if why:
+            raise StreamError(
+                f"{self.name}: the input ended abnormally: {why} after {frames / self.sample_rate:.2f} s of audio "
+                "(processed); not a normal end of stream"
+            )
         if pending:
             raise StreamError(
                 f"{self.name}: stream ended inside a frame ({len(pending)} trailing bytes; a {self.fmt} frame of {self.channels} channel(s) "
@@ -275,6 +315,82 @@ class PcmSource(Source):
         sample = head[:4096]
         if len(sample) >= 64 and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample):
             raise StreamError(f"{self.name}: is text, not raw {self.fmt} audio")
+
+
+class _ProcStat:
+    """Fields of /proc/PID/stat: the command name, state, start time (clock ticks after boot)
+    and exit code (a waitpid status, set as the process exits; Linux >= 3.5)."""
+
+    def __init__(self, pid: int):
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+        self.comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        rest = raw[raw.rindex(")") + 2 :].split()
+        self.state, self.start = rest[0], rest[19]
+        self.exit_code = int(rest[49]) if len(rest) > 49 else 0
+
+
+def pipe_writers(fd: int) -> list[tuple[int, str, str]]:
+    """(pid, start time, command) of the other processes that hold the pipe ``fd`` reads
+    open for writing: the program piping audio in (ffmpeg). Linux /proc; [] elsewhere, for a
+    non-pipe, or for processes of other users."""
+    import stat
+
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return []
+    if not stat.S_ISFIFO(st.st_mode) or not os.path.isdir("/proc/self/fd"):
+        return []
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for f in fds:
+            try:
+                other = os.stat(f"/proc/{name}/fd/{f}")
+                if (other.st_ino, other.st_dev) != (st.st_ino, st.st_dev):
+                    continue
+                with open(f"/proc/{name}/fdinfo/{f}") as fh:
+                    flags = int(fh.read().split("flags:")[1].split()[0], 8)
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    continue
+                info = _ProcStat(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+            found.append((int(name), info.start, info.comm))
+            break
+    return found
+
+
+def ended_abnormally(writers: list[tuple[int, str, str]]) -> str | None:
+    """Why the pipe's writers ended, when one was killed by a signal or exited with a failure
+    status; None when they ended normally or can no longer be seen. Read at end of stream: the
+    kernel sets a process's exit code before it closes its files, so a writer whose closing
+    ended the stream still shows it until its parent reaps it (a shell may reap first: then
+    nothing is known and the end counts as normal)."""
+    import signal
+
+    for pid, start, comm in writers:
+        try:
+            info = _ProcStat(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # reaped
+        if info.start != start or info.exit_code == 0:
+            continue
+        sig, status = info.exit_code & 0x7F, (info.exit_code >> 8) & 0xFF
+        if sig:
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return f"the program writing it ({comm}, pid {pid}) was killed by {name}"
+        return f"the program writing it ({comm}, pid {pid}) failed with exit status {status}"
+    return None
 
 
 class MicSource(Source):
@@ -309,6 +425,7 @@ class MicSource(Source):
         self.sample_rate = int(rate or info["default_samplerate"])
         self.channels = int(channels)
         self.name = f"mic:{info['name']}"
+        check_format(self.sample_rate, self.channels, self.name)
         self._device, self.block_frames = device, block_frames
         self._q: queue.Queue = queue.Queue(maxsize=max(2, int(buffer_s * self.sample_rate / block_frames)))
         self.overflows = 0
@@ -679,10 +796,12 @@ def run_stream(
             batch = [pending.popleft() for _ in range(min(cfg.batch, len(pending)))]
             lagging = [lag] * len(batch)
             t = clock()
-            p = np.asarray(tagger.predict_segments(np.stack([w.frame for w in batch])), dtype=np.float64)
+            p, nm = tagger.score_segments(np.stack([w.frame for w in batch]))
+            p = np.asarray(p, dtype=np.float64)
+            nm = [None] * len(batch) if nm is None else [float(v) for v in nm]  # per window: not-music score
             pc = tagger.calibrate(p)
             compute_s += clock() - t
-            for w, praw, lag in zip(batch, pc, lagging):
+            for w, praw, lag, w_nm in zip(batch, pc, lagging, nm):
                 start_s = w.start / sr
                 end_s = (w.start + windower.length) / sr
                 dt = cfg.hop_s if prev_end is None else end_s - prev_end
@@ -709,7 +828,7 @@ def run_stream(
                         "decision": decider.state,
                         "change": change,
                         "window": {
-                            k: v for k, v in decision_json(tagger.decide(praw, rule), rule).items() if k != "rule"
+                            k: v for k, v in decision_json(tagger.decide(praw, rule, w_nm), rule).items() if k != "rule"
                         },
                         "lagging": bool(lag),
                         "dropped": dropped_since,
@@ -894,12 +1013,13 @@ def stream(
     multi_threshold: float | None = None,
     margin: float | None = None,
     max_genres: int | None = None,
+    not_music: float | None = None,
 ) -> dict:
     """``embedkit stream MODEL SOURCE``: load the model (a run directory, or a Tagger), open
     the source (see ``open_source``) and run ``run_stream``; JSON Lines on stdout by default.
     device / precision: where the network runs (``embedkit.device``; None: the CPU, or where a
     given Tagger already is). One window per forward, so no batch policy applies. threshold ...
-    max_genres: overrides of the model's decision rule for each window's decision (the names
+    not_music: overrides of the model's decision rule for each window's decision (the names
     and meanings of ``embedkit tag``'s)."""
     from ..device import resolve
     from .tagger import Tagger
@@ -908,5 +1028,5 @@ def stream(
     if tagger.torch_backed and (device is not None or precision is not None):  # an ONNX model stays on onnxruntime
         tagger = tagger.to(resolve(device, allow_tf32) if device is not None else tagger.device, precision)
     src = open_source(source, fmt=fmt, rate=rate, channels=channels, realtime=realtime, stdin=stdin)
-    rule = tagger.rule.with_overrides(threshold, multi, multi_threshold, margin, max_genres)
+    rule = tagger.rule.with_overrides(threshold, multi, multi_threshold, margin, max_genres, not_music)
     return run_stream(tagger, src, cfg, emit or JsonLinesWriter(), rule=rule)

@@ -90,12 +90,21 @@ class HeadTagger(Tagger):
         return self._bundle
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
+        return self.embed_segments(segments)[0]
+
+    def embed_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's input (the backbone output it was fitted on) is the embedding."""
         x = self._check_windows(segments)
         if len(x) == 0:
-            return np.zeros((0, len(self.labels)))
+            return np.zeros((0, len(self.labels))), np.zeros((0, int(self.spec.get("embedding_dim") or 0)))
         out = self.predictor.output
         X = self.backbone.embed(x) if out == "embedding" else self.backbone.outputs(x)[out]
-        return self.predictor.predict_proba(X)
+        return self.predictor.predict_proba(X), np.asarray(X, dtype=np.float32)
+
+    @property
+    def vector_space(self) -> str:
+        """Track vectors of a head run: the backbone output the head was fitted on."""
+        return f"backbone:{self.spec.get('name')}:{self.predictor.output}"
 
 
 @dataclass
@@ -135,6 +144,10 @@ class CNNTagger(Tagger):
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         # the front end in fp32 on the host, whatever the precision; the net on the tagger's device
         return self.model.predict_windows(self._check_windows(segments), self.device, self.precision)
+
+    def embed_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The embedding: the pooled output of the last convolution block (``net.embed``)."""
+        return self.model.embed_windows(self._check_windows(segments), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):
@@ -186,6 +199,10 @@ class FinetuneTagger(Tagger):
 
     def predict_segments(self, segments: np.ndarray) -> np.ndarray:
         return self.model.predict_windows(self._check_windows(segments), self.device, self.precision)
+
+    def embed_segments(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The embedding: the fine-tuned backbone's output (the linear layer's input)."""
+        return self.model.embed_windows(self._check_windows(segments), self.device, self.precision)
 
     def torch_module(self):
         if self.calibration is not None and not getattr(self.calibration, "is_identity", False):

@@ -353,9 +353,30 @@ class RunView:
         return self._with_extraction(self.get("train_seconds"), self.extract_s)
 
 
+def _taxonomy_view(tax) -> dict | None:
+    """A dataset labelled by its files' genre tags (``embedkit.taxonomy``): what was merged into
+    each class and what was dropped, and why."""
+    if not isinstance(tax, dict):
+        return None
+    merged: dict[str, list[str]] = {}
+    for raw, cls in (tax.get("mapping") or {}).items():
+        if cls is not None and raw != cls:
+            merged.setdefault(str(cls), []).append(str(raw))
+    dropped = {**(tax.get("dropped_values") or {}), **(tax.get("dropped_classes") or {})}
+    return {
+        "genre_map": tax.get("genre_map") or "none",
+        "min_tracks": tax.get("min_tracks"),
+        "policy": tax.get("multi_value_policy") or DASH,
+        "merged": sorted((c, ", ".join(sorted(r))) for c, r in merged.items()),
+        "dropped": sorted((str(k), str(v)) for k, v in dropped.items()),
+        "not_used": sorted((str(k), int(v)) for k, v in (tax.get("tracks_not_used") or {}).items()),
+    }
+
+
 def protocol_text(p: dict) -> str:
     t = p.get("type")
-    tags = [x for x, on in (("grouped", p.get("grouped")),) if on]
+    by = f"grouped by {p['group_by']}" if p.get("group_by") else "grouped"
+    tags = [x for x, on in ((by, p.get("grouped")),) if on]
     seed = f", seed {p['seed']}" if p.get("seed") is not None else ""
     if t == "cv":
         return f"{p.get('k', '?')}-fold stratified CV{seed}" + (" (" + ", ".join(tags) + ")" if tags else "")
@@ -592,6 +613,8 @@ def dataset_views(views: list[RunView]) -> list[dict]:
                 "synthetic": any(bool(_dict(v.m.get("dataset")).get("synthetic")) for v in vs),
                 "runs": [v.label for v in vs],
                 "grouped": any(bool(v.protocol.get("grouped")) for v in vs),
+                "group_by": next((v.protocol.get("group_by") for v in vs if v.protocol.get("group_by")), None),
+                "taxonomy": _taxonomy_view(d.get("taxonomy")),
                 "raw": d,
             }
         )
@@ -799,8 +822,11 @@ def context(
     sources: list[str] | None = None,
     title: str | None = None,
     pending: list[str] | None = None,
+    similarity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the template needs, computed once (the template only lays it out).
+
+    similarity: the similarity figures found beside the runs (``similarity_view``), if any.
 
     pending: names of runs still in progress (``embedkit run`` rewrites the report after each
     run); the page says so and reloads itself until none is left."""
@@ -892,7 +918,41 @@ def context(
         "any_deployment": any(v.extra["deployment"] for v in views),
         "no_deployment": [v.label for v in views if not v.extra["deployment"]],
         "kinds": Counter(v.kind for v in views),
+        "similarity": similarity,
     }
+
+
+#: written by ``bench/bench_similar.py quality --into RUNS_DIR`` beside the runs it reports on
+SIMILARITY_FILE = "similarity.json"
+
+
+def similarity_view(paths: list[str | os.PathLike]) -> dict[str, Any] | None:
+    """The same-genre precision figures of ``embedkit similar`` from a ``similarity.json`` in
+    one of the report's run folders (the first found), or None."""
+    for p in map(Path, paths):
+        f = p / SIMILARITY_FILE if p.is_dir() else None
+        if f is None or not f.is_file():
+            continue
+        try:
+            q = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        names = (
+            ("embedding cosine (baseline)", "p10_baseline_cosine"),
+            ("embedkit's space", "p10_space"),
+            ("genre probabilities only", "p10_space_probabilities_only"),
+            ("LDA on the training folds", "p10_lda"),
+        )
+        return {
+            "dataset": q.get("dataset", "gtzan_mini"),
+            "tracks": q.get("tracks"),
+            "ceiling": q.get("ceiling", 0.9),
+            "protocol": q.get("protocol", ""),
+            "when": q.get("when", ""),
+            "artist_filtered": q.get("artist_filtered"),
+            "rows": [(n, q[k]) for n, k in names if _num(q.get(k)) is not None],
+        }
+    return None
 
 
 def _environment():
@@ -944,7 +1004,7 @@ def build_report(
         raise ReportError(
             f"no runs found in {', '.join(map(str, paths))} (no */metrics.json){why}: run `embedkit fit`, `embedkit train-cnn` or `embedkit run DATA` first"
         )
-    ctx = context(runs, skipped, [str(p) for p in paths], title, pending)
+    ctx = context(runs, skipped, [str(p) for p in paths], title, pending, similarity_view(paths))
     html = render(ctx)
     out = Path(out)
     try:
