@@ -17,4 +17,6 @@ fi
 EMBEDKIT_EXTRAS=",test" bash scripts/install.sh
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# Two workers (pytest-xdist), one test file each at a time: module fixtures are built once per
+# file, and the suite takes about half the wall time on the 2-core machines it is planned for.
+python -m pytest -q -n "${EMBEDKIT_TEST_WORKERS:-2}" --dist loadfile "$@"
