@@ -51,13 +51,13 @@ PROVENANCE = ("EMBEDKIT_GENRE", "EMBEDKIT_GENRE_SCORE", "EMBEDKIT_MODEL", "EMBED
 MP4_FREEFORM = "----:com.embedkit:"
 ASF_GENRE = "WM/Genre"
 APE_GENRE = "Genre"
-#: (artist, album artist) keys per tag kind
-_ARTIST_KEYS = {
-    "id3": ("TPE1", "TPE2"),
-    "mp4": ("\xa9ART", "aART"),
-    "asf": ("Author", "WM/AlbumArtist"),
-    "ape": ("Artist", "Album Artist"),
-    "vorbis": ("ARTIST", "ALBUMARTIST"),
+#: (artist, album artist, album, title) keys per tag kind
+_TEXT_KEYS = {
+    "id3": ("TPE1", "TPE2", "TALB", "TIT2"),
+    "mp4": ("\xa9ART", "aART", "\xa9alb", "\xa9nam"),
+    "asf": ("Author", "WM/AlbumArtist", "WM/AlbumTitle", "Title"),
+    "ape": ("Artist", "Album Artist", "Album", "Title"),
+    "vorbis": ("ARTIST", "ALBUMARTIST", "ALBUM", "TITLE"),
 }
 
 
@@ -70,6 +70,8 @@ class LibraryTags:
     artist: str | None = None
     album_artist: str | None = None
     written_by_embedkit: bool = False
+    album: str | None = None
+    title: str | None = None
 
 
 def format_of(path: str | os.PathLike) -> str | None:
@@ -230,7 +232,7 @@ def read_library_tags(path: str | os.PathLike) -> LibraryTags:
     if fmt is None:
         raise TagWriteError(p, "not a format embedkit reads tags from")
     kind, tags = containers(open_tags(p, fmt), fmt)[0]
-    a_key, aa_key = _ARTIST_KEYS[kind]
+    a_key, aa_key, album_key, title_key = _TEXT_KEYS[kind]
 
     def first(key: str) -> str | None:
         vals = [v.strip() for v in (values_of(kind, tags, key) or []) if v.strip()]
@@ -240,4 +242,6 @@ def read_library_tags(path: str | os.PathLike) -> LibraryTags:
     genres = [g.strip() for g in raw if g.strip()] if raw is not None else None
     # a genre equal to the EMBEDKIT_GENRE it carries was written by embedkit: a prediction
     ours = raw is not None and provenance_values(kind, tags, "EMBEDKIT_GENRE") == raw
-    return LibraryTags(genres or None, first(a_key), first(aa_key), bool(ours))
+    return LibraryTags(
+        genres or None, first(a_key), first(aa_key), bool(ours), album=first(album_key), title=first(title_key)
+    )

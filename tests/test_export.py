@@ -591,6 +591,7 @@ def test_cli_tag_runtime_onnx_imports_no_torch_and_matches_torch(tiny_lr, work, 
 
 
 def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(cli_onnx, real_files):
+    from embedkit.audio.excerpts import Excerpt, read_excerpt
     from embedkit.deploy.batch import tag
 
     res, model = cli_onnx  # tiny_lr exported (test_cli_export checks the export itself)
@@ -605,7 +606,13 @@ def test_onnx_lanes_use_a_one_thread_session_and_give_the_same_rows(cli_onnx, re
         return real_run(self, segments)
 
     files = real_files[:4]
-    ref = [t.track_probabilities(t.predict_segments(t.clip_windows(f)[0])) for f in files]
+    # the windows tag reads (excerpt "first"); clip_windows pads a clip shorter than clip_s, as
+    # evaluation did, so it differs on the generated 12 s clips used without ../shared
+    ex = Excerpt()
+    excerpts = [
+        read_excerpt(f, t.sample_rate, ex, t.audio.clip_s, t.segment.segment_s, t.segment.hop_s)[0] for f in files
+    ]
+    ref = [t.track_probabilities(t.predict_segments(w)) for w in excerpts]
     OnnxTagger.run = spy
     try:
         rows = tag(model, files, tagger=t, workers=2).rows

@@ -395,20 +395,12 @@ def _charts(m: dict[str, Any]) -> dict[str, Any]:
 def render(summary: dict[str, Any], limits: Limits, breaches: list[str]) -> str:
     from importlib.resources import files
 
-    from jinja2 import Environment, PackageLoader, StrictUndefined
     from markupsafe import Markup
 
     from .. import __version__
+    from ..report.build import template_environment
 
-    env = Environment(
-        loader=PackageLoader("embedkit.report", "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f} %"
-    env.filters["f3"] = lambda v: "—" if v is None else f"{v:.3f}"
+    env = template_environment()  # the report's: the same filters (pct, f3) on both pages
     css = (files("embedkit.report") / "templates" / "report.css").read_text(encoding="utf-8")
     models = [{**m, "charts": _charts(m)} for m in summary["models"]]
     return env.get_template("monitor.html").render(

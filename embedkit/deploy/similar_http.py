@@ -19,9 +19,20 @@ from typing import Any
 
 # at module level: FastAPI reads the endpoints' (postponed) annotations from these globals; this
 # module is imported by ``serve.create_app`` only, once FastAPI is known to be installed
-from fastapi import Query, Request
+from fastapi import Depends, Query, Request
 
 from .similar import Index, Library, Rules, SimilarError, similar
+
+
+def rules_query(
+    max_per_artist: int | None = Query(None, ge=1, description="at most N results per artist"),
+    exclude_same_album: bool = Query(False, description="no results from the query's album"),
+    genre: str | None = Query(None, description="only tracks decided as this genre"),
+    min_confidence: float | None = Query(None, ge=0.0, le=1.0, description="decided probability at least this"),
+    keep_duplicates: bool = Query(False, description="list near-duplicates of the query among the results"),
+) -> Rules:
+    """The rules of both /v1/similar endpoints, from the query string (the CLI's options)."""
+    return Rules(max_per_artist, exclude_same_album, genre, min_confidence, "keep" if keep_duplicates else "collapse")
 
 
 class _Shared:
@@ -67,11 +78,6 @@ def add_routes(app, tagger, cfg, problem, uploads, spool_path: str, receive_body
 
     shared = _Shared(cfg.db, tagger)
 
-    def rules_of(max_per_artist, exclude_same_album, genre, min_confidence, keep_duplicates) -> Rules:
-        return Rules(
-            max_per_artist, exclude_same_album, genre, min_confidence, "keep" if keep_duplicates else "collapse"
-        )
-
     async def run(query: str, k: int, rules: Rules, endpoint: str, filename: str | None = None):
         loop = asyncio.get_running_loop()
         try:
@@ -88,26 +94,16 @@ def add_routes(app, tagger, cfg, problem, uploads, spool_path: str, receive_body
     async def similar_get(
         track: str = Query(..., description="a library track: its path or fingerprint"),
         k: int = Query(10, ge=1, le=1000, description="number of results"),
-        max_per_artist: int | None = Query(None, ge=1, description="at most N results per artist"),
-        exclude_same_album: bool = Query(False, description="no results from the query's album"),
-        genre: str | None = Query(None, description="only tracks decided as this genre"),
-        min_confidence: float | None = Query(None, ge=0.0, le=1.0, description="decided probability at least this"),
-        keep_duplicates: bool = Query(False, description="list near-duplicates of the query among the results"),
+        rules: Rules = Depends(rules_query),
     ):
-        rules = rules_of(max_per_artist, exclude_same_album, genre, min_confidence, keep_duplicates)
         return await run(track, k, rules, "/v1/similar")
 
     @app.post("/v1/similar", summary="Tracks of the library similar to an uploaded audio file")
     async def similar_post(
         request: Request,
         k: int = Query(10, ge=1, le=1000, description="number of results"),
-        max_per_artist: int | None = Query(None, ge=1, description="at most N results per artist"),
-        exclude_same_album: bool = Query(False, description="no results from the query's album"),
-        genre: str | None = Query(None, description="only tracks decided as this genre"),
-        min_confidence: float | None = Query(None, ge=0.0, le=1.0, description="decided probability at least this"),
-        keep_duplicates: bool = Query(False, description="list near-duplicates of the query among the results"),
+        rules: Rules = Depends(rules_query),
     ):
-        rules = rules_of(max_per_artist, exclude_same_album, genre, min_confidence, keep_duplicates)
         loop = asyncio.get_running_loop()
         sink = upload = None
         try:

@@ -127,26 +127,15 @@ def from_bytes(b: bytes, dim: int | None = None) -> np.ndarray:
 
 
 def library_tags(path: str) -> dict[str, str | None]:
-    """{artist, album, title} from the file's own tags (mutagen's common names over ID3, Vorbis
-    comments, MP4 atoms...); None where absent or unreadable (never raises)."""
-    out: dict[str, str | None] = {"artist": None, "album": None, "title": None}
-    try:
-        import mutagen
+    """{artist, album, title} from the file's own tags (``embedkit.tags.read_library_tags``, the
+    one tag reader); None where absent, or for a file without readable tags (never raises)."""
+    from ..tags import read_library_tags
 
-        f = mutagen.File(path, easy=True)
-    except Exception:  # not taggable, damaged tags: the track simply has none
-        return out
-    if f is None or f.tags is None:
-        return out
-    for k in out:
-        try:
-            v = f.tags.get(k)
-        except Exception:
-            v = None
-        if isinstance(v, list):
-            v = v[0] if v else None
-        out[k] = str(v).strip() or None if v is not None else None
-    return out
+    try:
+        t = read_library_tags(path)
+    except Exception:  # not taggable, damaged tags (any parser error): the track has no such tags
+        return {"artist": None, "album": None, "title": None}
+    return {"artist": t.artist, "album": t.album, "title": t.title}
 
 
 @dataclass

@@ -955,7 +955,9 @@ def similarity_view(paths: list[str | os.PathLike]) -> dict[str, Any] | None:
     return None
 
 
-def _environment():
+def template_environment():
+    """The Jinja environment of embedkit's self-contained pages (the report, ``embedkit monitor``):
+    the templates folder, autoescaping, and the number filters (pct, f3, seconds...)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(
@@ -980,7 +982,7 @@ def render(ctx: dict[str, Any]) -> str:
 
     from markupsafe import Markup
 
-    env = _environment()
+    env = template_environment()
     css = (files("embedkit.report") / "templates" / "report.css").read_text(encoding="utf-8")
     return env.get_template("report.html").render(css=Markup(css), **ctx)
 
