@@ -121,6 +121,30 @@ def test_onnx_carries_the_detector_for_every_kind(runs, kind, tmp_path):
     np.testing.assert_allclose(r, s, rtol=1e-3)
 
 
+@pytest.mark.slow
+def test_onnx_of_a_lightgbm_head_carries_the_detector_too(runs, tmp_path):
+    """LightGBM's trees are a separate ONNX graph: the embedding output comes from the torch
+    front, so an exported LightGBM run says "not-music" where its torch form does."""
+    pytest.importorskip("onnxmltools")
+    pytest.importorskip("onnxruntime")
+    from embedkit.deploy.onnx_export import export_onnx
+    from embedkit.deploy.onnx_runtime import OnnxTagger, read_metadata
+    from embedkit.deploy.tagger import load_tagger
+    from embedkit.fit import fit_head
+
+    run = fit_head("tiny-test", "lgbm", cache=runs["cache"], runs=tmp_path / "runs", params={"n_estimators": 5})
+    t = load_tagger(run.run_dir)
+    assert t.has_not_music
+    export_onnx(t, tmp_path / "m.onnx")
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert "embedding" in meta["outputs"] and meta["thresholds"]["not_music"] == t.rule.not_music
+    o = OnnxTagger.load(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((2, t.window_samples)).astype(np.float32) * 0.1
+    (p, s), (q, r) = t.score_segments(x), o.score_segments(x)
+    np.testing.assert_allclose(q, p, atol=1e-5)
+    np.testing.assert_allclose(r, s, rtol=1e-3)
+
+
 def test_a_run_made_before_the_detector_still_loads_and_never_decides_not_music(runs, tmp_path):
     from embedkit.deploy.batch import tag
     from embedkit.deploy.tagger import load_tagger

@@ -4,8 +4,8 @@ The graph maps mono waveform windows float32 [B, window_samples] at the model's 
 two outputs, ``probabilities`` (calibrated, per window) and ``uncalibrated`` [B, C], with a
 dynamic batch axis: the front end (log-mel or the backbone's own features), the backbone, the
 head and the calibration are all inside. A run with a not-music detector (``embedkit.calibration``)
-gets a third output, ``embedding`` [B, D] (what the detector reads; heads on embeddings, the CNN,
-fine-tuned backbones; LightGBM heads export without it and without the not-music threshold), and
+gets a third output, ``embedding`` [B, D] (what the detector reads: the head's input for heads,
+LightGBM's included, the pooled last block of the CNN, the fine-tuned backbone's output), and
 the detector travels in the metadata (``not_music``). What a consumer must do before the graph (decode,
 down-mix, resample to ``sample_rate``, bring the clip to the ``audio`` policy, cut windows of
 ``segment_s`` every ``hop_s``) is written into the file's ``metadata_props`` and read back by
@@ -514,6 +514,7 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
         model = _torch_export(_Calibrated.wrap_split(*split, calibration), window, opset)
         model = _rename_outputs(model, [*OUTPUT_NAMES, EMBEDDING_NAME])
     elif lgbm_bundle is None:
+        embed = False
         model = _torch_export(_Calibrated.wrap(module, calibration), window, opset)
         model = _rename_outputs(model, list(OUTPUT_NAMES))
     else:
@@ -521,10 +522,22 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
 
         with torch.no_grad():
             n_features = int(module(torch.zeros(1, window)).shape[1])
-        front = _rename_outputs(_torch_export(module, window, opset), ["features"])
+        # with a not-music detector the front also gives the backbone embedding (the head's
+        # input, what the detector reads): kept as an output of the merged graph
+        embed = getattr(tagger, "has_not_music", False) and lgbm_bundle.output == "embedding"
+        front = _rename_outputs(
+            _torch_export(_FeaturesAndEmbedding(module) if embed else module, window, opset),
+            ["features", EMBEDDING_NAME] if embed else ["features"],
+        )
         trees = _lgbm_onnx(lgbm_bundle, n_features, calibration)
         model = _merge(front, trees)
-    meta = build_metadata(tagger, calibration, with_embedding=split is not None)
+    with_embedding = split is not None or (lgbm_bundle is not None and embed)
+    if getattr(tagger, "has_not_music", False) and not with_embedding:
+        # an ONNX file that never says "not-music" would write genres the torch door does not
+        raise ExportError(
+            f"the not-music detector of this {tagger.kind} model cannot be exported (no embedding output)"
+        )
+    meta = build_metadata(tagger, calibration, with_embedding=with_embedding)
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
@@ -539,6 +552,24 @@ def export_onnx(tagger, path: str | os.PathLike, opset: int = OPSET, check: bool
     data = model.SerializeToString()
     atomic_write_bytes(path, data)
     return {"path": str(path), "bytes": len(data), "seconds": time.perf_counter() - t0, "metadata": meta}
+
+
+class _FeaturesAndEmbedding:  # a torch module, built lazily (torch is imported on export only)
+    def __new__(cls, module):
+        from torch import nn
+
+        class Front(nn.Module):
+            """nn.Sequential(backbone, scaler/PCA) -> (tree inputs, the backbone embedding)."""
+
+            def __init__(self):
+                super().__init__()
+                self.backbone, self.features = module[0], module[1]
+
+            def forward(self, y):
+                e = self.backbone(y)
+                return self.features(e), e
+
+        return Front().eval()
 
 
 def _merge(front, trees):
