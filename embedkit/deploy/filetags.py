@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import EmbedkitError, TagWriteError
+from ..processes import alive, started_at
 from ..tags import (
     APE_GENRE,
     ASF_GENRE,
@@ -1349,7 +1350,7 @@ def clean_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> 
         if not stat.S_ISREG(st.st_mode):  # never follow or remove a link or folder of that name
             continue
         pid = int(m.group(1))
-        if pid == os.getpid() or (_alive(pid) and not _started_after(pid, st.st_mtime)):
+        if pid == os.getpid() or (alive(pid) and not _started_after(pid, st.st_mtime)):
             continue  # a writer still at work (this process included)
         try:
             tmp.unlink()
@@ -1361,43 +1362,8 @@ def clean_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> 
     return removed
 
 
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would terminate the process there
-        return _alive_windows(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _alive_windows(pid: int) -> bool:  # pragma: no cover - Windows only
-    import ctypes
-
-    k = ctypes.windll.kernel32
-    h = k.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not h:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        return bool(k.GetExitCodeProcess(h, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-    finally:
-        k.CloseHandle(h)
-
-
 def _started_after(pid: int, when: float) -> bool:
     """Whether process ``pid`` started after ``when`` (epoch seconds): its pid was reused since
     (Linux /proc; elsewhere False)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as fh:
-            btime = next(int(line.split()[1]) for line in fh if line.startswith(b"btime"))
-        start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
-    return start > when + 1.0
+    start = started_at(pid)
+    return start is not None and start > when + 1.0

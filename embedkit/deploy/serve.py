@@ -90,6 +90,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioError, EmbedkitError, first_line
+from ..processes import alive
 from .stream import MAX_CHANNELS, RATE_RANGE  # the sample rates and channels audio may have
 
 SERVE_INSTALL = "pip install 'embedkit[serve]'"
@@ -653,7 +654,8 @@ class SpoolDir:
             pid = d.name.split("-", 1)[0]
             if not (pid.isdigit() and "-" in d.name) or d.is_symlink() or not (d / ".lock").is_file():
                 continue
-            if _alive(int(pid)):
+            # a directory of this process (another app of it) is told apart by its lock below
+            if int(pid) != os.getpid() and alive(int(pid)):
                 continue
             fh = _lock(d / ".lock", wait=False)
             if fh is None:
@@ -670,18 +672,6 @@ class SpoolDir:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process's other apps hold their locks
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
 
 
 def _lock(path: Path, wait: bool):

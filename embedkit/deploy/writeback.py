@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import EmbedkitError
+from ..processes import alive, started_at
 from .filetags import TagChange, TagState, clean_temporaries, format_of, read_tags, restore, write_genres
 
 JOURNAL_TABLE = "tag_journal"
@@ -82,28 +83,6 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _started(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch; Linux /proc), else None."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        with open("/proc/stat") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 def _at_work(owner: str | None, since: _dt.datetime | None) -> bool:
     """Whether the writer that recorded an intent (``owner`` host:pid, at ``since``) may still be
     writing it: a live process on this machine that started before the intent (not a later
@@ -113,9 +92,9 @@ def _at_work(owner: str | None, since: _dt.datetime | None) -> bool:
         since = since.replace(tzinfo=_dt.timezone.utc)  # SQLite hands back naive UTC
     if host != socket.gethostname():
         return bool(host) and since is not None and (_now() - since).total_seconds() < OTHER_HOST_S
-    if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+    if not pid.isdigit() or int(pid) == os.getpid() or not alive(int(pid)):
         return False
-    started = _started(int(pid))
+    started = started_at(int(pid))
     return started is None or since is None or started <= since.timestamp() + 1
 
 
