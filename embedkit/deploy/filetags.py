@@ -80,19 +80,16 @@ from ..tags import (
     MP4_FREEFORM,
     MP4_GENRE,
     PROVENANCE,
-    TAG_FORMATS,
-    ape_values,
     containers,
+    format_of,
     genre_values,
     has_id3v2,
     kind_of,
-    mutagen_class,
     open_tags,
     pairs,
     provenance_values,
 )
 
-WRITABLE = TAG_FORMATS
 _VERIFY_FRAMES = 4096
 _NEW_ID3_PADDING = 1024
 #: test hook: called with the temporary path just before it replaces the original
@@ -157,14 +154,14 @@ class TagChange:
 
 
 # The reading rule (formats, opening, which tag block holds the genre) is embedkit.tags'.
-_mutagen_class, _open, _kind, _has_id3v2, _containers = mutagen_class, open_tags, kind_of, has_id3v2, containers
+_open, _kind, _has_id3v2, _containers = open_tags, kind_of, has_id3v2, containers
 
 
 # ---------------------------------------------------------------------------------------------
 # Genre and provenance: read / set (value level, on open mutagen objects)
 
 
-_ape_values, _pairs = ape_values, pairs
+_pairs = pairs
 
 
 def _read_kind(kind: str, tags) -> TagState:
@@ -786,11 +783,6 @@ def _padding_func(delta: int | None) -> Callable:
 
 # ---------------------------------------------------------------------------------------------
 # The one safe write path
-
-
-def format_of(path: str | os.PathLike) -> str | None:
-    """The writable format of ``path`` by its extension, or None."""
-    return WRITABLE.get(Path(path).suffix.lower())
 
 
 def _stream_info(f) -> tuple:

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..calibration import NOT_MUSIC, UNCERTAIN
 from ..errors import DatabaseError, EmbedkitError, first_line
+from .library import wilson
 
 PERIODS = ("day", "week")
 #: columns a database must have to be monitored (older embedkits lack some)
@@ -246,17 +247,6 @@ def psi(q: dict[str, float], p: dict[str, float], n: int) -> float:
             for g in keys
         )
     )
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of k successes in n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    ph = k / n
-    d = 1 + z * z / n
-    c = (ph + z * z / (2 * n)) / d
-    h = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 CONF_BINS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]

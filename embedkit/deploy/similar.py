@@ -64,7 +64,21 @@ OUT_SUFFIXES = (".csv", ".jsonl", ".m3u8", ".m3u")
 
 class SimilarError(EmbedkitError):
     """A similarity request that cannot be answered (one line: unknown track, empty database,
-    another model's vectors, bad arguments)."""
+    another model's vectors, bad arguments); ``status`` / ``kind``: its HTTP answer."""
+
+    status, kind = 400, "bad_request"
+
+
+class TrackNotFound(SimilarError):
+    """The query is neither a track of the library nor an audio file."""
+
+    status, kind = 404, "not_found"
+
+
+class NoVectors(SimilarError):
+    """The database holds no vectors to compare with (none at all, or only another model's)."""
+
+    status, kind = 409, "no_vectors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +149,7 @@ class Library:
         self.model_path = None
         if model is None:
             if not have:
-                raise SimilarError(
+                raise NoVectors(
                     f"{_name(db)}: no track vectors in this database; run `embedkit tag RUN FOLDER --db {_name(db)}` first"
                 )
             if len(have) > 1:
@@ -147,7 +161,7 @@ class Library:
             self.model_id, self.model_path = _model_id(model)
             if self.model_id not in have:
                 others = f"it holds vectors of {', '.join(sorted(have))}" if have else "it holds no track vectors"
-                raise SimilarError(
+                raise NoVectors(
                     f"{_name(db)}: no vectors of model {self.model_id} ({model}); {others}; vectors of two models are never compared"
                 )
         labels = self.db.model_labels(self.model_id)
@@ -749,7 +763,7 @@ def query_track(
     if t is not None:
         return t, True
     if not os.path.isfile(query):
-        raise SimilarError(
+        raise TrackNotFound(
             f"{query}: not a track of the library (no such path or fingerprint for model {lib.model_id}) and not an audio file"
         )
     return embed_file(lib, query, tagger, excerpt, checkpoint), False
@@ -774,7 +788,7 @@ def embed_file(
 
         tagger = load_tagger(artefact, checkpoint=checkpoint)
     if tagger.model_id != lib.model_id or tagger.vector_space != lib.space:
-        raise SimilarError(
+        raise NoVectors(
             f"{path}: the model here ({tagger.model_id}, {tagger.vector_space}) is not the library's "
             f"({lib.model_id}, {lib.space}); vectors of two models are never compared"
         )

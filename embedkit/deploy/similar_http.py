@@ -59,15 +59,6 @@ class _Shared:
             self.lib.close()
 
 
-def _status(exc: SimilarError) -> tuple[int, str]:
-    msg = str(exc)
-    if "not a track of the library" in msg:
-        return 404, "not_found"
-    if "no track vectors" in msg or "no vectors of model" in msg or "never compared" in msg:
-        return 409, "no_vectors"
-    return 400, "bad_request"
-
-
 def add_routes(app, tagger, cfg, problem, uploads, spool_path: str, receive_body, sniff, http_problem) -> _Shared:
     """Register GET / POST ``/v1/similar`` on the FastAPI ``app`` of ``serve.create_app``, which
     hands over its own upload machinery (``uploads``, the spool folder, ``receive_body``,
@@ -83,7 +74,7 @@ def add_routes(app, tagger, cfg, problem, uploads, spool_path: str, receive_body
         try:
             body = await loop.run_in_executor(None, shared.answer, query, k, rules)
         except SimilarError as exc:
-            status, kind = _status(exc)
+            status, kind = exc.status, exc.kind
             msg = str(exc).replace(query, f"upload:{filename or 'body'}") if filename is not None else str(exc)
             return problem(status, kind, msg, endpoint=endpoint)
         if filename is not None:  # the spool file's name means nothing to the client
