@@ -150,6 +150,10 @@ class _Item:
     windows: np.ndarray | None = None
     starts: np.ndarray | None = None
     duration_s: float = 0.0
+    # with track vectors kept: the file's artist / album / title and the excerpt's loudness
+    # sketch, read in the decode workers (embedkit.deploy.vectors)
+    tags: dict[str, Any] | None = None
+    sketch: np.ndarray | None = None
 
 
 def _plan(
@@ -502,6 +506,10 @@ class _Tagging:
         )
         if problem is not None:
             return Failure({"path": item.path, "fingerprint": item.fingerprint, "reason": problem})
+        if self.vectors:  # file I/O and an FFT: here, in parallel, not in the forward loop
+            from .vectors import library_tags, sketch
+
+            item.tags, item.sketch = library_tags(item.path), sketch(item.windows, self.tagger.sample_rate)
         return Decoded(item.windows, item)
 
     def forward(self, windows: np.ndarray):
@@ -522,15 +530,11 @@ class _Tagging:
         p_windows, nm = (out["p"], out.get("not_music")) if isinstance(out, dict) else (out, None)
         row = _result(self.tagger, item, p_windows, self.ex, self.top_k, self.rule, nm)
         if isinstance(out, dict) and "e" in out and len(out["e"]):
-            from .vectors import TrackVector, library_tags, sketch, track_vector
+            from .vectors import TrackVector, track_vector
 
-            row.vector = TrackVector(
-                track_vector(out["e"]),
-                self.tagger.vector_space,
-                library_tags(item.path),
-                None if item.windows is None else sketch(item.windows, self.tagger.sample_rate),
-            )
-        item.windows = item.starts = None  # memory stays flat: nothing of a finished track is kept
+            row.vector = TrackVector(track_vector(out["e"]), self.tagger.vector_space, item.tags, item.sketch)
+        # memory stays flat: nothing of a finished track is kept
+        item.windows = item.starts = item.tags = item.sketch = None
         return row
 
     def single_threaded(self):
