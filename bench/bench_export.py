@@ -9,8 +9,16 @@ speed does not depend on what they learnt). For each model: export, then time
 ``Tagger.predict_segments`` (torch) and ``OnnxTagger.predict_segments`` (onnxruntime) on batches
 of 1 and 16 windows of real audio (gtzan_mini when found, else generated), median of several
 repeats after a warm-up, both pinned to ``--cores`` CPUs with that many threads. Prints ms per
-window, the ratio torch / onnxruntime (> 1: onnxruntime faster) and the parity (max |p_onnx -
-p_torch|); writes bench/results/export.json.
+window (wall and CPU: torch and onnxruntime alternate call by call, medians of ``--repeats``),
+the ratio torch / onnxruntime (> 1: onnxruntime faster) and the parity (max |p_onnx - p_torch|);
+writes bench/results/export.json.
+
+``--int8`` (head runs, gtzan_mini needed): also onnxruntime.quantization.quantize_dynamic of the
+exported graph (every MatMul / Gemm with a constant weight, the default; and the same with the
+log-mel front end left in float): speed, max |p_int8 - p_fp32| per window, and decisions on all
+100 clips (each clip's ``clip_windows``, track probability = mean) against the labels, plus
+5-fold CV of a head fitted on the fp32 graph's embedding output and applied to each graph's
+embeddings (what deploying the int8 file under a head trained on torch embeddings gives).
 """
 
 from __future__ import annotations
@@ -71,14 +79,95 @@ def windows_for(tagger, n: int) -> np.ndarray:
     return np.ascontiguousarray(x[:n], dtype=np.float32)
 
 
-def median_ms_per_window(fn, x: np.ndarray, repeats: int) -> float:
-    fn(x)  # warm-up (first-call allocations, oneDNN / onnxruntime kernel selection)
-    times = []
+def interleaved_ms_per_window(fns: dict, x: np.ndarray, repeats: int) -> dict[str, tuple[float, float]]:
+    """{name: (median wall ms, median CPU ms) per window}: the functions alternate call by call
+    (A B A B ...), so load changes on a shared machine hit both alike. CPU time is the
+    process's, all threads (on a loaded machine wall time also counts waiting for a core)."""
+    for fn in fns.values():
+        fn(x)  # warm-up (first-call allocations, oneDNN / onnxruntime kernel selection)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times) / len(x)
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(x)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (1e3 * statistics.median(wall[k]) / len(x), 1e3 * statistics.median(cpu[k]) / len(x)) for k in fns}
+
+
+def int8_study(tagger, fp32_path: Path, work: Path, threads: int, repeats: int) -> dict:
+    """quantize_dynamic of the exported graph: speed, probability deviation, decisions on
+    gtzan_mini (see the module doc)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from sklearn.model_selection import StratifiedKFold
+
+    from embedkit.deploy.onnx_runtime import OnnxTagger
+    from embedkit.heads import make_head
+
+    front = [
+        n.name
+        for n in onnx.load(str(fp32_path)).graph.node
+        if n.op_type == "MatMul" and any(".mel." in i or "logmel" in i for i in n.input)
+    ]
+    paths = {"fp32": fp32_path, "int8": work / "int8.onnx", "int8 (float log-mel)": work / "int8-front-float.onnx"}
+    quantize_dynamic(str(fp32_path), str(paths["int8"]), weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(fp32_path), str(paths["int8 (float log-mel)"]), weight_type=QuantType.QInt8, nodes_to_exclude=front
+    )
+    for p in (paths["int8"], paths["int8 (float log-mel)"]):  # the quantiser adds a non-JSON entry
+        m = onnx.load(str(p))
+        keep = [(e.key, e.value) for e in m.metadata_props if e.key != "onnx.infer"]
+        del m.metadata_props[:]
+        onnx.helper.set_model_props(m, dict(keep))
+        onnx.save(m, str(p))
+    taggers = {k: OnnxTagger.load(p, threads=threads) for k, p in paths.items()}
+    files = sorted(GTZAN.glob("*/*.flac"))
+    labels = np.array([f.parent.name for f in files])
+    windows = [tagger.clip_windows(f)[0].astype(np.float32) for f in files]
+    runs = {k: [t.run(w) for w in windows] for k, t in taggers.items()}
+    x16 = np.ascontiguousarray(np.concatenate(windows[:: max(1, len(windows) // 4)])[:16])
+    out = {}
+    y = labels
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+    heads = []
+    for tr, _ in folds:  # heads on the fp32 graph's embeddings (torch's to ~1e-6)
+        X = np.concatenate([runs["fp32"][i]["embedding"] for i in tr])
+        Y = np.concatenate([[y[i]] * len(runs["fp32"][i]["embedding"]) for i in tr])
+        heads.append(make_head("lr").fit(X, Y))
+    speed = {
+        b: interleaved_ms_per_window({k: t.predict_segments for k, t in taggers.items()}, x16[:b], repeats)
+        for b in (1, 16)
+    }
+    for k, t in taggers.items():
+        P = np.array([t.track_probabilities(r["uncalibrated"]) for r in runs[k]])
+        top = np.array(t.labels)[P.argmax(1)]
+        P0 = np.array([t.track_probabilities(r["uncalibrated"]) for r in runs["fp32"]])
+        cv = []
+        for (_tr, te), head in zip(folds, heads):
+            pred = [head.classes_[head.predict_proba(runs[k][i]["embedding"]).mean(0).argmax()] for i in te]
+            cv.append(float(np.mean([p == y[i] for p, i in zip(pred, te)])))
+        out[k] = {
+            "bytes": paths[k].stat().st_size,
+            "accuracy_all_100_run_head": float(np.mean(top == labels)),
+            "decisions_equal_to_fp32": int((P.argmax(1) == P0.argmax(1)).sum()),
+            "max_abs_window_prob_dev_vs_fp32": float(
+                max(np.abs(a["uncalibrated"] - b["uncalibrated"]).max() for a, b in zip(runs[k], runs["fp32"]))
+            ),
+            "cv5_accuracy_mean": float(np.mean(cv)),
+            "cv5_accuracy_std": float(np.std(cv)),
+            "cv5_folds": cv,
+            **{f"{m}_ms_per_window_b{b}": speed[b][k][i] for b in (1, 16) for i, m in enumerate(("wall", "cpu"))},
+        }
+        print(
+            f"  {k:>20}: accuracy on the 100 clips {out[k]['accuracy_all_100_run_head']:.2f} (run's head),"
+            f" 5-fold {out[k]['cv5_accuracy_mean']:.2f} ± {out[k]['cv5_accuracy_std']:.2f}, decisions = fp32 on"
+            f" {out[k]['decisions_equal_to_fp32']}/100, max |dp| {out[k]['max_abs_window_prob_dev_vs_fp32']:.3f},"
+            f" CPU ms/window b1 {out[k]['cpu_ms_per_window_b1']:.1f} b16 {out[k]['cpu_ms_per_window_b16']:.1f}",
+            flush=True,
+        )
+    return out
 
 
 def main() -> None:
@@ -86,10 +175,12 @@ def main() -> None:
     ap.add_argument("--run", action="append", help="run directory (repeatable); default: build small runs")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls of each runtime per batch size")
+    ap.add_argument("--int8", action="store_true", help="also measure int8 dynamic quantisation (head runs)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cpus = pin_cores(args.cores)
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else args.repeats
 
     from embedkit.deploy.onnx_export import export_onnx
     from embedkit.deploy.onnx_runtime import OnnxTagger
@@ -115,18 +206,27 @@ def main() -> None:
                 "parity_max_abs": parity,
             }
             for batch in (1, 16):
-                x = x16[:batch]
-                t = median_ms_per_window(tagger.predict_segments, x, repeats)
-                o = median_ms_per_window(onnx_tagger.predict_segments, x, repeats)
-                row[f"torch_ms_per_window_b{batch}"] = t
-                row[f"onnx_ms_per_window_b{batch}"] = o
-                row[f"ratio_torch_over_onnx_b{batch}"] = t / o
-            results.append(row)
+                m = interleaved_ms_per_window(
+                    {"torch": tagger.predict_segments, "onnx": onnx_tagger.predict_segments}, x16[:batch], repeats
+                )
+                for i, what in enumerate(("", "cpu_")):
+                    t, o = m["torch"][i], m["onnx"][i]
+                    row[f"torch_{what}ms_per_window_b{batch}"] = t
+                    row[f"onnx_{what}ms_per_window_b{batch}"] = o
+                    row[f"ratio_torch_over_onnx_{what}b{batch}"] = t / o
             print(f"{name}: export {info['seconds']:.1f} s, {info['bytes'] / 1e6:.1f} MB, parity {parity:.2e}")
             for batch in (1, 16):
                 print(
-                    f"  batch {batch:>2}: torch {row[f'torch_ms_per_window_b{batch}']:7.2f} ms/window, onnxruntime {row[f'onnx_ms_per_window_b{batch}']:7.2f} ms/window, torch/onnx = {row[f'ratio_torch_over_onnx_b{batch}']:.2f}x"
+                    f"  batch {batch:>2}: torch {row[f'torch_ms_per_window_b{batch}']:7.2f} ms/window"
+                    f" ({row[f'torch_cpu_ms_per_window_b{batch}']:.2f} CPU), onnxruntime"
+                    f" {row[f'onnx_ms_per_window_b{batch}']:7.2f} ({row[f'onnx_cpu_ms_per_window_b{batch}']:.2f} CPU);"
+                    f" torch/onnx = {row[f'ratio_torch_over_onnx_b{batch}']:.2f}x wall,"
+                    f" {row[f'ratio_torch_over_onnx_cpu_b{batch}']:.2f}x CPU",
+                    flush=True,
                 )
+            if args.int8 and tagger.kind == "head" and GTZAN.exists():
+                row["int8"] = int8_study(tagger, path, work, args.cores, repeats)
+            results.append(row)
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     out = write_results("export", {"cores": cpus, "repeats": repeats, "load_avg_1m": load, "results": results})

@@ -39,10 +39,26 @@ windows only, and the threshold is the ``NOT_MUSIC_QUANTILE`` quantile of those 
 scores times ``NOT_MUSIC_MARGIN`` (bench/bench_notmusic.py measured this choice and the
 alternatives). At or above it the decision is ``NOT_MUSIC`` (no genre; nothing is written into the
 file). A run without a stored threshold (made before it existed) never decides "not-music".
+
+The embedding score alone misses stationary noise (quiet white / pink / brown noise sat just below
+its threshold: a backbone's log compression maps quiet noise near quiet music). So a detector
+fitted with the training tracks' audio also reads the window's waveform: its *modulation depth*
+(``modulation_depth``: the median over 16 log-spaced bands of the standard deviation over 0.25 s
+blocks of the band level in dB; music moves by ~2-30 dB, noise ~0.6 dB, tones and hum ~0). A
+window's score is then ``max(m, m_ref * min(d_ref / d, cap))``: the Mahalanobis score m, or the
+stationarity ratio in the embedding score's units, where ``d_ref`` is the 1 % quantile of the
+training windows' depth and ``m_ref`` the 99 % quantile of the held-out embedding scores (so the
+second term reaches the embedding's threshold exactly when a window is as stationary as the 1 %
+stillest training music). The threshold is again the 99 % quantile of the held-out music tracks'
+(combined) scores. Windows too quiet to measure (below ``NOT_MUSIC_GATE_DB``: digital silence,
+zero padding) leave the embedding score alone. Without training audio at fit time the detector
+is the embedding score alone, with the reason in ``fitted_on["modulation"]`` (as for detectors
+made before the modulation term: ``NotMusicDetector.modulation_note``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -80,6 +96,16 @@ NOT_MUSIC_QUANTILE = 0.99
 NOT_MUSIC_MARGIN = 1.0
 #: parts the tracks of a run without CV folds are held out in, one part at a time
 NOT_MUSIC_PARTS = 5
+#: the modulation term (``modulation_depth``): the training windows' depth quantile it is
+#: referred to, the cap of the ratio (tones and hum have depth ~0), the level (dB re full scale)
+#: under which a 0.25 s block is not measured, and the most training tracks decoded for it
+NOT_MUSIC_DEPTH_QUANTILE = 0.01
+NOT_MUSIC_DEPTH_CAP = 4.0
+NOT_MUSIC_GATE_DB = -60.0
+NOT_MUSIC_DEPTH_TRACKS = 400
+#: modulation depth analysis: frame ~64 ms (a power of two), half overlap; blocks of 0.25 s;
+#: 16 log-spaced bands from 60 Hz to 7 kHz (or 0.45 x the sample rate)
+_DEPTH_FRAME_S, _DEPTH_BLOCK_S, _DEPTH_BANDS, _DEPTH_FMIN, _DEPTH_FMAX = 0.064, 0.25, 16, 60.0, 7000.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,12 +457,15 @@ class Calibration:
             detector=detector,
         )
 
-    def not_music_scores(self, features: np.ndarray | None) -> np.ndarray | None:
-        """Window embeddings [K, D] -> each window's not-music score [K] (None without a
-        detector or features)."""
+    def not_music_scores(
+        self, features: np.ndarray | None, windows: np.ndarray | None = None, sample_rate: int | None = None
+    ) -> np.ndarray | None:
+        """Window embeddings [K, D] (and the windows' waveforms [K, L] at ``sample_rate``,
+        which a detector with the modulation term reads) -> each window's not-music score [K]
+        (None without a detector or features)."""
         if self.detector is None or features is None:
             return None
-        return self.detector.score(features)
+        return self.detector.score(features, windows, sample_rate)
 
     def save(self, path: str | os.PathLike) -> Path:
         from .io import atomic_write_text
@@ -499,6 +528,112 @@ def slog(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def modulation_depth(windows: np.ndarray, sample_rate: int) -> np.ndarray:
+    """How much a window's spectrum moves over time, in dB: windows float [K, L] at
+    ``sample_rate`` -> float64 [K] (NaN for a window with fewer than 4 blocks above
+    ``NOT_MUSIC_GATE_DB``: silence, zero padding, too short).
+
+    Power spectrogram (Hann frames of ~64 ms, half overlap) -> 16 log-spaced bands (60 Hz to
+    7 kHz) -> mean power per 0.25 s block -> per band, the standard deviation over the window's
+    blocks of 10 log10(power) -> the median over bands. In units of a level ratio, so the
+    loudness of the recording does not matter; what does is whether anything changes: notes,
+    beats and words move band levels by several dB, stationary noise only by its estimation
+    noise (~0.6 dB here), a tone or hum not at all."""
+    import scipy.fft
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x = np.asarray(windows, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected windows [K, L], got shape {x.shape}")
+    sr = int(sample_rate)
+    n_fft = 1 << int(np.round(np.log2(_DEPTH_FRAME_S * sr)))
+    hop = n_fft // 2
+    out = np.full(len(x), np.nan)
+    n_frames = 1 + (x.shape[1] - n_fft) // hop if x.shape[1] >= n_fft else 0
+    per = max(1, int(round(_DEPTH_BLOCK_S * sr / hop)))
+    n_blocks = n_frames // per
+    if n_blocks < 4:
+        return out
+    w = np.hanning(n_fft).astype(np.float32)
+    f = np.fft.rfftfreq(n_fft, 1 / sr)
+    edges = np.geomspace(_DEPTH_FMIN, min(_DEPTH_FMAX, 0.45 * sr), _DEPTH_BANDS + 1)
+    lo, hi = np.searchsorted(f, edges[:-1]), np.searchsorted(f, edges[1:])
+    starts = lo[hi > lo]  # the bands' first FFT bins (bands without a bin at this resolution left out)
+    if len(starts) == 0:  # a sample rate too low for any band
+        return out
+    w2 = float((w.astype(np.float64) ** 2).mean())
+    for k, y in enumerate(x):  # one window at a time: a long stream's windows never all sit in memory
+        fr = sliding_window_view(y, n_fft)[::hop][: n_blocks * per] * w  # [T, n_fft]
+        spec = scipy.fft.rfft(fr, axis=1, workers=1)
+        # contiguous bins summed per band (no BLAS call: its thread team costs more than the sum)
+        power = np.add.reduceat(spec.real[:, : hi[-1]] ** 2 + spec.imag[:, : hi[-1]] ** 2, starts, axis=1)  # [T, B]
+        level = np.einsum("ij,ij->i", fr, fr, dtype=np.float64) / fr.shape[1] / w2  # mean square, 1.0: full scale
+        blocks = power.astype(np.float64).reshape(n_blocks, per, -1).mean(axis=1)
+        loud = 10 * np.log10(level.reshape(n_blocks, per).mean(axis=1) + 1e-20) >= NOT_MUSIC_GATE_DB
+        if loud.sum() >= 4:
+            out[k] = float(np.median((10 * np.log10(blocks[loud] + 1e-12)).std(axis=0)))
+    return out
+
+
+def track_depths(
+    paths: dict[str, Any], sample_rate: int, audio, segment, max_tracks: int = NOT_MUSIC_DEPTH_TRACKS, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """track id -> ``modulation_depth`` of each of its windows [K], decoded as a tagger of the
+    run cuts them (clip policy ``audio``, ``sample_rate``, windows and hop ``segment``; the same
+    calls as ``Tagger.clip_windows``). At most ``max_tracks`` tracks (a seeded sample); files that
+    cannot be decoded are left out."""
+    from .audio import decoding
+    from .audio.segments import segment as cut
+
+    ids = sorted(paths)
+    if len(ids) > max_tracks:
+        ids = sorted(np.random.default_rng(seed).choice(ids, max_tracks, replace=False).tolist())
+    out: dict[str, np.ndarray] = {}
+    for t in ids:
+        try:
+            y = decoding.load(paths[t], sample_rate, audio, min_duration_s=segment.segment_s, notes=[])
+            frames = cut(y, sample_rate, segment)[0]
+        except (EmbedkitError, OSError, ValueError):
+            continue
+        if len(frames):
+            out[t] = modulation_depth(frames, sample_rate)
+    return out
+
+
+def training_depths(
+    paths: dict[str, Any], sample_rate: int | None, preprocess: dict[str, Any] | None
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """(``track_depths`` of a head run's training tracks, cut with the run's preprocessing
+    {"audio", "segments"} at the backbone's ``sample_rate``, or None; why there are none).
+    Kept for the next call on the same files (a pipeline fits several heads on one dataset)."""
+    from .config import PreprocessConfig
+
+    if not sample_rate:
+        return None, "the backbone spec records no sample rate"
+    prep = PreprocessConfig.from_dict(preprocess or {})
+
+    def stamp(path) -> tuple:
+        try:
+            st = os.stat(path)
+            return (str(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            return (str(path), None, None)
+
+    key = (
+        int(sample_rate),
+        json.dumps(prep.to_dict(), sort_keys=True),
+        tuple(sorted((t, *stamp(p)) for t, p in paths.items())),
+    )
+    if key not in _DEPTHS_SEEN:
+        _DEPTHS_SEEN.clear()  # one dataset at a time: a long-lived process does not accumulate them
+        _DEPTHS_SEEN[key] = track_depths(paths, int(sample_rate), prep.audio, prep.segments)
+    d = _DEPTHS_SEEN[key]
+    return (d, "") if d else (None, "none of the training tracks' audio could be decoded at fit time")
+
+
+_DEPTHS_SEEN: dict[tuple, dict[str, np.ndarray]] = {}
+
+
 @dataclass(eq=False)
 class NotMusicDetector:
     """How unlike the training music a window is: the squared Mahalanobis distance of its
@@ -506,8 +641,13 @@ class NotMusicDetector:
     the embedding has more than ``NOT_MUSIC_MAX_DIM`` dimensions) under the training windows'
     covariance shrunk towards its mean variance by ``shrinkage`` (``precision`` [d, d] is its
     inverse), divided by the dimension d: about 1 for a typical training window. ``score``
-    (features [K, D]) -> [K]; a track's score is the mean of its windows'. ``fitted_on``:
-    windows, tracks, the embedding it reads."""
+    (features [K, D], and for a detector with the modulation term the windows [K, L] and their
+    sample rate) -> [K]; a track's score is the mean of its windows'. ``fitted_on``: windows,
+    tracks, the embedding it reads.
+
+    modulation: None (the embedding score alone: method "mahalanobis-slog"), or the modulation
+    term's references {"depth_ref": dB, "embedding_ref": score, "cap": ratio} (method
+    "mahalanobis-slog+modulation", see the module docstring)."""
 
     center: np.ndarray
     precision: np.ndarray
@@ -515,32 +655,73 @@ class NotMusicDetector:
     shrinkage: float = NOT_MUSIC_SHRINKAGE
     method: str = "mahalanobis-slog"
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    modulation: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.method = "mahalanobis-slog" if self.modulation is None else "mahalanobis-slog+modulation"
 
     def __eq__(self, other) -> bool:  # arrays compare by value (Calibrations compare equal after a reload)
         if not isinstance(other, NotMusicDetector):
             return NotImplemented
         same = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))  # noqa: E731
-        return (self.shrinkage, self.method, self.fitted_on) == (
+        return (self.shrinkage, self.method, self.fitted_on, self.modulation) == (
             other.shrinkage,
             other.method,
             other.fitted_on,
+            other.modulation,
         ) and all(same(getattr(self, n), getattr(other, n)) for n in ("center", "precision", "proj"))
 
     @property
     def dim(self) -> int:
         return int(self.center.shape[0])
 
+    @property
+    def modulation_note(self) -> str | None:
+        """Why this detector reads the embedding alone (None when it has the modulation term)."""
+        if self.modulation is not None:
+            return None
+        why = self.fitted_on.get("modulation")  # the reason, when fitted without training audio
+        return why if isinstance(why, str) else "made before the modulation term: the embedding score alone"
+
     def _reduced(self, features: np.ndarray) -> np.ndarray:
         y = slog(features) - self.center
         return y if self.proj is None else y @ self.proj
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Window embeddings [K, D] -> not-music score per window float64 [K]."""
+    def embedding_score(self, features: np.ndarray) -> np.ndarray:
+        """Window embeddings [K, D] -> the Mahalanobis part of the score per window float64 [K]."""
         x = np.asarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise CalibrationError(f"the not-music detector takes embeddings [K, {self.dim}], got shape {x.shape}")
         y = self._reduced(x).astype(np.float64)
         return ((y @ self.precision) * y).sum(axis=1) / self.precision.shape[0]
+
+    def combine(self, m: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """Embedding scores [K] and modulation depths [K] (NaN: not measured) -> window scores
+        [K]: ``max(m, embedding_ref * min(depth_ref / depth, cap))``; m alone where depth is NaN."""
+        mod = self.modulation
+        m = np.asarray(m, dtype=np.float64)
+        if mod is None:
+            return m
+        d = np.asarray(depth, dtype=np.float64)
+        ratio = mod["depth_ref"] / np.maximum(np.where(np.isnan(d), np.inf, d), mod["depth_ref"] / mod["cap"])
+        return np.maximum(m, mod["embedding_ref"] * ratio)
+
+    def score(
+        self, features: np.ndarray, windows: np.ndarray | None = None, sample_rate: int | None = None
+    ) -> np.ndarray:
+        """Window embeddings [K, D] (and, for a detector with the modulation term, the same
+        windows' waveforms [K, L] at ``sample_rate``) -> not-music score per window float64 [K]."""
+        m = self.embedding_score(features)
+        if self.modulation is None:
+            return m
+        if windows is None or sample_rate is None:
+            raise CalibrationError("this not-music detector also reads the windows' waveforms (and their sample rate)")
+        w = np.asarray(windows)
+        if w.ndim != 2 or len(w) != len(m):
+            raise CalibrationError(
+                f"expected the {len(m)} windows [K, L] the embeddings came from, got shape {w.shape}"
+            )
+        return self.combine(m, modulation_depth(w, sample_rate))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -550,13 +731,15 @@ class NotMusicDetector:
             "precision": _b64(self.precision, np.float32),
             "proj": None if self.proj is None else _b64(self.proj, np.float32),
             "fitted_on": self.fitted_on,
+            **({} if self.modulation is None else {"modulation": dict(self.modulation)}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NotMusicDetector":
-        if not isinstance(d, dict) or d.get("method") != "mahalanobis-slog":
+        methods = ("mahalanobis-slog", "mahalanobis-slog+modulation")
+        if not isinstance(d, dict) or d.get("method") not in methods:
             raise CalibrationError(
-                f"unknown not-music method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows 'mahalanobis-slog'"
+                f"unknown not-music method {d.get('method') if isinstance(d, dict) else d!r}; this embedkit knows {', '.join(repr(m) for m in methods)}"
             )
         center, prec = _unb64(d["center"]), _unb64(d["precision"])
         proj = None if d.get("proj") is None else _unb64(d["proj"])
@@ -568,28 +751,68 @@ class NotMusicDetector:
             or (proj is None and k != len(center))
         ):
             raise CalibrationError("malformed not-music detector (shapes of center, precision and proj disagree)")
-        return cls(center, prec, proj, float(d["shrinkage"]), d["method"], dict(d.get("fitted_on") or {}))
+        mod = None
+        if d["method"] == "mahalanobis-slog+modulation":
+            mod = {k: float(d["modulation"][k]) for k in ("depth_ref", "embedding_ref", "cap")}
+            if not all(np.isfinite(v) and v > 0 for v in mod.values()):
+                raise CalibrationError(f"malformed not-music detector (modulation references must be > 0, got {mod})")
+        return cls(center, prec, proj, float(d["shrinkage"]), d["method"], dict(d.get("fitted_on") or {}), mod)
 
     @classmethod
     def fit(cls, windows: np.ndarray, shrinkage: float = NOT_MUSIC_SHRINKAGE, max_dim: int = NOT_MUSIC_MAX_DIM):
-        """Training window embeddings [N, D] -> a detector."""
+        """Training window embeddings [N, D] -> a detector (the embedding score alone; the
+        modulation term is added by ``fit_not_music``)."""
         x = np.asarray(windows, dtype=np.float32)
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"expected training embeddings [N >= 2, D], got shape {x.shape}")
-        z = slog(x)
-        center = z.mean(axis=0)
-        y = (z - center).astype(np.float64)
+        return cls.from_moments(_Moments.of(x), shrinkage, max_dim)
+
+    @classmethod
+    def from_moments(cls, mom: "_Moments", shrinkage: float = NOT_MUSIC_SHRINKAGE, max_dim: int = NOT_MUSIC_MAX_DIM):
+        """The detector of the windows whose ``_Moments`` (of their slog embeddings) are given:
+        the same as ``fit`` on them, without the windows (cross-fitting subtracts one part's
+        moments from the whole's instead of going over the other parts' windows again).
+        Large embeddings keep their top principal directions: the covariance's leading
+        eigenvectors (those of the centred windows' SVD)."""
+        if mom.n < 2:
+            raise ValueError(f"expected at least 2 training windows, got {mom.n}")
+        center = mom.s / mom.n
+        cov = mom.q / mom.n - np.outer(center, center)
         proj = None
-        if y.shape[1] > max_dim:  # large embeddings (PANNs: 2048): their top principal directions
-            _, _, vt = np.linalg.svd(y, full_matrices=False)
-            proj = vt[:max_dim].T.astype(np.float32)
-            y = y @ proj
-        cov = y.T @ y / len(y)
+        if cov.shape[0] > max_dim:  # large embeddings (PANNs: 2048): their top principal directions
+            w, v = np.linalg.eigh(cov)
+            proj = v[:, np.argsort(w)[::-1][:max_dim]]
+            cov = proj.T @ cov @ proj
+            proj = proj.astype(np.float32)
         d = cov.shape[0]
         mu = float(np.trace(cov)) / d
         shrunk = (1 - shrinkage) * cov + shrinkage * max(mu, 1e-12) * np.eye(d)
         prec = np.linalg.inv(shrunk).astype(np.float32)
         return cls(center.astype(np.float32), prec, proj, float(shrinkage))
+
+
+@dataclass
+class _Moments:
+    """Count, sum [D] and sum of outer products [D, D] (float64) of slog window embeddings."""
+
+    n: int
+    s: np.ndarray
+    q: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "_Moments":
+        z = slog(np.asarray(x, dtype=np.float32)).astype(np.float64)
+        return cls(len(z), z.sum(axis=0), z.T @ z)
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.n + other.n, self.s + other.s, self.q + other.q)
+
+    def __sub__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.n - other.n, self.s - other.s, self.q - other.q)
+
+
+#: the part of tracks that are only references (held out in no part)
+_REFERENCE_ONLY = object()
 
 
 def select_not_music_threshold(
@@ -603,36 +826,87 @@ def select_not_music_threshold(
     return round(float(np.quantile(s, quantile)) * margin, 4)
 
 
-def held_out_not_music_scores(features: dict[str, np.ndarray], parts: dict[str, str]) -> dict[str, float]:
-    """Each held-out track's score from a detector fitted on the windows of every track outside
-    its part. features: track id -> window embeddings [K, D] (every track the run has, training
-    tracks included); parts: held-out track id -> its part (fold). Tracks of no part are only
-    references."""
-    out: dict[str, float] = {}
-    ids = list(features)
-    for g in dict.fromkeys(parts.values()):
-        ref = [t for t in ids if parts.get(t) != g]
-        if not ref:
+def held_out_window_scores(features: dict[str, np.ndarray], parts: dict[str, str]) -> dict[str, np.ndarray]:
+    """Each held-out track's embedding score per window [K] from a detector fitted on the
+    windows of every track outside its part. features: track id -> window embeddings [K, D]
+    (every track the run has, training tracks included); parts: held-out track id -> its part
+    (fold). Tracks of no part are only references."""
+    out: dict[str, np.ndarray] = {}
+    ids = [t for t in features if len(features[t])]
+    if not ids:
+        return out
+    # one pass over the windows: each part's moments, and the whole's; a part's detector is
+    # fitted on the whole's moments minus the part's (the same sums, not a second pass)
+    members: dict[Any, list[str]] = {}
+    for t in ids:
+        members.setdefault(parts.get(t, _REFERENCE_ONLY), []).append(t)
+    mom = {g: _Moments.of(np.concatenate([features[t] for t in ts])) for g, ts in members.items()}
+    total = functools.reduce(lambda a, b: a + b, mom.values())
+    for g in (g for g in members if g is not _REFERENCE_ONLY):
+        ref = total - mom[g]
+        if ref.n < 2:
             continue
-        det = NotMusicDetector.fit(np.concatenate([features[t] for t in ref]))
+        det = NotMusicDetector.from_moments(ref)
         for t in (t for t in ids if parts.get(t) == g):
-            out[t] = float(det.score(features[t]).mean())
+            out[t] = det.embedding_score(features[t])
     return out
 
 
+def held_out_not_music_scores(features: dict[str, np.ndarray], parts: dict[str, str]) -> dict[str, float]:
+    """Each held-out track's embedding score (the mean of ``held_out_window_scores``)."""
+    return {t: float(s.mean()) for t, s in held_out_window_scores(features, parts).items()}
+
+
 def fit_not_music(
-    features: dict[str, np.ndarray], parts: dict[str, str], what: str = "embedding"
+    features: dict[str, np.ndarray],
+    parts: dict[str, str],
+    what: str = "embedding",
+    depths: dict[str, np.ndarray] | None = None,
+    why_no_depths: str = "no training audio given",
 ) -> tuple[NotMusicDetector | None, float | None, dict[str, Any]]:
     """The run's not-music detector (every track's windows as references) and its threshold,
-    chosen on held-out scores (``held_out_not_music_scores``, ``select_not_music_threshold``).
-    Returns (detector, threshold, the metrics.json "not_music" block); (None, None, block with
-    the reason) when there is nothing held out to choose on."""
+    chosen on held-out scores (``held_out_window_scores``, ``select_not_music_threshold``).
+
+    depths: track id -> ``modulation_depth`` of the same windows as ``features`` (``track_depths``);
+    with them the detector gets the modulation term, its references chosen on the training
+    tracks (``embedding_ref``: the 99 % quantile of the held-out embedding scores; ``depth_ref``:
+    the 1 % quantile of the training windows' depth), and the threshold is chosen on the
+    held-out tracks' combined scores (those with depths). None or empty: the embedding score
+    alone, ``why_no_depths`` recorded. Returns (detector, threshold, the metrics.json "not_music"
+    block); (None, None, block with the reason) when there is nothing held out to choose on."""
     feats = {t: np.asarray(f, dtype=np.float32) for t, f in features.items() if len(f)}
-    held = held_out_not_music_scores(feats, {t: g for t, g in parts.items() if t in feats})
-    if not held or not feats:
+    held_w = held_out_window_scores(feats, {t: g for t, g in parts.items() if t in feats})
+    if not held_w or not feats:
         return None, None, {"why_none": "no held-out tracks with embeddings"}
     det = NotMusicDetector.fit(np.concatenate(list(feats.values())))
     det.fitted_on = {"n_tracks": len(feats), "n_windows": int(sum(len(f) for f in feats.values())), "embedding": what}
+    m = np.array([s.mean() for s in held_w.values()])
+    # a track's depths pair with its windows only when both came from the same cut
+    dep = {
+        t: np.asarray(d, dtype=np.float64) for t, d in (depths or {}).items() if t in feats and len(d) == len(feats[t])
+    }
+    measured = np.concatenate(list(dep.values())) if dep else np.zeros(0)
+    measured = measured[~np.isnan(measured)]
+    mod_block: dict[str, Any]
+    if len(measured) and any(t in dep for t in held_w):
+        det.modulation = {
+            "depth_ref": max(float(np.quantile(measured, NOT_MUSIC_DEPTH_QUANTILE)), 1e-3),
+            "embedding_ref": float(np.quantile(m, NOT_MUSIC_QUANTILE)),
+            "cap": NOT_MUSIC_DEPTH_CAP,
+        }
+        det.method = "mahalanobis-slog+modulation"
+        held = {t: float(det.combine(s, dep[t]).mean()) for t, s in held_w.items() if t in dep}
+        det.fitted_on["modulation"] = {"n_tracks": len(dep), "n_windows": int(len(measured))}
+        mod_block = {
+            **det.modulation,
+            "rule": f"window score max(m, embedding_ref x min(depth_ref / depth, cap)); depth_ref: the {NOT_MUSIC_DEPTH_QUANTILE:.0%} quantile of {len(measured)} training windows' modulation depth (dB)",
+            "n_tracks": len(dep),
+        }
+    else:
+        why = why_no_depths if not depths else "the training audio's windows did not match the embeddings' windows"
+        det.fitted_on["modulation"] = f"no modulation term: {why}; the embedding score alone"
+        held = {t: float(s.mean()) for t, s in held_w.items()}
+        mod_block = {"why_none": why}
     s = np.array(list(held.values()))
     t = select_not_music_threshold(s)
     block = {
@@ -647,6 +921,7 @@ def fit_not_music(
             "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.99")},
             "max": float(s.max()),
         },
+        "modulation": mod_block,
         "dimensions": int(det.precision.shape[0]),
     }
     return det, t, block
@@ -857,7 +1132,12 @@ def evaluate_calibration(
 
 
 def calibrate_run(
-    ev, run_dir: str | os.PathLike, features: dict[str, np.ndarray] | None = None, what: str = "embedding"
+    ev,
+    run_dir: str | os.PathLike,
+    features: dict[str, np.ndarray] | None = None,
+    what: str = "embedding",
+    depths: dict[str, np.ndarray] | None = None,
+    why_no_depths: str = "no training audio given",
 ) -> dict[str, Any]:
     """The one call a trainer makes when its run is finished: fit the calibration on the
     Evaluation's out-of-fold tracks, write ``run_dir/calibration.json``, and return the
@@ -866,7 +1146,9 @@ def calibrate_run(
 
     features: track id -> the model's window embeddings [K, D] of every track of the run (the
     training ones too): the not-music detector and its threshold (``fit_not_music``, the block's
-    "not_music"); None: no detector."""
+    "not_music"); None: no detector. depths: track id -> ``modulation_depth`` of the same windows
+    (``track_depths``): the detector's modulation term; None: the embedding score alone, for
+    the reason ``why_no_depths``."""
     df, p = ev.track_probabilities()
     cal, block = evaluate_calibration(p, df["true"].to_numpy(), df["fold"].to_numpy(), ev.labels)
     # the genre mix the model was trained on: `embedkit monitor` measures drift against it
@@ -882,7 +1164,9 @@ def calibrate_run(
             # deployed network saw them all either way)
             ids = sorted(feats)
             parts = {t: f"part{i % NOT_MUSIC_PARTS}" for i, t in enumerate(ids)}
-        det, t, block["not_music"] = fit_not_music(feats, parts, what)
+        det, t, block["not_music"] = fit_not_music(
+            feats, parts, what, None if depths is None else {str(k): v for k, v in depths.items()}, why_no_depths
+        )
         if det is not None:
             cal.detector = det
             cal.rule = replace(cal.rule, not_music=t)

@@ -31,13 +31,17 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, ConfigMismatchError, DatasetError, EmbedkitError, StoreError
+from .backbones.fused import is_fused
+from .embeddings import dataset_tracks, extraction_cost, open_store, read_embeddings  # noqa: F401  (public here too)
+from .errors import ConfigError
+from .fusion import FusedStores, head_run_name
 from .heads import (
     BUNDLE_FILE,
     HEADS,
     SEARCH_SPACE,
     HeadBundle,
     default_pca,
+    fusion_pipeline,
     head_config,
     load_bundle,
     make_head,
@@ -58,62 +62,6 @@ class FitResult:
 # inputs
 
 
-def open_store(backbone: str | None = None, cache: str | os.PathLike = "cache", store=None):
-    """The store to use: ``store`` (a Store or its directory) when given - it must hold
-    ``backbone``'s embeddings - else the one store of ``backbone`` under ``cache``."""
-    from .store import Store, find_store
-
-    if store is None:
-        if not backbone:
-            raise EmbedkitError("name a backbone (--backbone) or a store (--store)")
-        return find_store(cache, backbone)
-    st = store if isinstance(store, Store) else Store(Path(store))
-    name = st.meta()["backbone"]["name"]  # StoreError when it is not a store
-    if backbone and name != backbone:
-        raise ConfigMismatchError(f"{st.root}: store holds {name} embeddings, not {backbone}")
-    return st
-
-
-def dataset_tracks(st, tracks: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The tracks to train or predict on, with their fingerprints: ``tracks`` when given (files
-    fingerprinted, unchanged ones from the store's record without reading them; unreadable ones
-    are left out), else the dataset extracted last into the store (the store's record: labels,
-    splits and groups as they were then; no audio is read)."""
-    if tracks is None:
-        return st.dataset_tracks()
-    return st.fingerprinted(tracks)
-
-
-def read_embeddings(
-    st, output: str = "embedding", tracks: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """(segment table, X float32 [N, D]) of the tracks of a dataset in a store: ``tracks`` when
-    given, else the dataset extracted last into the store (``dataset_tracks``). Rows are joined
-    on the content fingerprint; track ids, labels, splits and groups come from the dataset.
-    Refuses NaN/inf rows."""
-    t = dataset_tracks(st, tracks)
-    seg, X = st.read_tracks(t, output)
-    if not len(seg):
-        raise DatasetError(
-            f"none of the {len(t)} tracks of {t.attrs.get('source') or 'the dataset'} is in the store {st.root}: run `embedkit extract` on it first"
-        )
-    seg.attrs["missing_from_store"] = int(len(t) - seg["track_id"].nunique())
-    seg.attrs["source"] = t.attrs.get("source", "")
-    bad_rows = _nonfinite_rows(X)
-    if len(bad_rows):
-        bad_tracks = seg["track_id"].iloc[bad_rows].unique()
-        raise StoreError(
-            f"{st.root}: {len(bad_rows)} segment(s) of {len(bad_tracks)} track(s) have NaN/inf embeddings (first: {bad_tracks[0]}); delete the store and extract again"
-        )
-    return seg, X
-
-
-def _nonfinite_rows(X: np.ndarray, block: int = 8192) -> np.ndarray:
-    # Row blocks: np.isfinite on the whole matrix would allocate N x D booleans.
-    out = [a + np.flatnonzero(~np.isfinite(X[a : a + block]).all(axis=1)) for a in range(0, len(X), block)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=int)
-
-
 def _track_table(seg: pd.DataFrame, source: str) -> pd.DataFrame:
     cols = [c for c in ("track_id", "path", "label", "split", "group") if c in seg]
     t = seg[cols].drop_duplicates("track_id").reset_index(drop=True)
@@ -126,21 +74,6 @@ def _track_table(seg: pd.DataFrame, source: str) -> pd.DataFrame:
         first is not None and len(first.parents) > 1 and (first.parents[1] / "SYNTHETIC").exists()
     )
     return t
-
-
-def extraction_cost(st) -> dict[str, float] | None:
-    """Cumulative extraction wall time / tracks of a store, when recorded (store.json
-    "extraction" or the extract_timing.json that ``extract`` accumulates), as {"seconds", "tracks", "ms_per_track"}."""
-    from .extract import read_timing
-
-    rec = st.meta().get("extraction") or read_timing(st.root)
-    if not rec or not rec.get("tracks"):
-        return None
-    return {
-        "seconds": float(rec["seconds"]),
-        "tracks": int(rec["tracks"]),
-        "ms_per_track": 1000.0 * float(rec["seconds"]) / int(rec["tracks"]),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +134,11 @@ class _Trainer:
         seed: int,
         params: dict | None,
         threads: int | None,
+        fusion: dict | None = None,
     ):
         self.head, self.X, self.y, self.seg_ids, self.groups = head, X, y, seg_ids, groups
         self.labels, self.pca, self.seed, self.params, self.threads = labels, pca, seed, dict(params or {}), threads
+        self.fusion = fusion
 
     def make(self, rows: np.ndarray, extra: dict | None = None):
         params = {**self.params, **(extra or {})}
@@ -214,7 +149,11 @@ class _Trainer:
             pca = min(pca, len(rows) - 1)
             if pca >= self.X.shape[1] or pca < 1:
                 pca = None
-        return make_head(self.head, params, pca, self.seed)
+        return (
+            fusion_pipeline(self.head, params, pca, self.seed, self.fusion)
+            if self.fusion
+            else make_head(self.head, params, pca, self.seed)
+        )
 
     def fit(self, rows: np.ndarray, extra: dict | None = None):
         model = self.make(rows, extra)
@@ -263,6 +202,8 @@ def fit_head(
     threads: int | None = None,
     folds: list | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fusion: str = "concat",
+    weighting: str | list[float] = "equal",
 ) -> FitResult:
     """Train ``head`` on a backbone's stored embeddings, evaluate per track, write a run.
 
@@ -279,6 +220,9 @@ def fit_head(
     folds: ready-made folds (the pipeline makes them once for every approach) instead of making
         them from the protocol; tracks missing from the store are left out of them.
     run_dir: exact run directory (default ``runs/<new run id>``). progress(done, total) per fit.
+    fusion / weighting: for a fused backbone ("a+b", ``embedkit.fusion``; each part's store
+        under ``cache``): "concat" (one head on the joined windows, parts weighted by
+        ``weighting``: "equal" | "none" | numbers) or "stack" (``heads.fused.StackedHead``).
     Returns FitResult(run_dir, metrics, bundle).
     """
     from .evaluate import Evaluation, dataset_summary, make_folds, protocol_dict, with_validation, write_metrics
@@ -292,15 +236,42 @@ def fit_head(
         raise ConfigError(f"pca must be >= 0 (0 disables PCA), got {pca}", field="pca")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}", field="threads")
-    st = open_store(backbone, cache, store)
-    smeta = st.meta()
+    fcfg = None
+    if is_fused(backbone):
+        from .backbones.fused import part_dims
+        from .fusion import FusionConfig, check_fusion, open_stores
+
+        if store is not None and not isinstance(store, FusedStores):
+            raise ConfigError(
+                "--store names one backbone's store; a fused backbone reads each part's store under --cache",
+                field="store",
+            )
+        check_fusion(fusion, weighting)
+        st = store if store is not None else open_stores(backbone, cache)
+        smeta = {
+            "backbone": st.spec(),
+            "preprocess": st.preprocess(),
+            "weights_id": st.weights_id(),
+            "devices": st.metas[0].get("devices"),
+        }
+        # part weights belong to the concatenation; a stack weighs its parts by what it learns
+        w = weighting if fusion == "concat" else None
+        fcfg = FusionConfig(tuple(st.parts), tuple(part_dims(smeta["backbone"])), fusion, w)
+    else:
+        st = open_store(backbone, cache, store)
+        smeta = st.meta()
     spec = smeta["backbone"]
     backbone = spec["name"]
     if data is not None and tracks is None:
         from .datasets import load_dataset
 
         tracks = load_dataset(data, audio_dir=audio_dir, labels_from_tags=labels_from_tags)
-    seg, X = read_embeddings(st, output, tracks)
+    if fcfg is not None:
+        from .fusion import read_fused
+
+        seg, X = read_fused(st, tracks, output)
+    else:
+        seg, X = read_embeddings(st, output, tracks)
     source = str(seg.attrs.get("source") or os.path.commonpath(list(seg["path"].unique())))
     table = _track_table(seg, source)
     if tracks is not None:  # what the dataset says of itself (a tag library: taxonomy, artist groups)
@@ -325,9 +296,13 @@ def fit_head(
     rows_of = {t: np.asarray(r) for t, r in seg.groupby("track_id", sort=False).indices.items()}
     rows = lambda ids: np.sort(np.concatenate([rows_of[t] for t in ids])) if len(ids) else np.zeros(0, dtype=int)  # noqa: E731
     pca_n = default_pca(head, X.shape[1]) if pca is None else (pca or None)
-    trainer = _Trainer(head, X, y, seg_ids, groups, labels, pca_n, seed, params, threads)
+    if fcfg is not None and fcfg.fusion == "stack":
+        pca_n = None  # each part's head takes its own default (heads.fused.StackedHead)
+    trainer = _Trainer(
+        head, X, y, seg_ids, groups, labels, pca_n, seed, params, threads, fcfg.head_fusion() if fcfg else None
+    )
 
-    name = name or f"{backbone}+{head}"
+    name = name or head_run_name(backbone, head, fcfg.fusion if fcfg else "concat")
     ev = Evaluation(labels)
     n_fits = len(folds) + (1 if proto == "cv" else 0)
     if progress:
@@ -377,6 +352,8 @@ def fit_head(
         "output": output,
         "threads": threads,
     }
+    if fcfg is not None:
+        config["fusion"] = fcfg.to_dict()
     scores = {
         k2: m[k2]
         for k2 in ("track_accuracy", "track_accuracy_vote", "track_accuracy_mean_prob", "segment_accuracy", "macro_f1")
@@ -404,7 +381,12 @@ def fit_head(
             "what": "all tracks (after CV)" if proto == "cv" else f"the training part of the {proto}",
         },
     )
-    cost = extraction_cost(st)
+    if fcfg is not None:
+        from .fusion import extraction_cost as fused_cost
+
+        cost = fused_cost(st)
+    else:
+        cost = extraction_cost(st)
     n_segments = len(seg)
     record = RunRecord(
         run_id=run_id,
@@ -436,12 +418,20 @@ def fit_head(
         "extract_ms_per_track": cost["ms_per_track"] if cost else None,
         "extraction": cost,
         "bundle": BUNDLE_FILE,
-        "store": str(st.root),
+        "store": str(st.root) if fcfg is None else None,
     }
-    if head == "lgbm":
+    if fcfg is not None:
+        metrics["stores"] = {p: str(s.root) for p, s in zip(st.parts, st.stores)}
+    if head == "lgbm" and hasattr(model.named_steps["head"], "n_leaves_"):
         metrics["n_leaves"] = model.named_steps["head"].n_leaves_
     # the not-music detector reads what the head reads: each track's windows of X
     features = {str(t): X[r] for t, r in rows_of.items()}
+    # ... and, for its modulation term, the same windows of the training audio
+    from .calibration import training_depths
+
+    depths = training_depths(
+        {str(t): paths[t] for t in rows_of if t in paths}, spec.get("sample_rate"), smeta.get("preprocess")
+    )
     out = _write_run(
         Path(run_dir) if run_dir is not None else Path(runs) / run_id,
         bundle,
@@ -450,12 +440,20 @@ def fit_head(
         write_metrics,
         features,
         output,
+        depths,
     )
     return FitResult(out, json.loads((out / "metrics.json").read_text()), bundle)
 
 
 def _write_run(
-    final: Path, bundle: HeadBundle, metrics: dict[str, Any], ev, write_metrics, features=None, output="embedding"
+    final: Path,
+    bundle: HeadBundle,
+    metrics: dict[str, Any],
+    ev,
+    write_metrics,
+    features=None,
+    output="embedding",
+    depths: tuple[dict[str, np.ndarray] | None, str] = (None, "no training audio given"),
 ) -> Path:
     """Build the run directory under a temporary name, then rename it into place."""
     from .calibration import calibrate_run
@@ -467,7 +465,9 @@ def _write_run(
         tmp.mkdir()
         metrics["model_bytes"] = save_bundle(tmp / BUNDLE_FILE, bundle)
         ev.predictions().to_csv(tmp / "predictions.csv", index=False)
-        metrics["calibration"] = calibrate_run(ev, tmp, features, what=f"backbone {output} (the head's input)")
+        metrics["calibration"] = calibrate_run(
+            ev, tmp, features, f"backbone {output} (the head's input)", depths[0], depths[1]
+        )
         write_metrics(tmp, metrics)
         if final.exists():  # an unfinished run of the same id (the caller decided to redo it)
             shutil.rmtree(final)
@@ -499,8 +499,18 @@ def predict_store(
     preprocessing. Returns (DataFrame track_id, path, label, pred, pred_vote, confidence,
     p_<label>..., in_training), bundle)."""
     b = load_bundle(bundle_path)
-    st = open_store(None if store is not None else b.spec["name"], cache, store)
-    smeta = st.meta()
+    if is_fused(b.spec.get("name")):  # every part's store under cache (embedkit.fusion)
+        from .fusion import open_stores, read_fused
+
+        if store is not None:
+            raise ConfigError(
+                "--store names one backbone's store; a fused head reads each part's store under --cache", field="store"
+            )
+        fs = open_stores(b.spec["name"], cache)
+        smeta = {"backbone": fs.spec(), "preprocess": fs.preprocess(), "weights_id": fs.weights_id()}
+    else:
+        st = open_store(None if store is not None else b.spec["name"], cache, store)
+        smeta = st.meta()
     b = load_bundle(
         bundle_path,
         expect_spec=smeta["backbone"],
@@ -511,7 +521,10 @@ def predict_store(
         from .datasets import load_dataset
 
         tracks = load_dataset(data, audio_dir=audio_dir)
-    seg, X = read_embeddings(st, b.output, tracks)
+    if is_fused(b.spec.get("name")):
+        seg, X = read_fused(fs, tracks, b.output)
+    else:
+        seg, X = read_embeddings(st, b.output, tracks)
     df = b.predict_tracks(seg["track_id"].to_numpy(), X)
     info = seg.drop_duplicates("track_id").set_index("track_id")
     df.insert(1, "path", info.loc[df["track_id"], "path"].to_numpy())

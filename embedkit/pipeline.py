@@ -25,9 +25,12 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from .cnn.augment import AugmentConfig
+from .cnn.features import FeatureConfig
 from .cnn.loop import TrainConfig
 from .config import AudioConfig, PreprocessConfig, SegmentConfig
 from .errors import ConfigError, EmbedkitError
+from .fusion import head_run_name
 from .runs import check_cv, dataset_fingerprint, run_id  # noqa: F401  (run_id: the pipeline's run names)
 
 DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
@@ -40,14 +43,20 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class RunPlan:
     """What `embedkit run` does. Defaults are sized for a laptop CPU (2 cores: gtzan_mini,
-    100 clips, 5-fold CV, in about 20 minutes, most of it the scratch CNN's 5 x 40 epochs).
+    100 clips, 5-fold CV, in about 6 minutes, 5 of them the scratch CNN's folds and final model).
 
     cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
         holdout of ``test_size``.
     cnn_train: the scratch CNN's training config (its seed and segment length are the plan's).
-        The defaults (40 epochs, 3 crops per clip, cosine decay, SpecAugment) are the recipe
-        that measured best on gtzan_mini; see the README's results table.
-    cnn_augment: augmentations of the scratch CNN (see ``embedkit.cnn.augment``).
+    cnn_augment: which augmentations the scratch CNN uses (see ``embedkit.cnn.augment``);
+        cnn_augment_config: their ranges (its ``enabled`` is replaced by cnn_augment's).
+    cnn_features / cnn_channels: the CNN's log-mel front end and filters per conv block.
+        The cnn_* defaults are the best measured recipe of issue 26's ablation on gtzan_mini
+        (bench/bench_cnn_recipe.py -> bench/results/bench_cnn_recipe.json; 0.87 ± 0.08, as
+        accurate as the previous 44.1 kHz / 128-mel / 40-epoch recipe at a quarter of its
+        training step cost): the source's 22.05 kHz (nothing above 11 kHz exists in it), 96
+        mels, hop 512, filters 24-48-96-128, 24 epochs at lr 3e-3 with cosine decay, no
+        validation part, SpecAugment.
     finetune: backbone to fine-tune end to end (None: no fine-tuning).
     finetune_train: its training config (frozen epochs: a third of the epochs, 1 to 3).
     clip_s / segment_s: every clip is brought to clip_s and cut into segment_s windows.
@@ -62,8 +71,17 @@ class RunPlan:
     test_size: float = 0.2
     seed: int = 0
     cnn: bool = True
-    cnn_train: TrainConfig = TrainConfig(epochs=40, patience=10, crops_per_clip=3, lr_schedule="cosine")
+    # No validation part (val_size 0): the 15 % of each training part that early stopping held
+    # out trains too, and the last epoch is kept. Early stopping saved nothing with a cosine
+    # decay at lr 1e-3 (never triggered; best epoch 18-24 of 24 in all 10 folds) and cost
+    # accuracy at lr 3e-3 (two folds stopped at epochs 15 and 21 and were the run's worst).
+    cnn_train: TrainConfig = TrainConfig(epochs=24, lr=3e-3, val_size=0.0, crops_per_clip=3, lr_schedule="cosine")
     cnn_augment: str = "specaugment"
+    # SpecAugment widths in the old recipe's seconds / share of the bands: 20 frames at
+    # 43 frames/s = 0.46 s, 12 of 96 bands
+    cnn_augment_config: AugmentConfig = AugmentConfig(freq_width=12, time_width=20)
+    cnn_features: FeatureConfig = FeatureConfig(sample_rate=22050, n_fft=1024, hop_length=512, n_mels=96)
+    cnn_channels: tuple[int, ...] = (24, 48, 96, 128)
     finetune: str | None = None
     finetune_train: TrainConfig = TrainConfig(epochs=10, patience=3)
     clip_s: float = 30.0
@@ -117,9 +135,10 @@ class RunPlan:
 
     def validate(self) -> None:
         from .backbones import get_spec
+        from .backbones.fused import is_fused, parse_parts
 
         for b in self.backbones:
-            get_spec(b)  # unknown name -> BackboneError listing the valid ones
+            parse_parts(b) if is_fused(b) else get_spec(b)  # unknown name -> BackboneError listing the valid ones
         bad = [h for h in self.heads if h not in HEADS]
         if bad:
             raise ConfigError(f"unknown head {bad[0]!r}; choose from {', '.join(HEADS)}", field="heads")
@@ -234,6 +253,23 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
 def extract_stage(
     tracks: pd.DataFrame, backbone: str, plan: RunPlan, cache: Path, workers: int | None, log: Log
 ) -> dict[str, Any]:
+    from .backbones.fused import is_fused
+
+    if is_fused(backbone):  # each part's store, extracted (or found cached) like a single backbone's
+        from .fusion import FusedStores, parse_parts
+
+        parts = {p: extract_stage(tracks, p, plan, cache, workers, log) for p in parse_parts(backbone)}
+        costs = [e["extract_seconds"] for e in parts.values()]
+        ms = [e["extract_ms_per_track"] for e in parts.values()]
+        return {
+            "store": FusedStores(list(parts), [e["store"] for e in parts.values()]),
+            "n_extracted": sum(e["n_extracted"] for e in parts.values()),
+            "n_cached": sum(e["n_cached"] for e in parts.values()),
+            "n_failed": sum(e["n_failed"] for e in parts.values()),
+            "seconds": sum(e["seconds"] for e in parts.values()),
+            "extract_ms_per_track": None if None in ms else sum(ms),
+            "extract_seconds": None if None in costs else sum(costs),
+        }
     from .extract import extract
 
     t0 = time.perf_counter()
@@ -343,7 +379,7 @@ def head_stage(
         "prep": plan.prep.to_dict(),
         "weights": ext["store"].root.name,
     }
-    name = f"{backbone}+{head}"
+    name = head_run_name(backbone, head)
     run_dir = _run_dir(runs, "head", name, identity, fp)
     extra = {
         "extract_ms_per_track": ext["extract_ms_per_track"],
@@ -420,10 +456,10 @@ def cnn_stage(
     progress,
     folds=None,
 ) -> RunOutcome:
-    from .cnn.augment import AugmentConfig
     from .cnn.train import train_cnn
 
-    train, aug = plan.train_config("cnn"), AugmentConfig.parse(plan.cnn_augment)
+    train = plan.train_config("cnn")
+    aug = replace(plan.cnn_augment_config, enabled=AugmentConfig.parse(plan.cnn_augment).enabled)
     audio = AudioConfig(clip_s=plan.clip_s)
     common = _trainer_options(plan, folds, cache, threads, workers, progress)
     identity = {
@@ -433,6 +469,8 @@ def cnn_stage(
         "train": asdict(train),
         "augment": aug.to_dict(),
         "audio": asdict(audio),
+        "features": asdict(plan.cnn_features),
+        "channels": list(plan.cnn_channels),
     }
     return _trained(
         "cnn",
@@ -443,7 +481,15 @@ def cnn_stage(
         tracks,
         log,
         lambda run_dir, resume: train_cnn(
-            tracks, train=train, audio_cfg=audio, augment=aug, run_dir=run_dir, resume=resume, **common
+            tracks,
+            train=train,
+            channels=plan.cnn_channels,
+            features=plan.cnn_features,
+            audio_cfg=audio,
+            augment=aug,
+            run_dir=run_dir,
+            resume=resume,
+            **common,
         ),
     )
 
@@ -566,7 +612,7 @@ def run_all(
     # done and rewritten (atomically) after each later one, naming those still in progress, so
     # a newcomer sees the heads' results in minutes while the CNN trains.
     planned = (
-        [f"{b}+{h}" for b in plan.backbones for h in plan.heads]
+        [head_run_name(b, h) for b in plan.backbones for h in plan.heads]
         + (["cnn-scratch"] if plan.cnn else [])
         + ([f"finetune-{plan.finetune}"] if plan.finetune else [])
     )

@@ -456,7 +456,7 @@ def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
         (["--threads", "0"], "--threads must be >= 1"),
         (["--cv", "1"], "--cv needs K >= 2"),
         (["--mixup-alpha", "0", "--augment", "mixup"], "--mixup-alpha must be > 0"),
-        (["--lr-schedule", "step"], "--lr-schedule must be constant or cosine"),
+        (["--lr-schedule", "step"], "--lr-schedule must be constant, cosine or onecycle"),
         (["--crops-per-clip", "0"], "--crops-per-clip must be >= 1"),
         (["--clip", "4", "--segment", "3"], "--clip 4 s is shorter than the 5 s"),  # the 5 s crop does not fit
     ],
@@ -535,3 +535,43 @@ def test_keep_freed_memory_keeps_big_blocks_and_restores_the_default():
         assert rss_drop_after_free() < 50  # kept for the next allocation
     finally:
         keep_freed_memory(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and label smoothing
+
+
+def test_lr_schedules_cosine_and_onecycle():
+    cos = TrainConfig(epochs=10, lr_schedule="cosine")
+    assert cos.lr_factor(0) == 1.0 and cos.lr_factor(5) == pytest.approx(0.5)
+    one = TrainConfig(epochs=10, lr_schedule="onecycle")  # warm-up over 3 epochs, then cosine
+    f = [one.lr_factor(e) for e in range(10)]
+    assert f[0] == pytest.approx(0.1) and f[1] == pytest.approx(0.4) and f[3] == 1.0
+    assert all(a < b for a, b in zip(f[:3], f[1:4])) and all(a > b for a, b in zip(f[3:], f[4:]))
+    assert f[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 6 / 7)))
+    assert TrainConfig(lr_schedule="constant").lr_factor(7) == 1.0
+    with pytest.raises(ConfigError, match="lr_schedule must be constant, cosine or onecycle"):
+        TrainConfig(lr_schedule="step").validate()
+    with pytest.raises(ConfigError, match="label_smoothing must be in"):
+        TrainConfig(label_smoothing=1.0).validate()
+
+
+def test_label_smoothing_trains_against_smoothed_targets():
+    """The epoch's loss is the cross-entropy against (1 - e) * targets + e / C, so a network
+    that predicts the one-hot targets perfectly still has a loss under smoothing."""
+    from embedkit.cnn.loop import soft_cross_entropy, train_epoch
+
+    torch.manual_seed(0)
+    x, t = torch.randn(8, 5), torch.eye(4)[torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])]
+    losses = {}
+    for e in (0.0, 0.2):
+        net = torch.nn.Linear(5, 4)
+        with torch.no_grad():
+            net.weight.zero_()
+            net.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+        before = soft_cross_entropy(net(x), t * (1 - e) + e / 4).item()
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)  # no update: the reported loss is the start's
+        losses[e] = (train_epoch(net, opt, [(x, t)], label_smoothing=e)["loss"], before)
+    assert losses[0.0][0] == pytest.approx(losses[0.0][1])
+    assert losses[0.2][0] == pytest.approx(losses[0.2][1])
+    assert losses[0.2][0] > losses[0.0][0] + 0.1  # mostly-right confident predictions lose more

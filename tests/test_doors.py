@@ -164,6 +164,7 @@ def _decided(rows: dict) -> dict:
     return {p: (r["decision"], [g["label"] for g in r["genres"]]) for p, r in rows.items()}
 
 
+@pytest.mark.slow  # several seconds: the fast tier keeps a minute
 def test_every_door_gives_the_same_answer(model, clips, tmp_path):
     from embedkit.deploy.onnx_runtime import OnnxTagger
     from embedkit.deploy.serve import ServeConfig, create_app
@@ -516,6 +517,7 @@ def nm_model(runs, clips, tmp_path_factory):
     return run, onnx, files
 
 
+@pytest.mark.slow  # several seconds: the fast tier keeps a minute
 def test_not_music_through_every_door(nm_model, tmp_path):
     """The same decisions (not-music included) and scores from the library (torch, ONNX), `tag`
     (torch, ONNX), `serve` (run, .onnx) and `--write-tags --dry-run`, which writes nothing for it;

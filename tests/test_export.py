@@ -169,7 +169,9 @@ def test_musicnn_lr_and_mlp_parity_and_metadata(tracks, work, real_files):
     assert isinstance(dims[0], str) and dims[1] == 80000  # dynamic batch, fixed window
     # + the window embeddings the run's not-music detector reads (its threshold in the rule)
     assert [o.name for o in m.graph.output] == ["probabilities", "uncalibrated", "embedding"]
-    assert meta["not_music"]["method"] == "mahalanobis-slog" and meta["thresholds"]["not_music"] > 0
+    # the detector (with its modulation term: onnx_runtime computes it from the same windows)
+    assert meta["not_music"]["method"] == "mahalanobis-slog+modulation" and meta["thresholds"]["not_music"] > 0
+    assert meta["not_music"]["modulation"]["depth_ref"] > 0
 
 
 @pytest.mark.slow
@@ -191,6 +193,14 @@ def test_musicnn_graph_keeps_both_paths_of_the_pruned_plan():
     bb = load_backbone("musicnn-msd")
     model = _torch_export(_backbone_module(bb), 80000, 18)
     assert any(n.op_type == "If" for n in model.graph.node)
+    # the export forms onnxruntime runs fast: no STFT op (DFT products) and no unfold Gather
+    # on the log-mel; the pruned branch holds its own timbral weights, padded to 32 and 16 filters
+    ops = [n.op_type for n in _all_nodes(model.graph)]
+    assert "STFT" not in ops and "DFT" not in ops
+    branch_inits = {
+        tuple(i.dims) for n in model.graph.node if n.op_type == "If" for a in n.attribute for i in a.g.initializer
+    }
+    assert {(32, 1, 7, 38), (16, 1, 7, 67)} <= branch_inits
     sess = ort.InferenceSession(model.SerializeToString())
     rng = np.random.default_rng(0)
     t = np.arange(80000) / 16000
@@ -328,6 +338,7 @@ def tiny_lr(tiny_holdout_run):
     return tiny_holdout_run
 
 
+@pytest.mark.slow  # several seconds: the fast tier keeps a minute
 def test_temperature_calibration_is_in_the_graph(tiny_lr, work, real_files):
     from embedkit.calibration import Calibration, DecisionRule
 
@@ -398,6 +409,120 @@ def test_melstats_is_refused_with_a_reason():
     )
     with pytest.raises(ExportError, match="melstats.*librosa"):
         export_onnx(t, "/nonexistent/never.onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# export forms (the same computation in ops onnxruntime runs fast)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sample_rate": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 96},  # musicnn
+        {"sample_rate": 22050, "n_fft": 512, "hop_length": 128, "n_mels": 32, "pad_mode": "reflect"},
+        {"sample_rate": 16000, "n_fft": 256, "hop_length": 64, "n_mels": 40, "center": False, "f_min": 50.0},
+    ],
+)
+def test_dft_mel_export_form_matches_torch_stft(kw):
+    """The matrix-product mel (radix-2 DFT, frames by reshapes) equals MelSpectrogram's
+    torch.stft on noise + a tone, edges included, to float32 rounding of the power."""
+    import torch
+
+    from embedkit.audio.melspec import MelSpectrogram
+    from embedkit.deploy.onnx_export import export_forms
+
+    class Front(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mel = MelSpectrogram(**kw)
+
+        def forward(self, y):
+            return self.mel(y)
+
+    front = Front()
+    fast = export_forms(front)
+    assert type(fast.mel).__name__ == "DftMel" and isinstance(front.mel, MelSpectrogram)  # a copy changed
+    rng = np.random.default_rng(0)
+    t = np.arange(24000) / kw["sample_rate"]
+    y = torch.from_numpy(
+        (0.5 * np.sin(2 * np.pi * 440 * t) + 0.1 * rng.standard_normal((3, len(t)))).astype(np.float32)
+    )
+    with torch.no_grad():
+        want, got = front(y), fast(y)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 2e-6 * float(want.abs().max())
+    assert float((torch.log10(got * 1e4 + 1) - torch.log10(want * 1e4 + 1)).abs().max()) < 2e-5
+
+
+def test_export_forms_keep_large_ffts_as_stft():
+    """A 2048-point front (the scratch CNN's) keeps torch.stft: its DFT product would cost more."""
+    import torch
+
+    from embedkit.audio.melspec import MelSpectrogram
+    from embedkit.deploy.onnx_export import export_forms
+
+    seq = torch.nn.Sequential(MelSpectrogram(44100, 2048, 512, 128))
+    assert isinstance(export_forms(seq)[0], MelSpectrogram)
+
+
+def test_sink_initializers_moves_branch_only_weights_into_the_branch():
+    """A weight only one If branch reads moves into that branch (onnxruntime optimises it there);
+    a weight both branches read stays outside; the model computes the same."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from embedkit.deploy.onnx_export import sink_initializers
+
+    def branch(name, weight):
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", weight], [f"{name}_m"]),
+                helper.make_node("Add", [f"{name}_m", "shared"], [f"{name}_y"]),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [None, 2])],
+        )
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2)).astype(np.float32), n) for n in ("w_then", "w_else")]
+    inits.append(numpy_helper.from_array(np.ones(2, np.float32), "shared"))
+    inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+            helper.make_node("Greater", ["mx", "zero"], ["cond"]),
+            helper.make_node(
+                "If", ["cond"], ["y"], then_branch=branch("then", "w_then"), else_branch=branch("else", "w_else")
+            ),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = {"x": rng.standard_normal((4, 3)).astype(np.float32)}
+    before = [ort.InferenceSession(model.SerializeToString()).run(None, {"x": v})[0] for v in (x["x"], -abs(x["x"]))]
+    sink_initializers(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    outer = {i.name for i in model.graph.initializer}
+    branches = {a.name: a.g for a in model.graph.node[2].attribute}
+    then_g, else_g = branches["then_branch"], branches["else_branch"]
+    assert outer == {"shared", "zero"}
+    assert [i.name for i in then_g.initializer] == ["w_then"] and [i.name for i in else_g.initializer] == ["w_else"]
+    after = [ort.InferenceSession(model.SerializeToString()).run(None, {"x": v})[0] for v in (x["x"], -abs(x["x"]))]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _all_nodes(a.g)
 
 
 def test_read_metadata_refuses_foreign_files(tmp_path):

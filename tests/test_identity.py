@@ -175,6 +175,7 @@ def fit_cli(runs: Path, *args) -> dict:
     }
 
 
+@pytest.mark.slow  # several seconds: the fast tier keeps a minute
 def test_two_datasets_in_one_cache_fit_as_in_separate_caches_and_fit_without_data_is_the_last(tmp_path):
     d1, d2 = synth(tmp_path / "d1", seed=1), synth(tmp_path / "d2", seed=2)  # same relative names, other audio
     shared = tmp_path / "shared"

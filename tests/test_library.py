@@ -427,7 +427,8 @@ def test_run_labels_from_tags_trains_the_taxonomy_and_tags_the_untagged(tagged_l
     from embedkit.deploy.review import _track_vectors, build_queue
 
     model_id, _, queue = build_queue("lib.sqlite", random_share=0)  # the review queue of what was tagged
-    assert len(queue) == 3 and _track_vectors("lib.sqlite", model_id, [q.fingerprint for q in queue]).shape[0] == 3
+    vectors = _track_vectors("lib.sqlite", model_id, [q.fingerprint for q in queue])  # the queue's space
+    assert len(queue) == 3 and len(vectors) == 3 and len({v.shape for v in vectors.values()}) == 1
 
     # reviewed labels for the newly tagged files (one kept apart as an audit sample) -> retrain
     inbox = tagged_library / "inbox"
@@ -457,13 +458,32 @@ def test_run_labels_from_tags_trains_the_taxonomy_and_tags_the_untagged(tagged_l
 # --- the review queue and page ----------------------------------------------------------------
 
 
-def test_choose_uncertain_prefers_the_least_certain_and_spreads_out():
-    from embedkit.deploy.review import choose_uncertain
+def test_choose_to_label_covers_untaught_regions_with_typical_tracks():
+    from embedkit.deploy.review import choose_to_label
 
-    p = np.array([[0.5, 0.5, 0.0]] * 3 + [[0.45, 0.0, 0.55], [0.98, 0.01, 0.01], [0.6, 0.4, 0.0]])
-    got = choose_uncertain(p, 2)
-    assert got[0] == 0 and got[1] == 3  # not another copy of row 0: the next uncertain elsewhere
-    assert choose_uncertain(p, 0) == [] and len(choose_uncertain(p, 10)) == len(p)
+    grid = np.array([[x, y] for x in (-1, 0, 1) for y in (-1, 0, 1)], dtype=float)
+    plus = np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=float)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    X = np.vstack([grid, [[3.5, 0.0]], plus + centres[1], [[12, 0], [8, 0]], plus + centres[2]])
+    blob = np.repeat([0, 1, 2], (10, 7, 5))  # region 0's 10th track is an outlier
+    # cold start (no model): one typical track per region (its centre), the largest region first
+    got = choose_to_label(None, 3, features=X)
+    assert [tuple(X[i]) for i in got] == [tuple(c) for c in centres]
+    # a labelled track in a region: it is taught; the picks go to the other regions
+    got = choose_to_label(None, 2, features=X, labelled=centres[:1])
+    assert sorted(blob[i] for i in got) == [1, 2]
+    # with a model: the untaught regions still come largest first (measured: chasing its doubts
+    # taught less); asked for every candidate, the least certain come first
+    prob = np.where(blob[:, None] == 2, [0.5, 0.45, 0.05], [0.9, 0.05, 0.05])
+    assert [blob[i] for i in choose_to_label(prob, 2, features=X, labelled=centres[:1])] == [1, 2]
+    prob = np.tile([0.9, 0.05, 0.05], (len(X), 1))
+    prob[[4, 12]] = [[0.4, 0.35, 0.25], [0.34, 0.33, 0.33]]
+    assert choose_to_label(prob, 99, features=X)[:2] == [12, 4]
+    # without track vectors it works in probability space; edge sizes
+    assert len(set(choose_to_label(prob, 2))) == 2
+    assert choose_to_label(prob, 0, features=X) == [] and sorted(choose_to_label(prob, 99, features=X)) == list(
+        range(len(X))
+    )
 
 
 def _review_client(db: str, **kw):
@@ -487,7 +507,7 @@ def test_review_queue_and_answers_land_in_the_labels_table(tagged_library, tmp_p
     first = client.get("/api/next", params={"reviewer": "ana"}).json()
     assert first["total"] == 6 and first["labelled"] == 0 and first["classes"] == ["Chime", "Drone", "Hip-Hop"]
     kinds = {q.kind for q in client.app.state.review.queue}
-    assert kinds == {"uncertain", "disagree", "random"}
+    assert kinds == {"teach", "disagree", "random"}
     fp = first["item"]["fingerprint"]
     # nothing changes without the page's token, nor from a page that names another host
     assert client.post("/api/label", json={"fingerprint": fp, "action": "accept"}).status_code == 403
@@ -687,10 +707,18 @@ def test_promote_rewrites_only_changed_decisions_and_untag_restores_the_original
     now = digest()
     assert now["new-0.flac"] != written["new-0.flac"] and read_library_tags(inbox[0]).genres == ["Chime"]
     assert {k: now[k] for k in ("new-1.ogg", "new-2.wav")} == {k: written[k] for k in ("new-1.ogg", "new-2.wav")}
-    assert run("untag", new, "--db", "lib.sqlite").exit_code == 0  # the previous model's genre back
-    assert read_library_tags(inbox[0]).genres == ["Drone"]
-    assert run("untag", old, "--db", "lib.sqlite").exit_code == 0  # and the originals, byte for byte
+    # one untag undoes the promotion: the files as they were before it, byte for byte
+    assert run("untag", new, "--db", "lib.sqlite").exit_code == 0
+    assert digest() == written and read_library_tags(inbox[0]).genres == ["Drone"]
+    # promoted again (the new model writes over the old one's genre), then one untag of the old
+    # model walks back over both models' writes to the originals, byte for byte
+    assert run("tag", new, inbox[0], "--db", "lib.sqlite", "--write-tags").exit_code == 0
+    assert read_library_tags(inbox[0]).genres == ["Chime"]
+    res = run("untag", old, "--db", "lib.sqlite")
+    assert res.exit_code == 0 and "3 written" in res.output, res.output
     assert digest() == originals
+    res = run("untag", new, "--db", "lib.sqlite")  # nothing of the new model's is left to undo
+    assert res.exit_code != 0 and "no files recorded as tagged by model" in res.output, res.output
 
 
 @pytest.mark.slow
@@ -716,3 +744,102 @@ def test_extract_fit_and_train_cnn_take_labels_from_tags(tagged_library, tmp_pat
     for m in metrics:
         assert m["dataset"]["class_counts"] == {"Chime": 6, "Drone": 6, "Hip-Hop": 6}
         assert m["protocol"]["group_by"] == "artist" and m["dataset"]["taxonomy"]["min_tracks"] == 3
+
+
+def test_report_shows_the_active_learning_curves_when_the_bench_left_them(tmp_path):
+    import json
+
+    from embedkit.report import build_report
+
+    from helpers import make_run
+
+    folder = tmp_path / "runs"
+    make_run(folder, "r1", "head", "musicnn-msd", "lr", 0.9, 0)
+    figures = {
+        "dataset": "gtzan_mini",
+        "backbone": "musicnn-msd",
+        "budgets": [10, 20, 30],
+        "queue": [0.7, 0.9, 0.93],
+        "random": [0.55, 0.75, 0.9],
+        "full_pool_accuracy": 0.94,
+        "protocol": "30 repeats",
+        "targets": {
+            "95% of full": {
+                "accuracy": 0.893,
+                "queue": 20.0,
+                "random": 30.0,
+                "saving": 1 / 3,
+                "saving_ci90": [0.31, 0.5],
+            },
+            "98% of full": {
+                "accuracy": 0.91,
+                "queue": 27.0,
+                "random": 30.0,
+                "saving": 0.1,
+                "saving_ci90": [-0.05, 0.4],
+            },
+        },
+    }
+    (folder / "active_learning.json").write_text(json.dumps(figures))
+    path, ctx = build_report([folder], tmp_path / "r.html")
+    html = path.read_text()
+    section = html[html.index('id="active-learning"') : html.index('id="provenance"')]
+    assert "<svg" in section and section.count("<polyline") == 3  # queue, random, the full-pool line
+    assert "33 %" in section and "20.0" in section and "30.0" in section and "31 % to 50 %" in section
+    assert section.count("✓") == 2  # the 95 % row and the legend; not the 98 % row (30 % inside its interval)
+    assert ctx["active_learning"]["targets"][0]["saving"] == pytest.approx(1 / 3)
+    (folder / "active_learning.json").write_text("{not json")  # unreadable: no section, no failure
+    assert 'id="active-learning"' not in build_report([folder], tmp_path / "r2.html")[0].read_text()
+
+
+RECIPES = {  # a non-default setting each, to see the recipe travel into the retrained run
+    "cnn": (["train-cnn", "--lr", 3e-3], ("train", "lr"), 3e-3),
+    "finetune": (
+        ["finetune", "--backbone", "tiny-test", "--frozen-epochs", 1, "--batch-size", 4, "--head-lr", 0.02],
+        ("finetune", "head_lr"),
+        0.02,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_retrain_a_network_run_with_its_recipe_on_its_dataset_and_the_labels(
+    kind, tagged_library, tmp_path, monkeypatch
+):
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    tags = ["--labels-from-tags", "--genre-map", tagged_library.parent / "map.toml", "--min-tracks", 3]
+    (command, *args), where, value = RECIPES[kind]
+    res = run(command, tagged_library, *args, "--epochs", 2, "--cv", 2, "--clip", 6, "--threads", 2, *tags)
+    assert res.exit_code == 0, res.output
+    (old,) = (tmp_path / "runs").iterdir()
+    drone = sorted((tagged_library / "Stars_of_the_Lid").iterdir())[0]
+    inbox = sorted((tagged_library / "inbox").iterdir())
+    (tmp_path / "labels.csv").write_text(
+        f"path,label,source\n{drone},Chime,review\n{inbox[0]},Drone,review\n{inbox[1]},Hip-Hop,audit-sample\n"
+    )
+    assert run("labels", "import", "labels.csv", "--db", "lib.sqlite").exit_code == 0
+    res = run("retrain", old, "--db", "lib.sqlite", "--threads", 2)
+    assert res.exit_code == 0, res.output
+    assert f"18 dataset track(s) + 2 label(s) (1 relabelled); trained on the audio ({kind} recipe" in res.output
+    assert "audit labels (1), old model" in res.output and "audit labels (1), new model" in res.output
+    new = next(p for p in (tmp_path / "runs").iterdir() if p != old)
+    m_old, m_new = (json.loads((d / "metrics.json").read_text()) for d in (old, new))
+    assert m_new["kind"] == kind and m_new["dataset"]["n_tracks"] == 19  # the audit track held out
+    assert m_new["dataset"]["class_counts"] == {"Chime": 7, "Drone": 6, "Hip-Hop": 6}
+    for key in ("config", "preprocess", "spec"):  # the same recipe: training, network, features, clip
+        assert m_new[key] == m_old[key], key
+    assert m_new["config"][where[0]][where[1]] == value and m_new["config"]["train"]["epochs"] == 2
+    assert m_new["preprocess"]["audio"]["clip_s"] == 6
+    assert m_new["protocol"]["type"] == "cv" and m_new["protocol"]["k"] == 2
+    # a run kind retrain cannot rebuild: one line, what to do instead
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "metrics.json").write_text(json.dumps({"kind": "ensemble"}))
+    _one_line_error(run("retrain", tmp_path / "odd", "--db", "lib.sqlite"), "retrain works on head, cnn and finetune")

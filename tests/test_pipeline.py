@@ -148,3 +148,35 @@ def test_report_is_written_after_the_first_run_and_names_those_in_progress(tiny_
     assert 'id="pending-banner"' not in final and 'http-equiv="refresh"' not in final
     assert [r.name for r in out.runs] == ["melstats+lr", "melstats+lgbm", "cnn-scratch"]
     check_html(final)
+
+
+@pytest.mark.slow
+def test_cnn_run_records_the_plans_recipe_and_a_changed_recipe_is_a_new_run(tiny_data, tmp_path):
+    """Every field of the CNN recipe (training, augmentation and its ranges, front end, filters)
+    is in the run's config, and changing one makes a new run instead of reusing the old one."""
+    from dataclasses import asdict, replace
+
+    from embedkit.cnn.model import load_model
+    from embedkit.pipeline import RunPlan, run_all
+
+    plan = RunPlan.quick_plan(backbones=(), cnn_augment="specaugment", cnn_channels=(4, 8))
+    plan = replace(plan, cnn_train=replace(plan.cnn_train, label_smoothing=0.1, lr_schedule="onecycle"))
+    out = run_all(tiny_data, plan, cache=tmp_path / "cache", runs=tmp_path / "runs", report=None, threads=1)
+    (run,) = out.runs
+    m = run.metrics
+    assert m["config"]["train"] == asdict(plan.train_config("cnn"))
+    assert m["config"]["train"]["label_smoothing"] == 0.1 and m["config"]["train"]["lr_schedule"] == "onecycle"
+    assert m["config"]["model"]["channels"] == [4, 8]
+    assert m["spec"]["features"] == asdict(plan.cnn_features) and m["spec"]["features"]["sample_rate"] == 22050
+    aug = m["config"]["augment"]
+    assert list(aug["enabled"]) == ["specaugment"]
+    assert (aug["freq_width"], aug["time_width"]) == (plan.cnn_augment_config.freq_width, 20)
+    model = load_model(run.run_dir / "model.pt")  # the stored configs rebuild the network
+    assert model.features == plan.cnn_features and model.meta["train_config"]["label_smoothing"] == 0.1
+
+    again = run_all(tiny_data, plan, cache=tmp_path / "cache", runs=tmp_path / "runs", report=None, threads=1)
+    assert again.runs[0].reused and again.runs[0].run_dir == run.run_dir
+    wider = replace(plan, cnn_channels=(4, 16))
+    other = run_all(tiny_data, wider, cache=tmp_path / "cache", runs=tmp_path / "runs", report=None, threads=1)
+    assert not other.runs[0].reused and other.runs[0].run_dir != run.run_dir
+    assert other.runs[0].metrics["config"]["model"]["channels"] == [4, 16]

@@ -284,7 +284,8 @@ def test_stalled_body_times_out(url):
 
 
 def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
-    """A 3-hour FLAC (30 s of tone, then silence: small on disk) is answered from its first clip;
+    """A 3-hour FLAC (30 s of tone, then silence: small on disk) is answered from its first clip
+    (excerpt=first; the default, middle, would listen to silence there);
     the server's memory grows by far less than the decoded file would take (3 h at 8 kHz float32
     = 346 MB)."""
     import resource
@@ -301,7 +302,7 @@ def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
     assert sf.info(path).duration > 3 * 3600 - 60
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server is this process
     with open(path, "rb") as fh:
-        r = requests.post(f"{url}/v1/tag", data=fh, headers={"Content-Type": "audio/flac"}, timeout=120)
+        r = requests.post(f"{url}/v1/tag?excerpt=first", data=fh, headers={"Content-Type": "audio/flac"}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["n_windows"] == 6 and body["window_starts_s"][-1] == 25.0  # the first 30 s

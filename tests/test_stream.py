@@ -501,6 +501,7 @@ def feed(proc, data: bytes, chunk=1 << 16, pause=0.0):
     return t
 
 
+@pytest.mark.slow  # several seconds: the fast tier keeps a minute
 def test_broken_pipe_stops_quietly():
     """`embedkit stream ... | head -2`: the reader leaves; the stream stops, exit 0, nothing on stderr."""
     p = child(["tone", "-", "--format", "s16le", "--rate", "8000", "--hop", "0.5"])

@@ -114,6 +114,24 @@ def test_each_excerpt_covers_the_windows_it_claims(long_files, name, excerpt):
     assert abs(duration - len(y) / sr) < 0.05
 
 
+def test_default_excerpt_is_the_measured_middle(runs, long_files):
+    """tag's default (library and CLI) is DEFAULT_EXCERPT, "middle" (bench/bench_excerpts.py):
+    on a 10-minute file it listens to the run's 12 s clip from 294 s (2 windows) and gives what
+    --excerpt middle gives."""
+    import inspect
+
+    from embedkit.audio.excerpts import DEFAULT_EXCERPT
+    from embedkit.cli.deploy import tag_cmd
+
+    assert DEFAULT_EXCERPT == "middle" and Excerpt() == Excerpt("middle")
+    assert inspect.signature(tag).parameters["excerpt"].default == DEFAULT_EXCERPT
+    assert inspect.signature(tag_cmd).parameters["excerpt"].default.default == DEFAULT_EXCERPT
+    path = long_files["ten_minutes"]
+    default, middle = (tag(runs["head"], [path], keep_rows=1, **kw).rows[0] for kw in ({}, {"excerpt": "middle"}))
+    assert default.excerpt == "middle" and default.n_windows == 2
+    np.testing.assert_allclose(default.probabilities, middle.probabilities, rtol=1e-9, atol=1e-12)
+
+
 def test_only_the_excerpt_is_decoded(long_files, monkeypatch):
     from embedkit.audio import decoding as audio
 
@@ -172,13 +190,14 @@ def test_every_run_kind_tags_the_same_folder_through_the_cli(runs, tmp_path):
             ],
         )
         assert res.exit_code == 0, res.output
-        assert f"{N_SYNTH} tracks tagged (first, {2 * N_SYNTH} windows)" in " ".join(res.output.split())
+        # the default excerpt (middle; a 12 s clip: the same windows as first)
+        assert f"{N_SYNTH} tracks tagged (middle, {2 * N_SYNTH} windows)" in " ".join(res.output.split())
         assert "genre" in res.output  # the table
     rows = _rows(db)
     assert len(rows) == 3 * N_SYNTH and len({r["model_id"] for r in rows}) == 3
     for r in rows:
         assert r["top_label"] == max(r["probabilities"], key=r["probabilities"].get) == r["decision"]
-        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["n_windows"] == 2 and r["excerpt"] == "first"
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["n_windows"] == 2 and r["excerpt"] == "middle"
         assert r["topk"][0] == [r["top_label"], pytest.approx(r["top_p"])] and len(r["topk"]) == 3
         assert r["embedkit_version"] and r["created_at"] is not None and r["size"] > 0
     import pandas as pd
@@ -577,13 +596,13 @@ def test_results_db_restricted_queries(runs, tmp_path, monkeypatch):
     res = tag(runs["head"], [runs["data"]], db=db, keep_rows=100)
     monkeypatch.setattr(tagdb_mod, "IN_CHUNK", 3)
     d = ResultsDB(db)
-    everything = d.done(res.model_id, "first")
+    everything = d.done(res.model_id, "middle")  # tag's default excerpt
     assert len(everything) == N_SYNTH
     some = sorted(everything)[:7]
-    assert sorted(d.done(res.model_id, "first", fingerprints=some)) == some
+    assert sorted(d.done(res.model_id, "middle", fingerprints=some)) == some
     paths = [everything[f]["path"] for f in some[:4]]
-    assert sorted(d.done(res.model_id, "first", paths=paths)) == sorted(some[:4])
-    both = d.done(res.model_id, "first", paths=paths, fingerprints=some[4:])
+    assert sorted(d.done(res.model_id, "middle", paths=paths)) == sorted(some[:4])
+    both = d.done(res.model_id, "middle", paths=paths, fingerprints=some[4:])
     assert sorted(both) == some  # rows matching either, once each
     assert d.done(res.model_id, "full", fingerprints=some) == {} and d.done("other", paths=paths) == {}
     assert d.failed(res.model_id, paths=paths) == {}

@@ -103,7 +103,19 @@ NOT_AUDIO_MAGIC = (
     (b"GIF8", "GIF image"),
     (b"PK\x03\x04", "ZIP archive"),
     (b"MThd", "MIDI (notes, not audio)"),
+    (b"<!DO", "HTML"),
+    (b"<htm", "HTML"),
+    (b"{", "JSON"),
 )
+
+
+def known_not_audio(head: bytes) -> str | None:
+    """The name of a common non-audio format whose leading bytes ``head`` are (PDF, PNG, ZIP,
+    HTML...), else None (audio, or unknown: FFmpeg may still read it)."""
+    for magic, name in NOT_AUDIO_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
 
 
 def sniff(path: str | os.PathLike, head: bytes | None = None) -> str | None:
@@ -167,9 +179,9 @@ def not_audio_kind(path: str | os.PathLike) -> str:
             head = fh.read(16)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    for magic, name in NOT_AUDIO_MAGIC:
-        if head.startswith(magic):
-            return name
+    name = known_not_audio(head)
+    if name is not None:
+        return name
     if not head:
         return "empty"
     return "unrecognised content"

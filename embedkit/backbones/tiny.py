@@ -1,10 +1,13 @@
 """`tiny-test`: a seeded random-weight CNN (16 kHz, 32-d). Lets the whole CLI and fine-tuning
 (and, by design, the deployment stage's export) run in tests in seconds; its weights are rebuilt
-bit-identically from the seed."""
+bit-identically from the seed. `tiny-test-b` (22.05 kHz, 16-d, seed 1): a second one at another
+rate, so fused backbones (``tiny-test+tiny-test-b``: two torch fronts, one resampled) run through
+every door, ONNX export included, in tests."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 
@@ -24,8 +27,17 @@ SPEC = BackboneSpec(
     pretrained=False,
 )
 
+SPEC_B = replace(
+    SPEC,
+    name="tiny-test-b",
+    sample_rate=22050,
+    embedding_dim=16,
+    weights="random (seed 1), for tests",
+    description="a second tiny random CNN at 22.05 kHz (fused-backbone tests); no musical meaning",
+)
 
-def build_module(seed: int = 0):
+
+def build_module(seed: int = 0, sample_rate: int = 16000, dim: int = 32):
     import torch
     from torch import nn
 
@@ -34,14 +46,14 @@ def build_module(seed: int = 0):
     class TinyNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.mel = MelSpectrogram(16000, 512, 256, 32)
+            self.mel = MelSpectrogram(sample_rate, 512, 256, 32)
             self.features = nn.Sequential(
                 nn.Conv2d(1, 8, 3, padding=1),
                 nn.BatchNorm2d(8),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
-                nn.Conv2d(8, 32, 3, padding=1),
-                nn.BatchNorm2d(32),
+                nn.Conv2d(8, dim, 3, padding=1),
+                nn.BatchNorm2d(dim),
                 nn.ReLU(),
             )
 
@@ -59,10 +71,11 @@ def build_module(seed: int = 0):
 class Tiny(Backbone):
     spec = SPEC
 
-    def __init__(self):
+    def __init__(self, spec: BackboneSpec = SPEC, seed: int = 0):
         import torch
 
-        self.module = build_module()
+        self.spec = spec
+        self.module = build_module(seed, spec.sample_rate, spec.embedding_dim)
         h = hashlib.sha256()
         for k, v in self.module.state_dict().items():
             h.update(k.encode())
@@ -83,4 +96,9 @@ def _load(spec: BackboneSpec, checkpoint: str | None = None, **_) -> Tiny:
     return Tiny()
 
 
+def _load_b(spec: BackboneSpec, checkpoint: str | None = None, **_) -> Tiny:
+    return Tiny(SPEC_B, seed=1)
+
+
 register_backbone(SPEC, _load)
+register_backbone(SPEC_B, _load_b)

@@ -107,6 +107,12 @@ def extract_cmd(
     from ..extract import extract
 
     prep = _prep(clip, offset, pad, segment, hop)
+    if "+" in backbone:  # a fused backbone has no store of its own: `fit -b a+b` joins the parts' stores
+        parts = [p for p in backbone.split("+") if p]
+        fail(
+            f"{backbone} is a fusion: extract each part into its own store "
+            f"({'; '.join(f'embedkit extract {data} -b {p}' for p in parts)}), then `embedkit fit -b {backbone}`"
+        )
     labels = tag_labels(labels_from_tags, genre_map, min_tracks)
     if batch_size is not None and batch_size < 1:
         fail("--batch-size must be >= 1")
@@ -187,8 +193,19 @@ def fit_cmd(
     data: Optional[Path] = typer.Argument(
         None, help="only the tracks of this dataset (folder, manifest or FMA tracks.csv), with its labels"
     ),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="whose embeddings (the store under --cache)"),
+    backbone: Optional[str] = typer.Option(
+        None,
+        "--backbone",
+        "-b",
+        help="whose embeddings (the store under --cache); a+b+c: the parts' embeddings of each window joined",
+    ),
     head: str = typer.Option("lr", "--head", help="lr | lgbm | mlp"),
+    fusion: str = typer.Option(
+        "concat", "--fusion", help="fused backbones: concat (one head) | stack (a head over per-part heads)"
+    ),
+    weighting: str = typer.Option(
+        "equal", "--part-weights", help="fused concat: equal (same total variance per part) | none"
+    ),
     cv: Optional[int] = typer.Option(None, "--cv", help="stratified K-fold cross-validation"),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="stratified holdout with this test fraction"),
     split: bool = typer.Option(False, "--split", help="use the dataset's split column (train/val/test)"),
@@ -240,6 +257,8 @@ def fit_cmd(
             search=search,
             threads=threads,
             progress=cb,
+            fusion=fusion,
+            weighting=weighting,
         )
     finally:
         prog.stop()
@@ -257,7 +276,7 @@ def fit_cmd(
     if data is None:
         say(
             c,
-            f"dataset: {m['dataset']['source']} (the last one extracted into {m['store']}; pass DATA to fit another)",
+            f"dataset: {m['dataset']['source']} (the last one extracted into {m['store'] or next(iter(m['stores'].values()))}; pass DATA to fit another)",
         )
     if m["dataset"].get("missing_from_store"):
         c.print(

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from ..audio.excerpts import DEFAULT_EXCERPT
 from .common import (
     console,
     device_option,
@@ -161,7 +162,10 @@ def tag_cmd(
         "auto",
         help="torch | onnx (onnxruntime, no torch import; needs a .onnx from `embedkit export`) | auto (by the file)",
     ),
-    excerpt: str = typer.Option("first", help="what is listened to: first | middle | spread:N | full"),
+    excerpt: str = typer.Option(
+        DEFAULT_EXCERPT,
+        help="what is listened to: first | middle | spread:N | full (middle: as cheap as first, not fooled by an intro; bench/bench_excerpts.py)",
+    ),
     db: Optional[str] = typer.Option(
         None, help="results database: a SQLite file path or any SQLAlchemy URL; re-runs skip tagged tracks"
     ),
@@ -351,7 +355,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for PANNs / AST head runs"),
-    excerpt: str = typer.Option("first", help="default excerpt: first | middle | spread:N | full"),
+    excerpt: str = typer.Option(DEFAULT_EXCERPT, help="default excerpt: first | middle | spread:N | full (as `tag`)"),
     threshold: Optional[float] = threshold_option(),
     multi: Optional[bool] = multi_option(),
     multi_threshold: Optional[float] = multi_threshold_option(),

@@ -75,7 +75,7 @@ def audit_cmd(
 
 
 def retrain_cmd(
-    run: Path = typer.Argument(..., help="the head run to retrain"),
+    run: Path = typer.Argument(..., help="the run to retrain (head, cnn or finetune)"),
     db: str = typer.Option(..., "--db", help="results database holding the labels"),
     cache: Path = typer.Option(Path("cache"), help="embedding store root"),
     runs: Path = typer.Option(Path("runs"), help="where the new run goes"),
@@ -86,8 +86,9 @@ def retrain_cmd(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     workers: Optional[int] = typer.Option(None, help="extraction / tagging lanes (default: CPU count)"),
 ):
-    """Train a new run on RUN's dataset plus the reviewed labels (stored embeddings reused), scored
-    with the old model on the audit labels neither was trained on."""
+    """Train a new run on RUN's dataset plus the reviewed labels (a head on the stored embeddings;
+    a CNN / fine-tune with its recipe, on the audio), scored with the old model on the audit
+    labels neither was trained on."""
     if write_tags and not promote:
         fail("--write-tags goes with --promote")
     from ..deploy.library import promote as promote_run
@@ -95,10 +96,15 @@ def retrain_cmd(
 
     c = console()
     res = retrain(run, db, cache=cache, runs=runs, threads=threads, workers=workers, log=lambda s: say(c, s))
+    data = (
+        f"{res.n_reused} embedding(s) reused, {res.n_extracted} extracted"
+        if res.metrics.get("kind") == "head"
+        else f"trained on the audio ({res.metrics.get('kind')} recipe of {run})"
+    )
     say(
         c,
         f"[green]{res.run_dir}[/]: {res.n_base} dataset track(s) + {res.n_labelled} label(s) "
-        f"({res.n_relabelled} relabelled); {res.n_reused} embedding(s) reused, {res.n_extracted} extracted; "
+        f"({res.n_relabelled} relabelled); {data}; "
         f"track accuracy {res.metrics['track_accuracy']:.3f}; {res.seconds:.1f} s",
     )
     if res.n_missing:
@@ -136,7 +142,7 @@ def review_cmd(
     from ..deploy.review import serve_review
 
     def announce(url: str, state) -> None:
-        kinds = {k: sum(q.kind == k for q in state.queue) for k in ("uncertain", "disagree", "random")}
+        kinds = {k: sum(q.kind == k for q in state.queue) for k in ("teach", "disagree", "random")}
         say(console(), f"review page: {url} ({', '.join(f'{n} {k}' for k, n in kinds.items())}; Ctrl-C to stop)")
 
     serve_review(

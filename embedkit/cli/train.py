@@ -99,8 +99,11 @@ def _shared_training_options(
     test_size: float = typer.Option(0.2, help="holdout test fraction"),
     epochs: int = typer.Option(50, help="maximum epochs (early stopping on the validation loss)"),
     batch_size: int = typer.Option(16),
-    lr_schedule: str = typer.Option("constant", help="constant | cosine (decays to 0 over --epochs)"),
+    lr_schedule: str = typer.Option(
+        "constant", help="constant | cosine (decays to 0 over --epochs) | onecycle (30 % warm-up, then cosine)"
+    ),
     weight_decay: float = typer.Option(0.0, help="Adam weight decay"),
+    label_smoothing: float = typer.Option(0.0, help="train against (1 - e) * target + e / classes"),
     patience: int = typer.Option(10, help="epochs without a better validation loss before stopping"),
     val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
     crop: str = typer.Option(
@@ -168,6 +171,7 @@ def _training_args(o: dict[str, Any], fixed: dict[str, Any]) -> TrainingArgs:
         batch_size=o["batch_size"],
         lr_schedule=o["lr_schedule"],
         weight_decay=o["weight_decay"],
+        label_smoothing=o["label_smoothing"],
         patience=o["patience"],
         val_size=o["val_size"],
         crop=o["crop"],

@@ -62,8 +62,9 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # or "cosine": each group's rate x (1 + cos(pi * epoch / epochs)) / 2
+    lr_schedule: str = "constant"  # "cosine": x (1 + cos(pi * epoch / epochs)) / 2; "onecycle": warm-up, then cosine
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0  # targets (1 - e) * target + e / n_classes (after mixup)
     patience: int = 10  # epochs without a better validation loss before stopping
     val_size: float = 0.15  # fraction of each training part held out for early stopping
     crop: str = "random"  # "random" 3-5 s crop per clip per epoch, or "fixed" 6 x 5 s segments
@@ -86,10 +87,11 @@ class TrainConfig:
             ("crop_min_s", 0 < self.crop_min_s <= self.crop_max_s, "must be > 0 and <= crop_max_s"),
             ("crops_per_clip", self.crops_per_clip >= 1, "must be >= 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             (
                 "lr_schedule",
-                self.lr_schedule in ("constant", "cosine"),
-                f"must be constant or cosine, got {self.lr_schedule!r}",
+                self.lr_schedule in ("constant", "cosine", "onecycle"),
+                f"must be constant, cosine or onecycle, got {self.lr_schedule!r}",
             ),
             ("segment_s", self.segment_s > 0, "must be positive"),
             (
@@ -120,6 +122,11 @@ class TrainConfig:
         of the epoch, so a resumed run needs no scheduler state."""
         if self.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        if self.lr_schedule == "onecycle":  # linear warm-up over the first 30 % from 1/10, then cosine
+            warm = max(1, round(0.3 * self.epochs))
+            if epoch < warm:
+                return 0.1 + 0.9 * epoch / warm
+            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / max(1, self.epochs - warm)))
         return 1.0
 
     def crop_config(self) -> CropConfig:
@@ -217,17 +224,22 @@ def soft_cross_entropy(logits, targets):
     return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def train_epoch(model, opt, batches, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+def train_epoch(
+    model, opt, batches, on_step: Callable[[int, float], None] | None = None, label_smoothing: float = 0.0
+) -> dict[str, float]:
     """One pass over ``batches`` of (x, soft targets). Returns mean loss, accuracy (against the
     dominant target) and the seconds spent in forward/backward/step (in all, and per step).
-    Batches come from the host and go to the model's device (a no-op on the CPU)."""
+    Batches come from the host and go to the model's device (a no-op on the CPU).
+    ``label_smoothing`` e: the loss is taken against (1 - e) * targets + e / n_classes."""
     dev = _model_device(model)
     total, correct, n, step_s = 0.0, 0, 0, []
     for step, (x, t) in enumerate(batches):
         t0 = time.perf_counter()
         x, t = _to_device(x, dev), _to_device(t, dev)
         logits = model(x)
-        loss = soft_cross_entropy(logits, t)
+        loss = soft_cross_entropy(
+            logits, t if not label_smoothing else t * (1 - label_smoothing) + label_smoothing / t.shape[1]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -409,7 +421,7 @@ def fit_fold(
                     }
                 )
 
-        tr = train_epoch(model, opt, batches, on_step)
+        tr = train_epoch(model, opt, batches, on_step, cfg.label_smoothing)
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": phase,
@@ -645,6 +657,8 @@ class RunOptions:
     skip_bad: drop unusable clips instead of stopping. name: run name (default per task).
     device / allow_tf32: where the model trains (``embedkit.device.resolve``); not part of the
         run's identity, so a run started on one device resumes on another.
+    final: after CV, train the deployable model on every track (``fit_final``); False (for
+        benchmarks that only need the CV estimate): model.pt is the first fold's model.
     """
 
     cv: int | None = None
@@ -660,6 +674,7 @@ class RunOptions:
     name: str | None = None
     device: str = "cpu"
     allow_tf32: bool = False
+    final: bool = True
 
 
 def run_name(base: str, aug: AugmentConfig) -> str:
@@ -749,7 +764,7 @@ def train_run(
     )
     cache_seconds = time.perf_counter() - t_cache
 
-    final = protocol == "cv"  # the deployable model: every track, after the folds
+    final = protocol == "cv" and opts.final  # the deployable model: every track, after the folds
     ev, curves, train_seconds = run_folds(task, tracks, folds, train, run_dir, ident_hash, progress, len(folds) + final)
     if final:
         epochs = deployable_epochs([f["best_epoch"] for f in ev.folds])
@@ -780,7 +795,8 @@ def train_run(
             "evaluated": True,
             "n_train_tracks": len(folds[0].train),
             "n_val_tracks": len(folds[0].val),
-            "note": f"the evaluated model of the {protocol}",
+            "note": f"the evaluated model of the {protocol}"
+            + (" (its first fold: no final fit requested)" if protocol == "cv" else ""),
         }
 
     # Inference cost from the file: decode + front end + fixed segments + forward + vote.

@@ -86,15 +86,18 @@ def finish_run(run_dir: Path, ev, curves, metrics: dict[str, Any], deployed: str
         "model_file": "model.pt",
         "model_bytes": (run_dir / "model.pt").stat().st_size,
     }
-    features, what = (None, "") if tracks is None else model_embeddings(run_dir / "model.pt", tracks)
-    m["calibration"] = calibrate_run(ev, run_dir, features, what)
+    features, what, depths = (None, "", None) if tracks is None else model_embeddings(run_dir / "model.pt", tracks)
+    m["calibration"] = calibrate_run(ev, run_dir, features, what, depths, "no decodable training audio")
     write_metrics(run_dir, m)
     return m
 
 
-def model_embeddings(model_file: Path, tracks: pd.DataFrame) -> tuple[dict[str, np.ndarray], str]:
+def model_embeddings(
+    model_file: Path, tracks: pd.DataFrame
+) -> tuple[dict[str, np.ndarray], str, dict[str, np.ndarray]]:
     """track id -> the model's window embeddings [K, D] of the track's clip, decoded as the run
-    evaluated it (``model.file_windows``; unreadable tracks left out), and what they are.
+    evaluated it (``model.file_windows``; unreadable tracks left out), what they are, and track
+    id -> the same windows' ``calibration.modulation_depth`` [K] (the detector's modulation term).
     The network saw these tracks in training, so their distances are smaller than unseen
     music's: the held-out threshold is a lower bound there (bench/bench_notmusic.py)."""
     from ..errors import AudioError
@@ -106,15 +109,20 @@ def model_embeddings(model_file: Path, tracks: pd.DataFrame) -> tuple[dict[str, 
         model, what = load_finetuned(model_file), "fine-tuned backbone output"
     else:
         model, what = load_model(model_file), "penultimate layer (pooled convolution output)"
+    from ..calibration import modulation_depth
+
     out: dict[str, np.ndarray] = {}
+    depths: dict[str, np.ndarray] = {}
     for tid, path in zip(tracks["track_id"], tracks["path"]):
         try:
-            e = model.embed_windows(file_windows(path, model.sample_rate, model.audio, model.segment_s))[1]
+            windows = file_windows(path, model.sample_rate, model.audio, model.segment_s)
+            e = model.embed_windows(windows)[1]
         except AudioError:
             continue
         if e is not None:
             out[str(tid)] = e
-    return out, what
+            depths[str(tid)] = modulation_depth(windows, model.sample_rate)
+    return out, what, depths
 
 
 def inference_ms_per_track(model, tracks: pd.DataFrame, test_ids: list[str], n: int = 3) -> float:

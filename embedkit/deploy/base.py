@@ -137,7 +137,7 @@ class Tagger(ABC):
         if not self.has_not_music:
             return self.predict_segments(segments), None
         p, e = self.embed_segments(segments)
-        return p, (None if e is None else self.calibration.not_music_scores(e))
+        return p, (None if e is None else self.calibration.not_music_scores(e, segments, self.sample_rate))
 
     @property
     def vector_space(self) -> str | None:

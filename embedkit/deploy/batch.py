@@ -12,7 +12,9 @@ Which audio is listened to (``--excerpt``), with clip = the run's clip length (`
 
 - ``first``: [0, clip): what an ingest backend usually feeds; for a 30 s file exactly the
   windows training and ``embedkit predict`` saw.
-- ``middle``: the clip centred in the song.
+- ``middle`` (the default, ``audio.excerpts.DEFAULT_EXCERPT``: as cheap as ``first`` and not
+  fooled by an intro; bench/bench_excerpts.py): the clip centred in the song; a song no longer
+  than the clip gives the same windows as ``first``.
 - ``spread:N``: N clips with starts evenly spaced from 0 to duration - clip (overlapping when
   the song is shorter than N clips); the track probability is the mean over all their windows.
 - ``full``: every window of the song; rows also get the share of windows whose top genre is
@@ -42,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..audio.excerpts import Excerpt, read_excerpt
+from ..audio.excerpts import DEFAULT_EXCERPT, Excerpt, read_excerpt
 from ..calibration import DecisionRule
 from ..errors import AudioError, EmbedkitError
 from ..jobs import Decoded, Failure, JobResult, cached_model, run_shards, run_tracks
@@ -236,7 +238,7 @@ def tag(
     model: str | os.PathLike,
     inputs: Iterable[str | os.PathLike],
     *,
-    excerpt: str | Excerpt = "first",
+    excerpt: str | Excerpt = DEFAULT_EXCERPT,
     db: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     top_k: int = 3,
@@ -521,7 +523,7 @@ class _Tagging:
             if e is not None:
                 out["e"] = np.asarray(e, dtype=np.float32).reshape(len(p), -1)
             if self.tagger.has_not_music and e is not None:
-                out["not_music"] = self.tagger.calibration.not_music_scores(e)
+                out["not_music"] = self.tagger.calibration.not_music_scores(e, windows, self.tagger.sample_rate)
             return out
         p, nm = self.tagger.score_segments(windows)
         return p if nm is None else {"p": p, "not_music": nm}

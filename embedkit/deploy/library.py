@@ -456,8 +456,19 @@ def retrain(
     t0 = time.perf_counter()
     log = log or (lambda s: None)
     m = _run_metrics(run)
+    if m.get("kind") in NETWORK_KINDS:
+        return _retrain_network(run, m, db, cache=cache, runs=runs, threads=threads, workers=workers, log=log)
     if m.get("kind") != "head":
-        raise EmbedkitError(f"{run}: retrain works on head runs (this run is {m.get('kind')!r})")
+        raise EmbedkitError(
+            f"{run}: retrain works on head, cnn and finetune runs (this run is {m.get('kind')!r}): "
+            "train a new run on the dataset plus `embedkit labels export` instead"
+        )
+    fusion = (m.get("config") or {}).get("fusion")
+    if fusion:
+        raise EmbedkitError(
+            f"{run}: retrain does not take fused runs ({'+'.join(fusion.get('parts') or [])}) yet: retrain a "
+            "run of one backbone, or fit the fused head on a dataset that holds the labelled files"
+        )
     store_dir = Path(m.get("store") or "")
     if not store_dir.is_dir():
         raise EmbedkitError(f"{run}: its embedding store {store_dir} is not here (run retrain where the run was made)")
@@ -469,32 +480,7 @@ def retrain(
         where = {r["fingerprint"]: r["path"] for r in rdb.rows()}
     if not labels:
         raise EmbedkitError(f"{db}: no labels to retrain on (review some tracks, or `embedkit labels import`)")
-    held = {fp: r for fp, r in labels.items() if r["source"] == AUDIT_SOURCE}
-    train = {fp: r for fp, r in labels.items() if r["source"] != AUDIT_SOURCE}
-    base = base[~base["fingerprint"].isin(held)].copy()
-    relabel = base["fingerprint"].map({fp: r["label"] for fp, r in train.items()})
-    n_relabelled = int((relabel.notna() & (relabel != base["label"])).sum())
-    base["label"] = relabel.where(relabel.notna(), base["label"])
-
-    def table(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
-        out = []
-        for fp, r in rows.items():
-            path = r.get("path") or where.get(fp)
-            out.append(
-                {
-                    "track_id": f"labelled/{fp}",
-                    "path": str(path or ""),
-                    "label": r["label"],
-                    "split": None,
-                    "group": f"track:{fp}",
-                    "fingerprint": fp,
-                }
-            )
-        return pd.DataFrame(out, columns=["track_id", "path", "label", "split", "group", "fingerprint"])
-
-    in_base = set(base["fingerprint"].tolist())
-    added = table({fp: r for fp, r in train.items() if fp not in in_base})
-    audit_t = table(held)
+    base, added, audit_t, n_relabelled = _labelled_tracks(base, labels, where, base["fingerprint"].tolist())
     # the embeddings: every stored one is reused by fingerprint; the rest is extracted once
     done, _ = st.done_fingerprints()
     both = pd.concat([added, audit_t], ignore_index=True)
@@ -551,6 +537,157 @@ def retrain(
     )
 
 
+#: run kinds that train a network on decoded audio (``embedkit train-cnn`` / ``finetune``)
+NETWORK_KINDS = ("cnn", "finetune")
+
+
+def _labelled_tracks(base, labels, where: dict[str, str], fps: list[str]):
+    """(base relabelled without the held-out tracks, added, audit, n_relabelled) from the label
+    rows of ``db``: a person's label replaces the dataset's for the same audio (``fps``: the
+    base tracks' fingerprints now), ``audit-sample`` labels are held out."""
+    import pandas as pd
+
+    held = {fp: r for fp, r in labels.items() if r["source"] == AUDIT_SOURCE}
+    train = {fp: r for fp, r in labels.items() if r["source"] != AUDIT_SOURCE}
+    attrs = dict(base.attrs)
+    base = base.assign(fingerprint=fps)
+    base = base[~base["fingerprint"].isin(held)].copy()
+    relabel = base["fingerprint"].map({fp: r["label"] for fp, r in train.items()})
+    n_relabelled = int((relabel.notna() & (relabel != base["label"])).sum())
+    base["label"] = relabel.where(relabel.notna(), base["label"])
+    base.attrs = attrs
+
+    def table(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
+        out = []
+        for fp, r in rows.items():
+            path = r.get("path") or where.get(fp)
+            out.append(
+                {
+                    "track_id": f"labelled/{fp}",
+                    "path": str(path or ""),
+                    "label": r["label"],
+                    "split": None,
+                    "group": f"track:{fp}",
+                    "fingerprint": fp,
+                }
+            )
+        return pd.DataFrame(out, columns=["track_id", "path", "label", "split", "group", "fingerprint"])
+
+    in_base = set(base["fingerprint"].tolist())
+    return base, table({fp: r for fp, r in train.items() if fp not in in_base}), table(held), n_relabelled
+
+
+def _retrain_network(
+    run: str | os.PathLike,
+    m: dict[str, Any],
+    db: str | os.PathLike,
+    *,
+    cache: str | os.PathLike,
+    runs: str | os.PathLike,
+    threads: int | None,
+    workers: int | None,
+    log: Callable[[str], None],
+) -> RetrainResult:
+    """``retrain`` of a scratch-CNN or fine-tune run: the run's dataset read again from its
+    recorded source (through its taxonomy record when it learned from tags), relabelled and
+    extended by the labels in ``db``, trained with the run's recipe as recorded in its
+    metrics.json (training, model / fine-tune, feature, audio and augmentation configs, and
+    protocol); a network trains on decoded audio, so the labelled tracks are decoded (through
+    the clip cache under ``cache``). Old and new models are then scored on the audit labels,
+    each file decoded the way its run was evaluated."""
+    import inspect
+    import time
+    from dataclasses import fields
+
+    import pandas as pd
+
+    from ..config import AudioConfig
+    from ..datasets import load_dataset
+    from ..identity import fingerprint
+    from ..taxonomy import TagLabels
+    from .resultsdb import ResultsDB
+    from .tagger import load_tagger
+
+    t0 = time.perf_counter()
+    ds = m.get("dataset") or {}
+    source, tax = str(ds.get("source") or ""), ds.get("taxonomy") or None
+    if not source or not Path(source).exists():
+        raise EmbedkitError(f"{run}: its dataset {source or '(not recorded)'} is not here (retrain where it was made)")
+    tag_labels = TagLabels(tax.get("genre_map"), int(tax.get("min_tracks") or 1)) if tax else None
+    base = load_dataset(source, labels_from_tags=tag_labels)
+    with ResultsDB(existing_db(db)) as rdb:
+        labels = current_labels(rdb)
+        where = {r["fingerprint"]: r["path"] for r in rdb.rows()}
+        scheme = rdb.scheme
+    if not labels:
+        raise EmbedkitError(f"{db}: no labels to retrain on (review some tracks, or `embedkit labels import`)")
+    fps = [fingerprint(pth, scheme=scheme) for pth in base["path"]]
+    base, added, audit_t, n_relabelled = _labelled_tracks(base, labels, where, fps)
+    gone = [str(pth) for pth in [*added["path"], *audit_t["path"]] if not pth or not Path(pth).is_file()]
+    if gone:
+        raise EmbedkitError(f"{gone[0] or 'a labelled track'}: labelled file not found (a network retrains from audio)")
+    tracks = pd.concat([t.drop(columns=["fingerprint"]) for t in (base, added)], ignore_index=True)
+    tracks.attrs.update(base.attrs)  # the source stays the dataset's: the new run retrains the same way
+
+    def rebuild(cls, d):  # only the fields this version knows: a recipe recorded by another one still loads
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+    from ..cnn.augment import AugmentConfig
+    from ..cnn.loop import TrainConfig
+
+    cfg, proto = m.get("config") or {}, m.get("protocol") or {}
+    prep = m.get("preprocess") or {}
+    common = dict(
+        train=rebuild(TrainConfig, cfg.get("train")),
+        audio_cfg=rebuild(AudioConfig, prep.get("audio")),
+        augment=AugmentConfig.from_dict(cfg.get("augment") or {}),
+        cv=proto.get("k") if proto.get("type") == "cv" else None,
+        test_size=proto.get("test_size") or 0.2,
+        runs_dir=runs,
+        cache=cache,
+        threads=threads,
+        workers=workers,
+    )
+    log(f"retraining {m.get('name')} ({m['kind']}) on {len(base)} + {len(added)} track(s), {n_relabelled} relabelled")
+    if m["kind"] == "cnn":
+        from ..cnn.features import FeatureConfig
+        from ..cnn.model import CNNConfig
+        from ..cnn.train import train_cnn
+
+        # the network's shape as recorded, through the arguments train_cnn takes (classes: the new labels')
+        net = CNNConfig.from_dict({**(cfg.get("model") or {}), "n_classes": tracks["label"].nunique()})
+        takes = inspect.signature(train_cnn).parameters
+        shape = {k: v for k, v in vars(net).items() if k in takes and k != "n_classes"}
+        feats = rebuild(FeatureConfig, (m.get("spec") or {}).get("features"))
+        res = train_cnn(tracks, features=feats, **shape, **common)
+    else:
+        from ..cnn.finetune import FinetuneConfig, finetune
+
+        ft = rebuild(FinetuneConfig, cfg.get("finetune"))
+        res = finetune(tracks, ft.backbone, ft=ft, **common)
+    audit: dict[str, Any] = {}
+    if len(audit_t):
+        for name, d in (("old", Path(run)), ("new", res.run_dir)):
+            tagger = load_tagger(d)
+            k = sum(
+                tagger.labels[int(np.argmax(tagger.predict_file(pth)[1]))] == lab
+                for pth, lab in zip(audit_t["path"], audit_t["label"])
+            )
+            audit[name] = {"accuracy": k / len(audit_t), "ci95": wilson(k, len(audit_t)), "n": int(len(audit_t))}
+    return RetrainResult(
+        res.run_dir,
+        res.metrics,
+        len(base),
+        len(added) + n_relabelled,
+        n_relabelled,
+        0,  # nothing stored to reuse: a network trains on the decoded audio (the clip cache keeps it)
+        0,
+        audit,
+        time.perf_counter() - t0,
+    )
+
+
 @dataclass
 class PromoteResult:
     model_id: str
@@ -574,9 +711,10 @@ def promote(
 
     write_tags: the changed decisions go into the files' tags (``tag --write-tags`` on those
     files only; the others keep the previous model's genre and provenance), a genre a person set
-    is kept, and the new model's writes are journalled like any other: ``embedkit untag
-    NEW_RUN`` puts back the previous model's genres, then ``embedkit untag OLD_RUN`` the
-    originals."""
+    is kept, and the new model's writes are journalled like any other. One untag undoes it:
+    ``embedkit untag NEW_RUN`` puts the files back as they were before the promotion (the
+    previous model's genres), ``embedkit untag OLD_RUN`` puts back the originals (over both
+    models' writes), byte for byte either way."""
     import sqlalchemy as sa
 
     from .batch import tag

@@ -61,7 +61,7 @@ def _step_modules(model) -> list:
     import torch
     from torch import nn
 
-    from ..heads import Float32LogisticRegression, LGBMHead, TorchMLP
+    from ..heads import Float32LogisticRegression, LGBMHead, StackedHead, TorchMLP
 
     def buf(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -120,11 +120,62 @@ def _step_modules(model) -> list:
             mods.append(Dense(step.coefs_, step.intercepts_))
         elif isinstance(step, LGBMHead):
             mods.append(None)  # trees: converted separately (see _lgbm_onnx)
+        elif isinstance(step, StackedHead):
+            mods.append(_stack_module(step))
         else:
             raise ExportError(
                 f"cannot export pipeline step {name!r} ({type(step).__name__}): only embedkit's scaler, PCA and lr/mlp/lgbm heads export"
             )
     return mods
+
+
+def _stack_module(stack):
+    """A fitted ``heads.fused.StackedHead`` -> torch module: fused embeddings [B, sum D] ->
+    probabilities [B, len(classes_)], as its ``predict_proba``: each part's pipeline on its
+    columns, log-probabilities floored at ``heads.fused.LOG_FLOOR``, the meta regression. A part
+    head that is a tree ensemble refuses (ExportError)."""
+    import torch
+    from torch import nn
+
+    from ..heads.fused import LOG_FLOOR as STACK_FLOOR
+    from ..heads.fused import part_slices
+
+    parts = []
+    for m in stack.parts_:
+        mods = _step_modules(m)
+        if any(x is None for x in mods):
+            raise ExportError("a stacked head over LightGBM part heads cannot be exported (trees are not torch layers)")
+        parts.append(nn.Sequential(*mods))
+    maps = [torch.from_numpy(_column_map(m.classes_, [str(c) for c in stack.classes_])) for m in stack.parts_]
+    meta = _step_modules_of_head(stack.meta_)
+    meta_map = torch.from_numpy(_column_map(stack.meta_.classes_, [str(c) for c in stack.classes_]))
+    bounds = [(s.start, s.stop) for s in part_slices(stack.dims)]
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts, self.meta = nn.ModuleList(parts), meta
+            for i, M in enumerate(maps):
+                self.register_buffer(f"map{i}", M)
+            self.register_buffer("meta_map", meta_map)
+
+        def forward(self, x):
+            logs = []
+            for i, (part, (a, z)) in enumerate(zip(self.parts, bounds)):
+                p = part(x[:, a:z]) @ getattr(self, f"map{i}")
+                logs.append(torch.log(torch.clamp(p, min=STACK_FLOOR)))
+            return self.meta(torch.cat(logs, dim=1)) @ self.meta_map
+
+    return Stack().eval()
+
+
+def _step_modules_of_head(head):
+    """One fitted lr / mlp head (no pipeline around it) as its torch module."""
+
+    class _One:
+        steps = [("head", head)]
+
+    return _step_modules(_One())[0]
 
 
 def _column_map(classes, labels) -> np.ndarray:
@@ -180,6 +231,10 @@ def _backbone_module(backbone):
     """The backbone's torch module (waveform -> embedding) in a form torch.export can trace."""
     name = getattr(getattr(backbone, "spec", None), "name", type(backbone).__name__)
     family = getattr(getattr(backbone, "spec", None), "family", "")
+    if family == "fused":  # one graph: each part's export form behind its resampler (backbones.fused)
+        from ..backbones.fused import fused_module
+
+        return fused_module([_backbone_module(p) for p in backbone.parts], copy.deepcopy(backbone._resamplers))
     module = backbone.torch_module()
     if module is None:
         why = "its features are computed by librosa, not a graph" if family == "melstats" else "it has no torch module"
@@ -441,8 +496,97 @@ def build_metadata(tagger, calibration: dict | None, with_embedding: bool = Fals
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# export forms: the same computation in the ops onnxruntime runs fast
+
+#: the largest FFT size exported as a DFT matrix product (see export_forms), the size it was
+#: measured at (musicnn, tiny-test); larger ones keep the ONNX STFT op, as the product's
+#: arithmetic grows as n^2 against the FFT's n log n (the scratch CNN's 2048 points: ~20x)
+DFT_MAX_N_FFT = 512
+
+
+def _dft_mel(mel):
+    """``audio.melspec.MelSpectrogram`` (power 2, hop dividing n_fft) -> a torch module with
+    the same output [B, n_mels, T] computed by matrix products: frames cut by reshapes (no
+    index Gather), the windowed real DFT split once into even / odd samples (radix 2: two
+    [n/2 x (n/2 + 2)] products instead of one [n x n]; the twiddles folded into the odd basis),
+    and |X|^2 folded into the mel filterbank: bins f and n/2 - f of the power spectrum are
+    |E + W^f O|^2 and |E - W^f O|^2 for f <= n/4, so no flip is needed."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    n, hop = int(mel.n_fft), int(mel.hop_length)
+    h = n // 2
+    w = mel.window.detach().double().cpu().numpy()
+    m = np.arange(h)[:, None]
+    f = np.arange(h // 2 + 1)[None, :]
+    ang = 2 * np.pi * m * f / h
+    tw = 2 * np.pi * f / n  # the twiddle W^f = exp(-2 pi i f / n)
+    basis_even = np.concatenate([np.cos(ang), -np.sin(ang)], 1) * w[0::2, None]
+    basis_odd = np.concatenate([np.cos(ang + tw), -np.sin(ang + tw)], 1) * w[1::2, None]
+    fb = mel.mel_fb.detach().double().cpu().numpy().T  # [n/2 + 1, n_mels]
+    plus = fb[: h // 2 + 1]  # bins 0 .. n/4
+    minus = fb[::-1][: h // 2 + 1].copy()  # bins n/2 .. n/4
+    minus[-1] = 0.0  # bin n/4 is in both halves: counted once
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    class DftMel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.center, self.pad_mode = bool(mel.center), mel.pad_mode
+            for name, a in (("even", basis_even), ("odd", basis_odd)):
+                self.register_buffer(name, t(a))
+            self.register_buffer("plus", t(np.concatenate([plus, plus])))  # real and imaginary rows
+            self.register_buffer("minus", t(np.concatenate([minus, minus])))
+
+        def forward(self, y):
+            B = y.shape[0]
+            if self.center:
+                y = F.pad(y.unsqueeze(1), (n // 2, n // 2), mode=self.pad_mode).squeeze(1)
+            T = 1 + (y.shape[1] - n) // hop
+            r = n // hop
+            need = (T + r - 1) * hop  # frame t is hops t .. t + r - 1
+            y = F.pad(y, (0, need - y.shape[1])) if need > y.shape[1] else y[:, :need]
+            halves = y.reshape(B, need // 2, 2)
+
+            def frames(v):  # [B, need / 2] -> [B, T, n / 2]
+                z = v.reshape(B, T + r - 1, hop // 2)
+                return torch.cat([z[:, j : j + T] for j in range(r)], 2)
+
+            a = frames(halves[:, :, 0]) @ self.even
+            b = frames(halves[:, :, 1]) @ self.odd
+            p, q = a + b, a - b
+            return ((p * p) @ self.plus + (q * q) @ self.minus).transpose(1, 2)
+
+    return DftMel().eval()
+
+
+def export_forms(module):
+    """A copy of ``module`` where each log-mel front end (``audio.melspec.MelSpectrogram``)
+    whose FFT is at most DFT_MAX_N_FFT points is replaced by its matrix-product form
+    (``_dft_mel``). Why: onnxruntime's STFT op took 9.5 % of musicnn's kernel time, ~20x
+    torch's FFT for the same 313 512-point frames; the products take about a third of that and
+    agree with torch.stft to ~2e-6 of the mel power (tests/test_export.py)."""
+    from ..audio.melspec import MelSpectrogram
+
+    def fits(m) -> bool:
+        n, hop = int(m.n_fft), int(m.hop_length)
+        return m.power == 2.0 and n <= DFT_MAX_N_FFT and n % hop == 0 and hop % 2 == 0
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MelSpectrogram) and fits(child):
+                setattr(parent, name, _dft_mel(child))
+    return module
+
+
 def _torch_export(module, window: int, opset: int):
-    """torch.onnx.export (dynamo) with a dynamic batch axis -> onnx.ModelProto."""
+    """torch.onnx.export (dynamo) with a dynamic batch axis -> onnx.ModelProto (of the module's
+    ``export_forms``)."""
     import io
     import logging
     import warnings
@@ -450,6 +594,7 @@ def _torch_export(module, window: int, opset: int):
     import onnx
     import torch
 
+    module = export_forms(module)
     example = (torch.randn(2, window, generator=torch.Generator().manual_seed(0)) * 0.1,)
     batch = torch.export.Dim("batch", min=1, max=4096)
     # the exporter logs one warning per torchvision op it cannot register: noise, not a problem
@@ -475,7 +620,59 @@ def _torch_export(module, window: int, opset: int):
             registration.setLevel(level)
     buf = io.BytesIO()
     program.save(buf) if hasattr(program, "save") else buf.write(program.SerializeToString())
-    return onnx.load_from_string(buf.getvalue())
+    model = onnx.load_from_string(buf.getvalue())
+    sink_initializers(model.graph)
+    return model
+
+
+def _subgraphs(node):
+    for a in node.attribute:
+        if a.HasField("g"):
+            yield a.g
+        yield from a.graphs
+
+
+def _names_used(graph) -> set[str]:
+    """Every tensor name read by the nodes of ``graph`` and of the subgraphs inside it."""
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for sub in _subgraphs(node):
+            used |= _names_used(sub)
+    return used
+
+
+def sink_initializers(graph) -> None:
+    """Move each initializer that only the nodes of one subgraph (an If branch: musicnn's
+    pruned / full plan) read into that subgraph, recursively. Why: onnxruntime's graph
+    transformers treat a subgraph's outer-scope tensors as unknown inputs, so the branch's
+    constant weights got no NCHWc layout (musicnn's two timbral convolutions ran im2col + GEMM:
+    1.6x the time in onnxruntime's profile) and no constant folding. Shared initializers stay
+    where they are."""
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(None)  # read in this graph itself
+        for sub in _subgraphs(node):
+            for name in _names_used(sub):
+                users.setdefault(name, []).append(sub)
+    for out in graph.output:  # a graph output stays in its graph
+        users.setdefault(out.name, []).append(None)
+    subs = [sub for node in graph.node for sub in _subgraphs(node)]
+    keep = []
+    for init in list(graph.initializer):
+        readers = users.get(init.name, [])
+        if len(readers) == 1 and readers[0] is not None:
+            target = readers[0]
+            if not any(i.name == init.name for i in target.initializer):
+                target.initializer.append(init)
+            continue
+        keep.append(init)
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    for sub in subs:
+        sink_initializers(sub)
 
 
 def _rename_outputs(model, names: list[str]):

@@ -40,8 +40,11 @@ EMBEDDING_NAME = "embedding"
 #: probabilities are floored here before the log of temperature scaling (float32-safe)
 LOG_FLOOR = EPS  # the same floor as embedkit.calibration
 RUNTIME_INSTALL = "pip install onnxruntime"
-#: windows per onnxruntime call (bounds the activation memory of long files)
-MAX_BATCH = 16
+#: windows per onnxruntime call: bounds the activation memory of long files, and smaller calls
+#: were faster per window (musicnn + lr, 16 windows sent in calls of 2 / 4 / 16 windows: 10.1 /
+#: 10.5 / 11.2 CPU ms a window, 2 threads, load ~7; smaller intermediate maps, as torch chunks its
+#: Toeplitz GEMM)
+MAX_BATCH = 4
 
 
 def calibration_params(calibration, error=EmbedkitError) -> dict[str, Any] | None:
@@ -158,6 +161,10 @@ def _session(path: Path, threads: int | None = None):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # "all" (onnxruntime's default, stated because it matters): its NCHWc layout pass runs
+    # musicnn's timbral convolution + max-pool in the blocked layout (the whole musicnn graph:
+    # 1.2x / 1.8x the CPU time per window at "extended", batch 16 / 1)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # no spin-waiting between ops: on a busy machine (2 cores shared with decoding threads or
     # other jobs) spinning threads steal the cores the work needs (as OMP_WAIT_POLICY for torch)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

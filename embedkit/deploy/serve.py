@@ -89,6 +89,8 @@ from typing import Any
 
 import numpy as np
 
+from ..audio.decoding import known_not_audio
+from ..audio.excerpts import DEFAULT_EXCERPT
 from ..errors import AudioError, EmbedkitError, first_line
 from ..processes import alive
 from .stream import MAX_CHANNELS, RATE_RANGE  # the sample rates and channels audio may have
@@ -96,20 +98,6 @@ from .stream import MAX_CHANNELS, RATE_RANGE  # the sample rates and channels au
 SERVE_INSTALL = "pip install 'embedkit[serve]'"
 #: Content-Types accepted for a raw body or an upload part (besides audio/*)
 GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
-#: leading bytes of files that are not audio (answered 415, not 422); MP4/M4A, Matroska/WebM
-#: and every other container the decoder reads (embedkit.audio.decoding) are accepted
-UNSUPPORTED_MAGIC = {
-    b"%PDF": "PDF",
-    b"\x89PNG": "PNG image",
-    b"\xff\xd8\xff": "JPEG image",
-    b"PK\x03\x04": "ZIP archive",
-    b"GIF8": "GIF image",
-    b"<!DO": "HTML",
-    b"<htm": "HTML",
-    b"{": "JSON",
-}
-
-
 #: bytes per second of CD audio as 16-bit stereo WAV: the default upload limit is
 #: ``max_audio_s`` of it, the largest uncompressed song the decode bound accepts
 CD_BYTES_PER_S = 44100 * 2 * 2
@@ -143,7 +131,7 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
     max_batch_windows: int = 64
     decode_workers: int = 2
-    excerpt: str = "first"
+    excerpt: str = DEFAULT_EXCERPT  # the same as `embedkit tag`'s
     top_k: int = 3
     # the server's decision rule: the model's with these overrides (None keeps the model's);
     # a request's query parameters of the same names override it again
@@ -348,9 +336,9 @@ def _check_type(media: str, where: str) -> None:
 def _sniff(path: str) -> None:
     with open(path, "rb") as fh:
         head = fh.read(12)
-    for magic, name in UNSUPPORTED_MAGIC.items():
-        if head.startswith(magic):
-            raise HTTPProblem(415, "unsupported_media_type", f"upload is {name}, not audio; send an audio file")
+    name = known_not_audio(head)  # a file that is not audio is answered 415, not 422
+    if name is not None:
+        raise HTTPProblem(415, "unsupported_media_type", f"upload is {name}, not audio; send an audio file")
 
 
 class _Sink:
@@ -735,7 +723,7 @@ def read_bounded(path: str, tagger, ex, cfg: ServeConfig):
     length are checked first; ``full`` decodes at most ``max_audio_s`` (+ one second to see
     that a file is longer than its header says). -> (windows, starts, duration_s)."""
     from ..audio import decoding as audio
-    from ..audio.excerpts import read_excerpt
+    from ..audio.excerpts import TooLong, read_excerpt
 
     info = audio.probe(path)
     sr, channels = int(info["sample_rate"]), int(info["channels"])
@@ -744,38 +732,36 @@ def read_bounded(path: str, tagger, ex, cfg: ServeConfig):
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioError(path, f"{channels} channels (1..{MAX_CHANNELS} accepted)")
     seg, clip_s = tagger.segment, tagger.audio.clip_s
-    if not (ex.mode == "full" or clip_s is None):
-        return read_excerpt(path, tagger.sample_rate, ex, clip_s, seg.segment_s, seg.hop_s)
-    if info["duration_s"] > cfg.max_audio_s:
+    full = ex.mode == "full" or clip_s is None
+    if full and info["duration_s"] > cfg.max_audio_s:
         raise HTTPProblem(
             413,
             "too_long",
             f"excerpt=full on {info['duration_s']:.0f} s of audio, over this server's {cfg.max_audio_s:g} s limit; "
             "use excerpt=first, middle or spread:N",
         )
-    from ..audio.segments import segment
-    from ..config import SegmentConfig
-
-    y, sr = audio.decode(path, max_seconds=cfg.max_audio_s + 1.0)
-    if len(y) > cfg.max_audio_s * sr:
+    try:
+        windows, starts, duration = read_excerpt(
+            path,
+            tagger.sample_rate,
+            ex,
+            clip_s,
+            seg.segment_s,
+            seg.hop_s,
+            max_full_s=cfg.max_audio_s,
+            duration_s=float(info["duration_s"]),
+        )
+    except TooLong:
         raise HTTPProblem(
             413,
             "too_long",
             f"excerpt=full on more than {cfg.max_audio_s:g} s of audio (the header said {info['duration_s']:.0f} s), "
             "over this server's limit; use excerpt=first, middle or spread:N",
-        )
-    duration = len(y) / sr
-    y = audio.resample(y, sr, tagger.sample_rate)
-    windows, starts, _ = segment(y, tagger.sample_rate, SegmentConfig(seg.segment_s, seg.hop_s))
-    del y
-    if len(windows) == 0:
-        raise AudioError(path, f"too short: {duration:.2f} s is less than one {seg.segment_s:g} s window")
-    if len(windows) > cfg.max_windows:
+        ) from None
+    if full and len(windows) > cfg.max_windows:
         raise HTTPProblem(
             413, "too_long", f"excerpt=full gives {len(windows)} windows, over this server's {cfg.max_windows}"
         )
-    if float(np.max(np.abs(windows))) < audio.SILENCE_PEAK:
-        raise AudioError(path, "silent (every sample listened to is zero)")
     return windows, starts, duration
 
 

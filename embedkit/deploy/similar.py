@@ -1,7 +1,7 @@
 """Similar tracks, genre playlists and radio from the track vectors ``embedkit tag --db`` keeps.
 
     results database (``tags`` + ``tag_vectors`` of one model) -> the similarity space ->
-    index (exact below ``EXACT_MAX`` tracks, an HNSW graph beyond), persisted beside the database and
+    index (exact below ``EXACT_MAX`` tracks, a FAISS IVF index beyond), persisted beside the database and
     brought up to date on every use -> nearest neighbours -> rules -> results / playlists
 
 **The space.** A track is ``[sqrt(p), ALPHA * unit(v - mean)]`` normalised, compared by cosine:
@@ -36,12 +36,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..audio.excerpts import DEFAULT_EXCERPT
 from ..errors import EmbedkitError
 from .vectors import from_bytes, sketch_from_bytes, sketch_similarity
 
 #: weight of the embedding part of the space (see the module doc)
 ALPHA = 0.5
-#: up to this many tracks an index is the matrix itself (exact search); an HNSW graph beyond
+#: up to this many tracks an index is the matrix itself (exact search); FAISS IVF beyond
 EXACT_MAX = 20_000
 #: near-duplicates: cosine of centred embeddings at or above (a cheap first test), loudness
 #: sketches correlated at or above (``vectors.sketch_similarity``), durations within (s)
@@ -50,13 +51,26 @@ DUPLICATE_SKETCH = 0.90
 DUPLICATE_SECONDS = 3.0
 #: without sketches (vectors stored by a server upload...), the embedding alone at or above
 DUPLICATE_COSINE_ALONE = 0.995
-#: HNSW parameters (usearch): graph degree, build and search breadth
-HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 128
-HNSW_EF_SEARCH = 128  # 1M x 200: recall@10 0.993 at 0.49 ms, against 0.89-0.93 at 64 (bench_similar.py scale --sweep)
-#: graph candidates re-ranked exactly per result asked for
+#: the approximate index (FAISS IVF, ``AnnSettings``): how each vector is stored ("SQ8": one
+#: byte a dimension), k-means cells searched per query, the rows' dtype for the exact re-rank,
+#: the k-means sample (rows a cell) and iterations; measured in bench/bench_similar.py scale
+ANN_CODEC = "SQ8"
+#: cells searched per query: None = tuned when the index is built, the fewest (a power of two)
+#: that find ANN_RECALL of the exact top 10 of ANN_TUNE_QUERIES of its own rows
+ANN_NPROBE = None
+ANN_RECALL = 0.98  # on its own rows; held-out queries measured ~0.01 lower (bench_similar.py scale)
+ANN_TUNE_QUERIES = 200
+ROWS_DTYPE = "float16"
+ANN_TRAIN_PER_LIST = 50
+ANN_NITER = 10
+#: the cells are trained again (``Index.update``) once the library is this many times the size
+#: they were trained on
+ANN_REGROW = 4
+#: ANN candidates re-ranked exactly per result asked for
 RERANK = 4
-INDEX_FORMAT = 1
+#: rows converted / added a chunk at a time (bounded memory at 1M x 2048)
+ROW_CHUNK = 32_768
+INDEX_FORMAT = 2
 #: seconds an update looks back before the newest row the index holds (late commits)
 UPDATE_OVERLAP_S = 600
 OUT_SUFFIXES = (".csv", ".jsonl", ".m3u8", ".m3u")
@@ -357,74 +371,190 @@ def index_dir(db_url: str, model_id: str, where: str | os.PathLike | None = None
     return root / hashlib.sha256(_safe(db_url).encode()).hexdigest()[:16] / model_id
 
 
+@dataclass(frozen=True)
+class AnnSettings:
+    """How the approximate index above ``exact_max`` tracks is built and searched: FAISS
+    ``IVF<nlist>,<codec>`` with inner product (the rows are unit vectors: cosine).
+
+    codec: how the index stores each vector ("SQ8": one byte a dimension, "SQ6", "SQ4",
+    "SQfp16", "Flat": float32); nlist: k-means cells (None: about 2 sqrt(N), a power of two, at
+    least 39 training rows a cell); nprobe: cells searched per query (None: tuned at build, the
+    fewest, a power of two, whose results hold ``recall`` of the exact top 10 of
+    ``ANN_TUNE_QUERIES`` rows of the library: how many cells a query needs depends on how the
+    library's vectors cluster, so it is measured on them, not assumed); rows_dtype: the dtype of the mapped rows file the candidates are re-ranked on
+    exactly ("float16" | "float32"); train_per_list / niter: the k-means sample (rows a cell)
+    and iterations. Everything but a given nprobe is recorded in ``info.json``; an index built with
+    other settings is rebuilt when opened, never read with these."""
+
+    codec: str = ANN_CODEC
+    nlist: int | None = None
+    nprobe: int | None = ANN_NPROBE
+    rows_dtype: str = ROWS_DTYPE
+    train_per_list: int = ANN_TRAIN_PER_LIST
+    niter: int = ANN_NITER
+    recall: float = ANN_RECALL
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("SQ8", "SQ6", "SQ4", "SQfp16", "Flat"):
+            raise SimilarError(f"index codec must be SQ8, SQ6, SQ4, SQfp16 or Flat, got {self.codec!r}")
+        if self.rows_dtype not in ("float16", "float32"):
+            raise SimilarError(f"index rows dtype must be float16 or float32, got {self.rows_dtype!r}")
+        for name in ("nprobe", "nlist", "train_per_list", "niter"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise SimilarError(f"index {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < float(self.recall) <= 1:
+            raise SimilarError(f"index recall must be in (0, 1], got {self.recall}")
+
+    def nlist_for(self, n: int) -> int:
+        if self.nlist is not None:
+            return max(1, min(int(self.nlist), int(n)))
+        want = 2 ** int(round(np.log2(max(1.0, 2.0 * np.sqrt(n)))))
+        return int(max(1, min(want, n // 39)))
+
+    def recorded(self, n: int) -> dict[str, Any]:
+        """What ``info.json`` says of an index of these settings trained on ``n`` rows."""
+        nlist = self.nlist_for(n)
+        return {
+            "library": "faiss",
+            "factory": f"IVF{nlist},{self.codec}",
+            "codec": self.codec,
+            "nlist": nlist,
+            "rows_dtype": self.rows_dtype,
+            "train_per_list": int(self.train_per_list),
+            "niter": int(self.niter),
+            "recall_target": float(self.recall),
+            "trained_n": int(n),
+        }
+
+    def mismatch(self, rec: dict | None) -> str | None:
+        """Why an index recorded as ``rec`` was not built with these settings (None: it was)."""
+        if not rec:
+            return "no approximate index recorded"
+        want = self.recorded(int(rec.get("trained_n") or 0))
+        for key in ("library", "codec", "nlist", "rows_dtype", "train_per_list", "niter", "recall_target"):
+            if rec.get(key) != want[key]:
+                return f"{key} {rec.get(key)!r}, these settings {want[key]!r}"
+        return None
+
+
 @dataclass
 class IndexInfo:
     model_id: str
     space: str
     dim: int  # of the similarity space (C + D)
     alpha: float
-    kind: str  # "exact" | "hnsw"
+    kind: str  # "exact" | "ivf"
     n: int
     built_at: float
     updated_through: str | None  # the latest row update the index holds (ISO), for incremental updates
     format: int = INDEX_FORMAT
     seconds: dict[str, float] = field(default_factory=dict)
+    rows_dtype: str = "float32"  # of the rows file (float32 for exact search; AnnSettings.rows_dtype beside an ANN)
+    ann: dict[str, Any] | None = None  # AnnSettings.recorded: how the approximate index was built
+    files: dict[str, str] = field(default_factory=dict)  # rows / keys / mean / ann: this generation's files
 
 
 class Index:
     """Nearest neighbours of one model's library in the similarity space.
 
-    Files in ``folder``: ``info.json``, ``mean.npy`` (the vector mean fixed at build),
-    ``keys.json`` (fingerprint of each row), ``space.npy`` (float32 [N, C + D], exact search and
-    re-ranking) and, above ``EXACT_MAX`` tracks, ``graph.usearch`` (usearch, int8). ``open`` brings it up to
-    date: tracks added or re-tagged since are added (the graph grows; the mean stays), so a
-    library that grows by tagging never needs a rebuild; ``build`` starts over (new mean)."""
+    Files in ``folder``: ``info.json`` (written last: it names the generation of the other
+    files, so a reader sees a whole index or the previous one), ``mean-<gen>.npy`` (the vector
+    mean fixed at build), ``keys-<gen>.json`` (fingerprint of each row), ``space-<gen>.npy``
+    (the rows [N, C + D], mapped, never held in memory: float32 for exact search; above
+    ``exact_max`` tracks ``AnnSettings.rows_dtype``, read only for the candidates being
+    re-ranked) and, above ``exact_max``, ``ann-<gen>.faiss`` (FAISS IVF, scalar-quantised
+    vectors: ``AnnSettings``). ``open`` brings it up to date: tracks added or re-tagged since
+    are added (the index grows; the mean and the k-means cells stay, until the library is
+    ``ANN_REGROW`` times the size they were trained on), so a library that grows by tagging
+    never needs a rebuild; ``build`` starts over (new mean)."""
 
-    def __init__(self, folder: Path, info: IndexInfo, mean: np.ndarray, keys: list[str], X: np.ndarray, ann=None):
+    def __init__(
+        self,
+        folder: Path,
+        info: IndexInfo,
+        mean: np.ndarray,
+        keys: list[str],
+        X: np.ndarray,
+        ann=None,
+        settings: AnnSettings | None = None,
+    ):
         self.folder, self.info, self.mean, self.keys, self.X, self.ann = folder, info, mean, keys, X, ann
+        self.settings = settings or AnnSettings()
         self.pos = {k: i for i, k in enumerate(keys)}
 
     # -- build / open -------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, lib: Library, where=None, exact_max: int = EXACT_MAX) -> "Index":
+    def build(
+        cls, lib: Library, where=None, exact_max: int = EXACT_MAX, settings: AnnSettings | None = None
+    ) -> "Index":
+        settings = settings or AnnSettings()
         t0 = time.perf_counter()
         rows = lib._query()
         if not rows:
             raise SimilarError(f"{_name(lib.url)}: no tracks with vectors for model {lib.model_id}")
-        V = np.stack([from_bytes(r["vector"], lib.dim) for r in rows])
-        P = np.stack([_probs(r, lib.labels) for r in rows])
-        mean = V.astype(np.float64).mean(axis=0).astype(np.float32)
-        X = space_vectors(P, V, mean)
+        n = len(rows)
+        kind = "exact" if n <= exact_max else "ivf"
+        # the mean, then the rows, a chunk at a time: no float32 copy of the whole library
+        total = np.zeros(lib.dim, np.float64)
+        for i in range(0, n, ROW_CHUNK):
+            total += np.stack([from_bytes(r["vector"], lib.dim) for r in rows[i : i + ROW_CHUNK]]).sum(0, np.float64)
+        mean = (total / n).astype(np.float32)
+        folder = index_dir(lib.url, lib.model_id, where)
+        folder.mkdir(parents=True, exist_ok=True)
+        gen = _generation()
+        dim = len(lib.labels) + lib.dim
+        rows_dtype = "float32" if kind == "exact" else settings.rows_dtype
+        X = np.lib.format.open_memmap(folder / f"space-{gen}.npy", "w+", np.dtype(rows_dtype), (n, dim))
+        for i in range(0, n, ROW_CHUNK):
+            part = rows[i : i + ROW_CHUNK]
+            V = np.stack([from_bytes(r["vector"], lib.dim) for r in part])
+            X[i : i + len(part)] = space_vectors(np.stack([_probs(r, lib.labels) for r in part]), V, mean)
+        X.flush()
+        del X
+        X = np.load(folder / f"space-{gen}.npy", mmap_mode="r")
         keys = [r["fingerprint"] for r in rows]
         through = max((_iso(r["updated"]) for r in rows), default=None)
-        kind = "exact" if len(keys) <= exact_max else "hnsw"
-        info = IndexInfo(lib.model_id, lib.space, int(X.shape[1]), ALPHA, kind, len(keys), time.time(), through)
+        del rows
+        info = IndexInfo(lib.model_id, lib.space, dim, ALPHA, kind, n, time.time(), through, rows_dtype=rows_dtype)
         t1 = time.perf_counter()
-        ann = _ann_build(X) if kind == "hnsw" else None
-        info.seconds = {"read": t1 - t0, "graph": time.perf_counter() - t1}
-        idx = cls(index_dir(lib.url, lib.model_id, where), info, mean, keys, X, ann)
-        idx.save()
+        ann = None
+        if kind == "ivf":
+            ann, info.ann = _ann_build(X, settings)
+        info.seconds = {"read": t1 - t0, "ann": time.perf_counter() - t1}
+        idx = cls(folder, info, mean, keys, X, ann, settings)
+        idx.save(gen)
         return idx
 
     @classmethod
-    def open(cls, lib: Library, where=None, update: bool = True, exact_max: int = EXACT_MAX) -> "Index":
-        """The saved index of ``lib``'s model (built when there is none or it is unreadable),
-        with the rows added or changed since it was saved added to it."""
+    def open(
+        cls,
+        lib: Library,
+        where=None,
+        update: bool = True,
+        exact_max: int = EXACT_MAX,
+        settings: AnnSettings | None = None,
+    ) -> "Index":
+        """The saved index of ``lib``'s model (built when there is none, it is unreadable, or its
+        approximate index was built with other ``settings``), with the rows added or changed
+        since it was saved added to it."""
+        settings = settings or AnnSettings()
         folder = index_dir(lib.url, lib.model_id, where)
         try:
             info = IndexInfo(**json.loads((folder / "info.json").read_text()))
             if info.format != INDEX_FORMAT or info.model_id != lib.model_id or info.space != lib.space:
                 raise ValueError("another index")
-            keys = json.loads((folder / "keys.json").read_text())
-            X = np.load(folder / "space.npy", mmap_mode="c")  # pages read as touched; changes stay in memory
-            mean = np.load(folder / "mean.npy")
-            ann = _ann_load(folder / "graph.usearch", info.dim, len(keys)) if info.kind == "hnsw" else None
-            if len(keys) != len(X) or X.shape[1] != info.dim:
+            if info.kind != "exact" and settings.mismatch(info.ann):
+                raise ValueError("built with other settings")
+            keys = json.loads((folder / info.files["keys"]).read_text())
+            X = np.load(folder / info.files["rows"], mmap_mode="r")  # pages read as touched
+            mean = np.load(folder / info.files["mean"])
+            if X.dtype != np.dtype(info.rows_dtype) or len(keys) != len(X) or X.shape[1] != info.dim:
                 raise ValueError("inconsistent files")
-        except (OSError, ValueError, TypeError, KeyError):
-            return cls.build(lib, where, exact_max)
-        idx = cls(folder, info, mean, keys, X, ann)
+            ann = _ann_load(folder / info.files["ann"], info.dim, len(keys)) if info.kind != "exact" else None
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError):  # FAISS: RuntimeError
+            return cls.build(lib, where, exact_max, settings)
+        idx = cls(folder, info, mean, keys, X, ann, settings)
         if update:
             idx.update(lib, exact_max)
         return idx
@@ -449,44 +579,66 @@ class Index:
         V = np.stack([from_bytes(r["vector"], lib.dim) for r in rows])
         P = np.stack([_probs(r, lib.labels) for r in rows])
         Xn = space_vectors(P, V, self.mean)
-        new_keys = []
+        replaced: dict[int, np.ndarray] = {}
+        new_keys, new_rows = [], []
         for r, x in zip(rows, Xn):
             i = self.pos.get(r["fingerprint"])
             if i is not None:
-                self.X[i] = x  # re-tagged: its row is replaced
+                replaced[i] = x  # re-tagged: its row is replaced
+            elif r["fingerprint"] not in new_keys:
+                new_keys.append(r["fingerprint"])
+                new_rows.append(x)
+        start = len(self.keys)
+        kind = "ivf" if self.info.kind != "exact" or start + len(new_keys) > exact_max else "exact"
+        rows_dtype = self.info.rows_dtype if kind == self.info.kind else self.settings.rows_dtype
+        gen = _generation()
+        self.X = _write_rows(self.folder / f"space-{gen}.npy", self.X, rows_dtype, replaced, new_rows)
+        self.keys.extend(new_keys)
+        self.pos.update({k: start + j for j, k in enumerate(new_keys)})
+        changed = np.array(sorted(replaced) + list(range(start, len(self.keys))), dtype=np.int64)
+        if kind == "ivf":
+            trained = int((self.info.ann or {}).get("trained_n") or 0)
+            if self.ann is None or len(self.keys) > ANN_REGROW * trained:
+                # first time above exact_max, or grown well past the cells it was trained on
+                self.ann, self.info.ann = _ann_build(self.X, self.settings)
             else:
-                new_keys.append((r["fingerprint"], x))
-        if new_keys:
-            start = len(self.keys)
-            self.keys.extend(k for k, _ in new_keys)
-            self.X = np.vstack([self.X, np.stack([x for _, x in new_keys])])
-            self.pos.update({k: start + j for j, (k, _) in enumerate(new_keys)})
-        if self.ann is not None:
-            changed = np.array([self.pos[r["fingerprint"]] for r in rows])
-            _ann_add(self.ann, self.X[changed], changed)
-        elif len(self.keys) > exact_max:
-            self.ann = _ann_build(self.X)
-            self.info.kind = "hnsw"
+                _ann_add(self.ann, self.X[changed], changed, replaced=len(replaced))
+        self.info.kind, self.info.rows_dtype = kind, rows_dtype
         self.info.n = len(self.keys)
         self.info.updated_through = max(filter(None, [self.info.updated_through, *(_iso(r["updated"]) for r in rows)]))
-        self.save()
+        self.save(gen)
         return len(rows)
 
-    def save(self) -> None:
+    def save(self, gen: str | None = None) -> None:
+        """Write this index as a new generation (``gen``: its rows file is already written) and
+        point ``info.json`` at it; the files of older generations are removed."""
+        from dataclasses import asdict
+
         from ..io import atomic_write
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / "space.npy", lambda fh: np.save(fh, self.X))
-        atomic_write(self.folder / "mean.npy", lambda fh: np.save(fh, self.mean))
+        if gen is None:
+            gen = _generation()
+            self.X = _write_rows(self.folder / f"space-{gen}.npy", self.X, self.info.rows_dtype, {}, [])
+        files = {"rows": f"space-{gen}.npy", "keys": f"keys-{gen}.json", "mean": f"mean-{gen}.npy"}
+        atomic_write(self.folder / files["mean"], lambda fh: np.save(fh, self.mean))
+        atomic_write(self.folder / files["keys"], lambda fh: fh.write(json.dumps(self.keys).encode()))
         if self.ann is not None:
-            tmp = self.folder / f".graph.{os.getpid()}.tmp"
-            self.ann.save(str(tmp))
-            os.replace(tmp, self.folder / "graph.usearch")
-        atomic_write(self.folder / "keys.json", lambda fh: fh.write(json.dumps(self.keys).encode()))
-        # info.json last: an index whose info is older than its files is rebuilt or re-updated
-        from dataclasses import asdict
-
+            files["ann"] = f"ann-{gen}.faiss"
+            tmp = self.folder / f".ann.{os.getpid()}.tmp"
+            _faiss().write_index(self.ann, str(tmp))
+            os.replace(tmp, self.folder / files["ann"])
+        self.info.files = files
+        # info.json last: it names this generation; a reader sees the old index or this one
         atomic_write(self.folder / "info.json", lambda fh: fh.write(json.dumps(asdict(self.info)).encode()))
+        keep = set(files.values()) | {"info.json"}
+        for f in self.folder.iterdir():
+            stale = f.name.startswith(("space", "keys", "mean", "ann-", "graph.")) and f.name not in keep
+            if stale and f.is_file():  # an open reader's mapping stays valid (POSIX unlink)
+                try:
+                    f.unlink(missing_ok=True)
+                except OSError:  # still mapped on Windows: the next save removes it
+                    pass
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -497,17 +649,43 @@ class Index:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         x = np.asarray(x, dtype=np.float32).reshape(-1)
         if self.ann is not None and k < len(self.keys):
-            # graph candidates, re-ranked by their exact float32 cosines
-            n = min(len(self.keys), max(RERANK * k, k + 30))
-            self.ann.expansion_search = max(HNSW_EF_SEARCH, n)
-            cand = np.asarray(self.ann.search(x, n).keys, dtype=np.int64)
-            s = self.X[cand] @ x
-            order = np.argsort(-s, kind="stable")[:k]
-            return cand[order], s[order]
-        s = self.X @ x
+            self.ann.nprobe = int(self.settings.nprobe or (self.info.ann or {}).get("nprobe") or self.ann.nprobe)
+            return _ann_topk(self.ann, self.X, x[None], k)[0]
+        s = _dot(self.X, x)
         top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
         top = top[np.argsort(-s[top], kind="stable")]
         return top, s[top]
+
+
+def _generation() -> str:
+    import uuid
+
+    return f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+
+
+def _dot(X: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """X @ x in float32, a chunk of rows at a time when X is stored otherwise (float16 rows)."""
+    if X.dtype == np.float32:
+        return np.asarray(X @ x)
+    return np.concatenate([np.asarray(X[i : i + ROW_CHUNK], dtype=np.float32) @ x for i in range(0, len(X), ROW_CHUNK)])
+
+
+def _write_rows(
+    path: Path, old: np.ndarray, dtype: str, replaced: dict[int, np.ndarray], new: list[np.ndarray]
+) -> np.ndarray:
+    """The rows file ``path``: ``old`` (a chunk at a time, in ``dtype``) with the rows of
+    ``replaced`` swapped in and ``new`` appended; returned mapped read-only."""
+    n, dim = len(old), int(old.shape[1])
+    X = np.lib.format.open_memmap(path, "w+", np.dtype(dtype), (n + len(new), dim))
+    for i in range(0, n, ROW_CHUNK):
+        X[i : min(n, i + ROW_CHUNK)] = old[i : i + ROW_CHUNK]
+    for i, x in replaced.items():
+        X[i] = x
+    if new:
+        X[n:] = np.stack(new)
+    X.flush()
+    del X
+    return np.load(path, mmap_mode="r")
 
 
 def _iso(v) -> str | None:
@@ -528,48 +706,105 @@ def _parse_iso(s: str | None):
     return d.replace(tzinfo=None) if d.tzinfo is None else d.astimezone(_dt.timezone.utc).replace(tzinfo=None)
 
 
-def _usearch():
+def _faiss():
     from ..errors import require
 
-    return require(
-        "usearch.index", "pip install 'embedkit[similar]'", "approximate search of libraries above EXACT_MAX tracks"
-    )
+    return require("faiss", "pip install 'embedkit[similar]'", "approximate search of libraries above EXACT_MAX tracks")
 
 
-def _ann_build(X: np.ndarray, threads: int | None = None):
-    """An HNSW graph (usearch) over the rows of X, vectors stored as int8: a quarter of float32's
-    memory; ``Index.search`` re-ranks its candidates with the exact float32 rows."""
-    ann = _usearch().Index(
-        ndim=int(X.shape[1]),
-        metric="ip",
-        dtype="i8",
-        connectivity=HNSW_M,
-        expansion_add=HNSW_EF_CONSTRUCTION,
-        expansion_search=HNSW_EF_SEARCH,
-    )
-    if len(X):
-        ann.add(
-            np.arange(len(X), dtype=np.uint64),
-            np.ascontiguousarray(X, dtype=np.float32),
-            threads=threads or os.cpu_count() or 1,
+def _ann_build(X: np.ndarray, settings: AnnSettings | None = None):
+    """(FAISS IVF index over the rows of X, ``settings.recorded``): k-means cells trained on a
+    sample of ``train_per_list`` rows a cell (seed 0), then every row added with its row number
+    as id, a chunk at a time (X may be a float16 mapped file: no float32 copy of it is made)."""
+    faiss = _faiss()
+    s = settings or AnnSettings()
+    n, d = int(X.shape[0]), int(X.shape[1])
+    rec = s.recorded(n)
+    index = faiss.index_factory(d, rec["factory"], faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = int(s.niter)
+    ivf.cp.min_points_per_centroid = 1  # small libraries: fewer rows than 39 a cell is no error
+    ivf.cp.max_points_per_centroid = max(1, int(s.train_per_list))
+    ivf.cp.seed = 0
+    ntrain = min(n, int(s.train_per_list) * rec["nlist"])
+    pick = np.sort(np.random.default_rng(0).choice(n, ntrain, replace=False)) if ntrain < n else slice(None)
+    index.train(np.ascontiguousarray(X[pick], dtype=np.float32))
+    for i in range(0, n, ROW_CHUNK):
+        part = np.ascontiguousarray(X[i : i + ROW_CHUNK], dtype=np.float32)
+        index.add_with_ids(part, np.arange(i, i + len(part), dtype=np.int64))
+    if s.nprobe is None:
+        rec["nprobe"], rec["tuned_recall"] = _tune_nprobe(index, X, s.recall)
+    else:
+        rec["nprobe"] = index.nprobe = int(s.nprobe)
+    return index, rec
+
+
+def _ann_topk(ann, X: np.ndarray, Q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each query of Q [m, d]: (row ids, cosines) of its k best, the ANN's
+    ``max(RERANK * k, k + 30)`` candidates re-ranked on the rows X (exact cosines)."""
+    n = min(int(ann.ntotal), max(RERANK * k, k + 30))
+    _, C = ann.search(np.ascontiguousarray(Q, dtype=np.float32), n)
+    out = []
+    for q, cand in zip(Q, C):
+        cand = cand[cand >= 0]
+        s = np.asarray(X[cand], dtype=np.float32) @ q
+        order = np.argsort(-s, kind="stable")[:k]
+        out.append((cand[order], s[order]))
+    return out
+
+
+def _tune_nprobe(ann, X: np.ndarray, target: float, k: int = 10) -> tuple[int, float]:
+    """(the fewest cells, a power of two, whose results hold ``target`` of the exact top k of
+    ``ANN_TUNE_QUERIES`` rows of X (seed 1; each row itself left out), the recall they reach).
+    One exact pass over X, a chunk at a time."""
+    n, nlist = int(ann.ntotal), int(ann.nlist)
+    k = min(k, n - 1)
+    if k < 1 or nlist == 1:
+        ann.nprobe = 1
+        return 1, 1.0
+    m = min(n, ANN_TUNE_QUERIES)
+    pick = np.sort(np.random.default_rng(1).choice(n, m, replace=False))
+    Q = np.asarray(X[pick], dtype=np.float32)
+    S = np.empty((m, n), np.float32) if m * n <= 50_000_000 else None
+    best = np.zeros((m, 0), np.int64)
+    best_s = np.zeros((m, 0), np.float32)
+    for i in range(0, n, ROW_CHUNK):  # the exact top k + 1 of each query (itself among them)
+        part = Q @ np.asarray(X[i : i + ROW_CHUNK], dtype=np.float32).T
+        if S is not None:
+            S[:, i : i + part.shape[1]] = part
+            continue
+        ids = np.concatenate([best, np.broadcast_to(np.arange(i, i + part.shape[1]), part.shape)], 1)
+        sc = np.concatenate([best_s, part], 1)
+        keep = np.argpartition(-sc, k, axis=1)[:, : k + 1]
+        best, best_s = np.take_along_axis(ids, keep, 1), np.take_along_axis(sc, keep, 1)
+    if S is not None:
+        best = np.argpartition(-S, k, axis=1)[:, : k + 1]
+    truth = [set(t.tolist()) - {int(p)} for t, p in zip(best, pick)]
+    nprobe, recall = 1, 0.0
+    while True:
+        ann.nprobe = nprobe
+        found = _ann_topk(ann, X, Q, k + 1)
+        recall = float(
+            np.mean([len((set(f.tolist()) - {int(p)}) & t) / len(t) for (f, _), t, p in zip(found, truth, pick)])
         )
-    return ann
+        if recall >= target or nprobe >= nlist:
+            return nprobe, recall
+        nprobe = min(nlist, nprobe * 2)
 
 
-def _ann_add(ann, X: np.ndarray, ids: np.ndarray) -> None:
-    """Add rows (an id already in the graph is replaced: removed, then added)."""
-    ids = np.asarray(ids, dtype=np.uint64)
-    present = np.asarray([ann.contains(int(i)) for i in ids], dtype=bool)
-    if present.any():
-        ann.remove(ids[present])
-    ann.add(ids, np.ascontiguousarray(X, dtype=np.float32))
+def _ann_add(ann, X: np.ndarray, ids: np.ndarray, replaced: int = 0) -> None:
+    """Add rows with ids ``ids``; when ``replaced`` > 0 some are already in the index: those
+    are removed first (a re-tagged track's row is replaced, never held twice)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if replaced:
+        ann.remove_ids(ids)
+    ann.add_with_ids(np.ascontiguousarray(X, dtype=np.float32), ids)
 
 
 def _ann_load(path: Path, dim: int, n: int):
-    ann = _usearch().Index.restore(str(path))
-    if ann is None or ann.ndim != dim:
-        raise ValueError("unreadable graph")
-    ann.expansion_search = HNSW_EF_SEARCH
+    ann = _faiss().read_index(str(path))
+    if ann.d != dim or ann.ntotal != n:
+        raise ValueError("an approximate index of other rows")
     return ann
 
 
@@ -833,7 +1068,7 @@ def _library_excerpt(lib: Library) -> str:
             .order_by(sa.desc("n"))
             .limit(1)
         ).first()
-    return str(r[0]) if r and r[0] else "first"
+    return str(r[0]) if r and r[0] else DEFAULT_EXCERPT
 
 
 def _candidates(lib: Library, idx: Index, x: np.ndarray, n: int) -> list[tuple[Track, float]]:
@@ -891,15 +1126,21 @@ def similar(
 
 
 def update_index(
-    db, model=None, rebuild: bool = False, index_root=None, exact_max: int = EXACT_MAX
+    db,
+    model=None,
+    rebuild: bool = False,
+    index_root=None,
+    exact_max: int = EXACT_MAX,
+    settings: AnnSettings | None = None,
 ) -> tuple[IndexInfo, int]:
     """(the index of ``model``'s vectors in ``db``, rows added or updated): brought up to date,
-    or with ``rebuild`` built again from the database (a new mean)."""
+    or with ``rebuild`` built again from the database (a new mean). ``settings``: of the
+    approximate index (an index saved with others is rebuilt)."""
     with Library(db, model) as lib:
         if rebuild:
-            idx = Index.build(lib, index_root, exact_max)
+            idx = Index.build(lib, index_root, exact_max, settings)
             return idx.info, idx.info.n
-        idx = Index.open(lib, index_root, update=False, exact_max=exact_max)
+        idx = Index.open(lib, index_root, update=False, exact_max=exact_max, settings=settings)
         return idx.info, idx.update(lib, exact_max)
 
 
@@ -1089,6 +1330,7 @@ def check_out(path) -> None:
 
 __all__ = [
     "ALPHA",
+    "AnnSettings",
     "DUPLICATE_COSINE",
     "EXACT_MAX",
     "Hit",

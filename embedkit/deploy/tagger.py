@@ -15,7 +15,10 @@ Three kinds, one contract:
 
 - ``HeadTagger`` ("head"): the run's backbone (``.backbone``) embeds each window, the fitted
   head bundle (``.bundle``) turns embeddings into probabilities; exactly the extraction path
-  (same decode, same windows, same backbone, same weights: refused otherwise).
+  (same decode, same windows, same backbone, same weights: refused otherwise). A fused run's
+  backbone is ``embedkit.backbones.fused.FusedBackbone``: windows at the highest part rate, each
+  slower part's window resampled to its rate (a soxr-matched sinc filter; see that module for
+  what per-window resampling costs against extraction's whole-clip resampling).
 - ``CNNTagger`` ("cnn"): the scratch CNN (``.net``) on the normalised (``.normalizer``) log-mel
   (``.features``) of each window. Rule: a window's log-mel is computed from that window's
   samples alone, keeping only the frames whose STFT window lies entirely inside it (frames
@@ -425,7 +428,13 @@ def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTag
     name = info.spec.get("name")
     if not name:
         raise ModelLoadingError(f"{artefact}: the bundle records no backbone name")
-    bb = load_backbone(name, checkpoint=checkpoint)
+    prep = PreprocessConfig.from_dict(info.preprocess or {})
+    if info.spec.get("family") == "fused":  # every part, windows resampled per part (backbones.fused)
+        from ..backbones.fused import load_fused
+
+        bb = load_fused(name, prep.segments.segment_s, checkpoint)
+    else:
+        bb = load_backbone(name, checkpoint=checkpoint)
     have = bb.spec.to_dict()
     for key in _SPEC_KEYS:
         a, b = _norm(info.spec.get(key)), _norm(have.get(key))
@@ -441,7 +450,6 @@ def _load_head(artefact: Path, checkpoint: str | None, model_id: str) -> HeadTag
         raise ConfigMismatchError(
             f"{artefact}: head was trained on the {info.output!r} output, which {name} does not produce"
         )
-    prep = PreprocessConfig.from_dict(info.preprocess or {})
     return HeadTagger(
         kind="head",
         labels=list(info.labels),

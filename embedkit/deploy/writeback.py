@@ -25,6 +25,9 @@ this model's writes into the file (walking back over entries whose ``before`` is
 own earlier write, never over a person's edit). One untag closes the whole history of a file
 ("undone"): a second untag does not walk further back (a person's edit between two embedkit
 writes was the person's decision; the genres embedkit wrote before it are not brought back).
+Models stacked on a file (``retrain --promote``: the new model writes over the old one's genre)
+are undone one at a time (``untag NEW`` puts back the old model's write, byte for byte) or all
+at once: ``untag OLD`` walks back over the later models' untouched writes to the originals.
 
 After a write the file's bytes (and so its content fingerprint) change while its audio does
 not: the results row is copied under the new fingerprint, so the next ``embedkit tag`` run does
@@ -567,22 +570,45 @@ def _undo(
     "written" entries, latest first); they are closed ("undone") once the file holds it again.
     A file whose genre a person or another model changed since is "kept" unless ``force``."""
     target = _target(chain, model_id)
+    above: list[dict[str, Any]] = []  # later models' writes stacked on this model's (a promotion)
     if not force:
         try:
             now = read_tags(path)
         except EmbedkitError as exc:
             return TagChange(path, "failed", getattr(exc, "problem", str(exc)))
         if now.written_by_embedkit and now.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
-            return TagChange(
-                path,
-                "kept",
-                f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first",
-                genres=now.genre or [],
-            )
+            above = _stacked(db, table, model_id, path, now)
+            if not above:
+                return TagChange(
+                    path,
+                    "kept",
+                    f"last written by another model ({now.provenance['EMBEDKIT_MODEL'][0]}); untag that one first",
+                    genres=now.genre or [],
+                )
     ch = restore(path, target["before"] or {"genre": None}, dry_run=dry_run, force=force)
     if ch.status in ("written", "unchanged") and not dry_run:
-        _set_status(db, table, [e["id"] for e in chain], "undone", f"restored by untag ({ch.status})")
+        _set_status(db, table, [e["id"] for e in chain + above], "undone", f"restored by untag ({ch.status})")
     return ch
+
+
+def _stacked(db, table, model_id: str, path: str, now: TagState) -> list[dict[str, Any]]:
+    """The "written" entries of the models that wrote into ``path`` over ``model_id``'s genre
+    (``retrain --promote``: the new model re-tags only what it decides differently, on top of
+    the old model's write), latest first, when the file holds the latest of them untouched;
+    [] when anything else (a person's edit, a model that wrote over an original) is in the way.
+    Untagging the old model then restores the originals in one step."""
+    out: list[dict[str, Any]] = []
+    state = now
+    while state.written_by_embedkit and state.provenance.get("EMBEDKIT_MODEL") not in (None, [model_id]):
+        other = state.provenance["EMBEDKIT_MODEL"][0]
+        chain = _history(db, table, other, path)
+        if not chain or not _is_this_write(state, chain[0]):
+            return []
+        state = TagState.from_dict(_target(chain, other)["before"] or {"genre": None})
+        out += chain
+        if len(out) > 1000:  # a cycle of models writing over each other: not a stack
+            return []
+    return out if state.written_by_embedkit and state.provenance.get("EMBEDKIT_MODEL") == [model_id] else []
 
 
 def _candidates(paths: Sequence[str]) -> list[str]:

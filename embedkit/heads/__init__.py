@@ -15,7 +15,8 @@ one estimator family per module (scikit-learn's layout):
 - ``mlp``  :class:`TorchMLP` (``mlp.py``) - one hidden layer, AdamW, early stopping with
   best-epoch restore on a held-out part of the training *tracks*.
 
-``scaler.py``: :class:`BlockScaler`; ``base.py``: input validation, the early-stopping split
+``scaler.py``: :class:`BlockScaler`; ``fused.py``: heads on fused backbones (per-part scaling,
+stacking); ``base.py``: input validation, the early-stopping split
 and thread heuristics the heads share; ``factory.py``: :func:`make_head` wraps a head in
 ``Pipeline([scale, (pca), head])`` (normalisation and PCA statistics come from whatever ``fit``
 sees, which the trainer, :mod:`embedkit.fit`, restricts to the training tracks), with the
@@ -27,6 +28,7 @@ a live booster, and the bundle stays safe to load.
 from .base import SMALL_PROBLEM, auto_threads, holdout_indices, n_cpus
 from .bundle import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLE_VERSION, TRUSTED_TYPES, HeadBundle, load_bundle, save_bundle
 from .factory import DEFAULTS, HEADS, SEARCH_SPACE, default_pca, head_config, make_head, n_params
+from .fused import FUSIONS, PartScaler, StackedHead, fusion_pipeline
 from .lgbm import LGBMHead
 from .linear import Float32LogisticRegression
 from .mlp import TorchMLP
@@ -37,6 +39,9 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
     "DEFAULTS",
+    "FUSIONS",
+    "PartScaler",
+    "StackedHead",
     "HEADS",
     "SEARCH_SPACE",
     "SMALL_PROBLEM",
@@ -52,6 +57,7 @@ __all__ = [
     "holdout_indices",
     "load_bundle",
     "make_head",
+    "fusion_pipeline",
     "n_cpus",
     "n_params",
     "save_bundle",

@@ -37,6 +37,8 @@ TRUSTED_TYPES = [
     "embedkit.heads.lgbm.LGBMHead",
     "embedkit.heads.linear.Float32LogisticRegression",
     "embedkit.heads.mlp.TorchMLP",
+    "embedkit.heads.fused.PartScaler",
+    "embedkit.heads.fused.StackedHead",
     # the same classes as bundles of embedkit 0.1.0 (one heads.py) name them
     "embedkit.heads.BlockScaler",
     "embedkit.heads.LGBMHead",

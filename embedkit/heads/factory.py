@@ -51,6 +51,7 @@ def make_head(head: str, params: dict[str, Any] | None = None, pca: int | None =
     head: "lr" | "lgbm" | "mlp". params: overrides of the head's hyper-parameters.
     pca: number of components (None / 0: no PCA). Fit the pipeline with
     ``fit(X, y, head__groups=track_ids)`` so early stopping holds out whole tracks.
+    (Heads on fused embeddings: ``heads.fused.fusion_pipeline``, which builds on this.)
     """
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
@@ -77,6 +78,9 @@ def head_config(model) -> dict[str, Any]:
     from ..io import plain
 
     out: dict[str, Any] = {"head": {k: plain(v) for k, v in model.named_steps["head"].get_params().items()}}
+    scale = model.named_steps.get("scale")
+    if hasattr(scale, "part_weights_"):  # a fused concat head: the weight of each part's block
+        out["part_weights"] = [float(w) for w in scale.part_weights_]
     if "pca" in model.named_steps:
         p = model.named_steps["pca"]
         out["pca"] = {"n_components": p.n_components, "whiten": p.whiten}

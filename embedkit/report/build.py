@@ -823,10 +823,12 @@ def context(
     title: str | None = None,
     pending: list[str] | None = None,
     similarity: dict[str, Any] | None = None,
+    active_learning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the template needs, computed once (the template only lays it out).
 
-    similarity: the similarity figures found beside the runs (``similarity_view``), if any.
+    similarity: the similarity figures found beside the runs (``similarity_view``), if any;
+    active_learning: the review queue's simulated curves (``active_learning_view``), if any.
 
     pending: names of runs still in progress (``embedkit run`` rewrites the report after each
     run); the page says so and reloads itself until none is left."""
@@ -919,6 +921,7 @@ def context(
         "no_deployment": [v.label for v in views if not v.extra["deployment"]],
         "kinds": Counter(v.kind for v in views),
         "similarity": similarity,
+        "active_learning": active_learning,
     }
 
 
@@ -951,6 +954,60 @@ def similarity_view(paths: list[str | os.PathLike]) -> dict[str, Any] | None:
             "when": q.get("when", ""),
             "artist_filtered": q.get("artist_filtered"),
             "rows": [(n, q[k]) for n, k in names if _num(q.get(k)) is not None],
+        }
+    return None
+
+
+#: written by ``bench/bench_library.py --into RUNS_DIR`` beside the runs it reports on
+ACTIVE_LEARNING_FILE = "active_learning.json"
+
+
+def active_learning_view(paths: list[str | os.PathLike]) -> dict[str, Any] | None:
+    """The review queue's simulated active-learning curves (mean test accuracy against the
+    number of labels, queue versus random choice) from an ``active_learning.json`` in one of the
+    report's run folders (the first found): the chart, and per target the labels each policy
+    needs and the saving with its bootstrap interval (the goal counts as met where the
+    interval's lower end reaches it); None when there is none (or it is unreadable)."""
+    for p in map(Path, paths):
+        f = p / ACTIVE_LEARNING_FILE if p.is_dir() else None
+        if f is None or not f.is_file():
+            continue
+        try:
+            q = json.loads(f.read_text(encoding="utf-8"))
+            budgets = [float(b) for b in q["budgets"]]
+            curves = {k: [100 * float(v) for v in q[k]] for k in ("queue", "random")}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        full = _num(q.get("full_pool_accuracy"))
+        series = [
+            {"name": "review queue", "xs": budgets, "ys": curves["queue"], "color": charts.color(0)},
+            {"name": "random choice", "xs": budgets, "ys": curves["random"], "color": charts.color(1), "dash": "5 3"},
+        ]
+        if full is not None:
+            line = {"xs": [budgets[0], budgets[-1]], "ys": [100 * full] * 2, "dash": "2 3", "width": 1}
+            series.append({"name": "all pool labelled", "color": charts.MUTED, **line})
+        chart = charts.line_chart(series, "active learning: queue versus random", "labels reviewed", "test accuracy, %")
+        targets = [
+            {
+                "name": name,
+                "accuracy": _num(t.get("accuracy")),
+                "queue": _num(t.get("queue")),
+                "random": _num(t.get("random")),
+                "saving": _num(t.get("saving")),
+                "ci": [_num(v) for v in _list(t.get("saving_ci90"))][:2] or None,
+                "saving_held": _num(t.get("saving_held")),
+            }
+            for name, t in _dict(q.get("targets")).items()
+            if isinstance(t, dict)
+        ]
+        return {
+            "dataset": q.get("dataset", "gtzan_mini"),
+            "backbone": q.get("backbone", ""),
+            "protocol": q.get("protocol", ""),
+            "when": q.get("when", ""),
+            "goal": _num(q.get("goal")) or 0.3,
+            "chart": chart,
+            "targets": targets,
         }
     return None
 
@@ -1006,7 +1063,9 @@ def build_report(
         raise ReportError(
             f"no runs found in {', '.join(map(str, paths))} (no */metrics.json){why}: run `embedkit fit`, `embedkit train-cnn` or `embedkit run DATA` first"
         )
-    ctx = context(runs, skipped, [str(p) for p in paths], title, pending, similarity_view(paths))
+    ctx = context(
+        runs, skipped, [str(p) for p in paths], title, pending, similarity_view(paths), active_learning_view(paths)
+    )
     html = render(ctx)
     out = Path(out)
     try:
