@@ -382,6 +382,18 @@ def test_m3u_urls_file_urls_and_cp1252(tmp_path, library):
 # through `embedkit tag`
 
 
+def assert_same_decision(got: dict, ref: dict, *, exact: bool, name: str) -> None:
+    """A copy's decision is the reference's; a lossy copy of a clip on the not-music boundary
+    (these synthetic clips are nearly still tones) may fall on either side of it, but only just:
+    its not-music score within 15 % of the reference's."""
+    t = ref["rule"]["not_music"]
+    if exact or t is None or abs(ref["not_music"] - t) > 0.15 * t:
+        assert got["decision"] == ref["decision"], name
+    else:
+        assert got["not_music"] == pytest.approx(ref["not_music"], rel=0.15), name
+        assert "not-music" in (got["decision"], ref["decision"]), name
+
+
 def _tag(run_dir, inputs, tmp_path, *extra) -> tuple[dict, str]:
     out = tmp_path / "tags.jsonl"
     res = runner.invoke(
@@ -411,12 +423,7 @@ def test_every_format_is_tagged_through_the_cli(library, tiny_holdout_run, tmp_p
             if FORMATS[name][2]:
                 for label, p in ref["probabilities"].items():
                     assert got["probabilities"][label] == pytest.approx(p, abs=1e-6), name
-            if FORMATS[name][2] or abs(ref["not_music"] - ref["rule"]["not_music"]) > 0.15 * ref["rule"]["not_music"]:
-                assert got["decision"] == ref["decision"], name
-            else:  # a lossy copy of a clip on the not-music boundary (these synthetic clips are still
-                # tones): its score may fall on either side, but only just
-                assert got["not_music"] == pytest.approx(ref["not_music"], rel=0.15), name
-                assert "not-music" in (got["decision"], ref["decision"]), name
+            assert_same_decision(got, ref, exact=FORMATS[name][2], name=name)
 
 
 @pytest.mark.slow
@@ -507,4 +514,4 @@ def test_serve_accepts_every_format(library, tiny_holdout_run, tmp_path):
     ref = got["flac"]["probabilities"]
     assert got["alac"]["probabilities"] == pytest.approx(ref, abs=1e-6)
     for name in uploads:
-        assert got[name]["decision"] == got["flac"]["decision"], name
+        assert_same_decision(got[name], got["flac"], exact=name == "alac", name=name)
