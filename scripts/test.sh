@@ -19,4 +19,7 @@ ruff check .
 ruff format --check .
 # Two workers (pytest-xdist), one test file each at a time: module fixtures are built once per
 # file, and the suite takes about half the wall time on the 2-core machines it is planned for.
+# pytest keeps its assertion-rewritten test modules in __pycache__ only when bytecode may be
+# written: with PYTHONDONTWRITEBYTECODE set every worker rewrites ~185 modules again (~8 s each).
+unset PYTHONDONTWRITEBYTECODE
 python -m pytest -q -n "${EMBEDKIT_TEST_WORKERS:-2}" --dist loadfile "$@"

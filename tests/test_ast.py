@@ -203,6 +203,7 @@ def test_bad_directories(case, tiny_dir, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_cli_extract_ast_end_to_end(cli, tiny_dir, synth_dataset, tmp_path, hf_isolated):
     from embedkit.store import Store
 

@@ -55,6 +55,7 @@ def test_registry_is_populated():
 
 
 @pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_contract(name, loaded):
     registered = get_spec(name)
     bb = loaded(name)

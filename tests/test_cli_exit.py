@@ -64,6 +64,7 @@ def test_exit_codes_output_and_atexit_survive_the_fast_exit(args, code):
         assert "error: " in res.stderr and "no-such-run" in res.stderr
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_a_thread_still_working_gets_the_normal_exit():
     res = run("models", "musicnn*", env_extra={"WORKER": "1"})
     assert res.returncode == 0, res.stderr

@@ -38,6 +38,7 @@ def _peak_hz(y: np.ndarray, sr: int = SR) -> float:
 # Features
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_logmel_shape_and_librosa_parity(rng):
     import librosa
 
@@ -401,6 +402,7 @@ def test_bad_input_one_class_too_few_clips_short_clips(synth_tracks, synth_datas
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/metrics.json"))
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_cli_train_cnn_end_to_end(synth_dataset, tmp_path):
     from embedkit.cli import app
     from embedkit.evaluate import load_runs
@@ -477,6 +479,7 @@ def test_cli_bad_options_fail_fast_with_one_line(args, message, synth_dataset, t
     assert not (tmp_path / "cache" / "cnn-logmel").exists()  # refused before any decoding
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_pool_augmentation_missing_file_and_changed_bad_files_on_resume(synth_tracks, tmp_path):
     """Pool-mode waveform augmentation (the default mode) trains; a manifest row whose file is
     gone is skipped with --skip-bad and named otherwise; a resume whose set of bad files changed

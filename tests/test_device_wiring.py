@@ -302,6 +302,7 @@ def test_report_provenance_shows_each_runs_device(tmp_path):
     assert '<th class="l">Device</th>' in html and "cuda:0 (NVIDIA H200), bf16, TF32" in html
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_a_numpy_backbone_reports_the_cpu_whatever_was_asked(tracks, tmp_path):
     from embedkit.deploy.tagger import load_tagger
     from embedkit.extract import extract

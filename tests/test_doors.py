@@ -211,6 +211,7 @@ def test_every_door_gives_the_same_answer(model, clips, tmp_path):
     assert {"uncertain", 1} <= seen_cases and any(isinstance(c, int) and c > 1 for c in seen_cases), seen_cases
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_records_agree_in_every_form(model, clips, tmp_path):
     """The same probabilities, decision, genres and rule in JSONL, CSV, the database row and
     the HTTP answer (the multi-genre decision included)."""
@@ -306,6 +307,7 @@ def test_write_tags_dry_run_is_the_same_on_both_runtimes(model, clips, tmp_path)
     assert out["t"] == out["o"] and out["t"]
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_serve_reports_and_applies_the_stored_rule(model, clips, tmp_path):
     """/v1/model said "threshold": null while the stored threshold was applied; ?multi=true meant
     another rule than `tag --multi`; serve --db recorded the default rule's decision."""

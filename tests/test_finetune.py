@@ -112,6 +112,7 @@ def _ft(tracks, tmp_path, **kw):
     return finetune(tracks, "tiny-test", **opts)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_resume_across_the_unfreezing_boundary(synth_tracks, tmp_path):
     full = _ft(synth_tracks, tmp_path, run_dir=tmp_path / "full")
 

@@ -143,6 +143,7 @@ def tiny_cache(tiny_store):
 # end to end
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_cli_fit_writes_a_complete_run(tiny_cache, synth_dataset, tmp_path):
     runs = tmp_path / "runs"
     code, out = invoke("fit", "--backbone", "tiny-test", "--head", "lr", "--cache", tiny_cache, "--runs", runs)
@@ -177,6 +178,7 @@ def test_cli_fit_writes_a_complete_run(tiny_cache, synth_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("head", ["lr", "lgbm", "mlp"])
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_cv_every_head_per_fold_figures(head, tmp_path):
     st = write_store(tmp_path / "cache", tracks_table(n_per_class=6))
     res = fit_head(

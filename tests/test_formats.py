@@ -178,6 +178,7 @@ def test_excerpt_equals_the_slice_of_a_full_decode(library, name):
         assert np.abs(a - b)[loud].mean() < 0.3  # dB (0.07-0.17 measured)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_sample_rates_channels_and_sample_formats(tmp_path):
     """8 kHz to 192 kHz, mono to 5.1 (channel average), 16/24/32-bit integers and float, in
     libsndfile's and FFmpeg's containers: the same numbers from both decoders."""

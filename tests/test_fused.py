@@ -234,6 +234,7 @@ def test_part_scaler_weights_blocks():
         PartScaler(dims=(4, 4)).fit(X)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_run_extracts_missing_parts_and_fits_the_fusion(synth_dataset, tmp_path):
     """`embedkit run --backbones tiny-test+tiny-test-b`: each part's store is extracted (none
     exists yet), the fused head is fitted on the same folds as single runs, and reused on a re-run."""

@@ -44,6 +44,7 @@ def blobs(rng, n_tracks=60, seg=4, dim=16, n_classes=3, sep=2.0):
     [Float32LogisticRegression(), TorchMLP(max_epochs=5), LGBMHead(n_estimators=20), BlockScaler()],
     ids=lambda e: type(e).__name__,
 )
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_heads_pass_sklearn_estimator_checks(est):
     from sklearn.utils.estimator_checks import check_estimator
 

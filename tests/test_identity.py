@@ -88,6 +88,7 @@ def summary(res) -> str:
     return next(line for line in res.stderr.splitlines() if "tracks extracted" in line)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_issue_reproduction_two_datasets_same_paths_different_audio(tmp_path):
     d1, d2, cache = tmp_path / "d1", tmp_path / "d2", tmp_path / "cache"
     write(d1 / "a" / "x.wav", signal_of("tone", 220))
@@ -374,6 +375,7 @@ STEP = hst.tuples(hst.integers(0, 2), hst.lists(hst.one_of(hst.none(), hst.integ
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=hst.lists(STEP, min_size=1, max_size=4))
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_every_dataset_track_reads_back_its_own_audio(steps):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -120,6 +120,7 @@ def test_tagging_forwards_on_one_thread(runs, synth_dataset, two_torch_threads):
 
 
 @pytest.mark.parametrize("kind", ["head", "cnn"])
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_a_tracks_result_does_not_depend_on_workers_or_other_tracks(kind, runs, synth_dataset):
     files = sorted(synth_dataset.rglob("*.wav"))
     t = load_tagger(runs[kind])

@@ -195,6 +195,7 @@ def test_parity_with_tensorflow_golden(models, path):
 
 @needs_musicnn
 @pytest.mark.parametrize("model", ["MSD", "MTT"])
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_parity_with_tensorflow_golden_chord(models, model):
     """The same parity on the chord signal, from tests/data (runs without ../shared)."""
     check_parity(chord_golden(model), models[model])
@@ -239,6 +240,7 @@ def test_torch_logmel_matches_librosa_golden(models, signal):
 
 
 @needs_musicnn
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_torch_logmel_matches_librosa_chord(models):
     check_logmel(chord_golden("MSD"), models)
 
@@ -275,6 +277,7 @@ def test_embed_of_golden_audio_matches_per_patch_outputs(models):
 
 
 @needs_musicnn
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_contract_shapes_determinism_batching(models):
     rng = np.random.default_rng(0)
     y = (0.1 * rng.standard_normal((3, 80000))).astype(np.float32)
@@ -312,6 +315,7 @@ def test_no_nan_on_silence_quiet_loud_and_odd_lengths(models):
 
 
 @needs_musicnn
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_pruned_plan_equals_full_network_and_guard_falls_back(models):
     import torch
 

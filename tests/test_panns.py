@@ -91,6 +91,7 @@ def test_parity_with_panns_inference_cnn14(cnn14_ckpt, cnn14, clean_home, monkey
     assert list(clean_home.iterdir()) == []  # ...and nothing was written to HOME
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_frontend_matches_torchlibrosa():
     stft = pytest.importorskip("torchlibrosa.stft")
     spec = stft.Spectrogram(

@@ -227,6 +227,7 @@ def test_model_ids_stay_sha256(runs):
     assert model_id_of(runs["head"]) == want == load_tagger(runs["head"]).model_id
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_runs_finished_before_blake3_are_reused_by_the_pipeline(tmp_path, monkeypatch):
     import embedkit.pipeline as pipeline
     from embedkit.pipeline import RunPlan, run_all

@@ -90,6 +90,7 @@ def _still_serving(url):
 # answers
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_http_answers_match_embedkit_tag(url, run_dir, files, tmp_path):
     from embedkit.deploy.batch import tag
 
@@ -259,6 +260,7 @@ def test_bad_inputs_get_json_errors_and_the_server_keeps_serving(url):
     _still_serving(url)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_stalled_body_times_out(url):
     """A client that announces a body and stops sending (slow loris) gets 408 within the
     configured chunk timeout, and the server keeps serving."""
@@ -283,6 +285,7 @@ def test_stalled_body_times_out(url):
     _still_serving(url)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_three_hour_upload_decodes_only_the_excerpt(url, tmp_path):
     """A 3-hour FLAC (30 s of tone, then silence: small on disk) is answered from its first clip
     (excerpt=first; the default, middle, would listen to silence there);
@@ -333,6 +336,7 @@ class _SlowTagger:
         return self._t.score_segments(x)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_full_server_answers_503_with_retry_after(tagger):
     """max_pending counts requests whose body is complete (a slow forward holds the one place)."""
     with running(create_app(_SlowTagger(tagger, 1.0), ServeConfig(max_pending=1))) as base:
@@ -588,6 +592,7 @@ class DevTools:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
 @pytest.mark.parametrize("token", [None, "page-token-0123456789"])
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_page_tags_a_chosen_file(tmp_path, request, tagger, token):
     """With a token, the page shows its token field after the 401 and sends what is typed."""
     from embedkit.deploy.serve import create_app
@@ -868,6 +873,7 @@ def test_cli_refuses_a_network_address_without_a_token(run_dir, monkeypatch):
     assert "*" not in bind_config("127.0.0.1", ServeConfig()).allowed_hosts
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_the_whole_body_limit_is_named_when_it_ends_a_slow_upload(tagger):
     """A body that keeps trickling (never stalling) is ended by the whole-body limit, and the
     408 says so instead of "stalled" (issue 27 #11)."""
@@ -915,6 +921,7 @@ def _idle_upload(base: str) -> socket.socket:
     return s
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_idle_uploads_do_not_starve_honest_requests(tagger):
     """32 idle uploads from 127.0.0.1 (the address every local client shares) held open: honest
     requests from the same address are still answered at once; the idle uploads give way (408
@@ -956,6 +963,7 @@ def test_idle_uploads_do_not_starve_honest_requests(tagger):
         _still_serving(base)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_trickling_uploads_give_way_too(tagger):
     """Uploads that keep sending a byte now and then (never idle, far under 16 KiB/s) give
     their place to an honest request as idle ones do."""

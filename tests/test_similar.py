@@ -120,6 +120,7 @@ def test_old_database_gets_vectors_in_place(tagged, library, tiny_holdout_run, t
     assert tag(tiny_holdout_run, [library], db=db, workers=1).n_tagged == 0
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_vectors_on_postgresql(library, tiny_holdout_run, postgres_url):
     import sqlalchemy as sa
 

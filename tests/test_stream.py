@@ -88,6 +88,7 @@ def test_windower_cuts_what_segment_cuts(sr, segment_s, hop_s, n, seed):
     assert len(w._buf) <= w.length + hop_s * sr + 3000 + 1
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_window_starts_do_not_drift_over_an_hour():
     """A hop that is not a whole number of samples (98.4 at 8 kHz): an accumulated rounded hop
     would be 0.4 sample per window off, 117 000 samples (14.6 s) after the hour's 292 682 windows."""

@@ -142,6 +142,7 @@ def test_ffmpeg_pipe_like_the_readme(melstats_run, song):
     assert st.stderr == b""
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_stream_a_cnn_run(synth_dataset, song, tmp_path):
     """A scratch-CNN run (tiny channels, 1 epoch) streams through the same path: its windows'
     probabilities equal the CNN's on segment() of the whole file."""

@@ -172,6 +172,7 @@ def _rows(db) -> list[dict]:
         return d.rows()
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_every_run_kind_tags_the_same_folder_through_the_cli(runs, tmp_path):
     db = tmp_path / "library.sqlite"
     for kind in ("head", "cnn", "finetune"):
@@ -235,6 +236,7 @@ def test_full_excerpt_reports_window_shares_and_jsonl(runs, tmp_path, long_files
 # database
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_rerun_is_a_noop_edit_retags_second_model_leaves_first_untouched(runs, tmp_path):
     lib = tmp_path / "lib"
     shutil.copytree(runs["data"], lib)
@@ -263,6 +265,7 @@ def test_rerun_is_a_noop_edit_retags_second_model_leaves_first_untouched(runs, t
     assert tag(runs["head"], [tmp_path / "copy.wav"], db=db, excerpt="full").n_done_before == 1
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_nothing_to_do_does_not_load_a_model(runs, tmp_path):
     db = tmp_path / "db.sqlite"
     tag(runs["head"], [runs["data"]], db=db)
@@ -351,6 +354,7 @@ def test_concurrent_tag_runs_share_one_sqlite_file(runs, tmp_path):
     con.close()
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_dask_shards_write_the_same_rows(runs, tmp_path):
     distributed = pytest.importorskip("distributed")
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
@@ -427,6 +431,7 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_postgresql_results_database(runs, tmp_path, postgres_url):
     res = runner.invoke(app, ["tag", str(runs["head"]), str(runs["data"]), "--db", postgres_url, "--table", "0"])
     assert res.exit_code == 0, res.output
@@ -558,6 +563,7 @@ def _probs(rows) -> dict[str, list[float]]:
     return {r.path: list(r.probabilities) for r in rows}
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_chunked_planning_gives_the_same_results_and_handles_copies_across_chunks(runs, tmp_path, monkeypatch):
     import embedkit.deploy.batch as tag_mod
     import embedkit.deploy.resultsdb as tagdb_mod

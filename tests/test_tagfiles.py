@@ -56,6 +56,7 @@ def invoke(*args):
     return res.exit_code, " ".join(res.output.split())
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_write_tags_then_untag(head_run, library, tmp_path):
     db = tmp_path / "lib.sqlite"
     audio = {p: _decode(p) for p in library}

@@ -162,6 +162,7 @@ def test_refusals_are_one_line(runs, tmp_path, tracks):
         load_tagger(tmp_path / "badnorm.pt")
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_numpy_head_form_starts_without_sklearn(runs, tmp_path, monkeypatch):
     from embedkit.deploy import headcache
 
@@ -259,6 +260,7 @@ def test_finetuned_ast_file_loads_without_the_original_model(tmp_path):
     assert t.kind == "finetune" and t.sample_rate == 16000
 
 
+@pytest.mark.slow  # over half a second: the fast tier keeps about a minute
 def test_finetuned_panns_file_loads_without_the_checkpoint(tmp_path):
     from embedkit.backbones import get_spec
     from embedkit.backbones.panns import build_module
