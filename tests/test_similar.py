@@ -380,6 +380,31 @@ def test_similar_query_by_fingerprint_and_by_outside_file(tagged, library, tiny_
     assert not res.query_in_library and len(res.hits) == 5
 
 
+def test_an_outside_file_listened_to_whole_is_bounded(tagged, tmp_path, monkeypatch):
+    """max_audio_s (the service's bound, so POST /v1/similar is bounded as /v1/tag is): an
+    audio file embedded whole (excerpt full) that is longer is refused with 413 and decodes at
+    most the bound + 1 s; one within it is answered."""
+    from embedkit.audio import decoding as audio
+    from embedkit.deploy.similar import TooLong
+
+    long = tmp_path / "long.wav"
+    sf.write(long, make_clip(1, 7, 16000, 40.0), 16000)
+    seen = []
+    real = audio.decode
+
+    def spy(path, max_seconds=None, start_s=0.0):
+        seen.append(max_seconds)
+        return real(path, max_seconds, start_s)
+
+    monkeypatch.setattr(audio, "decode", spy)
+    keep = Rules(duplicates="keep")
+    with pytest.raises(TooLong, match="more than 20 s") as err:
+        similar(tagged, str(long), 5, keep, excerpt="full", max_audio_s=20.0)
+    assert err.value.status == 413 and seen == [21.0]
+    res = similar(tagged, str(long), 5, keep, excerpt="full", max_audio_s=60.0)
+    assert not res.query_in_library and len(res.hits) == 5
+
+
 def test_near_duplicates_of_the_query_are_collapsed(library, tiny_holdout_run, tmp_path):
     music = tmp_path / "music"
     shutil.copytree(library, music)

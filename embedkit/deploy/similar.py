@@ -83,6 +83,12 @@ class SimilarError(EmbedkitError):
     status, kind = 400, "bad_request"
 
 
+class TooLong(SimilarError):
+    """An audio file to embed whole (excerpt ``full``) is longer than the caller's bound."""
+
+    status, kind = 413, "too_long"
+
+
 class TrackNotFound(SimilarError):
     """The query is neither a track of the library nor an audio file."""
 
@@ -989,7 +995,12 @@ def select(
 
 
 def query_track(
-    lib: Library, query: str, tagger=None, excerpt: str | None = None, checkpoint: str | None = None
+    lib: Library,
+    query: str,
+    tagger=None,
+    excerpt: str | None = None,
+    checkpoint: str | None = None,
+    max_audio_s: float | None = None,
 ) -> tuple[Track, bool]:
     """(the query as a Track, whether it is in the library): a library track by fingerprint or
     path, else an audio file embedded now with the library's model (``tagger``, or the model
@@ -1001,14 +1012,22 @@ def query_track(
         raise TrackNotFound(
             f"{query}: not a track of the library (no such path or fingerprint for model {lib.model_id}) and not an audio file"
         )
-    return embed_file(lib, query, tagger, excerpt, checkpoint), False
+    return embed_file(lib, query, tagger, excerpt, checkpoint, max_audio_s), False
 
 
 def embed_file(
-    lib: Library, path: str, tagger=None, excerpt: str | None = None, checkpoint: str | None = None
+    lib: Library,
+    path: str,
+    tagger=None,
+    excerpt: str | None = None,
+    checkpoint: str | None = None,
+    max_audio_s: float | None = None,
 ) -> Track:
-    """An audio file as a Track of ``lib``'s space, embedded with the library's model."""
+    """An audio file as a Track of ``lib``'s space, embedded with the library's model.
+    max_audio_s: the most seconds decoded when the whole file is listened to (``TooLong``
+    beyond; the HTTP service's bound), None: no bound."""
     from ..audio.excerpts import Excerpt, read_excerpt
+    from ..audio.excerpts import TooLong as LongAudio
     from ..errors import AudioError
     from .vectors import track_vector
 
@@ -1031,8 +1050,10 @@ def embed_file(
     seg = tagger.segment
     try:
         windows, _starts, duration = read_excerpt(
-            path, tagger.sample_rate, ex, tagger.audio.clip_s, seg.segment_s, seg.hop_s
+            path, tagger.sample_rate, ex, tagger.audio.clip_s, seg.segment_s, seg.hop_s, max_full_s=max_audio_s
         )
+    except LongAudio as exc:
+        raise TooLong(str(exc)) from None
     except AudioError as exc:
         raise SimilarError(str(exc)) from None
     if len(windows) == 0:
@@ -1091,12 +1112,14 @@ def similar(
     index_root=None,
     library: Library | None = None,
     index: Index | None = None,
+    max_audio_s: float | None = None,
 ) -> SimilarResult:
     """The ``k`` tracks of the library in ``db`` most similar to ``query`` (a path or
     fingerprint of a library track, or any audio file) under ``rules``. model: a run / model
     file / model id (default: the database's only model with vectors); tagger: a loaded Tagger
     of that model (embeds audio files not in the library; else the model is loaded when needed).
-    library / index: already open (a server keeps them between requests)."""
+    library / index: already open (a server keeps them between requests). max_audio_s: the
+    bound on decoded seconds when an audio file is listened to whole (``embed_file``)."""
     t0 = time.perf_counter()
     if int(k) < 1:
         raise SimilarError(f"-k must be >= 1, got {k}")
@@ -1106,7 +1129,7 @@ def similar(
     try:
         rules.check(lib.labels)
         idx = index if index is not None else Index.open(lib, index_root)
-        q, inside = query_track(lib, query, tagger, excerpt, checkpoint)
+        q, inside = query_track(lib, query, tagger, excerpt, checkpoint, max_audio_s)
         x = space_vectors(q.probabilities[None], q.vector[None], idx.mean)[0]
         hits: list[Hit] = []
         dups: list[Hit] = []

@@ -38,8 +38,8 @@ def rules_query(
 class _Shared:
     """The served library and its index, opened on first use, updated before each request."""
 
-    def __init__(self, db: str, tagger):
-        self.db, self.tagger = db, tagger
+    def __init__(self, db: str, tagger, max_audio_s: float | None = None):
+        self.db, self.tagger, self.max_audio_s = db, tagger, max_audio_s
         self.lock = threading.Lock()
         self.lib: Library | None = None
         self.idx: Index | None = None
@@ -52,7 +52,16 @@ class _Shared:
                 self.idx = Index.open(self.lib)
             else:
                 self.idx.update(self.lib)
-            return similar(self.db, query, k, rules, tagger=self.tagger, library=self.lib, index=self.idx).to_json()
+            return similar(
+                self.db,
+                query,
+                k,
+                rules,
+                tagger=self.tagger,
+                library=self.lib,
+                index=self.idx,
+                max_audio_s=self.max_audio_s,  # an upload is bounded as /v1/tag's are
+            ).to_json()
 
     def close(self) -> None:
         if self.lib is not None:
@@ -67,7 +76,7 @@ def add_routes(app, tagger, cfg, problem, uploads, spool_path: str, receive_body
 
     from fastapi.responses import JSONResponse
 
-    shared = _Shared(cfg.db, tagger)
+    shared = _Shared(cfg.db, tagger, cfg.max_audio_s)
 
     async def run(query: str, k: int, rules: Rules, endpoint: str, filename: str | None = None):
         loop = asyncio.get_running_loop()
