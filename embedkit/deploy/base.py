@@ -136,8 +136,20 @@ class Tagger(ABC):
         without a detector): what every door forwards; ``track_result`` takes both."""
         if not self.has_not_music:
             return self.predict_segments(segments), None
+        p, _e, nm = self.score_and_embed(segments)
+        return p, nm
+
+    def score_and_embed(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Windows -> (uncalibrated probabilities [K, C], the embeddings [K, D] or None, the
+        not-music score per window [K] or None): one forward, for a caller that also keeps the
+        embeddings (``embedkit tag``'s track vectors)."""
         p, e = self.embed_segments(segments)
-        return p, (None if e is None else self.calibration.not_music_scores(e, segments, self.sample_rate))
+        nm = (
+            None
+            if e is None or not self.has_not_music
+            else self.calibration.not_music_scores(e, segments, self.sample_rate)
+        )
+        return p, e, nm
 
     @property
     def vector_space(self) -> str | None:

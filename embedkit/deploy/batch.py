@@ -518,12 +518,12 @@ class _Tagging:
         """Probabilities [K, C], or with a not-music detector {"p": [K, C], "not_music": [K]};
         with track vectors to keep (``vectors``), also "e": the window embeddings [K, D]."""
         if self.vectors:  # one forward gives both (embedkit.deploy.vectors)
-            p, e = self.tagger.embed_segments(windows)
+            p, e, nm = self.tagger.score_and_embed(windows)
             out = {"p": p}
             if e is not None:
                 out["e"] = np.asarray(e, dtype=np.float32).reshape(len(p), -1)
-            if self.tagger.has_not_music and e is not None:
-                out["not_music"] = self.tagger.calibration.not_music_scores(e, windows, self.tagger.sample_rate)
+            if nm is not None:
+                out["not_music"] = nm
             return out
         p, nm = self.tagger.score_segments(windows)
         return p if nm is None else {"p": p, "not_music": nm}
