@@ -383,18 +383,12 @@ def _charts(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(summary: dict[str, Any], limits: Limits, breaches: list[str]) -> str:
-    from importlib.resources import files
-
-    from markupsafe import Markup
-
     from .. import __version__
     from ..report.build import template_environment
 
     env = template_environment()  # the report's: the same filters (pct, f3) on both pages
-    css = (files("embedkit.report") / "templates" / "report.css").read_text(encoding="utf-8")
     models = [{**m, "charts": _charts(m)} for m in summary["models"]]
     return env.get_template("monitor.html").render(
-        css=Markup(css),
         title="embedkit monitor",
         summary=summary,
         models=models,

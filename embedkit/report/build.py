@@ -1014,8 +1014,12 @@ def active_learning_view(paths: list[str | os.PathLike]) -> dict[str, Any] | Non
 
 def template_environment():
     """The Jinja environment of embedkit's self-contained pages (the report, ``embedkit monitor``):
-    the templates folder, autoescaping, and the number filters (pct, f3, seconds...)."""
+    the templates folder, autoescaping, the number filters (pct, f3, seconds...) and the inlined
+    stylesheet ``css`` (``_head.html``)."""
+    from importlib.resources import files
+
     from jinja2 import Environment, PackageLoader, StrictUndefined
+    from markupsafe import Markup
 
     env = Environment(
         loader=PackageLoader("embedkit.report", "templates"),
@@ -1024,6 +1028,7 @@ def template_environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.globals["css"] = Markup((files("embedkit.report") / "templates" / "report.css").read_text(encoding="utf-8"))
     env.filters.update(pct=pct, pct_pm=pct_pm, seconds=seconds, millis=millis, nbytes=nbytes, count=count, value=value)
     env.filters["f1cell"] = lambda v: DASH if v is None else f"{v:.2f}"
     env.filters["f3"] = lambda v: DASH if _num(v) is None else f"{_num(v):.3f}"
@@ -1035,13 +1040,7 @@ def template_environment():
 
 
 def render(ctx: dict[str, Any]) -> str:
-    from importlib.resources import files
-
-    from markupsafe import Markup
-
-    env = template_environment()
-    css = (files("embedkit.report") / "templates" / "report.css").read_text(encoding="utf-8")
-    return env.get_template("report.html").render(css=Markup(css), **ctx)
+    return template_environment().get_template("report.html").render(**ctx)
 
 
 def build_report(
