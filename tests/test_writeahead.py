@@ -94,23 +94,39 @@ def _temporaries(folder: Path) -> list[Path]:
     return list(folder.glob(".*.embedkit-*.tmp"))
 
 
-KILLER = textwrap.dedent(
+#: the child's fault point: SIGKILL itself at ``step`` of the write into ``victim``
+_FAULT = textwrap.dedent(
     """
-    import os, pickle, signal, sys
+    import os, signal
     from pathlib import Path
     from embedkit.deploy import filetags, writeback
-    from embedkit.deploy.resultsdb import ResultsDB
-    results, db, step, victim = pickle.loads(Path(sys.argv[1]).read_bytes())
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
     if step == "before-replace":
         filetags._before_replace = lambda tmp: die() if tmp.name.startswith("." + Path(victim).name) else None
     else:
         writeback._fault = lambda s, p: die() if (s, p) == (step, victim) else None
+    """
+)
+
+KILLER = (
+    textwrap.dedent(
+        """
+    import pickle, sys
+    from pathlib import Path
+    results, db, step, victim = pickle.loads(Path(sys.argv[1]).read_bytes())
+    """
+    )
+    + _FAULT
+    + textwrap.dedent(
+        """
+    from embedkit.deploy import writeback
+    from embedkit.deploy.resultsdb import ResultsDB
     w = writeback.FileTagWriter(ResultsDB(db), results[0].model_id, writeback.FileTagOptions(overwrite=True))
     for r in results:
         w.write(r)
     """
+    )
 )
 
 
@@ -168,21 +184,20 @@ def test_kill_9_at_each_step_of_a_write_loses_and_miswrites_nothing(step, runs, 
     assert not [e for e in _journal(db) if e["status"] in ("pending", "written")]
 
 
-_CLI_KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from pathlib import Path
-    from embedkit.deploy import filetags, writeback
+_CLI_KILLER = (
+    textwrap.dedent(
+        """
+    import sys
     step, victim = sys.argv[1], sys.argv[2]
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
-    if step == "before-replace":
-        filetags._before_replace = lambda tmp: die() if tmp.name.startswith("." + Path(victim).name) else None
-    else:
-        writeback._fault = lambda s, p: die() if (s, p) == (step, victim) else None
+    """
+    )
+    + _FAULT
+    + textwrap.dedent(
+        """
     from embedkit.cli import app
     app(sys.argv[3:])
     """
+    )
 )
 
 
