@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .audio.decoding import AUDIO_EXTENSIONS
+from .audio.decoding import AUDIO_EXTENSIONS, not_audio_note, scan_kind
 from .errors import DatasetError, EmbedkitWarning, first_line
 
 if TYPE_CHECKING:
@@ -60,26 +60,42 @@ def _finish(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def from_folder(root: str | os.PathLike) -> pd.DataFrame:
-    """``root/<label>/<file>``: every audio file one level below a label folder."""
+    """``root/<label>/<file>``: every audio file below a label folder, by the folder scans' one
+    rule (``decoding.scan_kind``: an audio extension, or audio content under another name).
+    Files that are not audio are left out with one warning counting them by kind (also in
+    ``attrs["not_audio"]``: (path, kind)), audio files beside the label folders with another;
+    hidden folders (``.git``, ``.Trash``) are not entered."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory")
-    rows = []
+    rows, not_audio = [], []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(label_dir.rglob("*")):
-            # Dot files are editor/OS debris (macOS "._x.wav" resource forks are not audio).
-            if (
-                f.is_file()
-                and f.suffix.lower() in AUDIO_EXTENSIONS
-                and not any(part.startswith(".") for part in f.relative_to(label_dir).parts)
-            ):
-                rel = f.relative_to(root)
-                rows.append({"track_id": rel.with_suffix("").as_posix(), "path": str(f), "label": label_dir.name})
+            if f.is_dir() or any(part.startswith(".") for part in f.relative_to(label_dir).parts[:-1]):
+                continue
+            kind = scan_kind(f)
+            if kind is not None:
+                not_audio.append((str(f), kind))
+                continue
+            rel = f.relative_to(root)
+            rows.append({"track_id": rel.with_suffix("").as_posix(), "path": str(f), "label": label_dir.name})
     if not rows:
         raise DatasetError(
             f"{root}: no audio files in <label>/<file> layout (extensions {', '.join(AUDIO_EXTENSIONS)})"
         )
-    return _finish(pd.DataFrame(rows), str(root))
+    if not_audio:
+        warnings.warn(f"{root}: {not_audio_note(not_audio, 'in the label folders')}", EmbedkitWarning, stacklevel=2)
+    loose = [f.name for f in sorted(root.iterdir()) if not f.name.startswith(".") and scan_kind(f) is None]
+    if loose:
+        warnings.warn(
+            f"{root}: {len(loose)} audio file(s) outside a label folder not used (e.g. {loose[0]}); "
+            "a folder dataset is <label>/<file>",
+            EmbedkitWarning,
+            stacklevel=2,
+        )
+    df = _finish(pd.DataFrame(rows), str(root))
+    df.attrs["not_audio"] = not_audio
+    return df
 
 
 def from_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:

@@ -30,10 +30,24 @@ def test_folder_layout(tmp_path):
     (tmp_path / "jazz" / "notes.txt").write_text("not audio")
     write_wav(tmp_path / ".hidden" / "d.wav")
     write_wav(tmp_path / "top.wav")  # no label folder
-    df = load_dataset(tmp_path)
+    (tmp_path / "README").write_text("about")
+    write_wav(tmp_path / "rock" / "e.wav").rename(tmp_path / "rock" / "e")  # audio by content, no extension
+    (tmp_path / "rock" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.warns(EmbedkitWarning) as caught:
+        df = load_dataset(tmp_path)
+    said = [str(w.message) for w in caught]
+    # nothing is left out without a word: the three non-audio files by kind, the loose audio file
+    assert any("3 files in the label folders are not audio (" in m for m in said), said
+    assert any("1 macOS metadata (._ file)" in m and "1 text / path list" in m and "1 hidden file" in m for m in said)
+    assert any("1 audio file(s) outside a label folder not used (e.g. top.wav)" in m for m in said), said
+    assert sorted(k for _, k in df.attrs["not_audio"]) == [
+        "hidden file",
+        "macOS metadata (._ file)",
+        "text / path list",
+    ]
     assert list(df.columns) == COLUMNS
-    assert df.track_id.tolist() == ["jazz/live/c", "rock/a", "rock/b"]
-    assert df.label.tolist() == ["jazz", "rock", "rock"]
+    assert df.track_id.tolist() == ["jazz/live/c", "rock/a", "rock/b", "rock/e"]
+    assert df.label.tolist() == ["jazz", "rock", "rock", "rock"]
     assert all(Path(p).is_absolute() and Path(p).exists() for p in df.path)
     assert df.split.isna().all() and df.group.isna().all()
 

@@ -187,6 +187,42 @@ def not_audio_kind(path: str | os.PathLike) -> str:
     return "unrecognised content"
 
 
+#: names a folder scan never takes for audio: path lists and playlists (read as lists by
+#: ``tag``, never decoded)
+LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
+
+
+def scan_kind(path: str | os.PathLike) -> str | None:
+    """The folder scans' one rule (``tag``'s inputs and a ``<label>/<file>`` dataset): None when
+    the file is audio to decode (an audio extension, or leading bytes ``sniff`` recognises: an
+    MP3 saved without extension), else a few words for the scan's "not audio" note ("hidden
+    file", "JPEG image", "broken link"...)."""
+    p = Path(path)
+    name = p.name
+    if not p.is_file():  # a link to nothing, a FIFO or socket
+        return "broken link" if p.is_symlink() else "not a regular file"
+    if name.startswith("._"):  # macOS AppleDouble metadata beside a copied file
+        return "macOS metadata (._ file)"
+    if p.suffix.lower() in AUDIO_EXTENSIONS:
+        return None
+    if name.startswith("."):
+        return "hidden file"
+    if p.suffix.lower() in LIST_SUFFIXES:
+        return "text / path list"
+    return None if is_audio(p) else not_audio_kind(p)
+
+
+def not_audio_note(not_audio: list[tuple[str, str]], where: str = "in the folders scanned", examples: int = 1) -> str:
+    """One line for what a scan left out: ``not_audio`` (path, ``scan_kind``) counted by kind,
+    with ``examples`` paths."""
+    from collections import Counter
+
+    by = ", ".join(f"{n} {k}" for k, n in Counter(k for _, k in not_audio).most_common())
+    first = "; e.g. " + ", ".join(p for p, _ in not_audio[:examples]) if examples else ""
+    n = len(not_audio)
+    return f"{n} file{'s' if n != 1 else ''} {where} {'are' if n != 1 else 'is'} not audio ({by}){first}"
+
+
 def is_audio(path: str | os.PathLike) -> bool:
     """True when the file's leading bytes are an audio format the decoder reads (cheap: no
     decoding). Unreadable files are False."""

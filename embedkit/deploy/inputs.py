@@ -1,9 +1,9 @@
 """What a batch job is given to tag: files, folders, path lists and stdin -> audio paths.
 
-A folder scan takes every file the decoder can open: names with an audio extension at once
-(``decoding.AUDIO_EXTENSIONS``), any other file when its leading bytes are an audio format
-(``decoding.sniff``: an MP3 saved without extension, an M4A named .dat). The rest is counted as
-not audio, by kind, and unreadable folders and unusable list entries are named one per line in
+A folder scan takes every file the decoder can open (``decoding.scan_kind``, the rule a
+``<label>/<file>`` dataset folder shares): names with an audio extension at once, any other file
+when its leading bytes are an audio format (an MP3 saved without extension, an M4A named .dat).
+The rest is counted as not audio, by kind, and unreadable folders and unusable list entries are named one per line in
 ``InputReport``: nothing is skipped without a word.
 """
 
@@ -14,7 +14,6 @@ import io
 import os
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -23,7 +22,6 @@ from urllib.request import url2pathname
 
 from ..errors import EmbedkitError
 
-LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".m3u", ".m3u8")
 #: a list entry with a scheme (http://, rtsp://, smb://...); one letter is a Windows drive (C:\)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 #: encodings tried in order for a path list: UTF-8 (with or without BOM), then Windows' cp1252
@@ -45,16 +43,10 @@ class InputReport:
     def summary(self, examples: int = 1) -> list[str]:
         """Lines for the terminal: the not-audio count by kind (with an example path), then the
         problems."""
-        out = []
-        if self.not_audio:
-            kinds = Counter(k for _, k in self.not_audio)
-            by = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-            first = "; e.g. " + ", ".join(p for p, _ in self.not_audio[:examples]) if examples else ""
-            n = len(self.not_audio)
-            out.append(
-                f"{n} file{'s' if n != 1 else ''} in the folders scanned {'are' if n != 1 else 'is'} not audio ({by}){first}"
-            )
-        return out + list(self.problems)
+        from ..audio.decoding import not_audio_note
+
+        head = [not_audio_note(self.not_audio, examples=examples)] if self.not_audio else []
+        return head + list(self.problems)
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], stdin=None, report: InputReport | None = None) -> list[str]:
@@ -64,7 +56,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], stdin=None, report: Input
     stdin). Order kept, duplicates dropped. A path that does not exist is kept: it becomes a
     recorded failure, not an abort. What is left out (files that are not audio, unreadable
     folders, URL entries) goes to ``report`` when one is given."""
-    from ..audio.decoding import AUDIO_EXTENSIONS, is_audio, not_audio_kind
+    from ..audio.decoding import LIST_SUFFIXES, scan_kind
 
     rep = report if report is not None else InputReport()
     out: dict[str, None] = {}
@@ -82,19 +74,11 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], stdin=None, report: Input
         p = Path(s).expanduser()
         if p.is_dir():
             for q in sorted(_walk(p, rep)):
-                name = q.name
-                if not q.is_file():  # a link to nothing, a FIFO or socket
-                    rep.not_audio.append((str(q), "broken link" if q.is_symlink() else "not a regular file"))
-                elif name.startswith("._"):  # macOS AppleDouble metadata beside a copied file
-                    rep.not_audio.append((str(q), "macOS metadata (._ file)"))
-                elif q.suffix.lower() in AUDIO_EXTENSIONS:
-                    add(q)
-                elif name.startswith(".") or q.suffix.lower() in LIST_SUFFIXES:
-                    rep.not_audio.append((str(q), "hidden file" if name.startswith(".") else "text / path list"))
-                elif is_audio(q):
+                kind = scan_kind(q)
+                if kind is None:
                     add(q)
                 else:
-                    rep.not_audio.append((str(q), not_audio_kind(q)))
+                    rep.not_audio.append((str(q), kind))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             for q in _read_list(p, rep):
                 add(q)
