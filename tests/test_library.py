@@ -512,6 +512,9 @@ def test_review_queue_and_answers_land_in_the_labels_table(tagged_library, tmp_p
     # nothing changes without the page's token, nor from a page that names another host
     assert client.post("/api/label", json={"fingerprint": fp, "action": "accept"}).status_code == 403
     assert client.get("/api/next", headers={"Host": "evil.example:8770"}).status_code == 421
+    # the Host reading is serve's (ports and IPv6 brackets): the loopback names all pass
+    for host in ("localhost:8770", "127.0.0.1", "[::1]:8770", "LOCALHOST"):
+        assert client.get("/api/next", headers={"Host": host}).status_code == 200, host
     r = client.post("/api/label", json={"fingerprint": fp, "action": "accept", "reviewer": "ana"}, headers=auth)
     assert r.status_code == 200 and r.json()["label"] == first["item"]["decision"]
     # a second reviewer answering the same track at once keeps both labels

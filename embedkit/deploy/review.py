@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbedkitError
+from .serve import LOOPBACK_HOSTS, host_name  # one reading of a Host header for both servers
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 KINDS = ("teach", "disagree", "random")
 TYPICAL_K = 5  # neighbours of a track's typicality (its density among its cluster's tracks)
 
@@ -306,19 +306,12 @@ class ReviewState:
         return {"ok": True, "action": action, "label": label}
 
 
-def _host_ok(host: str | None, allowed: tuple[str, ...]) -> bool:
-    if not host:
-        return False
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
-    return name.lower() in allowed
-
-
 def create_review_app(
     db: str | os.PathLike,
     model: str | None = None,
     *,
     reviewer: str = "",
-    allowed_hosts: tuple[str, ...] = LOOPBACK,
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
     **queue_options,
 ):
     """The review page's FastAPI app (see the module doc). reviewer: the default name shown."""
@@ -332,7 +325,8 @@ def create_review_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if not _host_ok(request.headers.get("host"), allowed_hosts):
+        host = request.headers.get("host")
+        if not host or host_name(host) not in allowed_hosts:
             return JSONResponse({"error": "this server answers to its own address only"}, status_code=421)
         if request.method == "POST" and request.headers.get("x-review-token") != token:
             return JSONResponse({"error": "missing or wrong review token (reload the page)"}, status_code=403)
@@ -398,7 +392,7 @@ def serve_review(
     the queue is built, before the server starts."""
     import uvicorn
 
-    allowed = LOOPBACK if host in LOOPBACK else (*LOOPBACK, host.lower())
+    allowed = LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, host_name(host))
     app = create_review_app(db, model, reviewer=reviewer, allowed_hosts=allowed, **queue_options)
     if announce is not None:
         announce(f"http://{host if ':' not in host else f'[{host}]'}:{port}/", app.state.review)
