@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from .cnn import recipe as cnn_recipe
 from .cnn.augment import AugmentConfig
 from .cnn.features import FeatureConfig
 from .cnn.loop import TrainConfig
@@ -33,9 +34,15 @@ from .errors import ConfigError, EmbedkitError
 from .fusion import head_run_name
 from .runs import check_cv, dataset_fingerprint, run_id  # noqa: F401  (run_id: the pipeline's run names)
 
-DEFAULT_BACKBONES = ("musicnn-msd", "melstats")
+# musicnn-msd + melstats fused (concat + lr): the best head over five 5-fold splits of
+# gtzan_mini (0.940 against 0.928 for musicnn-msd alone; bench/bench_fused.py repeat), from the
+# two stores the run extracts anyway (seconds more)
+DEFAULT_BACKBONES = ("musicnn-msd", "melstats", "musicnn-msd+melstats")
 QUICK_BACKBONES = ("tiny-test", "melstats")
 HEADS = ("lr", "lgbm", "mlp")
+# heads whose hyper-parameters `run` searches (fit's --search): the MLP, 0.944 with against 0.934
+# without on musicnn-msd (five 5-fold splits; bench/bench_fused.py repeat); a few seconds a run
+SEARCH_HEADS = ("mlp",)
 
 Log = Callable[[str], None]
 
@@ -47,18 +54,19 @@ class RunPlan:
 
     cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
         holdout of ``test_size``.
+    backbones / heads: every head is trained on every backbone (a name A+B: fused);
+        search_heads: the heads whose hyper-parameters are searched (``fit_head(search=True)``).
     cnn_train: the scratch CNN's training config (its seed and segment length are the plan's).
     cnn_augment: which augmentations the scratch CNN uses (see ``embedkit.cnn.augment``);
         cnn_augment_config: their ranges (its ``enabled`` is replaced by cnn_augment's).
     cnn_features / cnn_channels: the CNN's log-mel front end and filters per conv block.
-        The cnn_* defaults are the best measured recipe of issue 26's ablation on gtzan_mini
-        (bench/bench_cnn_recipe.py -> bench/results/bench_cnn_recipe.json; 0.87 ± 0.08, as
-        accurate as the previous 44.1 kHz / 128-mel / 40-epoch recipe at a quarter of its
-        training step cost): the source's 22.05 kHz (nothing above 11 kHz exists in it), 96
-        mels, hop 512, filters 24-48-96-128, 24 epochs at lr 3e-3 with cosine decay, no
-        validation part, SpecAugment.
+        The cnn_* defaults are the best measured recipe (``cnn/recipe.py``, where the
+        measurement is told).
     finetune: backbone to fine-tune end to end (None: no fine-tuning).
-    finetune_train: its training config (frozen epochs: a third of the epochs, 1 to 3).
+    finetune_train: its training config (frozen epochs: a third of the epochs, 1 to 3). No
+        validation part, as the CNN: 0.91 +/- 0.04 on gtzan_mini against 0.90 +/- 0.05 with
+        early stopping on 15 % of each training part (within noise; the frozen musicnn-msd
+        head is 0.93 on the same folds).
     clip_s / segment_s: every clip is brought to clip_s and cut into segment_s windows.
     device / allow_tf32: where extraction and training run (``embedkit.device``; "auto": an
         accelerator when there is one). Not part of any run id or store key: a run made on one
@@ -67,23 +75,19 @@ class RunPlan:
 
     backbones: tuple[str, ...] = DEFAULT_BACKBONES
     heads: tuple[str, ...] = HEADS
+    search_heads: tuple[str, ...] = SEARCH_HEADS
     cv: int = 5
     test_size: float = 0.2
     seed: int = 0
     cnn: bool = True
-    # No validation part (val_size 0): the 15 % of each training part that early stopping held
-    # out trains too, and the last epoch is kept. Early stopping saved nothing with a cosine
-    # decay at lr 1e-3 (never triggered; best epoch 18-24 of 24 in all 10 folds) and cost
-    # accuracy at lr 3e-3 (two folds stopped at epochs 15 and 21 and were the run's worst).
-    cnn_train: TrainConfig = TrainConfig(epochs=24, lr=3e-3, val_size=0.0, crops_per_clip=3, lr_schedule="cosine")
-    cnn_augment: str = "specaugment"
-    # SpecAugment widths in the old recipe's seconds / share of the bands: 20 frames at
-    # 43 frames/s = 0.46 s, 12 of 96 bands
-    cnn_augment_config: AugmentConfig = AugmentConfig(freq_width=12, time_width=20)
-    cnn_features: FeatureConfig = FeatureConfig(sample_rate=22050, n_fft=1024, hop_length=512, n_mels=96)
-    cnn_channels: tuple[int, ...] = (24, 48, 96, 128)
+    # the measured recipe (cnn/recipe.py), the same as train_cnn's and `embedkit train-cnn`'s defaults
+    cnn_train: TrainConfig = TrainConfig(**cnn_recipe.TRAIN)
+    cnn_augment: str = cnn_recipe.AUGMENT
+    cnn_augment_config: AugmentConfig = AugmentConfig()
+    cnn_features: FeatureConfig = FeatureConfig(**cnn_recipe.FEATURES)
+    cnn_channels: tuple[int, ...] = cnn_recipe.CHANNELS
     finetune: str | None = None
-    finetune_train: TrainConfig = TrainConfig(epochs=10, patience=3)
+    finetune_train: TrainConfig = TrainConfig(epochs=10, val_size=0.0)
     clip_s: float = 30.0
     segment_s: float = 5.0
     quick: bool = False
@@ -100,6 +104,7 @@ class RunPlan:
             cnn_train=TrainConfig(epochs=2, patience=2, crops_per_clip=1, lr_schedule="cosine"),
             cnn_augment="none",
             finetune_train=TrainConfig(epochs=2, patience=2),
+            search_heads=(),
             clip_s=10.0,
             quick=True,
         )
@@ -378,6 +383,7 @@ def head_stage(
         "protocol": plan.protocol,
         "prep": plan.prep.to_dict(),
         "weights": ext["store"].root.name,
+        "search": head in plan.search_heads,
     }
     name = head_run_name(backbone, head)
     run_dir = _run_dir(runs, "head", name, identity, fp)
@@ -423,6 +429,7 @@ def fit_head_run(
         cv=plan.cv or None,
         test_size=plan.test_size,
         seed=plan.seed,
+        search=head in plan.search_heads,
         threads=threads,
         folds=folds,
     )
@@ -507,15 +514,11 @@ def finetune_stage(
     progress,
     folds=None,
 ) -> RunOutcome:
-    from .backbones import get_spec
     from .cnn.augment import AugmentConfig
     from .cnn.finetune import FinetuneConfig, finetune
 
     train, aug = plan.train_config("finetune"), AugmentConfig.parse("none")
-    # musicnn's many-branch front end makes a fully unfrozen step ~10x dearer on CPU than
-    # unfreezing its top blocks (measured 70 s vs 6 s per batch); top:6 reached 0.90 on gtzan_mini.
-    unfreeze = "top:6" if get_spec(backbone).family == "musicnn" else "all"
-    ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, train.epochs // 3)), unfreeze=unfreeze)
+    ft = FinetuneConfig(backbone, frozen_epochs=min(3, max(1, train.epochs // 3)))  # unfreeze: default_unfreeze
     audio = AudioConfig(clip_s=plan.clip_s)
     common = _trainer_options(plan, folds, cache, threads, workers, progress)
     identity = {

@@ -162,6 +162,7 @@ def tracks(synth_dataset):
 @pytest.fixture(scope="session")
 def runs(tracks, tmp_path_factory, synth_dataset):
     """One finished run of each kind on the synthetic dataset (12 s clips, tiny models)."""
+    from embedkit.cnn.features import FeatureConfig
     from embedkit.cnn.finetune import FinetuneConfig, finetune
     from embedkit.cnn.train import TrainConfig, train_cnn
     from embedkit.config import AudioConfig, PreprocessConfig, SegmentConfig
@@ -186,6 +187,7 @@ def runs(tracks, tmp_path_factory, synth_dataset):
         cv=None,
         train=train,
         channels=(4, 8),
+        features=FeatureConfig(),  # 44.1 kHz / 128 mels (a rate other than tiny-test's 22.05 kHz)
         audio_cfg=AudioConfig(clip_s=12.0),
         runs_dir=tmp / "runs",
         cache=tmp / "cache",

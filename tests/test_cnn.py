@@ -293,6 +293,7 @@ def _train(tracks, tmp_path, **kw):
             epochs=3, batch_size=4, patience=5, crop_min_s=3, crop_max_s=5, crops_per_clip=2, lr_schedule="cosine"
         ),
         channels=(4, 8),
+        features=FeatureConfig(),  # 44.1 kHz / 128 mels, not the recipe's: the checks below compute with it
         audio_cfg=AudioConfig(clip_s=12.0),
         augment=A.AugmentConfig.parse("noise,gain,shift,specaugment,mixup", wave_mode="online", p=0.7),
         runs_dir=tmp_path / "runs",

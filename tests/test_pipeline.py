@@ -150,6 +150,39 @@ def test_report_is_written_after_the_first_run_and_names_those_in_progress(tiny_
     check_html(final)
 
 
+def test_the_measured_cnn_recipe_is_every_doors_default():
+    """One recipe (cnn/recipe.py): `embedkit run`'s CNN stage, train_cnn's defaults and
+    `embedkit train-cnn`'s option defaults train the same network the same way; the fine-tune
+    defaults of `run --finetune` and `embedkit finetune` agree too."""
+    import inspect
+    from dataclasses import asdict
+
+    import click
+    import typer.main
+
+    from embedkit.cli import app
+    from embedkit.cnn import recipe
+    from embedkit.cnn.augment import AugmentConfig
+    from embedkit.cnn.finetune import FinetuneConfig
+    from embedkit.cnn.train import train_cnn
+    from embedkit.pipeline import RunPlan
+
+    plan, d = RunPlan(), {k: p.default for k, p in inspect.signature(train_cnn).parameters.items()}
+    assert asdict(d["train"]) == asdict(plan.cnn_train) and d["train"].lr == 3e-3 and d["train"].val_size == 0
+    assert d["features"] == plan.cnn_features and plan.cnn_features.n_mels == 96
+    assert d["channels"] == plan.cnn_channels == (24, 48, 96, 128)
+    assert d["augment"].enabled == ("specaugment",) and d["augment"] == AugmentConfig.parse(plan.cnn_augment)
+    cmd = typer.main.get_command(app)
+    ctx = click.Context(cmd)
+    opts = {p.name: p.default for p in cmd.get_command(ctx, "train-cnn").params}
+    assert {k: opts[k] for k in recipe.TRAIN} == recipe.TRAIN
+    assert opts["augment"] == plan.cnn_augment and opts["channels"] == ",".join(map(str, plan.cnn_channels))
+    ft = {p.name: p.default for p in cmd.get_command(ctx, "finetune").params}
+    assert (ft["epochs"], ft["val_size"]) == (plan.finetune_train.epochs, plan.finetune_train.val_size) == (10, 0.0)
+    assert FinetuneConfig("musicnn-msd", unfreeze=ft["unfreeze"]).unfreeze == "top:6"
+    assert FinetuneConfig("tiny-test").unfreeze == "all"
+
+
 @pytest.mark.slow
 def test_cnn_run_records_the_plans_recipe_and_a_changed_recipe_is_a_new_run(tiny_data, tmp_path):
     """Every field of the CNN recipe (training, augmentation and its ranges, front end, filters)

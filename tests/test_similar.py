@@ -250,6 +250,43 @@ def test_ann_index_grows_and_agrees_with_exact(library, tiny_holdout_run, tmp_pa
         assert rebuilt.info.n == len(LIBRARY) and rebuilt.info.kind == "ivf" and rebuilt.info.ann["trained_n"] == 18
 
 
+@pytest.mark.parametrize("missed_in", ["first pass", "second pass"])
+def test_build_streams_the_rows_and_survives_rows_changing_between_its_passes(
+    library, tiny_holdout_run, tmp_path, monkeypatch, missed_in
+):
+    """The build reads the library twice, a chunk at a time (mean, then rows): rows added
+    (missed by the first pass) or removed (missed by the second) in between still give an
+    index of exactly the rows the second pass read, each row centred on the index's mean."""
+    import embedkit.deploy.similar as sim
+
+    monkeypatch.setattr(sim, "ROW_CHUNK", 4)  # 18 tracks: 5 chunks a pass
+    db = tmp_path / "s.sqlite"
+    tag(tiny_holdout_run, [library], db=db, workers=1)
+    with Library(db) as lib:
+        real, passes = lib._chunks, []
+
+        def chunks(since=None, chunk=None):
+            passes.append(chunk or sim.ROW_CHUNK)
+            for part in real(since, chunk):
+                drop = (missed_in == "first pass") == (len(passes) == 1)
+                yield part[:-1] if drop else part  # one row of each chunk unseen by that pass
+
+        monkeypatch.setattr(lib, "_chunks", chunks)
+        idx = Index.build(lib, tmp_path / "ix", exact_max=4)
+        assert passes == [4, 4]
+        rows = {r["fingerprint"]: r for r in lib._query()}
+        expect = len(rows) if missed_in == "first pass" else len(rows) - 5
+        assert idx.info.n == len(idx.keys) == len(idx.X) == expect and len(set(idx.keys)) == expect
+        for key, x in zip(idx.keys, np.asarray(idx.X, np.float32)):
+            r = rows[key]
+            want = space_vectors(sim._probs(r, lib.labels)[None], sim.from_bytes(r["vector"], lib.dim)[None], idx.mean)
+            np.testing.assert_allclose(x, want[0], atol=2e-3)  # float16 rows
+        assert sorted(p.name for p in idx.folder.iterdir()) == sorted(["info.json", *idx.info.files.values()])
+        q = np.asarray(idx.X[0], np.float32)
+        found, scores = idx.search(q, 3)
+        assert 0 in found and scores[0] == pytest.approx(float(q @ q), abs=1e-3)  # the row finds itself
+
+
 def test_retagged_track_replaces_its_row_in_the_ann_index(library, tiny_holdout_run, tmp_path):
     pytest.importorskip("faiss")
     db = tmp_path / "r.sqlite"

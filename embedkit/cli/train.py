@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from ..cnn import recipe as cnn_recipe
 from .common import (
     console,
     device_option,
@@ -97,7 +98,7 @@ def _shared_training_options(
         None, "--cv", help="stratified K-fold CV (default: the dataset split, else an 80/20 holdout)"
     ),
     test_size: float = typer.Option(0.2, help="holdout test fraction"),
-    epochs: int = typer.Option(50, help="maximum epochs (early stopping on the validation loss)"),
+    epochs: int = typer.Option(50, help="epochs (at most, with early stopping on a validation part)"),
     batch_size: int = typer.Option(16),
     lr_schedule: str = typer.Option(
         "constant", help="constant | cosine (decays to 0 over --epochs) | onecycle (30 % warm-up, then cosine)"
@@ -105,7 +106,9 @@ def _shared_training_options(
     weight_decay: float = typer.Option(0.0, help="Adam weight decay"),
     label_smoothing: float = typer.Option(0.0, help="train against (1 - e) * target + e / classes"),
     patience: int = typer.Option(10, help="epochs without a better validation loss before stopping"),
-    val_size: float = typer.Option(0.15, help="fraction of each training part used for early stopping"),
+    val_size: float = typer.Option(
+        0.15, help="fraction of each training part held out for early stopping (0: none; the last epoch is kept)"
+    ),
     crop: str = typer.Option(
         "random", help="random: 3-5 s crops (--crops-per-clip per epoch); fixed: the 6 x 5 s segments"
     ),
@@ -257,18 +260,21 @@ def _train(title: str, call) -> None:
     _print_run(res)
 
 
-@training_command()
+@training_command(
+    augment=cnn_recipe.AUGMENT, **{k: v for k, v in cnn_recipe.TRAIN.items() if k != "lr"}
+)  # the measured recipe
 def train_cnn_cmd(
     args: TrainingArgs,
-    lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    lr: float = typer.Option(cnn_recipe.TRAIN["lr"], help="Adam learning rate"),
     normalize: str = typer.Option(
         "standard", help="standard (per-band, fitted on training clips) | minmax (per image) | none"
     ),
-    channels: str = typer.Option("32,64,128,128", help="filters per conv block"),
+    channels: str = typer.Option(",".join(map(str, cnn_recipe.CHANNELS)), help="filters per conv block"),
     dropout: float = typer.Option(0.5),
     block_order: str = typer.Option("conv-pool-bn-relu", help="conv-pool-bn-relu (faster on CPU) | conv-bn-relu-pool"),
 ):
-    """Train the log-mel CNN from scratch; writes runs/<run-id>/ (metrics.json, model.pt)."""
+    """Train the log-mel CNN from scratch; writes runs/<run-id>/ (metrics.json, model.pt). The
+    defaults are the measured recipe (embedkit/cnn/recipe.py): 22.05 kHz / 96-mel log-mels."""
     from dataclasses import replace
 
     from ..cnn.train import train_cnn
@@ -297,12 +303,14 @@ def train_cnn_cmd(
     )
 
 
-@training_command(fixed={"normalize": "none"}, epochs=20, patience=5, wave_aug="online")
+@training_command(fixed={"normalize": "none"}, epochs=10, val_size=0.0, wave_aug="online")  # as `run --finetune`
 def finetune_cmd(
     args: TrainingArgs,
     backbone: str = typer.Option(..., "--backbone", "-b", help="a registered PyTorch backbone (see `embedkit models`)"),
     frozen_epochs: int = typer.Option(3, help="epochs training only the new output layer (counted in --epochs)"),
-    unfreeze: str = typer.Option("all", help="after the frozen epochs: all | top:N (last N blocks)"),
+    unfreeze: str = typer.Option(
+        "auto", help="after the frozen epochs: all | top:N (last N blocks) | auto (musicnn: top:6, others: all)"
+    ),
     head_lr: float = typer.Option(1e-2, help="new layer's rate while the backbone is frozen"),
     backbone_lr: float = typer.Option(5e-5, help="backbone rate once unfrozen"),
     finetune_head_lr: float = typer.Option(1e-4, help="new layer's rate once the backbone is unfrozen"),
@@ -349,7 +357,9 @@ def run_cmd(
         False, "--quick", help="smoke run: tiny-test + melstats, 2 folds, 10 s clips, 2 CNN epochs"
     ),
     backbones: Optional[str] = typer.Option(
-        None, "--backbones", help="comma list (default musicnn-msd,melstats; quick: tiny-test,melstats)"
+        None,
+        "--backbones",
+        help="comma list; A+B fuses (default musicnn-msd,melstats,musicnn-msd+melstats; quick: tiny-test,melstats)",
     ),
     heads: Optional[str] = typer.Option(None, "--heads", help="comma list of lr,lgbm,mlp (default: all)"),
     cv: Optional[int] = typer.Option(

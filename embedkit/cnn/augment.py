@@ -39,9 +39,9 @@ class AugmentConfig:
     pitch_semitones: float = 2.0  # uniform in [-x, +x]
     shift_max: float = 0.5  # circular shift by up to this fraction of the length
     freq_masks: int = 2
-    freq_width: int = 16  # max mel bands per mask
+    freq_width: int = 12  # max mel bands per mask (12 of the recipe's 96: cnn/recipe.py)
     time_masks: int = 2
-    time_width: int = 40  # max frames per mask (~0.46 s)
+    time_width: int = 20  # max frames per mask (0.46 s at the recipe's 22.05 kHz / hop 512)
     mixup_alpha: float = 0.2
     wave_mode: str = "pool"  # "pool" (pre-augmented variants) or "online"
     pool_size: int = 4

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import AudioConfig
+from . import recipe
 from .augment import AugmentConfig
 from .data import Clips
 from .features import FeatureConfig, Normalizer
@@ -116,17 +117,18 @@ class CNNTask(Task):
 def train_cnn(
     tracks: pd.DataFrame,
     *,
-    train: TrainConfig = TrainConfig(),
-    channels: tuple[int, ...] = (32, 64, 128, 128),
+    train: TrainConfig = TrainConfig(**recipe.TRAIN),
+    channels: tuple[int, ...] = recipe.CHANNELS,
     dropout: float = 0.5,
     block_order: str = "conv-pool-bn-relu",
-    features: FeatureConfig = FeatureConfig(),
+    features: FeatureConfig = FeatureConfig(**recipe.FEATURES),
     audio_cfg: AudioConfig = AudioConfig(),
-    augment: AugmentConfig = AugmentConfig(),
+    augment: AugmentConfig = AugmentConfig.parse(recipe.AUGMENT),
     progress: Progress | None = None,
     **run: Any,
 ) -> TrainResult:
-    """Train and evaluate the scratch CNN on a track table (see loop.py for the run layout).
+    """Train and evaluate the scratch CNN on a track table (see loop.py for the run layout);
+    the defaults are the measured recipe (``cnn/recipe.py``).
     ``run``: the :class:`~embedkit.cnn.loop.RunOptions` (cv, test_size, folds, runs_dir,
     run_dir, resume, cache, threads, workers, skip_bad, name)."""
     from .model import CNNConfig

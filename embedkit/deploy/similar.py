@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -233,37 +233,22 @@ class Library:
             )
         return str(rows[0][0]), int(rows[0][1])
 
-    def _query(
-        self,
-        since=None,
-        fingerprints: Iterable[str] | None = None,
-        paths: Iterable[str] | None = None,
-        decision: str | None = None,
-    ):
-        """(tags row + vector row) dicts of this model: all, updated after ``since``, or only
-        those with one of ``fingerprints`` / ``paths``."""
+    def _select(self, since=None, decision: str | None = None, columns: str = "track"):
+        """The query of (tags row + vector row) of this model: all, or updated after ``since``,
+        or with ``decision``. columns: "track" (what a Track holds) or "index" (what the
+        index reads: fingerprint, probabilities, vector, updated)."""
         import sqlalchemy as sa
 
-        from .resultsdb import IN_CHUNK
-
         t, v = self.db.tags, self.db.vectors
-        cols = [
-            t.c.fingerprint,
-            t.c.path,
-            t.c.probabilities,
-            t.c.decision,
-            t.c.top_p,
-            t.c.duration_s,
-            v.c.vector,
-            v.c.sketch,
-            v.c.dim,
-            v.c.artist,
-            v.c.album,
-            v.c.title,
-            sa.func.max(t.c.updated_at, v.c.updated_at).label("updated")
+        updated = (
+            sa.func.max(t.c.updated_at, v.c.updated_at)
             if self.db.engine.dialect.name == "sqlite"
-            else sa.func.greatest(t.c.updated_at, v.c.updated_at).label("updated"),
-        ]
+            else sa.func.greatest(t.c.updated_at, v.c.updated_at)
+        ).label("updated")
+        cols = [t.c.fingerprint, t.c.probabilities, v.c.vector, updated]
+        if columns == "track":
+            cols += [t.c.path, t.c.decision, t.c.top_p, t.c.duration_s, v.c.sketch, v.c.dim]
+            cols += [v.c.artist, v.c.album, v.c.title]
         q = (
             sa.select(*cols)
             .select_from(t.join(v, sa.and_(t.c.fingerprint == v.c.fingerprint, t.c.model_id == v.c.model_id)))
@@ -273,6 +258,33 @@ class Library:
             q = q.where(sa.or_(t.c.updated_at > since, v.c.updated_at > since))
         if decision is not None:
             q = q.where(t.c.decision == decision)
+        return q
+
+    def _chunks(self, since=None, chunk: int | None = None) -> Iterator[list[dict]]:
+        """The index's columns of this model's rows (or those updated after ``since``), streamed
+        ``chunk`` rows at a time (a server-side cursor where the database has one): a build
+        never holds the library's rows in memory at once."""
+        chunk = chunk or ROW_CHUNK
+        with self.db.engine.connect() as c:
+            result = c.execution_options(stream_results=True, yield_per=chunk).execute(
+                self._select(since, columns="index")
+            )
+            for part in result.partitions(chunk):
+                yield [dict(r._mapping) for r in part]
+
+    def _query(
+        self,
+        since=None,
+        fingerprints: Iterable[str] | None = None,
+        paths: Iterable[str] | None = None,
+        decision: str | None = None,
+    ):
+        """(tags row + vector row) dicts of this model: all, updated after ``since``, or only
+        those with one of ``fingerprints`` / ``paths``."""
+        from .resultsdb import IN_CHUNK
+
+        t = self.db.tags
+        q = self._select(since, decision)
         out = []
         with self.db.engine.connect() as c:
             if fingerprints is None and paths is None:
@@ -496,32 +508,44 @@ class Index:
     ) -> "Index":
         settings = settings or AnnSettings()
         t0 = time.perf_counter()
-        rows = lib._query()
-        if not rows:
+        # Two streamed passes, ROW_CHUNK rows at a time (no copy of the library in memory): the
+        # mean, then the rows. The mean is only the space's centre, kept with the index and used
+        # for every row after, so rows changed between the passes do not unsettle it.
+        total, n = np.zeros(lib.dim, np.float64), 0
+        for part in lib._chunks():
+            total += np.stack([from_bytes(r["vector"], lib.dim) for r in part]).sum(0, np.float64)
+            n += len(part)
+        if not n:
             raise SimilarError(f"{_name(lib.url)}: no tracks with vectors for model {lib.model_id}")
-        n = len(rows)
-        kind = "exact" if n <= exact_max else "ivf"
-        # the mean, then the rows, a chunk at a time: no float32 copy of the whole library
-        total = np.zeros(lib.dim, np.float64)
-        for i in range(0, n, ROW_CHUNK):
-            total += np.stack([from_bytes(r["vector"], lib.dim) for r in rows[i : i + ROW_CHUNK]]).sum(0, np.float64)
         mean = (total / n).astype(np.float32)
+        kind = "exact" if n <= exact_max else "ivf"
         folder = index_dir(lib.url, lib.model_id, where)
         folder.mkdir(parents=True, exist_ok=True)
         gen = _generation()
         dim = len(lib.labels) + lib.dim
         rows_dtype = "float32" if kind == "exact" else settings.rows_dtype
         X = np.lib.format.open_memmap(folder / f"space-{gen}.npy", "w+", np.dtype(rows_dtype), (n, dim))
-        for i in range(0, n, ROW_CHUNK):
-            part = rows[i : i + ROW_CHUNK]
+        keys: list[str] = []
+        extra: list[np.ndarray] = []  # rows added between the passes
+        through = None
+        for part in lib._chunks():
             V = np.stack([from_bytes(r["vector"], lib.dim) for r in part])
-            X[i : i + len(part)] = space_vectors(np.stack([_probs(r, lib.labels) for r in part]), V, mean)
+            Xp = space_vectors(np.stack([_probs(r, lib.labels) for r in part]), V, mean)
+            fit = max(0, min(len(part), n - len(keys)))
+            X[len(keys) : len(keys) + fit] = Xp[:fit]
+            extra.extend(Xp[fit:])
+            keys.extend(r["fingerprint"] for r in part)
+            through = max(filter(None, [through, *(_iso(r["updated"]) for r in part)]), default=None)
         X.flush()
         del X
         X = np.load(folder / f"space-{gen}.npy", mmap_mode="r")
-        keys = [r["fingerprint"] for r in rows]
-        through = max((_iso(r["updated"]) for r in rows), default=None)
-        del rows
+        if not keys:
+            raise SimilarError(f"{_name(lib.url)}: the tracks with vectors for model {lib.model_id} were removed")
+        if len(keys) != n:  # rows added or removed between the passes: the rows file as read
+            first, gen = folder / f"space-{gen}.npy", _generation()
+            X = _write_rows(folder / f"space-{gen}.npy", X[: min(n, len(keys))], rows_dtype, {}, extra)
+            first.unlink()
+            n = len(keys)
         info = IndexInfo(lib.model_id, lib.space, dim, ALPHA, kind, n, time.time(), through, rows_dtype=rows_dtype)
         t1 = time.perf_counter()
         ann = None
