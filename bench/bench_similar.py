@@ -4,6 +4,7 @@
     python bench/bench_similar.py duplicates   # re-encodes of gtzan_mini found, no two tracks merged
     python bench/bench_similar.py scale        # 100k / 1M generated vectors, 200-d / 2048-d
     python bench/bench_similar.py scale --sizes 100000 --dims 200   # one configuration
+    python bench/bench_similar.py fromdb --sizes 100000 --dims 2048  # building from a database
 
 (1) quality: same-genre precision at 10 over the 100 tracks of gtzan_mini, each queried against
     the other 99 (the ceiling is 0.90: nine other tracks per genre). Track vector: the mean of
@@ -39,6 +40,16 @@
     ``--compare-usearch``: the usearch HNSW int8 graph embedkit used before, on the same vectors.
     Above ``--max-f32-gb`` (1M x 2048: 8 GB as float32) the vectors are float16, the exact
     truth of all queries comes from one chunked pass and ``--big-exact-queries`` (3) are timed.
+(4) fromdb: the index built from a results database (``Index.build`` on a ``Library``): N
+    generated rows (vector D floats + probabilities of 10 genres) written into a SQLite
+    database, then, each in a fresh process, the peak RSS above the process's RSS with the
+    library open: baseline ``Library._query()`` (every row read at once: the first step of the
+    build before it streamed), and ``Index.build`` (two streamed passes, a chunk of rows at a
+    time). Two figures: the peak of anonymous memory (RssAnon, sampled every 20 ms: the heap,
+    what the build allocates) and the peak RSS (VmHWM, which also counts the pages of the
+    mapped rows file, page cache the kernel can drop). Ratio build / baseline of the first.
+    ``--before SRC``: also the build of another checkout of embedkit (its source folder on
+    PYTHONPATH; e.g. a git worktree of the commit before the build streamed), the true baseline.
 Results also go to bench/results/bench_similar.json (one key per section).
 """
 
@@ -533,12 +544,101 @@ def scale(args) -> dict:
     return results
 
 
+_FROMDB_CHILD = """
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+from common import rss_mb, reset_peak_rss
+import embedkit
+from embedkit.deploy.similar import Index, Library
+what, db = sys.argv[1:3]
+lib = Library(db)
+peak, stop = [0.0], threading.Event()
+def watch():  # anonymous memory only: the rows file's mapped pages are page cache, not the heap
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_mb("RssAnon")); time.sleep(0.02)
+reset_peak_rss(); r0, a0 = rss_mb(), rss_mb("RssAnon"); t0 = time.perf_counter()
+threading.Thread(target=watch, daemon=True).start()
+if what == "read-all":
+    rows = lib._query(); n = len(rows)
+else:
+    n = Index.build(lib, sys.argv[4]).info.n
+stop.set(); time.sleep(0.05)
+print(json.dumps({"n": n, "src": embedkit.__file__, "peak_anon_rise_mb": peak[0] - a0, "peak_rss_rise_mb": rss_mb("VmHWM") - r0,
+                  "seconds": time.perf_counter() - t0}))
+"""
+
+
+def _fill_db(db: Path, n: int, d: int) -> None:
+    """n rows of one model (10 genres, d-dimensional vectors) written straight into a results
+    database's two tables, 5,000 rows a transaction."""
+    import datetime as dt
+
+    from embedkit.deploy.resultsdb import ResultsDB
+    from embedkit.deploy.vectors import to_bytes
+
+    labels = [f"g{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    now = dt.datetime.now(dt.timezone.utc)
+    with ResultsDB(db) as rdb:
+        rdb.register_model("m", "head", labels, "", None)
+        for i in range(0, n, 5000):
+            k = min(5000, n - i)
+            P = rng.dirichlet(np.ones(10), k)
+            V = rng.standard_normal((k, d)).astype(np.float32)
+            tags = [
+                {"fingerprint": f"{i + j:064x}", "model_id": "m", "path": f"/music/{i + j}.mp3",
+                 "probabilities": dict(zip(labels, map(float, P[j]))), "decision": "g0", "updated_at": now}
+                for j in range(k)
+            ]  # fmt: skip
+            vecs = [
+                {"fingerprint": f"{i + j:064x}", "model_id": "m", "space": "bench", "dim": d, "dtype": "f4",
+                 "vector": to_bytes(V[j]), "updated_at": now}
+                for j in range(k)
+            ]  # fmt: skip
+            with rdb.engine.begin() as c:
+                c.execute(rdb.tags.insert(), tags)
+                c.execute(rdb.vectors.insert(), vecs)
+
+
+def fromdb(args) -> dict:
+    results = {}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for n in args.sizes:
+        for d in args.dims:
+            db = work / f"lib-{n}x{d}.sqlite"
+            if not db.exists():
+                t0 = time.perf_counter()
+                _fill_db(db.with_suffix(".part"), n, d)
+                db.with_suffix(".part").rename(db)
+                print(f"wrote {db} ({n:,} x {d}) in {time.perf_counter() - t0:.0f} s", flush=True)
+            row = {"n": n, "dim": d, "db_mb": round(db.stat().st_size / 2**20), "load_average_at_start": load_average()}
+            todo = [("read-all", "read-all", None), ("build", "build", None)]
+            if args.before:
+                todo.append(("build-before", "build", args.before))
+            for key, what, src in todo:
+                env = {**os.environ, "PYTHONPATH": src} if src else None
+                cmd = [sys.executable, "-c", _FROMDB_CHILD, what, str(db), str(ROOT / "bench"), str(work / f"ix-{key}")]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)  # not this checkout
+                if out.returncode:
+                    raise SystemExit(f"{key} failed:\n{out.stderr[-2000:]}")
+                row[key] = json.loads(out.stdout.strip().splitlines()[-1])
+            for key in ("read-all", "build-before"):
+                if key in row:
+                    ratio = row["build"]["peak_anon_rise_mb"] / row[key]["peak_anon_rise_mb"]
+                    row[f"build_over_{key.replace('-', '_')}_anon_peak"] = round(ratio, 3)
+            print(json.dumps(row), flush=True)
+            results[f"{n}x{d}"] = row
+            _save("fromdb", {"cores": os.cpu_count(), "results": results})
+    return results
+
+
 def main(argv=None):
     from embedkit.deploy.similar import RERANK, AnnSettings
 
     ANN = AnnSettings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("section", choices=["quality", "duplicates", "scale", "all"])
+    ap.add_argument("section", choices=["quality", "duplicates", "scale", "fromdb", "all"])
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "embedkit" / "bench-similar"))
     ap.add_argument("--store", help="a musicnn-msd store of gtzan_mini (default: extracted under --cache)")
     ap.add_argument("--run", help="duplicates: a musicnn-msd head run (runs/<id>)")
@@ -562,6 +662,7 @@ def main(argv=None):
     ap.add_argument("--compare-usearch", action="store_true", help="also the usearch HNSW int8 index used before")
     ap.add_argument("--sweep", action="store_true", help="also time search settings (nprobe, re-rank) on each index")
     ap.add_argument("--section-key", default="scale", help="results key (keep an earlier run's figures)")
+    ap.add_argument("--before", help="fromdb: also build with the embedkit source in this folder (a baseline)")
     ap.add_argument("--skip-big-graph", action="store_true", help="no index for matrices above --max-f32-gb")
     args = ap.parse_args(argv)
     print(f"load average {load_average():.1f}, {os.cpu_count()} CPUs")
@@ -573,6 +674,8 @@ def main(argv=None):
         duplicates(args)
     if args.section in ("scale", "all"):
         scale(args)
+    if args.section == "fromdb":
+        fromdb(args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ ANN_REGROW = 4
 RERANK = 4
 #: rows converted / added a chunk at a time (bounded memory at 1M x 2048)
 ROW_CHUNK = 32_768
+#: a chunk of rows read from the database holds at most about this many bytes of vectors
+READ_BYTES = 64 << 20
 INDEX_FORMAT = 2
 #: seconds an update looks back before the newest row the index holds (late commits)
 UPDATE_OVERLAP_S = 600
@@ -262,9 +264,10 @@ class Library:
 
     def _chunks(self, since=None, chunk: int | None = None) -> Iterator[list[dict]]:
         """The index's columns of this model's rows (or those updated after ``since``), streamed
-        ``chunk`` rows at a time (a server-side cursor where the database has one): a build
-        never holds the library's rows in memory at once."""
-        chunk = chunk or ROW_CHUNK
+        ``chunk`` rows at a time (default: ROW_CHUNK, fewer for wide vectors: READ_BYTES; a
+        server-side cursor where the database has one): a build never holds the library's rows
+        in memory at once."""
+        chunk = chunk or max(1, min(ROW_CHUNK, READ_BYTES // (4 * self.dim)))
         with self.db.engine.connect() as c:
             result = c.execution_options(stream_results=True, yield_per=chunk).execute(
                 self._select(since, columns="index")
@@ -508,7 +511,7 @@ class Index:
     ) -> "Index":
         settings = settings or AnnSettings()
         t0 = time.perf_counter()
-        # Two streamed passes, ROW_CHUNK rows at a time (no copy of the library in memory): the
+        # Two streamed passes, a chunk of rows at a time (no copy of the library in memory): the
         # mean, then the rows. The mean is only the space's centre, kept with the index and used
         # for every row after, so rows changed between the passes do not unsettle it.
         total, n = np.zeros(lib.dim, np.float64), 0
