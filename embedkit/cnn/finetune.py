@@ -84,7 +84,7 @@ def default_unfreeze(backbone: str) -> str:
 
     try:
         family = get_spec(backbone).family
-    except Exception:  # an unknown name is refused later, by the trainer, in one line
+    except BackboneError:  # an unknown name is refused later, by the trainer, in one line
         return "all"
     return "top:6" if family == "musicnn" else "all"
 

@@ -3,8 +3,8 @@
 A folder scan takes every file the decoder can open (``decoding.scan_kind``, the rule a
 ``<label>/<file>`` dataset folder shares): names with an audio extension at once, any other file
 when its leading bytes are an audio format (an MP3 saved without extension, an M4A named .dat).
-The rest is counted as not audio, by kind, and unreadable folders and unusable list entries are named one per line in
-``InputReport``: nothing is skipped without a word.
+The rest is counted as not audio, by kind, and unreadable folders and unusable list entries are
+named one per line in ``InputReport``: nothing is skipped without a word.
 """
 
 from __future__ import annotations
