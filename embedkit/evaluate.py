@@ -351,6 +351,8 @@ def dataset_summary(tracks: pd.DataFrame, n_segments: int | None = None, synthet
         "synthetic": bool(synthetic or tracks.attrs.get("synthetic", False)),
         # labels from the files' own genre tags: the taxonomy record (embedkit.taxonomy)
         **({"taxonomy": tracks.attrs["taxonomy"]} if tracks.attrs.get("taxonomy") else {}),
+        # a retrained run: the results database whose labels were added to the source's
+        **({"labels_from": tracks.attrs["labels_from"]} if tracks.attrs.get("labels_from") else {}),
     }
 
 

@@ -274,8 +274,8 @@ def fit_head(
         seg, X = read_embeddings(st, output, tracks)
     source = str(seg.attrs.get("source") or os.path.commonpath(list(seg["path"].unique())))
     table = _track_table(seg, source)
-    if tracks is not None:  # what the dataset says of itself (a tag library: taxonomy, artist groups)
-        table.attrs.update({k: tracks.attrs[k] for k in ("taxonomy", "group_by") if k in tracks.attrs})
+    if tracks is not None:  # what the dataset says of itself (tags: taxonomy, artists; a retrain: its labels)
+        table.attrs.update({k: tracks.attrs[k] for k in ("taxonomy", "group_by", "labels_from") if k in tracks.attrs})
     if tracks is not None and tracks.attrs.get("synthetic"):
         table.attrs["synthetic"] = True
     proto = choose_protocol(table, cv, protocol)

@@ -445,6 +445,7 @@ def test_run_labels_from_tags_trains_the_taxonomy_and_tags_the_untagged(tagged_l
     new_runs = sorted(set((tmp_path / "runs").glob("*")) - {old_run})
     m2 = json.loads((new_runs[0] / "metrics.json").read_text())
     assert m2["dataset"]["n_tracks"] == 20 and m2["dataset"]["class_counts"] == {"Chime": 7, "Drone": 7, "Hip-Hop": 6}
+    assert m2["dataset"]["source"] == m["dataset"]["source"] and m2["dataset"]["labels_from"] == "lib.sqlite"
 
     # a second retrain decodes nothing: every embedding is read from the store by fingerprint
     import embedkit.extract
@@ -453,6 +454,14 @@ def test_run_labels_from_tags_trains_the_taxonomy_and_tags_the_untagged(tagged_l
     res = CliRunner().invoke(app, ["retrain", str(old_run), "--db", "lib.sqlite", "--threads", "1", "--promote"])
     assert res.exit_code == 0, res.output
     assert "0 extracted" in res.output and "promoted" in res.output and "0 of 3 decision(s) changed" in res.output
+
+    # the retrained run retrains in turn: the same dataset and labels (not counted twice), no decode
+    res = CliRunner().invoke(app, ["retrain", str(new_runs[0]), "--db", "lib.sqlite", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "18 dataset track(s) + 2 label(s)" in res.output and "0 extracted" in res.output, res.output
+    newest = sorted(set((tmp_path / "runs").glob("*")) - {old_run, *new_runs})
+    m3 = json.loads((newest[-1] / "metrics.json").read_text())
+    assert m3["dataset"]["n_tracks"] == 20 and m3["dataset"]["class_counts"] == m2["dataset"]["class_counts"]
 
 
 # --- the review queue and page ----------------------------------------------------------------

@@ -473,7 +473,10 @@ def retrain(
     if not store_dir.is_dir():
         raise EmbedkitError(f"{run}: its embedding store {store_dir} is not here (run retrain where the run was made)")
     st = open_store(None, cache, store_dir)
-    key = next((k for k, d in st.datasets().items() if d.get("source") == m["dataset"].get("source")), None)
+    source = m["dataset"].get("source")
+    key = next((k for k, d in st.datasets().items() if d.get("source") == source), None)
+    if key is None:  # never another dataset of the store in its place
+        raise EmbedkitError(f"{run}: its dataset {source or '(not recorded)'} is not recorded in the store {st.root}")
     base = st.dataset_tracks(key)
     with ResultsDB(existing_db(db)) as rdb:
         labels = current_labels(rdb)  # keyed by the file's fingerprint now (after tag writes)
@@ -496,8 +499,9 @@ def retrain(
         res = extract(t, st.spec["name"], cache=cache, prep=st.preprocess, workers=workers)
         n_extracted = res.n_extracted
     tracks = pd.concat([base, added], ignore_index=True)
-    tracks.attrs.update({k: v for k, v in base.attrs.items()})
-    tracks.attrs["source"] = f"{m['dataset'].get('source')} + labels of {db}"
+    # the source stays the dataset's (a retrained run retrains in turn); the labels' database
+    # is recorded beside it
+    tracks.attrs.update({k: v for k, v in base.attrs.items()}, labels_from=str(db))
     proto = m.get("protocol") or {}
     cfg = m.get("config") or {}
     log(f"retraining {m.get('name')} on {len(base)} + {len(added)} track(s), {n_relabelled} relabelled")
@@ -627,7 +631,7 @@ def _retrain_network(
     if gone:
         raise EmbedkitError(f"{gone[0] or 'a labelled track'}: labelled file not found (a network retrains from audio)")
     tracks = pd.concat([t.drop(columns=["fingerprint"]) for t in (base, added)], ignore_index=True)
-    tracks.attrs.update(base.attrs)  # the source stays the dataset's: the new run retrains the same way
+    tracks.attrs.update(base.attrs, labels_from=str(db))  # the source stays the dataset's (as for heads)
 
     def rebuild(cls, d):  # only the fields this version knows: a recipe recorded by another one still loads
         names = {f.name for f in fields(cls)}
