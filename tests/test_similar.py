@@ -220,6 +220,22 @@ def test_index_is_persisted_and_updated_incrementally(tagged, library, tiny_hold
     code, out = _cli("index", "--db", db, "--rebuild")
     assert code == 0 and f"{len(LIBRARY)} tracks" in out
 
+    # settings given to `embedkit index` stick: a later use and a rebuild keep them
+    def saved():
+        return json.loads((idx.folder / "info.json").read_text())["settings"]
+
+    code, out = _cli("index", "--db", db, "--codec", "SQ4", "--recall", "0.9")
+    assert code == 0, out
+    assert saved()["codec"] == "SQ4" and saved()["recall"] == 0.9 and saved()["rows_dtype"] == "float16"
+    code, out = _cli("similar", library / LIBRARY[0][0], "--db", db)
+    assert code == 0, out
+    with Library(db) as lib:
+        assert Index.open(lib).settings.codec == "SQ4"
+    code, out = _cli("index", "--db", db, "--rebuild")
+    assert code == 0 and saved()["codec"] == "SQ4" and saved()["recall"] == 0.9
+    code, out = _cli("index", "--db", db, "--codec", "PQ8")
+    assert code != 0 and len(out.strip().splitlines()) == 1 and "codec" in out, out
+
 
 def test_ann_index_grows_and_agrees_with_exact(library, tiny_holdout_run, tmp_path):
     pytest.importorskip("faiss")
@@ -332,7 +348,11 @@ def test_index_built_with_other_settings_is_rebuilt_not_misread(library, tiny_ho
         assert other.info.files != idx.info.files and other.X.dtype == np.float32
         on_disk = json.loads((other.folder / "info.json").read_text())
         assert on_disk["ann"]["factory"] == "IVF1,SQfp16" and on_disk["rows_dtype"] == "float32"
-        back = Index.open(lib, root, exact_max=4)  # the defaults again: rebuilt again
+        # asked for none: the saved index's own settings stick (not the defaults)
+        kept = Index.open(lib, root, exact_max=4)
+        assert kept.info.files == other.info.files and kept.settings.codec == "SQfp16"
+        assert on_disk["settings"]["codec"] == "SQfp16" and on_disk["settings"]["rows_dtype"] == "float32"
+        back = Index.open(lib, root, exact_max=4, settings=AnnSettings())  # the defaults asked for: rebuilt
         assert back.info.ann["codec"] == "SQ8" and back.X.dtype == np.float16
         # an index of the previous format (usearch graph) is rebuilt
         (back.folder / "info.json").write_text(json.dumps({**on_disk, "format": 1, "kind": "hnsw"}))

@@ -142,12 +142,21 @@ def index_cmd(
     db: str = typer.Option(..., "--db", help=DB_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     rebuild: bool = typer.Option(False, "--rebuild", help="build it again from the database (new mean)"),
+    codec: Optional[str] = typer.Option(
+        None, help="how the approximate index stores vectors: SQ8 (default), SQ6, SQ4, SQfp16, Flat"
+    ),
+    nlist: Optional[int] = typer.Option(None, help="k-means cells (default: about 2 sqrt(N))"),
+    nprobe: Optional[int] = typer.Option(None, help="cells searched per query (default: tuned at build)"),
+    recall: Optional[float] = typer.Option(None, help="recall@10 the search is tuned to at build (default 0.98)"),
+    rows_dtype: Optional[str] = typer.Option(None, help="rows re-ranked exactly: float16 (default) | float32"),
 ):
     """Bring the similarity index of a library up to date (tracks tagged since are added), or
-    --rebuild it from the database."""
+    --rebuild it from the database. Index settings given here are kept by every later use
+    (`similar`, `playlist`, `radio`, `serve`); an index built with others is rebuilt with them."""
     from ..deploy.similar import update_index
 
-    info, added = update_index(db, model, rebuild=rebuild)
+    given = {"codec": codec, "nlist": nlist, "nprobe": nprobe, "recall": recall, "rows_dtype": rows_dtype}
+    info, added = update_index(db, model, rebuild=rebuild, settings={k: v for k, v in given.items() if v is not None})
     console().print(
         f"index of model {info.model_id}: {info.n} tracks, {info.kind}, {info.dim}-d space"
         + (" (rebuilt)" if rebuild else f" ({added} added or updated)"),

@@ -426,6 +426,12 @@ class AnnSettings:
         if not 0 < float(self.recall) <= 1:
             raise SimilarError(f"index recall must be in (0, 1], got {self.recall}")
 
+    def build_fields(self) -> dict[str, Any]:
+        """The settings that shape the files (all but nprobe, a search setting)."""
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k != "nprobe"}
+
     def nlist_for(self, n: int) -> int:
         if self.nlist is not None:
             return max(1, min(int(self.nlist), int(n)))
@@ -472,6 +478,7 @@ class IndexInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     rows_dtype: str = "float32"  # of the rows file (float32 for exact search; AnnSettings.rows_dtype beside an ANN)
     ann: dict[str, Any] | None = None  # AnnSettings.recorded: how the approximate index was built
+    settings: dict[str, Any] | None = None  # the AnnSettings asked for: kept by later opens that ask for none
     files: dict[str, str] = field(default_factory=dict)  # rows / keys / mean / ann: this generation's files
 
 
@@ -570,13 +577,20 @@ class Index:
     ) -> "Index":
         """The saved index of ``lib``'s model (built when there is none, it is unreadable, or its
         approximate index was built with other ``settings``), with the rows added or changed
-        since it was saved added to it."""
+        since it was saved added to it. ``settings`` None: the ones the saved index was built
+        with (``embedkit index --codec ...`` sticks), the defaults for a new one."""
+        asked = settings
         settings = settings or AnnSettings()
         folder = index_dir(lib.url, lib.model_id, where)
         try:
             info = IndexInfo(**json.loads((folder / "info.json").read_text()))
             if info.format != INDEX_FORMAT or info.model_id != lib.model_id or info.space != lib.space:
                 raise ValueError("another index")
+            saved = _saved_settings(folder)
+            if asked is None:
+                settings = saved or settings
+            elif saved is not None and saved.build_fields() != asked.build_fields():
+                raise ValueError("asked for other build settings")  # an exact index too: cheap to rebuild
             if info.kind != "exact" and settings.mismatch(info.ann):
                 raise ValueError("built with other settings")
             keys = json.loads((folder / info.files["keys"]).read_text())
@@ -642,10 +656,18 @@ class Index:
         self.save(gen)
         return len(rows)
 
+    def write_info(self) -> None:
+        """``info.json`` (atomically), with the settings this index is used with."""
+        from dataclasses import asdict
+
+        from ..io import atomic_write
+
+        self.info.settings = asdict(self.settings)
+        atomic_write(self.folder / "info.json", lambda fh: fh.write(json.dumps(asdict(self.info)).encode()))
+
     def save(self, gen: str | None = None) -> None:
         """Write this index as a new generation (``gen``: its rows file is already written) and
         point ``info.json`` at it; the files of older generations are removed."""
-        from dataclasses import asdict
 
         from ..io import atomic_write
 
@@ -662,8 +684,7 @@ class Index:
             _faiss().write_index(self.ann, str(tmp))
             os.replace(tmp, self.folder / files["ann"])
         self.info.files = files
-        # info.json last: it names this generation; a reader sees the old index or this one
-        atomic_write(self.folder / "info.json", lambda fh: fh.write(json.dumps(asdict(self.info)).encode()))
+        self.write_info()  # last: it names this generation; a reader sees the old index or this one
         keep = set(files.values()) | {"info.json"}
         for f in self.folder.iterdir():
             stale = f.name.startswith(("space", "keys", "mean", "ann-", "graph.")) and f.name not in keep
@@ -688,6 +709,16 @@ class Index:
         top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
         top = top[np.argsort(-s[top], kind="stable")]
         return top, s[top]
+
+
+def _saved_settings(folder: Path) -> AnnSettings | None:
+    """The settings the index saved in ``folder`` was built with (None: none saved, or from an
+    embedkit that did not record them)."""
+    try:
+        rec = json.loads((folder / "info.json").read_text()).get("settings")
+        return AnnSettings(**rec) if rec else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _generation() -> str:
@@ -1181,17 +1212,26 @@ def update_index(
     rebuild: bool = False,
     index_root=None,
     exact_max: int = EXACT_MAX,
-    settings: AnnSettings | None = None,
+    settings: AnnSettings | dict[str, Any] | None = None,
 ) -> tuple[IndexInfo, int]:
     """(the index of ``model``'s vectors in ``db``, rows added or updated): brought up to date,
     or with ``rebuild`` built again from the database (a new mean). ``settings``: of the
-    approximate index (an index saved with others is rebuilt)."""
+    approximate index (an index saved with others is rebuilt); None or {}: the saved index's
+    own; a dict: the saved index's own with these fields changed (``embedkit index --codec``)."""
+    from dataclasses import asdict
+
     with Library(db, model) as lib:
+        saved = _saved_settings(index_dir(lib.url, lib.model_id, index_root))
+        if isinstance(settings, dict):
+            settings = AnnSettings(**{**asdict(saved or AnnSettings()), **settings}) if settings else None
         if rebuild:
-            idx = Index.build(lib, index_root, exact_max, settings)
+            idx = Index.build(lib, index_root, exact_max, settings or saved)
             return idx.info, idx.info.n
         idx = Index.open(lib, index_root, update=False, exact_max=exact_max, settings=settings)
-        return idx.info, idx.update(lib, exact_max)
+        added = idx.update(lib, exact_max)
+        if settings is not None and settings != saved and not added:  # a search setting (nprobe): recorded
+            idx.write_info()
+        return idx.info, added
 
 
 # ---------------------------------------------------------------------------------------------
