@@ -50,7 +50,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class RunPlan:
     """What `embedkit run` does. Defaults are sized for a laptop CPU (2 cores: gtzan_mini,
-    100 clips, 5-fold CV, in about 4 minutes, 3 of them the scratch CNN's folds and final model).
+    100 clips, 5-fold CV, in about 8.5 minutes, 7.5 of them the scratch CNN's folds and final model).
 
     cv: K of stratified K-fold CV; 0 uses the dataset's own split when it has one, else a
         holdout of ``test_size``.
