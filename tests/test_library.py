@@ -462,6 +462,15 @@ def test_run_labels_from_tags_trains_the_taxonomy_and_tags_the_untagged(tagged_l
     newest = sorted(set((tmp_path / "runs").glob("*")) - {old_run, *new_runs})
     m3 = json.loads((newest[-1] / "metrics.json").read_text())
     assert m3["dataset"]["n_tracks"] == 20 and m3["dataset"]["class_counts"] == m2["dataset"]["class_counts"]
+    # a run whose dataset its store does not hold is refused, never given the store's last dataset
+    import shutil
+
+    odd = tmp_path / "odd-run"
+    shutil.copytree(newest[-1], odd)
+    m3["dataset"]["source"] = str(tmp_path / "elsewhere")
+    (odd / "metrics.json").write_text(json.dumps(m3))
+    res = CliRunner().invoke(app, ["retrain", str(odd), "--db", "lib.sqlite", "--threads", "1"])
+    _one_line_error(res, "elsewhere is not recorded in the store")
 
 
 # --- the review queue and page ----------------------------------------------------------------
