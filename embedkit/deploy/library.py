@@ -501,7 +501,7 @@ def retrain(
     tracks = pd.concat([base, added], ignore_index=True)
     # the source stays the dataset's (a retrained run retrains in turn); the labels' database
     # is recorded beside it
-    tracks.attrs.update({k: v for k, v in base.attrs.items()}, labels_from=str(db))
+    tracks.attrs.update(base.attrs, labels_from=str(db))
     proto = m.get("protocol") or {}
     cfg = m.get("config") or {}
     log(f"retraining {m.get('name')} on {len(base)} + {len(added)} track(s), {n_relabelled} relabelled")

@@ -586,7 +586,7 @@ class Index:
             info = IndexInfo(**json.loads((folder / "info.json").read_text()))
             if info.format != INDEX_FORMAT or info.model_id != lib.model_id or info.space != lib.space:
                 raise ValueError("another index")
-            saved = _saved_settings(folder)
+            saved = AnnSettings(**info.settings) if info.settings else None  # as parsed above
             if asked is None:
                 settings = saved or settings
             elif saved is not None and saved.build_fields() != asked.build_fields():
@@ -668,7 +668,6 @@ class Index:
     def save(self, gen: str | None = None) -> None:
         """Write this index as a new generation (``gen``: its rows file is already written) and
         point ``info.json`` at it; the files of older generations are removed."""
-
         from ..io import atomic_write
 
         self.folder.mkdir(parents=True, exist_ok=True)

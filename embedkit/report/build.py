@@ -929,33 +929,40 @@ def context(
 SIMILARITY_FILE = "similarity.json"
 
 
+def _side_file(paths: list[str | os.PathLike], name: str) -> Any:
+    """A benchmark's JSON file ``name`` beside the report's runs, from the first run folder that
+    holds one: its content, or None when there is none or it cannot be read."""
+    for p in map(Path, paths):
+        f = p / name
+        if p.is_dir() and f.is_file():
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def similarity_view(paths: list[str | os.PathLike]) -> dict[str, Any] | None:
     """The same-genre precision figures of ``embedkit similar`` from a ``similarity.json`` in
     one of the report's run folders (the first found), or None."""
-    for p in map(Path, paths):
-        f = p / SIMILARITY_FILE if p.is_dir() else None
-        if f is None or not f.is_file():
-            continue
-        try:
-            q = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        names = (
-            ("embedding cosine (baseline)", "p10_baseline_cosine"),
-            ("embedkit's space", "p10_space"),
-            ("genre probabilities only", "p10_space_probabilities_only"),
-            ("LDA on the training folds", "p10_lda"),
-        )
-        return {
-            "dataset": q.get("dataset", "gtzan_mini"),
-            "tracks": q.get("tracks"),
-            "ceiling": q.get("ceiling", 0.9),
-            "protocol": q.get("protocol", ""),
-            "when": q.get("when", ""),
-            "artist_filtered": q.get("artist_filtered"),
-            "rows": [(n, q[k]) for n, k in names if _num(q.get(k)) is not None],
-        }
-    return None
+    q = _side_file(paths, SIMILARITY_FILE)
+    if q is None:
+        return None
+    names = (
+        ("embedding cosine (baseline)", "p10_baseline_cosine"),
+        ("embedkit's space", "p10_space"),
+        ("genre probabilities only", "p10_space_probabilities_only"),
+        ("LDA on the training folds", "p10_lda"),
+    )
+    return {
+        "dataset": q.get("dataset", "gtzan_mini"),
+        "tracks": q.get("tracks"),
+        "ceiling": q.get("ceiling", 0.9),
+        "protocol": q.get("protocol", ""),
+        "when": q.get("when", ""),
+        "artist_filtered": q.get("artist_filtered"),
+        "rows": [(n, q[k]) for n, k in names if _num(q.get(k)) is not None],
+    }
 
 
 #: written by ``bench/bench_library.py --into RUNS_DIR`` beside the runs it reports on
@@ -968,48 +975,45 @@ def active_learning_view(paths: list[str | os.PathLike]) -> dict[str, Any] | Non
     report's run folders (the first found): the chart, and per target the labels each policy
     needs and the saving with its bootstrap interval (the goal counts as met where the
     interval's lower end reaches it); None when there is none (or it is unreadable)."""
-    for p in map(Path, paths):
-        f = p / ACTIVE_LEARNING_FILE if p.is_dir() else None
-        if f is None or not f.is_file():
-            continue
-        try:
-            q = json.loads(f.read_text(encoding="utf-8"))
-            budgets = [float(b) for b in q["budgets"]]
-            curves = {k: [100 * float(v) for v in q[k]] for k in ("queue", "random")}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        full = _num(q.get("full_pool_accuracy"))
-        series = [
-            {"name": "review queue", "xs": budgets, "ys": curves["queue"], "color": charts.color(0)},
-            {"name": "random choice", "xs": budgets, "ys": curves["random"], "color": charts.color(1), "dash": "5 3"},
-        ]
-        if full is not None:
-            line = {"xs": [budgets[0], budgets[-1]], "ys": [100 * full] * 2, "dash": "2 3", "width": 1}
-            series.append({"name": "all pool labelled", "color": charts.MUTED, **line})
-        chart = charts.line_chart(series, "active learning: queue versus random", "labels reviewed", "test accuracy, %")
-        targets = [
-            {
-                "name": name,
-                "accuracy": _num(t.get("accuracy")),
-                "queue": _num(t.get("queue")),
-                "random": _num(t.get("random")),
-                "saving": _num(t.get("saving")),
-                "ci": [_num(v) for v in _list(t.get("saving_ci90"))][:2] or None,
-                "saving_held": _num(t.get("saving_held")),
-            }
-            for name, t in _dict(q.get("targets")).items()
-            if isinstance(t, dict)
-        ]
-        return {
-            "dataset": q.get("dataset", "gtzan_mini"),
-            "backbone": q.get("backbone", ""),
-            "protocol": q.get("protocol", ""),
-            "when": q.get("when", ""),
-            "goal": _num(q.get("goal")) or 0.3,
-            "chart": chart,
-            "targets": targets,
+    q = _side_file(paths, ACTIVE_LEARNING_FILE)
+    if q is None:
+        return None
+    try:
+        budgets = [float(b) for b in q["budgets"]]
+        curves = {k: [100 * float(v) for v in q[k]] for k in ("queue", "random")}
+    except (ValueError, KeyError, TypeError):
+        return None
+    full = _num(q.get("full_pool_accuracy"))
+    series = [
+        {"name": "review queue", "xs": budgets, "ys": curves["queue"], "color": charts.color(0)},
+        {"name": "random choice", "xs": budgets, "ys": curves["random"], "color": charts.color(1), "dash": "5 3"},
+    ]
+    if full is not None:
+        line = {"xs": [budgets[0], budgets[-1]], "ys": [100 * full] * 2, "dash": "2 3", "width": 1}
+        series.append({"name": "all pool labelled", "color": charts.MUTED, **line})
+    chart = charts.line_chart(series, "active learning: queue versus random", "labels reviewed", "test accuracy, %")
+    targets = [
+        {
+            "name": name,
+            "accuracy": _num(t.get("accuracy")),
+            "queue": _num(t.get("queue")),
+            "random": _num(t.get("random")),
+            "saving": _num(t.get("saving")),
+            "ci": [_num(v) for v in _list(t.get("saving_ci90"))][:2] or None,
+            "saving_held": _num(t.get("saving_held")),
         }
-    return None
+        for name, t in _dict(q.get("targets")).items()
+        if isinstance(t, dict)
+    ]
+    return {
+        "dataset": q.get("dataset", "gtzan_mini"),
+        "backbone": q.get("backbone", ""),
+        "protocol": q.get("protocol", ""),
+        "when": q.get("when", ""),
+        "goal": _num(q.get("goal")) or 0.3,
+        "chart": chart,
+        "targets": targets,
+    }
 
 
 def template_environment():
